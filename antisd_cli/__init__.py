@@ -1,0 +1,1 @@
+"""The `antisd` command line: thin click shells over `stages`."""

@@ -1,0 +1,4 @@
+from antisd_cli.main import cli
+
+if __name__ == "__main__":
+    cli()

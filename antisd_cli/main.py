@@ -1,0 +1,77 @@
+"""The `antisd` click group. Commands live one per module and are imported only when used, so `--help` is fast."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import click
+
+from stages import __version__
+
+# command name -> module in antisd_cli holding a click command of the same name (dashes → underscores)
+COMMANDS = {
+    "data": "data",
+    "rollout": "rollout",
+    "verify": "verify",
+    "score": "score",
+    "update": "update",
+    "loop": "loop",
+    "eval": "eval",
+    "analyze": "analyze",
+    "plot": "plot",
+    "merge": "merge",
+    "inspect": "inspect",
+    "demo": "demo",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(name for name in COMMANDS if self._module(name) is not None)
+
+    def _module(self, name):
+        try:
+            return importlib.import_module(f"antisd_cli.{COMMANDS[name]}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"antisd_cli.{COMMANDS[name]}":
+                return None
+            raise
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module = self._module(name)
+        return None if module is None else getattr(module, name.replace("-", "_") + "_command")
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings={"show_default": True, "help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
+@click.version_option(__version__, prog_name="antisd")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+def cli(verbose: int, quiet: bool) -> None:
+    """GRPO + Anti-Self-Distillation for math-reasoning RL, as Parquet-in/Parquet-out stages.
+
+    \b
+    Pipeline:  data prepare → rollout → verify → score → update   (or `loop` for all of them)
+    Example:
+      antisd data prepare arith --out prompts.parquet --num 64
+      antisd rollout --prompts prompts.parquet --out rollouts.parquet --n 8
+      antisd verify --rollouts rollouts.parquet --out verified.parquet
+    """
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    from rich.logging import RichHandler
+    from rich.console import Console
+
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+    for noisy in ("transformers", "deepspeed", "DeepSpeed", "torch", "accelerate", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

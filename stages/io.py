@@ -1,0 +1,197 @@
+"""Checked reads and atomic writes of stage artifacts, shared by every stage.
+
+Reads accept a Parquet file or a directory of part files (``part-00000-of-00004.parquet`` …, from `--shard`), check
+the schema and name the file and column on error. Writes go to ``<name>.tmp`` and are renamed into place, so a killed
+stage never leaves a truncated file under the real name. This module does no computation on the rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import schemas
+from schemas import METADATA_KEY, SCHEMA_VERSION, SchemaError
+
+PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet$")
+
+
+class InputError(ValueError):
+    """Bad user input (missing file, wrong option value); the CLI prints it on one line and exits 2."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's slice of the prompts: shard `index` of `count` (0-based), e.g. ``--shard 3/8``."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str | None) -> "Shard":
+        if text is None or text == "":
+            return cls()
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not match:
+            raise InputError(f"--shard: expected I/N such as 0/4, got '{text}'")
+        index, count = int(match.group(1)), int(match.group(2))
+        if count < 1 or not 0 <= index < count:
+            raise InputError(f"--shard: need 0 <= I < N and N >= 1, got '{text}'")
+        return cls(index, count)
+
+    @property
+    def is_whole(self) -> bool:
+        return self.count == 1
+
+    def select(self, keys: list[str]) -> list[int]:
+        """Row positions of this shard: unique keys are dealt round-robin in order of first appearance."""
+        order: dict[str, int] = {}
+        for key in keys:
+            order.setdefault(key, len(order))
+        return [i for i, key in enumerate(keys) if order[key] % self.count == self.index]
+
+    def part_name(self) -> str:
+        return f"part-{self.index:05d}-of-{self.count:05d}.parquet"
+
+
+def to_jsonable(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {k: to_jsonable(v) for k, v in asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _part_files(directory: Path) -> list[Path]:
+    """Part files of a sharded dataset, checked complete: every index 0..N-1 present, one N."""
+    parts = sorted(p for p in directory.iterdir() if PART_RE.match(p.name))
+    if not parts:
+        raise InputError(f"{directory}: directory holds no part-XXXXX-of-YYYYY.parquet files")
+    counts = {int(PART_RE.match(p.name).group(2)) for p in parts}
+    if len(counts) != 1:
+        raise InputError(f"{directory}: part files disagree on the shard count: {sorted(counts)}")
+    count = counts.pop()
+    present = {int(PART_RE.match(p.name).group(1)) for p in parts}
+    missing = [i for i in range(count) if i not in present]
+    if missing:
+        raise InputError(f"{directory}: missing shard(s) {', '.join(f'{i}/{count}' for i in missing)}")
+    return parts
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The ``antisd`` JSON metadata of a Parquet file (or of the first part of a directory)."""
+    path = Path(path)
+    file = _part_files(path)[0] if path.is_dir() else path
+    raw = pq.read_schema(file).metadata or {}
+    if METADATA_KEY not in raw:
+        return {}
+    return json.loads(raw[METADATA_KEY])
+
+
+def read_artifact(path: str | Path, artifact: str, columns: list[str] | None = None) -> tuple[pa.Table, dict]:
+    """Read `path` (file or directory of parts) as `artifact`, check its schema; return (table, metadata).
+
+    A file of a later stage is accepted where an earlier one is expected (its extra columns are kept).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    files = _part_files(path) if path.is_dir() else [path]
+    tables = []
+    for file in files:
+        try:
+            schema = pq.read_schema(file)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise SchemaError(f"{file}: not a readable Parquet file ({exc})") from None
+        metadata = json.loads((schema.metadata or {}).get(METADATA_KEY, b"{}"))
+        found = metadata.get("artifact")
+        if found in schemas.ARTIFACT_ORDER and schemas.ARTIFACT_ORDER.index(found) < schemas.ARTIFACT_ORDER.index(artifact):
+            raise SchemaError(f"{file}: this is a {found} file; a {artifact} file is needed (run the stage before)")
+        schemas.check_schema(schema, schemas.SCHEMAS[artifact], str(file), artifact)
+        try:
+            tables.append(pq.read_table(file, columns=columns))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise SchemaError(f"{file}: corrupt Parquet data ({exc})") from None
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
+    if table.num_rows == 0:
+        raise InputError(f"{path}: file has no rows")
+    return table, read_metadata(path)
+
+
+def check_output(path: str | Path, overwrite: bool) -> Path:
+    """Validate an output path before any work starts: its folder exists and it is new unless `overwrite`."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise InputError(f"{path}: output directory {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: output exists (pass --overwrite to replace it)")
+    return path
+
+
+def build_metadata(artifact: str, config: Any, **extra: Any) -> dict:
+    from stages import __version__
+
+    return {
+        "artifact": artifact,
+        "schema_version": SCHEMA_VERSION,
+        "antisd_version": __version__,
+        "created_unix": time.time(),
+        "config": to_jsonable(config),
+        **to_jsonable(extra),
+    }
+
+
+def write_artifact(table: pa.Table, path: str | Path, artifact: str, metadata: dict) -> Path:
+    """Write `table` with `artifact`'s schema and `metadata` to `path` atomically (tmp file + rename).
+
+    With a sharded output (`path` a directory that is meant to hold parts) pass the part file's path.
+    """
+    path = Path(path)
+    table = schemas.conform(table, schemas.SCHEMAS[artifact]) if artifact in schemas.SCHEMAS else table
+    meta = dict(table.schema.metadata or {})
+    meta[METADATA_KEY] = json.dumps({**metadata, "artifact": artifact}).encode()
+    table = table.replace_schema_metadata(meta)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def output_path(out: str | Path, shard: Shard) -> Path:
+    """Where a stage writes: `out` itself, or for a shard `out/part-i-of-N.parquet` (creating `out/`)."""
+    out = Path(out)
+    if shard.is_whole:
+        return out
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: a sharded output must be a directory, but a file exists there")
+    if not out.parent.exists():
+        raise InputError(f"{out}: output directory {out.parent} does not exist")
+    out.mkdir(exist_ok=True)
+    return out / shard.part_name()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")

