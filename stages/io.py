@@ -74,7 +74,7 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def _part_files(directory: Path) -> list[Path]:
+def part_files(directory: Path) -> list[Path]:
     """Part files of a sharded dataset, checked complete: every index 0..N-1 present, one N."""
     parts = sorted(p for p in directory.iterdir() if PART_RE.match(p.name))
     if not parts:
@@ -93,7 +93,7 @@ def _part_files(directory: Path) -> list[Path]:
 def read_metadata(path: str | Path) -> dict:
     """The ``antisd`` JSON metadata of a Parquet file (or of the first part of a directory)."""
     path = Path(path)
-    file = _part_files(path)[0] if path.is_dir() else path
+    file = part_files(path)[0] if path.is_dir() else path
     raw = pq.read_schema(file).metadata or {}
     if METADATA_KEY not in raw:
         return {}
@@ -108,7 +108,12 @@ def read_artifact(path: str | Path, artifact: str, columns: list[str] | None = N
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
-    files = _part_files(path) if path.is_dir() else [path]
+    if path.is_dir():
+        from stages.merge import check_parts  # complete, one artifact and config, disjoint prompt ids
+
+        files = check_parts(path)
+    else:
+        files = [path]
     tables = []
     for file in files:
         try:

@@ -1,0 +1,71 @@
+"""`antisd analyze pmi`: which tokens the privileged context inflates and deflates (METHOD §7)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from antisd_cli.options import overwrite_option, stage_errors
+from stages.analyze import DELIBERATION_WORDS, SHORTCUT_WORDS
+
+
+def _word_list(ctx, param, value: str) -> tuple[str, ...]:
+    words = tuple(w.strip() for w in value.split(",") if w.strip())
+    if not words:
+        raise click.BadParameter("give at least one word (comma-separated)")
+    return words
+
+
+@click.group("analyze")
+def analyze_command() -> None:
+    """Diagnostics of scored rollouts."""
+
+
+@analyze_command.command("pmi")
+@click.argument("scored", nargs=-1, type=click.Path(exists=True, dir_okay=True))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output folder (created).")
+@click.option("--model", "-m", default=None,
+              help="Tokenizer source: model folder or embedded name "
+                   "[default: the scored file's model, else smollm2-135m].")
+@click.option("--prompts", default=None, type=click.Path(exists=True, dir_okay=True),
+              help="Sample and score these prompts first instead of reading scored files (not implemented yet).")
+@click.option("--deliberation-words", default=",".join(DELIBERATION_WORDS), callback=_word_list,
+              help="Comma-separated deliberation words (matched case-insensitively on the stripped word).")
+@click.option("--shortcut-words", default=",".join(SHORTCUT_WORDS), callback=_word_list,
+              help="Comma-separated shortcut words (matched case-insensitively on the stripped word).")
+@click.option("--min-count", default=5, type=click.IntRange(min=1),
+              help="Printed table and heatmap labels: only words seen at least this often.")
+@click.option("--top", default=10, type=click.IntRange(min=0),
+              help="Printed table: how many most inflated / deflated words to show.")
+@click.option("--rollouts", default=8, type=click.IntRange(min=0), help="Rollouts rendered in rollouts.html.")
+@click.option("--seed", default=0, type=int, help="Picks the rendered rollouts.")
+@click.option("--clip", default=2.0, type=click.FloatRange(min=0, min_open=True),
+              help="Colour scales of u are clipped to ±CLIP.")
+@click.option("--bins", default=20, type=click.IntRange(min=2), help="Heatmap bins per axis.")
+@overwrite_option
+@stage_errors
+def pmi(scored, out, model, prompts, deliberation_words, shortcut_words, min_count, top, rollouts, seed, clip, bins,
+        overwrite):
+    """Per-word PMI u = t − s of SCORED files: tokens.csv, heatmap.png, rollouts.html, summary.json.
+
+    Rows without a privileged context (u = 0) are left out. A word's u is the sum of its pieces' u (its PMI with the
+    context); pieces.csv has the per-token table. Prints the deliberation-vs-shortcut table, then the folder.
+
+    \b
+    Example:
+      antisd analyze pmi scored.parquet --out pmi_base
+      antisd analyze pmi run/step-*/scored.parquet --out pmi_run --min-count 20 --rollouts 4
+    """
+    from rich.console import Console
+
+    from stages.analyze import PmiConfig, run, summary_tables
+
+    config = PmiConfig(scored=tuple(scored), out=out, model=model, prompts=prompts,
+                       deliberation_words=deliberation_words, shortcut_words=shortcut_words, min_count=min_count,
+                       top=top, rollouts=rollouts, seed=seed, clip=clip, bins=bins, overwrite=overwrite)
+    path = run(config)
+    console = Console(width=110)
+    for table in summary_tables(json.loads((path / "summary.json").read_text())):
+        console.print(table)
+    click.echo(str(path))

@@ -1,0 +1,35 @@
+"""`antisd inspect FILE`: rows, schema, metadata, column stats and sample rows of any stage's Parquet."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from antisd_cli.options import stage_errors
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(exists=True, dir_okay=True))
+@click.option("--samples", default=3, type=click.IntRange(min=0), help="Sample rows to render.")
+@click.option("--row", default=None, type=int, help="Show this row (0-based) in full instead of samples.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary (metadata, schema, stats) as JSON.")
+@stage_errors
+def inspect_command(path, samples, row, as_json):
+    """Describe a prompts/rollouts/verified/scored Parquet file (or a directory of parts).
+
+    \b
+    Example:
+      antisd inspect verified.parquet
+      antisd inspect verified.parquet --row 5
+    """
+    from rich.console import Console
+
+    from stages.inspect import InspectConfig, render, summarize
+
+    config = InspectConfig(path=path, samples=samples, row=row, as_json=as_json)
+    summary = summarize(config)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2, default=str))
+        return
+    render(summary, config, Console(soft_wrap=False))

@@ -1,0 +1,89 @@
+"""`antisd loop`: run or resume rollout → verify → score → update (→ eval) for N steps, here or on Slurm."""
+
+from __future__ import annotations
+
+import click
+from click.core import ParameterSource
+
+from antisd_cli.options import BadInput, stage_errors
+from stages.slurm import SlurmConfig
+
+SLURM = SlurmConfig()  # defaults shown in --help come from the dataclass
+SLURM_OPTIONS = ("dry_run", "partition", "account", "time", "nodes", "gpus_per_node", "shards", "cpus_per_task",
+                 "setup", "sbatch_args")
+
+
+@click.command("loop")
+@click.option("--config", "-c", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="Run config YAML (sections: loop, rollout, verify, score, update).")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
+              help="Run directory; rerunning the same command resumes it.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one config value, e.g. --set update.lr=2e-6 --set loop.steps=50 (repeatable).")
+@click.option("--force/--no-force", default=False, help="Resume a run directory made with a different config.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
+@click.option("--launcher", type=click.Choice(["local", "slurm"]), default="local",
+              help="local: run every stage in this process. slurm: write one sbatch script per stage per step "
+                   "under OUT/slurm/ and submit them as a dependency chain (the options below).")
+@click.option("--dry-run", is_flag=True, help="slurm: write and print the scripts and sbatch commands; submit nothing.")
+@click.option("--partition", default=SLURM.partition, help="slurm: partition of every job.")
+@click.option("--account", default=SLURM.account, help="slurm: account charged for every job.")
+@click.option("--time", "time_limit", default=SLURM.time, help="slurm: time limit of each job (HH:MM:SS).")
+@click.option("--nodes", default=SLURM.nodes, type=click.IntRange(min=1), help="slurm: nodes of the update job.")
+@click.option("--gpus-per-node", default=SLURM.gpus_per_node, type=click.IntRange(min=1),
+              help="slurm: GPUs per update node (one training rank each).")
+@click.option("--shards", default=SLURM.shards, type=click.IntRange(min=1),
+              help="slurm: array tasks (one GPU each) of rollout and score; 1 = one plain job.")
+@click.option("--cpus-per-task", default=SLURM.cpus_per_task, type=click.IntRange(min=1),
+              help="slurm: CPUs of every task (a shard, a training rank, verify).")
+@click.option("--setup", multiple=True, metavar="SHELL-LINE",
+              help="slurm: a shell line run first in every job, e.g. 'source ~/venvs/antisd/bin/activate' "
+                   "(repeatable).")
+@click.option("--sbatch-arg", "sbatch_args", multiple=True, metavar="OPTION",
+              help="slurm: an extra #SBATCH option for every job, e.g. --sbatch-arg=--qos=high (repeatable).")
+@click.pass_context
+@stage_errors
+def loop_command(ctx, config_path, out, overrides, force, print_config, launcher, dry_run, partition, account,
+                 time_limit, nodes, gpus_per_node, shards, cpus_per_task, setup, sbatch_args):
+    """Train with GRPO / SD / AntiSD: each step runs rollout → verify → score → update.
+
+    Every stage writes its ordinary Parquet output under OUT/step_XXXX/, with the equivalent `antisd` commands in
+    commands.sh. After a crash or kill -9, rerunning the same command resumes at the first unfinished stage and gives
+    the same final weights as an uninterrupted run.
+
+    With --launcher slurm the same commands run as Slurm jobs: rollout and score as array jobs over --shards,
+    verify as one job, update on --nodes × --gpus-per-node GPUs under srun, then a job that evaluates and writes
+    the metrics. Job ids go to OUT/slurm/jobs.json; resubmitting skips finished stages.
+
+    \b
+    Example:
+      antisd loop --config examples/configs/arith_antisd.yaml --out runs/antisd_s0
+      antisd loop -c examples/configs/arith_antisd.yaml -o runs/grpo_s0 --set update.method=grpo
+      antisd loop -c examples/configs/gsm8k_gpu.yaml -o runs/gsm8k --launcher slurm --partition gpu \\
+        --shards 8 --nodes 2 --gpus-per-node 8 --setup 'source ~/venvs/antisd/bin/activate' --dry-run
+    """
+    from stages import config as run_config
+    from stages.loop import LoopConfig, run
+
+    if launcher == "local":
+        given = [name for name in SLURM_OPTIONS if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+        given += ["time"] if ctx.get_parameter_source("time_limit") == ParameterSource.COMMANDLINE else []
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-").replace("sbatch-args", "sbatch-arg") for name in given)
+            raise BadInput(f"{flags}: only with --launcher slurm")
+    resolved = run_config.load(config_path, list(overrides))
+    if print_config:
+        click.echo(run_config.dump_yaml(resolved), nl=False)
+        return
+    loop_config = LoopConfig(out=out, run=resolved, force=force)
+    if launcher == "local":
+        click.echo(str(run(loop_config)))
+        return
+    from stages import slurm
+
+    settings = SlurmConfig(partition=partition, account=account, time=time_limit, nodes=nodes,
+                           gpus_per_node=gpus_per_node, shards=shards, cpus_per_task=cpus_per_task, setup=tuple(setup),
+                           sbatch_args=tuple(sbatch_args), dry_run=dry_run)
+    root = slurm.run(loop_config, settings, echo=click.echo)
+    if not dry_run:
+        click.echo(str(root))

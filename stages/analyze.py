@@ -1,0 +1,457 @@
+"""`antisd analyze pmi`: which words the privileged context inflates (u ≫ 0) and deflates (u ≪ 0) (METHOD §7).
+
+In: scored Parquet files (schemas.SCORED). Out, in one folder: `tokens.csv` (one row per word type), `pieces.csv` (one
+row per token id), `heatmap.png` (2-D histogram over (p_s, p_t) coloured by mean u), `rollouts.html` (tokens coloured
+by u, hover shows s, t, u, H) and `summary.json` (deliberation vs shortcut words).
+
+Definitions (u_t = t_t − s_t, p_s = e^s, p_t = e^t, per response token; rows whose privileged_source is "none" have
+u = 0 by construction and are left out of every statistic):
+- Token text comes from the sampled ids (never from response_text): byte-level BPE pieces are decoded to bytes and
+  through an incremental UTF-8 decoder, so a character split over two pieces appears on the piece that completes it.
+- Words follow the GPT-2 pre-tokenizer's idea of a word: a new word starts at a piece that begins with whitespace,
+  after a whitespace piece (a lone " " piece instead prefixes the next word, as in " 12345"), where the character class
+  changes (letter / digit / other) and at special tokens; whitespace runs form their own word.
+- A word's s, t and u are the SUMS over its pieces (chain rule: log p(word) = Σ log p(piece), so u_word is the word's
+  PMI with c); p_student/p_teacher = e^{Σ s}, e^{Σ t}; H is the teacher entropy at the word's first piece.
+- Word types are the stripped word text, case kept; whitespace-only words show as ␣ and \\n.
+- The deliberation / shortcut lists match word types case-insensitively.
+
+Not done here: sampling or scoring (a model + prompts mode is a later hook, see `scored_inputs`); drawing the
+heatmap and the HTML page, which live in `stages.plot` with the other figures.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import logging
+import random
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stages.io import InputError, atomic_write_json, atomic_write_text, read_artifact, read_metadata
+
+log = logging.getLogger(__name__)
+
+DELIBERATION_WORDS = ("Wait", "Let", "Maybe", "Alternatively", "But", "Hmm", "Actually", "Perhaps")
+SHORTCUT_WORDS = ("Given", "So", "Therefore", "Thus", "holds", "answer")
+OUTPUT_FILES = ("tokens.csv", "pieces.csv", "heatmap.png", "rollouts.html", "summary.json")
+COLUMNS = ["prompt_id", "sample_idx", "problem", "reward", "correct", "privileged_source", "response_token_ids",
+           "student_logprobs", "teacher_logprobs", "pmi", "teacher_entropy"]
+
+
+@dataclass(frozen=True)
+class PmiConfig:
+    """Options of `antisd analyze pmi`."""
+
+    scored: tuple[str, ...] = ()  # scored Parquet files (or part directories), pooled
+    out: str = "pmi"  # output folder (created; its parent must exist)
+    model: str | None = None  # tokenizer source; None = config.model of the first scored file, else smollm2-135m
+    prompts: str | None = None  # reserved: sample + score these prompts first (not implemented yet, issue 4)
+    deliberation_words: tuple[str, ...] = DELIBERATION_WORDS  # matched case-insensitively on the stripped word
+    shortcut_words: tuple[str, ...] = SHORTCUT_WORDS
+    min_count: int = 5  # printed tables and heatmap labels: only word types seen at least this often
+    top: int = 10  # printed table: this many most inflated and most deflated word types
+    rollouts: int = 8  # rollouts rendered in rollouts.html (half correct, half wrong where possible)
+    seed: int = 0  # picks the rendered rollouts
+    clip: float = 2.0  # colour scales of u are clipped to ±clip
+    bins: int = 20  # heatmap bins per axis over [0, 1]
+    overwrite: bool = False  # replace existing output files in `out`
+
+
+# --- token text --------------------------------------------------------------------------------------------------
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: the printable stand-in character of each byte → the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    codes, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(code): byte for byte, code in zip(printable, codes)}
+
+
+BYTE_DECODER = _byte_decoder()
+
+
+class PieceDecoder:
+    """Token ids → display text per piece, cached per id; byte-level BPE exactly, other tokenizers approximately."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.special = set(tokenizer.all_special_ids)
+        probe = tokenizer.convert_ids_to_tokens(tokenizer.encode(" a", add_special_tokens=False))
+        self.byte_level = bool(probe) and probe[0].startswith("Ġ") and all(c in BYTE_DECODER for c in probe[0])
+        self._bytes: dict[int, bytes] = {}
+
+    def _piece_bytes(self, token_id: int) -> bytes:
+        if token_id not in self._bytes:
+            piece = self.tokenizer.convert_ids_to_tokens(int(token_id)) or ""
+            if self.byte_level and all(c in BYTE_DECODER for c in piece):
+                self._bytes[token_id] = bytes(BYTE_DECODER[c] for c in piece)
+            else:  # sentencepiece-style: ▁ marks a leading space
+                text = piece.replace("▁", " ") if "▁" in piece else self.tokenizer.convert_tokens_to_string([piece])
+                self._bytes[token_id] = text.encode("utf-8")
+        return self._bytes[token_id]
+
+    def piece_text(self, token_id: int) -> str:
+        """The text of one token id on its own (a partial character shows as U+FFFD)."""
+        if token_id in self.special:
+            return self.tokenizer.convert_ids_to_tokens(int(token_id)) or ""
+        return self._piece_bytes(int(token_id)).decode("utf-8", errors="replace")
+
+    def decode(self, token_ids) -> tuple[list[str], list[bool]]:
+        """(text of each piece, is-special flag of each piece) for one response."""
+        texts, specials = [], []
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for token_id in token_ids:
+            token_id = int(token_id)
+            if token_id in self.special:
+                if texts:
+                    texts[-1] += utf8.decode(b"", final=True)
+                utf8.reset()
+                texts.append(self.tokenizer.convert_ids_to_tokens(token_id) or "")
+                specials.append(True)
+            else:
+                texts.append(utf8.decode(self._piece_bytes(token_id)))
+                specials.append(False)
+        if texts:
+            texts[-1] += utf8.decode(b"", final=True)
+        return texts, specials
+
+
+def _char_class(char: str) -> str:
+    category = unicodedata.category(char)
+    if char.isspace():
+        return "space"
+    if category[0] in "LM":
+        return "letter"
+    if category[0] == "N":
+        return "digit"
+    return "other"
+
+
+def word_spans(texts: list[str], specials: list[bool]) -> list[tuple[int, int]]:
+    """Group pieces into words: [(first piece, one past the last piece)], covering every piece in order.
+
+    Rules (module docstring): whitespace-led piece, after whitespace, class change, or special token → new word; a
+    lone " " prefixes the next word; consecutive whitespace pieces merge; an empty piece (a partial character) joins
+    the current word.
+    """
+    spans: list[list[int]] = []
+    word = ""
+    for i, (text, special) in enumerate(zip(texts, specials)):
+        starts = not spans or special or specials[i - 1]
+        if not starts and text:
+            if text.isspace():
+                starts = not (word and word.isspace())
+            elif text[0].isspace():
+                starts = True
+            elif word == " ":
+                starts = False
+            elif not word:
+                starts = False
+            else:
+                starts = _char_class(text[0]) != _char_class(word[-1]) or word[-1].isspace()
+        if starts:
+            spans.append([i, i + 1])
+            word = text
+        else:
+            spans[-1][1] = i + 1
+            word += text
+    return [(a, b) for a, b in spans]
+
+
+def visible(text: str) -> str:
+    """`text` with whitespace made visible: ␣ for a space, \\n, \\t, \\r."""
+    return text.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+
+
+def display_word(text: str) -> str:
+    """The type of a word: its stripped text, or its visible whitespace for a whitespace-only word."""
+    return text.strip() or visible(text)
+
+
+# --- statistics (pure) -------------------------------------------------------------------------------------------
+
+
+def type_table(types: list, s: np.ndarray, t: np.ndarray, u: np.ndarray, h: np.ndarray) -> list[dict]:
+    """One row per type: count, mean/median u, mean p_s = e^s, mean p_t = e^t, mean H; sorted by mean u (desc).
+
+    `types[i]` is the type (word or token id) of occurrence i and s, t, u, h [N] its values. Ties: higher count
+    first, then first appearance.
+    """
+    order: dict = {}
+    for i, key in enumerate(types):
+        order.setdefault(key, []).append(i)
+    rows = []
+    for key, idx in order.items():
+        idx = np.asarray(idx)
+        rows.append({
+            "type": key, "count": int(len(idx)), "mean_u": float(u[idx].mean()), "median_u": float(np.median(u[idx])),
+            "mean_p_student": float(np.exp(s[idx]).mean()), "mean_p_teacher": float(np.exp(t[idx]).mean()),
+            "mean_teacher_entropy": float(h[idx].mean()),
+        })
+    rows.sort(key=lambda r: (-r["mean_u"], -r["count"]))
+    return rows
+
+
+def word_group_summary(lowered: np.ndarray, s: np.ndarray, t: np.ndarray, u: np.ndarray,
+                       vocabulary: tuple[str, ...]) -> dict:
+    """Mean u of a word list, per listed word and pooled over all their occurrences.
+
+    `lowered` [N] holds the lower-cased word type of each occurrence; s, t, u [N] its values. A word never seen has
+    count 0 and null statistics.
+    """
+
+    def stats(mask: np.ndarray) -> dict:
+        if not mask.any():
+            return {"count": 0, "mean_u": None, "median_u": None, "mean_p_student": None, "mean_p_teacher": None}
+        return {"count": int(mask.sum()), "mean_u": float(u[mask].mean()), "median_u": float(np.median(u[mask])),
+                "mean_p_student": float(np.exp(s[mask]).mean()), "mean_p_teacher": float(np.exp(t[mask]).mean())}
+
+    names = [w.lower() for w in vocabulary]
+    return {"words": {w: stats(lowered == w.lower()) for w in vocabulary}, **stats(np.isin(lowered, names))}
+
+
+def to_csv(rows: list[dict], columns: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def pick_rollouts(correct: list[bool], n: int, seed: int) -> list[int]:
+    """Positions of `n` rollouts to render, half correct and half wrong where possible, in input order."""
+    rng = random.Random(seed)
+    right = [i for i, c in enumerate(correct) if c]
+    wrong = [i for i, c in enumerate(correct) if not c]
+    take_right = min(len(right), max(n - len(wrong), (n + 1) // 2))
+    chosen = rng.sample(right, take_right) + rng.sample(wrong, min(len(wrong), n - take_right))
+    return sorted(chosen)
+
+
+# --- the stage ---------------------------------------------------------------------------------------------------
+
+
+def scored_inputs(config: PmiConfig) -> list[Path]:
+    """The scored files to analyse.
+
+    Hook for the model + prompts mode: sample, verify and score `config.prompts` into the output folder here and
+    return that scored file.
+    """
+    if config.prompts is not None:
+        raise InputError(
+            "analyze pmi --prompts: sampling and scoring under the hood is not implemented yet; run `antisd rollout`, "
+            "`antisd verify` and `antisd score`, then pass the scored file"
+        )
+    if not config.scored:
+        raise InputError("analyze pmi: give at least one scored Parquet file")
+    return [Path(p) for p in config.scored]
+
+
+def check_config(config: PmiConfig) -> Path:
+    """Validate the options and the output folder before any work; return the folder."""
+    if config.min_count < 1 or config.top < 0 or config.rollouts < 0 or config.bins < 2:
+        raise InputError("analyze pmi: need --min-count >= 1, --top >= 0, --rollouts >= 0 and --bins >= 2")
+    if not config.clip > 0:
+        raise InputError(f"--clip must be > 0, got {config.clip}")
+    if not (config.deliberation_words and config.shortcut_words):
+        raise InputError("analyze pmi: --deliberation-words and --shortcut-words must not be empty")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: output must be a folder, but a file exists there")
+    if not out.parent.exists():
+        raise InputError(f"{out}: parent folder {out.parent} does not exist")
+    existing = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if existing and not config.overwrite:
+        raise InputError(f"{out}: already holds {', '.join(existing)} (pass --overwrite to replace)")
+    return out
+
+
+def read_scored(paths: list[Path]) -> tuple[list[dict], dict]:
+    """All rows of the scored files (checked: per-token lists aligned) and the first file's metadata."""
+    rows, first_meta = [], None
+    for path in paths:
+        table, meta = read_artifact(path, "scored", columns=COLUMNS)
+        first_meta = meta if first_meta is None else first_meta
+        for i, row in enumerate(table.to_pylist()):
+            lengths = {len(row[k]) for k in ("response_token_ids", "student_logprobs", "teacher_logprobs", "pmi",
+                                             "teacher_entropy")}
+            if len(lengths) != 1:
+                raise InputError(f"{path}: row {i} ({row['prompt_id']}#{row['sample_idx']}): per-token lists differ "
+                                 f"in length {sorted(lengths)}")
+            rows.append(row)
+    return rows, first_meta or {}
+
+
+def load_analysis_tokenizer(model: str | None, metadata: dict, source: Path):
+    """The tokenizer of `model`, or of the scored file's model; a folder with a tokenizer but no weights will do."""
+    from stages.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_tokenizer, resolve_model
+
+    from_meta = model is None
+    name = model or (metadata.get("config") or {}).get("model") or DEFAULT_MODEL
+    folder = Path(name)
+    has_tokenizer = (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()
+    try:
+        folder = folder if name not in EMBEDDED_MODELS and folder.is_dir() and has_tokenizer else resolve_model(name)
+        return load_tokenizer(folder)
+    except InputError as exc:
+        hint = f" (model named in the metadata of {source}; pass --model)" if from_meta else ""
+        raise InputError(f"{exc}{hint}") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--model {name}: could not load its tokenizer ({str(exc).splitlines()[0]})") from None
+
+
+def collect(rows: list[dict], decoder: PieceDecoder) -> dict:
+    """Flatten the rows into word occurrences and token occurrences: types plus [N] arrays of s, t, u, H."""
+    words, word_values, piece_ids, piece_values, piece_correct = [], [], [], [], []
+    for row in rows:
+        values = np.array([row["student_logprobs"], row["teacher_logprobs"], row["pmi"], row["teacher_entropy"]],
+                          dtype=np.float64).reshape(4, -1)  # [4, T]: s, t, u, H
+        texts, specials = decoder.decode(row["response_token_ids"])
+        for a, b in word_spans(texts, specials):
+            words.append(display_word("".join(texts[a:b])))
+            word_values.append((*values[:3, a:b].sum(axis=1), values[3, a]))  # sums of s, t, u; H at the first piece
+        piece_ids.extend(int(i) for i in row["response_token_ids"])
+        piece_values.append(values)
+        piece_correct.extend([bool(row["correct"])] * values.shape[1])
+    return {"words": words, "word_values": np.array(word_values, dtype=np.float64).reshape(-1, 4).T,  # [4, W]
+            "piece_ids": piece_ids, "piece_values": np.concatenate(piece_values, axis=1),  # [4, N]
+            "piece_correct": np.array(piece_correct, dtype=bool)}
+
+
+def extremes(table: list[dict], min_count: int, top: int) -> tuple[list[dict], list[dict]]:
+    """The `top` most inflated and most deflated types among those seen at least `min_count` times."""
+    frequent = [r for r in table if r["count"] >= min_count]
+    inflated = [r for r in frequent if r["mean_u"] > 0][:top]
+    deflated = [r for r in reversed(frequent) if r["mean_u"] < 0][:top]
+    return inflated, deflated
+
+
+def heatmap_labels(piece_rows: list[dict], decoder: PieceDecoder, config: PmiConfig) -> list[tuple]:
+    """Tokens to annotate: the listed deliberation/shortcut tokens seen, then the 3 most inflated and deflated.
+
+    Only tokens seen at least `min_count` times; at most 12 labels; each at its (mean p_s, mean p_t).
+    """
+    listed = {w.lower() for w in config.deliberation_words + config.shortcut_words}
+    frequent = [r for r in piece_rows if r["count"] >= config.min_count]
+    chosen = [r for r in frequent if decoder.piece_text(r["token_id"]).strip().lower() in listed]
+    inflated, deflated = extremes(frequent, 1, 3)
+    for row in inflated + deflated:
+        if row not in chosen:
+            chosen.append(row)
+    return [(r["text"], r["mean_p_student"], r["mean_p_teacher"]) for r in chosen[:12]]
+
+
+def build_summary(config: PmiConfig, data: dict, word_rows: list[dict], counts: dict) -> dict:
+    """summary.json: counts, overall mean u, deliberation vs shortcut words, the extreme word types."""
+    s, t, u, _ = data["word_values"]
+    lowered = np.array([w.lower() for w in data["words"]])
+    deliberation = word_group_summary(lowered, s, t, u, config.deliberation_words)
+    shortcut = word_group_summary(lowered, s, t, u, config.shortcut_words)
+    piece_u, correct = data["piece_values"][2], data["piece_correct"]
+    inflated, deflated = extremes(word_rows, config.min_count, config.top)
+    both = deliberation["mean_u"] is not None and shortcut["mean_u"] is not None
+    return {
+        **counts,
+        "tokens": int(piece_u.size), "words": len(data["words"]), "word_types": len(word_rows),
+        "mean_u_token": float(piece_u.mean()), "frac_u_negative_token": float((piece_u < 0).mean()),
+        "mean_u_token_correct": float(piece_u[correct].mean()) if correct.any() else None,
+        "mean_u_token_wrong": float(piece_u[~correct].mean()) if (~correct).any() else None,
+        "deliberation": deliberation, "shortcut": shortcut,
+        "deliberation_minus_shortcut_mean_u": deliberation["mean_u"] - shortcut["mean_u"] if both else None,
+        "min_count": config.min_count, "top_inflated": inflated, "top_deflated": deflated,
+        "definitions": {"u": "t - s per token; a word's s, t, u are sums over its pieces, H is at its first piece",
+                        "excluded": "rows with privileged_source none (u = 0 by construction)"},
+    }
+
+
+def summary_tables(summary: dict) -> list:
+    """Rich tables of a summary: deliberation vs shortcut words, then the most inflated / deflated word types."""
+    from rich.table import Table
+    from rich.text import Text
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    def add(table, label, name, st, style=None):
+        table.add_row(label, Text(name), str(st["count"]), fmt(st["mean_u"], "+.3f"), fmt(st["median_u"], "+.3f"),
+                      fmt(st.get("mean_p_student"), ".3f"), fmt(st.get("mean_p_teacher"), ".3f"), style=style)
+
+    headers = ("group", "word", "count", "mean u", "median u", "mean p_s", "mean p_t")
+    contrast = Table(*headers, title="Deliberation vs shortcut words (u = t − s; < 0: deflated by the context)")
+    for group in ("deliberation", "shortcut"):
+        for name, st in summary[group]["words"].items():
+            add(contrast, group, name, st)
+        add(contrast, group, "(all)", summary[group], style="bold")
+    extreme = Table(*headers, title=f"Most inflated and deflated words (count ≥ {summary['min_count']})")
+    for group in ("top_inflated", "top_deflated"):
+        for row in summary[group]:
+            add(extreme, group.removeprefix("top_"), row["word"], row)
+    return [contrast, extreme]
+
+
+def run(config: PmiConfig, loaded=None) -> Path:
+    """Analyse the scored files of `config` into its output folder; `loaded` lends its tokenizer."""
+    paths = scored_inputs(config)
+    out = check_config(config)
+    rows, metadata = read_scored(paths)
+    used = [row for row in rows if row["privileged_source"] != "none"]
+    if not used:
+        raise InputError(f"{paths[0]}: every row has privileged_source none (u = 0); nothing to analyse")
+    tokenizer = loaded.tokenizer if loaded is not None else load_analysis_tokenizer(config.model, metadata, paths[0])
+    decoder = PieceDecoder(tokenizer)
+    log.info("analysing %d of %d rollouts (%d without privileged context left out)", len(used), len(rows),
+             len(rows) - len(used))
+
+    # --- statistics
+    data = collect(used, decoder)
+    word_rows = [{"word": r.pop("type"), **r} for r in type_table(data["words"], *data["word_values"])]
+    piece_rows = []
+    for row in type_table(data["piece_ids"], *data["piece_values"]):
+        token_id = row.pop("type")
+        piece_rows.append({"token_id": token_id, "piece": tokenizer.convert_ids_to_tokens(token_id),
+                           "text": visible(decoder.piece_text(token_id)), **row})
+    counts = {"inputs": [str(p) for p in paths], "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
+              "rows": len(rows), "rows_analysed": len(used), "rows_without_context": len(rows) - len(used)}
+    summary = build_summary(config, data, word_rows, counts)
+
+    # --- rollouts to render
+    rendered = []
+    for i in pick_rollouts([bool(r["correct"]) for r in used], config.rollouts, config.seed):
+        row = used[i]
+        texts, specials = decoder.decode(row["response_token_ids"])
+        values = zip(row["student_logprobs"], row["teacher_logprobs"], row["pmi"], row["teacher_entropy"])
+        rendered.append({
+            "header": {"prompt": row["prompt_id"], "sample": row["sample_idx"], "reward": row["reward"],
+                       "context": row["privileged_source"]},
+            "problem": row["problem"], "tokens": [(x, sp, *v) for x, sp, v in zip(texts, specials, values)],
+        })
+
+    # --- write (summary.json last: its presence marks a complete folder)
+    from stages.plot import draw_pmi_heatmap, render_rollouts_html
+
+    out.mkdir(exist_ok=True)
+    stat_columns = ["count", "mean_u", "median_u", "mean_p_student", "mean_p_teacher", "mean_teacher_entropy"]
+    atomic_write_text(out / "tokens.csv", to_csv(word_rows, ["word", *stat_columns]))
+    atomic_write_text(out / "pieces.csv", to_csv(piece_rows, ["token_id", "piece", "text", *stat_columns]))
+    atomic_write_text(out / "rollouts.html", render_rollouts_html(rendered, config.clip))
+    labels = heatmap_labels(piece_rows, decoder, config)
+    s, t, u, _ = data["piece_values"]
+    draw_pmi_heatmap(out / "heatmap.png", np.exp(s), np.exp(t), u, labels, bins=config.bins, clip=config.clip)
+    atomic_write_json(out / "summary.json", summary)
+    mean_u = {g: "n/a" if summary[g]["mean_u"] is None else f"{summary[g]['mean_u']:+.3f}"
+              for g in ("deliberation", "shortcut")}
+    log.info("%d tokens, %d words (%d types); mean u: deliberation %s, shortcut %s", summary["tokens"],
+             summary["words"], summary["word_types"], mean_u["deliberation"], mean_u["shortcut"])
+    return out

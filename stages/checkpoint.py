@@ -1,0 +1,183 @@
+"""Atomic policy checkpoints: a Hugging Face folder plus the DeepSpeed engine state and the run state.
+
+Layout of a checkpoint folder CKPT (what `update --out` writes and `update --model` reads):
+
+    CKPT/config.json, generation_config.json, model.safetensors   weights, loadable by transformers and vLLM
+    CKPT/tokenizer.json, tokenizer_config.json, chat_template.jinja
+    CKPT/deepspeed/                                               DeepSpeed engine + ZeRO optimizer state (every rank's)
+    CKPT/antisd_state.json                                        step, method, gate state, RNG, data cursor
+    CKPT/metrics.json                                             the METHOD §6 metrics row of the step that made it
+
+Atomicity: all ranks write into `.CKPT.tmp` next to the target; rank 0 fsyncs every file and renames the folder into
+place, so an interrupted or failed write (disk full) never leaves a partial folder under the final name, and the
+previous checkpoint is never touched. With `overwrite`, the old folder is moved aside, the new one renamed in, and
+the old one deleted. This module decides nothing about training; it saves and restores what it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from stages import distributed
+from stages.io import InputError, to_jsonable
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "antisd_state.json"
+METRICS_FILE = "metrics.json"
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "engine"
+
+
+def temp_dir_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp"
+
+
+def check_target(out: str | Path, overwrite: bool) -> Path:
+    """Validate the output folder before any work: its parent exists, and it is new unless `overwrite`."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: parent directory {out.parent} does not exist")
+    if out.exists() and not overwrite:
+        raise InputError(f"--out {out}: output exists (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: a file exists there; a checkpoint is a folder")
+    return out
+
+
+def read_state(path: str | Path | None) -> dict | None:
+    """The JSON run state at `path`, or None when `path` is None."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--state {path}: no such file")
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"--state {path}: not a JSON file ({exc})") from None
+    if not isinstance(state, dict):
+        raise InputError(f"--state {path}: expected a JSON object")
+    return state
+
+
+def default_state_path(model_dir: Path) -> Path | None:
+    path = model_dir / STATE_FILE
+    return path if path.is_file() else None
+
+
+def engine_state_dir(model_dir: Path) -> Path | None:
+    """The DeepSpeed state folder of a checkpoint, or None when it has none (fresh optimizer)."""
+    path = model_dir / DEEPSPEED_DIR
+    return path if (path / DEEPSPEED_TAG).is_dir() else None
+
+
+def load_engine_state(engine, model_dir: Path) -> bool:
+    """Restore module, ZeRO optimizer and engine counters from `model_dir/deepspeed` (all ranks call this)."""
+    path = engine_state_dir(model_dir)
+    if path is None:
+        return False
+    load_path, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_module_strict=True,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise RuntimeError(f"{path}: DeepSpeed could not load the engine state")
+    return True
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(to_jsonable(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def _write_hf(folder: Path, module, tokenizer, state_dict) -> None:
+    """The Hugging Face part: weights (safetensors), config, generation config, tokenizer with its chat template."""
+    use_cache = module.config.use_cache
+    module.config.use_cache = True  # training turns the KV cache off; inference engines want it on
+    try:
+        if state_dict is None:
+            module.save_pretrained(folder)
+        else:
+            module.save_pretrained(folder, state_dict=state_dict)
+    finally:
+        module.config.use_cache = use_cache
+    tokenizer.save_pretrained(folder)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished temp folder to `out`; an existing `out` (overwrite) is moved aside first, then deleted."""
+    old = out.parent / f".{out.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    _fsync_dir(out.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save(out: Path, engine, policy, tokenizer, state: dict, metrics: dict, env: distributed.DistEnv,
+         zero_stage: int, prefix: str = "model.") -> Path:
+    """Write the checkpoint folder `out` atomically. Every rank must call this (DeepSpeed saves per-rank shards).
+
+    `policy` is the HF causal LM inside the engine's module, registered there under `prefix`.
+
+    Raises the error of a failed write (e.g. OSError ENOSPC) on the rank that hit it, RuntimeError on the others; in both
+    cases the temp folder is removed and `out` does not exist (or is the untouched previous folder with overwrite).
+    """
+    out = Path(out)
+    tmp = temp_dir_for(out)
+    if env.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a killed run
+        tmp.mkdir()
+    distributed.barrier()
+    error: Exception | None = None
+    try:
+        engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        # ZeRO-3 holds each parameter in shards: gather the full weights (a collective, so every rank calls it).
+        state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+        if env.is_main:
+            if state_dict is not None:
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            _write_hf(tmp, policy, tokenizer, state_dict)
+            _write_json(tmp / STATE_FILE, state)
+            _write_json(tmp / METRICS_FILE, metrics)
+            _fsync_tree(tmp)
+    except Exception as exc:  # noqa: BLE001  (cleaned up and re-raised below, after the ranks agree)
+        error = exc
+    failed = distributed.all_reduce_max(int(error is not None), str(engine.device))
+    if failed:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier()
+        if error is not None:
+            raise error
+        raise RuntimeError(f"{out}: another rank failed to write its part of the checkpoint")
+    if env.is_main:
+        _publish(tmp, out)
+    distributed.barrier()
+    return out

@@ -1,0 +1,196 @@
+"""Run configuration for `antisd loop`: one YAML file with a section per stage, plus `--set a.b=v` overrides.
+
+Precedence: dataclass defaults < `--config run.yaml` < `--set section.key=value`. Each stage section holds the knobs
+of that stage's frozen Config dataclass (paths excluded: the loop owns them). Unknown sections or keys, and values of
+the wrong type, fail before any work starts, all reported at once. Values are parsed with `yaml.safe_load`; nothing is
+ever `eval`-ed. This module knows nothing about running stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages.io import InputError, to_jsonable
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which prompts a run trains or evaluates on (arguments of `antisd data prepare`)."""
+
+    name: str = "arith"  # arith | gsm8k | math500 | aime24 | amc23 | jsonl | parquet
+    split: str = "train"  # train | test
+    num: int = 0  # first N prompts (0 = all)
+    seed: int = 0  # shuffle seed of the prepared file
+    few_shot: bool = True  # arith only
+    path: str | None = None  # jsonl/parquet input
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """Knobs of the loop itself."""
+
+    model: str = "smollm2-135m"  # starting policy: HF folder or embedded model name
+    steps: int = 20  # RL steps to run (a finished run can be extended by raising this)
+    prompts_per_step: int = 32  # problems per step (paper: 32); rollout.n samples each
+    seed: int = 0  # master seed: every stage's seed derives from (seed, step)
+    eval_every: int = 5  # held-out evaluation every k steps (and after the last); 0 = never
+    eval_n: int = 1  # samples per held-out problem (1 with temperature 0 = greedy accuracy; >1 = avg@k)
+    eval_temperature: float = 0.0  # 0 = greedy
+    eval_max_new_tokens: int = 64
+    train: DataSpec = field(default_factory=DataSpec)
+    eval: DataSpec = field(default_factory=lambda: DataSpec(split="test", num=200))
+    tensorboard: bool = True  # write TensorBoard events when tensorboard is installed
+    keep_checkpoints: int = 0  # keep only the newest K step checkpoints (0 = keep all)
+
+
+# Stage sections: name -> (module path, Config class name, fields the loop sets itself)
+STAGE_SECTIONS = {
+    "rollout": ("stages.rollout", "RolloutConfig", {"model", "prompts", "out", "seed", "shard", "overwrite", "max_prompts"}),
+    "verify": ("stages.verify", "VerifyConfig", {"rollouts", "out", "seed", "overwrite"}),
+    "score": ("stages.score", "ScoreConfig", {"model", "verified", "out", "shard", "overwrite"}),
+    "update": ("stages.update", "UpdateConfig", {"model", "scored", "out", "state", "seed", "overwrite", "force"}),
+}
+
+
+def stage_class(section: str):
+    import importlib
+
+    module, name, _ = STAGE_SECTIONS[section]
+    return getattr(importlib.import_module(module), name)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check_value(where: str, value: Any, kind: Any, errors: list[str]) -> Any:
+    """Coerce `value` to annotation `kind` where lossless; record an error otherwise."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [k for k in typing.get_args(kind) if k is not type(None)]
+        if value is None:
+            return None
+        kind = options[0] if len(options) == 1 else kind
+        origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping")
+            return value
+        return build_dataclass(kind, value, where, errors)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads `1e-6` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind in (int, float, str, bool) and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+        errors.append(f"{where}: expected {kind.__name__}, got {value!r}")
+        return value
+    if origin in (tuple, list) and isinstance(value, (list, tuple)):
+        return tuple(value) if origin is tuple else list(value)
+    return value
+
+
+def build_dataclass(cls, values: dict, where: str, errors: list[str], skip: set[str] = frozenset()):
+    """Instantiate `cls` from a mapping, reporting unknown keys and mistyped values into `errors`."""
+    types_by_name = _field_types(cls)
+    kwargs = {}
+    for key, value in (values or {}).items():
+        if key in skip:
+            errors.append(f"{where}.{key}: set by the loop, not configurable here")
+        elif key not in types_by_name:
+            errors.append(f"{where}.{key}: unknown key (valid: {', '.join(sorted(set(types_by_name) - skip))})")
+        else:
+            kwargs[key] = _check_value(f"{where}.{key}", value, types_by_name[key], errors)
+    if errors:
+        return None
+    return kwargs if skip else cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise InputError(f"--set {text}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if len(path) < 2:
+        raise InputError(f"--set {text}: expected section.key=value, e.g. update.lr=2e-6")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def merge_overrides(raw: dict, overrides: list[str]) -> dict:
+    merged = json.loads(json.dumps(raw or {}))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InputError(f"--set {text}: '{part}' is not a section")
+        node[path[-1]] = value
+    return merged
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The resolved configuration of a run: loop settings plus each stage's knobs (as keyword dicts)."""
+
+    loop: LoopSettings
+    stages: dict  # section -> {key: value} of non-path fields, validated against the stage's Config
+
+    def to_dict(self) -> dict:
+        return {"loop": to_jsonable(self.loop), **{k: dict(v) for k, v in self.stages.items()}}
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve(raw: dict | None, overrides: list[str] = ()) -> RunConfig:
+    """Validate a raw mapping (from YAML) plus overrides into a RunConfig; all errors reported at once."""
+    merged = merge_overrides(raw or {}, list(overrides))
+    errors: list[str] = []
+    unknown = set(merged) - {"loop", *STAGE_SECTIONS}
+    for name in sorted(unknown):
+        errors.append(f"{name}: unknown section (valid: loop, {', '.join(STAGE_SECTIONS)})")
+    loop = build_dataclass(LoopSettings, merged.get("loop", {}), "loop", errors)
+    stage_values = {}
+    for section, (_, _, loop_owned) in STAGE_SECTIONS.items():
+        values = merged.get(section, {}) or {}
+        checked = build_dataclass(stage_class(section), values, section, errors, skip=loop_owned)
+        stage_values[section] = checked or {}
+    if errors:
+        raise InputError("invalid config: " + "; ".join(errors))
+    return RunConfig(loop=loop, stages=stage_values)
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    raw = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"--config {path}: no such file")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise InputError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise InputError(f"--config {path}: expected a mapping of sections")
+    return resolve(raw, overrides)
+
+
+def dump_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,184 @@
+"""Hugging Face `generate` engine for `rollout`: batched sampling with KV cache and per-token sampling log-probs.
+
+How it samples: prompts × n samples are laid out as rows, sorted by prompt length (longest first) and cut into
+batches of `batch_size` rows, left-padded, and run through `model.generate` under `torch.inference_mode` with the KV
+cache. `generate` itself runs in greedy mode; the token choice is made by `SamplingProcessor`, the last (and only)
+logits processor, which applies temperature and top-p (`processed_scores`), draws the token with the row's own
+seeded generator (`sample_tokens`), records its log-probability under the processed distribution, and hands
+`generate` a one-hot score row so that its argmax takes exactly that token. This is why:
+- transformers inserts its own temperature/top-p warpers *after* user processors, so a user processor would not see
+  the sampling distribution; owning the processing also avoids `generation_config` defaults such as top_k=50;
+- every row has its own `torch.Generator` seeded from (seed, prompt_id, sample_idx), so a sample does not depend
+  on which other rows share its batch, on `--batch-size` or on `--shard` (up to floating-point differences of
+  padded batches, which can flip a draw that sits on a probability boundary);
+- no [steps × batch × vocab] score tensor is kept (`output_scores` would hold 1.6 GB for 64 rows × 128 tokens).
+
+Temperature 0 is greedy decoding; its log-probs are then those of the unscaled model (temperature 1). Generation of a
+row stops at the first id of the model's `generation_config.eos_token_id`; that EOS id is kept as the last response
+token (finish_reason "stop") because the trainer must learn to stop. This module does no file I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from stages.rollout import Completion, SamplingSettings, sample_seed
+
+
+def processed_scores(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Scores of the sampling distribution: logits / T, then top-p (nucleus) masking to −inf. [B, V] → [B, V].
+
+    temperature 0 means greedy and leaves the logits unscaled. The top-p rule is transformers' TopPLogitsWarper:
+    drop the lowest-probability tokens whose cumulative mass is ≤ 1 − top_p, always keeping the top token.
+    """
+    scores = logits.float()
+    if temperature > 0 and temperature != 1.0:
+        scores = scores / temperature
+    if top_p < 1.0:
+        sorted_scores, sorted_index = torch.sort(scores, descending=False)  # [B, V]
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - top_p)
+        remove_sorted[..., -1:] = False
+        remove = remove_sorted.scatter(1, sorted_index, remove_sorted)
+        scores = scores.masked_fill(remove, float("-inf"))
+    return scores
+
+
+def sample_tokens(
+    scores: torch.Tensor, generators: Sequence[torch.Generator] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row of `scores` [B, V]; return (token ids [B], their log-probs [B]).
+
+    Sampling is the exponential race argmax_v p_v / q_v with q_v ~ Exp(1) drawn from the row's generator (an exact
+    draw from p, as vLLM does). `generators=None` means greedy: argmax of the scores.
+    """
+    log_probs = torch.log_softmax(scores, dim=-1)  # [B, V]
+    if generators is None:
+        tokens = scores.argmax(dim=-1)
+    else:
+        noise = torch.stack(
+            [torch.empty(scores.shape[-1], device=scores.device).exponential_(generator=g) for g in generators]
+        )  # [B, V]
+        tokens = (log_probs.exp() / noise).argmax(dim=-1)
+    return tokens, log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class SamplingProcessor:
+    """A transformers logits processor that samples the next token itself and records its log-prob."""
+
+    def __init__(self, settings: SamplingSettings, generators: Sequence[torch.Generator] | None):
+        self.settings = settings
+        self.generators = generators
+        self.step_logprobs: list[torch.Tensor] = []  # one [B] tensor per generated position
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        processed = processed_scores(scores, self.settings.temperature, self.settings.top_p)
+        tokens, logprobs = sample_tokens(processed, self.generators)
+        self.step_logprobs.append(logprobs.float())
+        one_hot = torch.full_like(scores, float("-inf"))  # [B, V]
+        return one_hot.scatter_(1, tokens.unsqueeze(-1), 0.0)
+
+
+def cut_response(tokens: list[int], eos_ids: set[int], max_new_tokens: int) -> tuple[list[int], str]:
+    """Response ids up to and including the first EOS ("stop"), else the first max_new_tokens ids ("length")."""
+    for position, token in enumerate(tokens[:max_new_tokens]):
+        if token in eos_ids:
+            return tokens[: position + 1], "stop"
+    return tokens[:max_new_tokens], "length"
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Stop ids: the model's generation_config.eos_token_id (int or list), else the tokenizer's EOS."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is None:
+        configured = tokenizer.eos_token_id
+    if configured is None:
+        raise RuntimeError("the model defines no EOS token id; cannot stop generation")
+    return {int(i) for i in (configured if isinstance(configured, (list, tuple)) else [configured])}
+
+
+def row_order(prompt_ids: list[list[int]], n: int) -> list[tuple[int, int]]:
+    """(prompt index, sample index) rows, longest prompt first; a prompt's samples stay adjacent."""
+    order = sorted(range(len(prompt_ids)), key=lambda p: -len(prompt_ids[p]))
+    return [(p, j) for p in order for j in range(n)]
+
+
+class HFEngine:
+    """Sampling through `model.generate` on an already-loaded `stages.models.LoadedModel`."""
+
+    name = "hf"
+    default_batch_size = 32  # rows per generate call: larger batches waste steps on rows that stopped early
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model_path = loaded.path
+        self.revision = loaded.revision
+        self.dtype_name = str(loaded.dtype).replace("torch.", "")
+        self.device = str(loaded.device)
+        self.eos_ids = eos_token_ids(loaded.model, loaded.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+
+    def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)  # [B, L]
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # [B, L]
+        for row, seq in enumerate(sequences):
+            input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, width - len(seq):] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    def generate_batch(self, sequences: list[list[int]], seeds: list[int] | None, settings: SamplingSettings):
+        """One `generate` call; returns [(response ids, sampling log-probs, finish reason)] per row."""
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        generators = None
+        if seeds is not None:
+            generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        processor = SamplingProcessor(settings, generators)
+        input_ids, attention_mask = self._left_pad(sequences)
+        config = GenerationConfig(
+            do_sample=False, num_beams=1, max_new_tokens=settings.max_new_tokens, use_cache=True,
+            eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
+        )
+        with torch.inference_mode():
+            output = self.loaded.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                logits_processor=LogitsProcessorList([processor]),
+            )
+        generated = output[:, input_ids.shape[1]:].tolist()  # [B, steps]
+        logprobs = torch.stack(processor.step_logprobs, dim=1).tolist() if processor.step_logprobs else []
+        results = []
+        for row, tokens in enumerate(generated):
+            ids, reason = cut_response(tokens, self.eos_ids, settings.max_new_tokens)
+            results.append(Completion(ids, logprobs[row][: len(ids)], reason))
+        return results
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        prompt_keys: list[str],
+        settings: SamplingSettings,
+        batch_size: int = 0,
+        on_progress: Callable[[list[int], int], None] | None = None,
+    ) -> list[list[Completion]]:
+        """n completions per prompt, in sample order; `on_progress(prompt indices of finished rows, tokens)`."""
+        batch_size = batch_size or self.default_batch_size
+        rows = row_order(prompt_ids, settings.n)
+        results: list[list[Completion | None]] = [[None] * settings.n for _ in prompt_ids]
+        for begin in range(0, len(rows), batch_size):
+            batch = rows[begin: begin + batch_size]
+            seeds = None
+            if settings.temperature > 0:
+                seeds = [sample_seed(settings.seed, prompt_keys[p], j) for p, j in batch]
+            completions = self.generate_batch([prompt_ids[p] for p, _ in batch], seeds, settings)
+            for (p, j), completion in zip(batch, completions):
+                results[p][j] = completion
+            if on_progress is not None:
+                on_progress([p for p, _ in batch], sum(len(c.response_token_ids) for c in completions))
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Nothing to release: the LoadedModel belongs to the caller."""

@@ -1,0 +1,158 @@
+"""vLLM engine for `rollout` (and for `loop`, which keeps it open and updates its weights in place).
+
+`vllm` is imported only inside this module's functions, and this module only when `--engine vllm` (or `auto` with
+vLLM installed) is chosen, so `--help` and CPU tests never import it. What it does:
+- `LLM(model=folder, dtype, seed, max_model_len[, logprobs_mode="processed_logprobs"])`; processed log-probs (after
+  temperature/top-p, as the HF engine records) are requested when the installed vLLM has the option (≥ 0.10.2),
+  else vLLM's default raw log-probs are recorded (a warning says so).
+- One `SamplingParams(n, temperature, top_p, max_tokens, logprobs=1, seed)` per prompt, with the prompt's seed
+  derived from (seed, prompt_id) (`stages.rollout.prompt_seed`; vLLM derives its n children's seeds from it).
+  Prompts go in as token ids (`{"prompt_token_ids": ids}`), and the response ids are vLLM's own (the EOS id that
+  stopped a sequence is part of them, as in the HF engine).
+- `load_weights(folder)`: in-place weight update for the loop (`collective_rpc("reload_weights")`, then on CPU a
+  re-pack of a tied `lm_head`, then `reset_prefix_cache()`; STACK-NOTES shows that skipping either of the last two
+  silently gives wrong samples). A fresh engine on the new folder is the robust alternative (`close()` + new one).
+On CPU, vLLM needs `VLLM_CPU_KVCACHE_SPACE` (GiB) and, for the tied-head re-pack through `apply_model`,
+`VLLM_ALLOW_INSECURE_SERIALIZATION=1`: `cpu_environment()` sets defaults for both before the engine starts (its
+worker processes read them), leaving any value the user exported. This module does no file I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from stages.rollout import Completion, SamplingSettings, prompt_seed
+
+log = logging.getLogger(__name__)
+
+CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+
+
+def cpu_environment() -> dict[str, str]:
+    """Set vLLM-CPU's required environment defaults (without overriding the user's); return what is in effect."""
+    for key, value in CPU_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)  # read by vLLM's worker processes, which this process spawns
+    return {key: os.environ[key] for key in CPU_ENV_DEFAULTS}
+
+
+def supports_processed_logprobs(vllm) -> bool:
+    engine_args = getattr(vllm, "EngineArgs", None)
+    if engine_args is None or not dataclasses.is_dataclass(engine_args):
+        return False
+    return "logprobs_mode" in {field.name for field in dataclasses.fields(engine_args)}
+
+
+def to_completion(output) -> Completion:
+    """A vLLM CompletionOutput → Completion: its token ids, the log-prob of each sampled id, finish reason."""
+    token_ids = [int(t) for t in output.token_ids]
+    if output.logprobs is None or len(output.logprobs) != len(token_ids):
+        raise RuntimeError("vLLM returned no per-token log-probs (SamplingParams.logprobs was not honoured)")
+    logprobs = [float(step[token].logprob) for step, token in zip(output.logprobs, token_ids)]
+    if output.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM finished a sample with reason '{output.finish_reason}'")
+    return Completion(token_ids, logprobs, output.finish_reason)
+
+
+def _repack_tied_lm_head(model) -> None:
+    """Inside a vLLM-CPU worker: rebuild the pre-packed lm_head GEMM from the reloaded (tied) embedding weights."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)
+
+
+def _tied_embeddings(folder: Path) -> bool:
+    config = json.loads((folder / "config.json").read_text())
+    return bool(config.get("tie_word_embeddings", False))
+
+
+class VLLMEngine:
+    """Sampling through `vllm.LLM.generate`; owns the LLM (call `close()` when done)."""
+
+    name = "vllm"
+    default_batch_size = 1024  # rows per LLM.generate call (vLLM schedules inside a call; chunks feed the bar)
+
+    def __init__(self, model_path: str | Path, *, dtype: str = "auto", seed: int = 0,
+                 max_model_len: int | None = None, device: str | None = None, **llm_kwargs):
+        import torch
+        import vllm
+
+        from stages.models import load_tokenizer, model_revision
+
+        self.model_path = Path(model_path)
+        self.revision = model_revision(self.model_path)
+        self.dtype_name = dtype
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cpu":
+            cpu_environment()
+        kwargs = {"model": str(self.model_path), "dtype": dtype, "seed": seed, "max_model_len": max_model_len,
+                  **llm_kwargs}
+        self.processed_logprobs = supports_processed_logprobs(vllm)
+        if self.processed_logprobs:
+            kwargs["logprobs_mode"] = "processed_logprobs"
+        else:
+            log.warning("this vLLM has no logprobs_mode: sampling_logprobs are raw (before temperature/top-p)")
+        self.llm = vllm.LLM(**kwargs)
+        # The same tokenizer as the HF engine, so prompt ids and response text are built identically.
+        self.tokenizer = load_tokenizer(self.model_path)
+
+    def sampling_params(self, settings: SamplingSettings, prompt_key: str):
+        from vllm import SamplingParams
+
+        return SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
+                              max_tokens=settings.max_new_tokens, logprobs=1,
+                              seed=prompt_seed(settings.seed, prompt_key))
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        prompt_keys: list[str],
+        settings: SamplingSettings,
+        batch_size: int = 0,
+        on_progress: Callable[[list[int], int], None] | None = None,
+    ) -> list[list[Completion]]:
+        """n completions per prompt, in sample order; `on_progress(prompt indices of finished rows, tokens)`."""
+        prompts_per_call = max(1, (batch_size or self.default_batch_size) // settings.n)
+        results: list[list[Completion]] = []
+        for begin in range(0, len(prompt_ids), prompts_per_call):
+            chunk = range(begin, min(begin + prompts_per_call, len(prompt_ids)))
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": list(prompt_ids[p])} for p in chunk],
+                sampling_params=[self.sampling_params(settings, prompt_keys[p]) for p in chunk],
+                use_tqdm=False,
+            )
+            if len(outputs) != len(chunk):
+                raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(chunk)} prompts")
+            tokens = 0
+            for output in outputs:
+                group = [to_completion(c) for c in sorted(output.outputs, key=lambda c: c.index)]
+                if len(group) != settings.n:
+                    raise RuntimeError(f"vLLM returned {len(group)} samples for a prompt, expected {settings.n}")
+                tokens += sum(len(c.response_token_ids) for c in group)
+                results.append(group)
+            if on_progress is not None:
+                on_progress([p for p in chunk for _ in range(settings.n)], tokens)
+        return results
+
+    def load_weights(self, folder: str | Path) -> None:
+        """Replace the weights in place with those of HF folder `folder` (same architecture), for the loop."""
+        from stages.models import model_revision
+
+        folder = Path(folder)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+        if self.device == "cpu" and _tied_embeddings(folder):
+            self.llm.apply_model(_repack_tied_lm_head)
+        self.llm.reset_prefix_cache()
+        self.model_path, self.revision = folder, model_revision(folder)
+
+    def close(self) -> None:
+        """Drop the LLM so its workers and memory are released before another engine starts."""
+        import gc
+
+        llm, self.llm = getattr(self, "llm", None), None
+        del llm
+        gc.collect()

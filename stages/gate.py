@@ -1,0 +1,116 @@
+"""The entropy-triggered gate of METHOD §5: one λ per step from the batch median teacher entropy.
+
+`gate_step` is the pure Schmitt-trigger rule; `EntropyGate` adds the warm-up calibration and the state that must
+survive restarts (its `state_dict()` is plain JSON). The gate does not compute medians over tokens or reduce across
+ranks: the caller passes the step's median H (e.g. `stages.objectives.masked_median` over all ranks' tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+STATE_VERSION = 1
+
+
+def gate_step(open_: bool, median_entropy: float, h_warm: float, down: float) -> bool:
+    """Schmitt trigger (METHOD §5): g=1 and H < down·H_warm → 0; g=0 and H ≥ H_warm → 1; otherwise g unchanged."""
+    if open_ and median_entropy < down * h_warm:
+        return False
+    if not open_ and median_entropy >= h_warm:
+        return True
+    return open_
+
+
+class EntropyGate:
+    """λ_k = g_k · λ_max with g from a Schmitt trigger on the step's median teacher entropy H_k (METHOD §5).
+
+    Gated (default, `antisd`): the first `warmup_steps` calls of `update` return λ = 0 and record H; at the end of
+    the warm-up H_warm = median of those W per-step medians (mean of the middle two for even W) and g = 1. Each
+    later call first applies `gate_step` to that step's H, then returns g·λ_max (so the step whose H drops below
+    down·H_warm already gets λ = 0). Ungated (`gated=False`, the `sd` default): λ = λ_max on every call, warm-up
+    included; H_warm is still calibrated and g reported as 1, for the metrics.
+    A step without a measurement (H None or NaN: no teacher tokens in the batch) counts as a step but is not
+    recorded and leaves g unchanged; if the whole warm-up had none, calibration waits for the first finite H.
+    `recalibrate()` forgets H_warm and re-runs the warm-up over the next W steps (λ = 0 again when gated).
+    """
+
+    def __init__(self, warmup_steps: int = 5, down: float = 0.93, lam_max: float = 0.5, gated: bool = True):
+        if warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be >= 1 (H_warm needs a measurement), got {warmup_steps}")
+        if not 0.0 < down <= 1.0:
+            raise ValueError(f"down must be in (0, 1], got {down}")
+        if lam_max < 0:
+            raise ValueError(f"lam_max must be >= 0, got {lam_max}")
+        self.warmup_steps, self.down, self.lam_max, self.gated = int(warmup_steps), float(down), float(lam_max), bool(gated)
+        self.step = 0  # calls of update() so far
+        self.warmup_end = self.warmup_steps  # H_warm is fixed at the call whose step count reaches this
+        self.warm_medians: list[float] = []
+        self.h_warm: float | None = None
+        self.open = not self.gated
+        self.last_median: float | None = None
+        self.lam = self.lam_max if not self.gated else 0.0
+
+    @property
+    def calibrating(self) -> bool:
+        return self.h_warm is None
+
+    @property
+    def tau_down(self) -> float | None:
+        return None if self.h_warm is None else self.down * self.h_warm
+
+    def update(self, median_entropy: float | None) -> float:
+        """Advance one step with this step's median teacher entropy H; return the λ to use for this step."""
+        self.step += 1
+        was_calibrating = self.calibrating
+        measured = median_entropy is not None and math.isfinite(float(median_entropy))
+        self.last_median = float(median_entropy) if measured else None
+        if self.calibrating:
+            if measured:
+                self.warm_medians.append(float(median_entropy))
+            if self.step >= self.warmup_end and self.warm_medians:
+                self.h_warm = float(statistics.median(self.warm_medians))
+                self.open = True
+        elif self.gated and measured:
+            self.open = gate_step(self.open, float(median_entropy), self.h_warm, self.down)
+        if not self.gated:
+            self.open, self.lam = True, self.lam_max
+        else:
+            self.lam = 0.0 if was_calibrating or not self.open else self.lam_max
+        return self.lam
+
+    def recalibrate(self) -> None:
+        """Measure H_warm again over the next `warmup_steps` steps (METHOD §5: a resumed run may, on request)."""
+        self.warm_medians = []
+        self.h_warm = None
+        self.warmup_end = self.step + self.warmup_steps
+        self.open = not self.gated
+
+    def metrics(self) -> dict:
+        """Per-step metrics (METHOD §6): gate/open, gate/lam, gate/h_warm, gate/tau_down, gate/median_entropy."""
+        return {"gate/open": int(self.open), "gate/lam": self.lam, "gate/h_warm": self.h_warm,
+                "gate/tau_down": self.tau_down, "gate/median_entropy": self.last_median, "gate/step": self.step}
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue identically, as JSON-able values (no NaN: missing values are None)."""
+        return {"version": STATE_VERSION, "warmup_steps": self.warmup_steps, "down": self.down,
+                "lam_max": self.lam_max, "gated": self.gated, "step": self.step, "warmup_end": self.warmup_end,
+                "warm_medians": list(self.warm_medians), "h_warm": self.h_warm, "open": self.open,
+                "last_median": self.last_median, "lam": self.lam}
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Restore `state_dict()` output. strict: the hyper-parameters stored must equal this gate's (else
+        ValueError naming them); with strict=False this gate's hyper-parameters win and the counters are loaded."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"gate state version {state.get('version')!r}, expected {STATE_VERSION}")
+        if strict:
+            differ = [k for k in ("warmup_steps", "down", "lam_max", "gated") if state[k] != getattr(self, k)]
+            if differ:
+                raise ValueError("gate state was saved with different " + ", ".join(
+                    f"{k} ({state[k]} != {getattr(self, k)})" for k in differ))
+        self.step, self.warmup_end = int(state["step"]), int(state["warmup_end"])
+        self.warm_medians = [float(x) for x in state["warm_medians"]]
+        self.h_warm = None if state["h_warm"] is None else float(state["h_warm"])
+        self.open = bool(state["open"]) if self.gated else True
+        self.last_median = None if state["last_median"] is None else float(state["last_median"])
+        self.lam = float(state["lam"])

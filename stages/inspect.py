@@ -1,0 +1,119 @@
+"""`antisd inspect`: describe any stage's Parquet file (rows, schema, metadata, column stats, sample rows).
+
+Works on every artifact (prompts, rollouts, verified, scored, eval) and on directories of part files. It renders with
+rich and computes only summaries; it never modifies the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+import schemas
+from stages.io import InputError, read_artifact, read_metadata
+
+LIST_PREVIEW = 8
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    """Options of `antisd inspect`."""
+
+    path: str
+    samples: int = 3  # sample rows to render
+    row: int | None = None  # show this row in full instead of samples
+    as_json: bool = False  # print the summary as JSON on stdout
+
+
+def _detect_artifact(metadata: dict, schema: pa.Schema) -> str:
+    if metadata.get("artifact") in schemas.SCHEMAS:
+        return metadata["artifact"]
+    for artifact in reversed(schemas.ARTIFACT_ORDER):
+        if all(schema.get_field_index(f.name) >= 0 for f in schemas.SCHEMAS[artifact]):
+            return artifact
+    raise InputError("file matches no antisd schema (prompts, rollouts, verified, scored)")
+
+
+def _percentiles(values: pa.Array) -> dict:
+    import numpy as np
+
+    data = values.to_numpy(zero_copy_only=False).astype(float)
+    if data.size == 0:
+        return {}
+    p50, p90, p99 = np.percentile(data, [50, 90, 99])
+    return {"mean": float(data.mean()), "min": float(data.min()), "p50": float(p50), "p90": float(p90),
+            "p99": float(p99), "max": float(data.max())}
+
+
+def column_stats(table: pa.Table) -> dict:
+    """Per-column summaries: numeric percentiles, list lengths, value counts of low-cardinality strings."""
+    stats: dict[str, dict] = {}
+    for name in table.column_names:
+        column = table.column(name)
+        kind = column.type
+        if pa.types.is_integer(kind) or pa.types.is_floating(kind):
+            stats[name] = {"nulls": column.null_count, **_percentiles(column.drop_null())}
+        elif pa.types.is_boolean(kind):
+            stats[name] = {"true": int(pc.sum(column).as_py() or 0), "false": int(pc.sum(pc.invert(column)).as_py() or 0)}
+        elif pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            stats[name] = {"length": _percentiles(pc.list_value_length(column).drop_null())}
+        elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            counts = pc.value_counts(column.drop_null()).to_pylist()
+            if len(counts) <= 8:
+                stats[name] = {"values": {c["values"]: c["counts"] for c in counts}, "nulls": column.null_count}
+            else:
+                stats[name] = {"distinct": len(counts), "nulls": column.null_count}
+    return stats
+
+
+def summarize(config: InspectConfig) -> dict:
+    path = Path(config.path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    metadata = read_metadata(path)
+    probe = pq.read_schema(path) if path.is_file() else pq.ParquetDataset(path).schema
+    try:
+        artifact = _detect_artifact(metadata, probe)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    table, _ = read_artifact(path, artifact)
+    return {"path": str(path), "artifact": artifact, "rows": table.num_rows, "metadata": metadata,
+            "schema": {f.name: str(f.type) for f in table.schema}, "stats": column_stats(table), "table": table}
+
+
+def _cell(value) -> str:
+    if isinstance(value, list):
+        head = ", ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in value[:LIST_PREVIEW])
+        return f"[{head}{', …' if len(value) > LIST_PREVIEW else ''}] ({len(value)})"
+    text = str(value)
+    return text if len(text) <= 300 else text[:300] + " …"
+
+
+def render(summary: dict, config: InspectConfig, console) -> None:
+    from rich.markup import escape
+    from rich.panel import Panel
+    from rich.table import Table
+
+    table: pa.Table = summary["table"]
+    console.print(f"[bold]{summary['path']}[/bold]: {summary['artifact']} file, {summary['rows']} rows")
+    meta = {k: v for k, v in summary["metadata"].items() if k != "config"}
+    console.print(Panel(escape(json.dumps(meta, indent=1, default=str)[:2000]), title="metadata"))
+    overview = Table("column", "type", "summary", title="columns")
+    for name, kind in summary["schema"].items():
+        overview.add_row(name, escape(kind), escape(json.dumps(summary["stats"].get(name, {}), default=str)[:160]))
+    console.print(overview)
+    rows = [config.row] if config.row is not None else list(range(min(config.samples, table.num_rows)))
+    for index in rows:
+        if not 0 <= index < table.num_rows:
+            raise InputError(f"--row {index}: file has rows 0..{table.num_rows - 1}")
+        record = table.slice(index, 1).to_pylist()[0]
+        full = config.row is not None
+        body = "\n".join(
+            f"[cyan]{k}[/cyan]: {escape(str(v) if full else _cell(v))}" for k, v in record.items()
+        )
+        console.print(Panel(body, title=f"row {index}", expand=True))

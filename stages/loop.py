@@ -1,0 +1,354 @@
+"""`antisd loop`: drive rollout → verify → score → update (→ eval) for N steps, resumable after any kill.
+
+Layout of a run directory (every file is one stage's ordinary output, so any stage can be rerun by hand with the
+command recorded in `step_XXXX/commands.sh`):
+
+    runs/NAME/run.json            manifest: resolved config, its digest, finished stages, latest checkpoint
+    runs/NAME/config.yaml         the resolved config (rerun with --config runs/NAME/config.yaml)
+    runs/NAME/train_prompts.parquet, eval_prompts.parquet
+    runs/NAME/step_0000/{prompts,rollouts,verified,scored}.parquet, checkpoint/, eval.parquet, metrics.json
+    runs/NAME/metrics.jsonl       one row per finished step (rebuilt from the per-step metrics.json files)
+
+Resume: a stage is done iff its output exists (all writes are atomic), so rerunning the same command continues at the
+first unfinished stage; every seed derives from (run seed, step), so the result equals an uninterrupted run. The loop
+does no math and no sampling itself: it calls the stages' `run` functions, reusing one loaded model for the rollout
+and score of a step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shlex
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pyarrow as pa
+
+from stages import config as run_config
+from stages import data as data_stage
+from stages.io import InputError, atomic_write_json, atomic_write_text, build_metadata, read_artifact, to_jsonable
+from stages.io import write_artifact
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prompts", "rollout", "verify", "score", "update", "eval")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Options of `antisd loop` (the run's knobs are in the RunConfig)."""
+
+    out: str  # run directory
+    run: run_config.RunConfig
+    force: bool = False  # resume even if the directory was made with a different config
+    stop_after: str | None = None  # tests: stop after this stage of the last step ("rollout", ...)
+
+
+def stage_seed(seed: int, step: int, stage: str) -> int:
+    """A per-(step, stage) seed, stable across processes (no Python hash())."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{stage}".encode()).digest()[:4], "little")
+
+
+def step_prompt_indices(total: int, per_step: int, step: int, seed: int) -> list[int]:
+    """Rows of the training prompts used at `step`: epochs of a seeded permutation, consumed in order."""
+    if total == 0:
+        return []
+    indices = []
+    position = step * per_step
+    while len(indices) < min(per_step, total) or (per_step > total and len(indices) < per_step):
+        epoch, offset = divmod(position, total)
+        order = list(range(total))
+        random.Random(stage_seed(seed, epoch, "epoch")).shuffle(order)
+        indices.append(order[offset])
+        position += 1
+    return indices
+
+
+class Run:
+    """A run directory: manifest bookkeeping and paths. Holds no model."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.manifest_path = root / "run.json"
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"step_{step:04d}"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.step_dir(step) / "checkpoint"
+
+    def model_for_step(self, step: int, base_model: str) -> str:
+        return base_model if step == 0 else str(self.checkpoint(step - 1))
+
+    def read_manifest(self) -> dict | None:
+        return json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None
+
+    def write_manifest(self, manifest: dict) -> None:
+        atomic_write_json(self.manifest_path, manifest)
+
+
+def prepare_prompts(spec: run_config.DataSpec, path: Path) -> Path:
+    if not path.exists():
+        data_stage.run(data_stage.PrepareConfig(name=spec.name, out=str(path), split=spec.split, num=spec.num,
+                                                seed=spec.seed, few_shot=spec.few_shot, path=spec.path))
+    return path
+
+
+def cli_command(stage: str, config) -> str:
+    """The `antisd` command equivalent to running `stage` with `config` (recorded for reruns by hand)."""
+    parts = ["antisd", stage]
+    for key, value in to_jsonable(config).items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            for item in value:
+                parts += [flag, str(item)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def init_run(config: LoopConfig) -> tuple[Run, dict]:
+    """Create or reopen the run directory; refuse to resume a run made with another config unless forced."""
+    root = Path(config.out)
+    if not root.parent.exists():
+        raise InputError(f"--out {root}: parent directory {root.parent} does not exist")
+    root.mkdir(exist_ok=True)
+    run = Run(root)
+    manifest = run.read_manifest()
+    digest = config.run.digest()
+    if manifest is None:
+        manifest = {"config": config.run.to_dict(), "config_digest": digest, "finished": [], "latest_checkpoint": None}
+    elif manifest["config_digest"] != digest:
+        changed = _config_changes(manifest["config"], config.run.to_dict())
+        if changed == ["loop.steps"]:
+            pass  # extending (or shortening) a run is a resume, not a different run
+        elif not config.force:
+            raise InputError(f"--out {root}: run was made with a different config ({', '.join(changed)}); "
+                             "use a new --out or pass --force")
+        manifest["config"], manifest["config_digest"] = config.run.to_dict(), digest
+    else:
+        manifest["config"] = config.run.to_dict()
+    atomic_write_text(root / "config.yaml", run_config.dump_yaml(config.run))
+    run.write_manifest(manifest)
+    return run, manifest
+
+
+def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    changes = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += _config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}")
+    return changes
+
+
+def step_paths(run: Run, step: int) -> dict[str, Path]:
+    return {name: run.step_dir(step) / f"{name}.parquet" for name in ("prompts", "rollouts", "verified", "scored")}
+
+
+def write_step_prompts(config: LoopConfig, run: Run, step: int, train_table: pa.Table) -> Path:
+    """RUN/step_XXXX/prompts.parquet: the rows of the seeded cursor for `step` (kept if it exists)."""
+    path = step_paths(run, step)["prompts"]
+    if not path.exists():
+        settings = config.run.loop
+        rows = step_prompt_indices(train_table.num_rows, settings.prompts_per_step, step, settings.seed)
+        write_artifact(train_table.take(rows), path, "prompts", build_metadata("prompts", {"step": step, "rows": rows}))
+    return path
+
+
+def stage_config(config: LoopConfig, section: str, **paths):
+    """The stage `section`'s Config: the run's knobs for it plus the paths and seed the loop owns."""
+    return run_config.stage_class(section)(**config.run.stages[section], **paths)
+
+
+def step_configs(config: LoopConfig, run: Run, step: int) -> dict:
+    """The four stage Configs of `step` (paths, model, seeds); the local loop and the Slurm launcher share them."""
+    settings, paths = config.run.loop, {k: str(v) for k, v in step_paths(run, step).items()}
+    model = run.model_for_step(step, settings.model)
+    return {
+        "rollout": stage_config(config, "rollout", model=model, prompts=paths["prompts"], out=paths["rollouts"],
+                                seed=stage_seed(settings.seed, step, "rollout")),
+        "verify": stage_config(config, "verify", rollouts=paths["rollouts"], out=paths["verified"],
+                               seed=stage_seed(settings.seed, step, "verify")),
+        "score": stage_config(config, "score", model=model, verified=paths["verified"], out=paths["scored"]),
+        "update": stage_config(config, "update", model=model, scored=paths["scored"], out=str(run.checkpoint(step)),
+                               seed=stage_seed(settings.seed, step, "update")),
+    }
+
+
+def write_commands(run: Run, step: int, configs: dict) -> None:
+    """RUN/step_XXXX/commands.sh: the `antisd` command of each stage of the step, to rerun one by hand."""
+    lines = [cli_command(name, cfg) for name, cfg in configs.items()]
+    atomic_write_text(run.step_dir(step) / "commands.sh",
+                      "#!/usr/bin/env bash\n# Rerun any stage of this step by hand.\n" + "\n".join(lines) + "\n")
+
+
+class StepRunner:
+    """Runs the stages of one step in order, skipping finished ones; keeps the last loaded model for reuse."""
+
+    def __init__(self, config: LoopConfig, run: Run, view):
+        self.config, self.run, self.view = config, run, view
+        self.settings = config.run.loop
+        self._loaded = None  # (model path, LoadedModel) reused by rollout, score and eval of the same weights
+        self.load_seconds = 0.0  # model loads from disk, the loop's own I/O overhead
+
+    def loaded(self, model: str):
+        from stages.models import load_model, resolve_model
+        from stages.runtime import pick_device
+
+        key = str(resolve_model(model))
+        if self._loaded is None or self._loaded[0] != key:
+            start = time.perf_counter()
+            self._loaded = None  # free the old weights before loading the new ones
+            rollout = self.config.run.stages["rollout"]
+            device = pick_device(rollout.get("device", "auto")) if "device" in rollout else pick_device()
+            self._loaded = (key, load_model(key, dtype=rollout.get("dtype", "auto"), device=device))
+            self.load_seconds += time.perf_counter() - start
+        return self._loaded[1]
+
+    def _timed(self, name: str, timings: dict, func):
+        self.view.stage(name)
+        start = time.perf_counter()
+        result = func()
+        timings[f"timing_s/{name}"] = round(time.perf_counter() - start, 3)
+        return result
+
+    def step(self, step: int, train_table: pa.Table, eval_prompts: Path | None) -> dict:
+        from stages import rollout, score, update, verify
+
+        started = time.perf_counter()
+        settings, stage_dir = self.settings, self.run.step_dir(step)
+        stage_dir.mkdir(exist_ok=True)
+        model = self.run.model_for_step(step, settings.model)
+        paths = step_paths(self.run, step)
+        timings: dict = {}
+        loads_before = self.load_seconds
+        write_step_prompts(self.config, self.run, step, train_table)
+        configs = step_configs(self.config, self.run, step)
+        write_commands(self.run, step, configs)
+        if not paths["rollouts"].exists():
+            self._timed("rollout", timings, lambda: rollout.run(configs["rollout"], loaded=self.loaded(model)))
+        if not paths["verified"].exists():
+            self._timed("verify", timings, lambda: verify.run(configs["verify"]))
+        if not paths["scored"].exists():
+            self._timed("score", timings, lambda: score.run(configs["score"], loaded=self.loaded(model)))
+        if not (self.run.checkpoint(step) / "config.json").exists():
+            self._loaded = None  # the trainer holds its own copy; do not keep two on a small machine
+            self._timed("update", timings, lambda: update.run(configs["update"]))
+        row = self._metrics(step, paths, timings)
+        if self._should_eval(step) and eval_prompts is not None:
+            row.update(self.evaluate(self.run.checkpoint(step), eval_prompts, stage_dir / "eval", timings))
+            row.update({k: v for k, v in timings.items() if k == "timing_s/eval"})
+        row["timing_s/step"] = round(time.perf_counter() - started, 3)
+        row["timing_s/model_load"] = round(self.load_seconds - loads_before, 3)
+        row["overhead/load_fraction"] = round(row["timing_s/model_load"] / max(row["timing_s/step"], 1e-9), 4)
+        return row
+
+    def _should_eval(self, step: int) -> bool:
+        every = self.settings.eval_every
+        return every > 0 and ((step + 1) % every == 0 or step == self.settings.steps - 1)
+
+    def evaluate(self, model, prompts: Path, out_prefix: Path, timings: dict) -> dict:
+        from stages import eval as eval_stage
+
+        result = self._timed("eval", timings, lambda: eval_stage.evaluate_for_loop(
+            model=str(model), prompts=str(prompts), out_prefix=str(out_prefix), n=self.settings.eval_n,
+            temperature=self.settings.eval_temperature, max_new_tokens=self.settings.eval_max_new_tokens,
+            seed=stage_seed(self.settings.seed, 0, "eval"), rollout_knobs=self.config.run.stages["rollout"],
+            verify_knobs=self.config.run.stages["verify"], loaded=self.loaded(str(model))))
+        return {f"eval/{k}": v for k, v in result.items()}
+
+    def _metrics(self, step: int, paths: dict, timings: dict) -> dict:
+        from stages.io import read_metadata
+
+        row = json.loads((self.run.checkpoint(step) / "metrics.json").read_text())
+        row["step"] = step
+        for name, key in (("rollouts", "rollout"), ("scored", "score")):
+            tokens_per_s = read_metadata(paths[name]).get("tokens_per_s")
+            if tokens_per_s is not None:
+                row[f"throughput/{key}_tok_s"] = tokens_per_s
+        row.update(timings)
+        return row
+
+
+def _rebuild_metrics(run: Run, steps: int) -> list[dict]:
+    rows = []
+    for step in range(steps):
+        path = run.step_dir(step) / "metrics.json"
+        if path.exists():
+            rows.append(json.loads(path.read_text()))
+    atomic_write_text(run.root / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    return rows
+
+
+def _tensorboard_writer(run: Run, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run.root / "tensorboard"))
+
+
+def run(config: LoopConfig, view=None) -> Path:
+    """Run (or resume) the loop described by `config`; returns the run directory."""
+    from stages.loop_view import LoopView
+
+    run_dir, manifest = init_run(config)
+    settings = config.run.loop
+    view = view or LoopView(settings.steps)
+    train_path = prepare_prompts(settings.train, run_dir.root / "train_prompts.parquet")
+    eval_path = (prepare_prompts(settings.eval, run_dir.root / "eval_prompts.parquet")
+                 if settings.eval_every > 0 else None)
+    train_table, _ = read_artifact(train_path, "prompts")
+    runner = StepRunner(config, run_dir, view)
+    writer = _tensorboard_writer(run_dir, settings.tensorboard)
+    with view:
+        if eval_path is not None and not (run_dir.root / "eval_base.json").exists():
+            base = runner.evaluate(settings.model, eval_path, run_dir.root / "eval_base", {})
+            atomic_write_json(run_dir.root / "eval_base.json", base)
+        view.baseline(json.loads((run_dir.root / "eval_base.json").read_text()) if eval_path else {})
+        for step in range(settings.steps):
+            metrics_path = run_dir.step_dir(step) / "metrics.json"
+            if metrics_path.exists():
+                view.row(json.loads(metrics_path.read_text()))
+                continue
+            view.begin(step)
+            row = runner.step(step, train_table, eval_path)
+            atomic_write_json(metrics_path, row)
+            manifest["finished"] = sorted(set(manifest["finished"]) | {step})
+            manifest["latest_checkpoint"] = str(run_dir.checkpoint(step))
+            run_dir.write_manifest(manifest)
+            _rebuild_metrics(run_dir, settings.steps)
+            if writer is not None:
+                for key, value in row.items():
+                    if isinstance(value, (int, float)) and key != "step":
+                        writer.add_scalar(key, value, step)
+                writer.flush()
+            _prune_checkpoints(run_dir, step, settings.keep_checkpoints)
+            view.row(row)
+    _rebuild_metrics(run_dir, settings.steps)
+    return run_dir.root
+
+
+def _prune_checkpoints(run: Run, step: int, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in range(0, step - keep + 1):
+        folder = run.checkpoint(old)
+        if folder.exists():
+            shutil.rmtree(folder)

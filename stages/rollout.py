@@ -1,0 +1,317 @@
+"""`antisd rollout`: sample n responses per prompt and write one row per sample (schemas.ROLLOUTS).
+
+Reads a prompts Parquet, formats each problem with `stages.prompts` (the exact prompt ids are stored), samples with
+an engine (`stages.engine_hf.HFEngine`, or `stages.engine_vllm.VLLMEngine` imported only when chosen) and writes
+the rows atomically with the run's model, revision, sampling settings, engine, dtype, threads and speed in the
+file metadata. `sample()` is the library entry that `eval` and `loop` reuse with an engine they keep open.
+
+Row conventions: `response_token_ids` are the engine's ids (never re-tokenized) and end with the EOS id when
+finish_reason is "stop" (the trainer must learn to stop); `response_text` is their decoding without special
+tokens; `sampling_logprobs[k]` is the log-prob of response token k under the distribution it was drawn from (after
+temperature and top-p; at temperature 0, greedy, the unscaled model's log-prob).
+
+Determinism: each sample has its own seed derived from (seed, prompt_id, sample_idx) (`sample_seed`), so with the HF
+engine the same seed gives the same table, and a sample does not depend on `--batch-size`, `--shard` or the other
+prompts (up to float differences between padded batches). The metadata (wall time, tokens/s) differs between runs.
+This module does not judge answers (that is `verify`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+import schemas
+from stages.io import InputError, Shard, build_metadata, check_output, output_path, read_artifact, write_artifact
+from stages.models import DEFAULT_MODEL, DTYPES
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "vllm", "hf")
+PROMPT_COLUMNS = [field.name for field in schemas.PROMPTS]
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Options of `antisd rollout` (each is the kebab-case CLI option of the same name)."""
+
+    prompts: str  # prompts Parquet (file or directory of parts)
+    out: str  # output Parquet; with --shard a directory that receives part-i-of-N.parquet
+    model: str = DEFAULT_MODEL  # HF folder or embedded model name
+    n: int = 8  # samples per prompt (the GRPO group size)
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling mass, in (0, 1]
+    max_new_tokens: int = 256  # response length cap (finish_reason "length" when hit)
+    seed: int = 0  # sampling seed; with the HF engine same seed ⇒ same rows
+    engine: str = "auto"  # auto (vllm when importable, else hf) | vllm | hf
+    max_prompts: int = 0  # keep the first N prompts of the file, before sharding (0 = all)
+    shard: str | None = None  # "I/N": this process's share of the prompts
+    dtype: str = "auto"  # auto = float32 on CPU (faster there and matches the trainer), bfloat16 on GPU
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    batch_size: int = 0  # rows (prompts × samples) per engine call; 0 = engine default (hf 32, vllm 1024)
+    device: str = "auto"  # HF engine device: auto (cuda if available) | cpu | cuda
+    progress: bool = True  # rich progress bar on stderr (shown only when stderr is a terminal)
+    overwrite: bool = False  # replace an existing output
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What an engine needs to sample: the subset of RolloutConfig that defines the distribution."""
+
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: RolloutConfig) -> "SamplingSettings":
+        return cls(config.n, config.temperature, config.top_p, config.max_new_tokens, config.seed)
+
+
+@dataclass
+class Completion:
+    """One sampled response as an engine returns it."""
+
+    response_token_ids: list[int]
+    sampling_logprobs: list[float]
+    finish_reason: str  # "stop" | "length"
+
+
+def _digest_seed(*parts) -> int:
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_seed(seed: int, prompt_id: str, sample_idx: int) -> int:
+    """The generator seed of one sample (HF engine): a hash of (seed, prompt_id, sample_idx)."""
+    return _digest_seed("sample", seed, prompt_id, sample_idx)
+
+
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    """The request seed of one prompt's n samples (vLLM derives its n children from it)."""
+    return _digest_seed("prompt", seed, prompt_id) & 0x7FFFFFFF
+
+
+def validate(config: RolloutConfig) -> None:
+    """Reject bad option values before any work, naming the option."""
+    checks = [
+        (config.n >= 1, f"--n must be >= 1, got {config.n}"),
+        (config.temperature >= 0, f"--temperature must be >= 0, got {config.temperature}"),
+        (0 < config.top_p <= 1, f"--top-p must be in (0, 1], got {config.top_p}"),
+        (config.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {config.max_new_tokens}"),
+        (config.max_prompts >= 0, f"--max-prompts must be >= 0, got {config.max_prompts}"),
+        (config.batch_size >= 0, f"--batch-size must be >= 0, got {config.batch_size}"),
+        (config.threads >= 0, f"--threads must be >= 0, got {config.threads}"),
+        (config.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}, got '{config.engine}'"),
+        (config.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got '{config.dtype}'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+
+
+def vllm_available() -> bool:
+    return "vllm" in sys.modules or importlib.util.find_spec("vllm") is not None
+
+
+def resolve_engine(name: str) -> str:
+    """auto → vllm when importable, else hf; an explicit vllm that is not installed is an input error."""
+    if name == "auto":
+        return "vllm" if vllm_available() else "hf"
+    if name == "vllm" and not vllm_available():
+        raise InputError("--engine vllm: vllm is not installed (pip install 'antisd[vllm]', or 'antisd[cpu-fast]')")
+    return name
+
+
+def select_prompts(table: pa.Table, source: str, max_prompts: int, shard: Shard) -> list[dict]:
+    """The prompt rows this run samples: first `max_prompts`, then this shard's share; prompt ids must be unique."""
+    rows = table.select(PROMPT_COLUMNS).to_pylist()
+    ids = [row["prompt_id"] for row in rows]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise InputError(f"{source}: prompt_id '{duplicate}' occurs more than once (a prompts file has one row per prompt)")
+    if max_prompts:
+        rows = rows[:max_prompts]
+    return [rows[i] for i in shard.select([row["prompt_id"] for row in rows])]
+
+
+def newly_finished(done_per_prompt: dict[int, int], prompt_indices: list[int], n: int) -> int:
+    """Count finished samples per prompt in `done_per_prompt` (updated); return how many prompts just reached n."""
+    finished = 0
+    for index in prompt_indices:
+        done_per_prompt[index] = done_per_prompt.get(index, 0) + 1
+        finished += done_per_prompt[index] == n
+    return finished
+
+
+@contextmanager
+def progress_bar(total_prompts: int, n: int, enabled: bool):
+    """Yield `on_progress(prompt indices of finished samples, tokens)` that drives a rich bar on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    columns = [TextColumn("rollout prompts"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    done_per_prompt: dict[int, int] = {}
+    state = {"tokens": 0, "start": time.perf_counter()}
+    with Progress(*columns, console=console, disable=not (enabled and console.is_terminal)) as progress:
+        task = progress.add_task("rollout", total=total_prompts, rate="")
+
+        def on_progress(prompt_indices: list[int], tokens: int) -> None:
+            finished = newly_finished(done_per_prompt, prompt_indices, n)
+            state["tokens"] += tokens
+            rate = state["tokens"] / max(time.perf_counter() - state["start"], 1e-9)
+            progress.update(task, advance=finished, rate=f"{rate:,.0f} tok/s")
+
+        yield on_progress
+
+
+def is_engine(obj) -> bool:
+    """True for an engine (HFEngine, VLLMEngine, or anything with their interface), False for a LoadedModel."""
+    return hasattr(obj, "generate") and hasattr(obj, "model_path") and hasattr(obj, "tokenizer")
+
+
+def as_engine(loaded_or_engine):
+    """An engine from a LoadedModel (wrapped in HFEngine) or an engine, returned unchanged."""
+    if is_engine(loaded_or_engine):
+        return loaded_or_engine
+    if not hasattr(loaded_or_engine, "model") or not hasattr(loaded_or_engine, "tokenizer"):
+        raise TypeError("expected a stages.models.LoadedModel or an engine (HFEngine, VLLMEngine)")
+    from stages.engine_hf import HFEngine
+
+    return HFEngine(loaded_or_engine)
+
+
+def sample(loaded_or_engine, prompt_rows: list[dict], settings: SamplingSettings, *, batch_size: int = 0,
+           progress: bool = False) -> tuple[pa.Table, dict]:
+    """Sample `settings.n` responses for each prompt row; return (ROLLOUTS table, stats).
+
+    Rows come out in prompt order, then sample_idx. Stats: samples, response_tokens, generate_s, tokens_per_s
+    (response tokens per second of engine time), finish_stop, finish_length.
+    """
+    from stages.prompts import encode, student_messages
+
+    engine = as_engine(loaded_or_engine)
+    tokenizer = engine.tokenizer
+    prompt_ids = [encode(tokenizer, student_messages(row["problem"], row["few_shot"])) for row in prompt_rows]
+    keys = [row["prompt_id"] for row in prompt_rows]
+    start = time.perf_counter()
+    completions: list[list[Completion]] = []
+    if prompt_rows:
+        with progress_bar(len(prompt_rows), settings.n, progress) as on_progress:
+            completions = engine.generate(prompt_ids, keys, settings, batch_size, on_progress)
+    generate_s = time.perf_counter() - start
+    out_rows = []
+    for row, ids, group in zip(prompt_rows, prompt_ids, completions):
+        texts = tokenizer.batch_decode([c.response_token_ids for c in group], skip_special_tokens=True)
+        for sample_idx, (completion, text) in enumerate(zip(group, texts)):
+            out_rows.append({
+                **{column: row[column] for column in PROMPT_COLUMNS},
+                "sample_idx": sample_idx,
+                "prompt_token_ids": ids,
+                "response_token_ids": completion.response_token_ids,
+                "response_text": text,
+                "sampling_logprobs": completion.sampling_logprobs,
+                "finish_reason": completion.finish_reason,
+                "response_length": len(completion.response_token_ids),
+            })
+    tokens = sum(row["response_length"] for row in out_rows)
+    stats = {
+        "samples": len(out_rows),
+        "response_tokens": tokens,
+        "generate_s": round(generate_s, 3),
+        "tokens_per_s": round(tokens / generate_s, 2) if generate_s > 0 else 0.0,
+        "finish_stop": sum(row["finish_reason"] == "stop" for row in out_rows),
+        "finish_length": sum(row["finish_reason"] == "length" for row in out_rows),
+    }
+    return pa.Table.from_pylist(out_rows, schema=schemas.ROLLOUTS), stats
+
+
+def open_engine(engine: str, config: RolloutConfig, model_path: Path, rows: list[dict], loaded=None):
+    """Build the chosen engine for sampling `rows`; the HF engine reuses `loaded` when given."""
+    from stages.runtime import pick_device
+
+    device = pick_device(config.device)
+    if engine == "vllm":
+        from stages.engine_vllm import VLLMEngine
+        from stages.models import torch_dtype
+
+        dtype = str(torch_dtype(config.dtype, device)).replace("torch.", "")
+        return VLLMEngine(model_path, dtype=dtype, seed=config.seed,
+                          max_model_len=_max_model_len(model_path, rows, config.max_new_tokens))
+    from stages.engine_hf import HFEngine
+    from stages.models import load_model
+
+    return HFEngine(loaded if loaded is not None else load_model(model_path, config.dtype, device))
+
+
+def run(config: RolloutConfig, loaded=None) -> Path:
+    """Validate, read prompts, sample, write the rollouts Parquet; return its path (a part file with --shard).
+
+    `loaded` (optional) is a LoadedModel for the HF engine, or an open engine (e.g. the loop's VLLMEngine), which
+    is then used as is (config.model, engine, dtype and device are ignored) and left open.
+    """
+    from stages.models import resolve_model
+    from stages.runtime import set_threads
+
+    # --- validate everything before any work
+    validate(config)
+    shard = Shard.parse(config.shard)
+    if shard.is_whole:
+        check_output(config.out, config.overwrite)
+    table, _ = read_artifact(config.prompts, "prompts")
+    rows = select_prompts(table, config.prompts, config.max_prompts, shard)
+    engine_given = loaded is not None and is_engine(loaded)
+    if engine_given:
+        engine_name, model_path = loaded.name, loaded.model_path
+    else:
+        engine_name = resolve_engine(config.engine)
+        model_path = loaded.path if loaded is not None else resolve_model(config.model)
+    out = check_output(output_path(config.out, shard), config.overwrite)
+    threads = set_threads(config.threads)
+    log.info("rollout: %d prompts × %d samples, engine %s, model %s, threads %d", len(rows), config.n,
+             engine_name, model_path, threads)
+    log.debug("config: %s", asdict(config))
+
+    # --- sample
+    started = time.perf_counter()
+    engine = loaded if engine_given else open_engine(engine_name, config, Path(model_path), rows, loaded)
+    try:
+        result, stats = sample(engine, rows, SamplingSettings.from_config(config),
+                               batch_size=config.batch_size, progress=config.progress)
+    finally:
+        if not engine_given:
+            engine.close()
+    wall_s = time.perf_counter() - started
+
+    # --- write
+    metadata = build_metadata(
+        "rollouts", config, model_path=str(engine.model_path), model_revision=engine.revision,
+        sampling=asdict(SamplingSettings.from_config(config)), seed=config.seed, engine=engine.name,
+        dtype=engine.dtype_name, threads=threads, prompts=len(rows), shard=asdict(shard),
+        batch_size=config.batch_size or engine.default_batch_size, wall_s=round(wall_s, 3), **stats,
+    )
+    write_artifact(result, out, "rollouts", metadata)
+    log.info("wrote %d rollouts (%d response tokens, %.1f tok/s; stop %d, length %d) to %s", stats["samples"],
+             stats["response_tokens"], stats["tokens_per_s"], stats["finish_stop"], stats["finish_length"], out)
+    return out
+
+
+def _max_model_len(model_path: Path, rows: list[dict], max_new_tokens: int) -> int:
+    """vLLM's context length for this run: the longest encoded prompt + max_new_tokens."""
+    from stages.models import load_tokenizer
+    from stages.prompts import encode, student_messages
+
+    tokenizer = load_tokenizer(model_path)
+    longest = max((len(encode(tokenizer, student_messages(r["problem"], r["few_shot"]))) for r in rows), default=1)
+    return longest + max_new_tokens

@@ -1,0 +1,276 @@
+"""`antisd score`: verified rollouts → scored rows with student/teacher log-probs, entropies and PMI (METHOD §1, §4).
+
+For each row the same weights are run twice over the stored response token ids (never re-tokenized):
+- student view: `prompt_token_ids` + `response_token_ids` → s_t = student_logprobs, student_entropy (the old policy);
+- teacher view: encode(teacher_messages(problem, few_shot, privileged_text, correct)) + the same response ids
+  → t_t = teacher_logprobs, H_t = teacher_entropy; pmi u_t = t_t − s_t (computed from the stored float32 values).
+Rows with privileged_source == "none" get no teacher pass: teacher_* = the student values, pmi = 0,
+teacher_prompt_length = the student prompt length, and they are left out of the median teacher entropy.
+
+Log-probs and full-vocabulary entropies (nats) come from `stages.logprobs.response_token_stats` (chunks of
+positions, never [tokens × vocab] logits for a batch) under torch.inference_mode; sequences (student and teacher
+views together) are sorted by length and grouped into micro-batches of at most `micro_batch_tokens` padded tokens.
+Output rows keep the input order. Temperature: `--temperature`, else the first `temperature` key found in the input
+file's metadata (breadth-first: rollout records its sampling parameters, verify carries them along), else 1.0; the
+value used is stored in the metadata so `update` can use the same numerics.
+File metadata: model path and revision, temperature, median_teacher_entropy (this file's rows: with --shard, a
+shard's median), token counts, tokens_per_s. This module does not compute advantages or losses (`stages.objectives`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pyarrow as pa
+
+from stages.io import (InputError, Shard, build_metadata, check_output, output_path, read_artifact,
+                       write_artifact)
+
+log = logging.getLogger(__name__)
+
+SCORE_COLUMNS = ("student_logprobs", "teacher_logprobs", "teacher_entropy", "student_entropy", "pmi",
+                 "teacher_prompt_length")
+_ROW_COLUMNS = ["prompt_id", "sample_idx", "problem", "few_shot", "prompt_token_ids", "response_token_ids",
+                "privileged_text", "privileged_source", "correct"]
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Options of `antisd score` (each is also the CLI option of the same name in kebab-case)."""
+
+    verified: str  # input: a verified Parquet file (or a directory of parts)
+    out: str  # output: scored Parquet path (a directory of parts with --shard)
+    model: str = "smollm2-135m"  # the policy that sampled the rollouts: HF folder or embedded model name
+    temperature: float | None = None  # None = the input metadata's sampling temperature, else 1.0
+    chunk_size: int = 64  # response positions per LM-head/log-softmax chunk
+    micro_batch_tokens: int = 8192  # padded tokens (rows × longest sequence) per forward pass
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on GPU)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads (0 = torch default)
+    shard: str | None = None  # "I/N": score only shard I of N of the prompts (rows grouped by prompt_id)
+    overwrite: bool = False  # replace an existing output
+
+
+@dataclass(frozen=True)
+class View:
+    """One forward sequence: row `row` under the student or teacher prompt."""
+
+    row: int
+    teacher: bool
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+def validate(config: ScoreConfig) -> None:
+    if config.chunk_size < 1:
+        raise InputError(f"--chunk-size must be >= 1, got {config.chunk_size}")
+    if config.micro_batch_tokens < 1:
+        raise InputError(f"--micro-batch-tokens must be >= 1, got {config.micro_batch_tokens}")
+    if config.temperature is not None and not (config.temperature > 0 and math.isfinite(config.temperature)):
+        raise InputError(f"--temperature must be a positive number, got {config.temperature}")
+
+
+def metadata_temperature(metadata: dict) -> float | None:
+    """The first positive `temperature` value found breadth-first in a file's metadata, or None."""
+    queue = [metadata]
+    while queue:
+        node = queue.pop(0)
+        value = node.get("temperature")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        queue += [v for v in node.values() if isinstance(v, dict)]
+    return None
+
+
+def row_label(rows: list[dict], index: int) -> str:
+    row = rows[index]
+    return f"row {index} (prompt_id {row['prompt_id']!r}, sample_idx {row['sample_idx']})"
+
+
+def check_rows(rows: list[dict], vocab_size: int, source: str) -> None:
+    """Bad input stops before any compute: token ids outside the vocabulary, an empty prompt, a missing text."""
+    for index, row in enumerate(rows):
+        for column in ("prompt_token_ids", "response_token_ids"):
+            bad = [i for i in row[column] if not 0 <= i < vocab_size]
+            if bad:
+                raise InputError(f"{source}: {row_label(rows, index)}: {column} holds id {bad[0]} outside the "
+                                 f"tokenizer's vocabulary (size {vocab_size}); was it sampled by another model?")
+        if not row["prompt_token_ids"]:
+            raise InputError(f"{source}: {row_label(rows, index)}: empty prompt_token_ids")
+        if row["privileged_source"] != "none" and row["privileged_text"] is None:
+            raise InputError(f"{source}: {row_label(rows, index)}: privileged_source is "
+                             f"{row['privileged_source']!r} but privileged_text is null")
+
+
+def build_views(rows: list[dict], tokenizer) -> list[View]:
+    """Student view of every row, teacher view (METHOD §4 prompt + the same response ids) of rows with a source."""
+    from stages.prompts import encode, teacher_messages
+
+    views = []
+    for index, row in enumerate(rows):
+        views.append(View(index, False, row["prompt_token_ids"], row["response_token_ids"]))
+        if row["privileged_source"] != "none":
+            messages = teacher_messages(row["problem"], row["few_shot"], row["privileged_text"], bool(row["correct"]))
+            views.append(View(index, True, encode(tokenizer, messages), row["response_token_ids"]))
+    return views
+
+
+def micro_batches(views: list[View], budget: int) -> list[list[View]]:
+    """Longest first; each batch holds as many views as fit rows × longest ≤ budget (at least one)."""
+    batches: list[list[View]] = []
+    for view in sorted(views, key=lambda v: (-v.length, v.row, v.teacher)):
+        if batches and batches[-1][0].length * (len(batches[-1]) + 1) <= budget:
+            batches[-1].append(view)
+        else:
+            batches.append([view])
+    return batches
+
+
+def score_views(model, views: list[View], *, pad_id: int, temperature: float, chunk_size: int, budget: int,
+                rows: list[dict], progress=None) -> dict[tuple[int, bool], tuple[list[float], list[float]]]:
+    """(row, teacher) → (log-probs, entropies) of the response tokens; RuntimeError naming a row on NaN/inf."""
+    import torch
+
+    from stages.logprobs import response_token_stats
+
+    results = {}
+    with torch.inference_mode():
+        for batch in micro_batches(views, budget):
+            logprobs, entropies = response_token_stats(
+                model, [v.prompt_ids + v.response_ids for v in batch], [len(v.prompt_ids) for v in batch],
+                pad_id=pad_id, temperature=temperature, chunk_size=chunk_size, with_entropy=True)
+            for view, lp, ent in zip(batch, logprobs, entropies):
+                if not (bool(torch.isfinite(lp).all()) and bool(torch.isfinite(ent).all())):
+                    raise RuntimeError(f"non-finite log-probs or entropy in the {'teacher' if view.teacher else 'student'}"
+                                       f" view of {row_label(rows, view.row)}; nothing written")
+                results[(view.row, view.teacher)] = (lp.float().cpu().tolist(), ent.float().cpu().tolist())
+            if progress is not None:
+                progress(sum(v.length for v in batch))
+    return results
+
+
+def assemble(rows: list[dict], views: list[View], results: dict) -> tuple[dict[str, list], list[float]]:
+    """The six score columns in row order, and the teacher entropies that enter the median."""
+    import numpy as np
+
+    teacher_length = {v.row: len(v.prompt_ids) for v in views if v.teacher}
+    columns: dict[str, list] = {name: [] for name in SCORE_COLUMNS}
+    median_pool: list[float] = []
+    for index, row in enumerate(rows):
+        student_lp, student_ent = results[(index, False)]
+        if index in teacher_length:
+            teacher_lp, teacher_ent = results[(index, True)]
+            pmi = (np.asarray(teacher_lp, np.float32) - np.asarray(student_lp, np.float32)).tolist()
+            median_pool += teacher_ent
+        else:  # no privileged context: the teacher view is the student view
+            teacher_lp, teacher_ent, pmi = student_lp, student_ent, [0.0] * len(student_lp)
+        columns["student_logprobs"].append(student_lp)
+        columns["teacher_logprobs"].append(teacher_lp)
+        columns["teacher_entropy"].append(teacher_ent)
+        columns["student_entropy"].append(student_ent)
+        columns["pmi"].append(pmi)
+        columns["teacher_prompt_length"].append(teacher_length.get(index, len(row["prompt_token_ids"])))
+    return columns, median_pool
+
+
+def _median(values: list[float]) -> float | None:
+    import torch
+
+    from stages.objectives import masked_median
+
+    if not values:
+        return None
+    tensor = torch.tensor(values, dtype=torch.float64)
+    return masked_median(tensor, torch.ones_like(tensor, dtype=torch.bool))
+
+
+class _Progress:
+    """A rich bar on stderr counting forward tokens, with tokens/s and ETA (context manager; a callable tick)."""
+
+    def __init__(self, total: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("score"), BarColumn(), TextColumn("{task.completed}/{task.total} tok"),
+                            TextColumn("{task.fields[rate]} tok/s"), TimeRemainingColumn(),
+                            console=Console(stderr=True), transient=True)
+        self.task = self.bar.add_task("score", total=total, rate="-")
+        self.start = time.perf_counter()
+        self.done = 0
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+    def __call__(self, tokens: int) -> None:
+        self.done += tokens
+        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.update(self.task, advance=tokens, rate=f"{rate:,.0f}")
+
+
+def run(config: ScoreConfig, loaded=None) -> Path:
+    """Score `config.verified` with `config.model` (or the already-loaded `loaded`); return the output path."""
+    from stages.models import load_model
+    from stages.runtime import pick_device, set_threads
+
+    # --- validate inputs
+    validate(config)
+    shard = Shard.parse(config.shard)
+    out = check_output(output_path(config.out, shard), config.overwrite)
+    table, in_meta = read_artifact(config.verified, "verified")
+    table = table.drop_columns([c for c in SCORE_COLUMNS if c in table.column_names])  # rescoring a scored file
+    if not shard.is_whole:
+        table = table.take(shard.select(table.column("prompt_id").to_pylist()))
+        if table.num_rows == 0:
+            raise InputError(f"{config.verified}: shard {shard.index}/{shard.count} holds no prompts")
+    temperature = config.temperature or metadata_temperature(in_meta) or 1.0
+    # --- load
+    threads = set_threads(config.threads)
+    if loaded is None:
+        loaded = load_model(config.model, dtype=config.dtype, device=pick_device(config.device))
+    tokenizer, model = loaded.tokenizer, loaded.model
+    vocab_size = min(len(tokenizer), model.get_input_embeddings().num_embeddings)
+    rows = table.select(_ROW_COLUMNS).to_pylist()
+    check_rows(rows, vocab_size, config.verified)
+    views = build_views(rows, tokenizer)
+    # --- compute
+    forward_tokens = sum(v.length for v in views)
+    log.info("scoring %d rows (%d teacher views, %d forward tokens) with %s at temperature %g, %d thread(s)",
+             len(rows), sum(v.teacher for v in views), forward_tokens, loaded.path, temperature, threads)
+    start = time.perf_counter()
+    with _Progress(forward_tokens) as progress:
+        results = score_views(model, views, pad_id=tokenizer.pad_token_id or 0, temperature=temperature,
+                              chunk_size=config.chunk_size, budget=config.micro_batch_tokens, rows=rows,
+                              progress=progress)
+    seconds = time.perf_counter() - start
+    columns, median_pool = assemble(rows, views, results)
+    # --- write
+    for name, values in columns.items():
+        table = table.append_column(name, pa.array(values))
+    response_tokens = sum(len(r["response_token_ids"]) for r in rows)
+    metadata = build_metadata(
+        "scored", replace(config, temperature=temperature), input=str(config.verified),
+        model=str(loaded.path), model_revision=loaded.revision, temperature=temperature,
+        dtype=str(loaded.dtype).replace("torch.", ""), device=str(loaded.device), threads=threads,
+        shard=f"{shard.index}/{shard.count}", rows=len(rows),
+        privileged_sources=dict(Counter(r["privileged_source"] for r in rows)),
+        median_teacher_entropy=_median(median_pool), teacher_entropy_tokens=len(median_pool),
+        response_tokens=response_tokens, forward_tokens=forward_tokens,
+        micro_batches=len(micro_batches(views, config.micro_batch_tokens)),
+        seconds=round(seconds, 3), tokens_per_s=round(forward_tokens / max(seconds, 1e-9), 1))
+    write_artifact(table, out, "scored", metadata)
+    log.info("wrote %d scored rows to %s (median teacher entropy %s nats, %.0f tok/s)", len(rows), out,
+             metadata["median_teacher_entropy"], metadata["tokens_per_s"])
+    return out

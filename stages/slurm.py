@@ -1,0 +1,321 @@
+"""`antisd loop --launcher slurm`: render one sbatch script per stage per step and submit them as a dependency chain.
+
+Per step k (the same run directory layout and the same `antisd` commands as the local loop, `stages.loop`):
+
+    rollout   array job, one task per shard: `antisd rollout … --shard $SLURM_ARRAY_TASK_ID/N` → rollouts.parquet/
+    verify    one job reading the parts directory → verified.parquet
+    score     array job like rollout → scored.parquet/
+    update    multi-node job: `srun` starts one rank per GPU with RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/
+              SLURM_NTASKS/SLURM_LOCALID and MASTER_ADDR/MASTER_PORT from the first node → checkpoint/
+
+each `afterok` on the one before, step k+1's rollout on step k's update, and a last `finalize` job that runs the
+local loop over the finished run (`antisd loop --config RUN/config.yaml --out RUN`): every stage output exists, so it
+only evaluates, writes metrics.jsonl and the manifest. Scripts go to RUN/slurm/step_XXXX/<stage>.sbatch, the whole
+chain as a plain shell script to RUN/slurm/submit.sh, and the submitted job ids to RUN/slurm/jobs.json.
+Resubmitting skips finished stages (and finished shards of an array). Each step's prompts are drawn at render time,
+exactly as the local loop draws them. This module renders text and calls `sbatch`; it runs no stage itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ARRAY_STAGES = ("rollout", "score")  # sharded over array tasks
+STAGE_OUTPUTS = {"rollout": "rollouts.parquet", "verify": "verified.parquet", "score": "scored.parquet"}
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """Options of `antisd loop --launcher slurm`."""
+
+    partition: str | None = None  # --partition of every job (None: the cluster's default)
+    account: str | None = None  # --account of every job
+    time: str = "04:00:00"  # --time limit of each job
+    nodes: int = 1  # nodes of the update job
+    gpus_per_node: int = 8  # GPUs per update node; one rank per GPU
+    shards: int = 8  # array tasks (one GPU each) of rollout and score; 1 = a plain one-GPU job
+    cpus_per_task: int = 8  # --cpus-per-task of every task (a shard, a rank, verify)
+    setup: tuple[str, ...] = ()  # shell lines run first in every job, e.g. "source ~/venvs/antisd/bin/activate"
+    sbatch_args: tuple[str, ...] = ()  # extra #SBATCH options for every job, e.g. "--qos=high"
+    dry_run: bool = False  # write and print the scripts and the sbatch commands; submit nothing
+
+
+@dataclass(frozen=True)
+class Job:
+    """One rendered sbatch script and where it sits in the chain."""
+
+    name: str  # e.g. "0003-rollout"; also the shell variable of its id in submit.sh
+    step: int | None  # None for the finalize job
+    stage: str
+    script: Path
+    text: str
+    array: str | None = None  # "0-7" or "1,5": the array tasks still to run
+    after: str | None = None  # name of the job this one waits for (afterok)
+    commands: tuple[str, ...] = ()  # the antisd command lines inside
+
+
+def validate(slurm: SlurmConfig) -> None:
+    """Reject impossible settings before anything is written (all problems in one message)."""
+    from stages.io import InputError
+
+    errors = [f"--{name.replace('_', '-')} must be >= 1, got {getattr(slurm, name)}"
+              for name in ("nodes", "gpus_per_node", "shards", "cpus_per_task") if getattr(slurm, name) < 1]
+    errors += ["--time must not be empty"] if not slurm.time.strip() else []
+    errors += [f"--sbatch-arg {arg!r}: expected an option such as --qos=high" for arg in slurm.sbatch_args
+               if not arg.startswith("-") or "\n" in arg]
+    if errors:
+        raise InputError("slurm: " + "; ".join(errors))
+
+
+# --- pure rendering ------------------------------------------------------------------------------------------------
+
+def array_spec(indices: list[int]) -> str:
+    """Compress task indices for `--array`: [0,1,2,5,7,8] → "0-2,5,7-8"."""
+    ranges, start = [], None
+    for position, index in enumerate(indices):
+        if start is None:
+            start = index
+        if position + 1 == len(indices) or indices[position + 1] != index + 1:
+            ranges.append(str(start) if start == index else f"{start}-{index}")
+            start = None
+    return ",".join(ranges)
+
+
+def multiline(command: str, tail: str = "") -> str:
+    """`command` (a shlex-joined line) with one `--option value` per continued line, then `tail` verbatim."""
+    lines: list[list[str]] = [[]]
+    for token in shlex.split(command):
+        if token.startswith("--") and lines[-1]:
+            lines.append([])
+        lines[-1].append(shlex.quote(token))
+    if tail:
+        lines.append([tail])
+    return " \\\n    ".join(" ".join(line) for line in lines)
+
+
+def _header(slurm: SlurmConfig, job_name: str, log_path: Path, title: str, directives: list[str]) -> list[str]:
+    lines = ["#!/usr/bin/env bash", f"# {title}", "# Rendered by `antisd loop --launcher slurm`; submitted with "
+             "dependencies by RUN/slurm/submit.sh.", f"#SBATCH --job-name={job_name}", f"#SBATCH --output={log_path}"]
+    lines += [f"#SBATCH {d}" for d in directives]
+    lines += [f"#SBATCH --time={slurm.time}"]
+    lines += [f"#SBATCH --partition={slurm.partition}"] if slurm.partition else []
+    lines += [f"#SBATCH --account={slurm.account}"] if slurm.account else []
+    lines += [f"#SBATCH {arg}" for arg in slurm.sbatch_args]
+    return lines
+
+
+def _preamble(slurm: SlurmConfig, workdir: Path) -> list[str]:
+    return ["", "set -euo pipefail", f"cd {shlex.quote(str(workdir))}", *slurm.setup]
+
+
+def render_single(slurm: SlurmConfig, job_name: str, log_path: Path, title: str, command: str, workdir: Path,
+                  gpus: int) -> str:
+    """A one-task job (verify: no GPU; finalize: one GPU)."""
+    directives = ["--nodes=1", "--ntasks=1", f"--cpus-per-task={slurm.cpus_per_task}"]
+    directives += [f"--gpus-per-node={gpus}"] if gpus else []
+    return "\n".join(_header(slurm, job_name, log_path, title, directives) + _preamble(slurm, workdir)
+                     + ["", multiline(command), ""])
+
+
+def render_array(slurm: SlurmConfig, job_name: str, log_path: Path, title: str, command: str, workdir: Path,
+                 array: str | None) -> str:
+    """One task per shard, one GPU each; `command` gets `--shard $SLURM_ARRAY_TASK_ID/N` (nothing when N is 1)."""
+    directives = ["--nodes=1", "--ntasks=1", f"--cpus-per-task={slurm.cpus_per_task}", "--gpus-per-node=1"]
+    directives += [f"--array={array}"] if array else []
+    shard = f'--shard "${{SLURM_ARRAY_TASK_ID}}/{slurm.shards}"' if slurm.shards > 1 else ""
+    return "\n".join(_header(slurm, job_name, log_path, title, directives) + _preamble(slurm, workdir)
+                     + ["", multiline(command, shard), ""])
+
+
+# Per-rank environment for torchrun/DeepSpeed-style code, from what srun sets in each task.
+RANK_ENV = ('export RANK="$SLURM_PROCID" WORLD_SIZE="$SLURM_NTASKS" LOCAL_RANK="$SLURM_LOCALID"; '
+            'exec "$@"')
+
+
+def render_update(slurm: SlurmConfig, job_name: str, log_path: Path, title: str, command: str, workdir: Path) -> str:
+    """`nodes` × `gpus_per_node` ranks under srun; the first node hosts the rendezvous on a port from the job id."""
+    directives = [f"--nodes={slurm.nodes}", f"--ntasks-per-node={slurm.gpus_per_node}",
+                  f"--gpus-per-node={slurm.gpus_per_node}", f"--cpus-per-task={slurm.cpus_per_task}"]
+    body = [
+        "",
+        "# Rendezvous: the first node of the allocation; a port per job so that jobs sharing a node do not clash.",
+        "# (awk reads all of scontrol's output: `head -n 1` could make it die of SIGPIPE under pipefail)",
+        'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk \'NR == 1\')"',
+        'MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"',
+        "export MASTER_ADDR MASTER_PORT",
+        "# One process per GPU; each sees every GPU of its node and trains on cuda:$LOCAL_RANK.",
+        f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(RANK_ENV)} antisd-rank \\\n    " + multiline(command),
+        "",
+    ]
+    return "\n".join(_header(slurm, job_name, log_path, title, directives) + _preamble(slurm, workdir) + body)
+
+
+def submit_script(jobs: list[Job]) -> str:
+    """The chain as a shell script: each job's id in a variable, `--dependency=afterok:` on the one before."""
+    lines = ["#!/usr/bin/env bash", "# Submit the rendered jobs of this run in dependency order.", "set -euo pipefail"]
+    for job in jobs:
+        command = shlex.join(sbatch_argv(job, "AFTER" if job.after else None))
+        if job.after:
+            command = command.replace("afterok:AFTER", f'afterok:"${{{_variable(job.after)}}}"')
+        lines += [f"{_variable(job.name)}=$({command})", f'echo "{job.name} ${{{_variable(job.name)}}}"']
+    return "\n".join(lines) + "\n"
+
+
+def _variable(name: str) -> str:
+    return "job_" + name.replace("-", "_")
+
+
+def sbatch_argv(job: Job, after_id: str | None) -> list[str]:
+    """`sbatch --parsable [--dependency=afterok:ID --kill-on-invalid-dep=yes] SCRIPT` (the array is in the script)."""
+    argv = ["sbatch", "--parsable"]
+    if after_id is not None:
+        argv += [f"--dependency=afterok:{after_id}", "--kill-on-invalid-dep=yes"]
+    return argv + [str(job.script)]
+
+
+# --- the run: configs, prompts, scripts ----------------------------------------------------------------------------
+
+def pending_shards(output: Path, shards: int) -> list[int]:
+    """Shards of a stage output still to compute (all of them, or none, when the output is one file)."""
+    from stages.merge import missing_shards
+
+    if shards == 1:
+        return [] if output.is_file() else [0]
+    return missing_shards(output, shards)
+
+
+def render_step(config, run, step: int, slurm: SlurmConfig, workdir: Path, after: str | None) -> list[Job]:
+    """The jobs still to run for `step`, chained after the job named `after` (None: nothing to wait for)."""
+    from stages.loop import cli_command, step_configs
+
+    configs = step_configs(config, run, step)
+    stage_dir = run.step_dir(step)
+    script_dir = run.root / "slurm" / f"step_{step:04d}"
+    jobs = []
+    for stage, stage_config in configs.items():
+        if stage == "update":
+            done, array = (run.checkpoint(step) / "config.json").exists(), None
+        elif stage in ARRAY_STAGES:
+            pending = pending_shards(stage_dir / STAGE_OUTPUTS[stage], slurm.shards)
+            done, array = not pending, array_spec(pending) if slurm.shards > 1 else None
+        else:
+            done, array = (stage_dir / STAGE_OUTPUTS[stage]).exists(), None
+        if done:
+            continue
+        name, command = f"{step:04d}-{stage}", cli_command(stage, stage_config)
+        job_name, title = f"antisd-{run.root.name}-{name}", f"step {step}, {stage}"
+        log_path = script_dir / (f"{stage}-%A_%a.log" if array else f"{stage}-%j.log")
+        if stage in ARRAY_STAGES:
+            text = render_array(slurm, job_name, log_path, title + f" ({slurm.shards} shards)", command, workdir, array)
+        elif stage == "update":
+            text = render_update(slurm, job_name, log_path, title + f" ({slurm.nodes} × {slurm.gpus_per_node} GPUs)",
+                                 command, workdir)
+        else:
+            text = render_single(slurm, job_name, log_path, title, command, workdir, gpus=0)
+        jobs.append(Job(name, step, stage, script_dir / f"{stage}.sbatch", text, array, after, (command,)))
+        after = name
+    return jobs
+
+
+def render_finalize(config, run, slurm: SlurmConfig, workdir: Path, after: str | None) -> Job:
+    """The local loop over the finished run: evaluation, metrics.jsonl, manifest (every stage output already exists)."""
+    command = shlex.join(["antisd", "loop", "--config", str(run.root / "config.yaml"), "--out", str(run.root)])
+    log_path = run.root / "slurm" / "finalize-%j.log"
+    text = render_single(slurm, f"antisd-{run.root.name}-finalize", log_path,
+                         "finalize: held-out evaluation, metrics.jsonl and the manifest", command, workdir, gpus=1)
+    return Job("finalize", None, "finalize", run.root / "slurm" / "finalize.sbatch", text, None, after, (command,))
+
+
+def render_run(config, slurm: SlurmConfig, workdir: Path | None = None) -> list[Job]:
+    """Create/reopen the run directory, draw every step's prompts and write the scripts; returns the jobs to submit."""
+    from stages.io import atomic_write_text, read_artifact
+    from stages.loop import init_run, prepare_prompts, step_configs, write_commands, write_step_prompts
+
+    validate(slurm)
+    workdir = (workdir or Path.cwd()).resolve()
+    config = replace(config, out=str(Path(config.out).resolve()))
+    run, manifest = init_run(config)
+    settings = config.run.loop
+    train_table, _ = read_artifact(prepare_prompts(settings.train, run.root / "train_prompts.parquet"), "prompts")
+    jobs: list[Job] = []
+    for step in range(settings.steps):
+        if (run.step_dir(step) / "metrics.json").exists():
+            continue
+        run.step_dir(step).mkdir(exist_ok=True)
+        write_step_prompts(config, run, step, train_table)
+        write_commands(run, step, step_configs(config, run, step))
+        jobs += render_step(config, run, step, slurm, workdir, jobs[-1].name if jobs else None)
+    if len(manifest["finished"]) < settings.steps or jobs:
+        jobs.append(render_finalize(config, run, slurm, workdir, jobs[-1].name if jobs else None))
+    for job in jobs:
+        job.script.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(job.script, job.text)
+    atomic_write_text(run.root / "slurm" / "submit.sh", submit_script(jobs))
+    return jobs
+
+
+# --- submission ----------------------------------------------------------------------------------------------------
+
+def submit(jobs: list[Job], jobs_json: Path, sbatch_runner=None) -> dict[str, str]:
+    """Submit `jobs` in order with `sbatch --parsable`, each after the one it waits for; record ids in `jobs_json`.
+
+    The record is written after every submission, so a failure half-way leaves the ids already submitted.
+    """
+    from stages.io import atomic_write_json
+
+    runner = sbatch_runner or _run_sbatch
+    history = json.loads(jobs_json.read_text()) if jobs_json.exists() else {"submissions": []}
+    entry = {"submitted_unix": time.time(), "jobs": []}
+    history["submissions"].append(entry)
+    ids: dict[str, str] = {}
+    for job in jobs:
+        argv = sbatch_argv(job, ids[job.after] if job.after else None)
+        ids[job.name] = runner(argv)
+        entry["jobs"].append({"name": job.name, "step": job.step, "stage": job.stage, "job_id": ids[job.name],
+                              "after": job.after, "array": job.array, "script": str(job.script), "argv": argv})
+        atomic_write_json(jobs_json, history)
+        log.info("submitted %s as job %s%s", job.name, ids[job.name], f" (after {job.after})" if job.after else "")
+    return ids
+
+
+def _run_sbatch(argv: list[str]) -> str:
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise RuntimeError("sbatch: not found on PATH (run on a Slurm login node, or pass --dry-run)") from None
+    if result.returncode != 0:
+        message = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise RuntimeError(f"{shlex.join(argv)} failed ({result.returncode}): {message[-1] if message else ''}")
+    job_id = result.stdout.strip().split(";")[0]  # --parsable prints "id" or "id;cluster"
+    if not job_id.isdigit():
+        raise RuntimeError(f"{shlex.join(argv)}: unexpected output {result.stdout.strip()!r}")
+    return job_id
+
+
+def dry_run_text(jobs: list[Job], submit_path: Path) -> str:
+    """Every script, then the sbatch commands of the chain (what `--dry-run` prints)."""
+    blocks = [f"# ==> {job.script} <==\n{job.text}" for job in jobs]
+    blocks.append(f"# ==> {submit_path} (sbatch commands; run it to submit) <==\n{submit_script(jobs)}")
+    return "\n".join(blocks)
+
+
+def run(config, slurm: SlurmConfig, workdir: Path | None = None, echo=print) -> Path:
+    """Render the run's jobs and submit them (or, with `slurm.dry_run`, print them); returns the run directory."""
+    jobs = render_run(config, slurm, workdir)
+    root = Path(config.out).resolve()
+    if slurm.dry_run:
+        echo(dry_run_text(jobs, root / "slurm" / "submit.sh"))
+        return root
+    if not jobs:
+        log.info("%s: every step is finished; nothing to submit", root)
+        return root
+    submit(jobs, root / "slurm" / "jobs.json")
+    return root

@@ -1,0 +1,636 @@
+"""`antisd update`: one policy step (GRPO, SD, AntiSD or RKL-ascent) on scored rollouts, trained with DeepSpeed.
+
+Reads scored rows (schemas.SCORED) and a checkpoint (a HF folder, with DeepSpeed state and antisd_state.json when it
+was written by a previous update), sets λ from the entropy gate (METHOD §5), builds per-token advantages (§2), runs
+PPO-clip (§3) through a DeepSpeed engine (ZeRO 0–3) and writes the next checkpoint atomically, with one row of the
+§6 metrics. The new policy's log-probs come from `stages.logprobs.response_token_stats`, the numerics `score` used.
+
+Multi-process (deepspeed/torchrun/srun): every rank reads the whole scored file, so group advantages, the gate's
+median and the loss normalizers are global without communication; each rank trains on its token-balanced share of
+each mini-batch, padded with zero-loss micro-batches to the same count so ZeRO's per-backward collectives line up.
+DeepSpeed averages gradients over ranks, so each rank's loss is multiplied by the world size: the gradient is then
+the 1-process one. Rank 0 alone writes the HF folder, state and metrics; every rank writes its ZeRO shard.
+
+Not here: the math (stages.objectives/gate), the log-prob numerics (stages.logprobs), the checkpoint format
+(stages.checkpoint), process groups (stages.distributed). No reference-model KL: --kl-coef > 0 is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from stages import checkpoint, distributed
+from stages.io import InputError, read_artifact
+
+log = logging.getLogger(__name__)
+
+METHODS = ("grpo", "sd", "antisd", "rkl-ascent")
+GATED_BY_DEFAULT = {"grpo": False, "sd": False, "antisd": True, "rkl-ascent": True}  # METHOD §5 Decision
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """Options of `antisd update` (one optimizer step per batch by default: strictly on-policy)."""
+
+    scored: str  # scored Parquet file or directory of parts (schemas.SCORED)
+    out: str  # output checkpoint folder (HF + deepspeed/ + antisd_state.json + metrics.json)
+    model: str = "smollm2-135m"  # current policy: HF folder (a previous update's --out) or embedded model name
+    method: str = "antisd"  # grpo | sd | antisd | rkl-ascent (METHOD §2)
+    lam_max: float = 0.5  # λ_max; λ = g·λ_max
+    warmup_steps: int = 5  # W: gated steps with λ = 0 that calibrate H_warm
+    gate_down: float = 0.93  # τ_down = gate_down · H_warm
+    gate: str = "auto"  # auto (antisd, rkl-ascent gated; sd, grpo ungated) | on | off
+    recalibrate_gate: bool = False  # on resume: measure H_warm again over the next W steps
+    lr: float = 1e-6  # AdamW learning rate (constant)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
+    clip_low: float = 0.2  # PPO ε_low
+    clip_high: float = 0.2  # PPO ε_high (clip-higher when > clip_low)
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    max_response_tokens: int = 0  # seq-mean-token-sum's constant T (0 = longest response of the step)
+    adv_eps: float = 1e-6  # ε in A = (R − mean)/(std + ε)
+    adv_scale: str = "group"  # group (divide by the group std) | none (Dr.GRPO)
+    ppo_epochs: int = 1  # passes over the batch
+    mini_batch_size: int = 0  # sequences per optimizer step (0 = whole batch: one step)
+    micro_batch_tokens: int = 2048  # padded tokens per forward/backward on one rank
+    logprob_chunk: int = 64  # response positions per LM-head chunk (memory bound of the log-softmax)
+    kl_coef: float = 0.0  # k3 KL to a frozen reference; > 0 is not implemented yet
+    is_correction: str = "off"  # off | token: truncated IS weight min(exp(s − sampling_logprob), is_cap)
+    is_cap: float = 2.0  # cap of the truncated IS weight
+    deepspeed_config: str | None = None  # DeepSpeed JSON overlaid on the built-in ZeRO-2 default
+    zero_stage: int | None = None  # ZeRO stage 0-3 (None: the config file's, else 2)
+    state: str | None = None  # run-state JSON (default: <model>/antisd_state.json if present, else fresh)
+    dtype: str = "auto"  # auto: fp32 weights on CPU, DeepSpeed bf16 on GPU | float32 | bfloat16 | float16 (GPU)
+    gradient_checkpointing: bool = True  # recompute layer activations in backward (less memory)
+    threads: int = 0  # torch CPU threads (0 = torch default)
+    seed: int = 0  # seeds mini-batch order; RNG state is restored from the run state when present
+    force: bool = False  # accept a scored file from another model revision, or a state of another method
+    overwrite: bool = False  # replace an existing --out folder
+
+
+@dataclass
+class Batch:
+    """Validated scored rows as Python lists, one entry per row."""
+
+    names: list[str]  # "prompt_id/sample_idx", for messages
+    group_ids: list[str]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    student_logprobs: list[list[float]]  # s_t (old policy)
+    sampling_logprobs: list[list[float]]
+    pmi: list[list[float]]  # u_t
+    teacher_entropy: list[list[float]]
+    student_entropy: list[list[float]]
+    rewards: list[float]
+    correct: list[bool]
+    privileged_source: list[str]
+    finish_reason: list[str]
+    temperature: float = 1.0  # the temperature `score` computed s_t at; the new log-probs use the same
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+# --- validation -------------------------------------------------------------------------------------------------
+
+def _check_options(config: UpdateConfig) -> None:
+    from stages.objectives import AGGREGATIONS
+
+    choices = {"method": (config.method, METHODS), "gate": (config.gate, ("auto", "on", "off")),
+               "loss_agg": (config.loss_agg, AGGREGATIONS), "adv_scale": (config.adv_scale, ("group", "none")),
+               "is_correction": (config.is_correction, ("off", "token")),
+               "dtype": (config.dtype, ("auto", "float32", "bfloat16", "float16"))}
+    for name, (value, valid) in choices.items():
+        if value not in valid:
+            raise InputError(f"--{name.replace('_', '-')} {value}: expected one of {', '.join(valid)}")
+    for name in ("ppo_epochs", "micro_batch_tokens", "warmup_steps", "logprob_chunk"):
+        if getattr(config, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    for name in ("lr", "weight_decay", "grad_clip", "clip_low", "clip_high", "lam_max", "mini_batch_size",
+                 "max_response_tokens", "adv_eps"):
+        if getattr(config, name) < 0:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+    if not 0 < config.gate_down <= 1:
+        raise InputError(f"--gate-down must be in (0, 1], got {config.gate_down}")
+    if config.is_cap < 1:
+        raise InputError(f"--is-cap must be >= 1, got {config.is_cap}")
+    if config.kl_coef < 0:
+        raise InputError(f"--kl-coef must be >= 0, got {config.kl_coef}")
+    if config.kl_coef > 0:
+        raise InputError("--kl-coef > 0: a reference-model KL term is not implemented in update yet (use 0)")
+
+
+def _read_deepspeed_file(path: str | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        user = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"--deepspeed-config {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"--deepspeed-config {path}: not valid JSON ({exc})") from None
+    if not isinstance(user, dict):
+        raise InputError(f"--deepspeed-config {path}: expected a JSON object")
+    return user
+
+
+def _check_state(config: UpdateConfig, state: dict | None, model_dir: Path, world_size: int, stage: int) -> None:
+    if state is None:
+        return
+    if state.get("method") not in (None, config.method) and not config.force:
+        raise InputError(f"run state: written by method {state['method']}, not {config.method} (pass --force to go on)")
+    if checkpoint.engine_state_dir(model_dir) is None:
+        return
+    saved = (state.get("world_size"), state.get("zero_stage"))
+    if saved != (world_size, stage) and None not in saved:
+        raise InputError(f"{model_dir / checkpoint.DEEPSPEED_DIR}: optimizer state of {saved[0]} rank(s) with ZeRO-"
+                         f"{saved[1]}, this run has {world_size} with ZeRO-{stage}; match them, or move that folder "
+                         "away to start a fresh optimizer")
+
+
+def _check_revision(config: UpdateConfig, metadata: dict, model_dir: Path) -> None:
+    """Refuse a scored file whose old log-probs came from another model revision, unless --force."""
+    from stages.models import model_revision
+
+    scored_revision = metadata.get("model_revision")
+    if not scored_revision or config.force:
+        return
+    here = model_revision(model_dir)
+    if scored_revision != here:
+        raise InputError(f"{config.scored}: scored with model revision {scored_revision} "
+                         f"({metadata.get('model_path') or metadata.get('model', '?')}), but --model {config.model} is {here} "
+                         "(pass --force to train on it anyway)")
+
+
+def batch_from_table(table: pa.Table, source: str, vocab_size: int, temperature: float = 1.0) -> Batch:
+    """Columns → lists, checking per-token list lengths and token ids (InputError) and finiteness (RuntimeError)."""
+    col = {name: table.column(name).to_pylist() for name in (
+        "prompt_id", "sample_idx", "prompt_token_ids", "response_token_ids", "student_logprobs", "sampling_logprobs",
+        "pmi", "teacher_entropy", "student_entropy", "reward", "correct", "privileged_source", "finish_reason")}
+    names = [f"{p}/{s}" for p, s in zip(col["prompt_id"], col["sample_idx"])]
+    for row, name in enumerate(names):
+        where = f"{source}: row {row} ({name})"
+        length = len(col["response_token_ids"][row])
+        for column in ("student_logprobs", "sampling_logprobs", "pmi", "teacher_entropy", "student_entropy"):
+            if len(col[column][row]) != length:
+                raise InputError(f"{where}: {column} has {len(col[column][row])} values for {length} response tokens")
+        if not col["prompt_token_ids"][row]:
+            raise InputError(f"{where}: empty prompt_token_ids")
+        ids = col["prompt_token_ids"][row] + col["response_token_ids"][row]
+        if min(ids) < 0 or max(ids) >= vocab_size:
+            raise InputError(f"{where}: token id {max(ids) if max(ids) >= 0 else min(ids)} outside the model's "
+                             f"vocabulary of {vocab_size} (scored with another tokenizer?)")
+        privileged = col["privileged_source"][row] != "none"
+        checks = [("student_logprobs", col["student_logprobs"][row]), ("pmi", col["pmi"][row]),
+                  ("reward", [col["reward"][row]])] + ([("teacher_entropy", col["teacher_entropy"][row])]
+                                                      if privileged else [])
+        for column, values in checks:
+            bad = next((k for k, v in enumerate(values) if not _finite(v)), None)
+            if bad is not None:
+                raise RuntimeError(f"{where}: non-finite {column} at response token {bad} ({values[bad]}); "
+                                   "refusing to train on it")
+    return Batch(names, col["prompt_id"], col["prompt_token_ids"], col["response_token_ids"], col["student_logprobs"],
+                 col["sampling_logprobs"], col["pmi"], col["teacher_entropy"], col["student_entropy"],
+                 [float(r) for r in col["reward"]], [bool(c) for c in col["correct"]], col["privileged_source"],
+                 col["finish_reason"], temperature)
+
+
+def _finite(value) -> bool:
+    return value is not None and value - value == 0  # false for NaN and ±inf
+
+
+# --- pure per-step quantities -----------------------------------------------------------------------------------
+
+def teacher_median(batch: Batch) -> float | None:
+    """H = median teacher entropy over all response tokens of rows with a privileged context (METHOD §5)."""
+    import torch
+
+    from stages.objectives import masked_median
+
+    values = [h for ents, src in zip(batch.teacher_entropy, batch.privileged_source) if src != "none" for h in ents]
+    if not values:
+        return None
+    flat = torch.tensor(values, dtype=torch.float64)
+    return masked_median(flat, torch.ones_like(flat, dtype=torch.bool))
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def batch_metrics(batch: Batch) -> dict:
+    """The METHOD §6 statistics of the data itself (rewards, lengths, entropies, PMI, sources, rollout mismatch)."""
+    import torch
+
+    from stages.objectives import token_stats
+
+    groups: dict[str, list[float]] = {}
+    for gid, reward in zip(batch.group_ids, batch.rewards):
+        groups.setdefault(gid, []).append(reward)
+    lengths = [len(r) for r in batch.response_ids]
+    privileged = [u for u, src in zip(batch.pmi, batch.privileged_source) if src != "none"]
+    flat_u = torch.tensor([x for u in privileged for x in u], dtype=torch.float64)
+    pmi = token_stats(flat_u, torch.ones_like(flat_u, dtype=torch.bool)) if flat_u.numel() else {}
+    mismatch = [abs(a - b) for s, q in zip(batch.student_logprobs, batch.sampling_logprobs)
+                for a, b in zip(s, q) if _finite(b)]
+    sources = batch.privileged_source
+    return {
+        "reward/mean": _mean(batch.rewards),
+        "reward/accuracy": _mean([float(c) for c in batch.correct]),
+        "reward/zero_variance_frac": _mean([float(max(r) == min(r)) for r in groups.values()]),
+        "response/length_mean": _mean([float(x) for x in lengths]),
+        "response/length_max": max(lengths),
+        "response/truncated_frac": _mean([float(f == "length") for f in batch.finish_reason]),
+        "teacher/entropy_median": teacher_median(batch),
+        "student/entropy_mean": _mean([h for ents in batch.student_entropy for h in ents]),
+        "pmi/u_mean": pmi.get("pmi/mean_u"),
+        "pmi/antisd_term_mean": pmi.get("pmi/mean_neg_phi"),
+        "pmi/neg_frac": pmi.get("pmi/frac_negative"),
+        "privileged/peer": sources.count("peer"),
+        "privileged/reference": sources.count("reference"),
+        "privileged/none": sources.count("none"),
+        "rollout/logprob_mismatch_mean": _mean(mismatch),
+        "rollout/logprob_mismatch_max": max(mismatch) if mismatch else None,
+    }
+
+
+def pack_micro_batches(rows: list[int], lengths: dict[int, int], budget: int) -> list[list[int]]:
+    """Longest first; a micro-batch grows while count × longest ≤ `budget` padded tokens (a longer one goes alone)."""
+    order = sorted(rows, key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        if current and (len(current) + 1) * lengths[current[0]] > budget:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _pad(rows: list[list[float]], width: int):
+    """Right-pad float lists with 0 into [B, width] float32."""
+    import torch
+
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, values in enumerate(rows):
+        out[i, : len(values)] = torch.tensor(values, dtype=torch.float32)
+    return out
+
+
+def truncated_is_weights(student_logprobs, sampling_logprobs, cap: float):
+    """Token-level truncated IS weight w_t = min(exp(s_t − log q_t), cap), q = the rollout engine's sampler.
+
+    Constant (no gradient). Folded into the advantage: −min(ρ·wA, clip(ρ)·wA) = w·(−min(ρA, clip(ρ)A)) for w > 0.
+    """
+    import torch
+
+    return torch.exp((student_logprobs - sampling_logprobs).clamp(max=20.0)).clamp(max=cap)
+
+
+# --- training ---------------------------------------------------------------------------------------------------
+
+def _precision(dtype: str, device: str) -> str:
+    """fp32 | bf16 | fp16 (DeepSpeed mixed precision) | autocast-bf16 (fp32 weights, bf16 matmuls: CPU)."""
+    if device == "cpu":
+        if dtype == "float16":
+            raise InputError("--dtype float16: not supported on CPU (use float32 or bfloat16)")
+        return "autocast-bf16" if dtype == "bfloat16" else "fp32"
+    return {"auto": "bf16", "bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}[dtype]
+
+
+def _seed_for(seed: int, step: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"update:{seed}:{step}".encode()).digest()[:8], "little") % (2**63)
+
+
+def rng_state() -> dict:
+    import torch
+
+    version, internal, gauss = random.getstate()
+    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+            "python": [version, list(internal), gauss]}
+
+
+def restore_rng(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _logprob_module(policy):
+    """Wrap the causal LM so that DeepSpeed's engine(...) runs our log-prob computation as its forward.
+
+    Going through engine.forward (not the bare module) keeps ZeRO's micro-step bookkeeping right: under ZeRO-3 a
+    second backward would otherwise overwrite the first one's gradient partitions instead of adding to them.
+    """
+    import torch
+
+    from stages.logprobs import response_token_stats
+
+    class PolicyLogprobs(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, sequences, starts, pad_id: int, temperature: float, chunk_size: int):
+            logprobs, _ = response_token_stats(self.model, sequences, starts, pad_id=pad_id, temperature=temperature,
+                                               chunk_size=chunk_size, with_entropy=False)
+            return torch.cat(logprobs)  # [Σ T_i]
+
+    return PolicyLogprobs(policy)
+
+
+def _enable_activation_checkpointing(module) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.24 name
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+class Trainer:
+    """The policy inside a DeepSpeed engine plus the gate: what lives across steps in one process."""
+
+    def __init__(self, config: UpdateConfig, model_dir: Path, state: dict | None, env: distributed.DistEnv,
+                 device: str, loaded=None, deepspeed_user: dict | None = None):
+        import torch
+
+        from stages.models import load_tokenizer, model_revision
+        from stages.objectives import EntropyGate
+
+        self.config, self.env, self.device, self.model_dir = config, env, device, model_dir
+        self.precision = _precision(config.dtype, device)
+        self.carried = dict(state or {})
+        self.step = int(self.carried.get("step", 0))
+        self.model_revision = model_revision(model_dir)
+        gated = GATED_BY_DEFAULT[config.method] if config.gate == "auto" else config.gate == "on"
+        self.gate = EntropyGate(config.warmup_steps, config.gate_down, config.lam_max, gated)
+        if "gate" in self.carried:
+            self._load_gate(self.carried["gate"])
+        if config.recalibrate_gate:
+            self.gate.recalibrate()
+        if "rng" in self.carried:
+            restore_rng(self.carried["rng"])
+        else:
+            from stages.runtime import seed_everything
+
+            seed_everything(config.seed)
+        self.tokenizer = loaded.tokenizer if loaded is not None else load_tokenizer(model_dir)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.policy = self._load_module(loaded)  # the HF causal LM; the engine wraps it in PolicyLogprobs
+        self.policy.config.use_cache = False
+        if config.gradient_checkpointing:
+            _enable_activation_checkpointing(self.policy)
+        self.policy.to(device).train()
+        module = _logprob_module(self.policy)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        ds_precision = "fp32" if self.precision == "autocast-bf16" else self.precision
+        ds_config = distributed.deepspeed_config(deepspeed_user or {}, config.zero_stage, config.grad_clip,
+                                                 env.world_size, ds_precision)
+        self.zero_stage = ds_config["zero_optimization"]["stage"]
+        started = time.perf_counter()
+        with distributed.launcher_env(env):
+            self.engine = distributed.create_engine(module, optimizer, ds_config, env, device)
+            self.resumed_optimizer = checkpoint.load_engine_state(self.engine, model_dir)
+        for group in self.engine.optimizer.param_groups:  # the command line wins over the saved hyper-parameters
+            group["lr"], group["weight_decay"] = config.lr, config.weight_decay
+        log.info("DeepSpeed ZeRO-%d engine ready in %.1fs (%s, %d rank(s), optimizer %s)", self.zero_stage,
+                 time.perf_counter() - started, self.precision, env.world_size,
+                 "resumed" if self.resumed_optimizer else "fresh")
+
+    def _load_gate(self, gate_state: dict) -> None:
+        saved = {k: gate_state.get(k) for k in ("warmup_steps", "down", "lam_max", "gated")}
+        mine = {k: getattr(self.gate, k) for k in saved}
+        if saved != mine:
+            log.warning("gate settings differ from the run state's %s; using %s", saved, mine)
+        self.gate.load_state_dict(gate_state, strict=False)
+
+    def _load_module(self, loaded):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if loaded is not None and Path(loaded.path).resolve() == self.model_dir.resolve() \
+                and next(loaded.model.parameters()).dtype == torch.float32:
+            return copy.deepcopy(loaded.model)  # train a copy: the caller's model keeps serving until we are done
+        return AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+
+    def _autocast(self):
+        import torch
+
+        if self.precision == "autocast-bf16":
+            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # one step ---------------------------------------------------------------------------------------------------
+
+    def train_step(self, batch: Batch) -> dict:
+        """Gate → advantages → ppo_epochs × mini-batches of optimizer steps. Returns the step's metrics row."""
+        with distributed.launcher_env(self.env):  # ZeRO-3 reads LOCAL_RANK from the environment in forward
+            return self._train_step(batch)
+
+    def _train_step(self, batch: Batch) -> dict:
+        import torch
+
+        from stages.objectives import group_advantages
+
+        config = self.config
+        started = time.perf_counter()
+        step = self.step
+        data_metrics = batch_metrics(batch)
+        lam = self.gate.update(data_metrics["teacher/entropy_median"])
+        lam = 0.0 if config.method == "grpo" else lam
+        seq_adv = group_advantages(torch.tensor(batch.rewards), batch.group_ids, eps=config.adv_eps,
+                                   scale=config.adv_scale)  # [N]
+        sums = dict.fromkeys(("loss", "clip", "kl", "tokens", "seq_tokens"), 0.0)
+        grad_norms: list[float] = []
+        generator = torch.Generator().manual_seed(_seed_for(config.seed, step))
+        size = config.mini_batch_size or len(batch)
+        for _ in range(config.ppo_epochs):
+            order = list(range(len(batch))) if size >= len(batch) else torch.randperm(len(batch), generator=generator).tolist()
+            for begin in range(0, len(batch), size):
+                grad_norms.append(self._optimizer_step(batch, order[begin : begin + size], seq_adv, lam, sums))
+        loss, clip, kl, tokens, seq_tokens = distributed.all_reduce_sum(
+            [sums["loss"], sums["clip"], sums["kl"], sums["tokens"], sums["seq_tokens"]], self.device)
+        elapsed = time.perf_counter() - started
+        self.step += 1
+        gate_h_warm = self.gate.h_warm
+        return {
+            "step": step,
+            **data_metrics,
+            "gate/open": int(self.gate.open),
+            "gate/lambda": lam,
+            "gate/h_warm": gate_h_warm,
+            "actor/pg_loss": loss / max(len(grad_norms), 1),
+            "actor/clip_frac": clip / tokens if tokens else None,
+            "actor/approx_kl": kl / tokens if tokens else None,
+            "actor/grad_norm": _mean([g for g in grad_norms if g is not None]),
+            "actor/lr": config.lr,
+            "throughput/update_tok_s": seq_tokens / elapsed if elapsed > 0 else None,
+        }
+
+    def _optimizer_step(self, batch: Batch, rows: list[int], seq_adv, lam: float, sums: dict) -> float | None:
+        """One optimizer step on `rows` (all ranks' share): normalizer over all of them, this rank's micro-batches."""
+        from stages.objectives import step_normalizer
+
+        config, env = self.config, self.env
+        normalizer = step_normalizer(config.loss_agg, [len(batch.response_ids[i]) for i in rows],
+                                     config.max_response_tokens or None)
+        totals = {i: len(batch.prompt_ids[i]) + len(batch.response_ids[i]) for i in rows}
+        share = distributed.split_by_tokens([totals[i] for i in rows], env.world_size)[env.rank]
+        mine = [rows[j] for j in share if batch.response_ids[rows[j]]]
+        micro = pack_micro_batches(mine, totals, config.micro_batch_tokens)
+        count = distributed.all_reduce_max(len(micro), self.device)
+        for k in range(count):
+            if k < len(micro):
+                loss, problem = self._micro_loss(batch, micro[k], seq_adv, lam, normalizer, sums)
+                sums["seq_tokens"] += sum(totals[i] for i in micro[k])
+            else:
+                loss, problem = self._idle_loss(), None
+            if distributed.all_reduce_max(int(problem is not None), self.device):
+                raise RuntimeError(problem or "another rank met a non-finite log-prob or loss; no checkpoint written")
+            self.engine.backward(loss * env.world_size, scale_wrt_gas=False)  # DeepSpeed averages over ranks
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = None if norm is None else float(norm)
+        if norm is not None and not _finite(norm):
+            raise RuntimeError(f"non-finite gradient norm ({norm}) at update step {self.step}; no checkpoint written")
+        return norm
+
+    def _micro_loss(self, batch: Batch, rows: list[int], seq_adv, lam: float, normalizer: float, sums: dict):
+        """PPO-clip loss of one micro-batch (already divided by the step's global normalizer) and a problem or None."""
+        import torch
+        from torch.nn.utils.rnn import pad_sequence
+
+        from stages.objectives import policy_loss, token_advantages
+
+        config = self.config
+        sequences = [batch.prompt_ids[i] + batch.response_ids[i] for i in rows]
+        starts = [len(batch.prompt_ids[i]) for i in rows]
+        lengths = [len(batch.response_ids[i]) for i in rows]
+        with self._autocast():
+            flat = self.engine(sequences, starts, self.pad_id, batch.temperature, config.logprob_chunk)  # [Σ T_i]
+        new_logprobs = torch.split(flat, lengths)
+        for i, values in zip(rows, new_logprobs):
+            if not bool(torch.isfinite(values).all()):
+                bad = int((~torch.isfinite(values)).nonzero()[0])
+                return None, f"row {batch.names[i]}: the policy gives a non-finite log-prob at response token {bad}"
+        logprobs = pad_sequence([v.float() for v in new_logprobs], batch_first=True)  # [B, T]
+        width = logprobs.shape[1]
+        mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).to(self.device)  # [B, T]
+        old = _pad([batch.student_logprobs[i] for i in rows], width).to(self.device)  # [B, T]
+        pmi = _pad([batch.pmi[i] for i in rows], width).to(self.device)  # [B, T]
+        advantages = token_advantages(config.method, seq_adv[rows].to(self.device), pmi, mask, lam)  # [B, T]
+        if config.is_correction == "token":
+            sampling = _pad([batch.sampling_logprobs[i] for i in rows], width).to(self.device)
+            advantages = advantages * truncated_is_weights(old, sampling, config.is_cap)
+        loss, metrics = policy_loss(logprobs, old, advantages, mask, config.clip_low, config.clip_high,
+                                    config.loss_agg, normalizer)
+        if not bool(torch.isfinite(loss)):
+            return None, f"rows {', '.join(batch.names[i] for i in rows)}: non-finite loss ({float(loss)})"
+        sums["loss"] += metrics["actor/pg_loss"]
+        sums["clip"] += metrics["actor/pg_clipfrac"] * metrics["actor/tokens"]
+        sums["kl"] += metrics["actor/ppo_kl_k3"] * metrics["actor/tokens"]
+        sums["tokens"] += metrics["actor/tokens"]
+        return loss, None
+
+    def _idle_loss(self):
+        """A zero loss through every parameter, for a rank with no micro-batch left (keeps ZeRO's collectives even)."""
+        with self._autocast():
+            logprobs = self.engine([[self.pad_id, self.pad_id]], [1], self.pad_id, 1.0, 1)  # [1]
+        return logprobs.sum() * 0.0
+
+    # persistence ------------------------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """The run state to store next to the weights (keys the loop added, such as data_cursor, are carried)."""
+        return {**self.carried, "version": STATE_VERSION, "step": self.step, "method": self.config.method,
+                "gate": self.gate.state_dict(), "rng": rng_state(), "data_cursor": self.carried.get("data_cursor"),
+                "seed": self.config.seed, "world_size": self.env.world_size, "zero_stage": self.zero_stage,
+                "parent_revision": self.model_revision}
+
+    def save(self, out: Path, metrics: dict) -> Path:
+        with distributed.launcher_env(self.env):
+            return checkpoint.save(out, self.engine, self.policy, self.tokenizer, self.state(), metrics, self.env,
+                                   self.zero_stage)
+
+
+# --- the stage --------------------------------------------------------------------------------------------------
+
+def run(config: UpdateConfig, loaded=None) -> Path:
+    """Validate → read → train one step → write CKPT_NEXT atomically. Returns the output folder.
+
+    `loaded` (a stages.models.LoadedModel of --model, fp32) is reused instead of reading the weights again; after a
+    successful update its model holds the new weights and its path/revision point at the new checkpoint.
+    """
+    from stages.models import model_revision, resolve_model
+    from stages.runtime import set_threads
+
+    started = time.perf_counter()
+    _check_options(config)
+    env = distributed.env_from(os.environ)
+    model_dir = resolve_model(config.model)
+    out = checkpoint.check_target(config.out, config.overwrite)
+    if out.resolve() == model_dir.resolve():
+        raise InputError(f"--out {out}: must differ from --model (checkpoints are never updated in place)")
+    state_path = config.state or checkpoint.default_state_path(model_dir)
+    state = checkpoint.read_state(state_path)
+    deepspeed_user = _read_deepspeed_file(config.deepspeed_config)
+    stage = config.zero_stage if config.zero_stage is not None else \
+        deepspeed_user.get("zero_optimization", {}).get("stage", 2)
+    _check_state(config, state, model_dir, env.world_size, stage)
+    table, metadata = read_artifact(config.scored, "scored")
+    _check_revision(config, metadata, model_dir)
+    vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    temperature = float(metadata.get("temperature") or 1.0)  # score's numerics: s_t at the sampling temperature
+    batch = batch_from_table(table, str(config.scored), vocab_size, temperature)
+    threads = set_threads(config.threads)
+    if env.is_main:
+        log.info("update: %d rows, method %s, temperature %g, %d rank(s), %d thread(s), state %s", len(batch),
+                 config.method, temperature, env.world_size, threads, state_path or "fresh")
+
+    device = distributed.training_device(env)
+    distributed.init_process_group(env, device)
+    trainer = Trainer(config, model_dir, state, env, device, loaded, deepspeed_user)
+    metrics = trainer.train_step(batch)
+    metrics["timing_s/update"] = time.perf_counter() - started
+    trainer.save(out, metrics)
+    if env.is_main:
+        log.info("update step %d: reward %.3f, λ %.3f, loss %.4g, grad norm %s, %.0f tok/s → %s", metrics["step"],
+                 metrics["reward/mean"], metrics["gate/lambda"], metrics["actor/pg_loss"], metrics["actor/grad_norm"],
+                 metrics["throughput/update_tok_s"] or 0.0, out)
+    if loaded is not None and Path(loaded.path).resolve() == model_dir.resolve():
+        _refresh_loaded(loaded, trainer, out)
+        loaded.revision = model_revision(out)
+    return out
+
+
+def _refresh_loaded(loaded, trainer: Trainer, out: Path) -> None:
+    """Give the caller's in-process model the new weights without reading them back from disk (ZeRO ≤ 2)."""
+    import torch
+
+    if trainer.zero_stage == 3 or next(loaded.model.parameters()).dtype != torch.float32:
+        from transformers import AutoModelForCausalLM
+
+        loaded.model = AutoModelForCausalLM.from_pretrained(out, dtype=next(loaded.model.parameters()).dtype)
+        loaded.model.to(loaded.device).eval()
+    else:
+        with torch.no_grad():
+            loaded.model.load_state_dict(trainer.policy.state_dict())
+    loaded.path = out

@@ -1,0 +1,158 @@
+"""`antisd loop`: layout, metrics, resume after kill -9 equals an uninterrupted run, config refusal."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from antisd_cli.main import cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(model_dir: Path, steps: int = 2) -> dict:
+    return {
+        "loop": {"model": str(model_dir), "steps": steps, "prompts_per_step": 2, "seed": 3, "eval_every": 2,
+                 "eval_max_new_tokens": 4, "train": {"name": "arith", "split": "train"},
+                 "eval": {"name": "arith", "split": "test", "num": 2}, "tensorboard": False},
+        "rollout": {"n": 2, "max_new_tokens": 6, "progress": False},
+        "verify": {"workers": 1},
+        # sd is ungated, so λ > 0 from the first step and the weights move even when every reward is 0.
+        "update": {"method": "sd", "lr": 1.0e-3},
+    }
+
+
+def weights_digest(checkpoint: Path) -> str:
+    return hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()
+
+
+def write_config(tmp_path: Path, model_dir: Path, steps: int = 2) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(model_dir, steps)))
+    return path
+
+
+def run_loop(config: Path, out: Path, *extra: str):
+    return CliRunner().invoke(cli, ["loop", "--config", str(config), "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("loop")
+    config = write_config(tmp, tiny_model_dir)
+    result = run_loop(config, tmp / "run")
+    assert result.exit_code == 0, result.output
+    return tmp / "run", config
+
+
+def test_loop_writes_every_stage_and_metrics(finished_run):
+    run_dir, _ = finished_run
+    for step in (0, 1):
+        step_dir = run_dir / f"step_{step:04d}"
+        for name in ("prompts", "rollouts", "verified", "scored"):
+            assert (step_dir / f"{name}.parquet").exists(), name
+        assert (step_dir / "checkpoint" / "model.safetensors").exists()
+        assert (step_dir / "commands.sh").read_text().count("antisd ") == 4
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    for key in ("reward/mean", "teacher/entropy_median", "gate/lambda", "actor/pg_loss", "timing_s/rollout",
+                "timing_s/update", "timing_s/step"):
+        assert key in rows[0], key
+    assert "eval/accuracy" in rows[1] and "eval/accuracy" not in rows[0]
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["finished"] == [0, 1]
+    assert manifest["latest_checkpoint"].endswith("step_0001/checkpoint")
+
+
+def test_loop_moves_the_weights(finished_run, tiny_model_dir):
+    run_dir, _ = finished_run
+    assert weights_digest(run_dir / "step_0001" / "checkpoint") != weights_digest(tiny_model_dir)
+
+
+def test_step_prompts_follow_the_seeded_cursor(finished_run):
+    import pyarrow.parquet as pq
+
+    from stages.loop import step_prompt_indices
+
+    run_dir, _ = finished_run
+    train = pq.read_table(run_dir / "train_prompts.parquet").column("prompt_id").to_pylist()
+    for step in (0, 1):
+        ids = pq.read_table(run_dir / f"step_{step:04d}" / "prompts.parquet").column("prompt_id").to_pylist()
+        assert ids == [train[i] for i in step_prompt_indices(len(train), 2, step, 3)]
+
+
+def test_rerun_of_finished_run_is_a_no_op(finished_run):
+    run_dir, config = finished_run
+    before = weights_digest(run_dir / "step_0001" / "checkpoint")
+    result = run_loop(config, run_dir)
+    assert result.exit_code == 0, result.output
+    assert weights_digest(run_dir / "step_0001" / "checkpoint") == before
+
+
+def test_resume_refuses_a_different_config(finished_run):
+    run_dir, config = finished_run
+    result = run_loop(config, run_dir, "--set", "update.lr=0.5")
+    assert result.exit_code == 2
+    assert "different config (update.lr)" in result.stderr and str(run_dir) in result.stderr
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    target_stage, target_step = sys.argv[1], int(sys.argv[2])
+    import stages.checkpoint, stages.io
+    if target_stage == "update":
+        original = stages.checkpoint._publish
+        def publish(tmp, out):
+            if Path(out).parent.name == f"step_{target_step:04d}":
+                os.kill(os.getpid(), signal.SIGKILL)   # temp checkpoint written, not yet renamed
+            return original(tmp, out)
+        stages.checkpoint._publish = publish
+    else:
+        original = stages.io.write_artifact
+        def write_artifact(table, path, artifact, metadata):
+            if artifact == "rollouts" and Path(path).parent.name == f"step_{target_step:04d}":
+                os.kill(os.getpid(), signal.SIGKILL)   # sampling done, nothing written yet
+            return original(table, path, artifact, metadata)
+        stages.io.write_artifact = write_artifact
+    from antisd_cli.main import cli
+    cli(sys.argv[3:])
+    """
+)
+
+
+@pytest.mark.parametrize("stage", ["update", "rollout"])
+def test_resume_after_kill_equals_uninterrupted(stage, finished_run, tmp_path):
+    run_dir, config = finished_run
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILLER, stage, "1", "loop", "--config", str(config), "--out",
+                             str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (out / "step_0001" / "checkpoint").exists()
+    if stage == "rollout":
+        assert not (out / "step_0001" / "rollouts.parquet").exists()
+    resumed = run_loop(config, out)
+    assert resumed.exit_code == 0, resumed.output
+    assert weights_digest(out / "step_0001" / "checkpoint") == weights_digest(run_dir / "step_0001" / "checkpoint")
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_print_config_resolves_overrides(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path, tiny_model_dir)
+    result = CliRunner().invoke(cli, ["loop", "-c", str(config), "-o", str(tmp_path / "r"), "--set", "update.lr=3e-6",
+                                      "--print-config"])
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["update"]["lr"] == 3e-6 and resolved["loop"]["steps"] == 2
+    assert not (tmp_path / "r").exists()

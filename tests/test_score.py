@@ -1,0 +1,305 @@
+"""`antisd score` on the tiny random model: values vs a naive full-logits reference, order, shards, bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from click.testing import CliRunner
+
+import schemas
+from stages.io import build_metadata, read_artifact, read_metadata, write_artifact
+from stages.prompts import CORRECT_NOTE, INCORRECT_NOTE, encode, student_messages
+
+FEW_SHOT = [{"user": "What is 3 + 4? Put the final answer in \\boxed{}.",
+             "assistant": "3 + 4 = 7. The final answer is \\boxed{7}."}]
+
+# (prompt_id, sample_idx, problem, response text, correct, privileged_source, privileged_text)
+ROWS = [
+    ("p-b", 0, "What is 21 + 34?", "21 + 34 = 55. The final answer is \\boxed{55}.", True, "peer",
+     "21 + 34 = 55. So \\boxed{55}."),
+    ("p-a", 0, "What is 10 + 15?", "10 + 15 = 26.", False, "reference", "10 + 15 = 25. The answer is \\boxed{25}."),
+    ("p-b", 1, "What is 21 + 34?", "The sum is 54, \\boxed{54}", False, "peer", "21 + 34 = 55. So \\boxed{55}."),
+    ("p-c", 0, "What is 40 + 41?", "Let me think. 40 + 41 = 81, so the answer is \\boxed{81}.", True, "none", None),
+    ("p-a", 1, "What is 10 + 15?", "Hmm.", False, "reference", "10 + 15 = 25. The answer is \\boxed{25}."),
+    ("p-c", 1, "What is 40 + 41?", "", False, "none", None),  # an empty response is scored as zero tokens
+]
+
+
+def verified_table(tokenizer, rows=ROWS, response_ids=None) -> pa.Table:
+    """A schemas.VERIFIED table; response ids come from tokenizing the response text with the model's tokenizer."""
+    records = []
+    for index, (prompt_id, sample_idx, problem, text, correct, source, privileged) in enumerate(rows):
+        ids = response_ids[index] if response_ids else tokenizer(text, add_special_tokens=False)["input_ids"]
+        records.append({
+            "prompt_id": prompt_id, "dataset": "arith", "problem": problem, "answer": "0", "solution": None,
+            "few_shot": FEW_SHOT, "sample_idx": sample_idx,
+            "prompt_token_ids": encode(tokenizer, student_messages(problem, FEW_SHOT)),
+            "response_token_ids": ids, "response_text": text, "sampling_logprobs": [0.0] * len(ids),
+            "finish_reason": "stop", "response_length": len(ids), "extracted_answer": None,
+            "reward": float(correct), "correct": correct, "verify_status": "ok", "group_size": 2,
+            "group_mean_reward": 0.5, "privileged_text": privileged, "privileged_source": source,
+            "peer_sample_idx": 1 - sample_idx if source == "peer" else None,
+        })
+    return pa.Table.from_pylist(records, schema=schemas.VERIFIED)
+
+
+def write_verified(path, table, temperature=1.0):
+    meta = build_metadata("verified", {"test": True}, rollout={"config": {"temperature": temperature}})
+    return write_artifact(table, path, "verified", meta)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from stages.models import load_model
+
+    return load_model(tiny_model_dir)
+
+
+@pytest.fixture
+def verified(tmp_path, tiny):
+    return write_verified(tmp_path / "verified.parquet", verified_table(tiny.tokenizer))
+
+
+@pytest.fixture
+def scored(tmp_path, tiny, verified):
+    from stages.score import ScoreConfig, run
+
+    out = run(ScoreConfig(verified=str(verified), out=str(tmp_path / "scored.parquet"), model=str(tiny.path)),
+              loaded=tiny)
+    table, meta = read_artifact(out, "scored")
+    return table.to_pylist(), meta
+
+
+def _naive(model, prompt_ids, response_ids, temperature=1.0):
+    from stages.logprobs import naive_response_token_stats
+
+    with torch.inference_mode():
+        lp, ent = naive_response_token_stats(model, [prompt_ids + response_ids], [len(prompt_ids)],
+                                             temperature=temperature)
+    return lp[0].tolist(), ent[0].tolist()
+
+
+def _teacher_ids(tokenizer, row):
+    from stages.prompts import teacher_messages
+
+    return encode(tokenizer, teacher_messages(row["problem"], row["few_shot"], row["privileged_text"], row["correct"]))
+
+
+def test_logprobs_match_naive_full_logits(scored, tiny):
+    rows, _ = scored
+    for row in rows:
+        lp, ent = _naive(tiny.model, row["prompt_token_ids"], row["response_token_ids"])
+        np.testing.assert_allclose(row["student_logprobs"], lp, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(row["student_entropy"], ent, rtol=0, atol=1e-5)
+        if row["privileged_source"] != "none":
+            lp, ent = _naive(tiny.model, _teacher_ids(tiny.tokenizer, row), row["response_token_ids"])
+            np.testing.assert_allclose(row["teacher_logprobs"], lp, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(row["teacher_entropy"], ent, rtol=0, atol=1e-5)
+        assert len(row["student_logprobs"]) == row["response_length"]
+
+
+def test_entropy_is_full_vocabulary_nats(scored, tiny):
+    rows, _ = scored
+    values = np.concatenate([r["teacher_entropy"] for r in rows])
+    assert (values > 0).all() and (values <= math.log(len(tiny.tokenizer)) + 1e-4).all()
+
+
+def test_teacher_prompt_holds_privileged_text_and_assessment(tiny):
+    from stages.score import build_views
+
+    rows = verified_table(tiny.tokenizer).to_pylist()
+    views = {(v.row, v.teacher): v for v in build_views(rows, tiny.tokenizer)}
+    for index, row in enumerate(rows):
+        if row["privileged_source"] == "none":
+            assert (index, True) not in views
+            continue
+        text = tiny.tokenizer.decode(views[(index, True)].prompt_ids)
+        assert row["privileged_text"] in text and row["problem"] in text
+        assert (CORRECT_NOTE if row["correct"] else INCORRECT_NOTE) in text
+        assert views[(index, True)].response_ids == row["response_token_ids"]
+
+
+def test_teacher_prompt_length_is_recorded(scored, tiny):
+    rows, _ = scored
+    for row in rows:
+        want = len(row["prompt_token_ids"]) if row["privileged_source"] == "none" else len(_teacher_ids(tiny.tokenizer, row))
+        assert row["teacher_prompt_length"] == want
+
+
+def test_pmi_is_teacher_minus_student(scored):
+    rows, _ = scored
+    for row in rows:
+        want = np.float32(row["teacher_logprobs"]) - np.float32(row["student_logprobs"])
+        assert np.array_equal(np.float32(row["pmi"]), want)
+    assert any(abs(u) > 1e-3 for row in rows for u in row["pmi"])  # the teacher view really differs
+
+
+def test_source_none_gets_zero_pmi_and_student_values(scored):
+    rows, _ = scored
+    none_rows = [r for r in rows if r["privileged_source"] == "none"]
+    assert len(none_rows) == 2
+    for row in none_rows:
+        assert row["pmi"] == [0.0] * row["response_length"]
+        assert row["teacher_logprobs"] == row["student_logprobs"]
+        assert row["teacher_entropy"] == row["student_entropy"]
+
+
+def test_median_in_metadata_equals_recomputation(scored):
+    rows, meta = scored
+    pool = np.concatenate([r["teacher_entropy"] for r in rows if r["privileged_source"] != "none"])
+    assert meta["median_teacher_entropy"] == pytest.approx(float(np.median(pool.astype(np.float64))), abs=1e-6)
+    assert meta["teacher_entropy_tokens"] == len(pool)
+    assert meta["privileged_sources"] == {"peer": 2, "reference": 2, "none": 2}
+    assert meta["response_tokens"] == sum(r["response_length"] for r in rows)
+    assert meta["tokens_per_s"] > 0 and meta["model_revision"] and meta["temperature"] == 1.0
+
+
+def test_output_order_is_input_order(scored, verified):
+    rows, _ = scored
+    table, _ = read_artifact(verified, "verified")
+    assert [(r["prompt_id"], r["sample_idx"]) for r in rows] == list(
+        zip(table.column("prompt_id").to_pylist(), table.column("sample_idx").to_pylist()))
+
+
+def test_micro_batch_budget_does_not_change_values(tmp_path, tiny, verified, scored):
+    from stages.score import ScoreConfig, run
+
+    rows, _ = scored
+    out = run(ScoreConfig(verified=str(verified), out=str(tmp_path / "one.parquet"), micro_batch_tokens=1,
+                          chunk_size=3), loaded=tiny)
+    other, meta = read_artifact(out, "scored")
+    assert meta["micro_batches"] == 10  # 6 student + 4 teacher views, one per batch
+    for a, b in zip(rows, other.to_pylist()):
+        for column in ("student_logprobs", "teacher_logprobs", "teacher_entropy", "student_entropy", "pmi"):
+            np.testing.assert_allclose(a[column], b[column], rtol=0, atol=1e-5)
+
+
+def test_micro_batches_respect_budget_and_sort():
+    from stages.score import View, micro_batches
+
+    views = [View(i, False, [1] * n, [2]) for i, n in enumerate([5, 2, 9, 3, 3, 1])]
+    batches = micro_batches(views, budget=12)
+    assert [[v.row for v in b] for b in batches] == [[2], [0, 3], [4, 1, 5]]
+    assert all(len(b) * b[0].length <= 12 for b in batches)
+    assert sorted(v.row for b in batches for v in b) == list(range(6))
+
+
+def test_shard_parts_cover_all_rows(tmp_path, tiny, verified, scored):
+    from stages.score import ScoreConfig, run
+
+    rows, _ = scored
+    parts = tmp_path / "parts"
+    for index in range(2):
+        run(ScoreConfig(verified=str(verified), out=str(parts), shard=f"{index}/2"), loaded=tiny)
+    merged, _ = read_artifact(parts, "scored")
+    by_key = {(r["prompt_id"], r["sample_idx"]): r for r in merged.to_pylist()}
+    assert sorted(by_key) == sorted((r["prompt_id"], r["sample_idx"]) for r in rows)
+    for row in rows:
+        np.testing.assert_allclose(by_key[(row["prompt_id"], row["sample_idx"])]["pmi"], row["pmi"], atol=1e-5)
+
+
+def test_temperature_from_input_metadata(tmp_path, tiny):
+    from stages.score import ScoreConfig, metadata_temperature, run
+
+    assert metadata_temperature({"config": {"x": 1}, "rollout": {"config": {"temperature": 0.7}}}) == 0.7
+    assert metadata_temperature({"config": {"temperature": 0.0}}) is None  # greedy: no softmax temperature
+    path = write_verified(tmp_path / "v.parquet", verified_table(tiny.tokenizer, ROWS[:1]), temperature=2.0)
+    out = run(ScoreConfig(verified=str(path), out=str(tmp_path / "s.parquet")), loaded=tiny)
+    row = read_artifact(out, "scored")[0].to_pylist()[0]
+    assert read_metadata(out)["temperature"] == 2.0
+    lp, _ = _naive(tiny.model, row["prompt_token_ids"], row["response_token_ids"], temperature=2.0)
+    np.testing.assert_allclose(row["student_logprobs"], lp, rtol=0, atol=1e-5)
+
+
+def test_cli_scores_and_prints_path(tmp_path, tiny, verified):
+    from antisd_cli.main import cli
+
+    out = tmp_path / "cli.parquet"
+    result = CliRunner().invoke(cli, ["score", "--verified", str(verified), "--model", str(tiny.path), "--out",
+                                      str(out), "--threads", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    assert read_artifact(out, "scored")[0].num_rows == len(ROWS)
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+
+def test_token_id_outside_vocabulary_exits_2_naming_the_row(tmp_path, tiny):
+    from antisd_cli.main import cli
+
+    ids = [tiny.tokenizer("ok", add_special_tokens=False)["input_ids"] for _ in ROWS]
+    ids[2] = ids[2] + [len(tiny.tokenizer) + 5]
+    path = write_verified(tmp_path / "v.parquet", verified_table(tiny.tokenizer, response_ids=ids))
+    out = tmp_path / "s.parquet"
+    result = CliRunner().invoke(cli, ["score", "--verified", str(path), "--model", str(tiny.path), "--out", str(out)])
+    assert result.exit_code == 2
+    assert "row 2" in result.stderr and "'p-b'" in result.stderr and "vocabulary" in result.stderr
+    assert not out.exists()
+
+
+def test_verified_file_without_privileged_columns_exits_2(tmp_path, tiny):
+    from antisd_cli.main import cli
+
+    table = verified_table(tiny.tokenizer).drop_columns(["privileged_text", "privileged_source", "peer_sample_idx"])
+    path = tmp_path / "v.parquet"
+    write_artifact(table, path, "verified-without-privileged", build_metadata("verified", {}))
+    result = CliRunner().invoke(cli, ["score", "--verified", str(path), "--model", str(tiny.path), "--out",
+                                      str(tmp_path / "s.parquet")])
+    assert result.exit_code == 2
+    assert "privileged_text" in result.stderr and str(path) in result.stderr
+
+
+def test_rollouts_file_is_refused(tmp_path, tiny):
+    from antisd_cli.main import cli
+
+    table = verified_table(tiny.tokenizer).select([f.name for f in schemas.ROLLOUTS])
+    path = write_artifact(table, tmp_path / "r.parquet", "rollouts", build_metadata("rollouts", {}))
+    result = CliRunner().invoke(cli, ["score", "--verified", str(path), "--model", str(tiny.path), "--out",
+                                      str(tmp_path / "s.parquet")])
+    assert result.exit_code == 2 and "rollouts file" in result.stderr
+
+
+def test_nan_logprobs_stop_with_row_and_write_nothing(tmp_path, tiny, verified):
+    from antisd_cli.main import cli
+
+    poisoned = copy.deepcopy(tiny.model)
+    with torch.no_grad():
+        poisoned.model.norm.weight[0] = float("nan")
+    folder = tmp_path / "poisoned"
+    poisoned.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    out = tmp_path / "s.parquet"
+    result = CliRunner().invoke(cli, ["score", "--verified", str(verified), "--model", str(folder), "--out", str(out)])
+    assert result.exit_code == 1
+    assert "non-finite" in result.stderr and "prompt_id" in result.stderr
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chunk-size", "0"], "--chunk-size"),
+    (["--micro-batch-tokens", "0"], "--micro-batch-tokens"),
+    (["--temperature", "0"], "--temperature"),
+    (["--shard", "3/2"], "--shard"),
+])
+def test_bad_options_exit_2(tmp_path, verified, args, message):
+    from antisd_cli.main import cli
+
+    result = CliRunner().invoke(cli, ["score", "--verified", str(verified), "--out", str(tmp_path / "s.parquet"),
+                                      *args])
+    assert result.exit_code == 2 and message in result.stderr
+
+
+def test_existing_output_needs_overwrite(tmp_path, tiny, verified, scored):
+    from stages.io import InputError
+    from stages.score import ScoreConfig, run
+
+    config = ScoreConfig(verified=str(verified), out=str(tmp_path / "scored.parquet"))
+    with pytest.raises(InputError, match="overwrite"):
+        run(config, loaded=tiny)
+    assert run(replace(config, overwrite=True), loaded=tiny).exists()

@@ -1,0 +1,385 @@
+"""`antisd loop --launcher slurm`: rendered scripts, the submitted dependency chain (fake sbatch/srun on PATH), and
+the `antisd` commands inside being valid invocations equal to the local loop's; plus scripts/gpu_check.sh."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from antisd_cli.main import cli
+from stages import config as run_config
+from stages import slurm
+from stages.loop import LoopConfig
+from stages.slurm import SlurmConfig
+
+REPO = Path(__file__).resolve().parent.parent
+STAGE_MODULES = ("rollout", "verify", "score", "update")
+
+
+def loop_config(out: Path, steps: int = 2) -> LoopConfig:
+    resolved = run_config.resolve({"loop": {"steps": steps, "prompts_per_step": 4, "eval_every": 0,
+                                            "train": {"name": "arith", "num": 20}},
+                                   "rollout": {"n": 2, "max_new_tokens": 8}, "update": {"lr": 2e-5}})
+    return LoopConfig(out=str(out), run=resolved)
+
+
+def executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+FAKE_TOOLS = r"""
+import json, os, subprocess, sys
+from pathlib import Path
+
+tool, args = sys.argv[1], sys.argv[2:]
+log = Path(os.environ["FAKE_SLURM_LOG"])
+rank_env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                                           "CUDA_VISIBLE_DEVICES")}
+with log.open("a") as handle:
+    handle.write(json.dumps({"tool": tool, "argv": [tool] + args, "env": rank_env}) + "\n")
+
+def options(argv):  # leading --x=y options, then the command
+    split = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    return argv[:split], argv[split:]
+
+if tool == "sbatch":
+    count = len(log.read_text().splitlines())
+    if os.environ.get("FAIL_AT") and count >= int(os.environ["FAIL_AT"]):
+        sys.exit("sbatch: error: Batch job submission failed: Invalid account")
+    print(f"{1000 + count};cluster")
+elif tool == "scontrol":
+    print("node7\nnode8")
+elif tool == "srun":  # one task with --ntasks=1, else 2 nodes x 2 tasks, with the variables srun sets
+    opts, command = options(args)
+    tasks = 1 if "--ntasks=1" in opts else 4
+    for p in range(tasks):
+        env = {**os.environ, "SLURM_PROCID": str(p), "SLURM_NTASKS": str(tasks), "SLURM_LOCALID": str(p % 2)}
+        if subprocess.run(command, env=env).returncode:
+            sys.exit(1)
+elif tool == "torchrun":  # torchrun [opts] -m antisd_cli ARGS: the variables torchrun sets, per rank
+    module = args.index("-m")
+    procs = int(next(a.split("=")[1] for a in args[:module] if a.startswith("--nproc-per-node=")))
+    for rank in range(procs):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(procs), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+        if subprocess.run(["antisd"] + args[module + 2:], env=env).returncode:
+            sys.exit(1)
+elif tool == "antisd" and "--out" in args and args[0] != "loop":  # leave the output the stage would write
+    out = Path(args[args.index("--out") + 1])
+    if "--shard" in args:
+        index, count = map(int, args[args.index("--shard") + 1].split("/"))
+        out.mkdir(exist_ok=True)
+        (out / f"part-{index:05d}-of-{count:05d}.parquet").write_text("")
+    elif args[0] == "update":
+        out.mkdir(exist_ok=True)
+        (out / "config.json").write_text("{}")
+    else:
+        out.write_text("")
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """A bin/ folder with fake sbatch, srun, scontrol, torchrun and antisd that log their argv and rank variables
+    as JSON lines (antisd also leaves the output file its stage would write)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "slurm.log"
+    (tmp_path / "fake_tools.py").write_text(FAKE_TOOLS)
+    for tool in ("sbatch", "srun", "scontrol", "torchrun", "antisd"):
+        executable(bin_dir / tool, f'#!/usr/bin/env bash\nexec {shlex.quote(sys.executable)} '
+                                   f'{shlex.quote(str(tmp_path / "fake_tools.py"))} {tool} "$@"\n')
+    monkeypatch.setenv("FAKE_SLURM_LOG", str(log))
+    return bin_dir, log
+
+
+def read_log(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+# --- pure pieces ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("indices, spec", [([0, 1, 2, 3], "0-3"), ([1, 3], "1,3"), ([0, 1, 2, 5, 7, 8], "0-2,5,7-8"),
+                                           ([4], "4")])
+def test_array_spec_compresses_ranges(indices, spec):
+    assert slurm.array_spec(indices) == spec
+
+
+def test_multiline_keeps_the_arguments():
+    command = shlex.join(["antisd", "verify", "--rollouts", "a b/c.parquet", "--seed", "3", "--no-overwrite"])
+    text = slurm.multiline(command)
+    assert text.count("\\\n") == 3
+    assert shlex.split(text.replace("\\\n", " ")) == shlex.split(command)
+
+
+# --- rendering -----------------------------------------------------------------------------------------------------
+
+def test_rendered_scripts_pass_bash_n(tmp_path):
+    jobs = slurm.render_run(loop_config(tmp_path / "run"), SlurmConfig(shards=2, nodes=2, gpus_per_node=4,
+                                                                        partition="gpu", account="proj",
+                                                                        setup=("module load cuda",),
+                                                                        sbatch_args=("--qos=high",)), tmp_path)
+    assert [job.name for job in jobs] == ["0000-rollout", "0000-verify", "0000-score", "0000-update",
+                                          "0001-rollout", "0001-verify", "0001-score", "0001-update", "finalize"]
+    scripts = [job.script for job in jobs] + [tmp_path / "run" / "slurm" / "submit.sh"]
+    for script in scripts:
+        assert script.exists()
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, (script, result.stderr)
+    rollout = jobs[0].text
+    for line in ("#SBATCH --array=0-1", "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --qos=high",
+                 "#SBATCH --gpus-per-node=1", "module load cuda", '--shard "${SLURM_ARRAY_TASK_ID}/2"'):
+        assert line in rollout
+    update = jobs[3].text
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4", "srun "):
+        assert line in update
+    assert "--shard" not in jobs[1].text and "--array" not in jobs[1].text  # verify reads the parts directory
+
+
+def test_one_shard_gives_plain_jobs_writing_files(tmp_path):
+    jobs = slurm.render_run(loop_config(tmp_path / "run", steps=1), SlurmConfig(shards=1), tmp_path)
+    assert all("--array" not in job.text and "--shard" not in job.text for job in jobs)
+
+
+def test_resubmission_skips_finished_stages_and_shards(tmp_path):
+    config, settings = loop_config(tmp_path / "run"), SlurmConfig(shards=3)
+    slurm.render_run(config, settings, tmp_path)
+    step0 = tmp_path / "run" / "step_0000"
+    (step0 / "rollouts.parquet").mkdir()
+    for name in ("part-00000-of-00003.parquet", "part-00001-of-00003.parquet", "part-00002-of-00003.parquet"):
+        (step0 / "rollouts.parquet" / name).write_bytes(b"")
+    (step0 / "verified.parquet").write_bytes(b"")
+    (step0 / "scored.parquet").mkdir()
+    (step0 / "scored.parquet" / "part-00001-of-00003.parquet").write_bytes(b"")
+    jobs = slurm.render_run(config, settings, tmp_path)
+    assert [(job.name, job.array, job.after) for job in jobs[:3]] == [
+        ("0000-score", "0,2", None), ("0000-update", None, "0000-score"), ("0001-rollout", "0-2", "0000-update")]
+
+
+# --- submission with a fake scheduler ------------------------------------------------------------------------------
+
+def test_fake_sbatch_records_the_dependency_chain(tmp_path, fake_slurm):
+    bin_dir, log = fake_slurm
+    run_dir = tmp_path / "run"
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(run_config.dump_yaml(loop_config(run_dir).run))
+    result = CliRunner().invoke(cli, ["loop", "-c", str(config_path), "-o", str(run_dir), "--launcher", "slurm",
+                                      "--shards", "2"], env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(run_dir.resolve())
+    calls = [entry["argv"] for entry in read_log(log)]
+    assert len(calls) == 9 and all(call[:2] == ["sbatch", "--parsable"] for call in calls)
+    assert calls[0][2:] == [str(run_dir.resolve() / "slurm" / "step_0000" / "rollout.sbatch")]
+    for number, call in enumerate(calls[1:], start=1):  # each job waits for the job submitted before it
+        assert call[2:4] == [f"--dependency=afterok:{1000 + number}", "--kill-on-invalid-dep=yes"]
+    assert [Path(call[-1]).name for call in calls] == ["rollout.sbatch", "verify.sbatch", "score.sbatch",
+                                                       "update.sbatch"] * 2 + ["finalize.sbatch"]
+    record = json.loads((run_dir / "slurm" / "jobs.json").read_text())
+    jobs = record["submissions"][-1]["jobs"]
+    assert [job["job_id"] for job in jobs] == [str(1001 + i) for i in range(9)]  # "id;cluster" → id
+    assert jobs[4] == {**jobs[4], "name": "0001-rollout", "after": "0000-update", "array": "0-1", "step": 1}
+
+
+def test_sbatch_failure_exits_1_and_keeps_the_ids_already_submitted(tmp_path, fake_slurm):
+    bin_dir, log = fake_slurm
+    result = CliRunner().invoke(cli, ["-q", "loop", "-o", str(tmp_path / "run"), "--set", "loop.steps=1", "--set",
+                                      "loop.eval_every=0", "--launcher", "slurm", "--shards", "2"],
+                                env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAIL_AT": "3"})
+    assert result.exit_code == 1
+    assert "Invalid account" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    jobs = json.loads((tmp_path / "run" / "slurm" / "jobs.json").read_text())["submissions"][-1]["jobs"]
+    assert [job["name"] for job in jobs] == ["0000-rollout", "0000-verify"]
+
+
+def test_dry_run_prints_scripts_and_submits_nothing(tmp_path, fake_slurm):
+    bin_dir, log = fake_slurm
+    result = CliRunner().invoke(cli, ["loop", "-o", str(tmp_path / "run"), "--set", "loop.steps=1", "--launcher",
+                                      "slurm", "--dry-run"], env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert result.exit_code == 0, result.output
+    assert not log.exists() and not (tmp_path / "run" / "slurm" / "jobs.json").exists()
+    assert result.stdout.count("#!/usr/bin/env bash") == 6  # 4 stages + finalize + submit.sh
+    assert "antisd rollout" in result.stdout and "--dependency=afterok:" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["--shards", "2"], ["--dry-run"], ["--partition", "gpu"], ["--sbatch-arg=--x"]])
+def test_slurm_options_need_the_slurm_launcher(tmp_path, args):
+    result = CliRunner().invoke(cli, ["loop", "-o", str(tmp_path / "run")] + args)
+    assert result.exit_code == 2
+    assert "only with --launcher slurm" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# --- the commands inside are valid and equal to the local loop's ---------------------------------------------------
+
+def _run_scripts(jobs, bin_dir: Path) -> None:
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "1",
+           "SLURM_JOB_ID": "4321", "SLURM_JOB_NODELIST": "node[7-8]"}
+    for job in jobs:
+        result = subprocess.run(["bash", str(job.script)], env=env, capture_output=True, text=True)
+        assert result.returncode == 0, (job.script, result.stderr)
+
+
+def _parse_with_cli(argv: list[str], monkeypatch) -> object:
+    """Invoke the real command with its stage's run() replaced: returns the Config the command built."""
+    import importlib
+
+    captured = []
+    stage = argv[0]
+    module = importlib.import_module(f"stages.{stage}")
+    monkeypatch.setattr(module, "run", lambda config, loaded=None: captured.append(config) or "done")
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 0, (argv, result.output)
+    return captured[0]
+
+
+def test_commands_in_scripts_are_valid_antisd_invocations_of_the_loop_configs(tmp_path, fake_slurm, monkeypatch):
+    bin_dir, log = fake_slurm
+    config = loop_config(tmp_path / "run")
+    jobs = slurm.render_run(config, SlurmConfig(shards=2, nodes=2, gpus_per_node=2), tmp_path)
+    _run_scripts(jobs, bin_dir)
+    entries = [entry for entry in read_log(log) if entry["tool"] == "antisd"]
+    update_ranks = [e for e in entries if e["argv"][1] == "update"
+                    and e["argv"][e["argv"].index("--out") + 1].endswith("step_0000/checkpoint")]
+    assert [(e["env"]["RANK"], e["env"]["WORLD_SIZE"], e["env"]["LOCAL_RANK"]) for e in update_ranks] == [
+        ("0", "4", "0"), ("1", "4", "1"), ("2", "4", "0"), ("3", "4", "1")]
+    assert {(e["env"]["MASTER_ADDR"], e["env"]["MASTER_PORT"]) for e in update_ranks} == {("node7", "24321")}
+    # each stage of each step ran once (update once per rank), plus the finalize loop
+    assert len(entries) == 2 * (3 + 4) + 1
+    config = dataclasses.replace(config, out=str((tmp_path / "run").resolve()))
+    from stages.loop import Run
+
+    run = Run(Path(config.out))
+    for entry in entries:
+        argv = entry["argv"][1:]
+        if argv[0] == "loop":
+            assert argv == ["loop", "--config", str(run.root / "config.yaml"), "--out", str(run.root)]
+            assert run_config.load(argv[2]).digest() == config.run.digest()  # finalize resumes, not refuses
+            continue
+        built = _parse_with_cli(argv, monkeypatch)
+        step = int(Path(built.out).parent.name.split("_")[1])  # out is step_XXXX/<output>
+        expected = loop.step_configs(config, run, step)[argv[0]]
+        if argv[0] in slurm.ARRAY_STAGES:
+            expected = dataclasses.replace(expected, shard="1/2")  # SLURM_ARRAY_TASK_ID=1
+        assert built == expected
+
+
+def _fake_stage_runs(monkeypatch):
+    """Stage runs that write placeholder outputs, so the local loop goes through a step without a model."""
+    from stages import loop as loop_module
+    from stages import rollout, score, update, verify
+
+    def placeholder(config, loaded=None):
+        pq.write_table(pa.table({"x": [1]}), config.out)
+        return config.out
+
+    def fake_update(config, loaded=None):
+        Path(config.out).mkdir()
+        (Path(config.out) / "config.json").write_text("{}")
+        (Path(config.out) / "metrics.json").write_text(json.dumps({"reward/mean": 0.0}))
+        return config.out
+
+    for module in (rollout, verify, score):
+        monkeypatch.setattr(module, "run", placeholder)
+    monkeypatch.setattr(update, "run", fake_update)
+    monkeypatch.setattr(loop_module.StepRunner, "loaded", lambda self, model: None)
+
+
+def test_slurm_commands_equal_the_local_loops_commands(tmp_path, monkeypatch):
+    from stages import loop as loop_module
+    from stages.loop_view import LoopView
+
+    _fake_stage_runs(monkeypatch)
+    local = loop_config(tmp_path / "local", steps=2)
+    loop_module.run(local, view=LoopView(2, stream=open(os.devnull, "w")))
+    jobs = slurm.render_run(loop_config(tmp_path / "cluster", steps=2), SlurmConfig(shards=2), tmp_path)
+    for step in (0, 1):
+        local_lines = (tmp_path / "local" / f"step_{step:04d}" / "commands.sh").read_text().splitlines()[2:]
+        cluster_commands = [job.commands[0] for job in jobs if job.step == step]
+        assert [line.replace(str(tmp_path / "local"), "RUN") for line in local_lines] == \
+            [command.replace(str((tmp_path / "cluster").resolve()), "RUN") for command in cluster_commands]
+
+
+# --- scripts/gpu_check.sh ------------------------------------------------------------------------------------------
+
+def test_gpu_check_script_passes_bash_n():
+    result = subprocess.run(["bash", "-n", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_runs_the_loop_and_prints_tokens_per_s(tmp_path, embedded_model_dir):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--cpu-smoke", "--out",
+                             str(tmp_path / "check")], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for stage in ("rollout", "verify", "score", "update"):
+        assert f"{stage:<8}" in result.stdout and "tok/s" in result.stdout
+    assert (tmp_path / "check" / "run" / "step_0001" / "checkpoint" / "config.json").exists()
+
+
+# --- examples/slurm ------------------------------------------------------------------------------------------------
+
+EXAMPLES = ["single_node_8gpu.sbatch", "multi_node.sbatch"]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_runs_every_stage_as_valid_commands_and_resumes(tmp_path, fake_slurm, monkeypatch, name):
+    bin_dir, log = fake_slurm
+    script = REPO / "examples" / "slurm" / name
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MODEL": str(tmp_path / "model"),
+           "DATASET": "arith", "RUN": str(tmp_path / "run"), "STEPS": "2", "GPUS": "2", "SHARDS": "2",
+           "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node[7-8]", "SLURM_CPUS_PER_TASK": "4"}
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    calls = [entry for entry in read_log(log) if entry["tool"] == "antisd"]
+    stages = [(e["argv"][1], e["argv"][e["argv"].index("--shard") + 1] if "--shard" in e["argv"] else None)
+              for e in calls]
+    per_step = [("data", None), ("rollout", "0/2"), ("rollout", "1/2"), ("verify", None), ("score", "0/2"),
+                ("score", "1/2")] + [("update", None)] * (4 if name == "multi_node.sbatch" else 2)
+    assert sorted(stages) == sorted(per_step * 2)  # shards run in parallel: any order within a stage
+    order = [name for i, (name, _) in enumerate(stages) if i == 0 or stages[i - 1][0] != name]
+    assert order == ["data", "rollout", "verify", "score", "update"] * 2
+    updates = [e["env"] for e in calls if e["argv"][1] == "update"][: len(per_step) - 6]
+    assert [u["RANK"] for u in updates] == [str(r) for r in range(len(updates))]
+    assert {u["WORLD_SIZE"] for u in updates} == {str(len(updates))}
+    if name == "single_node_8gpu.sbatch":  # one GPU per shard
+        assert {(e["env"]["CUDA_VISIBLE_DEVICES"], e["argv"][e["argv"].index("--shard") + 1])
+                for e in calls if e["argv"][1] == "rollout"} == {("0", "0/2"), ("1", "1/2")}
+    else:
+        assert {(u["MASTER_ADDR"], u["MASTER_PORT"]) for u in updates} == {("node7", "20077")}
+    step1_rollout = next(e["argv"] for e in calls if e["argv"][1] == "rollout" and "step_0001" in e["argv"][3])
+    assert step1_rollout[step1_rollout.index("--model") + 1] == str(tmp_path / "run" / "step_0000" / "checkpoint")
+    for entry in calls:
+        argv = entry["argv"][1:]
+        if argv[0] == "data":
+            continue  # `data prepare` is a group; checked below through its own module
+        _parse_with_cli(argv, monkeypatch)
+    log.unlink()
+    again = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert [e for e in read_log(log) if e["tool"] == "antisd"] == []  # everything done: nothing reruns
+
+
+@pytest.mark.parametrize("settings, message", [(SlurmConfig(shards=0), "--shards must be >= 1"),
+                                               (SlurmConfig(time=" "), "--time must not be empty"),
+                                               (SlurmConfig(sbatch_args=("qos=high",)), "--sbatch-arg 'qos=high'")])
+def test_impossible_slurm_settings_fail_before_anything_is_written(tmp_path, settings, message):
+    from stages.io import InputError
+
+    with pytest.raises(InputError, match=message):
+        slurm.render_run(loop_config(tmp_path / "run"), settings, tmp_path)
+    assert not (tmp_path / "run").exists()
