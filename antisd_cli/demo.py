@@ -51,4 +51,7 @@ def _print_summary(run_dir: Path) -> None:
     table = Table(*[name for name, _, _ in COLUMNS], title=title)
     for row in rows:
         table.add_row(*[format_cell(row, key, fmt) for _, key, fmt in COLUMNS])
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)  # logs and CI: do not squeeze the columns into 80
+    console.print(table)

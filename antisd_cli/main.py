@@ -52,6 +52,8 @@ class LazyGroup(click.Group):
 @click.version_option(__version__, prog_name="antisd")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+@click.option("--local_rank", "--local-rank", type=int, default=None, hidden=True, expose_value=False,
+              help="Appended by the deepspeed launcher; LOCAL_RANK from the environment is used instead.")
 def cli(verbose: int, quiet: bool) -> None:
     """GRPO + Anti-Self-Distillation for math-reasoning RL, as Parquet-in/Parquet-out stages.
 

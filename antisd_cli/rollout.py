@@ -29,10 +29,12 @@ from antisd_cli.options import (
 @threads_option
 @click.option("--batch-size", default=0, type=click.IntRange(min=0),
               help="Samples (prompts × n) per engine call; 0 = engine default (hf 32, vllm 1024).")
+@click.option("--device", default="auto", help="HF engine device: auto (cuda if available), cpu, cuda or cuda:N.")
+@click.option("--progress/--no-progress", default=True, help="Rich progress bar on stderr (shown only on a terminal).")
 @overwrite_option
 @stage_errors
 def rollout_command(model, prompts, out, n, temperature, top_p, max_new_tokens, seed, engine, max_prompts, shard,
-                    dtype, threads, batch_size, overwrite):
+                    dtype, threads, batch_size, device, progress, overwrite):
     """Sample N responses per prompt and write one row per sample.
 
     Each row keeps the prompt's columns, the exact prompt and response token ids, the response text, the
@@ -49,6 +51,6 @@ def rollout_command(model, prompts, out, n, temperature, top_p, max_new_tokens, 
     config = RolloutConfig(
         prompts=prompts, out=out, model=model, n=n, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, seed=seed, engine=engine, max_prompts=max_prompts, shard=shard, dtype=dtype,
-        threads=threads, batch_size=batch_size, overwrite=overwrite,
+        threads=threads, batch_size=batch_size, device=device, progress=progress, overwrite=overwrite,
     )
     click.echo(str(run(config)))

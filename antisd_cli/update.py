@@ -75,6 +75,7 @@ def update_command(**options):
       antisd update --scored scored.parquet --model smollm2-135m --out ckpt_0001
       antisd update --scored s2.parquet --model ckpt_0001 --out ckpt_0002 --method sd
       torchrun --nproc_per_node 8 -m antisd_cli update --scored s.parquet --model ckpt --out next --zero-stage 3
+      deepspeed --num_gpus 8 --no_local_rank --module antisd_cli update --scored s.parquet --model ckpt --out next
     """
     from stages.update import UpdateConfig, run
 

@@ -16,9 +16,11 @@ the old one deleted. This module decides nothing about training; it saves and re
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,26 @@ def load_engine_state(engine, model_dir: Path) -> bool:
     return True
 
 
+def rng_state() -> dict:
+    """torch CPU and Python RNG states as JSON-able values (stored in antisd_state.json)."""
+    import numpy as np
+    import torch
+
+    version, internal, gauss = random.getstate()
+    python_state = np.array(internal, dtype=np.uint32).tobytes()  # 624 Mersenne words + position
+    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+            "python": {"version": version, "state": base64.b64encode(python_state).decode(), "gauss": gauss}}
+
+
+def restore_rng(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
+    python_state = np.frombuffer(base64.b64decode(state["python"]["state"]), dtype=np.uint32)
+    random.setstate((state["python"]["version"], tuple(int(x) for x in python_state), state["python"]["gauss"]))
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(to_jsonable(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
@@ -145,8 +167,8 @@ def save(out: Path, engine, policy, tokenizer, state: dict, metrics: dict, env: 
 
     `policy` is the HF causal LM inside the engine's module, registered there under `prefix`.
 
-    Raises the error of a failed write (e.g. OSError ENOSPC) on the rank that hit it, RuntimeError on the others; in both
-    cases the temp folder is removed and `out` does not exist (or is the untouched previous folder with overwrite).
+    Raises the error of a failed write (e.g. OSError ENOSPC) on the rank that hit it, RuntimeError on the others;
+    in both cases the temp folder is removed and `out` does not exist (with overwrite: is the untouched old folder).
     """
     out = Path(out)
     tmp = temp_dir_for(out)

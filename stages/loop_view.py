@@ -38,6 +38,8 @@ class LoopView:
 
         self.steps = steps
         self.console = Console(file=stream or sys.stderr)
+        if not self.console.is_terminal:
+            self.console = Console(file=stream or sys.stderr, width=160)
         self.rows: list[dict] = []
         self.current = ""
         self.live = None

@@ -109,7 +109,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def torch_dtype(name: str, device: str):
-    """Map a `--dtype` choice to a torch dtype; `auto` is fp32 on CPU (bf16 generation is 2x slower there)."""
+    """Map a `--dtype` choice to a torch dtype; `auto` is fp32 on CPU (bf16 is no faster there; fp32 log-probs match the trainer)."""
     import torch
 
     if name == "auto":

@@ -17,14 +17,12 @@ Not here: the math (stages.objectives/gate), the log-prob numerics (stages.logpr
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import copy
 import hashlib
 import json
 import logging
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,9 +168,9 @@ def _check_revision(config: UpdateConfig, metadata: dict, model_dir: Path) -> No
         return
     here = model_revision(model_dir)
     if scored_revision != here:
-        raise InputError(f"{config.scored}: scored with model revision {scored_revision} "
-                         f"({metadata.get('model_path') or metadata.get('model', '?')}), but --model {config.model} is {here} "
-                         "(pass --force to train on it anyway)")
+        scored_by = metadata.get("model_path") or metadata.get("model", "?")
+        raise InputError(f"{config.scored}: scored with model revision {scored_revision} ({scored_by}), but --model "
+                         f"{config.model} is {here} (pass --force to train on it anyway)")
 
 
 def batch_from_table(table: pa.Table, source: str, vocab_size: int, temperature: float = 1.0) -> Batch:
@@ -267,21 +265,6 @@ def batch_metrics(batch: Batch) -> dict:
     }
 
 
-def pack_micro_batches(rows: list[int], lengths: dict[int, int], budget: int) -> list[list[int]]:
-    """Longest first; a micro-batch grows while count × longest ≤ `budget` padded tokens (a longer one goes alone)."""
-    order = sorted(rows, key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        if current and (len(current) + 1) * lengths[current[0]] > budget:
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
-
-
 def _pad(rows: list[list[float]], width: int):
     """Right-pad float lists with 0 into [B, width] float32."""
     import torch
@@ -295,7 +278,8 @@ def _pad(rows: list[list[float]], width: int):
 def truncated_is_weights(student_logprobs, sampling_logprobs, cap: float):
     """Token-level truncated IS weight w_t = min(exp(s_t − log q_t), cap), q = the rollout engine's sampler.
 
-    Constant (no gradient). Folded into the advantage: −min(ρ·wA, clip(ρ)·wA) = w·(−min(ρA, clip(ρ)A)) for w > 0.
+    Constant (no gradient). Folded into the advantage, since for w > 0:
+    −min(ρ·wA, clip(ρ)·wA) = w·(−min(ρA, clip(ρ)A)).
     """
     import torch
 
@@ -315,23 +299,6 @@ def _precision(dtype: str, device: str) -> str:
 
 def _seed_for(seed: int, step: int) -> int:
     return int.from_bytes(hashlib.sha256(f"update:{seed}:{step}".encode()).digest()[:8], "little") % (2**63)
-
-
-def rng_state() -> dict:
-    import torch
-
-    version, internal, gauss = random.getstate()
-    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-            "python": [version, list(internal), gauss]}
-
-
-def restore_rng(state: dict) -> None:
-    import numpy as np
-    import torch
-
-    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
 
 
 def _logprob_module(policy):
@@ -387,7 +354,7 @@ class Trainer:
         if config.recalibrate_gate:
             self.gate.recalibrate()
         if "rng" in self.carried:
-            restore_rng(self.carried["rng"])
+            checkpoint.restore_rng(self.carried["rng"])
         else:
             from stages.runtime import seed_everything
 
@@ -463,7 +430,8 @@ class Trainer:
         generator = torch.Generator().manual_seed(_seed_for(config.seed, step))
         size = config.mini_batch_size or len(batch)
         for _ in range(config.ppo_epochs):
-            order = list(range(len(batch))) if size >= len(batch) else torch.randperm(len(batch), generator=generator).tolist()
+            order = torch.randperm(len(batch), generator=generator).tolist() if size < len(batch) \
+                else list(range(len(batch)))
             for begin in range(0, len(batch), size):
                 grad_norms.append(self._optimizer_step(batch, order[begin : begin + size], seq_adv, lam, sums))
         loss, clip, kl, tokens, seq_tokens = distributed.all_reduce_sum(
@@ -490,12 +458,14 @@ class Trainer:
         from stages.objectives import step_normalizer
 
         config, env = self.config, self.env
+        if not any(batch.response_ids[i] for i in rows):
+            return None  # no response token: nothing to learn (the same decision on every rank)
         normalizer = step_normalizer(config.loss_agg, [len(batch.response_ids[i]) for i in rows],
                                      config.max_response_tokens or None)
         totals = {i: len(batch.prompt_ids[i]) + len(batch.response_ids[i]) for i in rows}
         share = distributed.split_by_tokens([totals[i] for i in rows], env.world_size)[env.rank]
         mine = [rows[j] for j in share if batch.response_ids[rows[j]]]
-        micro = pack_micro_batches(mine, totals, config.micro_batch_tokens)
+        micro = distributed.pack_micro_batches(mine, totals, config.micro_batch_tokens)
         count = distributed.all_reduce_max(len(micro), self.device)
         for k in range(count):
             if k < len(micro):
@@ -561,14 +531,19 @@ class Trainer:
     def state(self) -> dict:
         """The run state to store next to the weights (keys the loop added, such as data_cursor, are carried)."""
         return {**self.carried, "version": STATE_VERSION, "step": self.step, "method": self.config.method,
-                "gate": self.gate.state_dict(), "rng": rng_state(), "data_cursor": self.carried.get("data_cursor"),
-                "seed": self.config.seed, "world_size": self.env.world_size, "zero_stage": self.zero_stage,
+                "gate": self.gate.state_dict(), "rng": checkpoint.rng_state(),
+                "data_cursor": self.carried.get("data_cursor"), "seed": self.config.seed,
+                "world_size": self.env.world_size, "zero_stage": self.zero_stage,
                 "parent_revision": self.model_revision}
 
     def save(self, out: Path, metrics: dict) -> Path:
         with distributed.launcher_env(self.env):
             return checkpoint.save(out, self.engine, self.policy, self.tokenizer, self.state(), metrics, self.env,
                                    self.zero_stage)
+
+    def close(self) -> None:
+        """Release the engine: its hooks live in autograd (C++), so without destroy() Python never frees it."""
+        self.engine.destroy()
 
 
 # --- the stage --------------------------------------------------------------------------------------------------
@@ -608,16 +583,19 @@ def run(config: UpdateConfig, loaded=None) -> Path:
     device = distributed.training_device(env)
     distributed.init_process_group(env, device)
     trainer = Trainer(config, model_dir, state, env, device, loaded, deepspeed_user)
-    metrics = trainer.train_step(batch)
-    metrics["timing_s/update"] = time.perf_counter() - started
-    trainer.save(out, metrics)
+    try:
+        metrics = trainer.train_step(batch)
+        metrics["timing_s/update"] = time.perf_counter() - started
+        trainer.save(out, metrics)
+        if loaded is not None and Path(loaded.path).resolve() == model_dir.resolve():
+            _refresh_loaded(loaded, trainer, out)
+            loaded.revision = model_revision(out)
+    finally:
+        trainer.close()
     if env.is_main:
         log.info("update step %d: reward %.3f, λ %.3f, loss %.4g, grad norm %s, %.0f tok/s → %s", metrics["step"],
                  metrics["reward/mean"], metrics["gate/lambda"], metrics["actor/pg_loss"], metrics["actor/grad_norm"],
                  metrics["throughput/update_tok_s"] or 0.0, out)
-    if loaded is not None and Path(loaded.path).resolve() == model_dir.resolve():
-        _refresh_loaded(loaded, trainer, out)
-        loaded.revision = model_revision(out)
     return out
 
 

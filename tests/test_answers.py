@@ -1,4 +1,4 @@
-"""Answer extraction, math-verify equivalence, the eval guard and the killable worker pool (stages.answers)."""
+"""Answer extraction, math-verify equivalence, eval guard and killable worker pool (stages.answers, stages.sandbox)."""
 
 from __future__ import annotations
 

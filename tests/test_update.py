@@ -88,7 +88,8 @@ def make_scored(path: Path, model_dir: Path, *, groups: int = 2, group_size: int
     table = pa.Table.from_pylist(rows, schema=schemas.SCORED)
     extra = {}
     if revision is not None:
-        extra = {"model": str(model_dir), "model_revision": model_revision(model_dir) if revision == "auto" else revision}
+        extra = {"model": str(model_dir),
+                 "model_revision": model_revision(model_dir) if revision == "auto" else revision}
     io.write_artifact(table, path, "scored", io.build_metadata("scored", {}, **extra))
     return path
 
@@ -202,6 +203,7 @@ def test_two_steps_in_process_equal_two_runs_through_checkpoints(tmp_path, tiny_
     for path in (first, second):
         trainer.train_step(batch_from_table(io.read_artifact(path, "scored")[0], str(path), 49152))
     trainer.save(tmp_path / "direct", {})
+    trainer.close()
     assert weights_hash(tmp_path / "direct") == weights_hash(ckpt2)
     assert json.loads((ckpt2 / checkpoint.STATE_FILE).read_text())["gate"] == trainer.gate.state_dict()
 
@@ -212,6 +214,36 @@ def test_two_steps_in_process_equal_two_runs_through_checkpoints(tmp_path, tiny_
     shutil.copytree(ckpt1, bare, ignore=shutil.ignore_patterns(checkpoint.DEEPSPEED_DIR))
     ckpt2_fresh = run(config(second, bare, tmp_path / "c2fresh", warmup_steps=1))
     assert weights_hash(ckpt2_fresh) != weights_hash(ckpt2)
+
+
+def test_engines_are_released_after_each_run(tmp_path, tiny_model_dir, scored):
+    import gc
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    def engines():
+        gc.collect()
+        return sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects())
+
+    before = engines()
+    model = tiny_model_dir
+    for k in range(2):
+        model = run(config(scored, model, tmp_path / f"c{k}", force=True))
+    assert engines() == before  # an in-process loop must not keep one model + optimizer per step
+
+
+def test_loaded_model_is_reused_and_refreshed_in_place(tmp_path, tiny_model_dir, scored):
+    from stages.models import load_model
+
+    loaded = load_model(tiny_model_dir)
+    model_object = loaded.model
+    out = run(config(scored, tiny_model_dir, tmp_path / "c"), loaded=loaded)
+    assert loaded.path == out and loaded.revision == model_revision(out) and loaded.model is model_object
+    assert not loaded.model.training
+    reference = run(config(scored, tiny_model_dir, tmp_path / "ref"))
+    assert weights_hash(out) == weights_hash(reference)
+    for name, tensor in weights(out).items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor), name
 
 
 def test_rerun_is_bitwise_identical(tmp_path, tiny_model_dir, scored):
@@ -250,6 +282,62 @@ def test_is_correction_changes_the_step(tmp_path, tiny_model_dir, scored):
     assert weights_hash(plain) != weights_hash(corrected)
     metrics = json.loads((corrected / "metrics.json").read_text())
     assert metrics["rollout/logprob_mismatch_mean"] == pytest.approx(0.01, abs=1e-5)
+
+
+# --- pure helpers ---------------------------------------------------------------------------------------------
+
+def test_split_by_tokens_balances_and_covers_every_row():
+    from stages.distributed import split_by_tokens
+
+    parts = split_by_tokens([30, 2, 5, 25, 4, 9], 2)  # 30→0, 25→1, 9→1, 5→0, 4→1, 2→0
+    assert sorted(i for p in parts for i in p) == list(range(6))
+    loads = [sum([30, 2, 5, 25, 4, 9][i] for i in p) for p in parts]
+    assert loads == [37, 38] and split_by_tokens([1, 1], 3) == [[0], [1], []]
+
+
+def test_pack_micro_batches_respects_padded_budget():
+    from stages.distributed import pack_micro_batches
+
+    lengths = {0: 10, 1: 4, 2: 6, 3: 30, 4: 5}
+    batches = pack_micro_batches([0, 1, 2, 3, 4], lengths, 20)
+    assert batches == [[3], [0, 2], [4, 1]]  # the 30-token row goes alone; 2 × 10 ≤ 20 < 3 × 10
+    assert all(len(b) * max(lengths[i] for i in b) <= 20 or len(b) == 1 for b in batches)
+
+
+def test_deepspeed_config_layers_user_file_under_owned_keys():
+    from stages.distributed import deepspeed_config
+
+    config = deepspeed_config({"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 5.0}, 3, 1.0, 2,
+                              "bf16")
+    assert config["zero_optimization"]["stage"] == 3 and config["zero_optimization"]["overlap_comm"] is True
+    assert config["gradient_clipping"] == 1.0 and config["train_batch_size"] == 2 and config["bf16"]["enabled"]
+    assert config["managed_gradient_accumulation"] is False
+    with pytest.raises(InputError, match="scheduler"):
+        deepspeed_config({"scheduler": {}}, None, 1.0, 1, "fp32")
+
+
+def test_rng_state_round_trip():
+    random.seed(5)
+    torch.manual_seed(3)
+    saved = json.loads(json.dumps(checkpoint.rng_state()))
+    expected = (random.random(), torch.rand(3).tolist())
+    random.seed(9)
+    torch.manual_seed(9)
+    checkpoint.restore_rng(saved)
+    assert (random.random(), torch.rand(3).tolist()) == expected
+
+
+def test_launch_environment_is_read_from_torchrun_and_slurm_variables():
+    from stages.distributed import DistEnv, env_from
+
+    assert env_from({}) == DistEnv()
+    torchrun = env_from({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"})
+    assert (torchrun.rank, torchrun.world_size, torchrun.local_rank, torchrun.launcher) == (3, 4, 1, "env")
+    slurm = env_from({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "MASTER_ADDR": "n1",
+                      "MASTER_PORT": "1"})
+    assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.launcher) == (5, 8, 1, "slurm")
+    with pytest.raises(InputError, match="MASTER_ADDR"):
+        env_from({"RANK": "0", "WORLD_SIZE": "2"})
 
 
 # --- the checkpoint -------------------------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""Summarize the reproduction study's run directories into the Markdown table of docs/reproduction.md.
+
+Run: .venv/bin/python scripts/reproduction_table.py runs/repro > docs/reproduction/table.md
+
+Per method (mean over seeds, with the per-seed values): base, final and best held-out accuracy, the first step at
+which the method's seed-mean held-out accuracy reaches GRPO's best seed-mean accuracy, mean response length, mean
+training reward of the last 4 steps, and gate activity (fraction of post-warm-up steps with the gate open, mean λ).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def load_run(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    manifest = json.loads((run_dir / "run.json").read_text())
+    base = json.loads((run_dir / "eval_base.json").read_text()) if (run_dir / "eval_base.json").exists() else {}
+    return {"name": run_dir.name, "method": manifest["config"]["update"].get("method", "antisd"),
+            "seed": manifest["config"]["loop"]["seed"], "rows": rows, "base": base.get("eval/accuracy"),
+            "warmup": manifest["config"]["update"].get("warmup_steps", 5)}
+
+
+def eval_curve(run: dict) -> dict[int, float]:
+    return {r["step"]: r["eval/accuracy"] for r in run["rows"] if "eval/accuracy" in r}
+
+
+def mean_curve(runs: list[dict]) -> dict[int, float]:
+    steps = set.intersection(*(set(eval_curve(r)) for r in runs)) if runs else set()
+    return {s: statistics.mean(eval_curve(r)[s] for r in runs) for s in sorted(steps)}
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    inner = ", ".join(f"{v:.{digits}f}" for v in values)
+    return f"{statistics.mean(values):.{digits}f} ({inner})" if len(values) > 1 else f"{values[0]:.{digits}f}"
+
+
+def main(root: Path) -> str:
+    runs = [load_run(d) for d in sorted(root.iterdir()) if (d / "metrics.jsonl").exists()]
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        by_method[run["method"]].append(run)
+    grpo_curve = mean_curve(by_method.get("grpo", []))
+    grpo_best = max(grpo_curve.values()) if grpo_curve else None
+    lines = [
+        "| method | seeds | steps | base acc | final acc | best acc | first step ≥ GRPO best (seed mean) "
+        "| response length | train reward (last 4) | gate open | mean λ |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for method in ("grpo", "antisd", "sd", "rkl-ascent"):
+        group = by_method.get(method, [])
+        if not group:
+            continue
+        curve = mean_curve(group)
+        reach = next((s for s, acc in curve.items() if grpo_best is not None and acc >= grpo_best), None)
+        finals = [list(eval_curve(r).values())[-1] if eval_curve(r) else None for r in group]
+        bests = [max(eval_curve(r).values()) if eval_curve(r) else None for r in group]
+        lengths = [statistics.mean(x["response/length_mean"] for x in r["rows"]) for r in group]
+        rewards = [statistics.mean(x["reward/mean"] for x in r["rows"][-4:]) for r in group]
+        after = [[x for x in r["rows"] if x["step"] >= r["warmup"]] for r in group]
+        gate_open = [statistics.mean(x["gate/open"] for x in rows) if rows else None for rows in after]
+        lambdas = [statistics.mean(x["gate/lambda"] for x in r["rows"]) for r in group]
+        steps = min(len(r["rows"]) for r in group)
+        lines.append(
+            f"| `{method}` | {len(group)} | {steps} | {fmt([r['base'] for r in group])} | {fmt(finals)} | {fmt(bests)} "
+            f"| {'never' if reach is None else reach} | {fmt(lengths, 1)} | {fmt(rewards)} "
+            f"| {fmt(gate_open, 2)} | {fmt(lambdas, 2)} |"
+        )
+    lines.append("")
+    lines.append(f"GRPO's best seed-mean held-out accuracy: {grpo_best:.3f}" if grpo_best is not None else "No GRPO runs.")
+    lines.append("")
+    lines.append("Seed-mean held-out accuracy by step (accuracy after that step's update):")
+    lines.append("")
+    curves = {m: mean_curve(g) for m, g in by_method.items()}
+    steps = sorted(set().union(*(set(c) for c in curves.values()))) if curves else []
+    lines.append("| method | " + " | ".join(str(s) for s in steps) + " |")
+    lines.append("| --- |" + " --- |" * len(steps))
+    for method, curve in curves.items():
+        lines.append(f"| `{method}` | " + " | ".join(f"{curve[s]:.3f}" if s in curve else "–" for s in steps) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/repro")), end="")
