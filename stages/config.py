@@ -51,7 +51,7 @@ class LoopSettings:
     tensorboard: bool = True  # write TensorBoard events when tensorboard is installed
     keep_checkpoints: int = 0  # keep only the newest K step checkpoints (0 = keep all)
     weight_sync: str = "reload"  # vLLM rollouts: reload (fresh engine on each new checkpoint) | inplace (load_weights)
-    vllm_sleep: bool = True  # vLLM on GPU: engine sleeps (level 1) while score/update train; no-op on CPU
+    vllm_sleep: bool = True  # vLLM on GPU, inplace: engine sleeps (level 1) while score/update train; no-op on CPU
 
 
 # Stage sections: name -> (module path, Config class name, fields the loop sets itself)

@@ -229,7 +229,7 @@ class StepRunner:
         return self._loaded[1]
 
     def rollout_source(self, model: str, train_table: pa.Table, timings: dict):
-        """What the step's rollout samples with: the HF model of `model`, or the loop's vLLM engine holding its weights."""
+        """What the step's rollout samples with: `model`'s HF model, or the loop's vLLM engine holding its weights."""
         from stages.models import resolve_model
 
         if not self.use_vllm:
@@ -328,8 +328,8 @@ def validate_settings(config: run_config.RunConfig) -> str:
 
 
 def loop_engine(config: run_config.RunConfig, model_path: Path, train_table: pa.Table):
-    """The run's LoopEngine: rollout dtype, run seed, GPU sleep per loop.vllm_sleep, and a context length that fits
-    the longest training prompt + rollout.max_new_tokens (so one engine serves every step)."""
+    """The run's LoopEngine: rollout dtype, run seed, GPU sleep mode (inplace with loop.vllm_sleep), and a context
+    length that fits the longest training prompt + rollout.max_new_tokens (so one engine serves every step)."""
     from stages.engine_vllm import LoopEngine, VLLMEngine
     from stages.models import torch_dtype
     from stages.rollout import PROMPT_COLUMNS, RolloutConfig, _max_model_len
@@ -339,8 +339,9 @@ def loop_engine(config: run_config.RunConfig, model_path: Path, train_table: pa.
     dtype = str(torch_dtype(knobs.get("dtype", "auto"), pick_device())).replace("torch.", "")
     max_model_len = _max_model_len(model_path, train_table.select(PROMPT_COLUMNS).to_pylist(),
                                    knobs.get("max_new_tokens", RolloutConfig.max_new_tokens))
+    sleep_mode = config.loop.vllm_sleep and config.loop.weight_sync == "inplace"  # reload closes it instead
     return LoopEngine(lambda folder: VLLMEngine(folder, dtype=dtype, seed=config.loop.seed, max_model_len=max_model_len,
-                                                sleep_mode=config.loop.vllm_sleep), config.loop.weight_sync)
+                                                sleep_mode=sleep_mode), config.loop.weight_sync)
 
 
 def _rebuild_metrics(run: Run, steps: int) -> list[dict]:

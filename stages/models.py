@@ -44,10 +44,18 @@ def _embedded_gguf(name: str) -> Path:
     return path
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' per-load progress bars ("Loading weights") that clutter logs; we report our own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF file into a dense fp32 HF folder at `out_dir`, atomically (temp dir + rename)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", suffix=".tmp", dir=out_dir.parent))
     try:
@@ -144,6 +152,7 @@ def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu") -> L
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(model)
+    quiet_transformers()
     torch_type = torch_dtype(dtype, device)
     try:
         network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_type)

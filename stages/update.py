@@ -11,8 +11,9 @@ each mini-batch, padded with zero-loss micro-batches to the same count so ZeRO's
 DeepSpeed averages gradients over ranks, so each rank's loss is multiplied by the world size: the gradient is then
 the 1-process one. Rank 0 alone writes the HF folder, state and metrics; every rank writes its ZeRO shard.
 
-Not here: the math (stages.objectives/gate), the log-prob numerics (stages.logprobs), the checkpoint format
-(stages.checkpoint), process groups (stages.distributed). No reference-model KL: --kl-coef > 0 is refused.
+Not here: option/input validation, scored rows → Batch and the data's own metrics (stages.update_data), the math
+(stages.objectives/gate), the log-prob numerics (stages.logprobs), the checkpoint format (stages.checkpoint),
+process groups (stages.distributed). No reference-model KL: --kl-coef > 0 is refused.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-
 from stages import checkpoint, distributed
 from stages.io import InputError, read_artifact
+from stages.models import quiet_transformers
+from stages.update_data import (  # noqa: F401  (METHODS, teacher_median: kept importable from stages.update)
+    METHODS, Batch, batch_from_table, batch_metrics, check_options, check_revision, check_state, is_finite,
+    mean_or_none, pad_rows, read_deepspeed_file, teacher_median, truncated_is_weights)
 
 log = logging.getLogger(__name__)
 
-METHODS = ("grpo", "sd", "antisd", "rkl-ascent")
 GATED_BY_DEFAULT = {"grpo": False, "sd": False, "antisd": True, "rkl-ascent": True}  # METHOD §5 Decision
 STATE_VERSION = 1
 
@@ -77,213 +79,6 @@ class UpdateConfig:
     seed: int = 0  # seeds mini-batch order; RNG state is restored from the run state when present
     force: bool = False  # accept a scored file from another model revision, or a state of another method
     overwrite: bool = False  # replace an existing --out folder
-
-
-@dataclass
-class Batch:
-    """Validated scored rows as Python lists, one entry per row."""
-
-    names: list[str]  # "prompt_id/sample_idx", for messages
-    group_ids: list[str]
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]
-    student_logprobs: list[list[float]]  # s_t (old policy)
-    sampling_logprobs: list[list[float]]
-    pmi: list[list[float]]  # u_t
-    teacher_entropy: list[list[float]]
-    student_entropy: list[list[float]]
-    rewards: list[float]
-    correct: list[bool]
-    privileged_source: list[str]
-    finish_reason: list[str]
-    temperature: float = 1.0  # the temperature `score` computed s_t at; the new log-probs use the same
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-# --- validation -------------------------------------------------------------------------------------------------
-
-def _check_options(config: UpdateConfig) -> None:
-    from stages.objectives import AGGREGATIONS
-
-    choices = {"method": (config.method, METHODS), "gate": (config.gate, ("auto", "on", "off")),
-               "loss_agg": (config.loss_agg, AGGREGATIONS), "adv_scale": (config.adv_scale, ("group", "none")),
-               "is_correction": (config.is_correction, ("off", "token")),
-               "dtype": (config.dtype, ("auto", "float32", "bfloat16", "float16"))}
-    for name, (value, valid) in choices.items():
-        if value not in valid:
-            raise InputError(f"--{name.replace('_', '-')} {value}: expected one of {', '.join(valid)}")
-    for name in ("ppo_epochs", "micro_batch_tokens", "warmup_steps", "logprob_chunk"):
-        if getattr(config, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-    for name in ("lr", "weight_decay", "grad_clip", "clip_low", "clip_high", "lam_max", "mini_batch_size",
-                 "max_response_tokens", "adv_eps"):
-        if getattr(config, name) < 0:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
-    if not 0 < config.gate_down <= 1:
-        raise InputError(f"--gate-down must be in (0, 1], got {config.gate_down}")
-    if config.is_cap < 1:
-        raise InputError(f"--is-cap must be >= 1, got {config.is_cap}")
-    if config.kl_coef < 0:
-        raise InputError(f"--kl-coef must be >= 0, got {config.kl_coef}")
-    if config.kl_coef > 0:
-        raise InputError("--kl-coef > 0: a reference-model KL term is not implemented in update yet (use 0)")
-
-
-def _read_deepspeed_file(path: str | None) -> dict:
-    if path is None:
-        return {}
-    try:
-        user = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError(f"--deepspeed-config {path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"--deepspeed-config {path}: not valid JSON ({exc})") from None
-    if not isinstance(user, dict):
-        raise InputError(f"--deepspeed-config {path}: expected a JSON object")
-    return user
-
-
-def _check_state(config: UpdateConfig, state: dict | None, model_dir: Path, world_size: int, stage: int) -> None:
-    if state is None:
-        return
-    if state.get("method") not in (None, config.method) and not config.force:
-        raise InputError(f"run state: written by method {state['method']}, not {config.method} (pass --force to go on)")
-    if checkpoint.engine_state_dir(model_dir) is None:
-        return
-    saved = (state.get("world_size"), state.get("zero_stage"))
-    if saved != (world_size, stage) and None not in saved:
-        raise InputError(f"{model_dir / checkpoint.DEEPSPEED_DIR}: optimizer state of {saved[0]} rank(s) with ZeRO-"
-                         f"{saved[1]}, this run has {world_size} with ZeRO-{stage}; match them, or move that folder "
-                         "away to start a fresh optimizer")
-
-
-def _check_revision(config: UpdateConfig, metadata: dict, model_dir: Path) -> None:
-    """Refuse a scored file whose old log-probs came from another model revision, unless --force."""
-    from stages.models import model_revision
-
-    scored_revision = metadata.get("model_revision")
-    if not scored_revision or config.force:
-        return
-    here = model_revision(model_dir)
-    if scored_revision != here:
-        scored_by = metadata.get("model_path") or metadata.get("model", "?")
-        raise InputError(f"{config.scored}: scored with model revision {scored_revision} ({scored_by}), but --model "
-                         f"{config.model} is {here} (pass --force to train on it anyway)")
-
-
-def batch_from_table(table: pa.Table, source: str, vocab_size: int, temperature: float = 1.0) -> Batch:
-    """Columns → lists, checking per-token list lengths and token ids (InputError) and finiteness (RuntimeError)."""
-    col = {name: table.column(name).to_pylist() for name in (
-        "prompt_id", "sample_idx", "prompt_token_ids", "response_token_ids", "student_logprobs", "sampling_logprobs",
-        "pmi", "teacher_entropy", "student_entropy", "reward", "correct", "privileged_source", "finish_reason")}
-    names = [f"{p}/{s}" for p, s in zip(col["prompt_id"], col["sample_idx"])]
-    for row, name in enumerate(names):
-        where = f"{source}: row {row} ({name})"
-        length = len(col["response_token_ids"][row])
-        for column in ("student_logprobs", "sampling_logprobs", "pmi", "teacher_entropy", "student_entropy"):
-            if len(col[column][row]) != length:
-                raise InputError(f"{where}: {column} has {len(col[column][row])} values for {length} response tokens")
-        if not col["prompt_token_ids"][row]:
-            raise InputError(f"{where}: empty prompt_token_ids")
-        ids = col["prompt_token_ids"][row] + col["response_token_ids"][row]
-        if min(ids) < 0 or max(ids) >= vocab_size:
-            raise InputError(f"{where}: token id {max(ids) if max(ids) >= 0 else min(ids)} outside the model's "
-                             f"vocabulary of {vocab_size} (scored with another tokenizer?)")
-        privileged = col["privileged_source"][row] != "none"
-        checks = [("student_logprobs", col["student_logprobs"][row]), ("pmi", col["pmi"][row]),
-                  ("reward", [col["reward"][row]])] + ([("teacher_entropy", col["teacher_entropy"][row])]
-                                                      if privileged else [])
-        for column, values in checks:
-            bad = next((k for k, v in enumerate(values) if not _finite(v)), None)
-            if bad is not None:
-                raise RuntimeError(f"{where}: non-finite {column} at response token {bad} ({values[bad]}); "
-                                   "refusing to train on it")
-    return Batch(names, col["prompt_id"], col["prompt_token_ids"], col["response_token_ids"], col["student_logprobs"],
-                 col["sampling_logprobs"], col["pmi"], col["teacher_entropy"], col["student_entropy"],
-                 [float(r) for r in col["reward"]], [bool(c) for c in col["correct"]], col["privileged_source"],
-                 col["finish_reason"], temperature)
-
-
-def _finite(value) -> bool:
-    return value is not None and value - value == 0  # false for NaN and ±inf
-
-
-# --- pure per-step quantities -----------------------------------------------------------------------------------
-
-def teacher_median(batch: Batch) -> float | None:
-    """H = median teacher entropy over all response tokens of rows with a privileged context (METHOD §5)."""
-    import torch
-
-    from stages.objectives import masked_median
-
-    values = [h for ents, src in zip(batch.teacher_entropy, batch.privileged_source) if src != "none" for h in ents]
-    if not values:
-        return None
-    flat = torch.tensor(values, dtype=torch.float64)
-    return masked_median(flat, torch.ones_like(flat, dtype=torch.bool))
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def batch_metrics(batch: Batch) -> dict:
-    """The METHOD §6 statistics of the data itself (rewards, lengths, entropies, PMI, sources, rollout mismatch)."""
-    import torch
-
-    from stages.objectives import token_stats
-
-    groups: dict[str, list[float]] = {}
-    for gid, reward in zip(batch.group_ids, batch.rewards):
-        groups.setdefault(gid, []).append(reward)
-    lengths = [len(r) for r in batch.response_ids]
-    privileged = [u for u, src in zip(batch.pmi, batch.privileged_source) if src != "none"]
-    flat_u = torch.tensor([x for u in privileged for x in u], dtype=torch.float64)
-    pmi = token_stats(flat_u, torch.ones_like(flat_u, dtype=torch.bool)) if flat_u.numel() else {}
-    mismatch = [abs(a - b) for s, q in zip(batch.student_logprobs, batch.sampling_logprobs)
-                for a, b in zip(s, q) if _finite(b)]
-    sources = batch.privileged_source
-    return {
-        "reward/mean": _mean(batch.rewards),
-        "reward/accuracy": _mean([float(c) for c in batch.correct]),
-        "reward/zero_variance_frac": _mean([float(max(r) == min(r)) for r in groups.values()]),
-        "response/length_mean": _mean([float(x) for x in lengths]),
-        "response/length_max": max(lengths),
-        "response/truncated_frac": _mean([float(f == "length") for f in batch.finish_reason]),
-        "teacher/entropy_median": teacher_median(batch),
-        "student/entropy_mean": _mean([h for ents in batch.student_entropy for h in ents]),
-        "pmi/u_mean": pmi.get("pmi/mean_u"),
-        "pmi/antisd_term_mean": pmi.get("pmi/mean_neg_phi"),
-        "pmi/neg_frac": pmi.get("pmi/frac_negative"),
-        "privileged/peer": sources.count("peer"),
-        "privileged/reference": sources.count("reference"),
-        "privileged/none": sources.count("none"),
-        "rollout/logprob_mismatch_mean": _mean(mismatch),
-        "rollout/logprob_mismatch_max": max(mismatch) if mismatch else None,
-    }
-
-
-def _pad(rows: list[list[float]], width: int):
-    """Right-pad float lists with 0 into [B, width] float32."""
-    import torch
-
-    out = torch.zeros((len(rows), width), dtype=torch.float32)
-    for i, values in enumerate(rows):
-        out[i, : len(values)] = torch.tensor(values, dtype=torch.float32)
-    return out
-
-
-def truncated_is_weights(student_logprobs, sampling_logprobs, cap: float):
-    """Token-level truncated IS weight w_t = min(exp(s_t − log q_t), cap), q = the rollout engine's sampler.
-
-    Constant (no gradient). Folded into the advantage, since for w > 0:
-    −min(ρ·wA, clip(ρ)·wA) = w·(−min(ρA, clip(ρ)A)).
-    """
-    import torch
-
-    return torch.exp((student_logprobs - sampling_logprobs).clamp(max=20.0)).clamp(max=cap)
 
 
 # --- training ---------------------------------------------------------------------------------------------------
@@ -396,6 +191,7 @@ class Trainer:
         if loaded is not None and Path(loaded.path).resolve() == self.model_dir.resolve() \
                 and next(loaded.model.parameters()).dtype == torch.float32:
             return copy.deepcopy(loaded.model)  # train a copy: the caller's model keeps serving until we are done
+        quiet_transformers()
         return AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
 
     def _autocast(self):
@@ -448,7 +244,7 @@ class Trainer:
             "actor/pg_loss": loss / max(len(grad_norms), 1),
             "actor/clip_frac": clip / tokens if tokens else None,
             "actor/approx_kl": kl / tokens if tokens else None,
-            "actor/grad_norm": _mean([g for g in grad_norms if g is not None]),
+            "actor/grad_norm": mean_or_none([g for g in grad_norms if g is not None]),
             "actor/lr": config.lr,
             "throughput/update_tok_s": seq_tokens / elapsed if elapsed > 0 else None,
         }
@@ -479,7 +275,7 @@ class Trainer:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = None if norm is None else float(norm)
-        if norm is not None and not _finite(norm):
+        if norm is not None and not is_finite(norm):
             raise RuntimeError(f"non-finite gradient norm ({norm}) at update step {self.step}; no checkpoint written")
         return norm
 
@@ -504,11 +300,11 @@ class Trainer:
         logprobs = pad_sequence([v.float() for v in new_logprobs], batch_first=True)  # [B, T]
         width = logprobs.shape[1]
         mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).to(self.device)  # [B, T]
-        old = _pad([batch.student_logprobs[i] for i in rows], width).to(self.device)  # [B, T]
-        pmi = _pad([batch.pmi[i] for i in rows], width).to(self.device)  # [B, T]
+        old = pad_rows([batch.student_logprobs[i] for i in rows], width).to(self.device)  # [B, T]
+        pmi = pad_rows([batch.pmi[i] for i in rows], width).to(self.device)  # [B, T]
         advantages = token_advantages(config.method, seq_adv[rows].to(self.device), pmi, mask, lam)  # [B, T]
         if config.is_correction == "token":
-            sampling = _pad([batch.sampling_logprobs[i] for i in rows], width).to(self.device)
+            sampling = pad_rows([batch.sampling_logprobs[i] for i in rows], width).to(self.device)
             advantages = advantages * truncated_is_weights(old, sampling, config.is_cap)
         loss, metrics = policy_loss(logprobs, old, advantages, mask, config.clip_low, config.clip_high,
                                     config.loss_agg, normalizer)
@@ -558,7 +354,7 @@ def run(config: UpdateConfig, loaded=None) -> Path:
     from stages.runtime import set_threads
 
     started = time.perf_counter()
-    _check_options(config)
+    check_options(config)
     env = distributed.env_from(os.environ)
     model_dir = resolve_model(config.model)
     out = checkpoint.check_target(config.out, config.overwrite)
@@ -566,12 +362,12 @@ def run(config: UpdateConfig, loaded=None) -> Path:
         raise InputError(f"--out {out}: must differ from --model (checkpoints are never updated in place)")
     state_path = config.state or checkpoint.default_state_path(model_dir)
     state = checkpoint.read_state(state_path)
-    deepspeed_user = _read_deepspeed_file(config.deepspeed_config)
+    deepspeed_user = read_deepspeed_file(config.deepspeed_config)
     stage = config.zero_stage if config.zero_stage is not None else \
         deepspeed_user.get("zero_optimization", {}).get("stage", 2)
-    _check_state(config, state, model_dir, env.world_size, stage)
+    check_state(config, state, model_dir, env.world_size, stage)
     table, metadata = read_artifact(config.scored, "scored")
-    _check_revision(config, metadata, model_dir)
+    check_revision(config, metadata, model_dir)
     vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     temperature = float(metadata.get("temperature") or 1.0)  # score's numerics: s_t at the sampling temperature
     batch = batch_from_table(table, str(config.scored), vocab_size, temperature)

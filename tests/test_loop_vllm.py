@@ -37,7 +37,8 @@ class FakeLLM:
 
     def __init__(self, **kwargs):
         self.kwargs, self.calls, self.weights = kwargs, [], kwargs["model"]
-        self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=lambda: self.calls.append(("shutdown",))))
+        shutdown = lambda: self.calls.append(("shutdown",))  # noqa: E731
+        self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=shutdown))
         FakeLLM.instances.append(self)
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
@@ -46,7 +47,7 @@ class FakeLLM:
         completion = lambda index: SimpleNamespace(  # noqa: E731
             index=index, token_ids=tuple(ids), finish_reason="stop",
             logprobs=[{token: SimpleNamespace(logprob=-0.5)} for token in ids])
-        return [SimpleNamespace(outputs=[completion(i) for i in range(params.kwargs["n"])]) for params in sampling_params]
+        return [SimpleNamespace(outputs=[completion(i) for i in range(p.kwargs["n"])]) for p in sampling_params]
 
     def collective_rpc(self, method, kwargs=None):
         self.calls.append(("collective_rpc", method, kwargs))

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from antisd_cli.main import cli
 from stages import config as run_config
 from stages import slurm
-from stages.loop import LoopConfig
+from stages.loop import LoopConfig, step_configs
 from stages.slurm import SlurmConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -270,7 +270,7 @@ def test_commands_in_scripts_are_valid_antisd_invocations_of_the_loop_configs(tm
             continue
         built = _parse_with_cli(argv, monkeypatch)
         step = int(Path(built.out).parent.name.split("_")[1])  # out is step_XXXX/<output>
-        expected = loop.step_configs(config, run, step)[argv[0]]
+        expected = step_configs(config, run, step)[argv[0]]
         if argv[0] in slurm.ARRAY_STAGES:
             expected = dataclasses.replace(expected, shard="1/2")  # SLURM_ARRAY_TASK_ID=1
         assert built == expected

@@ -191,7 +191,8 @@ def test_sd_is_ungated_by_default(tmp_path, tiny_model_dir, scored):
 def test_two_steps_in_process_equal_two_runs_through_checkpoints(tmp_path, tiny_model_dir):
     """Optimizer moments, step counts and gate state all travel through CKPT/deepspeed and antisd_state.json."""
     from stages import distributed
-    from stages.update import Trainer, batch_from_table
+    from stages.update import Trainer
+    from stages.update_data import batch_from_table
 
     first = make_scored(tmp_path / "a.parquet", tiny_model_dir, seed=1)
     second = make_scored(tmp_path / "b.parquet", tiny_model_dir, seed=2, revision=None)
