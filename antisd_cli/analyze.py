@@ -29,7 +29,11 @@ def analyze_command() -> None:
               help="Tokenizer source: model folder or embedded name "
                    "[default: the scored file's model, else smollm2-135m].")
 @click.option("--prompts", default=None, type=click.Path(exists=True, dir_okay=True),
-              help="Sample and score these prompts first instead of reading scored files (not implemented yet).")
+              help="A prompts Parquet: sample (--n, --temperature, --max-new-tokens), verify and score it with "
+                   "--model first, into OUT, instead of reading scored files.")
+@click.option("--n", default=4, type=click.IntRange(min=1), help="--prompts mode: samples per prompt.")
+@click.option("--temperature", default=1.0, type=click.FloatRange(min=0), help="--prompts mode: sampling temperature.")
+@click.option("--max-new-tokens", default=256, type=click.IntRange(min=1), help="--prompts mode: response length cap.")
 @click.option("--deliberation-words", default=",".join(DELIBERATION_WORDS), callback=_word_list,
               help="Comma-separated deliberation words (matched case-insensitively on the stripped word).")
 @click.option("--shortcut-words", default=",".join(SHORTCUT_WORDS), callback=_word_list,
@@ -45,7 +49,7 @@ def analyze_command() -> None:
 @click.option("--bins", default=20, type=click.IntRange(min=2), help="Heatmap bins per axis.")
 @overwrite_option
 @stage_errors
-def pmi(scored, out, model, prompts, deliberation_words, shortcut_words, min_count, top, rollouts, seed, clip, bins,
+def pmi(scored, out, model, prompts, n, temperature, max_new_tokens, deliberation_words, shortcut_words, min_count, top, rollouts, seed, clip, bins,
         overwrite):
     """Per-word PMI u = t − s of SCORED files: tokens.csv, heatmap.png, rollouts.html, summary.json.
 
@@ -56,12 +60,14 @@ def pmi(scored, out, model, prompts, deliberation_words, shortcut_words, min_cou
     Example:
       antisd analyze pmi scored.parquet --out pmi_base
       antisd analyze pmi run/step-*/scored.parquet --out pmi_run --min-count 20 --rollouts 4
+      antisd analyze pmi --prompts prompts.parquet --model smollm2-135m --n 4 --out pmi_base
     """
     from rich.console import Console
 
     from stages.analyze import PmiConfig, run, summary_tables
 
-    config = PmiConfig(scored=tuple(scored), out=out, model=model, prompts=prompts,
+    config = PmiConfig(scored=tuple(scored), out=out, model=model, prompts=prompts, n=n, temperature=temperature,
+                       max_new_tokens=max_new_tokens,
                        deliberation_words=deliberation_words, shortcut_words=shortcut_words, min_count=min_count,
                        top=top, rollouts=rollouts, seed=seed, clip=clip, bins=bins, overwrite=overwrite)
     path = run(config)

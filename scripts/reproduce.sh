@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# `make reproduce`: the small-scale reproduction study of docs/reproduction.md. LONG-RUNNING: about 1.5-2 hours on
+# `make reproduce`: the small-scale reproduction study of docs/reproduction.md. LONG-RUNNING: about 1-1.5 hours on
 # 2 CPU cores at the default size. Resumable: rerunning continues every run from its directory.
-#   OUT=runs/repro JOBS=2 STEPS=10 scripts/reproduce.sh
+#   OUT=runs/repro JOBS=2 STEPS=8 scripts/reproduce.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ANTISD=${ANTISD:-.venv/bin/antisd}
 OUT=${OUT:-runs/repro}
 JOBS=${JOBS:-2}
-STEPS=${STEPS:-10}
+STEPS=${STEPS:-8}
 DOCS=${DOCS:-docs/reproduction}
 RUNS=${RUNS:-"antisd:0 grpo:0 sd:0 rkl-ascent:0 antisd:1 grpo:1 sd:1 rkl-ascent:1 antisd:2 grpo:2"}
 mkdir -p "$OUT" "$DOCS"

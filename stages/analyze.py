@@ -50,7 +50,10 @@ class PmiConfig:
     scored: tuple[str, ...] = ()  # scored Parquet files (or part directories), pooled
     out: str = "pmi"  # output folder (created; its parent must exist)
     model: str | None = None  # tokenizer source; None = config.model of the first scored file, else smollm2-135m
-    prompts: str | None = None  # reserved: sample + score these prompts first (not implemented yet, issue 4)
+    prompts: str | None = None  # a prompts Parquet: rollout, verify and score it with `model` first (into `out`)
+    n: int = 4  # --prompts mode: samples per prompt
+    temperature: float = 1.0  # --prompts mode: sampling temperature
+    max_new_tokens: int = 256  # --prompts mode: response length cap
     deliberation_words: tuple[str, ...] = DELIBERATION_WORDS  # matched case-insensitively on the stripped word
     shortcut_words: tuple[str, ...] = SHORTCUT_WORDS
     min_count: int = 5  # printed tables and heatmap labels: only word types seen at least this often
@@ -126,20 +129,37 @@ def pick_rollouts(correct: list[bool], n: int, seed: int) -> list[int]:
 # --- the stage ---------------------------------------------------------------------------------------------------
 
 
-def scored_inputs(config: PmiConfig) -> list[Path]:
-    """The scored files to analyse.
+def scored_inputs(config: PmiConfig, loaded=None) -> list[Path]:
+    """The scored files to analyse; with `prompts`, first sample, verify and score them into `out`.
 
-    Hook for the model + prompts mode: sample, verify and score `config.prompts` into the output folder here and
-    return that scored file.
+    The intermediate files (rollouts/verified/scored.parquet in `out`) are ordinary stage outputs; existing ones are
+    reused, so an interrupted analysis resumes.
     """
-    if config.prompts is not None:
-        raise InputError(
-            "analyze pmi --prompts: sampling and scoring under the hood is not implemented yet; run `antisd rollout`, "
-            "`antisd verify` and `antisd score`, then pass the scored file"
-        )
-    if not config.scored:
-        raise InputError("analyze pmi: give at least one scored Parquet file")
-    return [Path(p) for p in config.scored]
+    if config.prompts is None:
+        if not config.scored:
+            raise InputError("analyze pmi: give at least one scored Parquet file, or --prompts")
+        return [Path(p) for p in config.scored]
+    if config.scored:
+        raise InputError("analyze pmi: give scored files or --prompts, not both")
+    from stages import rollout, score, verify
+    from stages.models import load_model
+
+    out = Path(config.out)
+    out.mkdir(exist_ok=True)
+    model = config.model or "smollm2-135m"
+    files = {name: out / f"{name}.parquet" for name in ("rollouts", "verified", "scored")}
+    if not files["scored"].exists():
+        loaded = loaded or load_model(model)
+        if not files["rollouts"].exists():
+            rollout.run(rollout.RolloutConfig(prompts=config.prompts, out=str(files["rollouts"]), model=model,
+                                              n=config.n, temperature=config.temperature,
+                                              max_new_tokens=config.max_new_tokens, seed=config.seed), loaded=loaded)
+        if not files["verified"].exists():
+            verify.run(verify.VerifyConfig(rollouts=str(files["rollouts"]), out=str(files["verified"]),
+                                           seed=config.seed))
+        score.run(score.ScoreConfig(verified=str(files["verified"]), out=str(files["scored"]), model=model),
+                  loaded=loaded)
+    return [files["scored"]]
 
 
 def check_config(config: PmiConfig) -> Path:
@@ -286,8 +306,8 @@ def summary_tables(summary: dict) -> list:
 
 def run(config: PmiConfig, loaded=None) -> Path:
     """Analyse the scored files of `config` into its output folder; `loaded` lends its tokenizer."""
-    paths = scored_inputs(config)
     out = check_config(config)
+    paths = scored_inputs(config, loaded)
     rows, metadata = read_scored(paths)
     used = [row for row in rows if row["privileged_source"] != "none"]
     if not used:

@@ -291,7 +291,7 @@ def test_cli_rejects_a_file_of_an_earlier_stage(tmp_path, arith_prompts):
 
 @pytest.mark.parametrize("args, message", [
     ([], "at least one scored"),
-    (["--prompts", "{scored}"], "not implemented yet"),
+    (["{scored}", "--prompts", "{scored}"], "not both"),
     (["{scored}", "--model", "/no/such/model"], "/no/such/model"),
     (["{scored}", "--deliberation-words", " , "], "at least one word"),
     (["{scored}", "--clip", "0"], "--clip"),
@@ -308,3 +308,16 @@ def test_cli_names_a_vanished_metadata_model(tmp_path, tokenizer):
     path = write_scored(tmp_path / "s.parquet", [scored_row("p", 0, ids, [-1.0], [0.0], [1.0])], tmp_path / "gone")
     result = CliRunner().invoke(cli, ["analyze", "pmi", str(path), "--out", str(tmp_path / "pmi")])
     assert result.exit_code == 2 and "pass --model" in result.stderr and str(path) in result.stderr
+
+
+def test_prompts_mode_samples_verifies_and_scores_first(tmp_path, arith_prompts, tiny_model_dir):
+    out = tmp_path / "pmi"
+    result = CliRunner().invoke(cli, ["analyze", "pmi", "--prompts", str(arith_prompts), "--model", str(tiny_model_dir),
+                                      "--n", "2", "--max-new-tokens", "6", "--min-count", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    import pyarrow.parquet as pq
+
+    scored = pq.read_table(out / "scored.parquet")
+    assert scored.num_rows == 4 * 2
+    assert (out / "tokens.csv").read_text().startswith("word,")
+    assert json.loads((out / "summary.json").read_text())
