@@ -32,9 +32,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/score.py
 	$(BIN)/python bench/update.py
 
-# Long-running (1-1.5 hours on 2 CPU cores); resumable: rerun continues from runs/repro/.
+# Long-running (~20 min per pair of runs on 2 CPU cores); resumable: rerun continues from runs/repro/.
 reproduce: $(STAMP)
 	bash scripts/reproduce.sh
+	bash scripts/reproduce_report.sh
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache

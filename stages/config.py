@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,23 @@ from typing import Any
 import yaml
 
 from stages.io import InputError, to_jsonable
+
+
+class _Yaml12BoolLoader(yaml.SafeLoader):
+    """SafeLoader whose booleans are only true/false (YAML 1.2): `--set update.gate=off` stays the string 'off'."""
+
+
+_Yaml12BoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12BoolLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def safe_load(text: str):
+    """yaml.safe_load with YAML 1.2 booleans (on/off/yes/no stay strings). Never constructs Python objects."""
+    return yaml.load(text, Loader=_Yaml12BoolLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass(frozen=True)
@@ -128,7 +146,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if len(path) < 2:
         raise InputError(f"--set {text}: expected section.key=value, e.g. update.lr=2e-6")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return path, value
@@ -186,7 +204,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
         if not path.exists():
             raise InputError(f"--config {path}: no such file")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise InputError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(raw, dict):

@@ -62,3 +62,12 @@ def test_bad_override_syntax():
 def test_missing_config_file(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         config.load(tmp_path / "missing.yaml")
+
+
+def test_on_off_stay_strings_in_overrides_and_files(tmp_path):
+    assert config.resolve({}, ["update.gate=off"]).stages["update"]["gate"] == "off"
+    path = tmp_path / "c.yaml"
+    path.write_text("update:\n  gate: on\n  gradient_checkpointing: false\n")
+    resolved = config.load(path)
+    assert resolved.stages["update"]["gate"] == "on"
+    assert resolved.stages["update"]["gradient_checkpointing"] is False
