@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from stages import distributed
-from stages.io import InputError, to_jsonable
+from stages.io import InputError, check_output, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,7 @@ def temp_dir_for(out: Path) -> Path:
 
 def check_target(out: str | Path, overwrite: bool) -> Path:
     """Validate the output folder before any work: its parent exists, and it is new unless `overwrite`."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise InputError(f"--out {out}: parent directory {out.parent} does not exist")
-    if out.exists() and not overwrite:
-        raise InputError(f"--out {out}: output exists (pass --overwrite to replace it)")
+    out = check_output(out, overwrite)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: a file exists there; a checkpoint is a folder")
     return out
