@@ -17,8 +17,17 @@ done
 "$ANTISD" -q plot "${runs[@]}" "${labels[@]}" --format csv --out "$DOCS/curves.csv" --overwrite
 # PMI of the base model (step 0 is scored with the base weights) and of the trained ungated AntiSD policy (last step).
 last=$(printf "step_%04d" $((STEPS - 1)))
-"$ANTISD" -q analyze pmi "$OUT"/*_s*/step_0000/scored.parquet --out "$DOCS/pmi_base" --overwrite > "$DOCS/pmi_base.txt"
+"$ANTISD" -q analyze pmi "$OUT"/grpo_s*/step_0000/scored.parquet --out "$DOCS/pmi_base" --overwrite > "$DOCS/pmi_base.txt"
 "$ANTISD" -q analyze pmi "$OUT"/antisd-nogate_s*/"$last"/scored.parquet --out "$DOCS/pmi_antisd" --overwrite \
   > "$DOCS/pmi_antisd.txt"
 .venv/bin/python scripts/reproduction_table.py "$OUT" > "$DOCS/table.md"
 cat "$DOCS/table.md"
+# The diagnostic on longer reasoning: base model on 12 GSM8K test problems (arith answers are too short to hold the
+# deliberation words).
+if [ ! -f "$OUT/gsm8k_prompts.parquet" ]; then
+  "$ANTISD" -q data prepare gsm8k --split test --num 12 --out "$OUT/gsm8k_prompts.parquet"
+fi
+OMP_NUM_THREADS=1 "$ANTISD" -q analyze pmi --prompts "$OUT/gsm8k_prompts.parquet" --model smollm2-135m --n 2 \
+  --max-new-tokens 160 --out "$OUT/pmi_gsm8k_base" --overwrite > "$DOCS/pmi_gsm8k_base.txt"
+mkdir -p "$DOCS/pmi_gsm8k_base"
+cp "$OUT"/pmi_gsm8k_base/{tokens.csv,pieces.csv,heatmap.png,summary.json,rollouts.html} "$DOCS/pmi_gsm8k_base/"

@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python scripts/reproduction_table.py runs/repro > docs/reproduction/table.md
 
-Per method (mean over seeds, with the per-seed values): base, final and best held-out accuracy, the first step at
+Per method (finished runs only; METHOD-nogate = the gate off, λ = λ_max every step; mean over seeds, with the
+per-seed values): base, final and best held-out accuracy, the first step at
 which the method's seed-mean held-out accuracy reaches GRPO's best seed-mean accuracy, mean response length, mean
 training reward of the last 4 steps, and gate activity (fraction of post-warm-up steps with the gate open, mean λ).
 """
@@ -20,7 +21,9 @@ def load_run(run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     manifest = json.loads((run_dir / "run.json").read_text())
     base = json.loads((run_dir / "eval_base.json").read_text()) if (run_dir / "eval_base.json").exists() else {}
-    return {"name": run_dir.name, "method": manifest["config"]["update"].get("method", "antisd"),
+    update = manifest["config"]["update"]
+    method = update.get("method", "antisd") + ("-nogate" if update.get("gate") == "off" else "")
+    return {"name": run_dir.name, "method": method, "steps": manifest["config"]["loop"]["steps"],
             "seed": manifest["config"]["loop"]["seed"], "rows": rows, "base": base.get("eval/accuracy"),
             "warmup": manifest["config"]["update"].get("warmup_steps", 5)}
 
@@ -44,6 +47,7 @@ def fmt(values: list[float], digits: int = 3) -> str:
 
 def main(root: Path) -> str:
     runs = [load_run(d) for d in sorted(root.iterdir()) if (d / "metrics.jsonl").exists()]
+    runs = [r for r in runs if len(r["rows"]) >= r["steps"]]  # finished runs only
     by_method: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         by_method[run["method"]].append(run)
@@ -54,7 +58,7 @@ def main(root: Path) -> str:
         "| response length | train reward (last 4) | gate open | mean λ |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for method in ("grpo", "antisd", "sd", "rkl-ascent"):
+    for method in ("grpo", "antisd", "antisd-nogate", "sd", "rkl-ascent", "rkl-ascent-nogate"):
         group = by_method.get(method, [])
         if not group:
             continue
