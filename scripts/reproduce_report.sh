@@ -18,7 +18,7 @@ done
 # PMI of the base model (step 0 is scored with the base weights) and of the trained ungated AntiSD policy (last step).
 last=$(printf "step_%04d" $((STEPS - 1)))
 "$ANTISD" -q analyze pmi "$OUT"/grpo_s*/step_0000/scored.parquet --out "$DOCS/pmi_base" --overwrite > "$DOCS/pmi_base.txt"
-"$ANTISD" -q analyze pmi "$OUT"/antisd-nogate_s*/"$last"/scored.parquet --out "$DOCS/pmi_antisd" --overwrite \
+"$ANTISD" -q analyze pmi "$OUT"/antisd-nogate_s*/"$last"/scored.parquet --model smollm2-135m --out "$DOCS/pmi_antisd" --overwrite \
   > "$DOCS/pmi_antisd.txt"
 .venv/bin/python scripts/reproduction_table.py "$OUT" > "$DOCS/table.md"
 cat "$DOCS/table.md"
