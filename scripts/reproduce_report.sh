@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Figures and tables of docs/reproduction.md from the study's run directories (after scripts/reproduce.sh).
-#   OUT=runs/repro scripts/reproduce_report.sh
+#   OUT=runs/repro DOCS=docs/reproduction PMI_METHOD=antisd scripts/reproduce_report.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ANTISD=${ANTISD:-.venv/bin/antisd}
 OUT=${OUT:-runs/repro}
 DOCS=${DOCS:-docs/reproduction}
 STEPS=${STEPS:-8}
+PMI_METHOD=${PMI_METHOD:-antisd}  # whose trained policy the second PMI analysis looks at (its runs' last step)
 mkdir -p "$DOCS"
 runs=(); labels=()
 for dir in "$OUT"/*_s*/; do
@@ -15,10 +16,10 @@ for dir in "$OUT"/*_s*/; do
 done
 "$ANTISD" -q plot "${runs[@]}" "${labels[@]}" --out "$DOCS/curves.png" --overwrite
 "$ANTISD" -q plot "${runs[@]}" "${labels[@]}" --format csv --out "$DOCS/curves.csv" --overwrite
-# PMI of the base model (step 0 is scored with the base weights) and of the trained ungated AntiSD policy (last step).
+# PMI of the base model (step 0 is scored with the base weights) and of the trained PMI_METHOD policy (last step).
 last=$(printf "step_%04d" $((STEPS - 1)))
 "$ANTISD" -q analyze pmi "$OUT"/grpo_s*/step_0000/scored.parquet --out "$DOCS/pmi_base" --overwrite > "$DOCS/pmi_base.txt"
-"$ANTISD" -q analyze pmi "$OUT"/antisd-nogate_s*/"$last"/scored.parquet --model smollm2-135m --out "$DOCS/pmi_antisd" --overwrite \
+"$ANTISD" -q analyze pmi "$OUT"/"$PMI_METHOD"_s*/"$last"/scored.parquet --model smollm2-135m --out "$DOCS/pmi_antisd" --overwrite \
   > "$DOCS/pmi_antisd.txt"
 .venv/bin/python scripts/reproduction_table.py "$OUT" > "$DOCS/table.md"
 cat "$DOCS/table.md"
@@ -27,7 +28,10 @@ cat "$DOCS/table.md"
 if [ ! -f "$OUT/gsm8k_prompts.parquet" ]; then
   "$ANTISD" -q data prepare gsm8k --split test --num 12 --out "$OUT/gsm8k_prompts.parquet"
 fi
-OMP_NUM_THREADS=1 "$ANTISD" -q analyze pmi --prompts "$OUT/gsm8k_prompts.parquet" --model smollm2-135m --n 2 \
-  --max-new-tokens 160 --out "$OUT/pmi_gsm8k_base" --overwrite > "$DOCS/pmi_gsm8k_base.txt"
+if [ ! -f "$OUT/pmi_gsm8k_base/summary.json" ]; then  # base model, seeded: the same in every study
+  OMP_NUM_THREADS=1 "$ANTISD" -q analyze pmi --prompts "$OUT/gsm8k_prompts.parquet" --model smollm2-135m --n 2 \
+    --max-new-tokens 160 --out "$OUT/pmi_gsm8k_base" --overwrite > "$OUT/pmi_gsm8k_base.txt"
+fi
+cp "$OUT/pmi_gsm8k_base.txt" "$DOCS/pmi_gsm8k_base.txt"
 mkdir -p "$DOCS/pmi_gsm8k_base"
 cp "$OUT"/pmi_gsm8k_base/{tokens.csv,pieces.csv,heatmap.png,summary.json,rollouts.html} "$DOCS/pmi_gsm8k_base/"

@@ -5,7 +5,8 @@ Run: .venv/bin/python scripts/reproduction_table.py runs/repro > docs/reproducti
 Per method (finished runs only; METHOD-nogate = the gate off, λ = λ_max every step; mean over seeds, with the
 per-seed values): base, final and best held-out accuracy, the first step at
 which the method's seed-mean held-out accuracy reaches GRPO's best seed-mean accuracy, mean response length, mean
-training reward of the last 4 steps, and gate activity (fraction of post-warm-up steps with the gate open, mean λ).
+training reward of the last 4 steps, the final accuracy minus GRPO's for the same seed (paired: same seed means same
+first batch and base), and gate activity (fraction of post-warm-up steps with the gate open, mean λ).
 """
 
 from __future__ import annotations
@@ -37,12 +38,18 @@ def mean_curve(runs: list[dict]) -> dict[int, float]:
     return {s: statistics.mean(eval_curve(r)[s] for r in runs) for s in sorted(steps)}
 
 
-def fmt(values: list[float], digits: int = 3) -> str:
+def final_accuracy(run: dict) -> float | None:
+    curve = eval_curve(run)
+    return curve[max(curve)] if curve else None
+
+
+def fmt(values: list[float], digits: int = 3, signed: bool = False) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "–"
-    inner = ", ".join(f"{v:.{digits}f}" for v in values)
-    return f"{statistics.mean(values):.{digits}f} ({inner})" if len(values) > 1 else f"{values[0]:.{digits}f}"
+    spec = f"{'+' if signed else ''}.{digits}f"
+    inner = ", ".join(f"{v:{spec}}" for v in values)
+    return f"{statistics.mean(values):{spec}} ({inner})" if len(values) > 1 else f"{values[0]:{spec}}"
 
 
 def main(root: Path) -> str:
@@ -53,18 +60,21 @@ def main(root: Path) -> str:
         by_method[run["method"]].append(run)
     grpo_curve = mean_curve(by_method.get("grpo", []))
     grpo_best = max(grpo_curve.values()) if grpo_curve else None
+    grpo_final = {r["seed"]: final_accuracy(r) for r in by_method.get("grpo", [])}
     lines = [
         "| method | seeds | steps | base acc | final acc | best acc | first step ≥ GRPO best (seed mean) "
-        "| response length | train reward (last 4) | gate open | mean λ |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| final − GRPO (same seed) | response length | train reward (last 4) | gate open | mean λ |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for method in ("grpo", "antisd", "antisd-nogate", "sd", "rkl-ascent", "rkl-ascent-nogate"):
-        group = by_method.get(method, [])
-        if not group:
-            continue
+    known = ("grpo", "antisd", "antisd-nogate", "sd", "rkl-ascent", "rkl-ascent-nogate")
+    methods = [m for m in known if m in by_method] + sorted(set(by_method) - set(known))
+    for method in methods:
+        group = by_method[method]
         curve = mean_curve(group)
         reach = next((s for s, acc in curve.items() if grpo_best is not None and acc >= grpo_best), None)
-        finals = [list(eval_curve(r).values())[-1] if eval_curve(r) else None for r in group]
+        finals = [final_accuracy(r) for r in group]
+        paired = [final_accuracy(r) - grpo_final[r["seed"]] for r in group
+                  if final_accuracy(r) is not None and grpo_final.get(r["seed"]) is not None]
         bests = [max(eval_curve(r).values()) if eval_curve(r) else None for r in group]
         lengths = [statistics.mean(x["response/length_mean"] for x in r["rows"]) for r in group]
         rewards = [statistics.mean(x["reward/mean"] for x in r["rows"][-4:]) for r in group]
@@ -74,7 +84,7 @@ def main(root: Path) -> str:
         steps = min(len(r["rows"]) for r in group)
         lines.append(
             f"| `{method}` | {len(group)} | {steps} | {fmt([r['base'] for r in group])} | {fmt(finals)} | {fmt(bests)} "
-            f"| {'never' if reach is None else reach} | {fmt(lengths, 1)} | {fmt(rewards)} "
+            f"| {'never' if reach is None else reach} | {fmt(paired, 3, signed=True)} | {fmt(lengths, 1)} | {fmt(rewards)} "
             f"| {fmt(gate_open, 2)} | {fmt(lambdas, 2)} |"
         )
     lines.append("")
@@ -82,7 +92,7 @@ def main(root: Path) -> str:
     lines.append("")
     lines.append("Seed-mean held-out accuracy by step (accuracy after that step's update):")
     lines.append("")
-    curves = {m: mean_curve(g) for m, g in by_method.items()}
+    curves = {m: mean_curve(by_method[m]) for m in methods}
     steps = sorted(set().union(*(set(c) for c in curves.values()))) if curves else []
     lines.append("| method | " + " | ".join(str(s) for s in steps) + " |")
     lines.append("| --- |" + " --- |" * len(steps))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.io import InputError, atomic_write_json, atomic_write_text, read_artifact, read_metadata
+from stages.io import InputError, atomic_write_json, atomic_write_text, read_artifact
 from stages.words import BYTE_DECODER, PieceDecoder, display_word, visible, word_spans  # noqa: F401
 
 log = logging.getLogger(__name__)

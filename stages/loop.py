@@ -1,13 +1,7 @@
 """`antisd loop`: drive rollout → verify → score → update (→ eval) for N steps, resumable after any kill.
 
-Layout of a run directory (every file is one stage's ordinary output, so any stage can be rerun by hand with the
-command recorded in `step_XXXX/commands.sh`):
-
-    runs/NAME/run.json            manifest: resolved config, its digest, finished stages, latest checkpoint
-    runs/NAME/config.yaml         the resolved config (rerun with --config runs/NAME/config.yaml)
-    runs/NAME/train_prompts.parquet, eval_prompts.parquet
-    runs/NAME/step_0000/{prompts,rollouts,verified,scored}.parquet, checkpoint/, eval.parquet, metrics.json
-    runs/NAME/metrics.jsonl       one row per finished step (rebuilt from the per-step metrics.json files)
+The run directory's layout is described in `stages.run_dir`; every file in it is one stage's ordinary output,
+so any stage can be rerun by hand with the command recorded in `step_XXXX/commands.sh`.
 
 Resume: a stage is done iff its output exists (all writes are atomic), so rerunning the same command continues at the
 first unfinished stage; every seed derives from (run seed, step), so the result equals an uninterrupted run. The loop
@@ -28,9 +22,8 @@ import json
 import logging
 import random
 import shlex
-import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -39,6 +32,7 @@ from stages import config as run_config
 from stages import data as data_stage
 from stages.io import InputError, atomic_write_json, atomic_write_text, build_metadata, read_artifact, to_jsonable
 from stages.io import write_artifact
+from stages.run_dir import Run, config_changes
 
 log = logging.getLogger(__name__)
 
@@ -77,29 +71,6 @@ def step_prompt_indices(total: int, per_step: int, step: int, seed: int) -> list
     return indices
 
 
-class Run:
-    """A run directory: manifest bookkeeping and paths. Holds no model."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.manifest_path = root / "run.json"
-
-    def step_dir(self, step: int) -> Path:
-        return self.root / f"step_{step:04d}"
-
-    def checkpoint(self, step: int) -> Path:
-        return self.step_dir(step) / "checkpoint"
-
-    def model_for_step(self, step: int, base_model: str) -> str:
-        return base_model if step == 0 else str(self.checkpoint(step - 1))
-
-    def read_manifest(self) -> dict | None:
-        return json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None
-
-    def write_manifest(self, manifest: dict) -> None:
-        atomic_write_json(self.manifest_path, manifest)
-
-
 def prepare_prompts(spec: run_config.DataSpec, path: Path) -> Path:
     if not path.exists():
         data_stage.run(data_stage.PrepareConfig(name=spec.name, out=str(path), split=spec.split, num=spec.num,
@@ -136,7 +107,7 @@ def init_run(config: LoopConfig) -> tuple[Run, dict]:
     if manifest is None:
         manifest = {"config": config.run.to_dict(), "config_digest": digest, "finished": [], "latest_checkpoint": None}
     elif manifest["config_digest"] != digest:
-        changed = _config_changes(manifest["config"], config.run.to_dict())
+        changed = config_changes(manifest["config"], config.run.to_dict())
         if changed == ["loop.steps"]:
             pass  # extending (or shortening) a run is a resume, not a different run
         elif not config.force:
@@ -150,25 +121,9 @@ def init_run(config: LoopConfig) -> tuple[Run, dict]:
     return run, manifest
 
 
-def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(old) | set(new))
-    changes = []
-    for key in keys:
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += _config_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changes.append(f"{prefix}{key}")
-    return changes
-
-
-def step_paths(run: Run, step: int) -> dict[str, Path]:
-    return {name: run.step_dir(step) / f"{name}.parquet" for name in ("prompts", "rollouts", "verified", "scored")}
-
-
 def write_step_prompts(config: LoopConfig, run: Run, step: int, train_table: pa.Table) -> Path:
     """RUN/step_XXXX/prompts.parquet: the rows of the seeded cursor for `step` (kept if it exists)."""
-    path = step_paths(run, step)["prompts"]
+    path = run.step_paths(step)["prompts"]
     if not path.exists():
         settings = config.run.loop
         rows = step_prompt_indices(train_table.num_rows, settings.prompts_per_step, step, settings.seed)
@@ -183,7 +138,7 @@ def stage_config(config: LoopConfig, section: str, **paths):
 
 def step_configs(config: LoopConfig, run: Run, step: int) -> dict:
     """The four stage Configs of `step` (paths, model, seeds); the local loop and the Slurm launcher share them."""
-    settings, paths = config.run.loop, {k: str(v) for k, v in step_paths(run, step).items()}
+    settings, paths = config.run.loop, {k: str(v) for k, v in run.step_paths(step).items()}
     model = run.model_for_step(step, settings.model)
     return {
         "rollout": stage_config(config, "rollout", model=model, prompts=paths["prompts"], out=paths["rollouts"],
@@ -262,7 +217,7 @@ class StepRunner:
         settings, stage_dir = self.settings, self.run.step_dir(step)
         stage_dir.mkdir(exist_ok=True)
         model = self.run.model_for_step(step, settings.model)
-        paths = step_paths(self.run, step)
+        paths = self.run.step_paths(step)
         timings: dict = {}
         loads_before = self.load_seconds
         write_step_prompts(self.config, self.run, step, train_table)
@@ -344,16 +299,6 @@ def loop_engine(config: run_config.RunConfig, model_path: Path, train_table: pa.
                                                 sleep_mode=sleep_mode), config.loop.weight_sync)
 
 
-def _rebuild_metrics(run: Run, steps: int) -> list[dict]:
-    rows = []
-    for step in range(steps):
-        path = run.step_dir(step) / "metrics.json"
-        if path.exists():
-            rows.append(json.loads(path.read_text()))
-    atomic_write_text(run.root / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    return rows
-
-
 def _tensorboard_writer(run: Run, enabled: bool):
     if not enabled:
         return None
@@ -382,7 +327,7 @@ def run(config: LoopConfig, view=None) -> Path:
         _run_steps(config, run_dir, manifest, runner, view, writer, train_table, eval_path)
     finally:
         runner.close_engine()
-    _rebuild_metrics(run_dir, settings.steps)
+    run_dir.rebuild_metrics(settings.steps)
     return run_dir.root
 
 
@@ -405,20 +350,11 @@ def _run_steps(config: LoopConfig, run_dir: Run, manifest: dict, runner: StepRun
             manifest["finished"] = sorted(set(manifest["finished"]) | {step})
             manifest["latest_checkpoint"] = str(run_dir.checkpoint(step))
             run_dir.write_manifest(manifest)
-            _rebuild_metrics(run_dir, settings.steps)
+            run_dir.rebuild_metrics(settings.steps)
             if writer is not None:
                 for key, value in row.items():
                     if isinstance(value, (int, float)) and key != "step":
                         writer.add_scalar(key, value, step)
                 writer.flush()
-            _prune_checkpoints(run_dir, step, settings.keep_checkpoints)
+            run_dir.prune_checkpoints(step, settings.keep_checkpoints)
             view.row(row)
-
-
-def _prune_checkpoints(run: Run, step: int, keep: int) -> None:
-    if keep <= 0:
-        return
-    for old in range(0, step - keep + 1):
-        folder = run.checkpoint(old)
-        if folder.exists():
-            shutil.rmtree(folder)

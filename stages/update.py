@@ -360,6 +360,7 @@ def run(config: UpdateConfig, loaded=None) -> Path:
     out = checkpoint.check_target(config.out, config.overwrite)
     if out.resolve() == model_dir.resolve():
         raise InputError(f"--out {out}: must differ from --model (checkpoints are never updated in place)")
+    checkpoint.check_free_space(out, checkpoint.estimate_bytes(model_dir))
     state_path = config.state or checkpoint.default_state_path(model_dir)
     state = checkpoint.read_state(state_path)
     deepspeed_user = read_deepspeed_file(config.deepspeed_config)

@@ -259,7 +259,7 @@ def test_commands_in_scripts_are_valid_antisd_invocations_of_the_loop_configs(tm
     # each stage of each step ran once (update once per rank), plus the finalize loop
     assert len(entries) == 2 * (3 + 4) + 1
     config = dataclasses.replace(config, out=str((tmp_path / "run").resolve()))
-    from stages.loop import Run
+    from stages.run_dir import Run
 
     run = Run(Path(config.out))
     for entry in entries:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,6 +22,7 @@ from click.testing import CliRunner
 import schemas
 from antisd_cli.main import cli
 from stages import checkpoint, io
+from stages import update as update_stage
 from stages.io import InputError
 from stages.models import model_revision
 from stages.update import UpdateConfig, run
@@ -386,6 +388,20 @@ def test_disk_full_leaves_previous_checkpoint_and_no_partial(tmp_path, tiny_mode
     assert "No space left" in result.stderr
     assert not (tmp_path / "c2").exists() and not list(tmp_path.glob(".c2*"))
     assert weights_hash(first) == digest and (first / checkpoint.STATE_FILE).exists()
+
+
+def test_too_little_free_space_is_refused_before_training(tmp_path, tiny_model_dir, scored, monkeypatch):
+    needed = checkpoint.estimate_bytes(tiny_model_dir)
+    weights = sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors"))
+    assert needed == weights * 5  # fp32 weights: 4 B + 16 B of optimizer state per parameter
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage._replace(free=needed - 1))
+    monkeypatch.setattr(update_stage.Trainer, "train_step", lambda *a: pytest.fail("trained despite a full disk"))
+    result = CliRunner().invoke(cli, ["update", "--scored", str(scored), "--model", str(tiny_model_dir), "--out",
+                                      str(tmp_path / "c"), "--lr", "1e-3"])
+    assert result.exit_code == 2, result.output
+    assert "--out" in result.stderr and "GiB is free there" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "c").exists()
 
 
 def test_overwrite_replaces_the_folder(tmp_path, tiny_model_dir, scored):

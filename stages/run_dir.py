@@ -1,0 +1,78 @@
+"""The run directory of `antisd loop`: its layout, manifest, metrics file and checkpoint pruning. Holds no model.
+
+Layout (every file is one stage's ordinary output):
+
+    runs/NAME/run.json            manifest: resolved config, its digest, finished stages, latest checkpoint
+    runs/NAME/config.yaml         the resolved config (rerun with --config runs/NAME/config.yaml)
+    runs/NAME/train_prompts.parquet, eval_prompts.parquet
+    runs/NAME/step_0000/{prompts,rollouts,verified,scored}.parquet, checkpoint/, eval.parquet, metrics.json
+    runs/NAME/metrics.jsonl       one row per finished step (rebuilt from the per-step metrics.json files)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from stages.io import atomic_write_json, atomic_write_text
+
+STEP_ARTIFACTS = ("prompts", "rollouts", "verified", "scored")
+
+
+class Run:
+    """A run directory: paths, the manifest, metrics.jsonl and checkpoint pruning."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.manifest_path = root / "run.json"
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"step_{step:04d}"
+
+    def step_paths(self, step: int) -> dict[str, Path]:
+        return {name: self.step_dir(step) / f"{name}.parquet" for name in STEP_ARTIFACTS}
+
+    def checkpoint(self, step: int) -> Path:
+        return self.step_dir(step) / "checkpoint"
+
+    def model_for_step(self, step: int, base_model: str) -> str:
+        return base_model if step == 0 else str(self.checkpoint(step - 1))
+
+    def read_manifest(self) -> dict | None:
+        return json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None
+
+    def write_manifest(self, manifest: dict) -> None:
+        atomic_write_json(self.manifest_path, manifest)
+
+    def rebuild_metrics(self, steps: int) -> list[dict]:
+        """Rewrite metrics.jsonl from the per-step metrics.json files of the first `steps` steps."""
+        rows = []
+        for step in range(steps):
+            path = self.step_dir(step) / "metrics.json"
+            if path.exists():
+                rows.append(json.loads(path.read_text()))
+        atomic_write_text(self.root / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        return rows
+
+    def prune_checkpoints(self, step: int, keep: int) -> None:
+        """Delete the checkpoints of steps before the last `keep` (0 keeps all); step `step` has just finished."""
+        if keep <= 0:
+            return
+        for old in range(0, step - keep + 1):
+            folder = self.checkpoint(old)
+            if folder.exists():
+                shutil.rmtree(folder)
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested config dicts."""
+    keys = sorted(set(old) | set(new))
+    changes = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}")
+    return changes
