@@ -8,6 +8,7 @@ OUT=${OUT:-runs/repro}
 DOCS=${DOCS:-docs/reproduction}
 STEPS=${STEPS:-8}
 PMI_METHOD=${PMI_METHOD:-antisd}  # whose trained policy the second PMI analysis looks at (its runs' last step)
+GSM8K_PMI=${GSM8K_PMI:-1}  # 0: skip the base-model GSM8K diagnostic (it does not depend on the study's settings)
 mkdir -p "$DOCS"
 runs=(); labels=()
 for dir in "$OUT"/*_s*/; do
@@ -23,6 +24,7 @@ last=$(printf "step_%04d" $((STEPS - 1)))
   > "$DOCS/pmi_antisd.txt"
 .venv/bin/python scripts/reproduction_table.py "$OUT" > "$DOCS/table.md"
 cat "$DOCS/table.md"
+[ "$GSM8K_PMI" = 1 ] || exit 0
 # The diagnostic on longer reasoning: base model on 12 GSM8K test problems (arith answers are too short to hold the
 # deliberation words).
 if [ ! -f "$OUT/gsm8k_prompts.parquet" ]; then
