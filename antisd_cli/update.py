@@ -44,7 +44,8 @@ from antisd_cli.options import (dtype_option, input_path, model_option, out_opti
 @click.option("--logprob-chunk", default=64, type=click.IntRange(min=1),
               help="Response positions per LM-head chunk when computing log-probs.")
 @click.option("--kl-coef", default=0.0, type=click.FloatRange(min=0),
-              help="k3 KL to a frozen reference (not implemented yet: only 0 is accepted).")
+              help="β: adds β · k3 KL(π_θ‖π_ref) to the loss (same aggregation). > 0 needs ref_logprobs in the "
+                   "scored file (antisd score --reference MODEL); 0 = no KL term.")
 @click.option("--is-correction", default="off", type=click.Choice(["off", "token"]),
               help="token: truncated importance weight min(exp(student − sampling log-prob), --is-cap).")
 @click.option("--is-cap", default=2.0, type=click.FloatRange(min=1), help="Cap of the truncated IS weight.")

@@ -3,6 +3,7 @@
 Each artifact (prompts → rollouts → verified → scored, plus eval rows) has one schema. Later schemas extend earlier
 ones, so any stage's file can be opened in pandas/DuckDB and joined on (`prompt_id`, `sample_idx`). Every file also
 carries a JSON blob under the metadata key ``antisd`` with the artifact name, schema version and the run's config.
+A few columns are OPTIONAL (written on request, e.g. `ref_logprobs` by `score --reference`): checked when present.
 
 This module only describes and checks; reading and writing files lives in `stages.io`.
 """
@@ -72,6 +73,13 @@ SCORED = pa.schema(
     ]
 )
 
+# Columns a file of an artifact may carry but need not: type-checked when present, kept by `conform`, never required.
+OPTIONAL: dict[str, list[pa.Field]] = {
+    "scored": [
+        pa.field("ref_logprobs", pa.list_(pa.float32())),  # log π_ref(y_t|x, y<t) of a frozen score --reference
+    ],
+}
+
 SCHEMAS: dict[str, pa.Schema] = {
     "prompts": PROMPTS,
     "rollouts": ROLLOUTS,
@@ -101,16 +109,31 @@ def _type_matches(actual: pa.DataType, expected: pa.DataType) -> bool:
 
 
 def check_schema(actual: pa.Schema, expected: pa.Schema, source: str, artifact: str) -> None:
-    """Raise SchemaError naming `source` and the first missing or mistyped column of `expected`."""
+    """Raise SchemaError naming `source` and the first missing or mistyped column of `expected`.
+
+    The artifact's OPTIONAL columns are type-checked when present; their absence is fine.
+    """
     for field in expected:
         index = actual.get_field_index(field.name)
         if index < 0:
             raise SchemaError(f"{source}: missing column '{field.name}' (expected {field.type}) for a {artifact} file")
-        got = actual.field(index).type
-        if not _type_matches(got, field.type):
-            raise SchemaError(f"{source}: column '{field.name}' has type {got}, expected {field.type} ({artifact} file)")
+        _check_type(actual, field, source, artifact)
+    for field in OPTIONAL.get(artifact, ()):
+        if actual.get_field_index(field.name) >= 0:
+            _check_type(actual, field, source, artifact)
+
+
+def _check_type(actual: pa.Schema, field: pa.Field, source: str, artifact: str) -> None:
+    got = actual.field(actual.get_field_index(field.name)).type
+    if not _type_matches(got, field.type):
+        raise SchemaError(f"{source}: column '{field.name}' has type {got}, expected {field.type} ({artifact} file)")
 
 
 def conform(table: pa.Table, expected: pa.Schema) -> pa.Table:
-    """Select and cast `table`'s columns to exactly `expected` (extra columns dropped, order fixed)."""
-    return pa.Table.from_arrays([table.column(f.name).cast(f.type) for f in expected], schema=expected)
+    """Select and cast `table`'s columns to exactly `expected` (extra columns dropped, order fixed).
+
+    When `expected` is one of SCHEMAS, that artifact's OPTIONAL columns present in `table` are kept, after the others.
+    """
+    optional = next((OPTIONAL.get(name, []) for name, schema in SCHEMAS.items() if schema is expected), [])
+    schema = pa.schema(list(expected) + [f for f in optional if f.name in table.column_names])
+    return pa.Table.from_arrays([table.column(f.name).cast(f.type) for f in schema], schema=schema)

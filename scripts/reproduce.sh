@@ -12,7 +12,7 @@ JOBS=${JOBS:-2}
 STEPS=${STEPS:-8}
 SETS=${SETS:-}
 DOCS=${DOCS:-docs/reproduction}
-RUNS=${RUNS:-"grpo:0 antisd:0 grpo:1 antisd:1 sd:0 antisd-nogate:0 grpo:2 antisd:2 sd:1 antisd-nogate:1 rkl-ascent:0 rkl-ascent:1"}
+RUNS=${RUNS:-"grpo:0 antisd:0 grpo:1 antisd:1 sd:0 rkl-ascent:0 grpo:2 antisd:2 sd:1 rkl-ascent:1 antisd-nogate:0 antisd-nogate:1"}
 mkdir -p "$OUT" "$DOCS"
 
 # The base model's greedy held-out evaluation does not depend on method or seed: run it once (a 0-step loop) and give

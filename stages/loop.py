@@ -14,6 +14,9 @@ step's weights (`loop.weight_sync`: `reload` opens a fresh engine on the checkpo
 into the open one; on GPU with `loop.vllm_sleep` it sleeps while score and update train); the seconds spent are
 `timing_s/weight_sync`. Score always uses the HF model (the trainer's numerics). Evaluation opens its own engine, so
 the loop closes its vLLM engine first (two engines do not fit one card).
+
+Reference KL: with update.kl_coef > 0 every step's score also runs a frozen reference (score.reference, else the base
+model loop.model) for ref_logprobs; the process loads it once and keeps it across steps.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import logging
 import random
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -136,6 +139,17 @@ def stage_config(config: LoopConfig, section: str, **paths):
     return run_config.stage_class(section)(**config.run.stages[section], **paths)
 
 
+def score_reference(config: run_config.RunConfig) -> str | None:
+    """The frozen reference score runs: score.reference, else the base model when update.kl_coef > 0, else None.
+
+    Filled in here (not in the RunConfig), so a run config without a KL term keeps its digest.
+    """
+    given = config.stages["score"].get("reference")
+    if given is not None:
+        return given
+    return config.loop.model if config.stages["update"].get("kl_coef", 0.0) > 0 else None
+
+
 def step_configs(config: LoopConfig, run: Run, step: int) -> dict:
     """The four stage Configs of `step` (paths, model, seeds); the local loop and the Slurm launcher share them."""
     settings, paths = config.run.loop, {k: str(v) for k, v in run.step_paths(step).items()}
@@ -145,7 +159,8 @@ def step_configs(config: LoopConfig, run: Run, step: int) -> dict:
                                 seed=stage_seed(settings.seed, step, "rollout")),
         "verify": stage_config(config, "verify", rollouts=paths["rollouts"], out=paths["verified"],
                                seed=stage_seed(settings.seed, step, "verify")),
-        "score": stage_config(config, "score", model=model, verified=paths["verified"], out=paths["scored"]),
+        "score": replace(stage_config(config, "score", model=model, verified=paths["verified"], out=paths["scored"]),
+                         reference=score_reference(config.run)),
         "update": stage_config(config, "update", model=model, scored=paths["scored"], out=str(run.checkpoint(step)),
                                seed=stage_seed(settings.seed, step, "update")),
     }
@@ -165,23 +180,48 @@ class StepRunner:
         self.config, self.run, self.view = config, run, view
         self.settings = config.run.loop
         self._loaded = None  # (model path, LoadedModel) reused by rollout, score and eval of the same weights
+        self._reference = None  # (model path, LoadedModel): score's frozen reference, loaded once, kept across steps
         self.load_seconds = 0.0  # model loads from disk and vLLM weight syncs, the loop's own I/O overhead
         self.vllm = None  # engine_vllm.LoopEngine, opened by the first vLLM rollout
         self.use_vllm = engine == "vllm"
 
     def loaded(self, model: str):
-        from stages.models import load_model, resolve_model
-        from stages.runtime import pick_device
+        from stages.models import resolve_model
 
         key = str(resolve_model(model))
         if self._loaded is None or self._loaded[0] != key:
-            start = time.perf_counter()
             self._loaded = None  # free the old weights before loading the new ones
-            rollout = self.config.run.stages["rollout"]
-            device = pick_device(rollout.get("device", "auto")) if "device" in rollout else pick_device()
-            self._loaded = (key, load_model(key, dtype=rollout.get("dtype", "auto"), device=device))
-            self.load_seconds += time.perf_counter() - start
+            self._loaded = (key, self._load(key))
         return self._loaded[1]
+
+    def reference(self, model: str):
+        """The frozen reference `model`, loaded like the policy (same dtype and device) on first use only."""
+        from stages.models import resolve_model
+
+        key = str(resolve_model(model))
+        if self._reference is None or self._reference[0] != key:
+            self._reference = None
+            self._reference = (key, self._load(key))
+        return self._reference[1]
+
+    def _load(self, key: str):
+        from stages.models import load_model
+        from stages.runtime import pick_device
+
+        start = time.perf_counter()
+        rollout = self.config.run.stages["rollout"]
+        device = pick_device(rollout.get("device", "auto")) if "device" in rollout else pick_device()
+        loaded = load_model(key, dtype=rollout.get("dtype", "auto"), device=device)
+        self.load_seconds += time.perf_counter() - start
+        return loaded
+
+    def score(self, config, model: str):
+        """Run score with the step's loaded policy, and the kept reference when the config asks for one."""
+        from stages import score
+
+        if config.reference is None:
+            return score.run(config, loaded=self.loaded(model))
+        return score.run(config, loaded=self.loaded(model), reference_loaded=self.reference(config.reference))
 
     def rollout_source(self, model: str, train_table: pa.Table, timings: dict):
         """What the step's rollout samples with: `model`'s HF model, or the loop's vLLM engine holding its weights."""
@@ -211,7 +251,7 @@ class StepRunner:
         return result
 
     def step(self, step: int, train_table: pa.Table, eval_prompts: Path | None) -> dict:
-        from stages import rollout, score, update, verify
+        from stages import rollout, update, verify
 
         started = time.perf_counter()
         settings, stage_dir = self.settings, self.run.step_dir(step)
@@ -231,7 +271,7 @@ class StepRunner:
         if not paths["verified"].exists():
             self._timed("verify", timings, lambda: verify.run(configs["verify"]))
         if not paths["scored"].exists():
-            self._timed("score", timings, lambda: score.run(configs["score"], loaded=self.loaded(model)))
+            self._timed("score", timings, lambda: self.score(configs["score"], model))
         if not (self.run.checkpoint(step) / "config.json").exists():
             self._loaded = None  # the trainer holds its own copy; do not keep two on a small machine
             self._timed("update", timings, lambda: update.run(configs["update"]))

@@ -6,6 +6,8 @@ For each row the same weights are run twice over the stored response token ids (
   → t_t = teacher_logprobs, H_t = teacher_entropy; pmi u_t = t_t − s_t (computed from the stored float32 values).
 Rows with privileged_source == "none" get no teacher pass: teacher_* = the student values, pmi = 0,
 teacher_prompt_length = the student prompt length, and they are left out of the median teacher entropy.
+With `--reference MODEL` a third network (a frozen reference, same dtype and device) scores the student view only,
+at the same temperature, into the optional `ref_logprobs` column (no entropy), for `update --kl-coef` (METHOD §3).
 
 Log-probs and full-vocabulary entropies (nats) come from `stages.logprobs.response_token_stats` (chunks of
 positions, never [tokens × vocab] logits for a batch) under torch.inference_mode; sequences (student and teacher
@@ -13,8 +15,8 @@ views together) are sorted by length and grouped into micro-batches of at most `
 Output rows keep the input order. Temperature: `--temperature`, else the first `temperature` key found in the input
 file's metadata (breadth-first: rollout records its sampling parameters, verify carries them along), else 1.0; the
 value used is stored in the metadata so `update` can use the same numerics.
-File metadata: model path and revision, temperature, median_teacher_entropy (this file's rows: with --shard, a
-shard's median), token counts, tokens_per_s. This module does not compute advantages or losses (`stages.objectives`).
+File metadata: model path and revision, reference_model and reference_revision (None without --reference),
+temperature, median_teacher_entropy (this file's rows: with --shard, a shard's median), token counts, tokens_per_s. This module does not compute advantages or losses (`stages.objectives`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SCORE_COLUMNS = ("student_logprobs", "teacher_logprobs", "teacher_entropy", "student_entropy", "pmi",
                  "teacher_prompt_length")
+REFERENCE_COLUMN = "ref_logprobs"  # schemas.OPTIONAL["scored"]: only with --reference
 _ROW_COLUMNS = ["prompt_id", "sample_idx", "problem", "few_shot", "prompt_token_ids", "response_token_ids",
                 "privileged_text", "privileged_source", "correct"]
 
@@ -46,6 +49,9 @@ class ScoreConfig:
     verified: str  # input: a verified Parquet file (or a directory of parts)
     out: str  # output: scored Parquet path (a directory of parts with --shard)
     model: str = "smollm2-135m"  # the policy that sampled the rollouts: HF folder or embedded model name
+    # a frozen reference policy (HF folder or embedded name) whose log-probs of the response tokens under the student
+    # prompt are stored as ref_logprobs, for update --kl-coef; None = no reference pass and no ref_logprobs column
+    reference: str | None = None
     temperature: float | None = None  # None = the input metadata's sampling temperature, else 1.0
     chunk_size: int = 64  # response positions per LM-head/log-softmax chunk
     micro_batch_tokens: int = 8192  # padded tokens (rows × longest sequence) per forward pass
@@ -136,8 +142,12 @@ def micro_batches(views: list[View], budget: int) -> list[list[View]]:
 
 
 def score_views(model, views: list[View], *, pad_id: int, temperature: float, chunk_size: int, budget: int,
-                rows: list[dict], progress=None) -> dict[tuple[int, bool], tuple[list[float], list[float]]]:
-    """(row, teacher) → (log-probs, entropies) of the response tokens; RuntimeError naming a row on NaN/inf."""
+                rows: list[dict], progress=None, with_entropy: bool = True, label: str = ""
+                ) -> dict[tuple[int, bool], tuple[list[float], list[float] | None]]:
+    """(row, teacher) → (log-probs, entropies or None) of the response tokens; RuntimeError naming a row on NaN/inf.
+
+    with_entropy=False skips the full-vocabulary entropy (the reference pass); `label` names the network in errors.
+    """
     import torch
 
     from stages.logprobs import response_token_stats
@@ -147,12 +157,14 @@ def score_views(model, views: list[View], *, pad_id: int, temperature: float, ch
         for batch in micro_batches(views, budget):
             logprobs, entropies = response_token_stats(
                 model, [v.prompt_ids + v.response_ids for v in batch], [len(v.prompt_ids) for v in batch],
-                pad_id=pad_id, temperature=temperature, chunk_size=chunk_size, with_entropy=True)
+                pad_id=pad_id, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
             for view, lp, ent in zip(batch, logprobs, entropies):
                 if not (bool(torch.isfinite(lp).all()) and bool(torch.isfinite(ent).all())):
-                    raise RuntimeError(f"non-finite log-probs or entropy in the {'teacher' if view.teacher else 'student'}"
-                                       f" view of {row_label(rows, view.row)}; nothing written")
-                results[(view.row, view.teacher)] = (lp.float().cpu().tolist(), ent.float().cpu().tolist())
+                    raise RuntimeError(f"non-finite log-probs or entropy in the {label}"
+                                       f"{'teacher' if view.teacher else 'student'} view of {row_label(rows, view.row)}"
+                                       "; nothing written")
+                results[(view.row, view.teacher)] = (lp.float().cpu().tolist(),
+                                                     ent.float().cpu().tolist() if with_entropy else None)
             if progress is not None:
                 progress(sum(v.length for v in batch))
     return results
@@ -220,8 +232,33 @@ class _Progress:
         self.bar.update(self.task, advance=tokens, rate=f"{rate:,.0f}")
 
 
-def run(config: ScoreConfig, loaded=None) -> Path:
-    """Score `config.verified` with `config.model` (or the already-loaded `loaded`); return the output path."""
+def load_reference(config: ScoreConfig, loaded, reference_loaded=None):
+    """The frozen --reference network (None without it), in the policy's dtype on its device.
+
+    `reference_loaded` (a LoadedModel of config.reference) is used instead of loading it again. InputError when its
+    tokenizer differs from the policy's: the stored response ids must mean the same tokens to both.
+    """
+    from stages.models import load_model
+
+    if config.reference is None:
+        return None
+    if reference_loaded is None:
+        try:
+            reference_loaded = load_model(config.reference, dtype=str(loaded.dtype).replace("torch.", ""),
+                                          device=loaded.device)
+        except InputError as exc:  # load_model names its argument --model; here it came from --reference
+            raise InputError(str(exc).replace("--model", "--reference", 1)) from None
+    if reference_loaded.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
+        raise InputError(f"--reference {config.reference}: its tokenizer differs from the policy's ({loaded.path}); "
+                         "the reference must share the policy's vocabulary")
+    return reference_loaded
+
+
+def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
+    """Score `config.verified` with `config.model` (or the already-loaded `loaded`); return the output path.
+
+    With config.reference, also score the student views with that frozen network (`reference_loaded` reuses one).
+    """
     from stages.models import load_model
     from stages.runtime import pick_device, set_threads
 
@@ -230,7 +267,8 @@ def run(config: ScoreConfig, loaded=None) -> Path:
     shard = Shard.parse(config.shard)
     out = check_output(output_path(config.out, shard), config.overwrite)
     table, in_meta = read_artifact(config.verified, "verified")
-    table = table.drop_columns([c for c in SCORE_COLUMNS if c in table.column_names])  # rescoring a scored file
+    stale = [c for c in (*SCORE_COLUMNS, REFERENCE_COLUMN) if c in table.column_names]
+    table = table.drop_columns(stale)  # rescoring a scored file
     if not shard.is_whole:
         table = table.take(shard.select(table.column("prompt_id").to_pylist()))
         if table.num_rows == 0:
@@ -240,22 +278,31 @@ def run(config: ScoreConfig, loaded=None) -> Path:
     threads = set_threads(config.threads)
     if loaded is None:
         loaded = load_model(config.model, dtype=config.dtype, device=pick_device(config.device))
+    reference = load_reference(config, loaded, reference_loaded)
     tokenizer, model = loaded.tokenizer, loaded.model
-    vocab_size = min(len(tokenizer), model.get_input_embeddings().num_embeddings)
+    networks = [model] + ([reference.model] if reference is not None else [])
+    vocab_size = min([len(tokenizer)] + [network.get_input_embeddings().num_embeddings for network in networks])
     rows = table.select(_ROW_COLUMNS).to_pylist()
     check_rows(rows, vocab_size, config.verified)
     views = build_views(rows, tokenizer)
+    reference_views = [v for v in views if not v.teacher] if reference is not None else []
     # --- compute
-    forward_tokens = sum(v.length for v in views)
-    log.info("scoring %d rows (%d teacher views, %d forward tokens) with %s at temperature %g, %d thread(s)",
-             len(rows), sum(v.teacher for v in views), forward_tokens, loaded.path, temperature, threads)
+    forward_tokens = sum(v.length for v in views + reference_views)
+    log.info("scoring %d rows (%d teacher views, %d reference views, %d forward tokens) with %s at temperature %g, "
+             "%d thread(s)", len(rows), sum(v.teacher for v in views), len(reference_views), forward_tokens,
+             loaded.path, temperature, threads)
+    numerics = dict(pad_id=tokenizer.pad_token_id or 0, temperature=temperature, chunk_size=config.chunk_size,
+                    budget=config.micro_batch_tokens, rows=rows)
     start = time.perf_counter()
     with _Progress(forward_tokens) as progress:
-        results = score_views(model, views, pad_id=tokenizer.pad_token_id or 0, temperature=temperature,
-                              chunk_size=config.chunk_size, budget=config.micro_batch_tokens, rows=rows,
-                              progress=progress)
+        results = score_views(model, views, progress=progress, **numerics)
+        if reference is not None:  # log π_ref(y_t | x, y<t): the student views, same numerics, no entropy
+            reference_results = score_views(reference.model, reference_views, progress=progress, with_entropy=False,
+                                            label="reference's ", **numerics)
     seconds = time.perf_counter() - start
     columns, median_pool = assemble(rows, views, results)
+    if reference is not None:
+        columns[REFERENCE_COLUMN] = [reference_results[(index, False)][0] for index in range(len(rows))]
     # --- write
     for name, values in columns.items():
         table = table.append_column(name, pa.array(values))
@@ -263,12 +310,15 @@ def run(config: ScoreConfig, loaded=None) -> Path:
     metadata = build_metadata(
         "scored", replace(config, temperature=temperature), input=str(config.verified),
         model=str(loaded.path), model_revision=loaded.revision, temperature=temperature,
+        reference_model=str(reference.path) if reference is not None else None,
+        reference_revision=reference.revision if reference is not None else None,
         dtype=str(loaded.dtype).replace("torch.", ""), device=str(loaded.device), threads=threads,
         shard=f"{shard.index}/{shard.count}", rows=len(rows),
         privileged_sources=dict(Counter(r["privileged_source"] for r in rows)),
         median_teacher_entropy=_median(median_pool), teacher_entropy_tokens=len(median_pool),
         response_tokens=response_tokens, forward_tokens=forward_tokens,
-        micro_batches=len(micro_batches(views, config.micro_batch_tokens)),
+        micro_batches=len(micro_batches(views, config.micro_batch_tokens))
+        + len(micro_batches(reference_views, config.micro_batch_tokens)),
         seconds=round(seconds, 3), tokens_per_s=round(forward_tokens / max(seconds, 1e-9), 1))
     write_artifact(table, out, "scored", metadata)
     log.info("wrote %d scored rows to %s (median teacher entropy %s nats, %.0f tok/s)", len(rows), out,

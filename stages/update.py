@@ -2,8 +2,10 @@
 
 Reads scored rows (schemas.SCORED) and a checkpoint (a HF folder, with DeepSpeed state and antisd_state.json when it
 was written by a previous update), sets λ from the entropy gate (METHOD §5), builds per-token advantages (§2), runs
-PPO-clip (§3) through a DeepSpeed engine (ZeRO 0–3) and writes the next checkpoint atomically, with one row of the
-§6 metrics. The new policy's log-probs come from `stages.logprobs.response_token_stats`, the numerics `score` used.
+PPO-clip (§3), plus kl_coef · k3 KL to a frozen reference when --kl-coef > 0 (the reference's log-probs come from
+`score --reference`, column ref_logprobs), through a DeepSpeed engine (ZeRO 0–3) and writes the next checkpoint
+atomically, with one row of the §6 metrics. The new policy's log-probs come from `stages.logprobs.response_token_stats`,
+the numerics `score` used.
 
 Multi-process (deepspeed/torchrun/srun): every rank reads the whole scored file, so group advantages, the gate's
 median and the loss normalizers are global without communication; each rank trains on its token-balanced share of
@@ -13,7 +15,7 @@ the 1-process one. Rank 0 alone writes the HF folder, state and metrics; every r
 
 Not here: option/input validation, scored rows → Batch and the data's own metrics (stages.update_data), the math
 (stages.objectives/gate), the log-prob numerics (stages.logprobs), the checkpoint format (stages.checkpoint),
-process groups (stages.distributed). No reference-model KL: --kl-coef > 0 is refused.
+process groups (stages.distributed). No reference model is loaded here: its log-probs are data in the scored file.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from stages import checkpoint, distributed
 from stages.io import InputError, read_artifact
 from stages.models import quiet_transformers
 from stages.update_data import (  # noqa: F401  (METHODS, teacher_median: kept importable from stages.update)
-    METHODS, Batch, batch_from_table, batch_metrics, check_options, check_revision, check_state, is_finite,
-    mean_or_none, pad_rows, read_deepspeed_file, teacher_median, truncated_is_weights)
+    METHODS, Batch, batch_from_table, batch_metrics, check_options, check_reference, check_revision, check_state,
+    is_finite, mean_or_none, pad_rows, read_deepspeed_file, teacher_median, truncated_is_weights)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ class UpdateConfig:
     mini_batch_size: int = 0  # sequences per optimizer step (0 = whole batch: one step)
     micro_batch_tokens: int = 2048  # padded tokens per forward/backward on one rank
     logprob_chunk: int = 64  # response positions per LM-head chunk (memory bound of the log-softmax)
-    kl_coef: float = 0.0  # k3 KL to a frozen reference; > 0 is not implemented yet
+    kl_coef: float = 0.0  # β of β·k3 KL to a frozen reference (0 = none; > 0 needs ref_logprobs: score --reference)
     is_correction: str = "off"  # off | token: truncated IS weight min(exp(s − sampling_logprob), is_cap)
     is_cap: float = 2.0  # cap of the truncated IS weight
     deepspeed_config: str | None = None  # DeepSpeed JSON overlaid on the built-in ZeRO-2 default
@@ -221,7 +223,7 @@ class Trainer:
         lam = 0.0 if config.method == "grpo" else lam
         seq_adv = group_advantages(torch.tensor(batch.rewards), batch.group_ids, eps=config.adv_eps,
                                    scale=config.adv_scale)  # [N]
-        sums = dict.fromkeys(("loss", "clip", "kl", "tokens", "seq_tokens"), 0.0)
+        sums = dict.fromkeys(("loss", "clip", "kl", "kl_ref", "tokens", "seq_tokens"), 0.0)
         grad_norms: list[float] = []
         generator = torch.Generator().manual_seed(_seed_for(config.seed, step))
         size = config.mini_batch_size or len(batch)
@@ -230,8 +232,8 @@ class Trainer:
                 else list(range(len(batch)))
             for begin in range(0, len(batch), size):
                 grad_norms.append(self._optimizer_step(batch, order[begin : begin + size], seq_adv, lam, sums))
-        loss, clip, kl, tokens, seq_tokens = distributed.all_reduce_sum(
-            [sums["loss"], sums["clip"], sums["kl"], sums["tokens"], sums["seq_tokens"]], self.device)
+        loss, clip, kl, kl_ref, tokens, seq_tokens = distributed.all_reduce_sum(
+            [sums["loss"], sums["clip"], sums["kl"], sums["kl_ref"], sums["tokens"], sums["seq_tokens"]], self.device)
         elapsed = time.perf_counter() - started
         self.step += 1
         gate_h_warm = self.gate.h_warm
@@ -244,6 +246,7 @@ class Trainer:
             "actor/pg_loss": loss / max(len(grad_norms), 1),
             "actor/clip_frac": clip / tokens if tokens else None,
             "actor/approx_kl": kl / tokens if tokens else None,
+            "actor/kl_ref": kl_ref / tokens if tokens and batch.ref_logprobs is not None else None,
             "actor/grad_norm": mean_or_none([g for g in grad_norms if g is not None]),
             "actor/lr": config.lr,
             "throughput/update_tok_s": seq_tokens / elapsed if elapsed > 0 else None,
@@ -280,11 +283,12 @@ class Trainer:
         return norm
 
     def _micro_loss(self, batch: Batch, rows: list[int], seq_adv, lam: float, normalizer: float, sums: dict):
-        """PPO-clip loss of one micro-batch (already divided by the step's global normalizer) and a problem or None."""
+        """PPO-clip (+ β·k3 to the reference) loss of one micro-batch, divided by the step's global normalizer, and a
+        problem or None."""
         import torch
         from torch.nn.utils.rnn import pad_sequence
 
-        from stages.objectives import policy_loss, token_advantages
+        from stages.objectives import aggregate, kl_penalty, policy_loss, token_advantages
 
         config = self.config
         sequences = [batch.prompt_ids[i] + batch.response_ids[i] for i in rows]
@@ -308,6 +312,12 @@ class Trainer:
             advantages = advantages * truncated_is_weights(old, sampling, config.is_cap)
         loss, metrics = policy_loss(logprobs, old, advantages, mask, config.clip_low, config.clip_high,
                                     config.loss_agg, normalizer)
+        if batch.ref_logprobs is not None:
+            ref = pad_rows([batch.ref_logprobs[i] for i in rows], width).to(self.device)  # [B, T]
+            kl_ref = kl_penalty(logprobs, ref, mask)  # [B, T], 0 outside the mask
+            if config.kl_coef > 0:
+                loss = loss + config.kl_coef * aggregate(kl_ref, mask, config.loss_agg, normalizer)
+            sums["kl_ref"] += float(kl_ref.detach().sum())
         if not bool(torch.isfinite(loss)):
             return None, f"rows {', '.join(batch.names[i] for i in rows)}: non-finite loss ({float(loss)})"
         sums["loss"] += metrics["actor/pg_loss"]
@@ -368,6 +378,7 @@ def run(config: UpdateConfig, loaded=None) -> Path:
         deepspeed_user.get("zero_optimization", {}).get("stage", 2)
     check_state(config, state, model_dir, env.world_size, stage)
     table, metadata = read_artifact(config.scored, "scored")
+    check_reference(config, table)
     check_revision(config, metadata, model_dir)
     vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     temperature = float(metadata.get("temperature") or 1.0)  # score's numerics: s_t at the sampling temperature

@@ -1,9 +1,10 @@
 """The data side of `antisd update`: option and input validation, scored rows → `Batch`, per-batch statistics.
 
 Checks the update options, the run state against this run (method, world size, ZeRO stage), the scored file's model
-revision and the user's DeepSpeed JSON (InputError, exit 2); turns a scored Arrow table into a `Batch` of Python
-lists, checking per-token list lengths, token ids (InputError) and finiteness (RuntimeError); computes the METHOD §6
-statistics of the data itself (`batch_metrics`), the gate's teacher-entropy median (§5) and the truncated IS weight.
+revision and the user's DeepSpeed JSON (InputError, exit 2), and that --kl-coef > 0 has the reference's
+`ref_logprobs`; turns a scored Arrow table into a `Batch` of Python lists, checking per-token list lengths, token ids
+(InputError) and finiteness (RuntimeError); computes the METHOD §6 statistics of the data itself (`batch_metrics`),
+the gate's teacher-entropy median (§5) and the truncated IS weight.
 
 Not here: the model, DeepSpeed engine and optimizer steps (stages.update), the objectives and gate math
 (stages.objectives), micro-batch packing and rank shares (stages.distributed), reading files (stages.io).
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from stages.update import UpdateConfig
 
 METHODS = ("grpo", "sd", "antisd", "rkl-ascent")
+REFERENCE_COLUMN = "ref_logprobs"  # optional scored column (schemas.OPTIONAL)
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Batch:
     privileged_source: list[str]
     finish_reason: list[str]
     temperature: float = 1.0  # the temperature `score` computed s_t at; the new log-probs use the same
+    ref_logprobs: list[list[float]] | None = None  # log π_ref(y_t) of a frozen reference (score --reference), if any
 
     def __len__(self) -> int:
         return len(self.names)
@@ -75,8 +78,13 @@ def check_options(config: UpdateConfig) -> None:
         raise InputError(f"--is-cap must be >= 1, got {config.is_cap}")
     if config.kl_coef < 0:
         raise InputError(f"--kl-coef must be >= 0, got {config.kl_coef}")
-    if config.kl_coef > 0:
-        raise InputError("--kl-coef > 0: a reference-model KL term is not implemented in update yet (use 0)")
+
+
+def check_reference(config: UpdateConfig, table: pa.Table) -> None:
+    """--kl-coef > 0 needs the frozen reference's log-probs, which `score --reference MODEL` stores."""
+    if config.kl_coef > 0 and REFERENCE_COLUMN not in table.column_names:
+        raise InputError(f"{config.scored}: --kl-coef {config.kl_coef} needs the column {REFERENCE_COLUMN}, which this "
+                         "file lacks; score it with `antisd score --reference MODEL`")
 
 
 def read_deepspeed_file(path: str | None) -> dict:
@@ -126,11 +134,17 @@ def batch_from_table(table: pa.Table, source: str, vocab_size: int, temperature:
     col = {name: table.column(name).to_pylist() for name in (
         "prompt_id", "sample_idx", "prompt_token_ids", "response_token_ids", "student_logprobs", "sampling_logprobs",
         "pmi", "teacher_entropy", "student_entropy", "reward", "correct", "privileged_source", "finish_reason")}
+    per_token = ["student_logprobs", "sampling_logprobs", "pmi", "teacher_entropy", "student_entropy"]
+    if REFERENCE_COLUMN in table.column_names:
+        col[REFERENCE_COLUMN] = table.column(REFERENCE_COLUMN).to_pylist()
+        per_token.append(REFERENCE_COLUMN)
     names = [f"{p}/{s}" for p, s in zip(col["prompt_id"], col["sample_idx"])]
     for row, name in enumerate(names):
         where = f"{source}: row {row} ({name})"
         length = len(col["response_token_ids"][row])
-        for column in ("student_logprobs", "sampling_logprobs", "pmi", "teacher_entropy", "student_entropy"):
+        for column in per_token:
+            if col[column][row] is None:
+                raise InputError(f"{where}: {column} is null")
             if len(col[column][row]) != length:
                 raise InputError(f"{where}: {column} has {len(col[column][row])} values for {length} response tokens")
         if not col["prompt_token_ids"][row]:
@@ -143,6 +157,7 @@ def batch_from_table(table: pa.Table, source: str, vocab_size: int, temperature:
         checks = [("student_logprobs", col["student_logprobs"][row]), ("pmi", col["pmi"][row]),
                   ("reward", [col["reward"][row]])] + ([("teacher_entropy", col["teacher_entropy"][row])]
                                                       if privileged else [])
+        checks += [(REFERENCE_COLUMN, col[REFERENCE_COLUMN][row])] if REFERENCE_COLUMN in col else []
         for column, values in checks:
             bad = next((k for k, v in enumerate(values) if not is_finite(v)), None)
             if bad is not None:
@@ -151,7 +166,7 @@ def batch_from_table(table: pa.Table, source: str, vocab_size: int, temperature:
     return Batch(names, col["prompt_id"], col["prompt_token_ids"], col["response_token_ids"], col["student_logprobs"],
                  col["sampling_logprobs"], col["pmi"], col["teacher_entropy"], col["student_entropy"],
                  [float(r) for r in col["reward"]], [bool(c) for c in col["correct"]], col["privileged_source"],
-                 col["finish_reason"], temperature)
+                 col["finish_reason"], temperature, col.get(REFERENCE_COLUMN))
 
 
 def is_finite(value) -> bool:

@@ -156,3 +156,44 @@ def test_print_config_resolves_overrides(tmp_path, tiny_model_dir):
     resolved = yaml.safe_load(result.stdout)
     assert resolved["update"]["lr"] == 3e-6 and resolved["loop"]["steps"] == 2
     assert not (tmp_path / "r").exists()
+
+
+# --- k3 KL to a frozen reference ----------------------------------------------------------------------------------
+
+def test_loop_with_kl_coef_scores_against_the_base_model_loaded_once(tmp_path, tiny_model_dir, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from stages import models
+
+    loads = []
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda model, **kw: loads.append(str(model)) or real_load(model, **kw))
+    raw = tiny_config(tiny_model_dir, steps=2)
+    raw["loop"]["eval_every"] = 0
+    raw["update"]["kl_coef"] = 0.5
+    config = tmp_path / "kl.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = run_loop(config, tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for step in (0, 1):
+        step_dir = tmp_path / "run" / f"step_{step:04d}"
+        scored = pq.read_table(step_dir / "scored.parquet")
+        assert "ref_logprobs" in scored.column_names
+        assert f"--reference {tiny_model_dir}" in (step_dir / "commands.sh").read_text()
+    assert abs(rows[0]["actor/kl_ref"]) < 1e-6  # step 0: the policy is the reference
+    assert rows[1]["actor/kl_ref"] > 1e-6  # step 1: the policy has moved away from the frozen base model
+    assert loads.count(str(tiny_model_dir)) == 2  # step 0's policy, and the reference once for both steps
+
+
+def test_kl_free_configs_keep_their_digest():
+    """Existing run directories resume: the reference is filled in by step_configs, not stored in the RunConfig."""
+    from stages import config as run_config
+    from stages.loop import score_reference
+
+    assert run_config.resolve({}).digest() == "e2bab0b4a61045fa"  # the values before --reference existed
+    assert run_config.resolve({}, ["update.kl_coef=0.0", "score.chunk_size=32"]).digest() == "f9a84d559d5f0b1f"
+    with_kl = run_config.resolve({}, ["update.kl_coef=0.1"])
+    assert with_kl.to_dict()["score"] == {} and score_reference(with_kl) == "smollm2-135m"
+    assert score_reference(run_config.resolve({})) is None
+    assert score_reference(run_config.resolve({}, ["update.kl_coef=0.1", "score.reference=/frozen"])) == "/frozen"

@@ -303,3 +303,50 @@ def test_existing_output_needs_overwrite(tmp_path, tiny, verified, scored):
     with pytest.raises(InputError, match="overwrite"):
         run(config, loaded=tiny)
     assert run(replace(config, overwrite=True), loaded=tiny).exists()
+
+
+# --- the frozen reference (update --kl-coef) ----------------------------------------------------------------------
+
+def test_reference_of_the_same_weights_equals_student_logprobs(tmp_path, tiny, verified, scored):
+    from stages.score import ScoreConfig, run
+
+    rows, meta = scored
+    assert "ref_logprobs" not in rows[0] and meta["reference_model"] is None  # no --reference: no column
+    out = run(ScoreConfig(verified=str(verified), out=str(tmp_path / "ref.parquet"), reference=str(tiny.path)),
+              loaded=tiny)  # the reference is loaded from disk: a second copy of the same weights
+    table, meta = read_artifact(out, "scored")
+    assert table.schema.field("ref_logprobs").type == pa.list_(pa.float32())
+    assert meta["reference_model"] == str(tiny.path) and meta["reference_revision"] == tiny.revision
+    for row, before in zip(table.to_pylist(), rows):
+        assert len(row["ref_logprobs"]) == row["response_length"]
+        np.testing.assert_allclose(row["ref_logprobs"], row["student_logprobs"], rtol=0, atol=1e-6)
+        assert row["student_logprobs"] == before["student_logprobs"]  # the policy's columns do not change
+
+
+def test_reference_of_other_weights_differs_and_rescoring_drops_it(tmp_path, tiny, verified, embedded_model_dir):
+    from stages.models import load_model, make_tiny_model
+    from stages.score import ScoreConfig, run
+
+    other = load_model(make_tiny_model(tmp_path / "other", embedded_model_dir, seed=1))
+    temperature_two = write_verified(tmp_path / "v2.parquet", verified_table(tiny.tokenizer), temperature=2.0)
+    out = run(ScoreConfig(verified=str(temperature_two), out=str(tmp_path / "ref.parquet"), reference=str(other.path)),
+              loaded=tiny, reference_loaded=other)
+    rows = read_artifact(out, "scored")[0].to_pylist()
+    for row in rows:  # log π_ref of the student view, at the policy's temperature
+        lp, _ = _naive(other.model, row["prompt_token_ids"], row["response_token_ids"], temperature=2.0)
+        np.testing.assert_allclose(row["ref_logprobs"], lp, rtol=0, atol=1e-5)
+    assert max(abs(a - b) for r in rows for a, b in zip(r["ref_logprobs"], r["student_logprobs"])) > 1e-2
+    again = run(ScoreConfig(verified=str(out), out=str(tmp_path / "again.parquet")), loaded=tiny)
+    assert "ref_logprobs" not in read_artifact(again, "scored")[0].column_names  # a stale column is not carried
+
+
+def test_cli_reference_option_and_bad_reference(tmp_path, tiny, verified):
+    from antisd_cli.main import cli
+
+    out = tmp_path / "cli.parquet"
+    args = ["score", "--verified", str(verified), "--model", str(tiny.path), "--out", str(out), "--threads", "1"]
+    result = CliRunner().invoke(cli, [*args, "--reference", str(tiny.path)])
+    assert result.exit_code == 0, result.stderr
+    assert "ref_logprobs" in read_artifact(out, "scored")[0].column_names
+    missing = CliRunner().invoke(cli, [*args, "--overwrite", "--reference", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "--reference" in missing.stderr and len(missing.stderr.splitlines()) == 1

@@ -31,7 +31,7 @@ METRIC_KEYS = [
     "step", "reward/mean", "reward/accuracy", "reward/zero_variance_frac", "response/length_mean",
     "response/length_max", "response/truncated_frac", "teacher/entropy_median", "student/entropy_mean", "gate/open",
     "gate/lambda", "gate/h_warm", "pmi/u_mean", "pmi/antisd_term_mean", "pmi/neg_frac", "actor/pg_loss",
-    "actor/clip_frac", "actor/approx_kl", "actor/grad_norm", "actor/lr", "privileged/peer", "privileged/reference",
+    "actor/clip_frac", "actor/approx_kl", "actor/kl_ref", "actor/grad_norm", "actor/lr", "privileged/peer", "privileged/reference",
     "privileged/none", "throughput/update_tok_s", "timing_s/update", "rollout/logprob_mismatch_mean",
     "rollout/logprob_mismatch_max",
 ]
@@ -54,11 +54,12 @@ def _old_logprobs(model_dir: Path, prompts: list[list[int]], responses: list[lis
 def make_scored(path: Path, model_dir: Path, *, groups: int = 2, group_size: int = 4, response_len: int = 6,
                 rewards: list[float] | None = None, pmi: float | list[list[float]] | None = None,
                 entropy: float = 2.0, source: str = "peer", seed: int = 0, revision: str | None = "auto",
-                responses: list[list[int]] | None = None) -> Path:
+                responses: list[list[int]] | None = None, ref_shift: float | None = None) -> Path:
     """Write a SCORED Parquet: `groups` prompts × `group_size` samples with random token ids and real s_t.
 
     rewards default to alternating 1, 0 (every group mixed); pmi a float (constant u) or per-row lists, default
     random N(0, 1); teacher entropy `entropy` + small noise. revision "auto" records --model's revision.
+    ref_shift: add the optional ref_logprobs column = s_t + ref_shift (None: no column, as without score --reference).
     """
     rng = random.Random(seed)
     n = groups * group_size
@@ -88,6 +89,9 @@ def make_scored(path: Path, model_dir: Path, *, groups: int = 2, group_size: int
             "student_entropy": [1.5] * length, "pmi": pmi_rows[i], "teacher_prompt_length": 20,
         })
     table = pa.Table.from_pylist(rows, schema=schemas.SCORED)
+    if ref_shift is not None:
+        table = table.append_column("ref_logprobs", pa.array([[s + ref_shift for s in lp] for lp in student],
+                                                             pa.list_(pa.float32())))
     extra = {}
     if revision is not None:
         extra = {"model": str(model_dir),
@@ -367,6 +371,7 @@ def test_metrics_json_has_every_key(tmp_path, tiny_model_dir, scored):
     assert metrics["privileged/peer"] == 8 and metrics["response/truncated_frac"] == 1 / 8
     assert metrics["reward/mean"] == 0.5 and metrics["reward/zero_variance_frac"] == 0.0
     assert metrics["actor/clip_frac"] == 0.0 and abs(metrics["actor/approx_kl"]) < 1e-6  # on-policy: ρ = 1
+    assert metrics["actor/kl_ref"] is None  # no ref_logprobs in the file
     assert metrics["actor/grad_norm"] > 0 and metrics["throughput/update_tok_s"] > 0
     state = json.loads((out / checkpoint.STATE_FILE).read_text())
     assert {"step", "method", "gate", "rng", "data_cursor"} <= set(state)
@@ -459,7 +464,7 @@ def test_token_ids_outside_vocabulary_exit_2(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--kl-coef", "0.1"], "not implemented"),
+    (["--kl-coef", "-0.1"], "Invalid value for '--kl-coef'"),
     (["--method", "ppo"], "Invalid value for '--method'"),
     (["--zero-stage", "4"], "Invalid value for '--zero-stage'"),
 ])
@@ -479,3 +484,58 @@ def test_state_of_another_method_needs_force(tmp_path, tiny_model_dir, scored):
     first = run(config(scored, tiny_model_dir, tmp_path / "c1", method="sd"))
     with pytest.raises(InputError, match="written by method sd"):
         run(config(scored, first, tmp_path / "c2", method="antisd", force=False))
+
+
+# --- k3 KL to a frozen reference (--kl-coef) ------------------------------------------------------------------
+
+def test_kl_coef_without_ref_logprobs_exits_2(tmp_path, tiny_model_dir, scored):
+    result = _invoke("--scored", scored, "--model", tiny_model_dir, "--out", tmp_path / "c", "--kl-coef", "0.1")
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.output
+    assert str(scored) in result.stderr and "ref_logprobs" in result.stderr
+    assert "antisd score --reference MODEL" in result.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_kl_to_the_current_policy_changes_nothing(tmp_path, tiny_model_dir, scored):
+    """ref = s_t: on-policy r = 0, so k3 = 0 and its gradient 1 − e^r = 0; the step equals one without the term."""
+    same = make_scored(tmp_path / "same.parquet", tiny_model_dir, ref_shift=0.0)
+    plain = run(config(scored, tiny_model_dir, tmp_path / "plain"))
+    with_kl = run(config(same, tiny_model_dir, tmp_path / "kl", kl_coef=1.0))
+    for name, tensor in weights(plain).items():
+        torch.testing.assert_close(weights(with_kl)[name], tensor, rtol=0, atol=1e-6)
+    assert abs(json.loads((with_kl / "metrics.json").read_text())["actor/kl_ref"]) < 1e-6
+
+
+def test_kl_to_a_shifted_reference_moves_the_weights_and_is_logged(tmp_path, tiny_model_dir, scored):
+    shifted = make_scored(tmp_path / "shifted.parquet", tiny_model_dir, ref_shift=-1.0)
+    plain = run(config(scored, tiny_model_dir, tmp_path / "plain"))
+    with_kl = run(config(shifted, tiny_model_dir, tmp_path / "kl", kl_coef=10.0))
+    assert weights_hash(with_kl) != weights_hash(plain)
+    table = pa.parquet.read_table(shifted)
+    ref = torch.tensor([x for row in table["ref_logprobs"].to_pylist() for x in row], dtype=torch.float64)
+    old = torch.tensor([x for row in table["student_logprobs"].to_pylist() for x in row], dtype=torch.float64)
+    r = ref - old  # first (on-policy) PPO epoch: the new log-probs are s_t
+    expected = float((torch.exp(r) - 1 - r).mean())
+    metrics = json.loads((with_kl / "metrics.json").read_text())
+    assert metrics["actor/kl_ref"] == pytest.approx(expected, abs=1e-4) and expected > 0.3
+    # kl_coef 0 logs the KL of a file that has ref_logprobs but leaves the step alone
+    logged = run(config(shifted, tiny_model_dir, tmp_path / "logged"))
+    assert weights_hash(logged) == weights_hash(plain)
+    assert json.loads((logged / "metrics.json").read_text())["actor/kl_ref"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_non_finite_or_short_ref_logprobs_name_the_row(tmp_path, tiny_model_dir):
+    path = make_scored(tmp_path / "s.parquet", tiny_model_dir, ref_shift=0.0)
+    table = pa.parquet.read_table(path)
+    values = table["ref_logprobs"].to_pylist()
+    values[5][1] = math.inf
+    index = table.schema.get_field_index("ref_logprobs")
+    io.write_artifact(table.set_column(index, "ref_logprobs", pa.array(values, pa.list_(pa.float32()))), path,
+                      "scored", io.read_metadata(path))
+    result = _invoke("--scored", path, "--model", tiny_model_dir, "--out", tmp_path / "c", "--kl-coef", "0.1")
+    assert result.exit_code == 1 and "row 5 (p1/1)" in result.stderr and "ref_logprobs" in result.stderr
+    values[5] = values[5][:2]
+    io.write_artifact(table.set_column(index, "ref_logprobs", pa.array(values, pa.list_(pa.float32()))), path,
+                      "scored", io.read_metadata(path))
+    result = _invoke("--scored", path, "--model", tiny_model_dir, "--out", tmp_path / "c", "--kl-coef", "0.1")
+    assert result.exit_code == 2 and "row 5 (p1/1)" in result.stderr and "2 values for 6" in result.stderr
