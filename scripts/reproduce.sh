@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make reproduce`: the small-scale reproduction study of docs/reproduction.md. LONG-RUNNING: about 20 minutes per
-# pair of runs on 2 CPU cores. Resumable: rerunning continues every run from its directory.
+# `make reproduce`: the small-scale reproduction study of docs/reproduction.md. LONG-RUNNING: about 21 minutes per
+# pair of runs on 2 CPU cores (12 runs: ~2 h 10 min). Resumable: rerunning continues every run from its directory.
 #   OUT=runs/repro JOBS=2 STEPS=8 RUNS="antisd:0 grpo:0 ..." SETS="--set update.lr=2e-5" scripts/reproduce.sh
 # A run spec is METHOD:SEED; METHOD-nogate runs METHOD with the entropy gate off (λ = λ_max every step). SETS adds
 # config overrides to every run (the pilot study of docs/reproduction.md is one such variant).
