@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ANTISD=${ANTISD:-.venv/bin/antisd}
+PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-runs/repro}
 DOCS=${DOCS:-docs/reproduction}
 STEPS=${STEPS:-8}
@@ -22,7 +23,7 @@ last=$(printf "step_%04d" $((STEPS - 1)))
 "$ANTISD" -q analyze pmi "$OUT"/grpo_s*/step_0000/scored.parquet --out "$DOCS/pmi_base" --overwrite > "$DOCS/pmi_base.txt"
 "$ANTISD" -q analyze pmi "$OUT"/"$PMI_METHOD"_s*/"$last"/scored.parquet --model smollm2-135m --out "$DOCS/pmi_antisd" --overwrite \
   > "$DOCS/pmi_antisd.txt"
-.venv/bin/python scripts/reproduction_table.py "$OUT" > "$DOCS/table.md"
+"$PYTHON" scripts/reproduction_table.py "$OUT" > "$DOCS/table.md"
 cat "$DOCS/table.md"
 [ "$GSM8K_PMI" = 1 ] || exit 0
 # The diagnostic on longer reasoning: base model on 12 GSM8K test problems (arith answers are too short to hold the

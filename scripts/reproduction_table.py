@@ -54,7 +54,7 @@ def fmt(values: list[float], digits: int = 3, signed: bool = False) -> str:
 
 def main(root: Path) -> str:
     runs = [load_run(d) for d in sorted(root.iterdir()) if (d / "metrics.jsonl").exists()]
-    runs = [r for r in runs if len(r["rows"]) >= r["steps"]]  # finished runs only
+    runs = [r for r in runs if r["rows"] and len(r["rows"]) >= r["steps"]]  # finished runs only (not the 0-step base)
     by_method: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         by_method[run["method"]].append(run)

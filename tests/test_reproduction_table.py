@@ -67,5 +67,6 @@ def test_unfinished_runs_are_left_out(tmp_path):
     _run(tmp_path, "grpo_s1", "grpo", 1, {1: 0.9}, 0.0)
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     (folder / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")  # killed after step 1
+    _run(tmp_path, "base", "antisd", 0, {}, 0.0, steps=0)  # the study's shared base evaluation: a 0-step loop
     grpo = _row(_table_module().main(tmp_path), "grpo")
     assert grpo[1] == "1" and grpo[4] == "0.500"
