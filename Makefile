@@ -32,7 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/score.py
 	$(BIN)/python bench/update.py
 
-# Long-running (~20 min per pair of runs on 2 CPU cores); resumable: rerun continues from runs/repro/.
+# Long-running (~21 min per pair of runs on 2 CPU cores, 12 runs: ~2 h 10 min); resumable: rerun continues from runs/repro/.
 reproduce: $(STAMP)
 	bash scripts/reproduce.sh
 	bash scripts/reproduce_report.sh
