@@ -6,6 +6,9 @@ grouped, with their mean and a band (min–max, or ±1 std) over the steps every
 logged only on some steps (eval every k steps) is drawn through the points present. `--format csv` writes the same
 data as a tidy table (run, method, seed, step, metric, value) instead.
 
+A run folder's `eval_base.json` (the loop's evaluation of the base model) becomes a record at step −1 holding its
+`eval/*` values, so held-out curves start at the model the run started from.
+
 A run's method: `--label` if given, else the manifest's `config.update.method` (or `update.method`, `method`; a loop
 manifest without it means the update stage's default), else the folder name without a trailing seed suffix
 (`antisd-s1` → `antisd`). Its seed: `config.loop.seed` (or `loop.seed`, `config.seed`, `seed`), else that suffix.
@@ -135,7 +138,26 @@ def load_run(path: str | Path, label: str | None) -> RunMetrics:
     seed = lookup(manifest, "config.loop.seed", "loop.seed", "config.seed", "seed")
     if seed is None and suffix:
         seed = suffix.group(2)
-    return RunMetrics(folder.name, method, None if seed is None else int(seed), read_metrics(metrics))
+    return RunMetrics(folder.name, method, None if seed is None else int(seed),
+                      base_record(folder) + read_metrics(metrics))
+
+
+BASE_STEP = -1  # where the base model's evaluation (eval_base.json) is drawn
+
+
+def base_record(folder: Path) -> list[dict]:
+    """[the eval/* values of `folder`/eval_base.json at step BASE_STEP], or [] when the run has none."""
+    path = folder / "eval_base.json"
+    if not path.is_file():
+        return []
+    try:
+        base = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a JSON file ({exc})") from None
+    if not isinstance(base, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    values = {k: v for k, v in base.items() if k.startswith("eval/")}
+    return [{"step": BASE_STEP, **values}] if values else []
 
 
 def metric_series(records: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -231,7 +253,8 @@ def draw_curves(runs: list[RunMetrics], metrics: tuple[str, ...], band: str, pat
                 ax.fill_between(steps, low, high, color=colours[method], alpha=0.18, lw=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(metric, fontsize=10)
-        ax.set_xlabel("step")
+        ax.set_xlabel(f"step ({BASE_STEP}: base model)" if any(
+            BASE_STEP in metric_series(run.records, metric)[0] for run in runs) else "step")
         ax.grid(alpha=0.3)
         if not drawn:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="0.5")

@@ -109,6 +109,19 @@ def test_csv_has_one_row_per_logged_point(runs, tmp_path):
     assert gate == ["0.0", "0.0", "1.0", "1.0", "1.0", "1.0"]
 
 
+def test_base_evaluation_is_step_minus_one_of_eval_metrics_only(runs, tmp_path):
+    (runs[0] / "eval_base.json").write_text(json.dumps({"eval/accuracy": 0.125, "eval/n": 1, "timing": 3.0}))
+    steps, values = metric_series(load_run(runs[0], None).records, "eval/accuracy")
+    assert steps.tolist() == [-1, 0, 2, 4] and values[0] == 0.125
+    assert metric_series(load_run(runs[0], None).records, "reward/mean")[0].tolist() == list(range(STEPS))
+    out = run(PlotConfig(runs=tuple(map(str, runs)), out=str(tmp_path / "curves.csv"), format="csv"))
+    base = [r for r in read_rows(out) if r["step"] == "-1"]
+    assert [(r["run"], r["metric"], r["value"]) for r in base] == [("r0", "eval/accuracy", "0.125")]  # default set
+    (runs[1] / "eval_base.json").write_text("{broken")
+    result = CliRunner().invoke(cli, ["plot", str(runs[1]), "--out", str(tmp_path / "c.png")])
+    assert result.exit_code == 2 and "eval_base.json: not a JSON file" in result.stderr
+
+
 def test_csv_all_metrics_and_a_selection(runs, tmp_path):
     out = run(PlotConfig(runs=(str(runs[0]),), out=str(tmp_path / "all.csv"), format="csv", metrics=("all",)))
     assert {r["metric"] for r in read_rows(out)} == {"reward/mean", "eval/accuracy", "response/length_mean",
