@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from stages import distributed
-from stages.io import InputError, check_output, to_jsonable
+from stages.io import InputError, check_output, read_json_object, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +77,7 @@ def read_state(path: str | Path | None) -> dict | None:
     """The JSON run state at `path`, or None when `path` is None."""
     if path is None:
         return None
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--state {path}: no such file")
-    try:
-        state = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"--state {path}: not a JSON file ({exc})") from None
-    if not isinstance(state, dict):
-        raise InputError(f"--state {path}: expected a JSON object")
-    return state
+    return read_json_object(path, f"--state {path}")
 
 
 def default_state_path(model_dir: Path) -> Path | None:

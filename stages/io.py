@@ -191,6 +191,23 @@ def output_path(out: str | Path, shard: Shard) -> Path:
     return out / shard.part_name()
 
 
+def read_json_object(path: str | Path, label: str | None = None) -> dict:
+    """The JSON object in `path`; InputError "LABEL: …" (LABEL defaults to the path) when missing, unparsable or not
+    an object."""
+    label = label or str(path)
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{label}: a directory, expected a JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{label}: not a JSON file ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{label}: expected a JSON object")
+    return data
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

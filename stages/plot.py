@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.io import InputError, atomic_write_text
+from stages.io import InputError, atomic_write_text, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +150,7 @@ def base_record(folder: Path) -> list[dict]:
     path = folder / "eval_base.json"
     if not path.is_file():
         return []
-    try:
-        base = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a JSON file ({exc})") from None
-    if not isinstance(base, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    values = {k: v for k, v in base.items() if k.startswith("eval/")}
+    values = {k: v for k, v in read_json_object(path).items() if k.startswith("eval/")}
     return [{"step": BASE_STEP, **values}] if values else []
 
 

@@ -16,7 +16,8 @@ Output rows keep the input order. Temperature: `--temperature`, else the first `
 file's metadata (breadth-first: rollout records its sampling parameters, verify carries them along), else 1.0; the
 value used is stored in the metadata so `update` can use the same numerics.
 File metadata: model path and revision, reference_model and reference_revision (None without --reference),
-temperature, median_teacher_entropy (this file's rows: with --shard, a shard's median), token counts, tokens_per_s. This module does not compute advantages or losses (`stages.objectives`).
+temperature, median_teacher_entropy (this file's rows: with --shard, a shard's median), token counts, tokens_per_s.
+This module does not compute advantages or losses (`stages.objectives`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ Not here: the model, DeepSpeed engine and optimizer steps (stages.update), the o
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from stages import checkpoint
-from stages.io import InputError
+from stages.io import InputError, read_json_object
 
 if TYPE_CHECKING:
     from stages.update import UpdateConfig
@@ -90,15 +89,7 @@ def check_reference(config: UpdateConfig, table: pa.Table) -> None:
 def read_deepspeed_file(path: str | None) -> dict:
     if path is None:
         return {}
-    try:
-        user = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError(f"--deepspeed-config {path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"--deepspeed-config {path}: not valid JSON ({exc})") from None
-    if not isinstance(user, dict):
-        raise InputError(f"--deepspeed-config {path}: expected a JSON object")
-    return user
+    return read_json_object(path, f"--deepspeed-config {path}")
 
 
 def check_state(config: UpdateConfig, state: dict | None, model_dir: Path, world_size: int, stage: int) -> None:
