@@ -6,8 +6,10 @@ import json
 
 import click
 
-from antisd_cli.options import overwrite_option, stage_errors
-from stages.analyze import DELIBERATION_WORDS, SHORTCUT_WORDS
+from antisd_cli.options import config_option, overwrite_option, seed_option, stage_errors
+from stages.analyze import DELIBERATION_WORDS, SHORTCUT_WORDS, PmiConfig
+
+C = PmiConfig
 
 
 def _word_list(ctx, param, value: str) -> tuple[str, ...]:
@@ -31,23 +33,20 @@ def analyze_command() -> None:
 @click.option("--prompts", default=None, type=click.Path(exists=True, dir_okay=True),
               help="A prompts Parquet: sample (--n, --temperature, --max-new-tokens), verify and score it with "
                    "--model first, into OUT, instead of reading scored files.")
-@click.option("--n", default=4, type=click.IntRange(min=1), help="--prompts mode: samples per prompt.")
-@click.option("--temperature", default=1.0, type=click.FloatRange(min=0), help="--prompts mode: sampling temperature.")
-@click.option("--max-new-tokens", default=256, type=click.IntRange(min=1), help="--prompts mode: response length cap.")
+@config_option(C, "n", "--prompts mode: samples per prompt.")
+@config_option(C, "temperature", "--prompts mode: sampling temperature.")
+@config_option(C, "max_new_tokens", "--prompts mode: response length cap.")
 @click.option("--deliberation-words", default=",".join(DELIBERATION_WORDS), callback=_word_list,
               help="Comma-separated deliberation words (matched case-insensitively on the stripped word).")
 @click.option("--shortcut-words", default=",".join(SHORTCUT_WORDS), callback=_word_list,
               help="Comma-separated shortcut words (matched case-insensitively on the stripped word).")
-@click.option("--min-count", default=5, type=click.IntRange(min=1),
-              help="Printed table and heatmap labels: only words seen at least this often.")
-@click.option("--top", default=10, type=click.IntRange(min=0),
-              help="Printed table: how many most inflated / deflated words to show.")
-@click.option("--rollouts", default=8, type=click.IntRange(min=0), help="Rollouts rendered in rollouts.html.")
-@click.option("--seed", default=0, type=int, help="Picks the rendered rollouts.")
-@click.option("--clip", default=2.0, type=click.FloatRange(min=0, min_open=True),
-              help="Colour scales of u are clipped to ±CLIP.")
-@click.option("--bins", default=20, type=click.IntRange(min=2), help="Heatmap bins per axis.")
-@overwrite_option
+@config_option(C, "min_count", "Printed table and heatmap labels: only words seen at least this often.")
+@config_option(C, "top", "Printed table: how many most inflated / deflated words to show.")
+@config_option(C, "rollouts", "Rollouts rendered in rollouts.html.")
+@seed_option(C, "Picks the rendered rollouts.")
+@config_option(C, "clip", "Colour scales of u are clipped to ±CLIP.")
+@config_option(C, "bins", "Heatmap bins per axis (>= 2).")
+@overwrite_option(C)
 @stage_errors
 def pmi(scored, out, model, prompts, n, temperature, max_new_tokens, deliberation_words, shortcut_words, min_count, top, rollouts, seed, clip, bins,
         overwrite):
@@ -64,7 +63,7 @@ def pmi(scored, out, model, prompts, n, temperature, max_new_tokens, deliberatio
     """
     from rich.console import Console
 
-    from stages.analyze import PmiConfig, run, summary_tables
+    from stages.analyze import run, summary_tables
 
     config = PmiConfig(scored=tuple(scored), out=out, model=model, prompts=prompts, n=n, temperature=temperature,
                        max_new_tokens=max_new_tokens,

@@ -6,14 +6,18 @@ import json
 
 import click
 
-from antisd_cli.options import stage_errors
+from antisd_cli.options import config_option, field_default, stage_errors
+from stages.inspect import InspectConfig
+
+C = InspectConfig
 
 
 @click.command("inspect")
 @click.argument("path", type=click.Path(exists=True, dir_okay=True))
-@click.option("--samples", default=3, type=click.IntRange(min=0), help="Sample rows to render.")
-@click.option("--row", default=None, type=int, help="Show this row (0-based) in full instead of samples.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary (metadata, schema, stats) as JSON.")
+@config_option(C, "samples", "Sample rows to render.")
+@config_option(C, "row", "Show this row (0-based) in full instead of samples.")
+@click.option("--json", "as_json", is_flag=True, default=field_default(C, "as_json"),
+              help="Print the summary (metadata, schema, stats) as JSON.")
 @stage_errors
 def inspect_command(path, samples, row, as_json):
     """Describe a prompts/rollouts/verified/scored Parquet file (or a directory of parts).
@@ -25,7 +29,7 @@ def inspect_command(path, samples, row, as_json):
     """
     from rich.console import Console
 
-    from stages.inspect import InspectConfig, render, summarize
+    from stages.inspect import render, summarize
 
     config = InspectConfig(path=path, samples=samples, row=row, as_json=as_json)
     summary = summarize(config)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from antisd_cli.options import BadInput, stage_errors
+from antisd_cli.options import BadInput, config_option, stage_errors
+from stages.loop import LoopConfig
 from stages.slurm import SlurmConfig
 
 SLURM = SlurmConfig()  # defaults shown in --help come from the dataclass
@@ -20,7 +21,7 @@ SLURM_OPTIONS = ("dry_run", "partition", "account", "time", "nodes", "gpus_per_n
               help="Run directory; rerunning the same command resumes it.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override one config value, e.g. --set update.lr=2e-6 --set loop.steps=50 (repeatable).")
-@click.option("--force/--no-force", default=False, help="Resume a run directory made with a different config.")
+@config_option(LoopConfig, "force", "Resume a run directory made with a different config.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
 @click.option("--launcher", type=click.Choice(["local", "slurm"]), default="local",
               help="local: run every stage in this process. slurm: write one sbatch script per stage per step "
@@ -63,7 +64,7 @@ def loop_command(ctx, config_path, out, overrides, force, print_config, launcher
         --shards 8 --nodes 2 --gpus-per-node 8 --setup 'source ~/venvs/antisd/bin/activate' --dry-run
     """
     from stages import config as run_config
-    from stages.loop import LoopConfig, run
+    from stages.loop import run
 
     if launcher == "local":
         given = [name for name in SLURM_OPTIONS if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]

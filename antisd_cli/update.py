@@ -4,65 +4,60 @@ from __future__ import annotations
 
 import click
 
-from antisd_cli.options import (dtype_option, input_path, model_option, out_option, overwrite_option, seed_option,
-                                stage_errors, threads_option)
+from antisd_cli.options import (config_option, dtype_option, input_path, model_option, out_option, overwrite_option,
+                                seed_option, stage_errors, threads_option)
+from stages.update import METHODS, UpdateConfig
+
+C = UpdateConfig
 
 
 @click.command("update")
 @input_path("--scored", "Scored rollouts (Parquet file or directory of parts) from `antisd score`.")
-@model_option
+@model_option(C)
 @out_option
-@click.option("--method", default="antisd", type=click.Choice(["grpo", "sd", "antisd", "rkl-ascent"]),
-              help="Per-token advantage (METHOD §2): grpo, sd (+u), antisd (−φ(u)), rkl-ascent (−u).")
-@click.option("--lam-max", default=0.5, type=click.FloatRange(min=0), help="λ_max; λ = gate · λ_max.")
-@click.option("--warmup-steps", default=5, type=click.IntRange(min=1),
-              help="Gate warm-up: steps with λ = 0 whose median teacher entropies calibrate H_warm.")
-@click.option("--gate-down", default=0.93, type=click.FloatRange(0, 1, min_open=True),
-              help="The gate closes when H < gate-down · H_warm, and reopens at H ≥ H_warm.")
-@click.option("--gate", default="auto", type=click.Choice(["auto", "on", "off"]),
-              help="Entropy gate: auto = on for antisd and rkl-ascent, off (λ = λ_max always) for sd.")
-@click.option("--recalibrate-gate/--no-recalibrate-gate", default=False,
-              help="On a resumed run, measure H_warm again over the next warm-up steps.")
-@click.option("--lr", default=1e-6, type=click.FloatRange(min=0), help="AdamW learning rate (constant).")
-@click.option("--weight-decay", default=0.0, type=click.FloatRange(min=0), help="AdamW weight decay.")
-@click.option("--grad-clip", default=1.0, type=click.FloatRange(min=0), help="Gradient-norm clip (0 = off).")
-@click.option("--clip-low", default=0.2, type=click.FloatRange(min=0), help="PPO ε_low.")
-@click.option("--clip-high", default=0.2, type=click.FloatRange(min=0), help="PPO ε_high (clip-higher if > ε_low).")
-@click.option("--loss-agg", default="token-mean",
-              type=click.Choice(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]),
-              help="Loss aggregation; normalizers count the whole step batch over all ranks.")
-@click.option("--max-response-tokens", default=0, type=click.IntRange(min=0),
-              help="seq-mean-token-sum's constant length (0 = longest response of the step).")
-@click.option("--adv-eps", default=1e-6, type=click.FloatRange(min=0), help="ε in (R − mean)/(std + ε).")
-@click.option("--adv-scale", default="group", type=click.Choice(["group", "none"]),
-              help="Divide the group-centred reward by the group std (group) or not (none, Dr.GRPO).")
-@click.option("--ppo-epochs", default=1, type=click.IntRange(min=1), help="Passes over the batch.")
-@click.option("--mini-batch-size", default=0, type=click.IntRange(min=0),
-              help="Sequences per optimizer step (0 = the whole batch: one step, strictly on-policy).")
-@click.option("--micro-batch-tokens", default=2048, type=click.IntRange(min=1),
-              help="Padded tokens per forward/backward on one rank.")
-@click.option("--logprob-chunk", default=64, type=click.IntRange(min=1),
-              help="Response positions per LM-head chunk when computing log-probs.")
-@click.option("--kl-coef", default=0.0, type=click.FloatRange(min=0),
-              help="β: adds β · k3 KL(π_θ‖π_ref) to the loss (same aggregation). > 0 needs ref_logprobs in the "
-                   "scored file (antisd score --reference MODEL); 0 = no KL term.")
-@click.option("--is-correction", default="off", type=click.Choice(["off", "token"]),
-              help="token: truncated importance weight min(exp(student − sampling log-prob), --is-cap).")
-@click.option("--is-cap", default=2.0, type=click.FloatRange(min=1), help="Cap of the truncated IS weight.")
-@click.option("--deepspeed-config", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="DeepSpeed JSON overlaid on the built-in ZeRO-2 default (no optimizer/scheduler sections).")
-@click.option("--zero-stage", default=None, type=click.IntRange(0, 3),
-              help="ZeRO stage (default: the config file's, else 2).")
-@click.option("--state", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="Run-state JSON (gate, step, RNG, data cursor); default <model>/antisd_state.json if present.")
-@dtype_option
-@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True,
-              help="Recompute activations in backward (less memory).")
-@threads_option
-@seed_option
-@click.option("--force/--no-force", default=False,
-              help="Accept a scored file from another model revision, or a run state of another method.")
-@overwrite_option
+@config_option(C, "method", "Per-token advantage (METHOD §2): grpo, sd (+u), antisd (−φ(u)), rkl-ascent (−u).",
+               type=click.Choice(METHODS))
+@config_option(C, "lam_max", "λ_max; λ = gate · λ_max.")
+@config_option(C, "warmup_steps", "Gate warm-up: steps with λ = 0 whose median teacher entropies calibrate H_warm.")
+@config_option(C, "gate_down", "The gate closes when H < gate-down · H_warm, and reopens at H ≥ H_warm.")
+@config_option(C, "gate", "Entropy gate: auto = on for antisd and rkl-ascent, off (λ = λ_max always) for sd.",
+               type=click.Choice(["auto", "on", "off"]))
+@config_option(C, "recalibrate_gate", "Measure H_warm again over the next warm-up steps (once: steps that follow one "
+                                      "run with this flag do not restart the warm-up).")
+@config_option(C, "lr", "AdamW learning rate (constant).")
+@config_option(C, "weight_decay", "AdamW weight decay.")
+@config_option(C, "grad_clip", "Gradient-norm clip (0 = off).")
+@config_option(C, "clip_low", "PPO ε_low.")
+@config_option(C, "clip_high", "PPO ε_high (clip-higher if > ε_low).")
+@config_option(C, "loss_agg", "Loss aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum; normalizers "
+                              "count the whole step batch over all ranks.")
+@config_option(C, "max_response_tokens", "seq-mean-token-sum's constant length (0 = longest response of the step).")
+@config_option(C, "adv_eps", "ε in (R − mean)/(std + ε).")
+@config_option(C, "adv_scale", "Divide the group-centred reward by the group std (group) or not (none, Dr.GRPO).",
+               type=click.Choice(["group", "none"]))
+@config_option(C, "ppo_epochs", "Passes over the batch.")
+@config_option(C, "mini_batch_size", "Sequences per optimizer step (0 = the whole batch: one step, strictly "
+                                     "on-policy).")
+@config_option(C, "micro_batch_tokens", "Padded tokens per forward/backward on one rank.")
+@config_option(C, "logprob_chunk", "Response positions per LM-head chunk when computing log-probs.")
+@config_option(C, "kl_coef", "β: adds β · k3 KL(π_θ‖π_ref) to the loss (same aggregation). > 0 needs ref_logprobs "
+                             "in the scored file (antisd score --reference MODEL); 0 = no KL term.")
+@config_option(C, "is_correction", "token: truncated importance weight min(exp(student − sampling log-prob), "
+                                   "--is-cap).", type=click.Choice(["off", "token"]))
+@config_option(C, "is_cap", "Cap of the truncated IS weight (>= 1).")
+@config_option(C, "deepspeed_config", "DeepSpeed JSON overlaid on the built-in ZeRO-2 default (no optimizer/scheduler "
+                                      "sections).", type=click.Path(exists=True, dir_okay=False))
+@config_option(C, "zero_stage", "ZeRO stage 0-3 (default: the config file's, else 2).")
+@config_option(C, "state", "Run-state JSON (gate, step, RNG); default <model>/antisd_state.json if present.",
+               type=click.Path(exists=True, dir_okay=False))
+@config_option(C, "switch_method", "Accept a run state written by another --method (continue a GRPO checkpoint as "
+                                   "AntiSD): its step, RNG and optimizer carry on, and the gate re-calibrates H_warm.")
+@dtype_option(C)
+@config_option(C, "gradient_checkpointing", "Recompute activations in backward (less memory).")
+@threads_option(C)
+@seed_option(C, "Seeds the mini-batch order; the RNG state is restored from the run state when present.")
+@config_option(C, "force", "Accept a scored file whose old log-probs came from another model revision.")
+@overwrite_option(C)
 @stage_errors
 def update_command(**options):
     """Train the policy one step on scored rollouts and write the next checkpoint.
@@ -74,10 +69,10 @@ def update_command(**options):
     \b
     Example:
       antisd update --scored scored.parquet --model smollm2-135m --out ckpt_0001
-      antisd update --scored s2.parquet --model ckpt_0001 --out ckpt_0002 --method sd
+      antisd update --scored s2.parquet --model ckpt_0001 --out ckpt_0002 --method sd --switch-method
       torchrun --nproc_per_node 8 -m antisd_cli update --scored s.parquet --model ckpt --out next --zero-stage 3
       deepspeed --num_gpus 8 --no_local_rank --module antisd_cli update --scored s.parquet --model ckpt --out next
     """
-    from stages.update import UpdateConfig, run
+    from stages.update import run
 
     click.echo(str(run(UpdateConfig(**options))))

@@ -137,3 +137,159 @@ def conform(table: pa.Table, expected: pa.Schema) -> pa.Table:
     optional = next((OPTIONAL.get(name, []) for name, schema in SCHEMAS.items() if schema is expected), [])
     schema = pa.schema(list(expected) + [f for f in optional if f.name in table.column_names])
     return pa.Table.from_arrays([table.column(f.name).cast(f.type) for f in schema], schema=schema)
+
+
+# --- row values ------------------------------------------------------------------------------------------------
+
+# A log-prob is ≤ 0 by construction (log_softmax, or an engine's log-prob); the slack admits another engine's rounding
+# and catches what matters: probabilities or negated log-probs written in its place.
+LOGPROB_SLACK = 1e-3
+FINISH_REASONS = ("stop", "length")
+VERIFY_STATUSES = ("ok", "no_answer", "timeout", "error")
+PRIVILEGED_SOURCES = ("peer", "reference", "none")
+# per-token columns: (artifact that introduces them, must be finite, bound: ("max", x) or ("min", x) or None)
+_TOKEN_RULES = {
+    "sampling_logprobs": ("rollouts", False, ("max", LOGPROB_SLACK)),  # an engine may report −inf
+    "student_logprobs": ("scored", True, ("max", LOGPROB_SLACK)),
+    "teacher_logprobs": ("scored", True, ("max", LOGPROB_SLACK)),
+    "ref_logprobs": ("scored", True, ("max", LOGPROB_SLACK)),
+    "teacher_entropy": ("scored", True, ("min", -LOGPROB_SLACK)),
+    "student_entropy": ("scored", True, ("min", -LOGPROB_SLACK)),
+    "pmi": ("scored", True, None),
+}
+
+
+def _row_label(table: pa.Table, row: int) -> str:
+    names = [n for n in ("prompt_id", "sample_idx") if n in table.column_names]
+    where = ", ".join(f"{n} {table.column(n)[row].as_py()!r}" for n in names)
+    return f"row {row}" + (f" ({where})" if where else "")
+
+
+def _first(mask) -> int | None:
+    """Index of the first true entry of a boolean Arrow array (nulls count as false), or None."""
+    import pyarrow.compute as pc
+
+    indices = pc.indices_nonzero(pc.fill_null(mask, False))
+    return indices[0].as_py() if len(indices) else None
+
+
+def check_values(table: pa.Table, artifact: str, source: str) -> None:
+    """Raise SchemaError naming `source`, the column and the first bad row when a value breaks its column's rules.
+
+    Checked where the column is present: no nulls in non-nullable columns (nor inside their lists); for rollouts and
+    later files, sample_idx ≥ 0, one row per (prompt_id, sample_idx), finish_reason, response_length; for verified
+    files, reward ∈ {0, 1} agreeing with `correct`, verify_status, privileged_source and its peer index; for scored
+    files, per-token lists as long as the response, finite, log-probs ≤ 0 and entropies ≥ 0 (within LOGPROB_SLACK).
+    """
+    import pyarrow.compute as pc
+
+    def fail(column: str, row: int, what: str):
+        raise SchemaError(f"{source}: column '{column}', {_row_label(table, row)}: {what}")
+
+    stage = ARTIFACT_ORDER.index(artifact) if artifact in ARTIFACT_ORDER else len(ARTIFACT_ORDER)
+    expected = {f.name: f for f in SCHEMAS.get(artifact, pa.schema([]))}
+    for name, field in expected.items():
+        if name not in table.column_names or field.nullable:
+            continue
+        column = table.column(name)
+        if column.null_count:
+            fail(name, _first(pc.is_null(column)), "null in a column that must hold a value")
+        if pa.types.is_list(field.type) and pa.types.is_primitive(field.type.value_type):
+            values = pc.list_flatten(column)
+            if values.null_count:
+                parents = pc.list_parent_indices(column)
+                fail(name, parents[_first(pc.is_null(values))].as_py(), "null inside the list")
+    has = set(table.column_names)
+    if stage >= ARTIFACT_ORDER.index("rollouts"):
+        _check_rollout_values(table, has, fail)
+    if stage >= ARTIFACT_ORDER.index("verified"):
+        _check_verified_values(table, has, fail)
+    for name, (introduced, finite, bound) in _TOKEN_RULES.items():
+        if name in has and stage >= ARTIFACT_ORDER.index(introduced):
+            _check_token_column(table, name, finite, bound, fail)
+
+
+def _check_rollout_values(table: pa.Table, has: set, fail) -> None:
+    import pyarrow.compute as pc
+
+    if "sample_idx" in has:
+        bad = _first(pc.less(table.column("sample_idx"), 0))
+        if bad is not None:
+            fail("sample_idx", bad, "negative")
+        if "prompt_id" in has:
+            seen: dict = {}
+            for row, key in enumerate(zip(table.column("prompt_id").to_pylist(),
+                                          table.column("sample_idx").to_pylist())):
+                if key in seen:
+                    fail("sample_idx", row, f"the same (prompt_id, sample_idx) as row {seen[key]}: a file holds "
+                                            "each sample once (was it concatenated twice?)")
+                seen[key] = row
+    if "finish_reason" in has:
+        bad = _first(pc.invert(pc.is_in(table.column("finish_reason"), pa.array(FINISH_REASONS))))
+        if bad is not None:
+            fail("finish_reason", bad, f"{table.column('finish_reason')[bad].as_py()!r} is not one of "
+                                       f"{', '.join(FINISH_REASONS)}")
+    if {"response_length", "response_token_ids"} <= has:
+        lengths = pc.list_value_length(table.column("response_token_ids"))
+        bad = _first(pc.not_equal(table.column("response_length"), pc.cast(lengths, pa.int32())))
+        if bad is not None:
+            fail("response_length", bad, f"{table.column('response_length')[bad].as_py()} for "
+                                         f"{lengths[bad].as_py()} response_token_ids")
+
+
+def _check_verified_values(table: pa.Table, has: set, fail) -> None:
+    import pyarrow.compute as pc
+
+    if "reward" in has:
+        reward = table.column("reward")
+        bad = _first(pc.invert(pc.is_in(reward, pa.array([0.0, 1.0], reward.type))))
+        if bad is not None:
+            fail("reward", bad, f"{reward[bad].as_py()!r}; a verified reward is 0 or 1")
+        if "correct" in has:
+            bad = _first(pc.not_equal(pc.equal(reward, 1.0), table.column("correct")))
+            if bad is not None:
+                fail("correct", bad, f"{table.column('correct')[bad].as_py()} with reward {reward[bad].as_py()}")
+    for name, valid in (("verify_status", VERIFY_STATUSES), ("privileged_source", PRIVILEGED_SOURCES)):
+        if name in has:
+            bad = _first(pc.invert(pc.is_in(table.column(name), pa.array(valid))))
+            if bad is not None:
+                fail(name, bad, f"{table.column(name)[bad].as_py()!r} is not one of {', '.join(valid)}")
+    if {"privileged_source", "peer_sample_idx"} <= has:
+        peer = pc.equal(table.column("privileged_source"), "peer")
+        bad = _first(pc.and_(peer, pc.is_null(table.column("peer_sample_idx"))))
+        if bad is not None:
+            fail("peer_sample_idx", bad, "null, but privileged_source is 'peer'")
+    if {"privileged_source", "privileged_text"} <= has:
+        bad = _first(pc.and_(pc.not_equal(table.column("privileged_source"), "none"),
+                             pc.is_null(table.column("privileged_text"))))
+        if bad is not None:
+            fail("privileged_text", bad, f"null, but privileged_source is "
+                                         f"{table.column('privileged_source')[bad].as_py()!r}")
+
+
+def _check_token_column(table: pa.Table, name: str, finite: bool, bound, fail) -> None:
+    import pyarrow.compute as pc
+
+    column = table.column(name)
+    if "response_token_ids" in table.column_names:
+        lengths = pc.list_value_length(column)
+        expected = pc.list_value_length(table.column("response_token_ids"))
+        bad = _first(pc.not_equal(lengths, expected))
+        if bad is not None:
+            fail(name, bad, f"{lengths[bad].as_py()} values for {expected[bad].as_py()} response tokens")
+    values = pc.list_flatten(column)
+    if not len(values):
+        return
+    parents = pc.list_parent_indices(column)
+    problems = []
+    if finite:
+        problems.append((pc.invert(pc.is_finite(values)), "non-finite value"))
+    if bound is not None:
+        side, limit = bound
+        problems.append((pc.greater(values, limit) if side == "max" else pc.less(values, limit),
+                         f"{'above' if side == 'max' else 'below'} {limit:g} (a log-prob is ≤ 0, an entropy ≥ 0)"))
+    for mask, what in problems:
+        index = _first(mask)
+        if index is not None:
+            fail(name, parents[index].as_py(), f"{what} at response token "
+                 f"{index - pc.index(parents, parents[index]).as_py()} ({values[index].as_py()})")

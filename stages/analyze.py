@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages import validation
 from stages.io import InputError, atomic_write_json, atomic_write_text, read_artifact
 from stages.words import BYTE_DECODER, PieceDecoder, display_word, visible, word_spans  # noqa: F401
 
@@ -63,6 +64,16 @@ class PmiConfig:
     clip: float = 2.0  # colour scales of u are clipped to ±clip
     bins: int = 20  # heatmap bins per axis over [0, 1]
     overwrite: bool = False  # replace existing output files in `out`
+
+    def __post_init__(self):
+        check = validation.Checks(self)
+        check.at_least(1, "n", "max_new_tokens", "min_count")
+        check.at_least(0, "temperature", "top", "rollouts")
+        check.above(0, "clip")
+        check.at_least(2, "bins")
+        check.require(bool(self.deliberation_words), "deliberation_words", "give at least one word")
+        check.require(bool(self.shortcut_words), "shortcut_words", "give at least one word")
+        check.done()
 
 
 # --- statistics (pure) -------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from stages import distributed
-from stages.io import InputError, check_output, read_json_object, to_jsonable
+from stages.io import InputError, check_output, read_json_object, share_like_new_files, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,7 @@ def temp_dir_for(out: Path) -> Path:
 
 def check_target(out: str | Path, overwrite: bool) -> Path:
     """Validate the output folder before any work: its parent exists, and it is new unless `overwrite`."""
-    out = check_output(out, overwrite)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: a file exists there; a checkpoint is a folder")
-    return out
+    return check_output(out, overwrite, kind="folder")
 
 
 # Bytes a checkpoint holds per parameter on top of its HF weights: the DeepSpeed module copy plus the fp32 master
@@ -200,6 +197,7 @@ def save(out: Path, engine, policy, tokenizer, state: dict, metrics: dict, env: 
             _write_hf(tmp, policy, tokenizer, state_dict)
             _write_json(tmp / STATE_FILE, state)
             _write_json(tmp / METRICS_FILE, metrics)
+            share_like_new_files(tmp)
             _fsync_tree(tmp)
     except Exception as exc:  # noqa: BLE001  (cleaned up and re-raised below, after the ranks agree)
         error = exc

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from stages import validation
 from stages.io import InputError, to_jsonable
 
 
@@ -35,8 +36,25 @@ _Yaml12BoolLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A YAML mapping whose keys are all different: a repeated key would silently keep the last value."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark,
+                f"found duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Yaml12BoolLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def safe_load(text: str):
-    """yaml.safe_load with YAML 1.2 booleans (on/off/yes/no stay strings). Never constructs Python objects."""
+    """yaml.safe_load with YAML 1.2 booleans (on/off/yes/no stay strings) and no repeated keys. Never constructs
+    Python objects."""
     return yaml.load(text, Loader=_Yaml12BoolLoader)  # noqa: S506 - a SafeLoader subclass
 
 
@@ -50,6 +68,14 @@ class DataSpec:
     seed: int = 0  # shuffle seed of the prepared file
     few_shot: bool = True  # arith only
     path: str | None = None  # jsonl/parquet input
+
+    def __post_init__(self):
+        from stages.data import PrepareConfig
+
+        check = validation.Checks(self)  # the rules of `antisd data prepare`, under the same names
+        check.absorb(lambda: PrepareConfig(name=self.name, out="", split=self.split, num=self.num, seed=self.seed,
+                                           few_shot=self.few_shot, path=self.path))
+        check.done()
 
 
 @dataclass(frozen=True)
@@ -70,6 +96,16 @@ class LoopSettings:
     keep_checkpoints: int = 0  # keep only the newest K step checkpoints (0 = keep all)
     weight_sync: str = "reload"  # vLLM rollouts: reload (fresh engine on each new checkpoint) | inplace (load_weights)
     vllm_sleep: bool = True  # vLLM on GPU, inplace: engine sleeps (level 1) while score/update train; no-op on CPU
+
+    def __post_init__(self):
+        from stages.engine_vllm import WEIGHT_SYNCS
+
+        check = validation.Checks(self)
+        check.require(bool(str(self.model).strip()), "model", "must name a model folder or an embedded model")
+        check.at_least(1, "steps", "prompts_per_step", "eval_n", "eval_max_new_tokens")
+        check.at_least(0, "eval_every", "eval_temperature", "keep_checkpoints")
+        check.choice("weight_sync", WEIGHT_SYNCS)
+        check.done()
 
 
 # Stage sections: name -> (module path, Config class name, fields the loop sets itself)
@@ -122,20 +158,38 @@ def _check_value(where: str, value: Any, kind: Any, errors: list[str]) -> Any:
     return value
 
 
+LOOP_PLACEHOLDER = "<set by the loop>"  # stands in for the paths a stage section leaves to the loop, to validate it
+
+
 def build_dataclass(cls, values: dict, where: str, errors: list[str], skip: set[str] = frozenset()):
-    """Instantiate `cls` from a mapping, reporting unknown keys and mistyped values into `errors`."""
+    """Instantiate `cls` from a mapping, reporting unknown keys, mistyped and invalid values into `errors`.
+
+    With `skip` (the fields the loop sets) the mapping is a stage section: it is validated by building `cls` with
+    placeholders for the skipped fields that have no default, and returned as keyword arguments.
+    """
     types_by_name = _field_types(cls)
     kwargs = {}
+    found = len(errors)
     for key, value in (values or {}).items():
         if key in skip:
             errors.append(f"{where}.{key}: set by the loop, not configurable here")
         elif key not in types_by_name:
             errors.append(f"{where}.{key}: unknown key (valid: {', '.join(sorted(set(types_by_name) - skip))})")
         else:
-            kwargs[key] = _check_value(f"{where}.{key}", value, types_by_name[key], errors)
-    if errors:
+            before = len(errors)
+            checked = _check_value(f"{where}.{key}", value, types_by_name[key], errors)
+            if len(errors) == before:  # a bad value is left out, so the other keys still get their checks
+                kwargs[key] = checked
+    required = {f.name: LOOP_PLACEHOLDER for f in dataclasses.fields(cls) if f.name in skip
+                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    try:
+        built = cls(**kwargs, **required)
+    except validation.ConfigError as exc:
+        errors.extend(exc.labelled(where))
         return None
-    return kwargs if skip else cls(**kwargs)
+    if len(errors) > found:
+        return None
+    return kwargs if skip else built
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -206,10 +260,19 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
         try:
             raw = safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise InputError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise InputError(f"--config {path}: not valid YAML ({_yaml_problem(exc)})") from None
         if not isinstance(raw, dict):
             raise InputError(f"--config {path}: expected a mapping of sections")
     return resolve(raw, overrides)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: the problem and where (`found duplicate key 'lr' (first at line 3), line 5`)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None:
+        return str(exc).splitlines()[0]
+    return f"{problem}, line {mark.line + 1}" if mark is not None else problem
 
 
 def dump_yaml(config: RunConfig) -> str:

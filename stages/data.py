@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages import prompts as prompt_format
-from stages.io import InputError, build_metadata, check_output, write_artifact
+from stages import validation
+from stages.io import InputError, build_metadata, check_output, output_lock, write_artifact
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,9 @@ BUILTIN = {
     "aime24": {"test": "aime24/test.jsonl"},
     "amc23": {"test": "amc23/test.jsonl"},
 }
-DATASETS = ("arith", *BUILTIN, "jsonl", "parquet")
+USER_FORMATS = ("jsonl", "parquet")
+DATASETS = ("arith", *BUILTIN, *USER_FORMATS)
+SPLITS = ("train", "test")
 
 ARITH_FEW_SHOT = [
     ("What is 3 + 4?", "3 + 4 = 7. The final answer is \\boxed{7}."),
@@ -55,6 +58,16 @@ class PrepareConfig:
     solution_field: str | None = "solution"
     id_field: str | None = None
     overwrite: bool = False
+
+    def __post_init__(self):
+        check = validation.Checks(self)
+        check.choice("name", DATASETS)
+        check.choice("split", SPLITS)
+        if self.name in BUILTIN and self.split in SPLITS and self.split not in BUILTIN[self.name]:
+            check.fail("split", f"{self.name} has only {', '.join(BUILTIN[self.name])}, got {self.split!r}")
+        check.at_least(0, "num")
+        check.require(self.name not in USER_FORMATS or bool(self.path), "path", f"required for {self.name}")
+        check.done()
 
 
 def _clean_answer(value) -> str:
@@ -113,8 +126,6 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def builtin_rows(name: str, split: str) -> list[dict]:
-    if split not in BUILTIN[name]:
-        raise InputError(f"--split {split}: {name} has only {', '.join(BUILTIN[name])}")
     records = _read_jsonl(DATA_DIR / BUILTIN[name][split])
     if name == "gsm8k":
         return [_gsm8k_row(r, i, split) for i, r in enumerate(records)]
@@ -134,8 +145,6 @@ def builtin_rows(name: str, split: str) -> list[dict]:
 
 
 def user_rows(config: PrepareConfig) -> list[dict]:
-    if not config.path:
-        raise InputError(f"data prepare {config.name}: --path is required")
     path = Path(config.path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -162,8 +171,6 @@ def user_rows(config: PrepareConfig) -> list[dict]:
 def build_rows(config: PrepareConfig) -> list[dict]:
     """The prompt rows of `config`, shuffled/truncated, few-shot attached; pure apart from reading files."""
     if config.name == "arith":
-        if config.split not in ("train", "test"):
-            raise InputError(f"--split {config.split}: arith has train and test")
         rows = arith_rows(config.split, config.seed)
         shots = ARITH_FEW_SHOT if config.few_shot else []
     elif config.name in BUILTIN:
@@ -171,15 +178,11 @@ def build_rows(config: PrepareConfig) -> list[dict]:
         if config.seed:
             random.Random(config.seed).shuffle(rows)
         shots = []
-    elif config.name in ("jsonl", "parquet"):
+    else:  # USER_FORMATS
         rows = user_rows(config)
         if config.seed:
             random.Random(config.seed).shuffle(rows)
         shots = []
-    else:
-        raise InputError(f"data prepare: unknown dataset '{config.name}' (choose from {', '.join(DATASETS)})")
-    if config.num < 0:
-        raise InputError(f"--num must be >= 0, got {config.num}")
     if config.num:
         rows = rows[: config.num]
     if not rows:
@@ -191,12 +194,21 @@ def build_rows(config: PrepareConfig) -> list[dict]:
     return [{**row, "few_shot": few_shot} for row in rows]
 
 
-def run(config: PrepareConfig) -> Path:
-    out = check_output(config.out, config.overwrite)
-    rows = build_rows(config)
+def prompts_table(config: PrepareConfig) -> pa.Table:
+    """The PROMPTS table of `config`, in memory (`antisd loop` validates it before its run directory is written)."""
     import schemas
 
-    table = pa.Table.from_pylist(rows, schema=schemas.PROMPTS)
-    write_artifact(table, out, "prompts", build_metadata("prompts", config, rows=len(rows)))
-    log.info("wrote %d prompts to %s", len(rows), out)
-    return out
+    return pa.Table.from_pylist(build_rows(config), schema=schemas.PROMPTS)
+
+
+def write_prompts(table: pa.Table, config: PrepareConfig, out: str | Path) -> Path:
+    return write_artifact(table, out, "prompts", build_metadata("prompts", config, rows=table.num_rows))
+
+
+def run(config: PrepareConfig) -> Path:
+    out = check_output(config.out, config.overwrite)
+    with output_lock(out):
+        table = prompts_table(config)
+        write_prompts(table, config, out)
+        log.info("wrote %d prompts to %s", table.num_rows, out)
+        return out

@@ -28,20 +28,21 @@ import json
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
-from stages import estimators
+from stages import estimators, validation
 from stages.answers import DEFAULT_FALLBACKS
-from stages.io import InputError, atomic_write_json, build_metadata, check_output, read_artifact, write_artifact
+from stages.data import SPLITS
+from stages.io import (InputError, atomic_write_json, build_metadata, check_output, output_lock,
+                       read_artifact, write_artifact)
 from stages.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
 BENCHMARKS = ("arith", "gsm8k", "math500", "aime24", "amc23")
-SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,14 @@ class EvalConfig:
     progress: bool = True  # progress bar on stderr (only on a terminal)
     overwrite: bool = False  # replace existing outputs
 
-
-def default(name: str):
-    """EvalConfig's default for `name` (the CLI shows these; they live only in the dataclass)."""
-    return next(f.default for f in fields(EvalConfig) if f.name == name)
+    def __post_init__(self):
+        check = validation.Checks(self)
+        check.at_least(1, "n", "bootstrap_resamples")
+        check.at_least(0, "num")
+        check.choice("split", SPLITS)
+        check.absorb(lambda: _rollout_config(self))  # rollout's and verify's rules, under eval's option names
+        check.absorb(lambda: _verify_config(self))
+        check.done()
 
 
 def summary_path(out: str | Path) -> Path:
@@ -175,7 +180,6 @@ def _evaluate(rows: list[dict], rollout_config, verify_config, *, out: Path, ben
     from stages.models import resolve_model
     from stages.runtime import set_threads
 
-    rollout.validate(rollout_config)
     engine_name = rollout.resolve_engine(rollout_config.engine)
     model_path = loaded.path if loaded is not None else resolve_model(rollout_config.model)
     threads = set_threads(rollout_config.threads)
@@ -221,48 +225,36 @@ def _evaluate(rows: list[dict], rollout_config, verify_config, *, out: Path, ben
     return summary
 
 
-def _stage_configs(config: EvalConfig):
+def _rollout_config(config: EvalConfig):
     from stages.rollout import RolloutConfig
-    from stages.verify import VerifyConfig
 
     greedy = config.temperature == 0
-    rollout_config = RolloutConfig(
+    return RolloutConfig(
         prompts=config.benchmark, out=config.out, model=config.model, n=config.n, temperature=config.temperature,
         top_p=1.0 if greedy else config.top_p, max_new_tokens=config.max_new_tokens, seed=config.seed,
         engine=config.engine, dtype=config.dtype, threads=config.threads, batch_size=config.batch_size,
         device=config.device, progress=config.progress, overwrite=True)
-    verify_config = VerifyConfig(rollouts=config.benchmark, out=config.out, seed=config.seed, workers=config.workers,
-                                 timeout=config.timeout, fallbacks=config.fallbacks, overwrite=True)
-    return rollout_config, verify_config
 
 
-def validate(config: EvalConfig) -> None:
-    checks = [
-        (config.n >= 1, f"--n must be >= 1, got {config.n}"),
-        (config.split in SPLITS, f"--split must be train or test, got '{config.split}'"),
-        (config.bootstrap_resamples >= 1, f"--bootstrap-resamples must be >= 1, got {config.bootstrap_resamples}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise InputError(message)
+def _verify_config(config: EvalConfig):
+    from stages.verify import VerifyConfig
+
+    return VerifyConfig(rollouts=config.benchmark, out=config.out, seed=config.seed, workers=config.workers,
+                        timeout=config.timeout, fallbacks=config.fallbacks, overwrite=True)
 
 
 def run(config: EvalConfig, loaded=None) -> Path:
     """Validate, prepare prompts, sample, verify, write rows and summary; return the rows path."""
-    from stages import rollout, verify
-
-    # --- validate everything before any work
-    validate(config)
+    # --- validate everything before any work (the options were checked when `config` was made)
     out = check_output(config.out, config.overwrite)
     check_output(summary_path(out), config.overwrite)
-    rollout_config, verify_config = _stage_configs(config)
-    rollout.validate(rollout_config)
-    verify.validate(verify_config)
-    rows, benchmark = prompt_rows(config.benchmark, config.split, config.num)
-    log.debug("eval config: %s", asdict(config))
-    _evaluate(rows, rollout_config, verify_config, out=out, benchmark=benchmark, seed=config.seed,
-              resamples=config.bootstrap_resamples, loaded=loaded)
-    return out
+    with output_lock(out):
+        rollout_config, verify_config = _rollout_config(config), _verify_config(config)
+        rows, benchmark = prompt_rows(config.benchmark, config.split, config.num)
+        log.debug("eval config: %s", asdict(config))
+        _evaluate(rows, rollout_config, verify_config, out=out, benchmark=benchmark, seed=config.seed,
+                  resamples=config.bootstrap_resamples, loaded=loaded)
+        return out
 
 
 def evaluate_for_loop(*, model: str, prompts: str, out_prefix: str, n: int, temperature: float,
@@ -289,7 +281,7 @@ def evaluate_for_loop(*, model: str, prompts: str, out_prefix: str, n: int, temp
                                     "overwrite": True})
     rows, benchmark = prompt_rows(str(prompts), "test", 0)
     summary = _evaluate(rows, rollout_config, verify_config, out=out, benchmark=benchmark, seed=seed,
-                        resamples=default("bootstrap_resamples"), loaded=loaded)
+                        resamples=EvalConfig.bootstrap_resamples, loaded=loaded)
     return numeric(summary)
 
 

@@ -32,7 +32,8 @@ class EntropyGate:
     included; H_warm is still calibrated and g reported as 1, for the metrics.
     A step without a measurement (H None or NaN: no teacher tokens in the batch) counts as a step but is not
     recorded and leaves g unchanged; if the whole warm-up had none, calibration waits for the first finite H.
-    `recalibrate()` forgets H_warm and re-runs the warm-up over the next W steps (λ = 0 again when gated).
+    `recalibrate()` forgets H_warm and re-runs the warm-up over the next W steps (λ = 0 again when gated);
+    `request_recalibration()` does it once per request (the request in force is part of the state).
     """
 
     def __init__(self, warmup_steps: int = 5, down: float = 0.93, lam_max: float = 0.5, gated: bool = True):
@@ -50,6 +51,7 @@ class EntropyGate:
         self.open = not self.gated
         self.last_median: float | None = None
         self.lam = self.lam_max if not self.gated else 0.0
+        self.recalibration_requested = False  # the request in force at the last step (see request_recalibration)
 
     @property
     def calibrating(self) -> bool:
@@ -86,6 +88,19 @@ class EntropyGate:
         self.warmup_end = self.step + self.warmup_steps
         self.open = not self.gated
 
+    def request_recalibration(self, requested: bool, force: bool = False) -> bool:
+        """Apply a re-calibration request once: re-calibrate when it is new (the previous step ran without it) or
+        when `force`d; remember the request for the next step. Returns whether it re-calibrated.
+
+        A run that keeps the request on (a loop config with it set, or commands.sh rerun by hand) thus re-calibrates
+        at its first step only, not at every step (which would keep the gate in warm-up for ever).
+        """
+        start = force or (requested and not self.recalibration_requested)
+        if start:
+            self.recalibrate()
+        self.recalibration_requested = requested
+        return start
+
     def metrics(self) -> dict:
         """Per-step metrics (METHOD §6): gate/open, gate/lam, gate/h_warm, gate/tau_down, gate/median_entropy."""
         return {"gate/open": int(self.open), "gate/lam": self.lam, "gate/h_warm": self.h_warm,
@@ -96,7 +111,8 @@ class EntropyGate:
         return {"version": STATE_VERSION, "warmup_steps": self.warmup_steps, "down": self.down,
                 "lam_max": self.lam_max, "gated": self.gated, "step": self.step, "warmup_end": self.warmup_end,
                 "warm_medians": list(self.warm_medians), "h_warm": self.h_warm, "open": self.open,
-                "last_median": self.last_median, "lam": self.lam}
+                "last_median": self.last_median, "lam": self.lam,
+                "recalibration_requested": self.recalibration_requested}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Restore `state_dict()` output. strict: the hyper-parameters stored must equal this gate's (else
@@ -114,3 +130,4 @@ class EntropyGate:
         self.open = bool(state["open"]) if self.gated else True
         self.last_median = None if state["last_median"] is None else float(state["last_median"])
         self.lam = float(state["lam"])
+        self.recalibration_requested = bool(state.get("recalibration_requested", False))  # absent from older states

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 import schemas
-from stages.io import InputError, read_artifact, read_metadata
+from stages.io import InputError, part_files, read_artifact, read_metadata, read_schema
 
 LIST_PREVIEW = 8
 
@@ -76,7 +75,7 @@ def summarize(config: InspectConfig) -> dict:
     if not path.exists():
         raise InputError(f"{path}: no such file")
     metadata = read_metadata(path)
-    probe = pq.read_schema(path) if path.is_file() else pq.ParquetDataset(path).schema
+    probe = read_schema(path if path.is_file() else part_files(path)[0])
     try:
         artifact = _detect_artifact(metadata, probe)
     except InputError as exc:

@@ -7,19 +7,24 @@ stage never leaves a truncated file under the real name. This module does no com
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 import schemas
 from schemas import METADATA_KEY, SCHEMA_VERSION, SchemaError
+
+log = logging.getLogger(__name__)
 
 PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet$")
 
@@ -90,11 +95,19 @@ def part_files(directory: Path) -> list[Path]:
     return parts
 
 
+def read_schema(file: str | Path) -> pa.Schema:
+    """The Arrow schema of one Parquet file; SchemaError naming it when it is not a readable Parquet file."""
+    try:
+        return pq.read_schema(file)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SchemaError(f"{file}: not a readable Parquet file ({exc})") from None
+
+
 def read_metadata(path: str | Path) -> dict:
     """The ``antisd`` JSON metadata of a Parquet file (or of the first part of a directory)."""
     path = Path(path)
     file = part_files(path)[0] if path.is_dir() else path
-    raw = pq.read_schema(file).metadata or {}
+    raw = read_schema(file).metadata or {}
     if METADATA_KEY not in raw:
         return {}
     return json.loads(raw[METADATA_KEY])
@@ -116,10 +129,7 @@ def read_artifact(path: str | Path, artifact: str, columns: list[str] | None = N
         files = [path]
     tables = []
     for file in files:
-        try:
-            schema = pq.read_schema(file)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise SchemaError(f"{file}: not a readable Parquet file ({exc})") from None
+        schema = read_schema(file)
         metadata = json.loads((schema.metadata or {}).get(METADATA_KEY, b"{}"))
         found = metadata.get("artifact")
         if found in schemas.ARTIFACT_ORDER and schemas.ARTIFACT_ORDER.index(found) < schemas.ARTIFACT_ORDER.index(artifact):
@@ -132,17 +142,76 @@ def read_artifact(path: str | Path, artifact: str, columns: list[str] | None = N
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
     if table.num_rows == 0:
         raise InputError(f"{path}: file has no rows")
-    return table, read_metadata(path)
+    metadata = read_metadata(path)
+    own = metadata.get("artifact")
+    schemas.check_values(table, own if own in schemas.SCHEMAS else artifact, str(path))
+    return table, metadata
 
 
-def check_output(path: str | Path, overwrite: bool) -> Path:
-    """Validate an output path before any work starts: its folder exists and it is new unless `overwrite`."""
+def check_output(path: str | Path, overwrite: bool, kind: str = "file") -> Path:
+    """Validate an output path before any work starts: its folder exists and is a folder, it is new unless
+    `overwrite`, and what is there is of the same `kind` (a file, or a folder) as what will replace it."""
     path = Path(path)
     if not path.parent.exists():
         raise InputError(f"{path}: output directory {path.parent} does not exist")
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: {path.parent} is a file, not a directory")
     if path.exists() and not overwrite:
         raise InputError(f"{path}: output exists (pass --overwrite to replace it)")
+    if path.exists() and path.is_dir() != (kind == "folder"):
+        found = "a folder" if path.is_dir() else "a file"
+        raise InputError(f"{path}: {found} is there; --overwrite replaces a {kind} with a {kind}, never {found}")
     return path
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file of an output `path` (file or folder): `.NAME.lock` beside it."""
+    path = Path(path)
+    return path.parent / f".{path.name}.lock"
+
+
+@contextmanager
+def output_lock(path: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on writing `path` (an output file or folder, or a run directory) for the block.
+
+    A second writer gets an InputError naming the holder's pid at once, instead of both writing and one losing.
+    The lock is `flock` on `.NAME.lock` beside `path`: the kernel drops it when its process dies, so a kill -9
+    leaves no stale lock (the file may stay; it is then simply taken over). Creating the lock file is also the
+    early test that the output folder is writable. On a filesystem without flock the block runs unlocked (warned).
+    """
+    path = Path(path)
+    lock = lock_path(path)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot write in {path.parent} ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise InputError(f"{path}: another process (pid {holder}) is writing it; wait for it to finish or use "
+                             "another output path") from None
+        except OSError as exc:  # ENOLCK/EOPNOTSUPP: a filesystem mounted without lock support
+            os.close(fd)
+            log.warning("%s: cannot lock %s (%s); going on without a lock", path, lock, exc.strerror)
+            yield path
+            return
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino  # not unlinked by a releasing holder meanwhile
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.unlink(lock)  # while still holding it: a waiter that opened the old file sees it gone and retries
+        os.close(fd)
 
 
 def build_metadata(artifact: str, config: Any, **extra: Any) -> dict:
@@ -206,6 +275,25 @@ def read_json_object(path: str | Path, label: str | None = None) -> dict:
     if not isinstance(data, dict):
         raise InputError(f"{label}: expected a JSON object")
     return data
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_like_new_files(folder: str | Path) -> None:
+    """Give a finished output folder the modes that plain file creation gives (0666/0777 minus the umask).
+
+    Temp folders (mkdtemp: 0700) and some writers (safetensors: 0600) make files only their owner can read; on a
+    shared cluster the other accounts of a project must be able to read the weights.
+    """
+    mask = current_umask()
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

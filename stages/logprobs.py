@@ -7,19 +7,42 @@ enabled, each chunk is checkpointed: only hidden states are kept for backward.
 
 Alignment: response token k of sequence i sits at index start_i + k; it is predicted by the hidden state at
 start_i + k − 1. Responses are aligned by index in the response, never by absolute position (METHOD §1).
+
+Logits: the body's hidden states go through the LM head and then through what the model's own `forward` does to
+its logits, for the families known to do something (`output_logits`: Gemma-2/3-style final soft-capping, Cohere's
+logit scale, Granite's logits scaling). Any other family could post-process in its `forward` unseen, so every model
+loaded for scoring or training is checked once against `model(...).logits` on a probe (`check_logits_path`), and
+refused when the two disagree.
 This module batches nothing by itself: callers group sequences into micro-batches.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_stats(hidden: torch.Tensor, targets: torch.Tensor, lm_head, temperature: float, with_entropy: bool):
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's output logits for hidden states [N, H] → [N, V] float32: the LM head, then the family's own
+    post-processing as its `forward` applies it (scale, then soft-cap)."""
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config
+    if getattr(model, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        logits = logits * model.logit_scale
+    if getattr(config, "logits_scaling", None):  # Granite: logits / logits_scaling
+        logits = logits / config.logits_scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:  # Gemma-2/3: cap · tanh(logits / cap)
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
+
+
+def _chunk_stats(hidden: torch.Tensor, targets: torch.Tensor, model, temperature: float, with_entropy: bool):
     """Log-prob of `targets` and entropy for one chunk of hidden states [N, H] → ([N], [N])."""
-    logits = lm_head(hidden).float()  # [N, V]
+    logits = output_logits(model, hidden)  # [N, V]
     if temperature != 1.0:
         logits = logits / temperature
     log_norm = torch.logsumexp(logits, dim=-1)  # [N]
@@ -62,7 +85,6 @@ def response_token_stats(
     input_ids, attention_mask = pad_batch(sequences, pad_id, device)  # [B, L]
     body = getattr(model, model.base_model_prefix)
     hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
-    lm_head = model.get_output_embeddings()
     # Gather the predicting positions of all response tokens into one flat list, then process in chunks.
     rows, cols, lengths = [], [], []
     for row, (seq, start) in enumerate(zip(sequences, response_starts)):
@@ -80,10 +102,10 @@ def response_token_stats(
     for begin in range(0, flat_hidden.shape[0], chunk_size):
         piece, piece_targets = flat_hidden[begin : begin + chunk_size], targets[begin : begin + chunk_size]
         if use_checkpoint:
-            lp, ent = checkpoint(_chunk_stats, piece, piece_targets, lm_head, temperature, with_entropy,
+            lp, ent = checkpoint(_chunk_stats, piece, piece_targets, model, temperature, with_entropy,
                                  use_reentrant=False)
         else:
-            lp, ent = _chunk_stats(piece, piece_targets, lm_head, temperature, with_entropy)
+            lp, ent = _chunk_stats(piece, piece_targets, model, temperature, with_entropy)
         logprob_chunks.append(lp)
         entropy_chunks.append(ent.detach())
     flat_logprobs = torch.cat(logprob_chunks) if logprob_chunks else hidden.new_zeros(0)
@@ -104,3 +126,37 @@ def naive_response_token_stats(model, sequences, response_starts, *, pad_id=0, t
         out_lp.append(lp.gather(-1, input_ids[row, positions + 1].unsqueeze(-1)).squeeze(-1))
         out_ent.append(-(lp.exp() * lp).sum(-1))
     return out_lp, out_ent
+
+
+# Largest |Δ log-prob| tolerated between the chunked path and model(...).logits on the probe. Both run the same body
+# and LM head; they differ only in the matmul shapes (gathered rows vs the full sequence), so in float32 they agree
+# to ~1e-6 and in 16-bit formats to the rounding of the logits (bf16: 2^-8 relative, ≈ 0.05 nats at |logit| ≈ 10).
+# A missed post-processing moves log-probs by the size of the transform itself: a soft-cap or scale changes logits
+# by units, not hundredths.
+_PROBE_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
+_PROBE_TOLERANCE_16BIT = 0.25
+
+
+def check_logits_path(model, label: str) -> None:
+    """Refuse (ValueError naming `label`) a model whose `model(...).logits` the chunked path does not reproduce.
+
+    One probe sequence of 16 token ids through both paths, no gradient; the model's train/eval mode is kept.
+    """
+    parameter = next(model.parameters())
+    vocab = model.get_output_embeddings().weight.shape[0]
+    sequence = [(7919 * (k + 1)) % vocab for k in range(16)]  # spread over the vocabulary, deterministic
+    with torch.no_grad():
+        ours, _ = response_token_stats(model, [sequence], [1], with_entropy=False)
+        ids = torch.tensor([sequence], device=parameter.device)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()  # [1, 16, V]
+        reference = torch.log_softmax(logits[0, :-1], dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)  # [15]
+    both = torch.isfinite(ours[0]) & torch.isfinite(reference)
+    if not torch.equal(torch.isfinite(ours[0]), torch.isfinite(reference)):
+        gap = math.inf
+    else:  # a model broken in both paths alike (NaN weights) is the stages' to report, per row
+        gap = float((ours[0] - reference)[both].abs().max()) if bool(both.any()) else 0.0
+    tolerance = _PROBE_TOLERANCE.get(parameter.dtype, _PROBE_TOLERANCE_16BIT)
+    if not gap <= tolerance:
+        raise ValueError(f"{label}: its forward post-processes the logits in a way antisd's log-prob path does not "
+                         f"reproduce ({type(model).__name__}: max |Δ log-prob| {gap:.3g} > {tolerance:g} on a probe); "
+                         "scores and updates would be wrong, so it is refused")

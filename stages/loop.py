@@ -26,15 +26,17 @@ import logging
 import random
 import shlex
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 
 from stages import config as run_config
 from stages import data as data_stage
-from stages.io import InputError, atomic_write_json, atomic_write_text, build_metadata, read_artifact, to_jsonable
-from stages.io import write_artifact
+from stages.io import (InputError, atomic_write_json, atomic_write_text, build_metadata, output_lock, read_artifact,
+                       read_json_object, to_jsonable, write_artifact)
 from stages.run_dir import Run, config_changes
 
 log = logging.getLogger(__name__)
@@ -60,25 +62,35 @@ def stage_seed(seed: int, step: int, stage: str) -> int:
 
 
 def step_prompt_indices(total: int, per_step: int, step: int, seed: int) -> list[int]:
-    """Rows of the training prompts used at `step`: epochs of a seeded permutation, consumed in order."""
-    if total == 0:
-        return []
-    indices = []
-    position = step * per_step
-    while len(indices) < min(per_step, total) or (per_step > total and len(indices) < per_step):
-        epoch, offset = divmod(position, total)
-        order = list(range(total))
-        random.Random(stage_seed(seed, epoch, "epoch")).shuffle(order)
-        indices.append(order[offset])
-        position += 1
-    return indices
+    """Rows of the training prompts used at `step`: a seeded permutation per epoch, cut into whole steps.
+
+    An epoch holds total // per_step steps; the total % per_step rows its shuffle leaves over are not used in that
+    epoch (like a DataLoader's drop_last), so a step never holds a prompt twice. The first epoch's steps are the
+    permutation read in order. A step needs per_step ≤ total (InputError otherwise).
+    """
+    check_batch_fits(total, per_step)
+    epoch, index = divmod(step, total // per_step)
+    order = list(range(total))
+    random.Random(stage_seed(seed, epoch, "epoch")).shuffle(order)
+    return order[index * per_step : (index + 1) * per_step]
 
 
-def prepare_prompts(spec: run_config.DataSpec, path: Path) -> Path:
-    if not path.exists():
-        data_stage.run(data_stage.PrepareConfig(name=spec.name, out=str(path), split=spec.split, num=spec.num,
-                                                seed=spec.seed, few_shot=spec.few_shot, path=spec.path))
-    return path
+def check_batch_fits(total: int, per_step: int) -> None:
+    if per_step > total:
+        raise InputError(f"loop.prompts_per_step {per_step}: the training set has only {total} prompts (a step holds "
+                         "distinct prompts; lower prompts_per_step or use more loop.train prompts)")
+
+
+def data_config(spec: run_config.DataSpec, path: Path) -> data_stage.PrepareConfig:
+    return data_stage.PrepareConfig(name=spec.name, out=str(path), split=spec.split, num=spec.num, seed=spec.seed,
+                                    few_shot=spec.few_shot, path=spec.path)
+
+
+def run_prompts(spec: run_config.DataSpec, path: Path) -> pa.Table:
+    """The run's stored prompts at `path` when it exists (a resumed run keeps its data), else `spec`'s, in memory."""
+    if path.exists():
+        return read_artifact(path, "prompts")[0]
+    return data_stage.prompts_table(data_config(spec, path))
 
 
 def cli_command(stage: str, config) -> str:
@@ -98,17 +110,44 @@ def cli_command(stage: str, config) -> str:
     return shlex.join(parts)
 
 
-def init_run(config: LoopConfig) -> tuple[Run, dict]:
-    """Create or reopen the run directory; refuse to resume a run made with another config unless forced."""
+@contextmanager
+def opened_run(config: LoopConfig) -> Iterator[tuple[Run, dict, pa.Table, Path | None]]:
+    """Check everything the run needs, then create or reopen its directory and hold its lock for the block.
+
+    Yields (run, manifest, training prompts, held-out prompts path or None). Nothing is written before the config,
+    the engine and the prompt sets have passed their checks (the config was checked when it was resolved); a second
+    `antisd loop` (or Slurm rendering) on the same directory is refused while this one holds it.
+    """
     root = Path(config.out)
-    if not root.parent.exists():
+    if not root.parent.is_dir():
         raise InputError(f"--out {root}: parent directory {root.parent} does not exist")
+    check_start_state(config.run)
+    settings = config.run.loop
+    paths = {"train": root / "train_prompts.parquet", "eval": root / "eval_prompts.parquet"}
+    train_table = run_prompts(settings.train, paths["train"])
+    check_batch_fits(train_table.num_rows, settings.prompts_per_step)
+    eval_table = run_prompts(settings.eval, paths["eval"]) if settings.eval_every > 0 else None
     root.mkdir(exist_ok=True)
+    with output_lock(root):
+        run, manifest = init_run(config)
+        for name, table, spec in (("train", train_table, settings.train), ("eval", eval_table, settings.eval)):
+            if table is not None and not paths[name].exists():
+                data_stage.write_prompts(table, data_config(spec, paths[name]), paths[name])
+        yield run, manifest, train_table, paths["eval"] if eval_table is not None else None
+
+
+def init_run(config: LoopConfig) -> tuple[Run, dict]:
+    """Reopen (or start) the manifest of `config.out`; refuse to resume a run made with another config unless forced.
+
+    The finished steps and the latest checkpoint are read off the step folders, so a manifest whose last write was
+    lost (a crash between a step's metrics.json and run.json) is repaired here.
+    """
+    root = Path(config.out)
     run = Run(root)
     manifest = run.read_manifest()
     digest = config.run.digest()
     if manifest is None:
-        manifest = {"config": config.run.to_dict(), "config_digest": digest, "finished": [], "latest_checkpoint": None}
+        manifest = {"config": config.run.to_dict(), "config_digest": digest}
     elif manifest["config_digest"] != digest:
         changed = config_changes(manifest["config"], config.run.to_dict())
         if changed == ["loop.steps"]:
@@ -119,6 +158,8 @@ def init_run(config: LoopConfig) -> tuple[Run, dict]:
         manifest["config"], manifest["config_digest"] = config.run.to_dict(), digest
     else:
         manifest["config"] = config.run.to_dict()
+    manifest["finished"] = run.finished_steps()
+    manifest["latest_checkpoint"] = str(run.checkpoint(manifest["finished"][-1])) if manifest["finished"] else None
     atomic_write_text(root / "config.yaml", run_config.dump_yaml(config.run))
     run.write_manifest(manifest)
     return run, manifest
@@ -313,13 +354,28 @@ class StepRunner:
 
 
 def validate_settings(config: run_config.RunConfig) -> str:
-    """Check the loop's engine knobs before any work; return the rollout engine (vllm or hf, `auto` resolved)."""
-    from stages.engine_vllm import WEIGHT_SYNCS
+    """The rollout engine the loop uses (vllm or hf, `auto` resolved); InputError when vllm is asked but missing."""
     from stages.rollout import resolve_engine
 
-    if config.loop.weight_sync not in WEIGHT_SYNCS:
-        raise InputError(f"loop.weight_sync must be one of {', '.join(WEIGHT_SYNCS)}, got '{config.loop.weight_sync}'")
     return resolve_engine(config.stages["rollout"].get("engine", "auto"))
+
+
+def check_start_state(config: run_config.RunConfig) -> None:
+    """A starting checkpoint's run state must be of update.method, unless update.switch_method: step 0's update
+    would refuse it, after its rollout, verify and score (on Slurm: after the GPU jobs)."""
+    from stages.checkpoint import STATE_FILE
+    from stages.update import UpdateConfig
+
+    state_file = Path(config.loop.model) / STATE_FILE
+    if not state_file.is_file():
+        return
+    knobs = config.stages["update"]
+    method = knobs.get("method", UpdateConfig.method)
+    written_by = read_json_object(state_file, str(state_file)).get("method")
+    if written_by not in (None, method) and not knobs.get("switch_method", UpdateConfig.switch_method):
+        raise InputError(f"loop.model {config.loop.model}: its run state was written by method {written_by}, not "
+                         f"{method}; set update.switch_method=true to continue it as {method} (the gate then "
+                         "re-calibrates H_warm)")
 
 
 def loop_engine(config: run_config.RunConfig, model_path: Path, train_table: pa.Table):
@@ -354,20 +410,16 @@ def run(config: LoopConfig, view=None) -> Path:
     from stages.loop_view import LoopView
 
     engine = validate_settings(config.run)
-    run_dir, manifest = init_run(config)
     settings = config.run.loop
-    view = view or LoopView(settings.steps)
-    train_path = prepare_prompts(settings.train, run_dir.root / "train_prompts.parquet")
-    eval_path = (prepare_prompts(settings.eval, run_dir.root / "eval_prompts.parquet")
-                 if settings.eval_every > 0 else None)
-    train_table, _ = read_artifact(train_path, "prompts")
-    runner = StepRunner(config, run_dir, view, engine)
-    writer = _tensorboard_writer(run_dir, settings.tensorboard)
-    try:
-        _run_steps(config, run_dir, manifest, runner, view, writer, train_table, eval_path)
-    finally:
-        runner.close_engine()
-    run_dir.rebuild_metrics(settings.steps)
+    with opened_run(config) as (run_dir, manifest, train_table, eval_path):
+        view = view or LoopView(settings.steps)
+        runner = StepRunner(config, run_dir, view, engine)
+        writer = _tensorboard_writer(run_dir, settings.tensorboard)
+        try:
+            _run_steps(config, run_dir, manifest, runner, view, writer, train_table, eval_path)
+        finally:
+            runner.close_engine()
+        run_dir.rebuild_metrics(settings.steps)
     return run_dir.root
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 import schemas
-from stages.io import PART_RE, InputError, part_files, check_output, read_artifact, read_metadata, write_artifact
+from stages.io import (PART_RE, InputError, check_output, output_lock, part_files, read_artifact,
+                       read_metadata, write_artifact)
 
 log = logging.getLogger(__name__)
 
@@ -145,15 +146,16 @@ def run(config: MergeConfig) -> Path:
     """Check the parts of `config.parts` and write them as one file to `config.out`; returns the output path."""
     directory = Path(config.parts)
     out = check_output(config.out, config.overwrite)
-    if out.resolve().parent == directory.resolve() and PART_RE.match(out.name):
-        raise InputError(f"{out}: the merged file must not look like a part of {directory}")
-    parts = check_parts(directory)
-    parts_metadata = [read_metadata(part) for part in parts]
-    artifact = parts_metadata[0].get("artifact")
-    if artifact not in schemas.SCHEMAS:
-        raise schemas.SchemaError(f"{parts[0]}: unknown artifact {artifact!r} in its metadata "
-                                  f"(expected one of {', '.join(schemas.SCHEMAS)})")
-    table, _ = read_artifact(directory, artifact)
-    write_artifact(table, out, artifact, merged_metadata(directory, parts_metadata, table))
-    log.info("merged %d parts of %s (%d rows) into %s", len(parts), artifact, table.num_rows, out)
-    return out
+    with output_lock(out):
+        if out.resolve().parent == directory.resolve() and PART_RE.match(out.name):
+            raise InputError(f"{out}: the merged file must not look like a part of {directory}")
+        parts = check_parts(directory)
+        parts_metadata = [read_metadata(part) for part in parts]
+        artifact = parts_metadata[0].get("artifact")
+        if artifact not in schemas.SCHEMAS:
+            raise schemas.SchemaError(f"{parts[0]}: unknown artifact {artifact!r} in its metadata "
+                                      f"(expected one of {', '.join(schemas.SCHEMAS)})")
+        table, _ = read_artifact(directory, artifact)
+        write_artifact(table, out, artifact, merged_metadata(directory, parts_metadata, table))
+        log.info("merged %d parts of %s (%d rows) into %s", len(parts), artifact, table.num_rows, out)
+        return out

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.io import InputError
+from stages.io import InputError, share_like_new_files
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "ANTISD_SOURCE").write_text(f"converted from {gguf_path}\n")
+        share_like_new_files(tmp)
         try:
             os.replace(tmp, out_dir)
         except OSError:  # another process finished the same conversion first
@@ -159,7 +160,19 @@ def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu") -> L
     except (OSError, ValueError) as exc:
         raise InputError(f"--model {model}: could not load ({str(exc).splitlines()[0]})") from None
     network.to(device).eval()
+    checked_logits_path(network, f"--model {model}")
     return LoadedModel(path, model_revision(path), load_tokenizer(path), network, device, torch_type)
+
+
+def checked_logits_path(network, label: str):
+    """`network`, after `stages.logprobs.check_logits_path` (InputError when its logits are post-processed unseen)."""
+    from stages.logprobs import check_logits_path
+
+    try:
+        check_logits_path(network, label)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    return network
 
 
 def make_tiny_model(out_dir: str | Path, tokenizer_source: str | Path, seed: int = 0, layers: int = 2,

@@ -30,7 +30,9 @@ from pathlib import Path
 import pyarrow as pa
 
 import schemas
-from stages.io import InputError, Shard, build_metadata, check_output, output_path, read_artifact, write_artifact
+from stages import validation
+from stages.io import (InputError, Shard, build_metadata, check_output, output_lock, output_path,
+                       read_artifact, write_artifact)
 from stages.models import DEFAULT_MODEL, DTYPES
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,15 @@ class RolloutConfig:
     device: str = "auto"  # HF engine device: auto (cuda if available) | cpu | cuda
     progress: bool = True  # rich progress bar on stderr (shown only when stderr is a terminal)
     overwrite: bool = False  # replace an existing output
+
+    def __post_init__(self):
+        check = validation.Checks(self)
+        check.at_least(1, "n", "max_new_tokens")
+        check.at_least(0, "temperature", "max_prompts", "threads", "batch_size")
+        check.between("top_p", 0, 1, low_open=True)
+        check.choice("engine", ENGINES)
+        check.choice("dtype", DTYPES)
+        check.done()
 
 
 @dataclass(frozen=True)
@@ -99,24 +110,6 @@ def sample_seed(seed: int, prompt_id: str, sample_idx: int) -> int:
 def prompt_seed(seed: int, prompt_id: str) -> int:
     """The request seed of one prompt's n samples (vLLM derives its n children from it)."""
     return _digest_seed("prompt", seed, prompt_id) & 0x7FFFFFFF
-
-
-def validate(config: RolloutConfig) -> None:
-    """Reject bad option values before any work, naming the option."""
-    checks = [
-        (config.n >= 1, f"--n must be >= 1, got {config.n}"),
-        (config.temperature >= 0, f"--temperature must be >= 0, got {config.temperature}"),
-        (0 < config.top_p <= 1, f"--top-p must be in (0, 1], got {config.top_p}"),
-        (config.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {config.max_new_tokens}"),
-        (config.max_prompts >= 0, f"--max-prompts must be >= 0, got {config.max_prompts}"),
-        (config.batch_size >= 0, f"--batch-size must be >= 0, got {config.batch_size}"),
-        (config.threads >= 0, f"--threads must be >= 0, got {config.threads}"),
-        (config.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}, got '{config.engine}'"),
-        (config.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got '{config.dtype}'"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise InputError(message)
 
 
 def vllm_available() -> bool:
@@ -264,8 +257,7 @@ def run(config: RolloutConfig, loaded=None) -> Path:
     from stages.models import resolve_model
     from stages.runtime import set_threads
 
-    # --- validate everything before any work
-    validate(config)
+    # --- validate everything before any work (the options were checked when `config` was made)
     shard = Shard.parse(config.shard)
     if shard.is_whole:
         check_output(config.out, config.overwrite)
@@ -278,33 +270,34 @@ def run(config: RolloutConfig, loaded=None) -> Path:
         engine_name = resolve_engine(config.engine)
         model_path = loaded.path if loaded is not None else resolve_model(config.model)
     out = check_output(output_path(config.out, shard), config.overwrite)
-    threads = set_threads(config.threads)
-    log.info("rollout: %d prompts × %d samples, engine %s, model %s, threads %d", len(rows), config.n,
-             engine_name, model_path, threads)
-    log.debug("config: %s", asdict(config))
+    with output_lock(out):
+        threads = set_threads(config.threads)
+        log.info("rollout: %d prompts × %d samples, engine %s, model %s, threads %d", len(rows), config.n,
+                 engine_name, model_path, threads)
+        log.debug("config: %s", asdict(config))
 
-    # --- sample
-    started = time.perf_counter()
-    engine = loaded if engine_given else open_engine(engine_name, config, Path(model_path), rows, loaded)
-    try:
-        result, stats = sample(engine, rows, SamplingSettings.from_config(config),
-                               batch_size=config.batch_size, progress=config.progress)
-    finally:
-        if not engine_given:
-            engine.close()
-    wall_s = time.perf_counter() - started
+        # --- sample
+        started = time.perf_counter()
+        engine = loaded if engine_given else open_engine(engine_name, config, Path(model_path), rows, loaded)
+        try:
+            result, stats = sample(engine, rows, SamplingSettings.from_config(config),
+                                   batch_size=config.batch_size, progress=config.progress)
+        finally:
+            if not engine_given:
+                engine.close()
+        wall_s = time.perf_counter() - started
 
-    # --- write
-    metadata = build_metadata(
-        "rollouts", config, model_path=str(engine.model_path), model_revision=engine.revision,
-        sampling=asdict(SamplingSettings.from_config(config)), seed=config.seed, engine=engine.name,
-        dtype=engine.dtype_name, threads=threads, prompts=len(rows), shard=asdict(shard),
-        batch_size=config.batch_size or engine.default_batch_size, wall_s=round(wall_s, 3), **stats,
-    )
-    write_artifact(result, out, "rollouts", metadata)
-    log.info("wrote %d rollouts (%d response tokens, %.1f tok/s; stop %d, length %d) to %s", stats["samples"],
-             stats["response_tokens"], stats["tokens_per_s"], stats["finish_stop"], stats["finish_length"], out)
-    return out
+        # --- write
+        metadata = build_metadata(
+            "rollouts", config, model_path=str(engine.model_path), model_revision=engine.revision,
+            sampling=asdict(SamplingSettings.from_config(config)), seed=config.seed, engine=engine.name,
+            dtype=engine.dtype_name, threads=threads, prompts=len(rows), shard=asdict(shard),
+            batch_size=config.batch_size or engine.default_batch_size, wall_s=round(wall_s, 3), **stats,
+        )
+        write_artifact(result, out, "rollouts", metadata)
+        log.info("wrote %d rollouts (%d response tokens, %.1f tok/s; stop %d, length %d) to %s", stats["samples"],
+                 stats["response_tokens"], stats["tokens_per_s"], stats["finish_stop"], stats["finish_length"], out)
+        return out
 
 
 def _max_model_len(model_path: Path, rows: list[dict], max_new_tokens: int) -> int:

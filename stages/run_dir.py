@@ -39,6 +39,14 @@ class Run:
     def model_for_step(self, step: int, base_model: str) -> str:
         return base_model if step == 0 else str(self.checkpoint(step - 1))
 
+    def finished_steps(self) -> list[int]:
+        """Steps whose metrics.json exists (the last file a step writes), ascending."""
+        steps = []
+        for folder in self.root.glob("step_[0-9][0-9][0-9][0-9]"):
+            if (folder / "metrics.json").is_file():
+                steps.append(int(folder.name.removeprefix("step_")))
+        return sorted(steps)
+
     def read_manifest(self) -> dict | None:
         return json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None
 

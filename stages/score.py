@@ -23,7 +23,6 @@ This module does not compute advantages or losses (`stages.objectives`).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -31,8 +30,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from stages.io import (InputError, Shard, build_metadata, check_output, output_path, read_artifact,
+from stages import validation
+from stages.io import (InputError, Shard, build_metadata, check_output, output_lock, output_path, read_artifact,
                        write_artifact)
+from stages.models import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,14 @@ class ScoreConfig:
     shard: str | None = None  # "I/N": score only shard I of N of the prompts (rows grouped by prompt_id)
     overwrite: bool = False  # replace an existing output
 
+    def __post_init__(self):
+        check = validation.Checks(self)
+        check.at_least(1, "chunk_size", "micro_batch_tokens")
+        check.above(0, "temperature")
+        check.at_least(0, "threads")
+        check.choice("dtype", DTYPES)
+        check.done()
+
 
 @dataclass(frozen=True)
 class View:
@@ -75,15 +84,6 @@ class View:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
-
-
-def validate(config: ScoreConfig) -> None:
-    if config.chunk_size < 1:
-        raise InputError(f"--chunk-size must be >= 1, got {config.chunk_size}")
-    if config.micro_batch_tokens < 1:
-        raise InputError(f"--micro-batch-tokens must be >= 1, got {config.micro_batch_tokens}")
-    if config.temperature is not None and not (config.temperature > 0 and math.isfinite(config.temperature)):
-        raise InputError(f"--temperature must be a positive number, got {config.temperature}")
 
 
 def metadata_temperature(metadata: dict) -> float | None:
@@ -263,65 +263,65 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
     from stages.models import load_model
     from stages.runtime import pick_device, set_threads
 
-    # --- validate inputs
-    validate(config)
+    # --- validate inputs (the options were checked when `config` was made)
     shard = Shard.parse(config.shard)
     out = check_output(output_path(config.out, shard), config.overwrite)
-    table, in_meta = read_artifact(config.verified, "verified")
-    stale = [c for c in (*SCORE_COLUMNS, REFERENCE_COLUMN) if c in table.column_names]
-    table = table.drop_columns(stale)  # rescoring a scored file
-    if not shard.is_whole:
-        table = table.take(shard.select(table.column("prompt_id").to_pylist()))
-        if table.num_rows == 0:
-            raise InputError(f"{config.verified}: shard {shard.index}/{shard.count} holds no prompts")
-    temperature = config.temperature or metadata_temperature(in_meta) or 1.0
-    # --- load
-    threads = set_threads(config.threads)
-    if loaded is None:
-        loaded = load_model(config.model, dtype=config.dtype, device=pick_device(config.device))
-    reference = load_reference(config, loaded, reference_loaded)
-    tokenizer, model = loaded.tokenizer, loaded.model
-    networks = [model] + ([reference.model] if reference is not None else [])
-    vocab_size = min([len(tokenizer)] + [network.get_input_embeddings().num_embeddings for network in networks])
-    rows = table.select(_ROW_COLUMNS).to_pylist()
-    check_rows(rows, vocab_size, config.verified)
-    views = build_views(rows, tokenizer)
-    reference_views = [v for v in views if not v.teacher] if reference is not None else []
-    # --- compute
-    forward_tokens = sum(v.length for v in views + reference_views)
-    log.info("scoring %d rows (%d teacher views, %d reference views, %d forward tokens) with %s at temperature %g, "
-             "%d thread(s)", len(rows), sum(v.teacher for v in views), len(reference_views), forward_tokens,
-             loaded.path, temperature, threads)
-    numerics = dict(pad_id=tokenizer.pad_token_id or 0, temperature=temperature, chunk_size=config.chunk_size,
-                    budget=config.micro_batch_tokens, rows=rows)
-    start = time.perf_counter()
-    with _Progress(forward_tokens) as progress:
-        results = score_views(model, views, progress=progress, **numerics)
-        if reference is not None:  # log π_ref(y_t | x, y<t): the student views, same numerics, no entropy
-            reference_results = score_views(reference.model, reference_views, progress=progress, with_entropy=False,
-                                            label="reference's ", **numerics)
-    seconds = time.perf_counter() - start
-    columns, median_pool = assemble(rows, views, results)
-    if reference is not None:
-        columns[REFERENCE_COLUMN] = [reference_results[(index, False)][0] for index in range(len(rows))]
-    # --- write
-    for name, values in columns.items():
-        table = table.append_column(name, pa.array(values))
-    response_tokens = sum(len(r["response_token_ids"]) for r in rows)
-    metadata = build_metadata(
-        "scored", replace(config, temperature=temperature), input=str(config.verified),
-        model=str(loaded.path), model_revision=loaded.revision, temperature=temperature,
-        reference_model=str(reference.path) if reference is not None else None,
-        reference_revision=reference.revision if reference is not None else None,
-        dtype=str(loaded.dtype).replace("torch.", ""), device=str(loaded.device), threads=threads,
-        shard=f"{shard.index}/{shard.count}", rows=len(rows),
-        privileged_sources=dict(Counter(r["privileged_source"] for r in rows)),
-        median_teacher_entropy=_median(median_pool), teacher_entropy_tokens=len(median_pool),
-        response_tokens=response_tokens, forward_tokens=forward_tokens,
-        micro_batches=len(micro_batches(views, config.micro_batch_tokens))
-        + len(micro_batches(reference_views, config.micro_batch_tokens)),
-        seconds=round(seconds, 3), tokens_per_s=round(forward_tokens / max(seconds, 1e-9), 1))
-    write_artifact(table, out, "scored", metadata)
-    log.info("wrote %d scored rows to %s (median teacher entropy %s nats, %.0f tok/s)", len(rows), out,
-             metadata["median_teacher_entropy"], metadata["tokens_per_s"])
-    return out
+    with output_lock(out):
+        table, in_meta = read_artifact(config.verified, "verified")
+        stale = [c for c in (*SCORE_COLUMNS, REFERENCE_COLUMN) if c in table.column_names]
+        table = table.drop_columns(stale)  # rescoring a scored file
+        if not shard.is_whole:
+            table = table.take(shard.select(table.column("prompt_id").to_pylist()))
+            if table.num_rows == 0:
+                raise InputError(f"{config.verified}: shard {shard.index}/{shard.count} holds no prompts")
+        temperature = config.temperature or metadata_temperature(in_meta) or 1.0
+        # --- load
+        threads = set_threads(config.threads)
+        if loaded is None:
+            loaded = load_model(config.model, dtype=config.dtype, device=pick_device(config.device))
+        reference = load_reference(config, loaded, reference_loaded)
+        tokenizer, model = loaded.tokenizer, loaded.model
+        networks = [model] + ([reference.model] if reference is not None else [])
+        vocab_size = min([len(tokenizer)] + [network.get_input_embeddings().num_embeddings for network in networks])
+        rows = table.select(_ROW_COLUMNS).to_pylist()
+        check_rows(rows, vocab_size, config.verified)
+        views = build_views(rows, tokenizer)
+        reference_views = [v for v in views if not v.teacher] if reference is not None else []
+        # --- compute
+        forward_tokens = sum(v.length for v in views + reference_views)
+        log.info("scoring %d rows (%d teacher views, %d reference views, %d forward tokens) with %s at temperature %g, "
+                 "%d thread(s)", len(rows), sum(v.teacher for v in views), len(reference_views), forward_tokens,
+                 loaded.path, temperature, threads)
+        numerics = dict(pad_id=tokenizer.pad_token_id or 0, temperature=temperature, chunk_size=config.chunk_size,
+                        budget=config.micro_batch_tokens, rows=rows)
+        start = time.perf_counter()
+        with _Progress(forward_tokens) as progress:
+            results = score_views(model, views, progress=progress, **numerics)
+            if reference is not None:  # log π_ref(y_t | x, y<t): the student views, same numerics, no entropy
+                reference_results = score_views(reference.model, reference_views, progress=progress, with_entropy=False,
+                                                label="reference's ", **numerics)
+        seconds = time.perf_counter() - start
+        columns, median_pool = assemble(rows, views, results)
+        if reference is not None:
+            columns[REFERENCE_COLUMN] = [reference_results[(index, False)][0] for index in range(len(rows))]
+        # --- write
+        for name, values in columns.items():
+            table = table.append_column(name, pa.array(values))
+        response_tokens = sum(len(r["response_token_ids"]) for r in rows)
+        metadata = build_metadata(
+            "scored", replace(config, temperature=temperature), input=str(config.verified),
+            model=str(loaded.path), model_revision=loaded.revision, temperature=temperature,
+            reference_model=str(reference.path) if reference is not None else None,
+            reference_revision=reference.revision if reference is not None else None,
+            dtype=str(loaded.dtype).replace("torch.", ""), device=str(loaded.device), threads=threads,
+            shard=f"{shard.index}/{shard.count}", rows=len(rows),
+            privileged_sources=dict(Counter(r["privileged_source"] for r in rows)),
+            median_teacher_entropy=_median(median_pool), teacher_entropy_tokens=len(median_pool),
+            response_tokens=response_tokens, forward_tokens=forward_tokens,
+            micro_batches=len(micro_batches(views, config.micro_batch_tokens))
+            + len(micro_batches(reference_views, config.micro_batch_tokens)),
+            seconds=round(seconds, 3), tokens_per_s=round(forward_tokens / max(seconds, 1e-9), 1))
+        write_artifact(table, out, "scored", metadata)
+        log.info("wrote %d scored rows to %s (median teacher entropy %s nats, %.0f tok/s)", len(rows), out,
+                 metadata["median_teacher_entropy"], metadata["tokens_per_s"])
+        return out

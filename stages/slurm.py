@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from stages import validation
+
 log = logging.getLogger(__name__)
 
 ARRAY_STAGES = ("rollout", "score")  # sharded over array tasks
@@ -47,6 +49,15 @@ class SlurmConfig:
     sbatch_args: tuple[str, ...] = ()  # extra #SBATCH options for every job, e.g. "--qos=high"
     dry_run: bool = False  # write and print the scripts and the sbatch commands; submit nothing
 
+    def __post_init__(self):
+        check = validation.Checks(self)
+        check.at_least(1, "nodes", "gpus_per_node", "shards", "cpus_per_task")
+        check.require(bool(self.time.strip()), "time", "must not be empty")
+        for arg in self.sbatch_args:
+            check.require(arg.startswith("-") and "\n" not in arg, "sbatch_args",
+                          f"{arg!r}: expected an option such as --qos=high")
+        check.done()
+
 
 @dataclass(frozen=True)
 class Job:
@@ -60,19 +71,6 @@ class Job:
     array: str | None = None  # "0-7" or "1,5": the array tasks still to run
     after: str | None = None  # name of the job this one waits for (afterok)
     commands: tuple[str, ...] = ()  # the antisd command lines inside
-
-
-def validate(slurm: SlurmConfig) -> None:
-    """Reject impossible settings before anything is written (all problems in one message)."""
-    from stages.io import InputError
-
-    errors = [f"--{name.replace('_', '-')} must be >= 1, got {getattr(slurm, name)}"
-              for name in ("nodes", "gpus_per_node", "shards", "cpus_per_task") if getattr(slurm, name) < 1]
-    errors += ["--time must not be empty"] if not slurm.time.strip() else []
-    errors += [f"--sbatch-arg {arg!r}: expected an option such as --qos=high" for arg in slurm.sbatch_args
-               if not arg.startswith("-") or "\n" in arg]
-    if errors:
-        raise InputError("slurm: " + "; ".join(errors))
 
 
 # --- pure rendering ------------------------------------------------------------------------------------------------
@@ -236,29 +234,27 @@ def render_finalize(config, run, slurm: SlurmConfig, workdir: Path, after: str |
 
 def render_run(config, slurm: SlurmConfig, workdir: Path | None = None) -> list[Job]:
     """Create/reopen the run directory, draw every step's prompts and write the scripts; returns the jobs to submit."""
-    from stages.io import atomic_write_text, read_artifact
-    from stages.loop import init_run, prepare_prompts, step_configs, write_commands, write_step_prompts
+    from stages.io import atomic_write_text
+    from stages.loop import opened_run, step_configs, write_commands, write_step_prompts
 
-    validate(slurm)
     workdir = (workdir or Path.cwd()).resolve()
     config = replace(config, out=str(Path(config.out).resolve()))
-    run, manifest = init_run(config)
     settings = config.run.loop
-    train_table, _ = read_artifact(prepare_prompts(settings.train, run.root / "train_prompts.parquet"), "prompts")
-    jobs: list[Job] = []
-    for step in range(settings.steps):
-        if (run.step_dir(step) / "metrics.json").exists():
-            continue
-        run.step_dir(step).mkdir(exist_ok=True)
-        write_step_prompts(config, run, step, train_table)
-        write_commands(run, step, step_configs(config, run, step))
-        jobs += render_step(config, run, step, slurm, workdir, jobs[-1].name if jobs else None)
-    if len(manifest["finished"]) < settings.steps or jobs:
-        jobs.append(render_finalize(config, run, slurm, workdir, jobs[-1].name if jobs else None))
-    for job in jobs:
-        job.script.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(job.script, job.text)
-    atomic_write_text(run.root / "slurm" / "submit.sh", submit_script(jobs))
+    with opened_run(config) as (run, manifest, train_table, _):
+        jobs: list[Job] = []
+        for step in range(settings.steps):
+            if (run.step_dir(step) / "metrics.json").exists():
+                continue
+            run.step_dir(step).mkdir(exist_ok=True)
+            write_step_prompts(config, run, step, train_table)
+            write_commands(run, step, step_configs(config, run, step))
+            jobs += render_step(config, run, step, slurm, workdir, jobs[-1].name if jobs else None)
+        if len(manifest["finished"]) < settings.steps or jobs:
+            jobs.append(render_finalize(config, run, slurm, workdir, jobs[-1].name if jobs else None))
+        for job in jobs:
+            job.script.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(job.script, job.text)
+        atomic_write_text(run.root / "slurm" / "submit.sh", submit_script(jobs))
     return jobs
 
 

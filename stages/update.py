@@ -30,11 +30,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages import checkpoint, distributed
-from stages.io import InputError, read_artifact
+from stages import checkpoint, distributed, validation
+from stages.io import InputError, output_lock, read_artifact
 from stages.models import quiet_transformers
 from stages.update_data import (  # noqa: F401  (METHODS, teacher_median: kept importable from stages.update)
-    METHODS, Batch, batch_from_table, batch_metrics, check_options, check_reference, check_revision, check_state,
+    METHODS, Batch, batch_from_table, batch_metrics, check_reference, check_revision, check_state,
     is_finite, mean_or_none, pad_rows, read_deepspeed_file, teacher_median, truncated_is_weights)
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,9 @@ class UpdateConfig:
     warmup_steps: int = 5  # W: gated steps with λ = 0 that calibrate H_warm
     gate_down: float = 0.93  # τ_down = gate_down · H_warm
     gate: str = "auto"  # auto (antisd, rkl-ascent gated; sd, grpo ungated) | on | off
-    recalibrate_gate: bool = False  # on resume: measure H_warm again over the next W steps
+    # measure H_warm again over the next W steps; one-shot: a step whose run state was written by a step that had it
+    # set does not restart the warm-up (so a loop with it set re-calibrates once, at its first step)
+    recalibrate_gate: bool = False
     lr: float = 1e-6  # AdamW learning rate (constant)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
@@ -79,8 +81,29 @@ class UpdateConfig:
     gradient_checkpointing: bool = True  # recompute layer activations in backward (less memory)
     threads: int = 0  # torch CPU threads (0 = torch default)
     seed: int = 0  # seeds mini-batch order; RNG state is restored from the run state when present
-    force: bool = False  # accept a scored file from another model revision, or a state of another method
+    # continue a run state written by another method (a GRPO checkpoint as AntiSD: the paper's continual run): its
+    # step, RNG and optimizer carry on, and the gate re-calibrates H_warm over the next W steps
+    switch_method: bool = False
+    force: bool = False  # accept a scored file whose old log-probs came from another model revision
     overwrite: bool = False  # replace an existing --out folder
+
+    def __post_init__(self):
+        from stages.objectives import AGGREGATIONS
+
+        check = validation.Checks(self)
+        check.choice("method", METHODS)
+        check.choice("gate", ("auto", "on", "off"))
+        check.choice("loss_agg", AGGREGATIONS)
+        check.choice("adv_scale", ("group", "none"))
+        check.choice("is_correction", ("off", "token"))
+        check.choice("dtype", ("auto", "float32", "bfloat16", "float16"))
+        check.at_least(1, "ppo_epochs", "micro_batch_tokens", "warmup_steps", "logprob_chunk", "is_cap")
+        check.at_least(0, "lr", "weight_decay", "grad_clip", "clip_low", "clip_high", "lam_max", "mini_batch_size",
+                       "max_response_tokens", "adv_eps", "kl_coef", "threads")
+        check.between("gate_down", 0, 1, low_open=True)
+        if self.zero_stage is not None:
+            check.choice("zero_stage", (0, 1, 2, 3))
+        check.done()
 
 
 # --- training ---------------------------------------------------------------------------------------------------
@@ -148,8 +171,10 @@ class Trainer:
         self.gate = EntropyGate(config.warmup_steps, config.gate_down, config.lam_max, gated)
         if "gate" in self.carried:
             self._load_gate(self.carried["gate"])
-        if config.recalibrate_gate:
-            self.gate.recalibrate()
+        switched = self.carried.get("method") not in (None, config.method)  # check_state allowed it
+        if self.gate.request_recalibration(config.recalibrate_gate, force=switched):
+            log.info("gate: re-calibrating H_warm over the next %d steps (%s)", config.warmup_steps,
+                     f"method {self.carried['method']} → {config.method}" if switched else "--recalibrate-gate")
         if "rng" in self.carried:
             checkpoint.restore_rng(self.carried["rng"])
         else:
@@ -190,11 +215,14 @@ class Trainer:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from stages.models import checked_logits_path
+
         if loaded is not None and Path(loaded.path).resolve() == self.model_dir.resolve() \
                 and next(loaded.model.parameters()).dtype == torch.float32:
             return copy.deepcopy(loaded.model)  # train a copy: the caller's model keeps serving until we are done
         quiet_transformers()
-        return AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        network = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        return checked_logits_path(network, f"--model {self.config.model}")
 
     def _autocast(self):
         import torch
@@ -360,14 +388,21 @@ def run(config: UpdateConfig, loaded=None) -> Path:
     `loaded` (a stages.models.LoadedModel of --model, fp32) is reused instead of reading the weights again; after a
     successful update its model holds the new weights and its path/revision point at the new checkpoint.
     """
-    from stages.models import model_revision, resolve_model
-    from stages.runtime import set_threads
+    from stages.models import resolve_model
 
     started = time.perf_counter()
-    check_options(config)
     env = distributed.env_from(os.environ)
     model_dir = resolve_model(config.model)
     out = checkpoint.check_target(config.out, config.overwrite)
+    with output_lock(out) if env.is_main else contextlib.nullcontext():  # rank 0 writes the folder into place
+        return _run_locked(config, env, model_dir, out, loaded, started)
+
+
+def _run_locked(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path, out: Path, loaded, started: float
+                ) -> Path:
+    from stages.models import model_revision
+    from stages.runtime import set_threads
+
     if out.resolve() == model_dir.resolve():
         raise InputError(f"--out {out}: must differ from --model (checkpoints are never updated in place)")
     checkpoint.check_free_space(out, checkpoint.estimate_bytes(model_dir))

@@ -1,6 +1,6 @@
 """The data side of `antisd update`: option and input validation, scored rows → `Batch`, per-batch statistics.
 
-Checks the update options, the run state against this run (method, world size, ZeRO stage), the scored file's model
+Checks the run state against this run (method, world size, ZeRO stage), the scored file's model
 revision and the user's DeepSpeed JSON (InputError, exit 2), and that --kl-coef > 0 has the reference's
 `ref_logprobs`; turns a scored Arrow table into a `Batch` of Python lists, checking per-token list lengths, token ids
 (InputError) and finiteness (RuntimeError); computes the METHOD §6 statistics of the data itself (`batch_metrics`),
@@ -54,31 +54,6 @@ class Batch:
 
 # --- validation -------------------------------------------------------------------------------------------------
 
-def check_options(config: UpdateConfig) -> None:
-    from stages.objectives import AGGREGATIONS
-
-    choices = {"method": (config.method, METHODS), "gate": (config.gate, ("auto", "on", "off")),
-               "loss_agg": (config.loss_agg, AGGREGATIONS), "adv_scale": (config.adv_scale, ("group", "none")),
-               "is_correction": (config.is_correction, ("off", "token")),
-               "dtype": (config.dtype, ("auto", "float32", "bfloat16", "float16"))}
-    for name, (value, valid) in choices.items():
-        if value not in valid:
-            raise InputError(f"--{name.replace('_', '-')} {value}: expected one of {', '.join(valid)}")
-    for name in ("ppo_epochs", "micro_batch_tokens", "warmup_steps", "logprob_chunk"):
-        if getattr(config, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-    for name in ("lr", "weight_decay", "grad_clip", "clip_low", "clip_high", "lam_max", "mini_batch_size",
-                 "max_response_tokens", "adv_eps"):
-        if getattr(config, name) < 0:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
-    if not 0 < config.gate_down <= 1:
-        raise InputError(f"--gate-down must be in (0, 1], got {config.gate_down}")
-    if config.is_cap < 1:
-        raise InputError(f"--is-cap must be >= 1, got {config.is_cap}")
-    if config.kl_coef < 0:
-        raise InputError(f"--kl-coef must be >= 0, got {config.kl_coef}")
-
-
 def check_reference(config: UpdateConfig, table: pa.Table) -> None:
     """--kl-coef > 0 needs the frozen reference's log-probs, which `score --reference MODEL` stores."""
     if config.kl_coef > 0 and REFERENCE_COLUMN not in table.column_names:
@@ -95,8 +70,9 @@ def read_deepspeed_file(path: str | None) -> dict:
 def check_state(config: UpdateConfig, state: dict | None, model_dir: Path, world_size: int, stage: int) -> None:
     if state is None:
         return
-    if state.get("method") not in (None, config.method) and not config.force:
-        raise InputError(f"run state: written by method {state['method']}, not {config.method} (pass --force to go on)")
+    if state.get("method") not in (None, config.method) and not config.switch_method:
+        raise InputError(f"run state: written by method {state['method']}, not {config.method} (pass "
+                         f"--switch-method to continue it as {config.method}; the gate then re-calibrates H_warm)")
     if checkpoint.engine_state_dir(model_dir) is None:
         return
     saved = (state.get("world_size"), state.get("zero_stage"))

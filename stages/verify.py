@@ -27,8 +27,8 @@ from typing import Callable, Sequence
 import pyarrow as pa
 
 import schemas
-from stages import answers
-from stages.io import InputError, build_metadata, check_output, read_artifact, write_artifact
+from stages import answers, validation
+from stages.io import build_metadata, check_output, output_lock, read_artifact, write_artifact
 from stages.prompts import strip_think
 
 log = logging.getLogger(__name__)
@@ -52,20 +52,16 @@ class VerifyConfig:
     model: str = "smollm2-135m"  # tokenizer for privileged_max_tokens (HF folder or embedded name); unused if 0
     overwrite: bool = False  # replace an existing output
 
-
-def validate(config: VerifyConfig) -> tuple[str, ...]:
-    """Check the knobs before any work; return the parsed fallbacks."""
-    if config.workers < 1:
-        raise InputError(f"--workers: need at least 1, got {config.workers}")
-    if not config.timeout > 0:
-        raise InputError(f"--timeout: need a positive number of seconds, got {config.timeout}")
-    for name in ("max_answer_chars", "worker_memory_mb", "privileged_max_chars", "privileged_max_tokens"):
-        if getattr(config, name) < (1 if name == "max_answer_chars" else 0):
-            raise InputError(f"--{name.replace('_', '-')}: out of range ({getattr(config, name)})")
-    try:
-        return answers.parse_fallbacks(config.fallbacks)
-    except ValueError as exc:
-        raise InputError(f"--{exc}") from None
+    def __post_init__(self):
+        check = validation.Checks(self)
+        check.at_least(1, "workers", "max_answer_chars")
+        check.above(0, "timeout")
+        check.at_least(0, "worker_memory_mb", "privileged_max_chars", "privileged_max_tokens")
+        try:
+            answers.parse_fallbacks(self.fallbacks)
+        except ValueError as exc:
+            check.fail("fallbacks", str(exc).removeprefix("fallbacks: "))
+        check.done()
 
 
 # --- pure decisions --------------------------------------------------------------------------------------------
@@ -165,7 +161,7 @@ def verify_table(table: pa.Table, config: VerifyConfig, loaded=None,
     The library entry of `run` and `stages.eval`; `loaded` lends its tokenizer to `privileged_max_tokens`. stats:
     status and failure-kind counts, rows, groups, reward_mean, privileged_source_counts, checks_s.
     """
-    fallbacks = validate(config)
+    fallbacks = answers.parse_fallbacks(config.fallbacks)
     table = schemas.conform(table, schemas.ROLLOUTS)
     budget = _budget(config, loaded)
 
@@ -212,25 +208,25 @@ def verify_table(table: pa.Table, config: VerifyConfig, loaded=None,
 def run(config: VerifyConfig, loaded=None) -> Path:
     """Verify `config.rollouts` into `config.out`; return the output path. `loaded`: reuse its tokenizer."""
     started = time.perf_counter()
-    validate(config)
     out = check_output(config.out, config.overwrite)
-    table, input_metadata = read_artifact(config.rollouts, "rollouts")
-    log.info("verify config: %s", config)
+    with output_lock(out):
+        table, input_metadata = read_artifact(config.rollouts, "rollouts")
+        log.info("verify config: %s", config)
 
-    bar, on_progress = _progress()
-    with bar:
-        table, stats = verify_table(table, config, loaded, on_progress)
-    wall = time.perf_counter() - started
-    stats["wall_time_s"] = round(wall, 3)
+        bar, on_progress = _progress()
+        with bar:
+            table, stats = verify_table(table, config, loaded, on_progress)
+        wall = time.perf_counter() - started
+        stats["wall_time_s"] = round(wall, 3)
 
-    # The rollouts metadata rides along whole: its sampling temperature is what `antisd score` looks up there.
-    metadata = build_metadata("verified", config, inputs={"rollouts": str(config.rollouts)},
-                              rollouts_metadata=input_metadata, **stats)
-    write_artifact(table, out, "verified", metadata)
-    counts = stats["status_counts"]
-    sources = stats["privileged_source_counts"]
-    log.info("verified %d rollouts (%d groups) in %.1f s: reward mean %.3f; %s; privileged %s → %s",
-             table.num_rows, stats["groups"], wall, stats["reward_mean"],
-             ", ".join(f"{k} {v}" for k, v in counts.items()),
-             ", ".join(f"{k} {sources.get(k, 0)}" for k in ("peer", "reference", "none")), out)
-    return out
+        # The rollouts metadata rides along whole: its sampling temperature is what `antisd score` looks up there.
+        metadata = build_metadata("verified", config, inputs={"rollouts": str(config.rollouts)},
+                                  rollouts_metadata=input_metadata, **stats)
+        write_artifact(table, out, "verified", metadata)
+        counts = stats["status_counts"]
+        sources = stats["privileged_source_counts"]
+        log.info("verified %d rollouts (%d groups) in %.1f s: reward mean %.3f; %s; privileged %s → %s",
+                 table.num_rows, stats["groups"], wall, stats["reward_mean"],
+                 ", ".join(f"{k} {v}" for k, v in counts.items()),
+                 ", ".join(f"{k} {sources.get(k, 0)}" for k in ("peer", "reference", "none")), out)
+        return out

@@ -1,18 +1,29 @@
 """Shared fixtures: the embedded model's folder, a tiny random-init model with the real tokenizer, small prompt files.
 
-The embedded model is converted once into the user cache (~/.cache/antisd, or $ANTISD_CACHE) and reused by every
-later run; the tiny model is made once per session.
+The suite never touches the user's cache (~/.cache/antisd or $ANTISD_CACHE): ANTISD_CACHE points at a temporary
+folder made for the session (removed at its end), where the embedded model is converted once (~25 s) and shared by
+every test and subprocess. To keep a conversion between runs, set ANTISD_TEST_CACHE to a folder of your choice.
+The tiny model is made once per session.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+_SESSION_CACHE = os.environ.get("ANTISD_TEST_CACHE") or tempfile.mkdtemp(prefix="antisd-test-cache-")
+os.environ["ANTISD_CACHE"] = _SESSION_CACHE  # set before any stage runs, so subprocesses inherit it
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not os.environ.get("ANTISD_TEST_CACHE"):
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

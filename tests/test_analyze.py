@@ -47,7 +47,8 @@ def scored_row(prompt_id, sample_idx, token_ids, s, t, h, source="peer", correct
         "response_text": text, "sampling_logprobs": [0.0] * n, "finish_reason": "stop", "response_length": n,
         "extracted_answer": None, "reward": float(correct), "correct": correct, "verify_status": "ok",
         "group_size": 2, "group_mean_reward": 0.5, "privileged_text": None if source == "none" else "sol",
-        "privileged_source": source, "peer_sample_idx": None, "student_logprobs": s32.tolist(),
+        "privileged_source": source, "peer_sample_idx": 1 - sample_idx if source == "peer" else None,
+        "student_logprobs": s32.tolist(),
         "teacher_logprobs": t32.tolist(), "teacher_entropy": list(map(float, h)), "student_entropy": [1.0] * n,
         "pmi": (t32 - s32).tolist(), "teacher_prompt_length": 10,
     }
@@ -276,7 +277,7 @@ def _bad_rows(tmp_path, tiny_model_dir, kind):
     return write_scored(tmp_path / f"{kind}.parquet", rows, tiny_model_dir)
 
 
-@pytest.mark.parametrize("kind, message", [("none_only", "privileged_source none"), ("ragged", "differ in length")])
+@pytest.mark.parametrize("kind, message", [("none_only", "privileged_source none"), ("ragged", "1 values for 2 response tokens")])
 def test_cli_rejects_unusable_scored_rows(tmp_path, tiny_model_dir, kind, message):
     path = _bad_rows(tmp_path, tiny_model_dir, kind)
     result = CliRunner().invoke(cli, ["analyze", "pmi", str(path), "--out", str(tmp_path / "pmi")])

@@ -71,3 +71,87 @@ def test_on_off_stay_strings_in_overrides_and_files(tmp_path):
     resolved = config.load(path)
     assert resolved.stages["update"]["gate"] == "on"
     assert resolved.stages["update"]["gradient_checkpointing"] is False
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("update:\n  lr: 1.0e-6\n  method: grpo\n  lr: 2.0e-6\n")
+    with pytest.raises(InputError, match=r"c\.yaml: not valid YAML \(found duplicate key 'lr' \(first at line 2\), "
+                                         r"line 4\)"):
+        config.load(path)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["loop.steps=-1"], "loop.steps: must be >= 1, got -1"),
+    (["loop.prompts_per_step=0"], "loop.prompts_per_step: must be >= 1, got 0"),
+    (["loop.train.name=mnist"], "loop.train.name: must be one of arith"),
+    (["loop.eval.split=train", "loop.eval.name=math500"], "loop.eval.split: math500 has only test"),
+    (["update.lr=.nan"], "update.lr: must be a finite number, got nan"),
+    (["update.lr=inf"], "update.lr: must be a finite number, got inf"),
+    (["score.temperature=-1"], "score.temperature: must be > 0, got -1.0"),
+    (["verify.fallbacks=guess"], "verify.fallbacks: expected a comma list"),
+])
+def test_invalid_values_are_refused_when_the_config_is_resolved(overrides, fragment):
+    with pytest.raises(InputError) as info:
+        config.resolve({}, overrides)
+    assert fragment in str(info.value)
+
+
+def test_the_rules_live_in_the_config_classes():
+    from stages.rollout import RolloutConfig
+    from stages.update import UpdateConfig
+    from stages.validation import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        UpdateConfig(scored="s", out="o", lr=float("nan"), method="ppo", warmup_steps=0)
+    assert [field for field, _ in info.value.problems] == ["method", "warmup_steps", "lr"]
+    with pytest.raises(ConfigError, match="--top-p: must be in"):
+        RolloutConfig(prompts="p", out="o", top_p=0.0)
+
+
+def _cli_commands():
+    """(command path, its Config class) for every command that builds one from its options."""
+    from stages.analyze import PmiConfig
+    from stages.data import PrepareConfig
+    from stages.eval import EvalConfig
+    from stages.inspect import InspectConfig
+    from stages.loop import LoopConfig
+    from stages.merge import MergeConfig
+    from stages.plot import PlotConfig
+    from stages.rollout import RolloutConfig
+    from stages.score import ScoreConfig
+    from stages.update import UpdateConfig
+    from stages.verify import VerifyConfig
+
+    return [(["rollout"], RolloutConfig), (["verify"], VerifyConfig), (["score"], ScoreConfig),
+            (["update"], UpdateConfig), (["eval"], EvalConfig), (["data", "prepare"], PrepareConfig),
+            (["analyze", "pmi"], PmiConfig), (["plot"], PlotConfig), (["merge"], MergeConfig),
+            (["inspect"], InspectConfig), (["loop"], LoopConfig)]
+
+
+@pytest.mark.parametrize("path, cls", _cli_commands(), ids=lambda x: "-".join(x) if isinstance(x, list) else "")
+def test_cli_defaults_are_the_config_defaults(path, cls):
+    import dataclasses
+
+    import click
+
+    from antisd_cli.main import cli
+
+    command, ctx = cli, click.Context(cli)
+    for name in path:
+        command = command.get_command(ctx, name)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    compared = 0
+    for param in command.params:
+        field = fields.get(param.name)
+        if field is None or field.default is dataclasses.MISSING or isinstance(param, click.Argument) \
+                or param.required:
+            continue
+        if getattr(param, "multiple", False) and field.default == ():
+            continue  # a repeatable option: none given is the empty tuple
+        if param.name in ("metrics", "deliberation_words", "shortcut_words"):
+            continue  # comma-joined text of the same constant on the command line, a tuple in the config
+        assert param.default == field.default, f"antisd {' '.join(path)} --{param.name}: {param.default!r} != " \
+                                               f"{cls.__name__}.{param.name} = {field.default!r}"
+        compared += 1
+    assert compared >= 1

@@ -186,7 +186,7 @@ def test_cli_prints_table_and_path(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("args, message", [
     (["--benchmark", "nope.parquet"], "nope.parquet"),
     (["--benchmark", "arith", "--n", "0"], "--n"),
-    (["--benchmark", "math500", "--split", "train"], "--split train"),
+    (["--benchmark", "math500", "--split", "train"], "--split: math500 has only test"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, tiny_model_dir, args, message):
     out = tmp_path / "out.parquet"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,6 +43,10 @@ def test_schema_round_trip(tmp_path, artifact):
             row[field.name] = True
         else:
             row[field.name] = "x"
+    # values the columns' rules require (schemas.check_values): a consistent, plausible row
+    valid = {"response_length": 2, "reward": 1.0, "finish_reason": "stop", "verify_status": "ok",
+             "privileged_source": "reference", "teacher_entropy": [0.5, 1.5], "student_entropy": [0.5, 1.5]}
+    row.update({k: v for k, v in valid.items() if k in row})
     table = pa.Table.from_pylist([row], schema=schema)
     path = io.write_artifact(table, tmp_path / "f.parquet", artifact, io.build_metadata(artifact, {"k": 1}))
     back, meta = io.read_artifact(path, artifact)
@@ -257,3 +263,19 @@ def test_inspect_cli_json_and_row(arith_prompts):
     assert summary["artifact"] == "prompts" and summary["rows"] == 4
     bad = runner.invoke(cli, ["inspect", str(arith_prompts), "--row", "99"])
     assert bad.exit_code == 2 and "--row 99" in bad.stderr
+
+
+def test_the_suite_uses_a_temporary_cache_not_the_users():
+    from pathlib import Path
+
+    from stages.models import cache_root
+
+    root = cache_root().resolve()
+    assert root != (Path.home() / ".cache" / "antisd").resolve()
+    assert os.environ.get("ANTISD_TEST_CACHE") or Path(tempfile.gettempdir()).resolve() in root.parents
+
+
+def test_the_converted_embedded_model_is_readable_by_others(embedded_model_dir):
+    mask = io.current_umask()
+    assert embedded_model_dir.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (embedded_model_dir / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask

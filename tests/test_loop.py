@@ -197,3 +197,170 @@ def test_kl_free_configs_keep_their_digest():
     assert with_kl.to_dict()["score"] == {} and score_reference(with_kl) == "smollm2-135m"
     assert score_reference(run_config.resolve({})) is None
     assert score_reference(run_config.resolve({}, ["update.kl_coef=0.1", "score.reference=/frozen"])) == "/frozen"
+
+
+# --- the training-set cursor: distinct prompts in every step ----------------------------------------------------
+
+@pytest.mark.parametrize("total", [1, 2, 7, 10, 33, 100])
+def test_every_step_holds_distinct_prompts_across_epoch_boundaries(total):
+    from stages.loop import step_prompt_indices
+
+    for per_step in sorted({1, 2, 3, 8, total - 1, total} - {0}):
+        if per_step > total:
+            continue
+        steps = [step_prompt_indices(total, per_step, step, seed=5) for step in range(3 * total // per_step + 2)]
+        for indices in steps:
+            assert len(indices) == per_step and len(set(indices)) == per_step
+            assert all(0 <= i < total for i in indices)
+        assert steps == [step_prompt_indices(total, per_step, step, seed=5) for step in range(len(steps))]
+        first_epoch = [i for indices in steps[: total // per_step] for i in indices]
+        assert len(set(first_epoch)) == len(first_epoch)  # an epoch uses each prompt at most once
+
+
+def test_the_math500_sized_case_of_the_issue_has_no_duplicate():
+    from stages.loop import step_prompt_indices
+
+    for step in (15, 31, 109, 140, 156, 187):  # where the old cursor repeated a prompt (500 prompts × 32)
+        assert len(set(step_prompt_indices(500, 32, step, seed=0))) == 32
+
+
+def test_the_first_epoch_is_unchanged_by_the_fix():
+    """Steps inside the first epoch read the seeded permutation in order, as before: existing runs keep their data."""
+    import random
+
+    from stages.loop import stage_seed, step_prompt_indices
+
+    order = list(range(100))
+    random.Random(stage_seed(0, 0, "epoch")).shuffle(order)
+    assert [i for step in range(3) for i in step_prompt_indices(100, 32, step, 0)] == order[:96]
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_anything(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path, tiny_model_dir)
+    result = run_loop(config, tmp_path / "run", "--set", "loop.prompts_per_step=8", "--set", "loop.train.num=5")
+    assert result.exit_code == 2
+    assert "loop.prompts_per_step 8: the training set has only 5 prompts" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_slurm_rendering_of_the_issue_example_has_distinct_prompts_at_step_162(tmp_path):
+    import pyarrow.parquet as pq
+
+    result = CliRunner().invoke(cli, [
+        "loop", "-c", str(REPO / "examples" / "configs" / "reproduce.yaml"), "-o", str(tmp_path / "run"),
+        "--launcher", "slurm", "--dry-run", "--set", "loop.steps=170", "--set", "loop.prompts_per_step=8",
+        "--set", "loop.train.num=100"])
+    assert result.exit_code == 0, result.output
+    for step in (12, 24, 162, 169):
+        ids = pq.read_table(tmp_path / "run" / f"step_{step:04d}" / "prompts.parquet").column("prompt_id").to_pylist()
+        assert len(ids) == 8 and len(set(ids)) == 8, (step, ids)
+
+
+# --- the whole config is checked before anything runs or is written -----------------------------------------------
+
+@pytest.mark.parametrize("launcher", [[], ["--launcher", "slurm", "--dry-run"]])
+def test_every_config_error_is_reported_before_any_work(tmp_path, tiny_model_dir, launcher):
+    config = write_config(tmp_path, tiny_model_dir)
+    result = run_loop(config, tmp_path / "run", "--set", "update.method=ppo", "--set", "update.lr=nan",
+                      "--set", "rollout.n=0", "--set", "loop.steps=-1", *launcher)
+    assert result.exit_code == 2
+    for fragment in ("update.method: must be one of grpo, sd, antisd, rkl-ascent, got 'ppo'",
+                     "update.lr: must be a finite number, got nan", "rollout.n: must be >= 1, got 0",
+                     "loop.steps: must be >= 1, got -1"):
+        assert fragment in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_config_leaves_the_run_directory_as_it_was(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path, tiny_model_dir)
+    slurm = ["--launcher", "slurm", "--dry-run"]  # renders the run directory without training
+    assert run_loop(config, tmp_path / "run", *slurm).exit_code == 0
+    manifest = (tmp_path / "run" / "run.json").read_text()
+    assert run_loop(config, tmp_path / "run", "--set", "rollout.n=0", *slurm).exit_code == 2
+    assert (tmp_path / "run" / "run.json").read_text() == manifest
+    assert run_loop(config, tmp_path / "run", *slurm).exit_code == 0  # the corrected command is not refused
+
+
+def test_a_starting_state_of_another_method_is_refused_before_any_work(tmp_path, finished_run):
+    run_dir, config = finished_run  # trained with sd
+    result = run_loop(config, tmp_path / "cont", "--set", f"loop.model={run_dir / 'step_0001' / 'checkpoint'}",
+                      "--set", "update.method=antisd")
+    assert result.exit_code == 2 and "update.switch_method" in result.stderr
+    assert not (tmp_path / "cont").exists()
+
+
+# --- one loop per run directory, and a manifest that repairs itself -----------------------------------------------
+
+def test_a_second_loop_on_one_directory_is_refused_while_the_first_holds_it(tmp_path, tiny_model_dir):
+    from test_bad_input import hold
+
+    config = write_config(tmp_path, tiny_model_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = hold(run)
+    try:
+        result = run_loop(config, run, "--launcher", "slurm", "--dry-run")
+        assert result.exit_code == 2 and f"another process (pid {holder.pid}) is writing it" in result.stderr
+        assert not (run / "run.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_loop(config, run, "--launcher", "slurm", "--dry-run").exit_code == 0  # kill -9 left no stale lock
+
+
+def test_resume_repairs_a_manifest_whose_last_write_was_lost(tmp_path, finished_run):
+    import shutil
+
+    run_dir, config = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    manifest = json.loads((copy / "run.json").read_text())
+    manifest.update(finished=[1], latest_checkpoint=None)  # as if run.json failed after step 0 finished
+    (copy / "run.json").write_text(json.dumps(manifest))
+    result = run_loop(config, copy)
+    assert result.exit_code == 0, result.output
+    repaired = json.loads((copy / "run.json").read_text())
+    assert repaired["finished"] == [0, 1]
+    assert repaired["latest_checkpoint"] == str(copy / "step_0001" / "checkpoint")
+
+
+# --- the gate across loop steps ------------------------------------------------------------------------------------
+
+def _loop_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_recalibrate_gate_in_a_run_config_recalibrates_once(tmp_path, tiny_model_dir):
+    raw = tiny_config(tiny_model_dir, steps=3)
+    raw["loop"]["eval_every"] = 0
+    raw["update"].update(method="antisd", warmup_steps=1, recalibrate_gate=True)
+    config = tmp_path / "recal.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = run_loop(config, tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    h_warm = [row["gate/h_warm"] for row in _loop_metrics(tmp_path / "run")]
+    assert h_warm[0] is not None and h_warm[1] == h_warm[2] == h_warm[0]  # calibrated at step 0, then kept
+
+
+def test_a_grpo_checkpoint_continues_as_antisd_through_the_loop(tmp_path, tiny_model_dir):
+    from stages import checkpoint
+
+    raw = tiny_config(tiny_model_dir, steps=1)
+    raw["loop"]["eval_every"] = 0
+    raw["update"].update(method="grpo", warmup_steps=1)
+    grpo = tmp_path / "grpo.yaml"
+    grpo.write_text(yaml.safe_dump(raw))
+    assert run_loop(grpo, tmp_path / "grpo").exit_code == 0
+    start = tmp_path / "grpo" / "step_0000" / "checkpoint"
+    raw["loop"]["model"] = str(start)
+    raw["loop"]["steps"] = 2
+    raw["update"].update(method="antisd", warmup_steps=2, switch_method=True)
+    antisd = tmp_path / "antisd.yaml"
+    antisd.write_text(yaml.safe_dump(raw))
+    result = run_loop(antisd, tmp_path / "antisd")
+    assert result.exit_code == 0, result.output
+    assert (start / checkpoint.STATE_FILE).exists()  # nothing deleted by hand
+    rows = _loop_metrics(tmp_path / "antisd")
+    assert [row["gate/h_warm"] is None for row in rows] == [True, False]  # a fresh 2-step warm-up, once
+    state = json.loads((tmp_path / "antisd" / "step_0001" / "checkpoint" / checkpoint.STATE_FILE).read_text())
+    assert state["method"] == "antisd" and state["step"] == 3  # the GRPO step count carries on

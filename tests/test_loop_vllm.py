@@ -174,5 +174,5 @@ def test_sleep_is_a_no_op_on_cpu(fake_vllm, tiny_model_dir):
 
 def test_unknown_weight_sync_is_bad_input(tmp_path):
     result = CliRunner().invoke(cli, ["loop", "--out", str(tmp_path / "run"), "--set", "loop.weight_sync=swap"])
-    assert result.exit_code == 2 and "loop.weight_sync must be one of reload, inplace, got 'swap'" in result.stderr
+    assert result.exit_code == 2 and "loop.weight_sync: must be one of reload, inplace, got 'swap'" in result.stderr
     assert not (tmp_path / "run").exists()

@@ -41,6 +41,11 @@ def rows_for(artifact: str, prompt_ids: list[str], samples: int = 2) -> pa.Table
                     row[field.name] = sample % 2 == 0
                 else:
                     row[field.name] = f"{field.name} of {prompt_id}"
+            # values the columns' rules require (schemas.check_values)
+            valid = {"response_length": 3, "reward": float(sample % 2 == 0), "finish_reason": "stop",
+                     "verify_status": "ok", "privileged_source": "reference",
+                     "teacher_entropy": [0.5, 1.5 + sample, number / 10], "student_entropy": [0.5, 1.5, 2.5]}
+            row.update({k: v for k, v in valid.items() if k in row})
             rows.append(row)
     return pa.Table.from_pylist(rows, schema=schema)
 

@@ -449,6 +449,19 @@ def test_gate_recalibrate_reruns_warm_up():
     assert gate.update(0.95) == 0.5  # 0.95 ≥ 0.93·1
 
 
+def test_gate_recalibration_request_acts_once_and_survives_the_state():
+    gate = EntropyGate(warmup_steps=1)
+    gate.update(2.0)
+    assert gate.request_recalibration(True) and gate.calibrating
+    assert gate.update(1.0) == 0.0 and gate.h_warm == 1.0
+    restored = EntropyGate(warmup_steps=1)
+    restored.load_state_dict(gate.state_dict())
+    assert not restored.request_recalibration(True)  # the request was already in force: no second warm-up
+    assert not restored.request_recalibration(False)
+    assert restored.request_recalibration(True)  # a new request after a step without it
+    assert EntropyGate().request_recalibration(False, force=True)
+
+
 def test_gate_warm_up_without_measurements_waits():
     gate = EntropyGate(warmup_steps=2)
     assert [gate.update(h) for h in [None, float("nan"), 2.0, 2.0]] == [0.0, 0.0, 0.0, 0.5]

@@ -350,3 +350,59 @@ def test_cli_reference_option_and_bad_reference(tmp_path, tiny, verified):
     assert "ref_logprobs" in read_artifact(out, "scored")[0].column_names
     missing = CliRunner().invoke(cli, [*args, "--overwrite", "--reference", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "--reference" in missing.stderr and len(missing.stderr.splitlines()) == 1
+
+
+# --- the model's own logits processing (soft-capping families) and the refusal of unknown ones ---------------------
+
+def _tiny_gemma2(softcap: float | None):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                          final_logit_softcapping=softcap)
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():  # logits of a few units, so that a soft-cap of 0.5 matters
+        model.lm_head.weight.mul_(50.0)
+    return model
+
+
+def test_a_soft_capping_family_is_scored_through_its_own_logits():
+    from stages.logprobs import check_logits_path, naive_response_token_stats, response_token_stats
+
+    model = _tiny_gemma2(softcap=0.5)
+    sequences = [[2, 651, 1030, 4400, 17, 9], [2, 88, 1500, 3]]
+    with torch.no_grad():
+        ours, ours_h = response_token_stats(model, sequences, [2, 1])
+        reference, reference_h = naive_response_token_stats(model, sequences, [2, 1])  # through model(...).logits
+        uncapped = torch.log_softmax(model.lm_head(model.model(torch.tensor([sequences[0]])).last_hidden_state), -1)
+    for mine, theirs in zip(ours + ours_h, reference + reference_h):  # fp32, other matmul shapes: ~1e-6 relative
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    raw = uncapped[0, 1:-1].gather(-1, torch.tensor(sequences[0][2:])[:, None]).squeeze(-1)
+    assert float((raw - ours[0]).abs().max()) > 0.05  # the cap changes the numbers: the test is not vacuous
+    check_logits_path(model, "--model gemma2")
+
+
+def test_a_model_that_post_processes_its_logits_unseen_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stages.io import InputError
+    from stages.models import checked_logits_path
+
+    class Tempered(LlamaForCausalLM):  # any family whose forward changes the logits after the LM head
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 3.0
+            return out
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4)
+    plain = LlamaForCausalLM(config).eval()
+    checked_logits_path(plain, "--model plain")  # the same body without the change passes
+    tempered = Tempered(config).eval()
+    tempered.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        tempered.lm_head.weight.mul_(50.0)
+    with pytest.raises(InputError, match=r"--model tempered: its forward post-processes the logits .*Tempered"):
+        checked_logits_path(tempered, "--model tempered")

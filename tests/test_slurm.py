@@ -374,12 +374,12 @@ def test_example_runs_every_stage_as_valid_commands_and_resumes(tmp_path, fake_s
     assert [e for e in read_log(log) if e["tool"] == "antisd"] == []  # everything done: nothing reruns
 
 
-@pytest.mark.parametrize("settings, message", [(SlurmConfig(shards=0), "--shards must be >= 1"),
-                                               (SlurmConfig(time=" "), "--time must not be empty"),
-                                               (SlurmConfig(sbatch_args=("qos=high",)), "--sbatch-arg 'qos=high'")])
+@pytest.mark.parametrize("settings, message", [({"shards": 0}, "--shards: must be >= 1"),
+                                               ({"time": " "}, "--time: must not be empty"),
+                                               ({"sbatch_args": ("qos=high",)}, "--sbatch-args: 'qos=high'")])
 def test_impossible_slurm_settings_fail_before_anything_is_written(tmp_path, settings, message):
     from stages.io import InputError
 
     with pytest.raises(InputError, match=message):
-        slurm.render_run(loop_config(tmp_path / "run"), settings, tmp_path)
+        slurm.render_run(loop_config(tmp_path / "run"), SlurmConfig(**settings), tmp_path)
     assert not (tmp_path / "run").exists()

@@ -83,7 +83,7 @@ def make_scored(path: Path, model_dir: Path, *, groups: int = 2, group_size: int
             "sampling_logprobs": [x - 0.01 for x in student[i]], "finish_reason": "length" if i == 0 else "stop",
             "response_length": length, "extracted_answer": "2", "reward": rewards[i], "correct": rewards[i] == 1.0,
             "verify_status": "ok", "group_size": group_size, "group_mean_reward": 0.5, "privileged_text": "sol",
-            "privileged_source": source, "peer_sample_idx": None,
+            "privileged_source": source, "peer_sample_idx": (i + 1) % group_size if source == "peer" else None,
             "student_logprobs": student[i], "teacher_logprobs": [s + u for s, u in zip(student[i], pmi_rows[i])],
             "teacher_entropy": [entropy + 0.01 * rng.random() for _ in range(length)],
             "student_entropy": [1.5] * length, "pmi": pmi_rows[i], "teacher_prompt_length": 20,
@@ -446,8 +446,9 @@ def test_nan_logprob_stops_without_checkpoint(tmp_path, tiny_model_dir, column):
     table = table.set_column(table.schema.get_field_index(column), column, pa.array(values, pa.list_(pa.float32())))
     io.write_artifact(table, path, "scored", io.read_metadata(path))
     result = _invoke("--scored", path, "--model", tiny_model_dir, "--out", tmp_path / "c")
-    assert result.exit_code == 1
-    assert "row 3 (p0/3)" in result.stderr and column in result.stderr and "non-finite" in result.stderr
+    assert result.exit_code == 2  # bad input, found when the file is read
+    assert "row 3 (prompt_id 'p0', sample_idx 3)" in result.stderr and column in result.stderr
+    assert "non-finite" in result.stderr
     assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".c*"))
 
 
@@ -464,9 +465,15 @@ def test_token_ids_outside_vocabulary_exit_2(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--kl-coef", "-0.1"], "Invalid value for '--kl-coef'"),
+    (["--kl-coef", "-0.1"], "--kl-coef: must be >= 0, got -0.1"),
     (["--method", "ppo"], "Invalid value for '--method'"),
-    (["--zero-stage", "4"], "Invalid value for '--zero-stage'"),
+    (["--zero-stage", "4"], "--zero-stage: must be one of 0, 1, 2, 3, got 4"),
+    (["--lr", "nan"], "--lr: must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr: must be a finite number, got inf"),
+    (["--lam-max", "nan"], "--lam-max: must be a finite number"),
+    (["--weight-decay", "nan"], "--weight-decay: must be a finite number"),
+    (["--grad-clip", "nan"], "--grad-clip: must be a finite number"),
+    (["--gate-down", "1.5", "--clip-low", "-1"], "--gate-down: must be in (0, 1], got 1.5; --clip-low: must be"),
 ])
 def test_bad_options_exit_2(tmp_path, tiny_model_dir, scored, args, message):
     result = _invoke("--scored", scored, "--model", tiny_model_dir, "--out", tmp_path / "c", *args)
@@ -480,10 +487,34 @@ def test_deepspeed_config_with_optimizer_is_refused(tmp_path, tiny_model_dir, sc
     assert result.exit_code == 2 and "optimizer" in result.stderr
 
 
-def test_state_of_another_method_needs_force(tmp_path, tiny_model_dir, scored):
+def test_state_of_another_method_needs_switch_method(tmp_path, tiny_model_dir, scored):
     first = run(config(scored, tiny_model_dir, tmp_path / "c1", method="sd"))
-    with pytest.raises(InputError, match="written by method sd"):
-        run(config(scored, first, tmp_path / "c2", method="antisd", force=False))
+    with pytest.raises(InputError, match="written by method sd.*--switch-method"):
+        run(config(scored, first, tmp_path / "c2", method="antisd", force=True))  # --force is about revisions only
+
+
+def test_switching_method_carries_the_state_and_recalibrates_the_gate_once(tmp_path, tiny_model_dir):
+    paths = [make_scored(tmp_path / f"s{k}.parquet", tiny_model_dir, seed=k) for k in range(3)]
+    grpo = run(config(paths[0], tiny_model_dir, tmp_path / "grpo", method="grpo", warmup_steps=1))
+    assert json.loads((grpo / "metrics.json").read_text())["gate/h_warm"] is not None
+    model, h_warm = grpo, []
+    for k in (1, 2):
+        model = run(config(paths[k], model, tmp_path / f"antisd{k}", method="antisd", warmup_steps=2,
+                           switch_method=True, force=True))
+        h_warm.append(json.loads((model / "metrics.json").read_text())["gate/h_warm"])
+    state = json.loads((model / checkpoint.STATE_FILE).read_text())
+    assert state["method"] == "antisd" and state["step"] == 3 and state["gate"]["warmup_end"] == 3
+    assert h_warm[0] is None and h_warm[1] is not None  # one new 2-step warm-up, not restarted at the 2nd step
+
+
+def test_recalibrate_gate_is_one_shot_across_steps(tmp_path, tiny_model_dir):
+    paths = [make_scored(tmp_path / f"s{k}.parquet", tiny_model_dir, seed=k, entropy=2.0 + k) for k in range(4)]
+    model = run(config(paths[0], tiny_model_dir, tmp_path / "c0", warmup_steps=1))
+    ends = []
+    for k in (1, 2, 3):  # the same flag on every step, as a loop config or commands.sh gives it
+        model = run(config(paths[k], model, tmp_path / f"c{k}", warmup_steps=1, recalibrate_gate=True, force=True))
+        ends.append(json.loads((model / checkpoint.STATE_FILE).read_text())["gate"]["warmup_end"])
+    assert ends == [2, 2, 2]  # re-calibrated at step 1 only
 
 
 # --- k3 KL to a frozen reference (--kl-coef) ------------------------------------------------------------------
@@ -533,9 +564,20 @@ def test_non_finite_or_short_ref_logprobs_name_the_row(tmp_path, tiny_model_dir)
     io.write_artifact(table.set_column(index, "ref_logprobs", pa.array(values, pa.list_(pa.float32()))), path,
                       "scored", io.read_metadata(path))
     result = _invoke("--scored", path, "--model", tiny_model_dir, "--out", tmp_path / "c", "--kl-coef", "0.1")
-    assert result.exit_code == 1 and "row 5 (p1/1)" in result.stderr and "ref_logprobs" in result.stderr
+    assert result.exit_code == 2 and "row 5 (prompt_id 'p1', sample_idx 1)" in result.stderr
+    assert "ref_logprobs" in result.stderr
     values[5] = values[5][:2]
     io.write_artifact(table.set_column(index, "ref_logprobs", pa.array(values, pa.list_(pa.float32()))), path,
                       "scored", io.read_metadata(path))
     result = _invoke("--scored", path, "--model", tiny_model_dir, "--out", tmp_path / "c", "--kl-coef", "0.1")
-    assert result.exit_code == 2 and "row 5 (p1/1)" in result.stderr and "2 values for 6" in result.stderr
+    assert result.exit_code == 2 and "row 5 (prompt_id 'p1', sample_idx 1)" in result.stderr
+    assert "2 values for 6" in result.stderr
+
+
+def test_checkpoint_files_are_readable_by_the_group_and_others(tmp_path, tiny_model_dir, scored):
+    """A shared cluster's other accounts read the weights: modes are what plain file creation gives (umask)."""
+    out = run(config(scored, tiny_model_dir, tmp_path / "ckpt"))
+    mask = io.current_umask()
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert all(p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~mask for p in out.rglob("*"))
