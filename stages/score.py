@@ -104,7 +104,8 @@ def row_label(rows: list[dict], index: int) -> str:
 
 
 def check_rows(rows: list[dict], vocab_size: int, source: str) -> None:
-    """Bad input stops before any compute: token ids outside the vocabulary, an empty prompt, a missing text."""
+    """Bad input stops before any compute: token ids outside the vocabulary, an empty prompt (the file's values were
+    checked on read: `schemas.check_values`)."""
     for index, row in enumerate(rows):
         for column in ("prompt_token_ids", "response_token_ids"):
             bad = [i for i in row[column] if not 0 <= i < vocab_size]
@@ -113,9 +114,6 @@ def check_rows(rows: list[dict], vocab_size: int, source: str) -> None:
                                  f"tokenizer's vocabulary (size {vocab_size}); was it sampled by another model?")
         if not row["prompt_token_ids"]:
             raise InputError(f"{source}: {row_label(rows, index)}: empty prompt_token_ids")
-        if row["privileged_source"] != "none" and row["privileged_text"] is None:
-            raise InputError(f"{source}: {row_label(rows, index)}: privileged_source is "
-                             f"{row['privileged_source']!r} but privileged_text is null")
 
 
 def build_views(rows: list[dict], tokenizer) -> list[View]:

@@ -1,10 +1,10 @@
-"""The data side of `antisd update`: option and input validation, scored rows → `Batch`, per-batch statistics.
+"""The data side of `antisd update`: input validation, scored rows → `Batch`, per-batch statistics.
 
-Checks the run state against this run (method, world size, ZeRO stage), the scored file's model
-revision and the user's DeepSpeed JSON (InputError, exit 2), and that --kl-coef > 0 has the reference's
-`ref_logprobs`; turns a scored Arrow table into a `Batch` of Python lists, checking per-token list lengths, token ids
-(InputError) and finiteness (RuntimeError); computes the METHOD §6 statistics of the data itself (`batch_metrics`),
-the gate's teacher-entropy median (§5) and the truncated IS weight.
+Checks the run state against this run (method, world size, ZeRO stage), the scored file's model revision and the
+user's DeepSpeed JSON (InputError, exit 2), and that --kl-coef > 0 has the reference's `ref_logprobs`; turns a scored
+Arrow table into a `Batch` of Python lists, checking token ids against the model (InputError; the values themselves
+were checked on read); computes the METHOD §6 statistics of the data itself (`batch_metrics`), the gate's
+teacher-entropy median (§5) and the truncated IS weight. The options are checked by `UpdateConfig` itself.
 
 Not here: the model, DeepSpeed engine and optimizer steps (stages.update), the objectives and gate math
 (stages.objectives), micro-batch packing and rank shares (stages.distributed), reading files (stages.io).
@@ -97,39 +97,24 @@ def check_revision(config: UpdateConfig, metadata: dict, model_dir: Path) -> Non
 
 
 def batch_from_table(table: pa.Table, source: str, vocab_size: int, temperature: float = 1.0) -> Batch:
-    """Columns → lists, checking per-token list lengths and token ids (InputError) and finiteness (RuntimeError)."""
+    """Columns → lists, checking that prompts are not empty and token ids fit the model's vocabulary (InputError).
+
+    The per-token columns' lengths and values were checked when the file was read (`schemas.check_values`).
+    """
     col = {name: table.column(name).to_pylist() for name in (
         "prompt_id", "sample_idx", "prompt_token_ids", "response_token_ids", "student_logprobs", "sampling_logprobs",
         "pmi", "teacher_entropy", "student_entropy", "reward", "correct", "privileged_source", "finish_reason")}
-    per_token = ["student_logprobs", "sampling_logprobs", "pmi", "teacher_entropy", "student_entropy"]
     if REFERENCE_COLUMN in table.column_names:
         col[REFERENCE_COLUMN] = table.column(REFERENCE_COLUMN).to_pylist()
-        per_token.append(REFERENCE_COLUMN)
     names = [f"{p}/{s}" for p, s in zip(col["prompt_id"], col["sample_idx"])]
     for row, name in enumerate(names):
         where = f"{source}: row {row} ({name})"
-        length = len(col["response_token_ids"][row])
-        for column in per_token:
-            if col[column][row] is None:
-                raise InputError(f"{where}: {column} is null")
-            if len(col[column][row]) != length:
-                raise InputError(f"{where}: {column} has {len(col[column][row])} values for {length} response tokens")
         if not col["prompt_token_ids"][row]:
             raise InputError(f"{where}: empty prompt_token_ids")
         ids = col["prompt_token_ids"][row] + col["response_token_ids"][row]
         if min(ids) < 0 or max(ids) >= vocab_size:
             raise InputError(f"{where}: token id {max(ids) if max(ids) >= 0 else min(ids)} outside the model's "
                              f"vocabulary of {vocab_size} (scored with another tokenizer?)")
-        privileged = col["privileged_source"][row] != "none"
-        checks = [("student_logprobs", col["student_logprobs"][row]), ("pmi", col["pmi"][row]),
-                  ("reward", [col["reward"][row]])] + ([("teacher_entropy", col["teacher_entropy"][row])]
-                                                      if privileged else [])
-        checks += [(REFERENCE_COLUMN, col[REFERENCE_COLUMN][row])] if REFERENCE_COLUMN in col else []
-        for column, values in checks:
-            bad = next((k for k, v in enumerate(values) if not is_finite(v)), None)
-            if bad is not None:
-                raise RuntimeError(f"{where}: non-finite {column} at response token {bad} ({values[bad]}); "
-                                   "refusing to train on it")
     return Batch(names, col["prompt_id"], col["prompt_token_ids"], col["response_token_ids"], col["student_logprobs"],
                  col["sampling_logprobs"], col["pmi"], col["teacher_entropy"], col["student_entropy"],
                  [float(r) for r in col["reward"]], [bool(c) for c in col["correct"]], col["privileged_source"],
