@@ -25,7 +25,7 @@ def demo_command(out, overrides):
     Example:
       antisd demo --out demo_out
     """
-    from stages import config as run_config
+    from stages.runs import config as run_config
     from stages.loop import LoopConfig, run
 
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -41,7 +41,7 @@ def _print_summary(run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from stages.loop_view import COLUMNS, format_cell
+    from stages.runs.view import COLUMNS, format_cell
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     base = json.loads((run_dir / "eval_base.json").read_text()) if (run_dir / "eval_base.json").exists() else {}

@@ -7,7 +7,7 @@ from click.core import ParameterSource
 
 from antisd_cli.options import BadInput, config_option, stage_errors
 from stages.loop import LoopConfig
-from stages.slurm import SlurmConfig
+from stages.runs.slurm import SlurmConfig
 
 SLURM = SlurmConfig()  # defaults shown in --help come from the dataclass
 SLURM_OPTIONS = ("dry_run", "partition", "account", "time", "nodes", "gpus_per_node", "shards", "cpus_per_task",
@@ -63,7 +63,7 @@ def loop_command(ctx, config_path, out, overrides, force, print_config, launcher
       antisd loop -c examples/configs/gsm8k_gpu.yaml -o runs/gsm8k --launcher slurm --partition gpu \\
         --shards 8 --nodes 2 --gpus-per-node 8 --setup 'source ~/venvs/antisd/bin/activate' --dry-run
     """
-    from stages import config as run_config
+    from stages.runs import config as run_config
     from stages.loop import run
 
     if launcher == "local":
@@ -80,8 +80,7 @@ def loop_command(ctx, config_path, out, overrides, force, print_config, launcher
     if launcher == "local":
         click.echo(str(run(loop_config)))
         return
-    from stages import slurm
-
+    from stages.runs import slurm
     settings = SlurmConfig(partition=partition, account=account, time=time_limit, nodes=nodes,
                            gpus_per_node=gpus_per_node, shards=shards, cpus_per_task=cpus_per_task, setup=tuple(setup),
                            sbatch_args=tuple(sbatch_args), dry_run=dry_run)

@@ -7,9 +7,7 @@ import logging
 
 import click
 
-from stages import __version__
-
-# command name -> module in antisd_cli holding a click command of the same name (dashes → underscores)
+from stages import __version__  # command name -> module in antisd_cli holding a click command of the same name (dashes → underscores)
 COMMANDS = {
     "data": "data",
     "rollout": "rollout",

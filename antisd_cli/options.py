@@ -10,7 +10,7 @@ import typing
 import click
 
 from schemas import SchemaError
-from stages.io import InputError
+from stages.common.io import InputError
 
 
 class BadInput(click.ClickException):
@@ -61,7 +61,7 @@ def threads_option(cls):
 
 
 def dtype_option(cls):
-    from stages.models import DTYPES
+    from stages.lm.models import DTYPES
 
     return config_option(cls, "dtype", "Model dtype; auto = float32 on CPU (bf16 is no faster there and fp32 log-probs "
                                        "match the trainer), bfloat16 on GPU.", type=click.Choice(DTYPES))
@@ -90,7 +90,7 @@ def _click_type(hint):
 def config_option(cls, name: str, help: str, *aliases: str, **kwargs):
     """`--kebab-name` (with `aliases`) for Config field `name`, its default and type read from the dataclass.
 
-    A bool field becomes `--name/--no-name`. Values are checked by the Config itself (`stages.validation`) when the
+    A bool field becomes `--name/--no-name`. Values are checked by the Config itself (`stages.common.validation`) when the
     command builds it, so the option carries no range of its own; pass `type=click.Choice(...)` to list choices.
     """
     hint = typing.get_type_hints(cls)[name]

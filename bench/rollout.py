@@ -54,7 +54,7 @@ def parse_args(argv=None):
 def prompt_ids_of(tokenizer, prompts_path: Path) -> tuple[list[dict], list[list[int]]]:
     import pyarrow.parquet as pq
 
-    from stages.prompts import encode, student_messages
+    from stages.lm.prompts import encode, student_messages
 
     rows = pq.read_table(prompts_path).to_pylist()
     return rows, [encode(tokenizer, student_messages(r["problem"], r["few_shot"])) for r in rows]
@@ -65,7 +65,7 @@ def bare_hf(engine, prompt_ids: list[list[int]], settings: SamplingSettings, bat
     import torch
     from transformers import GenerationConfig
 
-    from stages.engine_hf import cut_response, row_order
+    from stages.lm.engine_hf import cut_response, row_order
 
     batch_size = batch_size or engine.default_batch_size
     rows = row_order(prompt_ids, settings.n)
@@ -102,20 +102,20 @@ def bare_vllm(engine, prompt_ids: list[list[int]], settings: SamplingSettings) -
 
 def open_engine(name: str, args, max_model_len: int):
     if name == "hf":
-        from stages.engine_hf import HFEngine
-        from stages.models import load_model
+        from stages.lm.engine_hf import HFEngine
+        from stages.lm.models import load_model
 
         return HFEngine(load_model(args.model))
-    from stages.engine_vllm import VLLMEngine
-    from stages.models import resolve_model, torch_dtype
-    from stages.runtime import pick_device
+    from stages.lm.engine_vllm import VLLMEngine
+    from stages.lm.models import resolve_model, torch_dtype
+    from stages.common.process import pick_device
 
     dtype = str(torch_dtype("auto", pick_device())).replace("torch.", "")
     return VLLMEngine(resolve_model(args.model), dtype=dtype, seed=0, max_model_len=max_model_len)
 
 
 def bench_engine(name: str, args, prompts_path: Path, workdir: Path) -> dict:
-    from stages.io import read_metadata
+    from stages.common.io import read_metadata
 
     settings = SamplingSettings(args.n, args.temperature, args.top_p, args.max_new_tokens, seed=0)
     started = time.perf_counter()
@@ -149,7 +149,7 @@ def bench_engine(name: str, args, prompts_path: Path, workdir: Path) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from stages.runtime import set_threads
+    from stages.common.process import set_threads
 
     threads = set_threads(args.threads)
     engines = ["hf"] + (["vllm"] if vllm_available() else []) if args.engines == "auto" else args.engines.split(",")

@@ -2,9 +2,9 @@
 
 Workload (issue 3): 8 sequences of 1,024 tokens (a 64-token prompt + 960 response tokens, random ids, seed 0) on the
 real SmolLM2-135M (vocab 49,152), no grad. Variants, each in a fresh subprocess so that memory figures do not mix:
-  chunked       stages.logprobs.response_token_stats (body once, then LM head + log-softmax + entropy over chunks
+  chunked       stages.lm.logprobs.response_token_stats (body once, then LM head + log-softmax + entropy over chunks
                 of --chunk-size response positions): what `antisd score` runs per micro-batch;
-  naive         stages.logprobs.naive_response_token_stats: full [B, L, V] fp32 logits, log_softmax, entropy;
+  naive         stages.lm.logprobs.naive_response_token_stats: full [B, L, V] fp32 logits, log_softmax, entropy;
   forward-body  the model body only (`model.model(...)`, last hidden states, no LM head): the floor;
   forward-full  `model(...)`: body + LM head producing full [B, L, V] logits, nothing else.
 Peak extra memory = peak RSS during the variant − RSS just before it (model and inputs loaded, weights faulted in
@@ -51,9 +51,9 @@ def _reset_peak() -> bool:
 def worker(args) -> dict:
     import torch
 
-    from stages.logprobs import naive_response_token_stats, pad_batch, response_token_stats
-    from stages.models import load_model
-    from stages.runtime import pick_device, set_threads
+    from stages.lm.logprobs import naive_response_token_stats, pad_batch, response_token_stats
+    from stages.lm.models import load_model
+    from stages.common.process import pick_device, set_threads
 
     threads = set_threads(args.threads)
     loaded = load_model(args.model, dtype=args.dtype, device=pick_device(args.device))

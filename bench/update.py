@@ -34,11 +34,11 @@ def prepare(folder: Path, sequences: int, response_tokens: int, threads: int) ->
     from transformers import AutoModelForCausalLM
 
     import schemas
-    from stages import io
+    from stages.common import io
     from stages.data import ARITH_FEW_SHOT
-    from stages.logprobs import response_token_stats
-    from stages.models import load_tokenizer, model_revision, resolve_model
-    from stages.prompts import encode, student_messages
+    from stages.lm.logprobs import response_token_stats
+    from stages.lm.models import load_tokenizer, model_revision, resolve_model
+    from stages.lm.prompts import encode, student_messages
 
     torch.set_num_threads(threads)
     model_dir = resolve_model("smollm2-135m")

@@ -5,7 +5,7 @@ ones, so any stage's file can be opened in pandas/DuckDB and joined on (`prompt_
 carries a JSON blob under the metadata key ``antisd`` with the artifact name, schema version and the run's config.
 A few columns are OPTIONAL (written on request, e.g. `ref_logprobs` by `score --reference`): checked when present.
 
-This module only describes and checks; reading and writing files lives in `stages.io`.
+This module only describes and checks; reading and writing files lives in `stages.common.io`.
 """
 
 from __future__ import annotations

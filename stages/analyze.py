@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import validation
-from stages.io import InputError, atomic_write_json, atomic_write_text, read_artifact
-from stages.words import BYTE_DECODER, PieceDecoder, display_word, visible, word_spans  # noqa: F401
+from stages.common import validation
+from stages.common.io import InputError, atomic_write_json, atomic_write_text, read_artifact
+from stages.lm.pieces import BYTE_DECODER, PieceDecoder, display_word, visible, word_spans  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def scored_inputs(config: PmiConfig, loaded=None) -> list[Path]:
     if config.scored:
         raise InputError("analyze pmi: give scored files or --prompts, not both")
     from stages import rollout, score, verify
-    from stages.models import load_model
+    from stages.lm.models import load_model
 
     out = Path(config.out)
     out.mkdir(exist_ok=True)
@@ -210,7 +210,7 @@ def read_scored(paths: list[Path]) -> tuple[list[dict], dict]:
 
 def load_analysis_tokenizer(model: str | None, metadata: dict, source: Path):
     """The tokenizer of `model`, or of the scored file's model; a folder with a tokenizer but no weights will do."""
-    from stages.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_tokenizer, resolve_model
+    from stages.lm.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_tokenizer, resolve_model
 
     from_meta = model is None
     name = model or (metadata.get("config") or {}).get("model") or DEFAULT_MODEL

@@ -3,7 +3,7 @@
 Built-in sets ship inside the package (`stages/datasets/`, with their licences): gsm8k (train/test), math500,
 aime24, amc23, plus `arith`, a seeded generator of two-digit additions with a two-example few-shot prefix (the
 format in which SmolLM2-135M has enough mixed groups for RL, STACK-NOTES). Users' own data comes in as JSONL or
-Parquet with column-mapping options. This module formats nothing for the model; that is `stages.prompts`.
+Parquet with column-mapping options. This module formats nothing for the model; that is `stages.lm.prompts`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages import prompts as prompt_format
-from stages import validation
-from stages.io import InputError, build_metadata, check_output, output_lock, write_artifact
+from stages.lm import prompts as prompt_format
+from stages.common import validation
+from stages.common.io import InputError, build_metadata, check_output, output_lock, write_artifact
 
 log = logging.getLogger(__name__)
 

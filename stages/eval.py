@@ -3,7 +3,7 @@
 Pipeline: prompts (a built-in benchmark through `stages.data.build_rows`, or a prompts Parquet) → samples from
 `stages.rollout.sample` (same engines and per-sample seeds as `antisd rollout`) → verified by
 `stages.verify.verify_table` (same extraction, sandbox and settings as `antisd verify`) → metrics from the pure
-functions of `stages.estimators`.
+functions of `stages.method.estimators`.
 
 Outputs, both written atomically, the rows first and the summary last (so an existing summary implies complete rows):
 - `OUT` (e.g. `eval.parquet`): one row per sample with the schemas.VERIFIED columns, artifact "verified", so
@@ -33,12 +33,14 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from stages import estimators, validation
-from stages.answers import DEFAULT_FALLBACKS
+from stages.method import estimators
+
+from stages.common import validation
+from stages.verifier.answers import DEFAULT_FALLBACKS
 from stages.data import SPLITS
-from stages.io import (InputError, atomic_write_json, build_metadata, check_output, output_lock,
+from stages.common.io import (InputError, atomic_write_json, build_metadata, check_output, output_lock,
                        read_artifact, write_artifact)
-from stages.models import DEFAULT_MODEL
+from stages.lm.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +179,8 @@ def _evaluate(rows: list[dict], rollout_config, verify_config, *, out: Path, ben
               resamples: int, loaded=None) -> dict:
     """Sample, verify, summarize and write rows + summary; return the summary. Shared by `run` and the loop."""
     from stages import rollout, verify
-    from stages.models import resolve_model
-    from stages.runtime import set_threads
+    from stages.lm.models import resolve_model
+    from stages.common.process import set_threads
 
     engine_name = rollout.resolve_engine(rollout_config.engine)
     model_path = loaded.path if loaded is not None else resolve_model(rollout_config.model)

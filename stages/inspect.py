@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import schemas
-from stages.io import InputError, part_files, read_artifact, read_metadata, read_schema
+from stages.common.io import InputError, part_files, read_artifact, read_metadata, read_schema
 
 LIST_PREVIEW = 8
 

@@ -1,6 +1,6 @@
 """`antisd loop`: drive rollout → verify → score → update (→ eval) for N steps, resumable after any kill.
 
-The run directory's layout is described in `stages.run_dir`; every file in it is one stage's ordinary output,
+The run directory's layout is described in `stages.runs.run_dir`; every file in it is one stage's ordinary output,
 so any stage can be rerun by hand with the command recorded in `step_XXXX/commands.sh`.
 
 Resume: a stage is done iff its output exists (all writes are atomic), so rerunning the same command continues at the
@@ -9,7 +9,7 @@ does no math and no sampling itself: it calls the stages' `run` functions, reusi
 and score of a step.
 
 Engines: with the HF engine the rollout samples with that loaded model. When `rollout.engine` resolves to vllm the
-process keeps one vLLM engine (`stages.engine_vllm.LoopEngine`) that each step's rollout uses after moving it to the
+process keeps one vLLM engine (`stages.lm.engine_vllm.LoopEngine`) that each step's rollout uses after moving it to the
 step's weights (`loop.weight_sync`: `reload` opens a fresh engine on the checkpoint, `inplace` loads the checkpoint
 into the open one; on GPU with `loop.vllm_sleep` it sleeps while score and update train); the seconds spent are
 `timing_s/weight_sync`. Score always uses the HF model (the trainer's numerics). Evaluation opens its own engine, so
@@ -33,11 +33,11 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from stages import config as run_config
+from stages.runs import config as run_config
 from stages import data as data_stage
-from stages.io import (InputError, atomic_write_json, atomic_write_text, build_metadata, output_lock, read_artifact,
+from stages.common.io import (InputError, atomic_write_json, atomic_write_text, build_metadata, output_lock, read_artifact,
                        read_json_object, to_jsonable, write_artifact)
-from stages.run_dir import Run, config_changes
+from stages.runs.run_dir import Run, config_changes
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class StepRunner:
         self.use_vllm = engine == "vllm"
 
     def loaded(self, model: str):
-        from stages.models import resolve_model
+        from stages.lm.models import resolve_model
 
         key = str(resolve_model(model))
         if self._loaded is None or self._loaded[0] != key:
@@ -237,7 +237,7 @@ class StepRunner:
 
     def reference(self, model: str):
         """The frozen reference `model`, loaded like the policy (same dtype and device) on first use only."""
-        from stages.models import resolve_model
+        from stages.lm.models import resolve_model
 
         key = str(resolve_model(model))
         if self._reference is None or self._reference[0] != key:
@@ -246,8 +246,8 @@ class StepRunner:
         return self._reference[1]
 
     def _load(self, key: str):
-        from stages.models import load_model
-        from stages.runtime import pick_device
+        from stages.lm.models import load_model
+        from stages.common.process import pick_device
 
         start = time.perf_counter()
         rollout = self.config.run.stages["rollout"]
@@ -259,14 +259,13 @@ class StepRunner:
     def score(self, config, model: str):
         """Run score with the step's loaded policy, and the kept reference when the config asks for one."""
         from stages import score
-
         if config.reference is None:
             return score.run(config, loaded=self.loaded(model))
         return score.run(config, loaded=self.loaded(model), reference_loaded=self.reference(config.reference))
 
     def rollout_source(self, model: str, train_table: pa.Table, timings: dict):
         """What the step's rollout samples with: `model`'s HF model, or the loop's vLLM engine holding its weights."""
-        from stages.models import resolve_model
+        from stages.lm.models import resolve_model
 
         if not self.use_vllm:
             return self.loaded(model)
@@ -293,7 +292,6 @@ class StepRunner:
 
     def step(self, step: int, train_table: pa.Table, eval_prompts: Path | None) -> dict:
         from stages import rollout, update, verify
-
         started = time.perf_counter()
         settings, stage_dir = self.settings, self.run.step_dir(step)
         stage_dir.mkdir(exist_ok=True)
@@ -331,7 +329,6 @@ class StepRunner:
 
     def evaluate(self, model, prompts: Path, out_prefix: Path, timings: dict) -> dict:
         from stages import eval as eval_stage
-
         self.close_engine()  # evaluation opens its own engine
         result = self._timed("eval", timings, lambda: eval_stage.evaluate_for_loop(
             model=str(model), prompts=str(prompts), out_prefix=str(out_prefix), n=self.settings.eval_n,
@@ -341,7 +338,7 @@ class StepRunner:
         return {f"eval/{k}": v for k, v in result.items()}
 
     def _metrics(self, step: int, paths: dict, timings: dict) -> dict:
-        from stages.io import read_metadata
+        from stages.common.io import read_metadata
 
         row = json.loads((self.run.checkpoint(step) / "metrics.json").read_text())
         row["step"] = step
@@ -363,7 +360,7 @@ def validate_settings(config: run_config.RunConfig) -> str:
 def check_start_state(config: run_config.RunConfig) -> None:
     """A starting checkpoint's run state must be of update.method, unless update.switch_method: step 0's update
     would refuse it, after its rollout, verify and score (on Slurm: after the GPU jobs)."""
-    from stages.checkpoint import STATE_FILE
+    from stages.training.checkpoint import STATE_FILE
     from stages.update import UpdateConfig
 
     state_file = Path(config.loop.model) / STATE_FILE
@@ -381,10 +378,10 @@ def check_start_state(config: run_config.RunConfig) -> None:
 def loop_engine(config: run_config.RunConfig, model_path: Path, train_table: pa.Table):
     """The run's LoopEngine: rollout dtype, run seed, GPU sleep mode (inplace with loop.vllm_sleep), and a context
     length that fits the longest training prompt + rollout.max_new_tokens (so one engine serves every step)."""
-    from stages.engine_vllm import LoopEngine, VLLMEngine
-    from stages.models import torch_dtype
+    from stages.lm.engine_vllm import LoopEngine, VLLMEngine
+    from stages.lm.models import torch_dtype
     from stages.rollout import PROMPT_COLUMNS, RolloutConfig, _max_model_len
-    from stages.runtime import pick_device
+    from stages.common.process import pick_device
 
     knobs = config.stages["rollout"]
     dtype = str(torch_dtype(knobs.get("dtype", "auto"), pick_device())).replace("torch.", "")
@@ -407,7 +404,7 @@ def _tensorboard_writer(run: Run, enabled: bool):
 
 def run(config: LoopConfig, view=None) -> Path:
     """Run (or resume) the loop described by `config`; returns the run directory."""
-    from stages.loop_view import LoopView
+    from stages.runs.view import LoopView
 
     engine = validate_settings(config.run)
     settings = config.run.loop

@@ -1,7 +1,7 @@
 """`antisd merge`: check the part files of a sharded stage output and join them into one file.
 
 A sharded stage (`rollout`, `verify`, `score` with `--shard i/N`) writes ``OUT/part-0000i-of-0000N.parquet``. Every
-stage already reads such a directory directly (`stages.io.read_artifact`); `merge` is for handing a single file to
+stage already reads such a directory directly (`stages.common.io.read_artifact`); `merge` is for handing a single file to
 other tools, and for checking a directory before trusting it. The checks, each a one-line error naming the shard:
 all N parts present, every part the same artifact made with the same config (apart from its shard), and prompt ids
 disjoint across parts (the groups of a prompt must live in one part, or group statistics are wrong).
@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 import schemas
-from stages.io import (PART_RE, InputError, check_output, output_lock, part_files, read_artifact,
+from stages.common.io import (PART_RE, InputError, check_output, output_lock, part_files, read_artifact,
                        read_metadata, write_artifact)
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def median_teacher_entropy(table) -> tuple[float | None, int]:
     """
     import torch
 
-    from stages.objectives import masked_median
+    from stages.method.objectives import masked_median
 
     pool = [value for source, entropies in zip(table.column("privileged_source").to_pylist(),
                                                 table.column("teacher_entropy").to_pylist())

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.io import InputError, atomic_write_text, read_json_object
+from stages.common.io import InputError, atomic_write_text, read_json_object
 
 log = logging.getLogger(__name__)
 

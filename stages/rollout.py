@@ -1,7 +1,7 @@
 """`antisd rollout`: sample n responses per prompt and write one row per sample (schemas.ROLLOUTS).
 
-Reads a prompts Parquet, formats each problem with `stages.prompts` (the exact prompt ids are stored), samples with
-an engine (`stages.engine_hf.HFEngine`, or `stages.engine_vllm.VLLMEngine` imported only when chosen) and writes
+Reads a prompts Parquet, formats each problem with `stages.lm.prompts` (the exact prompt ids are stored), samples with
+an engine (`stages.lm.engine_hf.HFEngine`, or `stages.lm.engine_vllm.VLLMEngine` imported only when chosen) and writes
 the rows atomically with the run's model, revision, sampling settings, engine, dtype, threads and speed in the
 file metadata. `sample()` is the library entry that `eval` and `loop` reuse with an engine they keep open.
 
@@ -30,10 +30,10 @@ from pathlib import Path
 import pyarrow as pa
 
 import schemas
-from stages import validation
-from stages.io import (InputError, Shard, build_metadata, check_output, output_lock, output_path,
+from stages.common import validation
+from stages.common.io import (InputError, Shard, build_metadata, check_output, output_lock, output_path,
                        read_artifact, write_artifact)
-from stages.models import DEFAULT_MODEL, DTYPES
+from stages.lm.models import DEFAULT_MODEL, DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,8 @@ def as_engine(loaded_or_engine):
     if is_engine(loaded_or_engine):
         return loaded_or_engine
     if not hasattr(loaded_or_engine, "model") or not hasattr(loaded_or_engine, "tokenizer"):
-        raise TypeError("expected a stages.models.LoadedModel or an engine (HFEngine, VLLMEngine)")
-    from stages.engine_hf import HFEngine
+        raise TypeError("expected a stages.lm.models.LoadedModel or an engine (HFEngine, VLLMEngine)")
+    from stages.lm.engine_hf import HFEngine
 
     return HFEngine(loaded_or_engine)
 
@@ -192,7 +192,7 @@ def sample(loaded_or_engine, prompt_rows: list[dict], settings: SamplingSettings
     Rows come out in prompt order, then sample_idx. Stats: samples, response_tokens, generate_s, tokens_per_s
     (response tokens per second of engine time), finish_stop, finish_length.
     """
-    from stages.prompts import encode, student_messages
+    from stages.lm.prompts import encode, student_messages
 
     engine = as_engine(loaded_or_engine)
     tokenizer = engine.tokenizer
@@ -232,18 +232,18 @@ def sample(loaded_or_engine, prompt_rows: list[dict], settings: SamplingSettings
 
 def open_engine(engine: str, config: RolloutConfig, model_path: Path, rows: list[dict], loaded=None):
     """Build the chosen engine for sampling `rows`; the HF engine reuses `loaded` when given."""
-    from stages.runtime import pick_device
+    from stages.common.process import pick_device
 
     device = pick_device(config.device)
     if engine == "vllm":
-        from stages.engine_vllm import VLLMEngine
-        from stages.models import torch_dtype
+        from stages.lm.engine_vllm import VLLMEngine
+        from stages.lm.models import torch_dtype
 
         dtype = str(torch_dtype(config.dtype, device)).replace("torch.", "")
         return VLLMEngine(model_path, dtype=dtype, seed=config.seed,
                           max_model_len=_max_model_len(model_path, rows, config.max_new_tokens))
-    from stages.engine_hf import HFEngine
-    from stages.models import load_model
+    from stages.lm.engine_hf import HFEngine
+    from stages.lm.models import load_model
 
     return HFEngine(loaded if loaded is not None else load_model(model_path, config.dtype, device))
 
@@ -254,8 +254,8 @@ def run(config: RolloutConfig, loaded=None) -> Path:
     `loaded` (optional) is a LoadedModel for the HF engine, or an open engine (e.g. the loop's VLLMEngine), which
     is then used as is (config.model, engine, dtype and device are ignored) and left open.
     """
-    from stages.models import resolve_model
-    from stages.runtime import set_threads
+    from stages.lm.models import resolve_model
+    from stages.common.process import set_threads
 
     # --- validate everything before any work (the options were checked when `config` was made)
     shard = Shard.parse(config.shard)
@@ -302,8 +302,8 @@ def run(config: RolloutConfig, loaded=None) -> Path:
 
 def _max_model_len(model_path: Path, rows: list[dict], max_new_tokens: int) -> int:
     """vLLM's context length for this run: the longest encoded prompt + max_new_tokens."""
-    from stages.models import load_tokenizer
-    from stages.prompts import encode, student_messages
+    from stages.lm.models import load_tokenizer
+    from stages.lm.prompts import encode, student_messages
 
     tokenizer = load_tokenizer(model_path)
     longest = max((len(encode(tokenizer, student_messages(r["problem"], r["few_shot"]))) for r in rows), default=1)

@@ -9,7 +9,7 @@ teacher_prompt_length = the student prompt length, and they are left out of the 
 With `--reference MODEL` a third network (a frozen reference, same dtype and device) scores the student view only,
 at the same temperature, into the optional `ref_logprobs` column (no entropy), for `update --kl-coef` (METHOD §3).
 
-Log-probs and full-vocabulary entropies (nats) come from `stages.logprobs.response_token_stats` (chunks of
+Log-probs and full-vocabulary entropies (nats) come from `stages.lm.logprobs.response_token_stats` (chunks of
 positions, never [tokens × vocab] logits for a batch) under torch.inference_mode; sequences (student and teacher
 views together) are sorted by length and grouped into micro-batches of at most `micro_batch_tokens` padded tokens.
 Output rows keep the input order. Temperature: `--temperature`, else the first `temperature` key found in the input
@@ -17,7 +17,7 @@ file's metadata (breadth-first: rollout records its sampling parameters, verify 
 value used is stored in the metadata so `update` can use the same numerics.
 File metadata: model path and revision, reference_model and reference_revision (None without --reference),
 temperature, median_teacher_entropy (this file's rows: with --shard, a shard's median), token counts, tokens_per_s.
-This module does not compute advantages or losses (`stages.objectives`).
+This module does not compute advantages or losses (`stages.method.objectives`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from stages import validation
-from stages.io import (InputError, Shard, build_metadata, check_output, output_lock, output_path, read_artifact,
+from stages.common import validation
+from stages.common.io import (InputError, Shard, build_metadata, check_output, output_lock, output_path, read_artifact,
                        write_artifact)
-from stages.models import DTYPES
+from stages.lm.models import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def check_rows(rows: list[dict], vocab_size: int, source: str) -> None:
 
 def build_views(rows: list[dict], tokenizer) -> list[View]:
     """Student view of every row, teacher view (METHOD §4 prompt + the same response ids) of rows with a source."""
-    from stages.prompts import encode, teacher_messages
+    from stages.lm.prompts import encode, teacher_messages
 
     views = []
     for index, row in enumerate(rows):
@@ -149,7 +149,7 @@ def score_views(model, views: list[View], *, pad_id: int, temperature: float, ch
     """
     import torch
 
-    from stages.logprobs import response_token_stats
+    from stages.lm.logprobs import response_token_stats
 
     results = {}
     with torch.inference_mode():
@@ -196,7 +196,7 @@ def assemble(rows: list[dict], views: list[View], results: dict) -> tuple[dict[s
 def _median(values: list[float]) -> float | None:
     import torch
 
-    from stages.objectives import masked_median
+    from stages.method.objectives import masked_median
 
     if not values:
         return None
@@ -237,7 +237,7 @@ def load_reference(config: ScoreConfig, loaded, reference_loaded=None):
     `reference_loaded` (a LoadedModel of config.reference) is used instead of loading it again. InputError when its
     tokenizer differs from the policy's: the stored response ids must mean the same tokens to both.
     """
-    from stages.models import load_model
+    from stages.lm.models import load_model
 
     if config.reference is None:
         return None
@@ -258,8 +258,8 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
 
     With config.reference, also score the student views with that frozen network (`reference_loaded` reuses one).
     """
-    from stages.models import load_model
-    from stages.runtime import pick_device, set_threads
+    from stages.lm.models import load_model
+    from stages.common.process import pick_device, set_threads
 
     # --- validate inputs (the options were checked when `config` was made)
     shard = Shard.parse(config.shard)

@@ -4,7 +4,7 @@ Reads scored rows (schemas.SCORED) and a checkpoint (a HF folder, with DeepSpeed
 was written by a previous update), sets λ from the entropy gate (METHOD §5), builds per-token advantages (§2), runs
 PPO-clip (§3), plus kl_coef · k3 KL to a frozen reference when --kl-coef > 0 (the reference's log-probs come from
 `score --reference`, column ref_logprobs), through a DeepSpeed engine (ZeRO 0–3) and writes the next checkpoint
-atomically, with one row of the §6 metrics. The new policy's log-probs come from `stages.logprobs.response_token_stats`,
+atomically, with one row of the §6 metrics. The new policy's log-probs come from `stages.lm.logprobs.response_token_stats`,
 the numerics `score` used.
 
 Multi-process (deepspeed/torchrun/srun): every rank reads the whole scored file, so group advantages, the gate's
@@ -13,9 +13,9 @@ each mini-batch, padded with zero-loss micro-batches to the same count so ZeRO's
 DeepSpeed averages gradients over ranks, so each rank's loss is multiplied by the world size: the gradient is then
 the 1-process one. Rank 0 alone writes the HF folder, state and metrics; every rank writes its ZeRO shard.
 
-Not here: option/input validation, scored rows → Batch and the data's own metrics (stages.update_data), the math
-(stages.objectives/gate), the log-prob numerics (stages.logprobs), the checkpoint format (stages.checkpoint),
-process groups (stages.distributed). No reference model is loaded here: its log-probs are data in the scored file.
+Not here: option/input validation, scored rows → Batch and the data's own metrics (stages.training.batch), the math
+(stages.objectives/gate), the log-prob numerics (stages.lm.logprobs), the checkpoint format (stages.training.checkpoint),
+process groups (stages.training.distributed). No reference model is loaded here: its log-probs are data in the scored file.
 """
 
 from __future__ import annotations
@@ -30,10 +30,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages import checkpoint, distributed, validation
-from stages.io import InputError, output_lock, read_artifact
-from stages.models import quiet_transformers
-from stages.update_data import (  # noqa: F401  (METHODS, teacher_median: kept importable from stages.update)
+from stages.training import checkpoint
+
+from stages.training import distributed
+
+from stages.common import validation
+from stages.common.io import InputError, output_lock, read_artifact
+from stages.lm.models import quiet_transformers
+from stages.training.batch import (  # noqa: F401  (METHODS, teacher_median: kept importable from stages.update)
     METHODS, Batch, batch_from_table, batch_metrics, check_reference, check_revision, check_state,
     is_finite, mean_or_none, pad_rows, read_deepspeed_file, teacher_median, truncated_is_weights)
 
@@ -88,7 +92,7 @@ class UpdateConfig:
     overwrite: bool = False  # replace an existing --out folder
 
     def __post_init__(self):
-        from stages.objectives import AGGREGATIONS
+        from stages.method.objectives import AGGREGATIONS
 
         check = validation.Checks(self)
         check.choice("method", METHODS)
@@ -129,7 +133,7 @@ def _logprob_module(policy):
     """
     import torch
 
-    from stages.logprobs import response_token_stats
+    from stages.lm.logprobs import response_token_stats
 
     class PolicyLogprobs(torch.nn.Module):
         def __init__(self, model):
@@ -159,8 +163,8 @@ class Trainer:
                  device: str, loaded=None, deepspeed_user: dict | None = None):
         import torch
 
-        from stages.models import load_tokenizer, model_revision
-        from stages.objectives import EntropyGate
+        from stages.lm.models import load_tokenizer, model_revision
+        from stages.method.objectives import EntropyGate
 
         self.config, self.env, self.device, self.model_dir = config, env, device, model_dir
         self.precision = _precision(config.dtype, device)
@@ -178,7 +182,7 @@ class Trainer:
         if "rng" in self.carried:
             checkpoint.restore_rng(self.carried["rng"])
         else:
-            from stages.runtime import seed_everything
+            from stages.common.process import seed_everything
 
             seed_everything(config.seed)
         self.tokenizer = loaded.tokenizer if loaded is not None else load_tokenizer(model_dir)
@@ -215,7 +219,7 @@ class Trainer:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from stages.models import checked_logits_path
+        from stages.lm.models import checked_logits_path
 
         if loaded is not None and Path(loaded.path).resolve() == self.model_dir.resolve() \
                 and next(loaded.model.parameters()).dtype == torch.float32:
@@ -241,7 +245,7 @@ class Trainer:
     def _train_step(self, batch: Batch) -> dict:
         import torch
 
-        from stages.objectives import group_advantages
+        from stages.method.objectives import group_advantages
 
         config = self.config
         started = time.perf_counter()
@@ -282,7 +286,7 @@ class Trainer:
 
     def _optimizer_step(self, batch: Batch, rows: list[int], seq_adv, lam: float, sums: dict) -> float | None:
         """One optimizer step on `rows` (all ranks' share): normalizer over all of them, this rank's micro-batches."""
-        from stages.objectives import step_normalizer
+        from stages.method.objectives import step_normalizer
 
         config, env = self.config, self.env
         if not any(batch.response_ids[i] for i in rows):
@@ -316,7 +320,7 @@ class Trainer:
         import torch
         from torch.nn.utils.rnn import pad_sequence
 
-        from stages.objectives import aggregate, kl_penalty, policy_loss, token_advantages
+        from stages.method.objectives import aggregate, kl_penalty, policy_loss, token_advantages
 
         config = self.config
         sequences = [batch.prompt_ids[i] + batch.response_ids[i] for i in rows]
@@ -385,10 +389,10 @@ class Trainer:
 def run(config: UpdateConfig, loaded=None) -> Path:
     """Validate → read → train one step → write CKPT_NEXT atomically. Returns the output folder.
 
-    `loaded` (a stages.models.LoadedModel of --model, fp32) is reused instead of reading the weights again; after a
+    `loaded` (a stages.lm.models.LoadedModel of --model, fp32) is reused instead of reading the weights again; after a
     successful update its model holds the new weights and its path/revision point at the new checkpoint.
     """
-    from stages.models import resolve_model
+    from stages.lm.models import resolve_model
 
     started = time.perf_counter()
     env = distributed.env_from(os.environ)
@@ -400,8 +404,8 @@ def run(config: UpdateConfig, loaded=None) -> Path:
 
 def _run_locked(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path, out: Path, loaded, started: float
                 ) -> Path:
-    from stages.models import model_revision
-    from stages.runtime import set_threads
+    from stages.lm.models import model_revision
+    from stages.common.process import set_threads
 
     if out.resolve() == model_dir.resolve():
         raise InputError(f"--out {out}: must differ from --model (checkpoints are never updated in place)")

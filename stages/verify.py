@@ -1,7 +1,7 @@
 """`antisd verify`: rollouts Parquet → verified Parquet (schemas.VERIFIED), every row kept.
 
 Per row: the extracted final answer, reward R ∈ {0, 1}, `correct`, `verify_status` (ok | no_answer | timeout | error,
-from `stages.answers.check_answers`, which runs every check in killable worker processes), the group statistics of
+from `stages.verifier.answers.check_answers`, which runs every check in killable worker processes), the group statistics of
 its prompt (rows sharing `prompt_id` in this file), and the privileged context of METHOD §4:
 1. `peer`: a correct rollout of the same group other than this one, picked by a stable hash of
    (seed, prompt_id, sample_idx) (never Python's `hash()`), its `<think>…</think>` stripped; peers whose text is
@@ -10,7 +10,7 @@ its prompt (rows sharing `prompt_id` in this file), and the privileged context o
 3. else `none` (privileged_text null: the score stage gives this rollout no teacher term).
 The text is cut to its first `privileged_max_chars` characters, then (if `privileged_max_tokens` > 0) to its first
 `privileged_max_tokens` tokens of `model`'s tokenizer, cut at a token boundary of the original text (the head is
-kept: the text reads as a solution from its start). This module does not build teacher prompts (`stages.prompts`).
+kept: the text reads as a solution from its start). This module does not build teacher prompts (`stages.lm.prompts`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from typing import Callable, Sequence
 import pyarrow as pa
 
 import schemas
-from stages import answers, validation
-from stages.io import build_metadata, check_output, output_lock, read_artifact, write_artifact
-from stages.prompts import strip_think
+from stages.verifier import answers
+from stages.common import validation
+from stages.common.io import build_metadata, check_output, output_lock, read_artifact, write_artifact
+from stages.lm.prompts import strip_think
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def _budget(config: VerifyConfig, loaded) -> Callable[[str], str]:
     if loaded is not None:
         tokenizer = loaded.tokenizer
     else:
-        from stages.models import load_tokenizer, resolve_model
+        from stages.lm.models import load_tokenizer, resolve_model
 
         tokenizer = load_tokenizer(resolve_model(config.model))
     by_tokens = token_budget(tokenizer, config.privileged_max_tokens)

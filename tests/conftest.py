@@ -28,7 +28,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def embedded_model_dir():
-    from stages.models import resolve_model
+    from stages.lm.models import resolve_model
 
     return resolve_model("smollm2-135m")
 
@@ -36,7 +36,7 @@ def embedded_model_dir():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, embedded_model_dir):
     """A 2-layer, hidden-64 Llama with SmolLM2's tokenizer and chat template (random weights, seed 0)."""
-    from stages.models import make_tiny_model
+    from stages.lm.models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", embedded_model_dir)
 

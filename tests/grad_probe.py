@@ -20,7 +20,6 @@ def install(dump_dir: Path) -> None:
     from deepspeed.utils import safe_get_full_grad, safe_get_full_optimizer_state
 
     from stages import update
-
     record: dict[str, list] = {"grads": [], "exp_avg": [], "exp_avg_sq": []}
     original_init = update.Trainer.__init__
 

@@ -15,8 +15,8 @@ import schemas
 from antisd_cli.main import cli
 from stages.analyze import (PieceDecoder, PmiConfig, display_word, pick_rollouts, run, type_table,
                             word_group_summary, word_spans)
-from stages.io import build_metadata, write_artifact
-from stages.models import load_tokenizer
+from stages.common.io import build_metadata, write_artifact
+from stages.lm.models import load_tokenizer
 from stages.plot import render_rollouts_html, u_color
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

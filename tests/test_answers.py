@@ -1,4 +1,4 @@
-"""Answer extraction, math-verify equivalence, eval guard and killable worker pool (stages.answers, stages.sandbox)."""
+"""Answer extraction, math-verify equivalence, eval guard and killable worker pool (stages.verifier.answers, stages.verifier.sandbox)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from stages import answers
-from stages.answers import AnswerCheck, check_answers, extract_answer, extract_boxed, run_checks
+from stages.verifier import answers
+from stages.verifier.answers import AnswerCheck, check_answers, extract_answer, extract_boxed, run_checks
 
 TIMEOUT = 1.0  # seconds per check in these tests
 SLACK = 2.5  # allowed on top of TIMEOUT for one check (grace before the kill + a loaded 2-core machine)

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 import schemas
 from antisd_cli.main import cli
-from stages import io
+from stages.common import io
 from test_update import make_scored
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,7 +59,6 @@ def scored(tmp_path, tiny_model_dir):
 def no_training(monkeypatch):
     """Fail the test if update gets as far as building its trainer (the expensive part)."""
     from stages import update
-
     def refuse(*args, **kwargs):
         raise AssertionError("the trainer was built: the check came too late")
 
@@ -99,7 +98,6 @@ def test_update_refuses_non_finite_floats_before_training(tmp_path, tiny_model_d
 
 def test_null_problem_is_refused_before_sampling(tmp_path, arith_prompts, monkeypatch):
     from stages import rollout
-
     monkeypatch.setattr(rollout, "open_engine", lambda *a, **k: pytest.fail("sampling started"))
     path = rewrite(Path(arith_prompts), "problem", [None, "What is 1 + 1?", "x", "y"])
     result = invoke("rollout", "--prompts", path, "--out", tmp_path / "r.parquet")
@@ -209,7 +207,7 @@ def test_read_only_output_folder_is_found_before_training(tmp_path, scored, tiny
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from stages.io import output_lock
+    from stages.common.io import output_lock
     with output_lock(sys.argv[1]):
         print("held", flush=True)
         time.sleep(600)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import config
-from stages.io import InputError
+from stages.runs import config
+from stages.common.io import InputError
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((REPO / "examples" / "configs").glob("*.yaml")) + [REPO / "stages" / "configs" / "demo.yaml"]
@@ -100,7 +100,7 @@ def test_invalid_values_are_refused_when_the_config_is_resolved(overrides, fragm
 def test_the_rules_live_in_the_config_classes():
     from stages.rollout import RolloutConfig
     from stages.update import UpdateConfig
-    from stages.validation import ConfigError
+    from stages.common.validation import ConfigError
 
     with pytest.raises(ConfigError) as info:
         UpdateConfig(scored="s", out="o", lr=float("nan"), method="ppo", warmup_steps=0)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from antisd_cli.main import cli
 from stages import eval as eval_stage
-from stages.io import read_artifact, read_metadata
+from stages.common.io import read_artifact, read_metadata
 
 TINY = dict(n=2, max_new_tokens=8, num=3, engine="hf", threads=1, workers=1, bootstrap_resamples=200,
             progress=False)

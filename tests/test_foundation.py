@@ -13,8 +13,9 @@ from click.testing import CliRunner
 
 import schemas
 from antisd_cli.main import cli
-from stages import data, io
-from stages.io import InputError, Shard
+from stages import data
+from stages.common import io
+from stages.common.io import InputError, Shard
 
 
 def _prompt_rows(n=3):
@@ -212,7 +213,7 @@ def test_cli_prepare_missing_output_dir(tmp_path):
 
 
 def test_resolve_model_rejects_non_model(tmp_path):
-    from stages.models import resolve_model
+    from stages.lm.models import resolve_model
 
     (tmp_path / "folder").mkdir()
     with pytest.raises(InputError, match="not a Hugging Face model folder"):
@@ -229,8 +230,8 @@ def test_embedded_model_is_a_dense_llama(embedded_model_dir):
 
 
 def test_prompt_encoding_uses_chat_template(tiny_model_dir):
-    from stages import prompts
-    from stages.models import load_tokenizer
+    from stages.lm import prompts
+    from stages.lm.models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_dir)
     ids = prompts.encode(tokenizer, prompts.student_messages("What is 1 + 2?", [{"user": "U", "assistant": "A"}]))
@@ -241,15 +242,14 @@ def test_prompt_encoding_uses_chat_template(tiny_model_dir):
 
 
 def test_teacher_text_holds_solution_and_assessment():
-    from stages import prompts
-
+    from stages.lm import prompts
     text = prompts.teacher_user_text("P?", "sol", correct=False)
     assert text.startswith("P? Put the final answer")
     assert "Your previous attempt:\nsol\n\nPrevious assessment: Your answer is incorrect." in text
 
 
 def test_strip_think():
-    from stages.prompts import strip_think
+    from stages.lm.prompts import strip_think
 
     assert strip_think("<think>hmm</think> 2 + 2 = 4") == "2 + 2 = 4"
     assert strip_think("partial</think>answer") == "answer"
@@ -268,7 +268,7 @@ def test_inspect_cli_json_and_row(arith_prompts):
 def test_the_suite_uses_a_temporary_cache_not_the_users():
     from pathlib import Path
 
-    from stages.models import cache_root
+    from stages.lm.models import cache_root
 
     root = cache_root().resolve()
     assert root != (Path.home() / ".cache" / "antisd").resolve()

@@ -110,21 +110,21 @@ KILLER = textwrap.dedent(
     import os, signal, sys
     from pathlib import Path
     target_stage, target_step = sys.argv[1], int(sys.argv[2])
-    import stages.checkpoint, stages.io
+    import stages.training.checkpoint, stages.common.io
     if target_stage == "update":
-        original = stages.checkpoint._publish
+        original = stages.training.checkpoint._publish
         def publish(tmp, out):
             if Path(out).parent.name == f"step_{target_step:04d}":
                 os.kill(os.getpid(), signal.SIGKILL)   # temp checkpoint written, not yet renamed
             return original(tmp, out)
-        stages.checkpoint._publish = publish
+        stages.training.checkpoint._publish = publish
     else:
-        original = stages.io.write_artifact
+        original = stages.common.io.write_artifact
         def write_artifact(table, path, artifact, metadata):
             if artifact == "rollouts" and Path(path).parent.name == f"step_{target_step:04d}":
                 os.kill(os.getpid(), signal.SIGKILL)   # sampling done, nothing written yet
             return original(table, path, artifact, metadata)
-        stages.io.write_artifact = write_artifact
+        stages.common.io.write_artifact = write_artifact
     from antisd_cli.main import cli
     cli(sys.argv[3:])
     """
@@ -163,8 +163,7 @@ def test_print_config_resolves_overrides(tmp_path, tiny_model_dir):
 def test_loop_with_kl_coef_scores_against_the_base_model_loaded_once(tmp_path, tiny_model_dir, monkeypatch):
     import pyarrow.parquet as pq
 
-    from stages import models
-
+    from stages.lm import models
     loads = []
     real_load = models.load_model
     monkeypatch.setattr(models, "load_model", lambda model, **kw: loads.append(str(model)) or real_load(model, **kw))
@@ -188,7 +187,7 @@ def test_loop_with_kl_coef_scores_against_the_base_model_loaded_once(tmp_path, t
 
 def test_kl_free_configs_keep_their_digest():
     """Existing run directories resume: the reference is filled in by step_configs, not stored in the RunConfig."""
-    from stages import config as run_config
+    from stages.runs import config as run_config
     from stages.loop import score_reference
 
     assert run_config.resolve({}).digest() == "e2bab0b4a61045fa"  # the values before --reference existed
@@ -343,8 +342,7 @@ def test_recalibrate_gate_in_a_run_config_recalibrates_once(tmp_path, tiny_model
 
 
 def test_a_grpo_checkpoint_continues_as_antisd_through_the_loop(tmp_path, tiny_model_dir):
-    from stages import checkpoint
-
+    from stages.training import checkpoint
     raw = tiny_config(tiny_model_dir, steps=1)
     raw["loop"]["eval_every"] = 0
     raw["update"].update(method="grpo", warmup_steps=1)

@@ -86,9 +86,9 @@ def fake_vllm(monkeypatch):
 
 
 def run_loop(tmp_path: Path, model_dir: Path, weight_sync: str, steps: int = 2) -> Path:
-    from stages import config as run_config
+    from stages.runs import config as run_config
     from stages import loop
-    from stages.loop_view import LoopView
+    from stages.runs.view import LoopView
 
     raw = {
         "loop": {"model": str(model_dir), "steps": steps, "prompts_per_step": 2, "seed": 3, "eval_every": 0,
@@ -104,7 +104,7 @@ def run_loop(tmp_path: Path, model_dir: Path, weight_sync: str, steps: int = 2) 
 
 
 def step_rollouts(run_dir: Path, step: int) -> tuple[list[list[int]], dict]:
-    from stages.io import read_artifact
+    from stages.common.io import read_artifact
 
     table, metadata = read_artifact(run_dir / f"step_{step:04d}" / "rollouts.parquet", "rollouts")
     return table.column("response_token_ids").to_pylist(), metadata
@@ -148,7 +148,7 @@ def test_inplace_reloads_weights_into_one_llm(fake_vllm, tmp_path, tiny_model_di
 
 
 def test_inplace_sleeps_during_training_on_gpu(fake_vllm, tmp_path, tiny_model_dir):
-    from stages.engine_vllm import LoopEngine, VLLMEngine
+    from stages.lm.engine_vllm import LoopEngine, VLLMEngine
 
     other = tmp_path / "other"
     shutil.copytree(tiny_model_dir, other)
@@ -163,7 +163,7 @@ def test_inplace_sleeps_during_training_on_gpu(fake_vllm, tmp_path, tiny_model_d
 
 
 def test_sleep_is_a_no_op_on_cpu(fake_vllm, tiny_model_dir):
-    from stages.engine_vllm import LoopEngine, VLLMEngine
+    from stages.lm.engine_vllm import LoopEngine, VLLMEngine
 
     holder = LoopEngine(lambda folder: VLLMEngine(folder, device="cpu", sleep_mode=True), "inplace")
     engine, _ = holder.use(tiny_model_dir)

@@ -8,8 +8,9 @@ from click.testing import CliRunner
 
 import schemas
 from antisd_cli.main import cli
-from stages import io, merge
-from stages.io import InputError, Shard
+from stages import merge
+from stages.common import io
+from stages.common.io import InputError, Shard
 
 ARTIFACTS = ["prompts", "rollouts", "verified", "scored"]
 

@@ -1,4 +1,4 @@
-"""Hand-computed checks of the METHOD math in stages.objectives / stages.gate, plus loop-reference parity tests."""
+"""Hand-computed checks of the METHOD math in stages.method.objectives / stages.method.gate, plus loop-reference parity tests."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from stages.objectives import (
+from stages.method.objectives import (
     EntropyGate,
     Method,
     aggregate,

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 import schemas
-from stages.io import read_artifact, read_metadata
+from stages.common.io import read_artifact, read_metadata
 from stages.rollout import RolloutConfig, SamplingSettings, run, sample, select_prompts
 
 N = 3
@@ -23,8 +23,8 @@ NEW_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def tiny_loaded(tiny_model_dir):
-    from stages.models import load_model
-    from stages.runtime import set_threads
+    from stages.lm.models import load_model
+    from stages.common.process import set_threads
 
     set_threads(1)
     return load_model(tiny_model_dir)
@@ -66,7 +66,7 @@ def test_one_row_per_prompt_and_sample_with_rollouts_schema(rollout, arith_promp
 
 
 def test_prompt_token_ids_are_the_encoded_student_prompt(rollout, tiny_loaded):
-    from stages.prompts import encode, student_messages
+    from stages.lm.prompts import encode, student_messages
 
     table, _ = rollout()
     for row in table.to_pylist():
@@ -100,7 +100,7 @@ def test_metadata_records_model_sampling_engine_and_speed(rollout, tiny_loaded):
 
 
 def _recomputed(loaded, table, temperature):
-    from stages.logprobs import response_token_stats
+    from stages.lm.logprobs import response_token_stats
 
     rows = table.to_pylist()
     sequences = [r["prompt_token_ids"] + r["response_token_ids"] for r in rows]
@@ -183,7 +183,7 @@ def test_shards_cover_all_prompts_disjointly_and_match_the_whole_run(rollout, tm
 
 
 def test_select_prompts_rejects_duplicate_prompt_ids(arith_prompts):
-    from stages.io import InputError, Shard
+    from stages.common.io import InputError, Shard
 
     table = pq.read_table(arith_prompts)
     with pytest.raises(InputError, match="occurs more than once"):
@@ -194,7 +194,7 @@ def test_select_prompts_rejects_duplicate_prompt_ids(arith_prompts):
 
 
 def test_cut_response_keeps_eos_on_stop_and_caps_length():
-    from stages.engine_hf import cut_response
+    from stages.lm.engine_hf import cut_response
 
     assert cut_response([5, 6, 2, 2, 2], {2}, 5) == ([5, 6, 2], "stop")
     assert cut_response([5, 6, 7, 8, 2], {2}, 5) == ([5, 6, 7, 8, 2], "stop")
@@ -206,7 +206,7 @@ def test_cut_response_keeps_eos_on_stop_and_caps_length():
 def test_top_p_mask_equals_transformers_warper(top_p):
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from stages.engine_hf import processed_scores
+    from stages.lm.engine_hf import processed_scores
 
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
     ours = processed_scores(logits, 1.0, top_p)
@@ -215,7 +215,7 @@ def test_top_p_mask_equals_transformers_warper(top_p):
 
 
 def test_sample_tokens_draws_from_the_processed_distribution():
-    from stages.engine_hf import sample_tokens
+    from stages.lm.engine_hf import sample_tokens
 
     scores = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]])).expand(4000, 4)
     generators = [torch.Generator().manual_seed(i) for i in range(4000)]
@@ -239,7 +239,7 @@ def test_sample_accepts_a_loaded_model_and_returns_stats(tiny_loaded, arith_prom
 
 
 def test_run_reuses_an_open_engine(rollout, tiny_loaded):
-    from stages.engine_hf import HFEngine
+    from stages.lm.engine_hf import HFEngine
 
     engine = HFEngine(tiny_loaded)
     table, path = rollout(loaded=engine, engine="vllm", batch_size=5)  # an open engine wins over config.engine
@@ -398,8 +398,8 @@ def fake_vllm(monkeypatch):
 
 
 def test_vllm_engine_calls_and_rows(fake_vllm, tmp_path, arith_prompts, tiny_model_dir):
-    from stages.models import load_tokenizer
-    from stages.prompts import encode, student_messages
+    from stages.lm.models import load_tokenizer
+    from stages.lm.prompts import encode, student_messages
     from stages.rollout import prompt_seed
 
     config = RolloutConfig(prompts=str(arith_prompts), out=str(tmp_path / "r.parquet"), model=str(tiny_model_dir),
@@ -431,7 +431,7 @@ def test_vllm_engine_calls_and_rows(fake_vllm, tmp_path, arith_prompts, tiny_mod
 
 
 def test_vllm_load_weights_reloads_repacks_and_resets_cache(fake_vllm, tiny_model_dir):
-    from stages.engine_vllm import VLLMEngine, _repack_tied_lm_head
+    from stages.lm.engine_vllm import VLLMEngine, _repack_tied_lm_head
 
     engine = VLLMEngine(tiny_model_dir, dtype="float32", seed=0, max_model_len=64, device="cpu")
     engine.load_weights(tiny_model_dir)
@@ -445,14 +445,13 @@ def test_vllm_load_weights_reloads_repacks_and_resets_cache(fake_vllm, tiny_mode
 
 
 def test_cpu_environment_keeps_user_values(monkeypatch):
-    from stages import engine_vllm
-
+    from stages.lm import engine_vllm
     monkeypatch.setattr(engine_vllm.os, "environ", {"VLLM_CPU_KVCACHE_SPACE": "8"})
     assert engine_vllm.cpu_environment() == {"VLLM_CPU_KVCACHE_SPACE": "8", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
 
 
 def test_vllm_without_logprobs_mode_still_runs(fake_vllm, tiny_model_dir):
-    from stages.engine_vllm import VLLMEngine
+    from stages.lm.engine_vllm import VLLMEngine
 
     fake_vllm.EngineArgs = dataclasses.make_dataclass("EngineArgs", [("model", str, "")])
     engine = VLLMEngine(tiny_model_dir, device="cpu")

@@ -13,8 +13,8 @@ import torch
 from click.testing import CliRunner
 
 import schemas
-from stages.io import build_metadata, read_artifact, read_metadata, write_artifact
-from stages.prompts import CORRECT_NOTE, INCORRECT_NOTE, encode, student_messages
+from stages.common.io import build_metadata, read_artifact, read_metadata, write_artifact
+from stages.lm.prompts import CORRECT_NOTE, INCORRECT_NOTE, encode, student_messages
 
 FEW_SHOT = [{"user": "What is 3 + 4? Put the final answer in \\boxed{}.",
              "assistant": "3 + 4 = 7. The final answer is \\boxed{7}."}]
@@ -56,7 +56,7 @@ def write_verified(path, table, temperature=1.0):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from stages.models import load_model
+    from stages.lm.models import load_model
 
     return load_model(tiny_model_dir)
 
@@ -77,7 +77,7 @@ def scored(tmp_path, tiny, verified):
 
 
 def _naive(model, prompt_ids, response_ids, temperature=1.0):
-    from stages.logprobs import naive_response_token_stats
+    from stages.lm.logprobs import naive_response_token_stats
 
     with torch.inference_mode():
         lp, ent = naive_response_token_stats(model, [prompt_ids + response_ids], [len(prompt_ids)],
@@ -86,7 +86,7 @@ def _naive(model, prompt_ids, response_ids, temperature=1.0):
 
 
 def _teacher_ids(tokenizer, row):
-    from stages.prompts import teacher_messages
+    from stages.lm.prompts import teacher_messages
 
     return encode(tokenizer, teacher_messages(row["problem"], row["few_shot"], row["privileged_text"], row["correct"]))
 
@@ -296,7 +296,7 @@ def test_bad_options_exit_2(tmp_path, verified, args, message):
 
 
 def test_existing_output_needs_overwrite(tmp_path, tiny, verified, scored):
-    from stages.io import InputError
+    from stages.common.io import InputError
     from stages.score import ScoreConfig, run
 
     config = ScoreConfig(verified=str(verified), out=str(tmp_path / "scored.parquet"))
@@ -324,7 +324,7 @@ def test_reference_of_the_same_weights_equals_student_logprobs(tmp_path, tiny, v
 
 
 def test_reference_of_other_weights_differs_and_rescoring_drops_it(tmp_path, tiny, verified, embedded_model_dir):
-    from stages.models import load_model, make_tiny_model
+    from stages.lm.models import load_model, make_tiny_model
     from stages.score import ScoreConfig, run
 
     other = load_model(make_tiny_model(tmp_path / "other", embedded_model_dir, seed=1))
@@ -368,7 +368,7 @@ def _tiny_gemma2(softcap: float | None):
 
 
 def test_a_soft_capping_family_is_scored_through_its_own_logits():
-    from stages.logprobs import check_logits_path, naive_response_token_stats, response_token_stats
+    from stages.lm.logprobs import check_logits_path, naive_response_token_stats, response_token_stats
 
     model = _tiny_gemma2(softcap=0.5)
     sequences = [[2, 651, 1030, 4400, 17, 9], [2, 88, 1500, 3]]
@@ -386,8 +386,8 @@ def test_a_soft_capping_family_is_scored_through_its_own_logits():
 def test_a_model_that_post_processes_its_logits_unseen_is_refused():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from stages.io import InputError
-    from stages.models import checked_logits_path
+    from stages.common.io import InputError
+    from stages.lm.models import checked_logits_path
 
     class Tempered(LlamaForCausalLM):  # any family whose forward changes the logits after the LM head
         def forward(self, *args, **kwargs):

@@ -18,10 +18,10 @@ import pytest
 from click.testing import CliRunner
 
 from antisd_cli.main import cli
-from stages import config as run_config
-from stages import slurm
+from stages.runs import config as run_config
+from stages.runs import slurm
 from stages.loop import LoopConfig, step_configs
-from stages.slurm import SlurmConfig
+from stages.runs.slurm import SlurmConfig
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE_MODULES = ("rollout", "verify", "score", "update")
@@ -259,7 +259,7 @@ def test_commands_in_scripts_are_valid_antisd_invocations_of_the_loop_configs(tm
     # each stage of each step ran once (update once per rank), plus the finalize loop
     assert len(entries) == 2 * (3 + 4) + 1
     config = dataclasses.replace(config, out=str((tmp_path / "run").resolve()))
-    from stages.run_dir import Run
+    from stages.runs.run_dir import Run
 
     run = Run(Path(config.out))
     for entry in entries:
@@ -280,7 +280,6 @@ def _fake_stage_runs(monkeypatch):
     """Stage runs that write placeholder outputs, so the local loop goes through a step without a model."""
     from stages import loop as loop_module
     from stages import rollout, score, update, verify
-
     def placeholder(config, loaded=None):
         pq.write_table(pa.table({"x": [1]}), config.out)
         return config.out
@@ -299,7 +298,7 @@ def _fake_stage_runs(monkeypatch):
 
 def test_slurm_commands_equal_the_local_loops_commands(tmp_path, monkeypatch):
     from stages import loop as loop_module
-    from stages.loop_view import LoopView
+    from stages.runs.view import LoopView
 
     _fake_stage_runs(monkeypatch)
     local = loop_config(tmp_path / "local", steps=2)
@@ -378,7 +377,7 @@ def test_example_runs_every_stage_as_valid_commands_and_resumes(tmp_path, fake_s
                                                ({"time": " "}, "--time: must not be empty"),
                                                ({"sbatch_args": ("qos=high",)}, "--sbatch-args: 'qos=high'")])
 def test_impossible_slurm_settings_fail_before_anything_is_written(tmp_path, settings, message):
-    from stages.io import InputError
+    from stages.common.io import InputError
 
     with pytest.raises(InputError, match=message):
         slurm.render_run(loop_config(tmp_path / "run"), SlurmConfig(**settings), tmp_path)

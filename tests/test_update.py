@@ -21,10 +21,11 @@ from click.testing import CliRunner
 
 import schemas
 from antisd_cli.main import cli
-from stages import checkpoint, io
+from stages.training import checkpoint
+from stages.common import io
 from stages import update as update_stage
-from stages.io import InputError
-from stages.models import model_revision
+from stages.common.io import InputError
+from stages.lm.models import model_revision
 from stages.update import UpdateConfig, run
 
 METRIC_KEYS = [
@@ -42,7 +43,7 @@ METRIC_KEYS = [
 def _old_logprobs(model_dir: Path, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
     from transformers import AutoModelForCausalLM
 
-    from stages.logprobs import response_token_stats
+    from stages.lm.logprobs import response_token_stats
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -150,7 +151,7 @@ def test_zero_variance_grpo_changes_nothing_but_weight_decay(tmp_path, tiny_mode
 def _response_logprob(model_dir: Path, scored_path: Path) -> float:
     from transformers import AutoModelForCausalLM
 
-    from stages.logprobs import response_token_stats
+    from stages.lm.logprobs import response_token_stats
 
     table = pa.parquet.read_table(scored_path)
     prompts, responses = table["prompt_token_ids"].to_pylist(), table["response_token_ids"].to_pylist()
@@ -196,9 +197,9 @@ def test_sd_is_ungated_by_default(tmp_path, tiny_model_dir, scored):
 
 def test_two_steps_in_process_equal_two_runs_through_checkpoints(tmp_path, tiny_model_dir):
     """Optimizer moments, step counts and gate state all travel through CKPT/deepspeed and antisd_state.json."""
-    from stages import distributed
+    from stages.training import distributed
     from stages.update import Trainer
-    from stages.update_data import batch_from_table
+    from stages.training.batch import batch_from_table
 
     first = make_scored(tmp_path / "a.parquet", tiny_model_dir, seed=1)
     second = make_scored(tmp_path / "b.parquet", tiny_model_dir, seed=2, revision=None)
@@ -240,7 +241,7 @@ def test_engines_are_released_after_each_run(tmp_path, tiny_model_dir, scored):
 
 
 def test_loaded_model_is_reused_and_refreshed_in_place(tmp_path, tiny_model_dir, scored):
-    from stages.models import load_model
+    from stages.lm.models import load_model
 
     loaded = load_model(tiny_model_dir)
     model_object = loaded.model
@@ -294,7 +295,7 @@ def test_is_correction_changes_the_step(tmp_path, tiny_model_dir, scored):
 # --- pure helpers ---------------------------------------------------------------------------------------------
 
 def test_split_by_tokens_balances_and_covers_every_row():
-    from stages.distributed import split_by_tokens
+    from stages.training.distributed import split_by_tokens
 
     parts = split_by_tokens([30, 2, 5, 25, 4, 9], 2)  # 30→0, 25→1, 9→1, 5→0, 4→1, 2→0
     assert sorted(i for p in parts for i in p) == list(range(6))
@@ -303,7 +304,7 @@ def test_split_by_tokens_balances_and_covers_every_row():
 
 
 def test_pack_micro_batches_respects_padded_budget():
-    from stages.distributed import pack_micro_batches
+    from stages.training.distributed import pack_micro_batches
 
     lengths = {0: 10, 1: 4, 2: 6, 3: 30, 4: 5}
     batches = pack_micro_batches([0, 1, 2, 3, 4], lengths, 20)
@@ -312,7 +313,7 @@ def test_pack_micro_batches_respects_padded_budget():
 
 
 def test_deepspeed_config_layers_user_file_under_owned_keys():
-    from stages.distributed import deepspeed_config
+    from stages.training.distributed import deepspeed_config
 
     config = deepspeed_config({"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 5.0}, 3, 1.0, 2,
                               "bf16")
@@ -335,7 +336,7 @@ def test_rng_state_round_trip():
 
 
 def test_launch_environment_is_read_from_torchrun_and_slurm_variables():
-    from stages.distributed import DistEnv, env_from
+    from stages.training.distributed import DistEnv, env_from
 
     assert env_from({}) == DistEnv()
     torchrun = env_from({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"})

@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import checkpoint, distributed
+from stages.training import checkpoint
+
+from stages.training import distributed
 from test_update import make_scored, weights
 
 TIMEOUT_S = 300

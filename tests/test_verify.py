@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 import schemas
 from antisd_cli.main import cli
-from stages import io, verify
+from stages import verify
+from stages.common import io
 from stages.verify import VerifyConfig, pick_peer, privileged_contexts
 
 TIMEOUT = 1.0

@@ -7,7 +7,7 @@ were checked on read); computes the METHOD §6 statistics of the data itself (`b
 teacher-entropy median (§5) and the truncated IS weight. The options are checked by `UpdateConfig` itself.
 
 Not here: the model, DeepSpeed engine and optimizer steps (stages.update), the objectives and gate math
-(stages.objectives), micro-batch packing and rank shares (stages.distributed), reading files (stages.io).
+(stages.method.objectives), micro-batch packing and rank shares (stages.training.distributed), reading files (stages.common.io).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from stages import checkpoint
-from stages.io import InputError, read_json_object
+from stages.training import checkpoint
+from stages.common.io import InputError, read_json_object
 
 if TYPE_CHECKING:
     from stages.update import UpdateConfig
@@ -84,7 +84,7 @@ def check_state(config: UpdateConfig, state: dict | None, model_dir: Path, world
 
 def check_revision(config: UpdateConfig, metadata: dict, model_dir: Path) -> None:
     """Refuse a scored file whose old log-probs came from another model revision, unless --force."""
-    from stages.models import model_revision
+    from stages.lm.models import model_revision
 
     scored_revision = metadata.get("model_revision")
     if not scored_revision or config.force:
@@ -131,7 +131,7 @@ def teacher_median(batch: Batch) -> float | None:
     """H = median teacher entropy over all response tokens of rows with a privileged context (METHOD §5)."""
     import torch
 
-    from stages.objectives import masked_median
+    from stages.method.objectives import masked_median
 
     values = [h for ents, src in zip(batch.teacher_entropy, batch.privileged_source) if src != "none" for h in ents]
     if not values:
@@ -148,7 +148,7 @@ def batch_metrics(batch: Batch) -> dict:
     """The METHOD §6 statistics of the data itself (rewards, lengths, entropies, PMI, sources, rollout mismatch)."""
     import torch
 
-    from stages.objectives import token_stats
+    from stages.method.objectives import token_stats
 
     groups: dict[str, list[float]] = {}
     for gid, reward in zip(batch.group_ids, batch.rewards):

@@ -16,7 +16,7 @@ What it does, for each (gold, answer) pair given to `run_checks`:
 
 What it does not do: it is not an OS sandbox. Workers keep the caller's user, file system and network access (no
 seccomp, namespaces or chroot); the protection against model text running code is the absence of eval plus the
-guard. It knows nothing of answer extraction or math equivalence (`stages.answers`), and reads or writes no files.
+guard. It knows nothing of answer extraction or math equivalence (`stages.verifier.answers`), and reads or writes no files.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ class _Worker:
 def _context(preload: Sequence[str]):
     if "forkserver" in mp.get_all_start_methods():
         context = mp.get_context("forkserver")
-        context.set_forkserver_preload(["stages.sandbox", *preload])
+        context.set_forkserver_preload(["stages.verifier.sandbox", *preload])
         return context
     return mp.get_context("spawn")
 

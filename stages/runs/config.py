@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from stages import validation
-from stages.io import InputError, to_jsonable
+from stages.common import validation
+from stages.common.io import InputError, to_jsonable
 
 
 class _Yaml12BoolLoader(yaml.SafeLoader):
@@ -98,7 +98,7 @@ class LoopSettings:
     vllm_sleep: bool = True  # vLLM on GPU, inplace: engine sleeps (level 1) while score/update train; no-op on CPU
 
     def __post_init__(self):
-        from stages.engine_vllm import WEIGHT_SYNCS
+        from stages.lm.engine_vllm import WEIGHT_SYNCS
 
         check = validation.Checks(self)
         check.require(bool(str(self.model).strip()), "model", "must name a model folder or an embedded model")

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from typing import Any, Iterable
 
-from stages.io import InputError
+from stages.common.io import InputError
 
 
 def option_name(field: str) -> str:

@@ -26,8 +26,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from stages import validation
-
+from stages.common import validation
 log = logging.getLogger(__name__)
 
 ARRAY_STAGES = ("rollout", "score")  # sharded over array tasks
@@ -234,7 +233,7 @@ def render_finalize(config, run, slurm: SlurmConfig, workdir: Path, after: str |
 
 def render_run(config, slurm: SlurmConfig, workdir: Path | None = None) -> list[Job]:
     """Create/reopen the run directory, draw every step's prompts and write the scripts; returns the jobs to submit."""
-    from stages.io import atomic_write_text
+    from stages.common.io import atomic_write_text
     from stages.loop import opened_run, step_configs, write_commands, write_step_prompts
 
     workdir = (workdir or Path.cwd()).resolve()
@@ -265,7 +264,7 @@ def submit(jobs: list[Job], jobs_json: Path, sbatch_runner=None) -> dict[str, st
 
     The record is written after every submission, so a failure half-way leaves the ids already submitted.
     """
-    from stages.io import atomic_write_json
+    from stages.common.io import atomic_write_json
 
     runner = sbatch_runner or _run_sbatch
     history = json.loads(jobs_json.read_text()) if jobs_json.exists() else {"submissions": []}

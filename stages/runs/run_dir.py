@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from stages.io import atomic_write_json, atomic_write_text
+from stages.common.io import atomic_write_json, atomic_write_text
 
 STEP_ARTIFACTS = ("prompts", "rollouts", "verified", "scored")
 

@@ -87,7 +87,7 @@ class VLLMEngine:
         import torch
         import vllm
 
-        from stages.models import load_tokenizer, model_revision
+        from stages.lm.models import load_tokenizer, model_revision
 
         self.model_path = Path(model_path)
         self.revision = model_revision(self.model_path)
@@ -149,7 +149,7 @@ class VLLMEngine:
 
     def load_weights(self, folder: str | Path) -> None:
         """Replace the weights in place with those of HF folder `folder` (same architecture), for the loop."""
-        from stages.models import model_revision
+        from stages.lm.models import model_revision
 
         folder = Path(folder)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})

@@ -9,15 +9,15 @@ Equivalence: math-verify `parse` + `verify` with LaTeX extraction only, on sympy
 intervals, sets, units and ``^\\circ`` stripped, percentages, ``27.0`` = ``27``). Model text is hostile:
 - No eval. math-verify's default `ExprExtractionConfig` feeds text to sympy's `parse_expr`, i.e. Python ``eval``
   (measured: ``parse_expr_cached("__import__('os')…")`` runs the command), so it is never used. latex2sympy2_extended
-  still calls ``sympy.Number(token)`` on numeric lexer tokens, which ``eval``s: `stages.sandbox`'s eval guard stops
+  still calls ``sympy.Number(token)`` on numeric lexer tokens, which ``eval``s: `stages.verifier.sandbox`'s eval guard stops
   anything but number/symbol constructor code (`UnsafeEval`, status ``error``).
-- Every check runs in a `stages.sandbox` worker process with a soft and a hard timeout (status ``timeout``) and an
+- Every check runs in a `stages.verifier.sandbox` worker process with a soft and a hard timeout (status ``timeout``) and an
   address-space limit (status ``error``); each new worker first runs a few warm-up checks (~1 s with the imports).
 - Answers or golds over ``max_answer_chars`` are not parsed (``error``), nor are answers with unbalanced braces
   (``ok``, incorrect: they could close the ``\\boxed{}`` they are wrapped in).
 Throughput: identical (gold, answer) pairs are checked once.
 
-This module reads and writes no files, manages no processes (`stages.sandbox`) and knows nothing of groups or
+This module reads and writes no files, manages no processes (`stages.verifier.sandbox`) and knows nothing of groups or
 rewards (`stages.verify`).
 """
 
@@ -28,8 +28,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from stages import sandbox
-from stages.sandbox import UnsafeEval, eval_allowed  # noqa: F401 - part of this module's API (raised/used in workers)
+from stages.verifier import sandbox
+from stages.verifier.sandbox import UnsafeEval, eval_allowed  # noqa: F401 - part of this module's API (raised/used in workers)
 
 FALLBACKS = ("hash", "answer-is", "last-number")
 DEFAULT_FALLBACKS = "hash,answer-is"
@@ -176,12 +176,12 @@ def is_equivalent(gold: str, answer: str) -> bool:
 # sympy's lazy imports (units…) and ANTLR's caches, loaded in each worker before any deadline runs
 _WARM_UP = [("27", "27.0"), ("\\frac{1}{2}", "0.5"), ("(0,1]", "(0,1)"), ("\\{1,2\\}", "\\{2,1\\}"),
             ("90", "90^\\circ"), ("5", "5\\text{ cm}"), ("25\\%", "25"), ("x+1", "1+x"), ("\\sqrt{2}/2", "x=3")]
-_PRELOAD = ("stages.answers", "math_verify", "sympy")  # imported once by the forkserver, shared by its workers
+_PRELOAD = ("stages.verifier.answers", "math_verify", "sympy")  # imported once by the forkserver, shared by its workers
 
 
 def run_checks(pairs: Sequence[tuple[str, str]], *, check: Callable[[str, str], bool] = is_equivalent,
                **options) -> list[tuple]:
-    """(status, correct, detail, seconds) of each (gold, answer) pair: `stages.sandbox.run_checks` with `check`
+    """(status, correct, detail, seconds) of each (gold, answer) pair: `stages.verifier.sandbox.run_checks` with `check`
     (math-verify by default), this module's warm-up and preloads; `options` are its keyword arguments."""
     return sandbox.run_checks(pairs, check, warm_up=_WARM_UP, preload=_PRELOAD, **options)
 

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.io import InputError, share_like_new_files
+from stages.common.io import InputError, share_like_new_files
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,8 @@ def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu") -> L
 
 
 def checked_logits_path(network, label: str):
-    """`network`, after `stages.logprobs.check_logits_path` (InputError when its logits are post-processed unseen)."""
-    from stages.logprobs import check_logits_path
+    """`network`, after `stages.lm.logprobs.check_logits_path` (InputError when its logits are post-processed unseen)."""
+    from stages.lm.logprobs import check_logits_path
 
     try:
         check_logits_path(network, label)

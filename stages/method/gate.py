@@ -2,7 +2,7 @@
 
 `gate_step` is the pure Schmitt-trigger rule; `EntropyGate` adds the warm-up calibration and the state that must
 survive restarts (its `state_dict()` is plain JSON). The gate does not compute medians over tokens or reduce across
-ranks: the caller passes the step's median H (e.g. `stages.objectives.masked_median` over all ranks' tokens).
+ranks: the caller passes the step's median H (e.g. `stages.method.objectives.masked_median` over all ranks' tokens).
 """
 
 from __future__ import annotations

@@ -216,7 +216,6 @@ def output_lock(path: str | Path) -> Iterator[Path]:
 
 def build_metadata(artifact: str, config: Any, **extra: Any) -> dict:
     from stages import __version__
-
     return {
         "artifact": artifact,
         "schema_version": SCHEMA_VERSION,

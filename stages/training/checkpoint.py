@@ -25,8 +25,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from stages import distributed
-from stages.io import InputError, check_output, read_json_object, share_like_new_files, to_jsonable
+from stages.training import distributed
+from stages.common.io import InputError, check_output, read_json_object, share_like_new_files, to_jsonable
 
 log = logging.getLogger(__name__)
 

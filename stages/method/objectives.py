@@ -3,7 +3,7 @@
 Every function here takes tensors and explicit scalars and returns tensors (plus a metrics dict where useful); none
 reads a config, a file, a global or the clock, and none keeps state. The per-token methods (`grpo`, `sd`, `antisd`,
 `rkl-ascent`, METHOD §2) live in one registry keyed by METHOD's names. The entropy gate (METHOD §5) is the one
-stateful object; it lives in `stages.gate` and is re-exported here as `EntropyGate`.
+stateful object; it lives in `stages.method.gate` and is re-exported here as `EntropyGate`.
 
 Shapes: B sequences, T padded response positions. `mask` is a [B, T] bool (or 0/1) tensor that is true on response
 tokens; padded positions may hold anything (even NaN) and never reach a result.
@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from stages.gate import EntropyGate, gate_step  # noqa: F401  (re-exported: one import site for the math)
+from stages.method.gate import EntropyGate, gate_step  # noqa: F401  (re-exported: one import site for the math)
 
 LOG2 = math.log(2.0)
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")

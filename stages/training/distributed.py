@@ -20,7 +20,7 @@ import socket
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
-from stages.io import InputError
+from stages.common.io import InputError
 
 log = logging.getLogger(__name__)
 

@@ -106,7 +106,7 @@ def row_order(prompt_ids: list[list[int]], n: int) -> list[tuple[int, int]]:
 
 
 class HFEngine:
-    """Sampling through `model.generate` on an already-loaded `stages.models.LoadedModel`."""
+    """Sampling through `model.generate` on an already-loaded `stages.lm.models.LoadedModel`."""
 
     name = "hf"
     default_batch_size = 32  # rows per generate call: larger batches waste steps on rows that stopped early

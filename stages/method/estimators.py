@@ -13,7 +13,7 @@ Notation: a problem has n samples of which c are verified correct.
   samples with no answer (key None) do not vote; a tie goes to the answer that appeared first (lowest sample index).
 - bootstrap_interval: percentile bootstrap over problems of the mean of per-problem scores.
 
-This module does not read files, extract answers or judge equivalence (stages.answers / stages.verify do).
+This module does not read files, extract answers or judge equivalence (stages.verifier.answers / stages.verify do).
 """
 
 from __future__ import annotations
