@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from antisd_cli.options import config_option, out_option, overwrite_option, seed_option, stage_errors
-from stages.data import DATASETS, SPLITS, PrepareConfig
+from stages.lm.datasets import DATASETS, SPLITS, PrepareConfig
 
 C = PrepareConfig
 

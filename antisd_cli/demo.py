@@ -26,7 +26,8 @@ def demo_command(out, overrides):
       antisd demo --out demo_out
     """
     from stages.runs import config as run_config
-    from stages.loop import LoopConfig, run
+    from stages.loop import run
+    from stages.runs.config import LoopConfig
 
     Path(out).mkdir(parents=True, exist_ok=True)
     resolved = run_config.load(DEMO_CONFIG, list(overrides))

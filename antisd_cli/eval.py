@@ -9,9 +9,9 @@ import click
 from antisd_cli.options import (
     config_option, dtype_option, model_option, out_option, overwrite_option, seed_option, stage_errors, threads_option,
 )
-from stages.data import SPLITS
+from stages.lm.datasets import SPLITS
 from stages.eval import BENCHMARKS, EvalConfig
-from stages.rollout import ENGINES
+from stages.lm.engine import ENGINES
 
 C = EvalConfig
 

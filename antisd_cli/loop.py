@@ -6,7 +6,7 @@ import click
 from click.core import ParameterSource
 
 from antisd_cli.options import BadInput, config_option, stage_errors
-from stages.loop import LoopConfig
+from stages.runs.config import LoopConfig
 from stages.runs.slurm import SlurmConfig
 
 SLURM = SlurmConfig()  # defaults shown in --help come from the dataclass

@@ -6,7 +6,7 @@ import click
 
 from antisd_cli.options import (config_option, dtype_option, input_path, model_option, out_option, overwrite_option,
                                 shard_option, stage_errors, threads_option)
-from stages.score import ScoreConfig
+from stages.lm.scoring import ScoreConfig
 
 C = ScoreConfig
 

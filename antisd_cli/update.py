@@ -6,7 +6,8 @@ import click
 
 from antisd_cli.options import (config_option, dtype_option, input_path, model_option, out_option, overwrite_option,
                                 seed_option, stage_errors, threads_option)
-from stages.update import METHODS, UpdateConfig
+from stages.method.terms import method_names
+from stages.training.config import UpdateConfig
 
 C = UpdateConfig
 
@@ -16,7 +17,7 @@ C = UpdateConfig
 @model_option(C)
 @out_option
 @config_option(C, "method", "Per-token advantage (METHOD §2): grpo, sd (+u), antisd (−φ(u)), rkl-ascent (−u).",
-               type=click.Choice(METHODS))
+               type=click.Choice(method_names()))
 @config_option(C, "lam_max", "λ_max; λ = gate · λ_max.")
 @config_option(C, "warmup_steps", "Gate warm-up: steps with λ = 0 whose median teacher entropies calibrate H_warm.")
 @config_option(C, "gate_down", "The gate closes when H < gate-down · H_warm, and reopens at H ≥ H_warm.")

@@ -26,9 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.data import PrepareConfig  # noqa: E402
+from stages.lm.datasets import PrepareConfig  # noqa: E402
 from stages.data import run as prepare  # noqa: E402
-from stages.rollout import RolloutConfig, SamplingSettings, run, vllm_available  # noqa: E402
+from stages.lm.sampling import RolloutConfig
+from stages.lm.engine import SamplingSettings, vllm_available
+from stages.rollout import run
 
 
 def parse_args(argv=None):

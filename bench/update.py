@@ -35,7 +35,7 @@ def prepare(folder: Path, sequences: int, response_tokens: int, threads: int) ->
 
     import schemas
     from stages.common import io
-    from stages.data import ARITH_FEW_SHOT
+    from stages.lm.datasets import ARITH_FEW_SHOT
     from stages.lm.logprobs import response_token_stats
     from stages.lm.models import load_tokenizer, model_revision, resolve_model
     from stages.lm.prompts import encode, student_messages

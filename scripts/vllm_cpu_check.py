@@ -49,7 +49,7 @@ def perturbed_copy(source: Path, dest: Path, noise: float, seed: int) -> Path:
 
 
 def encoded_prompts(tokenizer, num: int) -> tuple[list[str], list[list[int]]]:
-    from stages.data import PrepareConfig, build_rows
+    from stages.lm.datasets import PrepareConfig, build_rows
     from stages.lm.prompts import encode, student_messages
 
     rows = build_rows(PrepareConfig(name="arith", out="", split="test", num=num))
@@ -137,7 +137,7 @@ def main() -> None:
 
     from stages.lm.engine_vllm import VLLMEngine, _repack_tied_lm_head
     from stages.lm.models import load_tokenizer, resolve_model
-    from stages.rollout import SamplingSettings
+    from stages.lm.engine import SamplingSettings
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

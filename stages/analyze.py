@@ -153,6 +153,9 @@ def scored_inputs(config: PmiConfig, loaded=None) -> list[Path]:
     if config.scored:
         raise InputError("analyze pmi: give scored files or --prompts, not both")
     from stages import rollout, score, verify
+    from stages.lm.sampling import RolloutConfig
+    from stages.lm.scoring import ScoreConfig
+    from stages.verifier.rows import VerifyConfig
     from stages.lm.models import load_model
 
     out = Path(config.out)
@@ -162,13 +165,13 @@ def scored_inputs(config: PmiConfig, loaded=None) -> list[Path]:
     if not files["scored"].exists():
         loaded = loaded or load_model(model)
         if not files["rollouts"].exists():
-            rollout.run(rollout.RolloutConfig(prompts=config.prompts, out=str(files["rollouts"]), model=model,
+            rollout.run(RolloutConfig(prompts=config.prompts, out=str(files["rollouts"]), model=model,
                                               n=config.n, temperature=config.temperature,
                                               max_new_tokens=config.max_new_tokens, seed=config.seed), loaded=loaded)
         if not files["verified"].exists():
-            verify.run(verify.VerifyConfig(rollouts=str(files["rollouts"]), out=str(files["verified"]),
+            verify.run(VerifyConfig(rollouts=str(files["rollouts"]), out=str(files["verified"]),
                                            seed=config.seed))
-        score.run(score.ScoreConfig(verified=str(files["verified"]), out=str(files["scored"]), model=model),
+        score.run(ScoreConfig(verified=str(files["verified"]), out=str(files["scored"]), model=model),
                   loaded=loaded)
     return [files["scored"]]
 

@@ -1,13 +1,13 @@
 """`antisd eval`: sample K responses per benchmark problem, verify them, report avg@K, pass@k, maj@K and more.
 
 Pipeline: prompts (a built-in benchmark through `stages.data.build_rows`, or a prompts Parquet) → samples from
-`stages.rollout.sample` (same engines and per-sample seeds as `antisd rollout`) → verified by
-`stages.verify.verify_table` (same extraction, sandbox and settings as `antisd verify`) → metrics from the pure
+`stages.lm.sampling.sample` (same engines and per-sample seeds as `antisd rollout`) → verified by
+`stages.verifier.rows.verify_table` (same extraction, sandbox and settings as `antisd verify`) → metrics from the pure
 functions of `stages.method.estimators`.
 
 Outputs, both written atomically, the rows first and the summary last (so an existing summary implies complete rows):
 - `OUT` (e.g. `eval.parquet`): one row per sample with the schemas.VERIFIED columns, artifact "verified", so
-  `inspect`, `analyze` and `score` read it. The columns come from `stages.verify.verify_table`, as in
+  `inspect`, `analyze` and `score` read it. The columns come from `stages.verifier.rows.verify_table`, as in
   `antisd verify`, privileged contexts (METHOD §4) included. The metadata holds the config and summary.
 - `<OUT stem>.summary.json` (e.g. `eval.summary.json`): flat metrics plus the run's description.
 
@@ -37,7 +37,7 @@ from stages.method import estimators
 
 from stages.common import validation
 from stages.verifier.answers import DEFAULT_FALLBACKS
-from stages.data import SPLITS
+from stages.lm.datasets import SPLITS
 from stages.common.io import (InputError, atomic_write_json, build_metadata, check_output, output_lock,
                        read_artifact, write_artifact)
 from stages.lm.models import DEFAULT_MODEL
@@ -158,8 +158,8 @@ def numeric(summary: dict) -> dict:
 
 def prompt_rows(benchmark: str, split: str, num: int) -> tuple[list[dict], str]:
     """The problems of `benchmark` (a built-in name or a prompts Parquet), first `num` kept; and a label for them."""
-    from stages.data import PrepareConfig, build_rows
-    from stages.rollout import PROMPT_COLUMNS
+    from stages.lm.datasets import PrepareConfig, build_rows
+    from stages.lm.sampling import PROMPT_COLUMNS
 
     if num < 0:
         raise InputError(f"--num must be >= 0, got {num}")
@@ -178,11 +178,13 @@ def prompt_rows(benchmark: str, split: str, num: int) -> tuple[list[dict], str]:
 def _evaluate(rows: list[dict], rollout_config, verify_config, *, out: Path, benchmark: str, seed: int,
               resamples: int, loaded=None) -> dict:
     """Sample, verify, summarize and write rows + summary; return the summary. Shared by `run` and the loop."""
-    from stages import rollout, verify
+    from stages.lm.engine import SamplingSettings, resolve_engine
+    from stages.lm.sampling import open_engine, sample
+    from stages.verifier.rows import verify_table
     from stages.lm.models import resolve_model
     from stages.common.process import set_threads
 
-    engine_name = rollout.resolve_engine(rollout_config.engine)
+    engine_name = resolve_engine(rollout_config.engine)
     model_path = loaded.path if loaded is not None else resolve_model(rollout_config.model)
     threads = set_threads(rollout_config.threads)
     log.info("eval %s: %d problems × %d samples, temperature %g, top-p %g, max %d tokens, engine %s, model %s",
@@ -191,16 +193,16 @@ def _evaluate(rows: list[dict], rollout_config, verify_config, *, out: Path, ben
 
     # --- sample
     started = time.perf_counter()
-    engine = rollout.open_engine(engine_name, rollout_config, Path(model_path), rows, loaded)
+    engine = open_engine(engine_name, rollout_config, Path(model_path), rows, loaded)
     try:
-        rollouts, sample_stats = rollout.sample(engine, rows, rollout.SamplingSettings.from_config(rollout_config),
+        rollouts, sample_stats = sample(engine, rows, SamplingSettings.from_config(rollout_config),
                                                 batch_size=rollout_config.batch_size,
                                                 progress=rollout_config.progress)
     finally:
         engine.close()
 
     # --- verify and summarize
-    table, verify_stats = verify.verify_table(rollouts, verify_config, loaded)
+    table, verify_stats = verify_table(rollouts, verify_config, loaded)
     metrics = summarize(table, seed=seed, resamples=resamples)
     wall_s = time.perf_counter() - started
     summary = {
@@ -213,7 +215,7 @@ def _evaluate(rows: list[dict], rollout_config, verify_config, *, out: Path, ben
         "engine": engine.name,
         "dtype": engine.dtype_name,
         "threads": threads,
-        "sampling": asdict(rollout.SamplingSettings.from_config(rollout_config)),
+        "sampling": asdict(SamplingSettings.from_config(rollout_config)),
         "verify_status_counts": verify_stats["status_counts"],
     }
 
@@ -228,7 +230,7 @@ def _evaluate(rows: list[dict], rollout_config, verify_config, *, out: Path, ben
 
 
 def _rollout_config(config: EvalConfig):
-    from stages.rollout import RolloutConfig
+    from stages.lm.sampling import RolloutConfig
 
     greedy = config.temperature == 0
     return RolloutConfig(
@@ -239,7 +241,7 @@ def _rollout_config(config: EvalConfig):
 
 
 def _verify_config(config: EvalConfig):
-    from stages.verify import VerifyConfig
+    from stages.verifier.rows import VerifyConfig
 
     return VerifyConfig(rollouts=config.benchmark, out=config.out, seed=config.seed, workers=config.workers,
                         timeout=config.timeout, fallbacks=config.fallbacks, overwrite=True)
@@ -267,8 +269,8 @@ def evaluate_for_loop(*, model: str, prompts: str, out_prefix: str, n: int, temp
     arguments without paths); n, temperature, max_new_tokens and seed override them, and top-p is 1 when greedy.
     When both outputs exist (a resumed run) the stored summary is returned without sampling.
     """
-    from stages.rollout import RolloutConfig
-    from stages.verify import VerifyConfig
+    from stages.lm.sampling import RolloutConfig
+    from stages.verifier.rows import VerifyConfig
 
     out = Path(f"{out_prefix}.parquet")
     stored = summary_path(out)

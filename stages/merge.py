@@ -108,24 +108,6 @@ def _prompt_ids(part: Path) -> list[str]:
         raise schemas.SchemaError(f"{part}: missing column 'prompt_id'") from None
 
 
-def median_teacher_entropy(table) -> tuple[float | None, int]:
-    """Median teacher entropy over the response tokens of rows with a teacher view (METHOD §5), and the token count.
-
-    The same pool as `stages.score` uses for one file: rows whose privileged_source is not "none".
-    """
-    import torch
-
-    from stages.method.objectives import masked_median
-
-    pool = [value for source, entropies in zip(table.column("privileged_source").to_pylist(),
-                                                table.column("teacher_entropy").to_pylist())
-            if source != "none" for value in entropies]
-    if not pool:
-        return None, 0
-    values = torch.tensor(pool, dtype=torch.float64)
-    return masked_median(values, torch.ones_like(values, dtype=torch.bool)), len(pool)
-
-
 def merged_metadata(directory: Path, parts_metadata: list[dict], table=None) -> dict:
     """Fields every part agrees on (config without its shard), summed counts, provenance; for scored rows the median."""
     first = parts_metadata[0]
@@ -136,7 +118,11 @@ def merged_metadata(directory: Path, parts_metadata: list[dict], table=None) -> 
         if all(isinstance(meta.get(key), int) for meta in parts_metadata):
             shared[key] = sum(meta[key] for meta in parts_metadata)
     if table is not None and first.get("artifact") == "scored":
-        shared["median_teacher_entropy"], shared["teacher_entropy_tokens"] = median_teacher_entropy(table)
+        from stages.method.gate import median_teacher_entropy
+
+        has_teacher = [source != "none" for source in table.column("privileged_source").to_pylist()]
+        shared["median_teacher_entropy"], shared["teacher_entropy_tokens"] = median_teacher_entropy(
+            table.column("teacher_entropy").to_pylist(), has_teacher)
     shared["merged_from"] = {"directory": str(directory), "count": len(parts_metadata)}
     shared["parts_metadata"] = parts_metadata
     return shared

@@ -131,7 +131,7 @@ def load_run(path: str | Path, label: str | None) -> RunMetrics:
     suffix = SEED_SUFFIX.match(folder.name)
     method = label or lookup(manifest, "config.update.method", "update.method", "method")
     if method is None and lookup(manifest, "config.loop", "loop") is not None:
-        from stages.update import UpdateConfig  # a loop manifest records only the keys a user set
+        from stages.training.config import UpdateConfig
 
         method = UpdateConfig.method
     method = str(method) if method is not None else (suffix.group(1) if suffix else folder.name)

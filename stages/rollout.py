@@ -1,9 +1,9 @@
 """`antisd rollout`: sample n responses per prompt and write one row per sample (schemas.ROLLOUTS).
 
 Reads a prompts Parquet, formats each problem with `stages.lm.prompts` (the exact prompt ids are stored), samples with
-an engine (`stages.lm.engine_hf.HFEngine`, or `stages.lm.engine_vllm.VLLMEngine` imported only when chosen) and writes
-the rows atomically with the run's model, revision, sampling settings, engine, dtype, threads and speed in the
-file metadata. `sample()` is the library entry that `eval` and `loop` reuse with an engine they keep open.
+an engine (`stages.lm.engine_hf.HFEngine`, or `stages.lm.engine_vllm.VLLMEngine` imported only when chosen) through
+`stages.lm.sampling.sample` (which `eval` and `loop` reuse with an engine they keep open) and writes the rows
+atomically with the run's model, revision, sampling settings, engine, dtype, threads and speed in the metadata.
 
 Row conventions: `response_token_ids` are the engine's ids (never re-tokenized) and end with the EOS id when
 finish_reason is "stop" (the trainer must learn to stop); `response_text` is their decoding without special
@@ -18,234 +18,16 @@ This module does not judge answers (that is `verify`).
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
-import sys
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import pyarrow as pa
-
-import schemas
-from stages.common import validation
-from stages.common.io import (InputError, Shard, build_metadata, check_output, output_lock, output_path,
-                       read_artifact, write_artifact)
-from stages.lm.models import DEFAULT_MODEL, DTYPES
+from stages.common.io import Shard, build_metadata, check_output, output_lock, output_path, read_artifact, write_artifact
+from stages.lm.engine import SamplingSettings, is_engine, resolve_engine
+from stages.lm.sampling import RolloutConfig, open_engine, sample, select_prompts
 
 log = logging.getLogger(__name__)
-
-ENGINES = ("auto", "vllm", "hf")
-PROMPT_COLUMNS = [field.name for field in schemas.PROMPTS]
-
-
-@dataclass(frozen=True)
-class RolloutConfig:
-    """Options of `antisd rollout` (each is the kebab-case CLI option of the same name)."""
-
-    prompts: str  # prompts Parquet (file or directory of parts)
-    out: str  # output Parquet; with --shard a directory that receives part-i-of-N.parquet
-    model: str = DEFAULT_MODEL  # HF folder or embedded model name
-    n: int = 8  # samples per prompt (the GRPO group size)
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0  # nucleus sampling mass, in (0, 1]
-    max_new_tokens: int = 256  # response length cap (finish_reason "length" when hit)
-    seed: int = 0  # sampling seed; with the HF engine same seed ⇒ same rows
-    engine: str = "auto"  # auto (vllm when importable, else hf) | vllm | hf
-    max_prompts: int = 0  # keep the first N prompts of the file, before sharding (0 = all)
-    shard: str | None = None  # "I/N": this process's share of the prompts
-    dtype: str = "auto"  # auto = float32 on CPU (faster there and matches the trainer), bfloat16 on GPU
-    threads: int = 0  # torch CPU threads (0 = torch's default)
-    batch_size: int = 0  # rows (prompts × samples) per engine call; 0 = engine default (hf 32, vllm 1024)
-    device: str = "auto"  # HF engine device: auto (cuda if available) | cpu | cuda
-    progress: bool = True  # rich progress bar on stderr (shown only when stderr is a terminal)
-    overwrite: bool = False  # replace an existing output
-
-    def __post_init__(self):
-        check = validation.Checks(self)
-        check.at_least(1, "n", "max_new_tokens")
-        check.at_least(0, "temperature", "max_prompts", "threads", "batch_size")
-        check.between("top_p", 0, 1, low_open=True)
-        check.choice("engine", ENGINES)
-        check.choice("dtype", DTYPES)
-        check.done()
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """What an engine needs to sample: the subset of RolloutConfig that defines the distribution."""
-
-    n: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    seed: int = 0
-
-    @classmethod
-    def from_config(cls, config: RolloutConfig) -> "SamplingSettings":
-        return cls(config.n, config.temperature, config.top_p, config.max_new_tokens, config.seed)
-
-
-@dataclass
-class Completion:
-    """One sampled response as an engine returns it."""
-
-    response_token_ids: list[int]
-    sampling_logprobs: list[float]
-    finish_reason: str  # "stop" | "length"
-
-
-def _digest_seed(*parts) -> int:
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def sample_seed(seed: int, prompt_id: str, sample_idx: int) -> int:
-    """The generator seed of one sample (HF engine): a hash of (seed, prompt_id, sample_idx)."""
-    return _digest_seed("sample", seed, prompt_id, sample_idx)
-
-
-def prompt_seed(seed: int, prompt_id: str) -> int:
-    """The request seed of one prompt's n samples (vLLM derives its n children from it)."""
-    return _digest_seed("prompt", seed, prompt_id) & 0x7FFFFFFF
-
-
-def vllm_available() -> bool:
-    return "vllm" in sys.modules or importlib.util.find_spec("vllm") is not None
-
-
-def resolve_engine(name: str) -> str:
-    """auto → vllm when importable, else hf; an explicit vllm that is not installed is an input error."""
-    if name == "auto":
-        return "vllm" if vllm_available() else "hf"
-    if name == "vllm" and not vllm_available():
-        raise InputError("--engine vllm: vllm is not installed (pip install 'antisd[vllm]', or 'antisd[cpu-fast]')")
-    return name
-
-
-def select_prompts(table: pa.Table, source: str, max_prompts: int, shard: Shard) -> list[dict]:
-    """The prompt rows this run samples: first `max_prompts`, then this shard's share; prompt ids must be unique."""
-    rows = table.select(PROMPT_COLUMNS).to_pylist()
-    ids = [row["prompt_id"] for row in rows]
-    if len(set(ids)) != len(ids):
-        duplicate = next(i for i in ids if ids.count(i) > 1)
-        raise InputError(f"{source}: prompt_id '{duplicate}' occurs more than once (a prompts file has one row per prompt)")
-    if max_prompts:
-        rows = rows[:max_prompts]
-    return [rows[i] for i in shard.select([row["prompt_id"] for row in rows])]
-
-
-def newly_finished(done_per_prompt: dict[int, int], prompt_indices: list[int], n: int) -> int:
-    """Count finished samples per prompt in `done_per_prompt` (updated); return how many prompts just reached n."""
-    finished = 0
-    for index in prompt_indices:
-        done_per_prompt[index] = done_per_prompt.get(index, 0) + 1
-        finished += done_per_prompt[index] == n
-    return finished
-
-
-@contextmanager
-def progress_bar(total_prompts: int, n: int, enabled: bool):
-    """Yield `on_progress(prompt indices of finished samples, tokens)` that drives a rich bar on stderr."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    columns = [TextColumn("rollout prompts"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    done_per_prompt: dict[int, int] = {}
-    state = {"tokens": 0, "start": time.perf_counter()}
-    with Progress(*columns, console=console, disable=not (enabled and console.is_terminal)) as progress:
-        task = progress.add_task("rollout", total=total_prompts, rate="")
-
-        def on_progress(prompt_indices: list[int], tokens: int) -> None:
-            finished = newly_finished(done_per_prompt, prompt_indices, n)
-            state["tokens"] += tokens
-            rate = state["tokens"] / max(time.perf_counter() - state["start"], 1e-9)
-            progress.update(task, advance=finished, rate=f"{rate:,.0f} tok/s")
-
-        yield on_progress
-
-
-def is_engine(obj) -> bool:
-    """True for an engine (HFEngine, VLLMEngine, or anything with their interface), False for a LoadedModel."""
-    return hasattr(obj, "generate") and hasattr(obj, "model_path") and hasattr(obj, "tokenizer")
-
-
-def as_engine(loaded_or_engine):
-    """An engine from a LoadedModel (wrapped in HFEngine) or an engine, returned unchanged."""
-    if is_engine(loaded_or_engine):
-        return loaded_or_engine
-    if not hasattr(loaded_or_engine, "model") or not hasattr(loaded_or_engine, "tokenizer"):
-        raise TypeError("expected a stages.lm.models.LoadedModel or an engine (HFEngine, VLLMEngine)")
-    from stages.lm.engine_hf import HFEngine
-
-    return HFEngine(loaded_or_engine)
-
-
-def sample(loaded_or_engine, prompt_rows: list[dict], settings: SamplingSettings, *, batch_size: int = 0,
-           progress: bool = False) -> tuple[pa.Table, dict]:
-    """Sample `settings.n` responses for each prompt row; return (ROLLOUTS table, stats).
-
-    Rows come out in prompt order, then sample_idx. Stats: samples, response_tokens, generate_s, tokens_per_s
-    (response tokens per second of engine time), finish_stop, finish_length.
-    """
-    from stages.lm.prompts import encode, student_messages
-
-    engine = as_engine(loaded_or_engine)
-    tokenizer = engine.tokenizer
-    prompt_ids = [encode(tokenizer, student_messages(row["problem"], row["few_shot"])) for row in prompt_rows]
-    keys = [row["prompt_id"] for row in prompt_rows]
-    start = time.perf_counter()
-    completions: list[list[Completion]] = []
-    if prompt_rows:
-        with progress_bar(len(prompt_rows), settings.n, progress) as on_progress:
-            completions = engine.generate(prompt_ids, keys, settings, batch_size, on_progress)
-    generate_s = time.perf_counter() - start
-    out_rows = []
-    for row, ids, group in zip(prompt_rows, prompt_ids, completions):
-        texts = tokenizer.batch_decode([c.response_token_ids for c in group], skip_special_tokens=True)
-        for sample_idx, (completion, text) in enumerate(zip(group, texts)):
-            out_rows.append({
-                **{column: row[column] for column in PROMPT_COLUMNS},
-                "sample_idx": sample_idx,
-                "prompt_token_ids": ids,
-                "response_token_ids": completion.response_token_ids,
-                "response_text": text,
-                "sampling_logprobs": completion.sampling_logprobs,
-                "finish_reason": completion.finish_reason,
-                "response_length": len(completion.response_token_ids),
-            })
-    tokens = sum(row["response_length"] for row in out_rows)
-    stats = {
-        "samples": len(out_rows),
-        "response_tokens": tokens,
-        "generate_s": round(generate_s, 3),
-        "tokens_per_s": round(tokens / generate_s, 2) if generate_s > 0 else 0.0,
-        "finish_stop": sum(row["finish_reason"] == "stop" for row in out_rows),
-        "finish_length": sum(row["finish_reason"] == "length" for row in out_rows),
-    }
-    return pa.Table.from_pylist(out_rows, schema=schemas.ROLLOUTS), stats
-
-
-def open_engine(engine: str, config: RolloutConfig, model_path: Path, rows: list[dict], loaded=None):
-    """Build the chosen engine for sampling `rows`; the HF engine reuses `loaded` when given."""
-    from stages.common.process import pick_device
-
-    device = pick_device(config.device)
-    if engine == "vllm":
-        from stages.lm.engine_vllm import VLLMEngine
-        from stages.lm.models import torch_dtype
-
-        dtype = str(torch_dtype(config.dtype, device)).replace("torch.", "")
-        return VLLMEngine(model_path, dtype=dtype, seed=config.seed,
-                          max_model_len=_max_model_len(model_path, rows, config.max_new_tokens))
-    from stages.lm.engine_hf import HFEngine
-    from stages.lm.models import load_model
-
-    return HFEngine(loaded if loaded is not None else load_model(model_path, config.dtype, device))
 
 
 def run(config: RolloutConfig, loaded=None) -> Path:
@@ -298,13 +80,3 @@ def run(config: RolloutConfig, loaded=None) -> Path:
         log.info("wrote %d rollouts (%d response tokens, %.1f tok/s; stop %d, length %d) to %s", stats["samples"],
                  stats["response_tokens"], stats["tokens_per_s"], stats["finish_stop"], stats["finish_length"], out)
         return out
-
-
-def _max_model_len(model_path: Path, rows: list[dict], max_new_tokens: int) -> int:
-    """vLLM's context length for this run: the longest encoded prompt + max_new_tokens."""
-    from stages.lm.models import load_tokenizer
-    from stages.lm.prompts import encode, student_messages
-
-    tokenizer = load_tokenizer(model_path)
-    longest = max((len(encode(tokenizer, student_messages(r["problem"], r["few_shot"]))) for r in rows), default=1)
-    return longest + max_new_tokens

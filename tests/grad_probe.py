@@ -19,7 +19,7 @@ def install(dump_dir: Path) -> None:
     import torch
     from deepspeed.utils import safe_get_full_grad, safe_get_full_optimizer_state
 
-    from stages import update
+    from stages.training import trainer as update
     record: dict[str, list] = {"grads": [], "exp_avg": [], "exp_avg_sq": []}
     original_init = update.Trainer.__init__
 

@@ -98,8 +98,8 @@ def test_invalid_values_are_refused_when_the_config_is_resolved(overrides, fragm
 
 
 def test_the_rules_live_in_the_config_classes():
-    from stages.rollout import RolloutConfig
-    from stages.update import UpdateConfig
+    from stages.lm.sampling import RolloutConfig
+    from stages.training.config import UpdateConfig
     from stages.common.validation import ConfigError
 
     with pytest.raises(ConfigError) as info:
@@ -112,16 +112,16 @@ def test_the_rules_live_in_the_config_classes():
 def _cli_commands():
     """(command path, its Config class) for every command that builds one from its options."""
     from stages.analyze import PmiConfig
-    from stages.data import PrepareConfig
+    from stages.lm.datasets import PrepareConfig
     from stages.eval import EvalConfig
     from stages.inspect import InspectConfig
-    from stages.loop import LoopConfig
+    from stages.runs.config import LoopConfig
     from stages.merge import MergeConfig
     from stages.plot import PlotConfig
-    from stages.rollout import RolloutConfig
-    from stages.score import ScoreConfig
-    from stages.update import UpdateConfig
-    from stages.verify import VerifyConfig
+    from stages.lm.sampling import RolloutConfig
+    from stages.lm.scoring import ScoreConfig
+    from stages.training.config import UpdateConfig
+    from stages.verifier.rows import VerifyConfig
 
     return [(["rollout"], RolloutConfig), (["verify"], VerifyConfig), (["score"], ScoreConfig),
             (["update"], UpdateConfig), (["eval"], EvalConfig), (["data", "prepare"], PrepareConfig),

@@ -34,7 +34,7 @@ def test_eval_writes_one_verified_row_per_sample(tiny_eval):
 
 
 def test_eval_metadata_temperature_is_the_sampling_temperature(tiny_eval):
-    from stages.score import metadata_temperature
+    from stages.lm.scoring import metadata_temperature
 
     path, config = tiny_eval
     assert metadata_temperature(read_metadata(path)) == config.temperature
@@ -51,7 +51,7 @@ def test_eval_rows_carry_verify_privileged_contexts(tiny_eval):
 
 
 def test_eval_problems_are_the_first_of_the_test_split(tiny_eval):
-    from stages.data import PrepareConfig, build_rows
+    from stages.lm.datasets import PrepareConfig, build_rows
 
     path, _ = tiny_eval
     expected = [row["prompt_id"] for row in build_rows(PrepareConfig(name="arith", out="", split="test", num=3))]
@@ -156,7 +156,7 @@ def test_evaluate_for_loop_writes_files_and_resumes(tmp_path, tiny_model_dir, ar
     def no_sampling(*args, **kwargs):
         raise AssertionError("resume must not sample again")
 
-    monkeypatch.setattr("stages.rollout.sample", no_sampling)
+    monkeypatch.setattr("stages.lm.sampling.sample", no_sampling)
     assert eval_stage.evaluate_for_loop(**kwargs) == result
 
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import schemas
 from antisd_cli.main import cli
-from stages import data
+from stages.lm import datasets as data
 from stages.common import io
 from stages.common.io import InputError, Shard
 

@@ -81,7 +81,7 @@ def test_loop_moves_the_weights(finished_run, tiny_model_dir):
 def test_step_prompts_follow_the_seeded_cursor(finished_run):
     import pyarrow.parquet as pq
 
-    from stages.loop import step_prompt_indices
+    from stages.runs.plan import step_prompt_indices
 
     run_dir, _ = finished_run
     train = pq.read_table(run_dir / "train_prompts.parquet").column("prompt_id").to_pylist()
@@ -188,7 +188,7 @@ def test_loop_with_kl_coef_scores_against_the_base_model_loaded_once(tmp_path, t
 def test_kl_free_configs_keep_their_digest():
     """Existing run directories resume: the reference is filled in by step_configs, not stored in the RunConfig."""
     from stages.runs import config as run_config
-    from stages.loop import score_reference
+    from stages.runs.plan import score_reference
 
     assert run_config.resolve({}).digest() == "e2bab0b4a61045fa"  # the values before --reference existed
     assert run_config.resolve({}, ["update.kl_coef=0.0", "score.chunk_size=32"]).digest() == "f9a84d559d5f0b1f"
@@ -202,7 +202,7 @@ def test_kl_free_configs_keep_their_digest():
 
 @pytest.mark.parametrize("total", [1, 2, 7, 10, 33, 100])
 def test_every_step_holds_distinct_prompts_across_epoch_boundaries(total):
-    from stages.loop import step_prompt_indices
+    from stages.runs.plan import step_prompt_indices
 
     for per_step in sorted({1, 2, 3, 8, total - 1, total} - {0}):
         if per_step > total:
@@ -217,7 +217,7 @@ def test_every_step_holds_distinct_prompts_across_epoch_boundaries(total):
 
 
 def test_the_math500_sized_case_of_the_issue_has_no_duplicate():
-    from stages.loop import step_prompt_indices
+    from stages.runs.plan import step_prompt_indices
 
     for step in (15, 31, 109, 140, 156, 187):  # where the old cursor repeated a prompt (500 prompts × 32)
         assert len(set(step_prompt_indices(500, 32, step, seed=0))) == 32
@@ -227,7 +227,7 @@ def test_the_first_epoch_is_unchanged_by_the_fix():
     """Steps inside the first epoch read the seeded permutation in order, as before: existing runs keep their data."""
     import random
 
-    from stages.loop import stage_seed, step_prompt_indices
+    from stages.runs.plan import stage_seed, step_prompt_indices
 
     order = list(range(100))
     random.Random(stage_seed(0, 0, "epoch")).shuffle(order)

@@ -88,6 +88,7 @@ def fake_vllm(monkeypatch):
 def run_loop(tmp_path: Path, model_dir: Path, weight_sync: str, steps: int = 2) -> Path:
     from stages.runs import config as run_config
     from stages import loop
+    from stages.runs.config import LoopConfig
     from stages.runs.view import LoopView
 
     raw = {
@@ -98,7 +99,7 @@ def run_loop(tmp_path: Path, model_dir: Path, weight_sync: str, steps: int = 2) 
         "verify": {"workers": 1},
         "update": {"method": "sd", "lr": 1.0e-3},  # ungated: the weights move although every reward is 0
     }
-    config = loop.LoopConfig(out=str(tmp_path / "run"), run=run_config.resolve(raw))
+    config = LoopConfig(out=str(tmp_path / "run"), run=run_config.resolve(raw))
     with open(os.devnull, "w") as devnull:
         return loop.run(config, view=LoopView(steps, stream=devnull))
 

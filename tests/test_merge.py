@@ -198,8 +198,11 @@ def test_merged_scored_file_recomputes_the_median_teacher_entropy_over_all_parts
 def test_median_teacher_entropy_leaves_out_rows_without_a_teacher():
     table = pa.table({"privileged_source": ["peer", "none", "reference"],
                       "teacher_entropy": [[1.0, 2.0], [100.0, 100.0, 100.0], [3.0]]})
-    assert merge.median_teacher_entropy(table) == (2.0, 3)
-    assert merge.median_teacher_entropy(table.slice(1, 1)) == (None, 0)
+    from stages.method.gate import median_teacher_entropy
+
+    has_teacher = [source != "none" for source in table.column("privileged_source").to_pylist()]
+    assert median_teacher_entropy(table.column("teacher_entropy").to_pylist(), has_teacher) == (2.0, 3)
+    assert median_teacher_entropy([[100.0]], [False]) == (None, 0)
 
 
 # --- every stage takes a directory of parts as its input (hand-built parts, tiny model) ----------------------------

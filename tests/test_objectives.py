@@ -1,4 +1,5 @@
-"""Hand-computed checks of the METHOD math in stages.method.objectives / stages.method.gate, plus loop-reference parity tests."""
+"""Hand-computed checks of the METHOD math in stages.method (terms, advantages, losses, gate), plus loop-reference
+parity tests."""
 
 from __future__ import annotations
 
@@ -8,24 +9,10 @@ import math
 import pytest
 import torch
 
-from stages.method.objectives import (
-    EntropyGate,
-    Method,
-    aggregate,
-    antisd_term,
-    gate_step,
-    get_token_term,
-    group_advantages,
-    kl_penalty,
-    masked_median,
-    phi,
-    policy_loss,
-    register_token_term,
-    step_normalizer,
-    token_advantages,
-    token_methods,
-    token_stats,
-)
+from stages.method.advantages import group_advantages, token_advantages
+from stages.method.gate import EntropyGate, gate_step, median_teacher_entropy
+from stages.method.losses import aggregate, kl_penalty, policy_loss, step_normalizer, token_stats
+from stages.method.terms import antisd_term, get_term, method_names, phi, register_term
 
 HALF_LOG2 = 0.5 * math.log(2.0)  # 0.34657359
 
@@ -159,16 +146,16 @@ PMI = t([[2.0, -2.0, 0.0], [0.5, float("nan"), 7.0]], torch.float32)  # NaN / 7 
 MASK = torch.tensor([[True, True, True], [True, False, False]])
 
 
-def test_registry_matches_enum_and_rejects_unknown():
-    assert token_methods() == sorted(m.value for m in Method)
-    with pytest.raises(ValueError, match="antisd, grpo, rkl-ascent, sd"):
-        get_token_term("anti-sd")
-    assert get_token_term(Method.ANTISD) is get_token_term("antisd")
+def test_registry_holds_methods_names_and_rejects_unknown():
+    assert method_names() == ("grpo", "sd", "antisd", "rkl-ascent")  # METHOD §2's table
+    with pytest.raises(ValueError, match="grpo, sd, antisd, rkl-ascent"):
+        get_term("anti-sd")
+    assert [get_term(m).gated_by_default for m in method_names()] == [False, False, True, True]  # METHOD §5
 
 
 def test_registering_a_name_twice_raises():
     with pytest.raises(ValueError, match="already registered"):
-        register_token_term("sd")(lambda u: u)
+        register_term("sd", gated_by_default=False, formula="x")(lambda u: u)
 
 
 @pytest.mark.parametrize(
@@ -195,7 +182,7 @@ def test_sd_and_antisd_terms_have_opposite_signs():
 
 
 def test_token_advantages_respect_mask_and_nan_padding():
-    for method in token_methods():
+    for method in method_names():
         got = token_advantages(method, SEQ_ADV, PMI, MASK, lam=0.5)
         assert bool(torch.isfinite(got).all())
         assert bool((got[~MASK] == 0).all())
@@ -241,18 +228,18 @@ def test_token_advantages_match_loop_reference(seed, method):
 
 def test_token_stats_hand_values():
     stats = token_stats(PMI, MASK)  # masked u: 2, −2, 0, 0.5
-    assert stats["pmi/mean_u"] == pytest.approx(0.125, abs=1e-7)
-    assert stats["pmi/mean_neg_phi"] == pytest.approx((-0.7168904 + 0.2831096 + 0 - 0.1404653) / 4, abs=1e-6)
-    assert stats["pmi/frac_negative"] == 0.25
-    assert stats["pmi/tokens"] == 4
-    assert math.isnan(token_stats(PMI, torch.zeros_like(MASK))["pmi/mean_u"])
+    assert stats.u_mean == pytest.approx(0.125, abs=1e-7)
+    assert stats.antisd_term_mean == pytest.approx((-0.7168904 + 0.2831096 + 0 - 0.1404653) / 4, abs=1e-6)
+    assert stats.neg_frac == 0.25
+    assert stats.tokens == 4
+    assert math.isnan(token_stats(PMI, torch.zeros_like(MASK)).u_mean)
 
 
-def test_masked_median_even_odd_empty():
-    values = t([[5.0, 1.0, 9.0], [3.0, 100.0, float("nan")]])
-    assert masked_median(values, torch.tensor([[1, 1, 1], [1, 0, 0]])) == 4.0  # {1,3,5,9}
-    assert masked_median(values, torch.tensor([[1, 1, 1], [0, 0, 0]])) == 5.0
-    assert math.isnan(masked_median(values, torch.zeros(2, 3)))
+def test_median_teacher_entropy_even_odd_empty():
+    rows = [[5.0, 1.0, 9.0], [3.0], [100.0, 7.0]]
+    assert median_teacher_entropy(rows, [True, True, False]) == (4.0, 4)  # {1,3,5,9}: rows with a teacher view
+    assert median_teacher_entropy(rows, [True, False, False]) == (5.0, 3)
+    assert median_teacher_entropy(rows, [False, False, False]) == (None, 0)
 
 
 # --- policy loss --------------------------------------------------------------------------------------------------
@@ -273,19 +260,19 @@ def test_policy_loss_hand_computed_clip_case():
     loss.backward()
     # clipped tokens give no gradient; d(−Aρ)/dlogπ = −Aρ: token 2 → 1.1, token 3 → −1.4; / 4 tokens
     torch.testing.assert_close(logprobs.grad, t([[0.0, 0.0, 0.275, -0.35]]), rtol=0, atol=1e-12)
-    assert metrics["actor/pg_clipfrac"] == 0.5
-    assert metrics["actor/pg_clipfrac_low"] == 0.25 and metrics["actor/pg_clipfrac_high"] == 0.25
-    assert metrics["actor/ppo_kl_k1"] == pytest.approx(-math.log(1.5 * 0.5 * 1.1 * 0.7) / 4, abs=1e-9)
+    assert metrics.clip_frac == 0.5
+    assert metrics.clip_frac_low == 0.25 and metrics.clip_frac_high == 0.25
+    assert metrics.kl_k1 == pytest.approx(-math.log(1.5 * 0.5 * 1.1 * 0.7) / 4, abs=1e-9)
     k3 = sum(r - 1 - math.log(r) for r in [1.5, 0.5, 1.1, 0.7]) / 4  # 0.0872617
-    assert metrics["actor/ppo_kl_k3"] == pytest.approx(k3, abs=1e-9)
-    assert metrics["actor/ratio_max"] == pytest.approx(1.5) and metrics["actor/tokens"] == 4
+    assert metrics.approx_kl == pytest.approx(k3, abs=1e-9)
+    assert metrics.ratio_max == pytest.approx(1.5) and metrics.tokens == 4
 
 
 def test_policy_loss_clip_higher():
     logprobs, old, adv, mask = _clip_case()
     loss, metrics = policy_loss(logprobs, old, adv, mask, clip_low=0.2, clip_high=0.6)
     assert float(loss.detach()) == pytest.approx((-1.5 + 0.8 + 1.1 - 1.4) / 4, abs=1e-12)
-    assert metrics["actor/pg_clipfrac_high"] == 0.0
+    assert metrics.clip_frac_high == 0.0
 
 
 def test_policy_loss_on_policy_is_minus_mean_advantage():
@@ -294,7 +281,7 @@ def test_policy_loss_on_policy_is_minus_mean_advantage():
     lp = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
     loss, metrics = policy_loss(lp, lp.detach(), adv, mask)
     assert float(loss.detach()) == pytest.approx(-(1 - 3 + 2 + 4) / 4)
-    assert metrics["actor/pg_clipfrac"] == 0.0 and metrics["actor/ppo_kl_k3"] == 0.0
+    assert metrics.clip_frac == 0.0 and metrics.approx_kl == 0.0
 
 
 def test_policy_loss_ignores_nan_in_padding():

@@ -79,7 +79,7 @@ def test_method_comes_from_yaml_manifest_label_or_folder_name(tmp_path):
 
 
 def test_loop_manifest_without_a_method_means_the_update_default(tmp_path):
-    from stages.update import UpdateConfig
+    from stages.training.config import UpdateConfig
 
     loaded = load_run(write_run(tmp_path / "r", None, 4), None)
     assert (loaded.method, loaded.seed) == (UpdateConfig.method, 4)

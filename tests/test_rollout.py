@@ -15,7 +15,9 @@ from click.testing import CliRunner
 
 import schemas
 from stages.common.io import read_artifact, read_metadata
-from stages.rollout import RolloutConfig, SamplingSettings, run, sample, select_prompts
+from stages.lm.sampling import RolloutConfig, sample, select_prompts
+from stages.lm.engine import SamplingSettings
+from stages.rollout import run
 
 N = 3
 NEW_TOKENS = 6
@@ -247,7 +249,7 @@ def test_run_reuses_an_open_engine(rollout, tiny_loaded):
 
 
 def test_progress_counts_a_prompt_when_all_its_samples_are_done():
-    from stages.rollout import newly_finished, progress_bar
+    from stages.lm.sampling import newly_finished, progress_bar
 
     done: dict[int, int] = {}
     assert [newly_finished(done, batch, 2) for batch in ([0, 1], [0, 2], [1, 2, 3])] == [0, 1, 2]
@@ -400,7 +402,7 @@ def fake_vllm(monkeypatch):
 def test_vllm_engine_calls_and_rows(fake_vllm, tmp_path, arith_prompts, tiny_model_dir):
     from stages.lm.models import load_tokenizer
     from stages.lm.prompts import encode, student_messages
-    from stages.rollout import prompt_seed
+    from stages.lm.engine import prompt_seed
 
     config = RolloutConfig(prompts=str(arith_prompts), out=str(tmp_path / "r.parquet"), model=str(tiny_model_dir),
                            n=2, max_new_tokens=5, temperature=0.8, top_p=0.9, seed=11, engine="auto",
@@ -459,7 +461,7 @@ def test_vllm_without_logprobs_mode_still_runs(fake_vllm, tiny_model_dir):
 
 
 def test_auto_engine_is_hf_without_vllm(monkeypatch):
-    from stages.rollout import resolve_engine
+    from stages.lm.engine import resolve_engine
 
     monkeypatch.delitem(sys.modules, "vllm", raising=False)
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
@@ -471,7 +473,7 @@ def test_auto_engine_is_hf_without_vllm(monkeypatch):
 
 @pytest.mark.slow
 def test_embedded_model_writes_nonempty_answers(tmp_path, embedded_model_dir):
-    from stages.data import PrepareConfig
+    from stages.lm.datasets import PrepareConfig
     from stages.data import run as prepare
 
     prompts = prepare(PrepareConfig(name="arith", out=str(tmp_path / "p.parquet"), num=2, seed=3))

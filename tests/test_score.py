@@ -68,7 +68,8 @@ def verified(tmp_path, tiny):
 
 @pytest.fixture
 def scored(tmp_path, tiny, verified):
-    from stages.score import ScoreConfig, run
+    from stages.lm.scoring import ScoreConfig
+    from stages.score import run
 
     out = run(ScoreConfig(verified=str(verified), out=str(tmp_path / "scored.parquet"), model=str(tiny.path)),
               loaded=tiny)
@@ -111,7 +112,7 @@ def test_entropy_is_full_vocabulary_nats(scored, tiny):
 
 
 def test_teacher_prompt_holds_privileged_text_and_assessment(tiny):
-    from stages.score import build_views
+    from stages.lm.scoring import build_views
 
     rows = verified_table(tiny.tokenizer).to_pylist()
     views = {(v.row, v.teacher): v for v in build_views(rows, tiny.tokenizer)}
@@ -168,7 +169,8 @@ def test_output_order_is_input_order(scored, verified):
 
 
 def test_micro_batch_budget_does_not_change_values(tmp_path, tiny, verified, scored):
-    from stages.score import ScoreConfig, run
+    from stages.lm.scoring import ScoreConfig
+    from stages.score import run
 
     rows, _ = scored
     out = run(ScoreConfig(verified=str(verified), out=str(tmp_path / "one.parquet"), micro_batch_tokens=1,
@@ -181,7 +183,7 @@ def test_micro_batch_budget_does_not_change_values(tmp_path, tiny, verified, sco
 
 
 def test_micro_batches_respect_budget_and_sort():
-    from stages.score import View, micro_batches
+    from stages.lm.scoring import View, micro_batches
 
     views = [View(i, False, [1] * n, [2]) for i, n in enumerate([5, 2, 9, 3, 3, 1])]
     batches = micro_batches(views, budget=12)
@@ -191,7 +193,8 @@ def test_micro_batches_respect_budget_and_sort():
 
 
 def test_shard_parts_cover_all_rows(tmp_path, tiny, verified, scored):
-    from stages.score import ScoreConfig, run
+    from stages.lm.scoring import ScoreConfig
+    from stages.score import run
 
     rows, _ = scored
     parts = tmp_path / "parts"
@@ -205,7 +208,8 @@ def test_shard_parts_cover_all_rows(tmp_path, tiny, verified, scored):
 
 
 def test_temperature_from_input_metadata(tmp_path, tiny):
-    from stages.score import ScoreConfig, metadata_temperature, run
+    from stages.lm.scoring import ScoreConfig, metadata_temperature
+    from stages.score import run
 
     assert metadata_temperature({"config": {"x": 1}, "rollout": {"config": {"temperature": 0.7}}}) == 0.7
     assert metadata_temperature({"config": {"temperature": 0.0}}) is None  # greedy: no softmax temperature
@@ -297,7 +301,8 @@ def test_bad_options_exit_2(tmp_path, verified, args, message):
 
 def test_existing_output_needs_overwrite(tmp_path, tiny, verified, scored):
     from stages.common.io import InputError
-    from stages.score import ScoreConfig, run
+    from stages.lm.scoring import ScoreConfig
+    from stages.score import run
 
     config = ScoreConfig(verified=str(verified), out=str(tmp_path / "scored.parquet"))
     with pytest.raises(InputError, match="overwrite"):
@@ -308,7 +313,8 @@ def test_existing_output_needs_overwrite(tmp_path, tiny, verified, scored):
 # --- the frozen reference (update --kl-coef) ----------------------------------------------------------------------
 
 def test_reference_of_the_same_weights_equals_student_logprobs(tmp_path, tiny, verified, scored):
-    from stages.score import ScoreConfig, run
+    from stages.lm.scoring import ScoreConfig
+    from stages.score import run
 
     rows, meta = scored
     assert "ref_logprobs" not in rows[0] and meta["reference_model"] is None  # no --reference: no column
@@ -325,7 +331,8 @@ def test_reference_of_the_same_weights_equals_student_logprobs(tmp_path, tiny, v
 
 def test_reference_of_other_weights_differs_and_rescoring_drops_it(tmp_path, tiny, verified, embedded_model_dir):
     from stages.lm.models import load_model, make_tiny_model
-    from stages.score import ScoreConfig, run
+    from stages.lm.scoring import ScoreConfig
+    from stages.score import run
 
     other = load_model(make_tiny_model(tmp_path / "other", embedded_model_dir, seed=1))
     temperature_two = write_verified(tmp_path / "v2.parquet", verified_table(tiny.tokenizer), temperature=2.0)

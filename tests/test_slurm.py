@@ -20,7 +20,8 @@ from click.testing import CliRunner
 from antisd_cli.main import cli
 from stages.runs import config as run_config
 from stages.runs import slurm
-from stages.loop import LoopConfig, step_configs
+from stages.runs.config import LoopConfig
+from stages.runs.plan import step_configs
 from stages.runs.slurm import SlurmConfig
 
 REPO = Path(__file__).resolve().parent.parent

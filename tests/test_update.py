@@ -26,7 +26,8 @@ from stages.common import io
 from stages import update as update_stage
 from stages.common.io import InputError
 from stages.lm.models import model_revision
-from stages.update import UpdateConfig, run
+from stages.training.config import UpdateConfig
+from stages.update import run
 
 METRIC_KEYS = [
     "step", "reward/mean", "reward/accuracy", "reward/zero_variance_frac", "response/length_mean",
@@ -198,7 +199,7 @@ def test_sd_is_ungated_by_default(tmp_path, tiny_model_dir, scored):
 def test_two_steps_in_process_equal_two_runs_through_checkpoints(tmp_path, tiny_model_dir):
     """Optimizer moments, step counts and gate state all travel through CKPT/deepspeed and antisd_state.json."""
     from stages.training import distributed
-    from stages.update import Trainer
+    from stages.training.trainer import Trainer
     from stages.training.batch import batch_from_table
 
     first = make_scored(tmp_path / "a.parquet", tiny_model_dir, seed=1)
@@ -238,20 +239,6 @@ def test_engines_are_released_after_each_run(tmp_path, tiny_model_dir, scored):
     for k in range(2):
         model = run(config(scored, model, tmp_path / f"c{k}", force=True))
     assert engines() == before  # an in-process loop must not keep one model + optimizer per step
-
-
-def test_loaded_model_is_reused_and_refreshed_in_place(tmp_path, tiny_model_dir, scored):
-    from stages.lm.models import load_model
-
-    loaded = load_model(tiny_model_dir)
-    model_object = loaded.model
-    out = run(config(scored, tiny_model_dir, tmp_path / "c"), loaded=loaded)
-    assert loaded.path == out and loaded.revision == model_revision(out) and loaded.model is model_object
-    assert not loaded.model.training
-    reference = run(config(scored, tiny_model_dir, tmp_path / "ref"))
-    assert weights_hash(out) == weights_hash(reference)
-    for name, tensor in weights(out).items():
-        assert torch.equal(loaded.model.state_dict()[name], tensor), name
 
 
 def test_rerun_is_bitwise_identical(tmp_path, tiny_model_dir, scored):
@@ -303,11 +290,11 @@ def test_split_by_tokens_balances_and_covers_every_row():
     assert loads == [37, 38] and split_by_tokens([1, 1], 3) == [[0], [1], []]
 
 
-def test_pack_micro_batches_respects_padded_budget():
-    from stages.training.distributed import pack_micro_batches
+def test_pack_by_tokens_respects_padded_budget():
+    from stages.lm.logprobs import pack_by_tokens
 
-    lengths = {0: 10, 1: 4, 2: 6, 3: 30, 4: 5}
-    batches = pack_micro_batches([0, 1, 2, 3, 4], lengths, 20)
+    lengths = [10, 4, 6, 30, 5]
+    batches = pack_by_tokens(lengths, 20)
     assert batches == [[3], [0, 2], [4, 1]]  # the 30-token row goes alone; 2 × 10 ≤ 20 < 3 × 10
     assert all(len(b) * max(lengths[i] for i in b) <= 20 or len(b) == 1 for b in batches)
 
@@ -375,7 +362,7 @@ def test_metrics_json_has_every_key(tmp_path, tiny_model_dir, scored):
     assert metrics["actor/kl_ref"] is None  # no ref_logprobs in the file
     assert metrics["actor/grad_norm"] > 0 and metrics["throughput/update_tok_s"] > 0
     state = json.loads((out / checkpoint.STATE_FILE).read_text())
-    assert {"step", "method", "gate", "rng", "data_cursor"} <= set(state)
+    assert {"step", "method", "gate", "rng"} <= set(state) and "data_cursor" not in state  # never set: dropped
 
 
 def test_disk_full_leaves_previous_checkpoint_and_no_partial(tmp_path, tiny_model_dir, scored, monkeypatch):

@@ -13,7 +13,7 @@ import schemas
 from antisd_cli.main import cli
 from stages import verify
 from stages.common import io
-from stages.verify import VerifyConfig, pick_peer, privileged_contexts
+from stages.verifier.rows import VerifyConfig, group_stats, pick_peer, privileged_contexts
 
 TIMEOUT = 1.0
 
@@ -124,8 +124,10 @@ def test_metadata_records_config_and_counts(verified):
 def test_rollouts_sampling_temperature_is_what_score_finds_in_the_verified_metadata(tmp_path):
     from dataclasses import asdict
 
-    from stages.rollout import RolloutConfig, SamplingSettings
-    from stages.score import metadata_temperature
+    from stages.lm.sampling import RolloutConfig
+
+    from stages.lm.engine import SamplingSettings
+    from stages.lm.scoring import metadata_temperature
 
     rollout_config = RolloutConfig(prompts="p.parquet", out="r.parquet", temperature=0.7)
     metadata = io.build_metadata("rollouts", rollout_config, model_path="fake",
@@ -208,7 +210,7 @@ def test_privileged_contexts_reference_and_none():
 
 
 def test_group_stats_pure():
-    sizes, means = verify.group_stats(["a", "b", "a"], [1.0, 0.0, 0.0])
+    sizes, means = group_stats(["a", "b", "a"], [1.0, 0.0, 0.0])
     assert sizes == [2, 1, 2] and means == [0.5, 0.0, 0.5]
 
 

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from stages.rollout import Completion, SamplingSettings, sample_seed
+from stages.lm.engine import Completion, Engine, SamplingSettings, sample_seed
 
 
 def processed_scores(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -105,7 +105,7 @@ def row_order(prompt_ids: list[list[int]], n: int) -> list[tuple[int, int]]:
     return [(p, j) for p in order for j in range(n)]
 
 
-class HFEngine:
+class HFEngine(Engine):
     """Sampling through `model.generate` on an already-loaded `stages.lm.models.LoadedModel`."""
 
     name = "hf"

@@ -6,7 +6,7 @@ vLLM installed) is chosen, so `--help` and CPU tests never import it. What it do
   temperature/top-p, as the HF engine records) are requested when the installed vLLM has the option (≥ 0.10.2),
   else vLLM's default raw log-probs are recorded (a warning says so).
 - One `SamplingParams(n, temperature, top_p, max_tokens, logprobs=1, seed)` per prompt, with the prompt's seed
-  derived from (seed, prompt_id) (`stages.rollout.prompt_seed`; vLLM derives its n children's seeds from it).
+  derived from (seed, prompt_id) (`stages.lm.engine.prompt_seed`; vLLM derives its n children's seeds from it).
   Prompts go in as token ids (`{"prompt_token_ids": ids}`), and the response ids are vLLM's own (the EOS id that
   stopped a sequence is part of them, as in the HF engine).
 - `load_weights(folder)`: in-place weight update for the loop (`collective_rpc("reload_weights")`, then on CPU a
@@ -31,7 +31,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from stages.rollout import Completion, SamplingSettings, prompt_seed
+from stages.lm.engine import Completion, Engine, SamplingSettings, prompt_seed
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _tied_embeddings(folder: Path) -> bool:
     return bool(config.get("tie_word_embeddings", False))
 
 
-class VLLMEngine:
+class VLLMEngine(Engine):
     """Sampling through `vllm.LLM.generate`; owns the LLM (call `close()` when done)."""
 
     name = "vllm"

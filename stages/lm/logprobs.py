@@ -13,12 +13,14 @@ its logits, for the families known to do something (`output_logits`: Gemma-2/3-s
 logit scale, Granite's logits scaling). Any other family could post-process in its `forward` unseen, so every model
 loaded for scoring or training is checked once against `model(...).logits` on a probe (`check_logits_path`), and
 refused when the two disagree.
-This module batches nothing by itself: callers group sequences into micro-batches.
+Micro-batches: `pack_by_tokens` is the one packing rule (score's views and the trainer's rows); callers pass what
+it packs.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +54,21 @@ def _chunk_stats(hidden: torch.Tensor, targets: torch.Tensor, model, temperature
     probs = torch.softmax(logits, dim=-1)  # [N, V]
     entropy = log_norm - (probs * logits).sum(-1)  # H = logZ − E_p[logit]  [N]
     return token_logprobs, entropy
+
+
+def pack_by_tokens(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Pack sequence positions into micro-batches of at most `budget` padded tokens (count × longest).
+
+    Longest first (ties: the lower position first), a batch grows while (count + 1) × its longest ≤ `budget`; a
+    sequence longer than the budget goes alone. Returns positions into `lengths`, deterministically.
+    """
+    batches: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= budget:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

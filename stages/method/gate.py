@@ -1,16 +1,34 @@
 """The entropy-triggered gate of METHOD §5: one λ per step from the batch median teacher entropy.
 
+`median_teacher_entropy` is the one definition of the step's H (score, merge and update all call it);
 `gate_step` is the pure Schmitt-trigger rule; `EntropyGate` adds the warm-up calibration and the state that must
-survive restarts (its `state_dict()` is plain JSON). The gate does not compute medians over tokens or reduce across
-ranks: the caller passes the step's median H (e.g. `stages.method.objectives.masked_median` over all ranks' tokens).
+survive restarts (its `state_dict()` is plain JSON). The gate does not reduce across ranks: every rank passes the
+median of the whole step's tokens (each reads the whole scored file).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from typing import Sequence
 
 STATE_VERSION = 1
+
+
+def median_teacher_entropy(teacher_entropy: Sequence[Sequence[float]], has_teacher: Sequence[bool]
+                           ) -> tuple[float | None, int]:
+    """H = median of the teacher entropy H_t over all response tokens of the rows with a teacher view (METHOD §5),
+    and how many tokens entered it; (None, 0) when there are none.
+
+    Rows without privileged context (`has_teacher` false: u = 0, no teacher pass) are left out. An even count takes
+    the mean of the two middle values. Computed in float64 over the exact float32 values, so every caller (score's
+    file metadata, merge, the update's gate) gets the same number for the same rows.
+    """
+    pool = sorted(float(h) for entropies, teacher in zip(teacher_entropy, has_teacher) if teacher for h in entropies)
+    n = len(pool)
+    if n == 0:
+        return None, 0
+    return (pool[n // 2] if n % 2 else (pool[n // 2 - 1] + pool[n // 2]) / 2), n
 
 
 def gate_step(open_: bool, median_entropy: float, h_warm: float, down: float) -> bool:
@@ -100,11 +118,6 @@ class EntropyGate:
             self.recalibrate()
         self.recalibration_requested = requested
         return start
-
-    def metrics(self) -> dict:
-        """Per-step metrics (METHOD §6): gate/open, gate/lam, gate/h_warm, gate/tau_down, gate/median_entropy."""
-        return {"gate/open": int(self.open), "gate/lam": self.lam, "gate/h_warm": self.h_warm,
-                "gate/tau_down": self.tau_down, "gate/median_entropy": self.last_median, "gate/step": self.step}
 
     def state_dict(self) -> dict:
         """Everything needed to continue identically, as JSON-able values (no NaN: missing values are None)."""

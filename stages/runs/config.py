@@ -70,7 +70,7 @@ class DataSpec:
     path: str | None = None  # jsonl/parquet input
 
     def __post_init__(self):
-        from stages.data import PrepareConfig
+        from stages.lm.datasets import PrepareConfig
 
         check = validation.Checks(self)  # the rules of `antisd data prepare`, under the same names
         check.absorb(lambda: PrepareConfig(name=self.name, out="", split=self.split, num=self.num, seed=self.seed,
@@ -110,10 +110,12 @@ class LoopSettings:
 
 # Stage sections: name -> (module path, Config class name, fields the loop sets itself)
 STAGE_SECTIONS = {
-    "rollout": ("stages.rollout", "RolloutConfig", {"model", "prompts", "out", "seed", "shard", "overwrite", "max_prompts"}),
-    "verify": ("stages.verify", "VerifyConfig", {"rollouts", "out", "seed", "overwrite"}),
-    "score": ("stages.score", "ScoreConfig", {"model", "verified", "out", "shard", "overwrite"}),
-    "update": ("stages.update", "UpdateConfig", {"model", "scored", "out", "state", "seed", "overwrite", "force"}),
+    "rollout": ("stages.lm.sampling", "RolloutConfig", {"model", "prompts", "out", "seed", "shard", "overwrite",
+                                                        "max_prompts"}),
+    "verify": ("stages.verifier.rows", "VerifyConfig", {"rollouts", "out", "seed", "overwrite"}),
+    "score": ("stages.lm.scoring", "ScoreConfig", {"model", "verified", "out", "shard", "overwrite"}),
+    "update": ("stages.training.config", "UpdateConfig", {"model", "scored", "out", "state", "seed", "overwrite",
+                                                          "force"}),
 }
 
 
@@ -277,3 +279,12 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 def dump_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Options of `antisd loop` (the run's knobs are in the RunConfig)."""
+
+    out: str  # run directory
+    run: RunConfig
+    force: bool = False  # resume even if the directory was made with a different config

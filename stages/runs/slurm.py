@@ -191,7 +191,7 @@ def pending_shards(output: Path, shards: int) -> list[int]:
 
 def render_step(config, run, step: int, slurm: SlurmConfig, workdir: Path, after: str | None) -> list[Job]:
     """The jobs still to run for `step`, chained after the job named `after` (None: nothing to wait for)."""
-    from stages.loop import cli_command, step_configs
+    from stages.runs.plan import cli_command, step_configs
 
     configs = step_configs(config, run, step)
     stage_dir = run.step_dir(step)
@@ -234,7 +234,7 @@ def render_finalize(config, run, slurm: SlurmConfig, workdir: Path, after: str |
 def render_run(config, slurm: SlurmConfig, workdir: Path | None = None) -> list[Job]:
     """Create/reopen the run directory, draw every step's prompts and write the scripts; returns the jobs to submit."""
     from stages.common.io import atomic_write_text
-    from stages.loop import opened_run, step_configs, write_commands, write_step_prompts
+    from stages.runs.plan import opened_run, step_configs, write_commands, write_step_prompts
 
     workdir = (workdir or Path.cwd()).resolve()
     config = replace(config, out=str(Path(config.out).resolve()))

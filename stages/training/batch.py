@@ -4,10 +4,11 @@ Checks the run state against this run (method, world size, ZeRO stage), the scor
 user's DeepSpeed JSON (InputError, exit 2), and that --kl-coef > 0 has the reference's `ref_logprobs`; turns a scored
 Arrow table into a `Batch` of Python lists, checking token ids against the model (InputError; the values themselves
 were checked on read); computes the METHOD §6 statistics of the data itself (`batch_metrics`), the gate's
-teacher-entropy median (§5) and the truncated IS weight. The options are checked by `UpdateConfig` itself.
+teacher-entropy median (§5). The options are checked by `UpdateConfig` itself.
 
-Not here: the model, DeepSpeed engine and optimizer steps (stages.update), the objectives and gate math
-(stages.method.objectives), micro-batch packing and rank shares (stages.training.distributed), reading files (stages.common.io).
+Not here: the model, DeepSpeed engine and optimizer steps (stages.training.trainer), the math (stages.method),
+micro-batch packing (stages.lm.logprobs) and rank shares (stages.training.distributed), reading files
+(stages.common.io).
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from stages.common import metrics as keys
 from stages.training import checkpoint
 from stages.common.io import InputError, read_json_object
 
 if TYPE_CHECKING:
-    from stages.update import UpdateConfig
+    from stages.training.config import UpdateConfig
 
-METHODS = ("grpo", "sd", "antisd", "rkl-ascent")
 REFERENCE_COLUMN = "ref_logprobs"  # optional scored column (schemas.OPTIONAL)
 
 
@@ -127,19 +128,6 @@ def is_finite(value) -> bool:
 
 # --- pure per-step quantities -----------------------------------------------------------------------------------
 
-def teacher_median(batch: Batch) -> float | None:
-    """H = median teacher entropy over all response tokens of rows with a privileged context (METHOD §5)."""
-    import torch
-
-    from stages.method.objectives import masked_median
-
-    values = [h for ents, src in zip(batch.teacher_entropy, batch.privileged_source) if src != "none" for h in ents]
-    if not values:
-        return None
-    flat = torch.tensor(values, dtype=torch.float64)
-    return masked_median(flat, torch.ones_like(flat, dtype=torch.bool))
-
-
 def mean_or_none(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -148,35 +136,34 @@ def batch_metrics(batch: Batch) -> dict:
     """The METHOD §6 statistics of the data itself (rewards, lengths, entropies, PMI, sources, rollout mismatch)."""
     import torch
 
-    from stages.method.objectives import token_stats
+    from stages.method.gate import median_teacher_entropy
+    from stages.method.losses import token_stats
 
     groups: dict[str, list[float]] = {}
     for gid, reward in zip(batch.group_ids, batch.rewards):
         groups.setdefault(gid, []).append(reward)
     lengths = [len(r) for r in batch.response_ids]
-    privileged = [u for u, src in zip(batch.pmi, batch.privileged_source) if src != "none"]
-    flat_u = torch.tensor([x for u in privileged for x in u], dtype=torch.float64)
-    pmi = token_stats(flat_u, torch.ones_like(flat_u, dtype=torch.bool)) if flat_u.numel() else {}
+    has_teacher = [src != "none" for src in batch.privileged_source]
+    flat_u = torch.tensor([x for u, teacher in zip(batch.pmi, has_teacher) if teacher for x in u], dtype=torch.float64)
+    pmi = token_stats(flat_u, torch.ones_like(flat_u, dtype=torch.bool)) if flat_u.numel() else None
     mismatch = [abs(a - b) for s, q in zip(batch.student_logprobs, batch.sampling_logprobs)
                 for a, b in zip(s, q) if is_finite(b)]
     sources = batch.privileged_source
     return {
-        "reward/mean": mean_or_none(batch.rewards),
-        "reward/accuracy": mean_or_none([float(c) for c in batch.correct]),
-        "reward/zero_variance_frac": mean_or_none([float(max(r) == min(r)) for r in groups.values()]),
-        "response/length_mean": mean_or_none([float(x) for x in lengths]),
-        "response/length_max": max(lengths),
-        "response/truncated_frac": mean_or_none([float(f == "length") for f in batch.finish_reason]),
-        "teacher/entropy_median": teacher_median(batch),
-        "student/entropy_mean": mean_or_none([h for ents in batch.student_entropy for h in ents]),
-        "pmi/u_mean": pmi.get("pmi/mean_u"),
-        "pmi/antisd_term_mean": pmi.get("pmi/mean_neg_phi"),
-        "pmi/neg_frac": pmi.get("pmi/frac_negative"),
-        "privileged/peer": sources.count("peer"),
-        "privileged/reference": sources.count("reference"),
-        "privileged/none": sources.count("none"),
-        "rollout/logprob_mismatch_mean": mean_or_none(mismatch),
-        "rollout/logprob_mismatch_max": max(mismatch) if mismatch else None,
+        keys.REWARD_MEAN: mean_or_none(batch.rewards),
+        keys.REWARD_ACCURACY: mean_or_none([float(c) for c in batch.correct]),
+        keys.REWARD_ZERO_VARIANCE_FRAC: mean_or_none([float(max(r) == min(r)) for r in groups.values()]),
+        keys.LENGTH_MEAN: mean_or_none([float(x) for x in lengths]),
+        keys.LENGTH_MAX: max(lengths),
+        keys.TRUNCATED_FRAC: mean_or_none([float(f == "length") for f in batch.finish_reason]),
+        keys.TEACHER_ENTROPY_MEDIAN: median_teacher_entropy(batch.teacher_entropy, has_teacher)[0],
+        keys.STUDENT_ENTROPY_MEAN: mean_or_none([h for ents in batch.student_entropy for h in ents]),
+        keys.PMI_U_MEAN: pmi.u_mean if pmi else None,
+        keys.PMI_ANTISD_TERM_MEAN: pmi.antisd_term_mean if pmi else None,
+        keys.PMI_NEG_FRAC: pmi.neg_frac if pmi else None,
+        **{key: sources.count(source) for source, key in keys.PRIVILEGED.items()},
+        keys.LOGPROB_MISMATCH_MEAN: mean_or_none(mismatch),
+        keys.LOGPROB_MISMATCH_MAX: max(mismatch) if mismatch else None,
     }
 
 
@@ -188,14 +175,3 @@ def pad_rows(rows: list[list[float]], width: int):
     for i, values in enumerate(rows):
         out[i, : len(values)] = torch.tensor(values, dtype=torch.float32)
     return out
-
-
-def truncated_is_weights(student_logprobs, sampling_logprobs, cap: float):
-    """Token-level truncated IS weight w_t = min(exp(s_t − log q_t), cap), q = the rollout engine's sampler.
-
-    Constant (no gradient). Folded into the advantage, since for w > 0:
-    −min(ρ·wA, clip(ρ)·wA) = w·(−min(ρA, clip(ρ)A)).
-    """
-    import torch
-
-    return torch.exp((student_logprobs - sampling_logprobs).clamp(max=20.0)).clamp(max=cap)

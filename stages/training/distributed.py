@@ -6,8 +6,8 @@ process forms a world of 1 on a free local port, passed to torch as arguments (o
 RANK/WORLD_SIZE/LOCAL_RANK while the engine works, since DeepSpeed reads them there, and removed afterwards).
 Backend: gloo on CPU, nccl on CUDA. On CPU the DeepSpeed JIT builds are avoided (STACK-NOTES "DeepSpeed on CPU").
 
-Also here: the split of a batch's sequences across ranks by token count, and into micro-batches by a padded-token
-budget. This module trains nothing.
+Also here: the split of a batch's sequences across ranks by token count (micro-batches within a rank:
+`stages.lm.logprobs.pack_by_tokens`). This module trains nothing.
 """
 
 from __future__ import annotations
@@ -206,21 +206,6 @@ def split_by_tokens(lengths: Sequence[int], world_size: int) -> list[list[int]]:
         parts[rank].append(index)
         loads[rank] += lengths[index]
     return [sorted(p) for p in parts]
-
-
-def pack_micro_batches(rows: list[int], lengths: dict[int, int], budget: int) -> list[list[int]]:
-    """Longest first; a micro-batch grows while count × longest ≤ `budget` padded tokens (longer ones go alone)."""
-    order = sorted(rows, key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        if current and (len(current) + 1) * lengths[current[0]] > budget:
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
 
 
 def all_reduce_sum(values: list[float], device: str) -> list[float]:

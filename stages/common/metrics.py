@@ -1,0 +1,60 @@
+"""The names of the per-step metrics (METHOD §6), defined once: metrics.json, metrics.jsonl, TensorBoard, `plot`,
+the live view and the docs use these strings.
+
+Namespaced as in verl (`actor/…`, `gate/…`). The pure functions of `stages.method` return plain records; the modules
+that log them name the values here. Held-out evaluation adds `eval/<summary key>` (`stages.eval`'s summary keys,
+`eval/accuracy`, `eval/pass@1`, …), and the loop adds a `timing_s/<stage>` per stage it ran.
+"""
+
+from __future__ import annotations
+
+STEP = "step"
+
+# the data of the step (training.batch.batch_metrics)
+REWARD_MEAN = "reward/mean"
+REWARD_ACCURACY = "reward/accuracy"
+REWARD_ZERO_VARIANCE_FRAC = "reward/zero_variance_frac"
+LENGTH_MEAN = "response/length_mean"
+LENGTH_MAX = "response/length_max"
+TRUNCATED_FRAC = "response/truncated_frac"
+TEACHER_ENTROPY_MEDIAN = "teacher/entropy_median"
+STUDENT_ENTROPY_MEAN = "student/entropy_mean"
+PMI_U_MEAN = "pmi/u_mean"
+PMI_ANTISD_TERM_MEAN = "pmi/antisd_term_mean"
+PMI_NEG_FRAC = "pmi/neg_frac"
+PRIVILEGED = {source: f"privileged/{source}" for source in ("peer", "reference", "none")}
+LOGPROB_MISMATCH_MEAN = "rollout/logprob_mismatch_mean"
+LOGPROB_MISMATCH_MAX = "rollout/logprob_mismatch_max"
+
+# the gate (METHOD §5) and the optimizer step (training.trainer)
+GATE_OPEN = "gate/open"
+GATE_LAMBDA = "gate/lambda"
+GATE_H_WARM = "gate/h_warm"
+PG_LOSS = "actor/pg_loss"
+CLIP_FRAC = "actor/clip_frac"
+APPROX_KL = "actor/approx_kl"
+KL_REF = "actor/kl_ref"
+GRAD_NORM = "actor/grad_norm"
+LR = "actor/lr"
+UPDATE_TOK_S = "throughput/update_tok_s"
+
+# the loop (stages.loop)
+ROLLOUT_TOK_S = "throughput/rollout_tok_s"
+SCORE_TOK_S = "throughput/score_tok_s"
+LOAD_FRACTION = "overhead/load_fraction"
+EVAL_PREFIX = "eval/"
+EVAL_ACCURACY = EVAL_PREFIX + "accuracy"
+
+
+def timing(stage: str) -> str:
+    """Seconds spent in `stage` (rollout, verify, score, update, eval, weight_sync, model_load, step)."""
+    return f"timing_s/{stage}"
+
+
+def evaluation(summary_key: str) -> str:
+    """A held-out evaluation summary value (`accuracy`, `pass@1`, …) as a step metric."""
+    return EVAL_PREFIX + summary_key
+
+
+NAMESPACES = ("reward", "response", "teacher", "student", "pmi", "privileged", "rollout", "gate", "actor",
+              "throughput", "timing_s", "overhead", "eval")

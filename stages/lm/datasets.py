@@ -1,0 +1,207 @@
+"""The prompt sets: built-in datasets and users' JSONL/Parquet files → PROMPTS rows, and `PrepareConfig` (the options
+of `antisd data prepare` and of a run config's `loop.train` / `loop.eval`).
+
+Built-in sets ship inside the package (`stages/datasets/`, with their licences): gsm8k (train/test), math500,
+aime24, amc23, plus `arith`, a seeded generator of two-digit additions with a two-example few-shot prefix (the
+format in which SmolLM2-135M has enough mixed groups for RL, STACK-NOTES). Users' own data comes in as JSONL or
+Parquet with column-mapping options. Few-shot user turns carry the student instruction (`stages.lm.prompts.user_text`);
+nothing else here formats for the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages.lm import prompts as prompt_format
+from stages.common import validation
+from stages.common.io import InputError, build_metadata, write_artifact
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "datasets"
+BUILTIN = {
+    "gsm8k": {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
+    "math500": {"test": "math500/test.jsonl"},
+    "aime24": {"test": "aime24/test.jsonl"},
+    "amc23": {"test": "amc23/test.jsonl"},
+}
+USER_FORMATS = ("jsonl", "parquet")
+DATASETS = ("arith", *BUILTIN, *USER_FORMATS)
+SPLITS = ("train", "test")
+
+ARITH_FEW_SHOT = [
+    ("What is 3 + 4?", "3 + 4 = 7. The final answer is \\boxed{7}."),
+    ("What is 12 + 25?", "12 + 25 = 37. The final answer is \\boxed{37}."),
+]
+ARITH_TEST_SIZE = 1000  # the first pairs of a fixed shuffle are held out; train never sees them
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Options of `antisd data prepare`."""
+
+    name: str  # one of DATASETS
+    out: str  # output Parquet path
+    split: str = "train"  # train | test (arith, gsm8k); the only split of the others is test
+    num: int = 0  # keep the first N rows after shuffling (0 = all)
+    seed: int = 0  # shuffles the rows (0 keeps file order for built-in sets) and draws arith problems
+    few_shot: bool = True  # arith only: prepend the two worked examples
+    path: str | None = None  # jsonl/parquet: input file
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    solution_field: str | None = "solution"
+    id_field: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        check = validation.Checks(self)
+        check.choice("name", DATASETS)
+        check.choice("split", SPLITS)
+        if self.name in BUILTIN and self.split in SPLITS and self.split not in BUILTIN[self.name]:
+            check.fail("split", f"{self.name} has only {', '.join(BUILTIN[self.name])}, got {self.split!r}")
+        check.at_least(0, "num")
+        check.require(self.name not in USER_FORMATS or bool(self.path), "path", f"required for {self.name}")
+        check.done()
+
+
+def _clean_answer(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def arith_rows(split: str, seed: int) -> list[dict]:
+    """All two-digit additions of `split`: a fixed shuffle holds out ARITH_TEST_SIZE pairs as test."""
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    random.Random(1234).shuffle(pairs)
+    chosen = pairs[:ARITH_TEST_SIZE] if split == "test" else pairs[ARITH_TEST_SIZE:]
+    if split == "train":
+        random.Random(seed).shuffle(chosen)
+    rows = []
+    for a, b in chosen:
+        rows.append(
+            {
+                "prompt_id": f"arith-{split}-{a:02d}+{b:02d}",
+                "dataset": f"arith/{split}",
+                "problem": f"What is {a} + {b}?",
+                "answer": str(a + b),
+                "solution": f"{a} + {b} = {a + b}. The final answer is \\boxed{{{a + b}}}.",
+            }
+        )
+    return rows
+
+
+def _gsm8k_row(record: dict, index: int, split: str) -> dict:
+    text = record["answer"]
+    if "####" not in text:
+        raise InputError(f"gsm8k/{split}.jsonl row {index}: answer has no '####'")
+    reasoning, final = text.rsplit("####", 1)
+    reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()
+    final = final.strip().replace(",", "")
+    return {
+        "prompt_id": f"gsm8k-{split}-{index:05d}",
+        "dataset": f"gsm8k/{split}",
+        "problem": record["question"],
+        "answer": final,
+        "solution": f"{reasoning}\nThe final answer is \\boxed{{{final}}}.",
+    }
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    with open(path) as handle:
+        for line_no, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{path}: line {line_no} is not JSON ({exc.msg})") from None
+    return records
+
+
+def builtin_rows(name: str, split: str) -> list[dict]:
+    records = _read_jsonl(DATA_DIR / BUILTIN[name][split])
+    if name == "gsm8k":
+        return [_gsm8k_row(r, i, split) for i, r in enumerate(records)]
+    rows = []
+    for i, record in enumerate(records):
+        rid = record.get("unique_id") or record.get("id", i)
+        rows.append(
+            {
+                "prompt_id": f"{name}-{rid}",
+                "dataset": name,
+                "problem": record["problem"],
+                "answer": _clean_answer(record["answer"]),
+                "solution": record.get("solution"),
+            }
+        )
+    return rows
+
+
+def user_rows(config: PrepareConfig) -> list[dict]:
+    path = Path(config.path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    records = _read_jsonl(path) if config.name == "jsonl" else pq.read_table(path).to_pylist()
+    rows = []
+    for i, record in enumerate(records):
+        for field in (config.problem_field, config.answer_field):
+            if record.get(field) is None:
+                raise InputError(f"{path}: row {i} has no field '{field}' (see --problem-field/--answer-field)")
+        solution = record.get(config.solution_field) if config.solution_field else None
+        rid = record.get(config.id_field) if config.id_field else None
+        rows.append(
+            {
+                "prompt_id": f"{path.stem}-{rid if rid is not None else i}",
+                "dataset": path.stem,
+                "problem": str(record[config.problem_field]),
+                "answer": _clean_answer(record[config.answer_field]),
+                "solution": None if solution is None else str(solution),
+            }
+        )
+    return rows
+
+
+def build_rows(config: PrepareConfig) -> list[dict]:
+    """The prompt rows of `config`, shuffled/truncated, few-shot attached; pure apart from reading files."""
+    if config.name == "arith":
+        rows = arith_rows(config.split, config.seed)
+        shots = ARITH_FEW_SHOT if config.few_shot else []
+    elif config.name in BUILTIN:
+        rows = builtin_rows(config.name, config.split)
+        if config.seed:
+            random.Random(config.seed).shuffle(rows)
+        shots = []
+    else:  # USER_FORMATS
+        rows = user_rows(config)
+        if config.seed:
+            random.Random(config.seed).shuffle(rows)
+        shots = []
+    if config.num:
+        rows = rows[: config.num]
+    if not rows:
+        raise InputError(f"data prepare {config.name}: no rows")
+    few_shot = [{"user": prompt_format.user_text(q), "assistant": a} for q, a in shots]
+    ids = [r["prompt_id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise InputError(f"data prepare {config.name}: prompt ids are not unique (check --id-field)")
+    return [{**row, "few_shot": few_shot} for row in rows]
+
+
+def prompts_table(config: PrepareConfig) -> pa.Table:
+    """The PROMPTS table of `config`, in memory (`antisd loop` validates it before its run directory is written)."""
+    import schemas
+
+    return pa.Table.from_pylist(build_rows(config), schema=schemas.PROMPTS)
+
+
+def write_prompts(table: pa.Table, config: PrepareConfig, out: str | Path) -> Path:
+    return write_artifact(table, out, "prompts", build_metadata("prompts", config, rows=table.num_rows))

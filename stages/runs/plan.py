@@ -1,0 +1,202 @@
+"""The step plan both launchers execute (what a step *is*), and the opening of a run directory.
+
+A step's prompts are a seeded cursor over the training set (`step_prompt_indices`); its four stage configs carry the
+run's knobs plus the paths and seeds the loop owns (`step_configs`), and `commands.sh` spells them as `antisd`
+commands. `opened_run` checks what a run needs, then creates or reopens its directory under a lock. The local loop
+(`stages.loop`) runs these configs in-process; the Slurm launcher (`stages.runs.slurm`) renders them as jobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shlex
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+
+from stages.common.io import (InputError, atomic_write_text, build_metadata, output_lock, read_artifact,
+                              read_json_object, to_jsonable, write_artifact)
+from stages.lm import datasets
+from stages.runs import config as run_config
+from stages.runs.config import LoopConfig
+from stages.runs.run_dir import Run, config_changes
+
+
+def stage_seed(seed: int, step: int, stage: str) -> int:
+    """A per-(step, stage) seed, stable across processes (no Python hash())."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{stage}".encode()).digest()[:4], "little")
+
+
+def step_prompt_indices(total: int, per_step: int, step: int, seed: int) -> list[int]:
+    """Rows of the training prompts used at `step`: a seeded permutation per epoch, cut into whole steps.
+
+    An epoch holds total // per_step steps; the total % per_step rows its shuffle leaves over are not used in that
+    epoch (like a DataLoader's drop_last), so a step never holds a prompt twice. The first epoch's steps are the
+    permutation read in order. A step needs per_step ≤ total (InputError otherwise).
+    """
+    check_batch_fits(total, per_step)
+    epoch, index = divmod(step, total // per_step)
+    order = list(range(total))
+    random.Random(stage_seed(seed, epoch, "epoch")).shuffle(order)
+    return order[index * per_step : (index + 1) * per_step]
+
+
+def check_batch_fits(total: int, per_step: int) -> None:
+    if per_step > total:
+        raise InputError(f"loop.prompts_per_step {per_step}: the training set has only {total} prompts (a step holds "
+                         "distinct prompts; lower prompts_per_step or use more loop.train prompts)")
+
+
+def data_config(spec: run_config.DataSpec, path: Path) -> datasets.PrepareConfig:
+    return datasets.PrepareConfig(name=spec.name, out=str(path), split=spec.split, num=spec.num, seed=spec.seed,
+                                    few_shot=spec.few_shot, path=spec.path)
+
+
+def run_prompts(spec: run_config.DataSpec, path: Path) -> pa.Table:
+    """The run's stored prompts at `path` when it exists (a resumed run keeps its data), else `spec`'s, in memory."""
+    if path.exists():
+        return read_artifact(path, "prompts")[0]
+    return datasets.prompts_table(data_config(spec, path))
+
+
+def cli_command(stage: str, config) -> str:
+    """The `antisd` command equivalent to running `stage` with `config` (recorded for reruns by hand)."""
+    parts = ["antisd", stage]
+    for key, value in to_jsonable(config).items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            for item in value:
+                parts += [flag, str(item)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+@contextmanager
+def opened_run(config: LoopConfig) -> Iterator[tuple[Run, dict, pa.Table, Path | None]]:
+    """Check everything the run needs, then create or reopen its directory and hold its lock for the block.
+
+    Yields (run, manifest, training prompts, held-out prompts path or None). Nothing is written before the config,
+    the engine and the prompt sets have passed their checks (the config was checked when it was resolved); a second
+    `antisd loop` (or Slurm rendering) on the same directory is refused while this one holds it.
+    """
+    root = Path(config.out)
+    if not root.parent.is_dir():
+        raise InputError(f"--out {root}: parent directory {root.parent} does not exist")
+    check_start_state(config.run)
+    settings = config.run.loop
+    paths = {"train": root / "train_prompts.parquet", "eval": root / "eval_prompts.parquet"}
+    train_table = run_prompts(settings.train, paths["train"])
+    check_batch_fits(train_table.num_rows, settings.prompts_per_step)
+    eval_table = run_prompts(settings.eval, paths["eval"]) if settings.eval_every > 0 else None
+    root.mkdir(exist_ok=True)
+    with output_lock(root):
+        run, manifest = init_run(config)
+        for name, table, spec in (("train", train_table, settings.train), ("eval", eval_table, settings.eval)):
+            if table is not None and not paths[name].exists():
+                datasets.write_prompts(table, data_config(spec, paths[name]), paths[name])
+        yield run, manifest, train_table, paths["eval"] if eval_table is not None else None
+
+
+def init_run(config: LoopConfig) -> tuple[Run, dict]:
+    """Reopen (or start) the manifest of `config.out`; refuse to resume a run made with another config unless forced.
+
+    The finished steps and the latest checkpoint are read off the step folders, so a manifest whose last write was
+    lost (a crash between a step's metrics.json and run.json) is repaired here.
+    """
+    root = Path(config.out)
+    run = Run(root)
+    manifest = run.read_manifest()
+    digest = config.run.digest()
+    if manifest is None:
+        manifest = {"config": config.run.to_dict(), "config_digest": digest}
+    elif manifest["config_digest"] != digest:
+        changed = config_changes(manifest["config"], config.run.to_dict())
+        if changed == ["loop.steps"]:
+            pass  # extending (or shortening) a run is a resume, not a different run
+        elif not config.force:
+            raise InputError(f"--out {root}: run was made with a different config ({', '.join(changed)}); "
+                             "use a new --out or pass --force")
+        manifest["config"], manifest["config_digest"] = config.run.to_dict(), digest
+    else:
+        manifest["config"] = config.run.to_dict()
+    manifest["finished"] = run.finished_steps()
+    manifest["latest_checkpoint"] = str(run.checkpoint(manifest["finished"][-1])) if manifest["finished"] else None
+    atomic_write_text(root / "config.yaml", run_config.dump_yaml(config.run))
+    run.write_manifest(manifest)
+    return run, manifest
+
+
+def write_step_prompts(config: LoopConfig, run: Run, step: int, train_table: pa.Table) -> Path:
+    """RUN/step_XXXX/prompts.parquet: the rows of the seeded cursor for `step` (kept if it exists)."""
+    path = run.step_paths(step)["prompts"]
+    if not path.exists():
+        settings = config.run.loop
+        rows = step_prompt_indices(train_table.num_rows, settings.prompts_per_step, step, settings.seed)
+        write_artifact(train_table.take(rows), path, "prompts", build_metadata("prompts", {"step": step, "rows": rows}))
+    return path
+
+
+def stage_config(config: LoopConfig, section: str, **paths):
+    """The stage `section`'s Config: the run's knobs for it plus the paths and seed the loop owns."""
+    return run_config.stage_class(section)(**config.run.stages[section], **paths)
+
+
+def score_reference(config: run_config.RunConfig) -> str | None:
+    """The frozen reference score runs: score.reference, else the base model when update.kl_coef > 0, else None.
+
+    Filled in here (not in the RunConfig), so a run config without a KL term keeps its digest.
+    """
+    given = config.stages["score"].get("reference")
+    if given is not None:
+        return given
+    return config.loop.model if config.stages["update"].get("kl_coef", 0.0) > 0 else None
+
+
+def step_configs(config: LoopConfig, run: Run, step: int) -> dict:
+    """The four stage Configs of `step` (paths, model, seeds); the local loop and the Slurm launcher share them."""
+    settings, paths = config.run.loop, {k: str(v) for k, v in run.step_paths(step).items()}
+    model = run.model_for_step(step, settings.model)
+    return {
+        "rollout": stage_config(config, "rollout", model=model, prompts=paths["prompts"], out=paths["rollouts"],
+                                seed=stage_seed(settings.seed, step, "rollout")),
+        "verify": stage_config(config, "verify", rollouts=paths["rollouts"], out=paths["verified"],
+                               seed=stage_seed(settings.seed, step, "verify")),
+        "score": replace(stage_config(config, "score", model=model, verified=paths["verified"], out=paths["scored"]),
+                         reference=score_reference(config.run)),
+        "update": stage_config(config, "update", model=model, scored=paths["scored"], out=str(run.checkpoint(step)),
+                               seed=stage_seed(settings.seed, step, "update")),
+    }
+
+
+def write_commands(run: Run, step: int, configs: dict) -> None:
+    """RUN/step_XXXX/commands.sh: the `antisd` command of each stage of the step, to rerun one by hand."""
+    lines = [cli_command(name, cfg) for name, cfg in configs.items()]
+    atomic_write_text(run.step_dir(step) / "commands.sh",
+                      "#!/usr/bin/env bash\n# Rerun any stage of this step by hand.\n" + "\n".join(lines) + "\n")
+
+
+def check_start_state(config: run_config.RunConfig) -> None:
+    """A starting checkpoint's run state must be of update.method, unless update.switch_method: step 0's update
+    would refuse it, after its rollout, verify and score (on Slurm: after the GPU jobs)."""
+    from stages.training.checkpoint import STATE_FILE
+    from stages.training.config import UpdateConfig
+
+    state_file = Path(config.loop.model) / STATE_FILE
+    if not state_file.is_file():
+        return
+    knobs = config.stages["update"]
+    method = knobs.get("method", UpdateConfig.method)
+    written_by = read_json_object(state_file, str(state_file)).get("method")
+    if written_by not in (None, method) and not knobs.get("switch_method", UpdateConfig.switch_method):
+        raise InputError(f"loop.model {config.loop.model}: its run state was written by method {written_by}, not "
+                         f"{method}; set update.switch_method=true to continue it as {method} (the gate then "
+                         "re-calibrates H_warm)")

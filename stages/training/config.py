@@ -1,0 +1,85 @@
+"""`UpdateConfig`: the options of `antisd update` (and the `update:` section of a run config), checked on creation.
+
+The method names and their gate defaults come from the registry in `stages.method.terms`; the aggregation names from
+`stages.method.losses`. This module holds no training code (`stages.training.trainer`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stages.common import validation
+from stages.method.terms import get_term, method_names
+
+GATE_CHOICES = ("auto", "on", "off")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+ADV_SCALES = ("group", "none")
+IS_CORRECTIONS = ("off", "token")
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """Options of `antisd update` (one optimizer step per batch by default: strictly on-policy)."""
+
+    scored: str  # scored Parquet file or directory of parts (schemas.SCORED)
+    out: str  # output checkpoint folder (HF + deepspeed/ + antisd_state.json + metrics.json)
+    model: str = "smollm2-135m"  # current policy: HF folder (a previous update's --out) or embedded model name
+    method: str = "antisd"  # a registered method (stages.method.terms): grpo | sd | antisd | rkl-ascent (METHOD §2)
+    lam_max: float = 0.5  # λ_max; λ = g·λ_max
+    warmup_steps: int = 5  # W: gated steps with λ = 0 that calibrate H_warm
+    gate_down: float = 0.93  # τ_down = gate_down · H_warm
+    gate: str = "auto"  # auto (the method's registered default: antisd, rkl-ascent gated; sd, grpo not) | on | off
+    # measure H_warm again over the next W steps; one-shot: a step whose run state was written by a step that had it
+    # set does not restart the warm-up (so a loop with it set re-calibrates once, at its first step)
+    recalibrate_gate: bool = False
+    lr: float = 1e-6  # AdamW learning rate (constant)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
+    clip_low: float = 0.2  # PPO ε_low
+    clip_high: float = 0.2  # PPO ε_high (clip-higher when > clip_low)
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    max_response_tokens: int = 0  # seq-mean-token-sum's constant T (0 = longest response of the step)
+    adv_eps: float = 1e-6  # ε in A = (R − mean)/(std + ε)
+    adv_scale: str = "group"  # group (divide by the group std) | none (Dr.GRPO)
+    ppo_epochs: int = 1  # passes over the batch
+    mini_batch_size: int = 0  # sequences per optimizer step (0 = whole batch: one step)
+    micro_batch_tokens: int = 2048  # padded tokens per forward/backward on one rank
+    logprob_chunk: int = 64  # response positions per LM-head chunk (memory bound of the log-softmax)
+    kl_coef: float = 0.0  # β of β·k3 KL to a frozen reference (0 = none; > 0 needs ref_logprobs: score --reference)
+    is_correction: str = "off"  # off | token: truncated IS weight min(exp(s − sampling_logprob), is_cap)
+    is_cap: float = 2.0  # cap of the truncated IS weight
+    deepspeed_config: str | None = None  # DeepSpeed JSON overlaid on the built-in ZeRO-2 default
+    zero_stage: int | None = None  # ZeRO stage 0-3 (None: the config file's, else 2)
+    state: str | None = None  # run-state JSON (default: <model>/antisd_state.json if present, else fresh)
+    dtype: str = "auto"  # auto: fp32 weights on CPU, DeepSpeed bf16 on GPU | float32 | bfloat16 | float16 (GPU)
+    gradient_checkpointing: bool = True  # recompute layer activations in backward (less memory)
+    threads: int = 0  # torch CPU threads (0 = torch default)
+    seed: int = 0  # seeds mini-batch order; RNG state is restored from the run state when present
+    # continue a run state written by another method (a GRPO checkpoint as AntiSD: the paper's continual run): its
+    # step, RNG and optimizer carry on, and the gate re-calibrates H_warm over the next W steps
+    switch_method: bool = False
+    force: bool = False  # accept a scored file whose old log-probs came from another model revision
+    overwrite: bool = False  # replace an existing --out folder
+
+    def __post_init__(self):
+        from stages.method.losses import AGGREGATIONS  # torch: only when a config is made, not for --help
+
+        check = validation.Checks(self)
+        check.choice("method", method_names())
+        check.choice("gate", GATE_CHOICES)
+        check.choice("loss_agg", AGGREGATIONS)
+        check.choice("adv_scale", ADV_SCALES)
+        check.choice("is_correction", IS_CORRECTIONS)
+        check.choice("dtype", DTYPE_CHOICES)
+        check.at_least(1, "ppo_epochs", "micro_batch_tokens", "warmup_steps", "logprob_chunk", "is_cap")
+        check.at_least(0, "lr", "weight_decay", "grad_clip", "clip_low", "clip_high", "lam_max", "mini_batch_size",
+                       "max_response_tokens", "adv_eps", "kl_coef", "threads")
+        check.between("gate_down", 0, 1, low_open=True)
+        if self.zero_stage is not None:
+            check.choice("zero_stage", (0, 1, 2, 3))
+        check.done()
+
+
+def gated(config: UpdateConfig) -> bool:
+    """Whether the entropy gate is on: `--gate on|off`, or the method's registered default for `auto`."""
+    return get_term(config.method).gated_by_default if config.gate == "auto" else config.gate == "on"

@@ -1,0 +1,305 @@
+"""The policy inside a DeepSpeed engine plus the entropy gate: one optimizer step (or `ppo_epochs` × mini-batches of
+them) on a `Batch`, and the checkpoint it writes.
+
+Multi-process (deepspeed/torchrun/srun): every rank reads the whole scored file, so group advantages, the gate's
+median and the loss normalizers are global without communication; each rank trains on its token-balanced share of
+each mini-batch, padded with zero-loss micro-batches to the same count so ZeRO's per-backward collectives line up.
+DeepSpeed averages gradients over ranks, so each rank's loss is multiplied by the world size: the gradient is then
+the 1-process one. Rank 0 alone writes the HF folder, state and metrics; every rank writes its ZeRO shard.
+
+The new policy's log-probs come from `stages.lm.logprobs.response_token_stats`, the numerics `score` used. Not here:
+reading or checking files (stages.update, stages.training.batch), the math (stages.method), the checkpoint format
+(stages.training.checkpoint), process groups (stages.training.distributed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+from stages.common import metrics as keys
+from stages.common.io import InputError
+from stages.lm.logprobs import pack_by_tokens
+from stages.lm.models import quiet_transformers
+from stages.training import checkpoint, distributed
+from stages.training.batch import Batch, batch_metrics, is_finite, mean_or_none, pad_rows
+from stages.training.config import UpdateConfig, gated
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+def _precision(dtype: str, device: str) -> str:
+    """fp32 | bf16 | fp16 (DeepSpeed mixed precision) | autocast-bf16 (fp32 weights, bf16 matmuls: CPU)."""
+    if device == "cpu":
+        if dtype == "float16":
+            raise InputError("--dtype float16: not supported on CPU (use float32 or bfloat16)")
+        return "autocast-bf16" if dtype == "bfloat16" else "fp32"
+    return {"auto": "bf16", "bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}[dtype]
+
+
+def _seed_for(seed: int, step: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"update:{seed}:{step}".encode()).digest()[:8], "little") % (2**63)
+
+
+def _logprob_module(policy):
+    """Wrap the causal LM so that DeepSpeed's engine(...) runs our log-prob computation as its forward.
+
+    Going through engine.forward (not the bare module) keeps ZeRO's micro-step bookkeeping right: under ZeRO-3 a
+    second backward would otherwise overwrite the first one's gradient partitions instead of adding to them.
+    """
+    import torch
+
+    from stages.lm.logprobs import response_token_stats
+
+    class PolicyLogprobs(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, sequences, starts, pad_id: int, temperature: float, chunk_size: int):
+            logprobs, _ = response_token_stats(self.model, sequences, starts, pad_id=pad_id, temperature=temperature,
+                                               chunk_size=chunk_size, with_entropy=False)
+            return torch.cat(logprobs)  # [Σ T_i]
+
+    return PolicyLogprobs(policy)
+
+
+def _enable_activation_checkpointing(module) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.24 name
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+class Trainer:
+    """The policy inside a DeepSpeed engine plus the gate: what lives across steps in one process."""
+
+    def __init__(self, config: UpdateConfig, model_dir: Path, state: dict | None, env: distributed.DistEnv,
+                 device: str, deepspeed_user: dict | None = None):
+        import torch
+
+        from stages.lm.models import load_tokenizer, model_revision
+        from stages.method.gate import EntropyGate
+
+        self.config, self.env, self.device, self.model_dir = config, env, device, model_dir
+        self.precision = _precision(config.dtype, device)
+        self.carried = {k: v for k, v in (state or {}).items() if k != "data_cursor"}  # a key of old states, unused
+        self.step = int(self.carried.get("step", 0))
+        self.model_revision = model_revision(model_dir)
+        self.gate = EntropyGate(config.warmup_steps, config.gate_down, config.lam_max, gated(config))
+        if "gate" in self.carried:
+            self._load_gate(self.carried["gate"])
+        switched = self.carried.get("method") not in (None, config.method)  # check_state allowed it
+        if self.gate.request_recalibration(config.recalibrate_gate, force=switched):
+            log.info("gate: re-calibrating H_warm over the next %d steps (%s)", config.warmup_steps,
+                     f"method {self.carried['method']} → {config.method}" if switched else "--recalibrate-gate")
+        if "rng" in self.carried:
+            checkpoint.restore_rng(self.carried["rng"])
+        else:
+            from stages.common.process import seed_everything
+
+            seed_everything(config.seed)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.policy = self._load_module()  # the HF causal LM; the engine wraps it in PolicyLogprobs
+        self.policy.config.use_cache = False
+        if config.gradient_checkpointing:
+            _enable_activation_checkpointing(self.policy)
+        self.policy.to(device).train()
+        module = _logprob_module(self.policy)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        ds_precision = "fp32" if self.precision == "autocast-bf16" else self.precision
+        ds_config = distributed.deepspeed_config(deepspeed_user or {}, config.zero_stage, config.grad_clip,
+                                                 env.world_size, ds_precision)
+        self.zero_stage = ds_config["zero_optimization"]["stage"]
+        started = time.perf_counter()
+        with distributed.launcher_env(env):
+            self.engine = distributed.create_engine(module, optimizer, ds_config, env, device)
+            self.resumed_optimizer = checkpoint.load_engine_state(self.engine, model_dir)
+        for group in self.engine.optimizer.param_groups:  # the command line wins over the saved hyper-parameters
+            group["lr"], group["weight_decay"] = config.lr, config.weight_decay
+        log.info("DeepSpeed ZeRO-%d engine ready in %.1fs (%s, %d rank(s), optimizer %s)", self.zero_stage,
+                 time.perf_counter() - started, self.precision, env.world_size,
+                 "resumed" if self.resumed_optimizer else "fresh")
+
+    def _load_gate(self, gate_state: dict) -> None:
+        saved = {k: gate_state.get(k) for k in ("warmup_steps", "down", "lam_max", "gated")}
+        mine = {k: getattr(self.gate, k) for k in saved}
+        if saved != mine:
+            log.warning("gate settings differ from the run state's %s; using %s", saved, mine)
+        self.gate.load_state_dict(gate_state, strict=False)
+
+    def _load_module(self):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from stages.lm.models import checked_logits_path
+
+        quiet_transformers()
+        network = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        return checked_logits_path(network, f"--model {self.config.model}")
+
+    def _autocast(self):
+        import torch
+
+        if self.precision == "autocast-bf16":
+            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # one step ---------------------------------------------------------------------------------------------------
+
+    def train_step(self, batch: Batch) -> dict:
+        """Gate → advantages → ppo_epochs × mini-batches of optimizer steps. Returns the step's metrics row."""
+        with distributed.launcher_env(self.env):  # ZeRO-3 reads LOCAL_RANK from the environment in forward
+            return self._train_step(batch)
+
+    def _train_step(self, batch: Batch) -> dict:
+        import torch
+
+        from stages.method.advantages import group_advantages
+
+        config = self.config
+        started = time.perf_counter()
+        step = self.step
+        data_metrics = batch_metrics(batch)
+        lam = self.gate.update(data_metrics[keys.TEACHER_ENTROPY_MEDIAN])
+        lam = 0.0 if config.method == "grpo" else lam  # grpo's term is 0: λ is reported as what acted
+        seq_adv = group_advantages(torch.tensor(batch.rewards), batch.group_ids, eps=config.adv_eps,
+                                   scale=config.adv_scale)  # [N]
+        sums = dict.fromkeys(("loss", "clip", "kl", "kl_ref", "tokens", "seq_tokens"), 0.0)
+        grad_norms: list[float] = []
+        generator = torch.Generator().manual_seed(_seed_for(config.seed, step))
+        size = config.mini_batch_size or len(batch)
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(len(batch), generator=generator).tolist() if size < len(batch) \
+                else list(range(len(batch)))
+            for begin in range(0, len(batch), size):
+                grad_norms.append(self._optimizer_step(batch, order[begin : begin + size], seq_adv, lam, sums))
+        loss, clip, kl, kl_ref, tokens, seq_tokens = distributed.all_reduce_sum(
+            [sums["loss"], sums["clip"], sums["kl"], sums["kl_ref"], sums["tokens"], sums["seq_tokens"]], self.device)
+        elapsed = time.perf_counter() - started
+        self.step += 1
+        gate_h_warm = self.gate.h_warm
+        return {
+            keys.STEP: step,
+            **data_metrics,
+            keys.GATE_OPEN: int(self.gate.open),
+            keys.GATE_LAMBDA: lam,
+            keys.GATE_H_WARM: gate_h_warm,
+            keys.PG_LOSS: loss / max(len(grad_norms), 1),
+            keys.CLIP_FRAC: clip / tokens if tokens else None,
+            keys.APPROX_KL: kl / tokens if tokens else None,
+            keys.KL_REF: kl_ref / tokens if tokens and batch.ref_logprobs is not None else None,
+            keys.GRAD_NORM: mean_or_none([g for g in grad_norms if g is not None]),
+            keys.LR: config.lr,
+            keys.UPDATE_TOK_S: seq_tokens / elapsed if elapsed > 0 else None,
+        }
+
+    def _optimizer_step(self, batch: Batch, rows: list[int], seq_adv, lam: float, sums: dict) -> float | None:
+        """One optimizer step on `rows` (all ranks' share): normalizer over all of them, this rank's micro-batches."""
+        from stages.method.losses import step_normalizer
+
+        config, env = self.config, self.env
+        if not any(batch.response_ids[i] for i in rows):
+            return None  # no response token: nothing to learn (the same decision on every rank)
+        normalizer = step_normalizer(config.loss_agg, [len(batch.response_ids[i]) for i in rows],
+                                     config.max_response_tokens or None)
+        totals = {i: len(batch.prompt_ids[i]) + len(batch.response_ids[i]) for i in rows}
+        share = distributed.split_by_tokens([totals[i] for i in rows], env.world_size)[env.rank]
+        mine = [rows[j] for j in share if batch.response_ids[rows[j]]]
+        mine.sort()  # packing ties go to the lower row
+        micro = [[mine[p] for p in batch]
+                 for batch in pack_by_tokens([totals[i] for i in mine], config.micro_batch_tokens)]
+        count = distributed.all_reduce_max(len(micro), self.device)
+        for k in range(count):
+            if k < len(micro):
+                loss, problem = self._micro_loss(batch, micro[k], seq_adv, lam, normalizer, sums)
+                sums["seq_tokens"] += sum(totals[i] for i in micro[k])
+            else:
+                loss, problem = self._idle_loss(), None
+            if distributed.all_reduce_max(int(problem is not None), self.device):
+                raise RuntimeError(problem or "another rank met a non-finite log-prob or loss; no checkpoint written")
+            self.engine.backward(loss * env.world_size, scale_wrt_gas=False)  # DeepSpeed averages over ranks
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = None if norm is None else float(norm)
+        if norm is not None and not is_finite(norm):
+            raise RuntimeError(f"non-finite gradient norm ({norm}) at update step {self.step}; no checkpoint written")
+        return norm
+
+    def _micro_loss(self, batch: Batch, rows: list[int], seq_adv, lam: float, normalizer: float, sums: dict):
+        """PPO-clip (+ β·k3 to the reference) loss of one micro-batch, divided by the step's global normalizer, and a
+        problem or None."""
+        import torch
+        from torch.nn.utils.rnn import pad_sequence
+
+        from stages.method.advantages import token_advantages
+        from stages.method.losses import aggregate, kl_penalty, policy_loss, truncated_is_weights
+
+        config = self.config
+        sequences = [batch.prompt_ids[i] + batch.response_ids[i] for i in rows]
+        starts = [len(batch.prompt_ids[i]) for i in rows]
+        lengths = [len(batch.response_ids[i]) for i in rows]
+        with self._autocast():
+            flat = self.engine(sequences, starts, self.pad_id, batch.temperature, config.logprob_chunk)  # [Σ T_i]
+        new_logprobs = torch.split(flat, lengths)
+        for i, values in zip(rows, new_logprobs):
+            if not bool(torch.isfinite(values).all()):
+                bad = int((~torch.isfinite(values)).nonzero()[0])
+                return None, f"row {batch.names[i]}: the policy gives a non-finite log-prob at response token {bad}"
+        logprobs = pad_sequence([v.float() for v in new_logprobs], batch_first=True)  # [B, T]
+        width = logprobs.shape[1]
+        mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).to(self.device)  # [B, T]
+        old = pad_rows([batch.student_logprobs[i] for i in rows], width).to(self.device)  # [B, T]
+        pmi = pad_rows([batch.pmi[i] for i in rows], width).to(self.device)  # [B, T]
+        advantages = token_advantages(config.method, seq_adv[rows].to(self.device), pmi, mask, lam)  # [B, T]
+        if config.is_correction == "token":
+            sampling = pad_rows([batch.sampling_logprobs[i] for i in rows], width).to(self.device)
+            advantages = advantages * truncated_is_weights(old, sampling, config.is_cap)
+        loss, stats = policy_loss(logprobs, old, advantages, mask, config.clip_low, config.clip_high,
+                                  config.loss_agg, normalizer)
+        if batch.ref_logprobs is not None:
+            ref = pad_rows([batch.ref_logprobs[i] for i in rows], width).to(self.device)  # [B, T]
+            kl_ref = kl_penalty(logprobs, ref, mask)  # [B, T], 0 outside the mask
+            if config.kl_coef > 0:
+                loss = loss + config.kl_coef * aggregate(kl_ref, mask, config.loss_agg, normalizer)
+            sums["kl_ref"] += float(kl_ref.detach().sum())
+        if not bool(torch.isfinite(loss)):
+            return None, f"rows {', '.join(batch.names[i] for i in rows)}: non-finite loss ({float(loss)})"
+        sums["loss"] += stats.pg_loss
+        sums["clip"] += stats.clip_frac * stats.tokens
+        sums["kl"] += stats.approx_kl * stats.tokens
+        sums["tokens"] += stats.tokens
+        return loss, None
+
+    def _idle_loss(self):
+        """A zero loss through every parameter, for a rank with no micro-batch left (keeps ZeRO's collectives even)."""
+        with self._autocast():
+            logprobs = self.engine([[self.pad_id, self.pad_id]], [1], self.pad_id, 1.0, 1)  # [1]
+        return logprobs.sum() * 0.0
+
+    # persistence ------------------------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """The run state to store next to the weights (keys a caller added to the state it read are carried)."""
+        return {**self.carried, "version": STATE_VERSION, "step": self.step, "method": self.config.method,
+                "gate": self.gate.state_dict(), "rng": checkpoint.rng_state(), "seed": self.config.seed,
+                "world_size": self.env.world_size, "zero_stage": self.zero_stage,
+                "parent_revision": self.model_revision}
+
+    def save(self, out: Path, metrics: dict) -> Path:
+        with distributed.launcher_env(self.env):
+            return checkpoint.save(out, self.engine, self.policy, self.tokenizer, self.state(), metrics, self.env,
+                                   self.zero_stage)
+
+    def close(self) -> None:
+        """Release the engine: its hooks live in autograd (C++), so without destroy() Python never frees it."""
+        self.engine.destroy()
+
+
