@@ -25,8 +25,8 @@ def demo_command(out, overrides):
     Example:
       antisd demo --out demo_out
     """
-    from stages.runs import config as run_config
     from stages.loop import run
+    from stages.runs import config as run_config
     from stages.runs.config import LoopConfig
 
     Path(out).mkdir(parents=True, exist_ok=True)

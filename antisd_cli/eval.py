@@ -7,10 +7,17 @@ import json
 import click
 
 from antisd_cli.options import (
-    config_option, dtype_option, model_option, out_option, overwrite_option, seed_option, stage_errors, threads_option,
+    config_option,
+    dtype_option,
+    model_option,
+    out_option,
+    overwrite_option,
+    seed_option,
+    stage_errors,
+    threads_option,
 )
-from stages.lm.datasets import SPLITS
 from stages.eval import BENCHMARKS, EvalConfig
+from stages.lm.datasets import SPLITS
 from stages.lm.engine import ENGINES
 
 C = EvalConfig

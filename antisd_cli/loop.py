@@ -63,8 +63,8 @@ def loop_command(ctx, config_path, out, overrides, force, print_config, launcher
       antisd loop -c examples/configs/gsm8k_gpu.yaml -o runs/gsm8k --launcher slurm --partition gpu \\
         --shards 8 --nodes 2 --gpus-per-node 8 --setup 'source ~/venvs/antisd/bin/activate' --dry-run
     """
-    from stages.runs import config as run_config
     from stages.loop import run
+    from stages.runs import config as run_config
 
     if launcher == "local":
         given = [name for name in SLURM_OPTIONS if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]

@@ -7,7 +7,10 @@ import logging
 
 import click
 
-from stages import __version__  # command name -> module in antisd_cli holding a click command of the same name (dashes → underscores)
+from stages import (
+    __version__,  # command name -> module in antisd_cli holding a click command of the same name (dashes → underscores)
+)
+
 COMMANDS = {
     "data": "data",
     "rollout": "rollout",
@@ -63,8 +66,8 @@ def cli(verbose: int, quiet: bool) -> None:
       antisd verify --rollouts rollouts.parquet --out verified.parquet
     """
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    from rich.logging import RichHandler
     from rich.console import Console
+    from rich.logging import RichHandler
 
     logging.basicConfig(
         level=level,

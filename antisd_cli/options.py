@@ -10,7 +10,7 @@ import typing
 import click
 
 from schemas import SchemaError
-from stages.common.io import InputError
+from stages.common.errors import InputError
 
 
 class BadInput(click.ClickException):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from antisd_cli.options import config_option, field_default, overwrite_option, stage_errors
-from stages.plot import DEFAULT_METRICS, PlotConfig
+from stages.plot import BANDS, DEFAULT_METRICS, FORMATS, PlotConfig
 
 C = PlotConfig
 
@@ -13,13 +13,13 @@ C = PlotConfig
 @click.command("plot")
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output file (.png or .csv).")
-@click.option("--format", "format_", default=field_default(C, "format"), type=click.Choice(["png", "csv"]),
+@click.option("--format", "format_", default=field_default(C, "format"), type=click.Choice(FORMATS),
               help="png: one panel per metric; csv: tidy rows (run, method, seed, step, metric, value).")
 @click.option("--metrics", default=",".join(DEFAULT_METRICS),
               help="Comma-separated metric keys to draw or tabulate; 'all' = every numeric metric logged.")
 @click.option("--label", "labels", multiple=True,
               help="Group name of each run, in order (give once per run) [default: the manifest's method].")
-@config_option(C, "band", "Band around a method's mean over seeds.", type=click.Choice(["minmax", "std"]))
+@config_option(C, "band", "Band around a method's mean over seeds.", type=click.Choice(BANDS))
 @overwrite_option(C)
 @stage_errors
 def plot_command(runs, out, format_, metrics, labels, band, overwrite):

@@ -5,8 +5,16 @@ from __future__ import annotations
 import click
 
 from antisd_cli.options import (
-    config_option, dtype_option, input_path, model_option, out_option, overwrite_option, seed_option, shard_option,
-    stage_errors, threads_option,
+    config_option,
+    dtype_option,
+    input_path,
+    model_option,
+    out_option,
+    overwrite_option,
+    seed_option,
+    shard_option,
+    stage_errors,
+    threads_option,
 )
 from stages.lm.engine import ENGINES
 from stages.lm.sampling import RolloutConfig

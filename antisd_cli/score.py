@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import click
 
-from antisd_cli.options import (config_option, dtype_option, input_path, model_option, out_option, overwrite_option,
-                                shard_option, stage_errors, threads_option)
+from antisd_cli.options import (
+    config_option,
+    dtype_option,
+    input_path,
+    model_option,
+    out_option,
+    overwrite_option,
+    shard_option,
+    stage_errors,
+    threads_option,
+)
 from stages.lm.scoring import ScoreConfig
 
 C = ScoreConfig

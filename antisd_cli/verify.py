@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import click
 
-from antisd_cli.options import (config_option, input_path, model_option, out_option, overwrite_option, seed_option,
-                                stage_errors)
+from antisd_cli.options import (
+    config_option,
+    input_path,
+    model_option,
+    out_option,
+    overwrite_option,
+    seed_option,
+    stage_errors,
+)
 from stages.verifier.answers import FALLBACKS
 from stages.verifier.rows import VerifyConfig
 

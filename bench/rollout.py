@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.lm.datasets import PrepareConfig  # noqa: E402
 from stages.data import run as prepare  # noqa: E402
-from stages.lm.sampling import RolloutConfig
+from stages.lm.datasets import PrepareConfig  # noqa: E402
 from stages.lm.engine import SamplingSettings, vllm_available
+from stages.lm.sampling import RolloutConfig
 from stages.rollout import run
 
 
@@ -108,9 +108,9 @@ def open_engine(name: str, args, max_model_len: int):
         from stages.lm.models import load_model
 
         return HFEngine(load_model(args.model))
+    from stages.common.process import pick_device
     from stages.lm.engine_vllm import VLLMEngine
     from stages.lm.models import resolve_model, torch_dtype
-    from stages.common.process import pick_device
 
     dtype = str(torch_dtype("auto", pick_device())).replace("torch.", "")
     return VLLMEngine(resolve_model(args.model), dtype=dtype, seed=0, max_model_len=max_model_len)
@@ -118,7 +118,6 @@ def open_engine(name: str, args, max_model_len: int):
 
 def bench_engine(name: str, args, prompts_path: Path, workdir: Path) -> dict:
     from stages.common.io import read_metadata
-
     settings = SamplingSettings(args.n, args.temperature, args.top_p, args.max_new_tokens, seed=0)
     started = time.perf_counter()
     engine = open_engine(name, args, max_model_len=1024 + args.max_new_tokens)

@@ -51,9 +51,9 @@ def _reset_peak() -> bool:
 def worker(args) -> dict:
     import torch
 
+    from stages.common.process import pick_device, set_threads
     from stages.lm.logprobs import naive_response_token_stats, pad_batch, response_token_stats
     from stages.lm.models import load_model
-    from stages.common.process import pick_device, set_threads
 
     threads = set_threads(args.threads)
     loaded = load_model(args.model, dtype=args.dtype, device=pick_device(args.device))

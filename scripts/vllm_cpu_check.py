@@ -107,9 +107,9 @@ def raw_eos_check(engine, ids: list[int], eos_id: int) -> dict:
 
 
 def hf_speed(folder: Path, ids, keys, settings, threads: int) -> dict:
+    from stages.common.process import set_threads
     from stages.lm.engine_hf import HFEngine
     from stages.lm.models import load_model
-    from stages.common.process import set_threads
 
     set_threads(threads)
     engine = HFEngine(load_model(folder, dtype="float32", device="cpu"))
@@ -135,9 +135,9 @@ def main() -> None:
 
     import vllm
 
+    from stages.lm.engine import SamplingSettings
     from stages.lm.engine_vllm import VLLMEngine, _repack_tied_lm_head
     from stages.lm.models import load_tokenizer, resolve_model
-    from stages.lm.engine import SamplingSettings
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,14 +16,13 @@ u = 0 by construction and are left out of every statistic):
 - Word types are the stripped word text, case kept; whitespace-only words show as ␣ and \\n.
 - The deliberation / shortcut lists match word types case-insensitively.
 
-Not done here: sampling or scoring (a model + prompts mode is a later hook, see `scored_inputs`); drawing the
-heatmap and the HTML page, which live in `stages.plot` with the other figures.
+With `--prompts` the files are made first: the prompts are sampled, verified and scored with `--model` by the rollout,
+verify and score commands, into the output folder (`scored_inputs`). Not done here: drawing the heatmap and the
+HTML page, which live in `stages.common.figures` with the other figures.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import random
 from dataclasses import dataclass
@@ -32,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from stages.common import validation
-from stages.common.io import InputError, atomic_write_json, atomic_write_text, read_artifact
+from stages.common.errors import InputError
+from stages.common.io import atomic_write_json, atomic_write_text, read_artifact
 from stages.lm.pieces import BYTE_DECODER, PieceDecoder, display_word, visible, word_spans  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -118,15 +118,6 @@ def word_group_summary(lowered: np.ndarray, s: np.ndarray, t: np.ndarray, u: np.
     return {"words": {w: stats(lowered == w.lower()) for w in vocabulary}, **stats(np.isin(lowered, names))}
 
 
-def to_csv(rows: list[dict], columns: list[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return buffer.getvalue()
-
-
 def pick_rollouts(correct: list[bool], n: int, seed: int) -> list[int]:
     """Positions of `n` rollouts to render, half correct and half wrong where possible, in input order."""
     rng = random.Random(seed)
@@ -153,10 +144,10 @@ def scored_inputs(config: PmiConfig, loaded=None) -> list[Path]:
     if config.scored:
         raise InputError("analyze pmi: give scored files or --prompts, not both")
     from stages import rollout, score, verify
+    from stages.lm.models import load_model
     from stages.lm.sampling import RolloutConfig
     from stages.lm.scoring import ScoreConfig
     from stages.verifier.rows import VerifyConfig
-    from stages.lm.models import load_model
 
     out = Path(config.out)
     out.mkdir(exist_ok=True)
@@ -166,24 +157,17 @@ def scored_inputs(config: PmiConfig, loaded=None) -> list[Path]:
         loaded = loaded or load_model(model)
         if not files["rollouts"].exists():
             rollout.run(RolloutConfig(prompts=config.prompts, out=str(files["rollouts"]), model=model,
-                                              n=config.n, temperature=config.temperature,
-                                              max_new_tokens=config.max_new_tokens, seed=config.seed), loaded=loaded)
+                                      n=config.n, temperature=config.temperature,
+                                      max_new_tokens=config.max_new_tokens, seed=config.seed), loaded=loaded)
         if not files["verified"].exists():
-            verify.run(VerifyConfig(rollouts=str(files["rollouts"]), out=str(files["verified"]),
-                                           seed=config.seed))
+            verify.run(VerifyConfig(rollouts=str(files["rollouts"]), out=str(files["verified"]), seed=config.seed))
         score.run(ScoreConfig(verified=str(files["verified"]), out=str(files["scored"]), model=model),
                   loaded=loaded)
     return [files["scored"]]
 
 
 def check_config(config: PmiConfig) -> Path:
-    """Validate the options and the output folder before any work; return the folder."""
-    if config.min_count < 1 or config.top < 0 or config.rollouts < 0 or config.bins < 2:
-        raise InputError("analyze pmi: need --min-count >= 1, --top >= 0, --rollouts >= 0 and --bins >= 2")
-    if not config.clip > 0:
-        raise InputError(f"--clip must be > 0, got {config.clip}")
-    if not (config.deliberation_words and config.shortcut_words):
-        raise InputError("analyze pmi: --deliberation-words and --shortcut-words must not be empty")
+    """Validate the output folder before any work (the options were checked when `config` was made); return it."""
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: output must be a folder, but a file exists there")
@@ -356,7 +340,7 @@ def run(config: PmiConfig, loaded=None) -> Path:
         })
 
     # --- write (summary.json last: its presence marks a complete folder)
-    from stages.plot import draw_pmi_heatmap, render_rollouts_html
+    from stages.common.figures import draw_pmi_heatmap, render_rollouts_html, to_csv
 
     out.mkdir(exist_ok=True)
     stat_columns = ["count", "mean_u", "median_u", "mean_p_student", "mean_p_teacher", "mean_teacher_entropy"]

@@ -33,14 +33,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from stages.method import estimators
-
 from stages.common import validation
-from stages.verifier.answers import DEFAULT_FALLBACKS
+from stages.common.errors import InputError
+from stages.common.io import atomic_write_json, build_metadata, check_output, output_lock, read_artifact, write_artifact
 from stages.lm.datasets import SPLITS
-from stages.common.io import (InputError, atomic_write_json, build_metadata, check_output, output_lock,
-                       read_artifact, write_artifact)
 from stages.lm.models import DEFAULT_MODEL
+from stages.method import estimators
+from stages.verifier.answers import DEFAULT_FALLBACKS
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +177,11 @@ def prompt_rows(benchmark: str, split: str, num: int) -> tuple[list[dict], str]:
 def _evaluate(rows: list[dict], rollout_config, verify_config, *, out: Path, benchmark: str, seed: int,
               resamples: int, loaded=None) -> dict:
     """Sample, verify, summarize and write rows + summary; return the summary. Shared by `run` and the loop."""
+    from stages.common.process import set_threads
     from stages.lm.engine import SamplingSettings, resolve_engine
+    from stages.lm.models import resolve_model
     from stages.lm.sampling import open_engine, sample
     from stages.verifier.rows import verify_table
-    from stages.lm.models import resolve_model
-    from stages.common.process import set_threads
 
     engine_name = resolve_engine(rollout_config.engine)
     model_path = loaded.path if loaded is not None else resolve_model(rollout_config.model)

@@ -14,7 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import schemas
-from stages.common.io import InputError, part_files, read_artifact, read_metadata, read_schema
+from stages.common.errors import InputError
+from stages.common.io import read_artifact, read_metadata
+from stages.common.parts import part_files, read_schema
 
 LIST_PREVIEW = 8
 

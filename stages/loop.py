@@ -70,8 +70,8 @@ class StepRunner:
         return self._reference[1]
 
     def _load(self, key: str):
-        from stages.lm.models import load_model
         from stages.common.process import pick_device
+        from stages.lm.models import load_model
 
         start = time.perf_counter()
         rollout = self.config.run.stages["rollout"]
@@ -163,7 +163,6 @@ class StepRunner:
 
     def _metrics(self, step: int, paths: dict, timings: dict) -> dict:
         from stages.common.io import read_metadata
-
         row = json.loads((self.run.checkpoint(step) / "metrics.json").read_text())
         row[keys.STEP] = step
         for name, key in (("rollouts", keys.ROLLOUT_TOK_S), ("scored", keys.SCORE_TOK_S)):
@@ -184,10 +183,10 @@ def validate_settings(config: run_config.RunConfig) -> str:
 def loop_engine(config: run_config.RunConfig, model_path: Path, train_table: pa.Table):
     """The run's LoopEngine: rollout dtype, run seed, GPU sleep mode (inplace with loop.vllm_sleep), and a context
     length that fits the longest training prompt + rollout.max_new_tokens (so one engine serves every step)."""
+    from stages.common.process import pick_device
     from stages.lm.engine_vllm import LoopEngine, VLLMEngine
     from stages.lm.models import torch_dtype
     from stages.lm.sampling import PROMPT_COLUMNS, RolloutConfig, _max_model_len
-    from stages.common.process import pick_device
 
     knobs = config.stages["rollout"]
     dtype = str(torch_dtype(knobs.get("dtype", "auto"), pick_device())).replace("torch.", "")

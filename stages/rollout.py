@@ -23,7 +23,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from stages.common.io import Shard, build_metadata, check_output, output_lock, output_path, read_artifact, write_artifact
+from stages.common.io import build_metadata, check_output, output_lock, read_artifact, write_artifact
+from stages.common.parts import Shard, output_path
 from stages.lm.engine import SamplingSettings, is_engine, resolve_engine
 from stages.lm.sampling import RolloutConfig, open_engine, sample, select_prompts
 
@@ -36,8 +37,8 @@ def run(config: RolloutConfig, loaded=None) -> Path:
     `loaded` (optional) is a LoadedModel for the HF engine, or an open engine (e.g. the loop's VLLMEngine), which
     is then used as is (config.model, engine, dtype and device are ignored) and left open.
     """
-    from stages.lm.models import resolve_model
     from stages.common.process import set_threads
+    from stages.lm.models import resolve_model
 
     # --- validate everything before any work (the options were checked when `config` was made)
     shard = Shard.parse(config.shard)

@@ -30,11 +30,23 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from stages.common.io import (InputError, Shard, build_metadata, check_output, output_lock, output_path, read_artifact,
-                              write_artifact)
-from stages.lm.scoring import (_ROW_COLUMNS, REFERENCE_COLUMN, SCORE_COLUMNS, ScoreConfig, _Progress, assemble,
-                               build_views, check_rows, load_reference, metadata_temperature, micro_batches,
-                               score_views)
+from stages.common.errors import InputError
+from stages.common.io import build_metadata, check_output, output_lock, read_artifact, write_artifact
+from stages.common.parts import Shard, output_path
+from stages.lm.scoring import (
+    _ROW_COLUMNS,
+    REFERENCE_COLUMN,
+    SCORE_COLUMNS,
+    ScoreConfig,
+    _Progress,
+    assemble,
+    build_views,
+    check_rows,
+    load_reference,
+    metadata_temperature,
+    micro_batches,
+    score_views,
+)
 
 log = logging.getLogger(__name__)
 

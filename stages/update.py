@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 from stages.common import metrics as keys
-from stages.common.io import InputError, output_lock, read_artifact
+from stages.common.errors import InputError
+from stages.common.io import output_lock, read_artifact
 from stages.training import checkpoint, distributed
-from stages.training.batch import (batch_from_table, check_reference, check_revision, check_state,
-                                   read_deepspeed_file)
+from stages.training.batch import batch_from_table, check_reference, check_revision, check_state, read_deepspeed_file
 from stages.training.config import UpdateConfig
 from stages.training.trainer import Trainer
 

@@ -44,7 +44,7 @@ def tiny_model_dir(tmp_path_factory, embedded_model_dir):
 @pytest.fixture
 def arith_prompts(tmp_path):
     """Four arith training prompts with the few-shot prefix."""
-    from stages.lm.datasets import PrepareConfig
     from stages.data import run
+    from stages.lm.datasets import PrepareConfig
 
     return run(PrepareConfig(name="arith", out=str(tmp_path / "prompts.parquet"), num=4, seed=1))

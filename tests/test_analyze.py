@@ -13,11 +13,19 @@ from click.testing import CliRunner
 
 import schemas
 from antisd_cli.main import cli
-from stages.analyze import (PieceDecoder, PmiConfig, display_word, pick_rollouts, run, type_table,
-                            word_group_summary, word_spans)
+from stages.analyze import (
+    PieceDecoder,
+    PmiConfig,
+    display_word,
+    pick_rollouts,
+    run,
+    type_table,
+    word_group_summary,
+    word_spans,
+)
+from stages.common.figures import render_rollouts_html, u_color
 from stages.common.io import build_metadata, write_artifact
 from stages.lm.models import load_tokenizer
-from stages.plot import render_rollouts_html, u_color
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -19,11 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from test_update import make_scored
 
 import schemas
 from antisd_cli.main import cli
 from stages.common import io
-from test_update import make_scored
 
 REPO = Path(__file__).resolve().parent.parent
 

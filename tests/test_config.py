@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from stages.common.errors import InputError
 from stages.runs import config
-from stages.common.io import InputError
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((REPO / "examples" / "configs").glob("*.yaml")) + [REPO / "stages" / "configs" / "demo.yaml"]
@@ -98,9 +98,9 @@ def test_invalid_values_are_refused_when_the_config_is_resolved(overrides, fragm
 
 
 def test_the_rules_live_in_the_config_classes():
+    from stages.common.validation import ConfigError
     from stages.lm.sampling import RolloutConfig
     from stages.training.config import UpdateConfig
-    from stages.common.validation import ConfigError
 
     with pytest.raises(ConfigError) as info:
         UpdateConfig(scored="s", out="o", lr=float("nan"), method="ppo", warmup_steps=0)
@@ -112,14 +112,14 @@ def test_the_rules_live_in_the_config_classes():
 def _cli_commands():
     """(command path, its Config class) for every command that builds one from its options."""
     from stages.analyze import PmiConfig
-    from stages.lm.datasets import PrepareConfig
     from stages.eval import EvalConfig
     from stages.inspect import InspectConfig
-    from stages.runs.config import LoopConfig
-    from stages.merge import MergeConfig
-    from stages.plot import PlotConfig
+    from stages.lm.datasets import PrepareConfig
     from stages.lm.sampling import RolloutConfig
     from stages.lm.scoring import ScoreConfig
+    from stages.merge import MergeConfig
+    from stages.plot import PlotConfig
+    from stages.runs.config import LoopConfig
     from stages.training.config import UpdateConfig
     from stages.verifier.rows import VerifyConfig
 

@@ -8,6 +8,8 @@ import random
 import pytest
 
 from stages.method import estimators  # n=5, c=2: C(3,k)/C(5,k) = 3/5, 3/10, 1/10, 0/5, 0/1
+
+
 @pytest.mark.parametrize("k, expected", [(1, 2 / 5), (2, 7 / 10), (3, 9 / 10), (4, 1.0), (5, 1.0)])
 def test_pass_at_k_hand_computed_n5_c2(k, expected):
     assert estimators.pass_at_k(5, 2, k) == pytest.approx(expected, abs=1e-12)

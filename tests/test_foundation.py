@@ -13,9 +13,10 @@ from click.testing import CliRunner
 
 import schemas
 from antisd_cli.main import cli
-from stages.lm import datasets as data
 from stages.common import io
-from stages.common.io import InputError, Shard
+from stages.common.errors import InputError
+from stages.common.parts import Shard, output_path
+from stages.lm import datasets as data
 
 
 def _prompt_rows(n=3):
@@ -136,7 +137,7 @@ def test_directory_of_parts_read_and_missing_part(tmp_path):
     for index in (0, 1):
         shard = Shard(index, 2)
         chosen = [rows[i] for i in shard.select([r["prompt_id"] for r in rows])]
-        io.write_artifact(pa.Table.from_pylist(chosen, schema=schemas.PROMPTS), io.output_path(out, shard), "prompts", {})
+        io.write_artifact(pa.Table.from_pylist(chosen, schema=schemas.PROMPTS), output_path(out, shard), "prompts", {})
     table, _ = io.read_artifact(out, "prompts")
     assert sorted(table.column("prompt_id").to_pylist()) == ["p0", "p1", "p2", "p3"]
     (out / Shard(1, 2).part_name()).unlink()

@@ -86,8 +86,8 @@ def fake_vllm(monkeypatch):
 
 
 def run_loop(tmp_path: Path, model_dir: Path, weight_sync: str, steps: int = 2) -> Path:
-    from stages.runs import config as run_config
     from stages import loop
+    from stages.runs import config as run_config
     from stages.runs.config import LoopConfig
     from stages.runs.view import LoopView
 
@@ -106,7 +106,6 @@ def run_loop(tmp_path: Path, model_dir: Path, weight_sync: str, steps: int = 2) 
 
 def step_rollouts(run_dir: Path, step: int) -> tuple[list[list[int]], dict]:
     from stages.common.io import read_artifact
-
     table, metadata = read_artifact(run_dir / f"step_{step:04d}" / "rollouts.parquet", "rollouts")
     return table.column("response_token_ids").to_pylist(), metadata
 

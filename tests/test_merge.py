@@ -9,8 +9,9 @@ from click.testing import CliRunner
 import schemas
 from antisd_cli.main import cli
 from stages import merge
-from stages.common import io
-from stages.common.io import InputError, Shard
+from stages.common import io, parts
+from stages.common.errors import InputError
+from stages.common.parts import Shard, output_path
 
 ARTIFACTS = ["prompts", "rollouts", "verified", "scored"]
 
@@ -61,7 +62,7 @@ def write_parts(directory, artifact: str, prompt_ids: list[str], count: int, con
         shard = Shard(index, count)
         metadata = io.build_metadata(artifact, {**(config or {"seed": 1}), "shard": f"{index}/{count}"},
                                      tokens_per_s=100.0 + index)
-        paths.append(io.write_artifact(table.take(shard.select(keys)), io.output_path(directory, shard),
+        paths.append(io.write_artifact(table.take(shard.select(keys)), output_path(directory, shard),
                                        artifact, metadata))
     return paths
 
@@ -83,8 +84,8 @@ def test_merge_writes_one_file_equal_to_the_parts(tmp_path, artifact):
     write_parts(tmp_path / "parts", artifact, IDS, 3)
     out = merge.run(merge.MergeConfig(parts=str(tmp_path / "parts"), out=str(tmp_path / "merged.parquet")))
     merged, metadata = io.read_artifact(out, artifact)
-    parts, _ = io.read_artifact(tmp_path / "parts", artifact)
-    assert merged.equals(parts)
+    whole, _ = io.read_artifact(tmp_path / "parts", artifact)
+    assert merged.equals(whole)
     assert metadata["artifact"] == artifact
     assert metadata["config"] == {"seed": 1}  # the shard is per part, not of the merged file
     assert metadata["merged_from"]["count"] == 3
@@ -109,7 +110,7 @@ def test_merge_names_the_shards_sharing_a_prompt_id(tmp_path):
                       io.build_metadata("verified", {"seed": 1, "shard": "1/2"}))
     with pytest.raises(InputError, match=r"prompt id 'p0' appears in shard 0/2 \(part-00000-of-00002.parquet\) "
                                          r"and in shard 1/2"):
-        merge.check_parts(tmp_path / "parts")
+        parts.check_parts(tmp_path / "parts")
 
 
 def test_merge_rejects_parts_of_different_configs(tmp_path):
@@ -118,7 +119,7 @@ def test_merge_rejects_parts_of_different_configs(tmp_path):
     (tmp_path / "other" / "part-00001-of-00002.parquet").replace(tmp_path / "parts" / "part-00001-of-00002.parquet")
     with pytest.raises(InputError, match=r"shard 1/2 \(part-00001-of-00002.parquet\) was made with a different "
                                          r"config .*\(seed\)"):
-        merge.check_parts(tmp_path / "parts")
+        parts.check_parts(tmp_path / "parts")
 
 
 def test_merge_rejects_parts_of_different_artifacts(tmp_path):
@@ -128,20 +129,20 @@ def test_merge_rejects_parts_of_different_artifacts(tmp_path):
     io.write_artifact(table, tmp_path / "parts" / "part-00001-of-00002.parquet", "verified",
                       io.build_metadata("verified", {"seed": 1, "shard": "1/2"}))
     with pytest.raises(InputError, match=r"shard 1/2 .* is a verified file, shard 0/2 .* a rollouts file"):
-        merge.check_parts(tmp_path / "parts")
+        parts.check_parts(tmp_path / "parts")
 
 
 def test_disjoint_allows_a_prompt_spread_over_rows_of_one_part():
-    assert merge.find_overlap([("a", ["p0", "p0", "p1"]), ("b", ["p2", "p2"])]) is None
-    assert merge.find_overlap([("a", ["p0", "p1"]), ("b", ["p2", "p1"])]) == ("p1", "a", "b")
+    assert parts.find_overlap([("a", ["p0", "p0", "p1"]), ("b", ["p2", "p2"])]) is None
+    assert parts.find_overlap([("a", ["p0", "p1"]), ("b", ["p2", "p1"])]) == ("p1", "a", "b")
 
 
 def test_missing_shards_lists_absent_indices(tmp_path):
     paths = write_parts(tmp_path / "parts", "prompts", IDS, 3)
-    assert merge.missing_shards(tmp_path / "parts", 3) == []
+    assert parts.missing_shards(tmp_path / "parts", 3) == []
     paths[0].unlink()
-    assert merge.missing_shards(tmp_path / "parts", 3) == [0]
-    assert merge.missing_shards(tmp_path / "absent", 2) == [0, 1]
+    assert parts.missing_shards(tmp_path / "parts", 3) == [0]
+    assert parts.missing_shards(tmp_path / "absent", 2) == [0, 1]
 
 
 @pytest.mark.parametrize(
@@ -239,4 +240,4 @@ def test_parts_may_differ_in_how_they_were_computed(tmp_path):
     table, metadata = io.read_artifact(tmp_path / "parts" / "part-00001-of-00002.parquet", "scored")
     metadata["config"].update(threads=1, micro_batch_tokens=1024)  # shard 1 rerun on a smaller machine
     io.write_artifact(table, tmp_path / "parts" / "part-00001-of-00002.parquet", "scored", metadata)
-    assert len(merge.check_parts(tmp_path / "parts")) == 2
+    assert len(parts.check_parts(tmp_path / "parts")) == 2

@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from antisd_cli.main import cli
-from stages.plot import PlotConfig, group_band, load_run, metric_series, run
+from stages.common.figures import group_band
+from stages.plot import PlotConfig, load_run, metric_series, run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = 6

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 import schemas
 from stages.common.io import read_artifact, read_metadata
-from stages.lm.sampling import RolloutConfig, sample, select_prompts
 from stages.lm.engine import SamplingSettings
+from stages.lm.sampling import RolloutConfig, sample, select_prompts
 from stages.rollout import run
 
 N = 3
@@ -25,8 +25,8 @@ NEW_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def tiny_loaded(tiny_model_dir):
-    from stages.lm.models import load_model
     from stages.common.process import set_threads
+    from stages.lm.models import load_model
 
     set_threads(1)
     return load_model(tiny_model_dir)
@@ -185,8 +185,8 @@ def test_shards_cover_all_prompts_disjointly_and_match_the_whole_run(rollout, tm
 
 
 def test_select_prompts_rejects_duplicate_prompt_ids(arith_prompts):
-    from stages.common.io import InputError, Shard
-
+    from stages.common.errors import InputError
+    from stages.common.parts import Shard
     table = pq.read_table(arith_prompts)
     with pytest.raises(InputError, match="occurs more than once"):
         select_prompts(pa.concat_tables([table, table]), "x.parquet", 0, Shard())
@@ -400,9 +400,9 @@ def fake_vllm(monkeypatch):
 
 
 def test_vllm_engine_calls_and_rows(fake_vllm, tmp_path, arith_prompts, tiny_model_dir):
+    from stages.lm.engine import prompt_seed
     from stages.lm.models import load_tokenizer
     from stages.lm.prompts import encode, student_messages
-    from stages.lm.engine import prompt_seed
 
     config = RolloutConfig(prompts=str(arith_prompts), out=str(tmp_path / "r.parquet"), model=str(tiny_model_dir),
                            n=2, max_new_tokens=5, temperature=0.8, top_p=0.9, seed=11, engine="auto",
@@ -473,8 +473,8 @@ def test_auto_engine_is_hf_without_vllm(monkeypatch):
 
 @pytest.mark.slow
 def test_embedded_model_writes_nonempty_answers(tmp_path, embedded_model_dir):
-    from stages.lm.datasets import PrepareConfig
     from stages.data import run as prepare
+    from stages.lm.datasets import PrepareConfig
 
     prompts = prepare(PrepareConfig(name="arith", out=str(tmp_path / "p.parquet"), num=2, seed=3))
     path = run(RolloutConfig(prompts=str(prompts), out=str(tmp_path / "r.parquet"), model=str(embedded_model_dir),

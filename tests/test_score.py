@@ -300,7 +300,7 @@ def test_bad_options_exit_2(tmp_path, verified, args, message):
 
 
 def test_existing_output_needs_overwrite(tmp_path, tiny, verified, scored):
-    from stages.common.io import InputError
+    from stages.common.errors import InputError
     from stages.lm.scoring import ScoreConfig
     from stages.score import run
 
@@ -393,7 +393,7 @@ def test_a_soft_capping_family_is_scored_through_its_own_logits():
 def test_a_model_that_post_processes_its_logits_unseen_is_refused():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from stages.common.io import InputError
+    from stages.common.errors import InputError
     from stages.lm.models import checked_logits_path
 
     class Tempered(LlamaForCausalLM):  # any family whose forward changes the logits after the LM head

@@ -378,8 +378,7 @@ def test_example_runs_every_stage_as_valid_commands_and_resumes(tmp_path, fake_s
                                                ({"time": " "}, "--time: must not be empty"),
                                                ({"sbatch_args": ("qos=high",)}, "--sbatch-args: 'qos=high'")])
 def test_impossible_slurm_settings_fail_before_anything_is_written(tmp_path, settings, message):
-    from stages.common.io import InputError
-
+    from stages.common.errors import InputError
     with pytest.raises(InputError, match=message):
         slurm.render_run(loop_config(tmp_path / "run"), SlurmConfig(**settings), tmp_path)
     assert not (tmp_path / "run").exists()

@@ -21,11 +21,11 @@ from click.testing import CliRunner
 
 import schemas
 from antisd_cli.main import cli
-from stages.training import checkpoint
-from stages.common import io
 from stages import update as update_stage
-from stages.common.io import InputError
+from stages.common import io
+from stages.common.errors import InputError
 from stages.lm.models import model_revision
+from stages.training import checkpoint
 from stages.training.config import UpdateConfig
 from stages.update import run
 
@@ -199,8 +199,8 @@ def test_sd_is_ungated_by_default(tmp_path, tiny_model_dir, scored):
 def test_two_steps_in_process_equal_two_runs_through_checkpoints(tmp_path, tiny_model_dir):
     """Optimizer moments, step counts and gate state all travel through CKPT/deepspeed and antisd_state.json."""
     from stages.training import distributed
-    from stages.training.trainer import Trainer
     from stages.training.batch import batch_from_table
+    from stages.training.trainer import Trainer
 
     first = make_scored(tmp_path / "a.parquet", tiny_model_dir, seed=1)
     second = make_scored(tmp_path / "b.parquet", tiny_model_dir, seed=2, revision=None)

@@ -19,11 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from stages.training import checkpoint
-
-from stages.training import distributed
 from test_update import make_scored, weights
+
+from stages.training import checkpoint, distributed
 
 TIMEOUT_S = 300
 

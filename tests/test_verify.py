@@ -124,9 +124,8 @@ def test_metadata_records_config_and_counts(verified):
 def test_rollouts_sampling_temperature_is_what_score_finds_in_the_verified_metadata(tmp_path):
     from dataclasses import asdict
 
-    from stages.lm.sampling import RolloutConfig
-
     from stages.lm.engine import SamplingSettings
+    from stages.lm.sampling import RolloutConfig
     from stages.lm.scoring import metadata_temperature
 
     rollout_config = RolloutConfig(prompts="p.parquet", out="r.parquet", temperature=0.7)

@@ -11,10 +11,9 @@ import fcntl
 import json
 import logging
 import os
-import re
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,48 +22,10 @@ import pyarrow.parquet as pq
 
 import schemas
 from schemas import METADATA_KEY, SCHEMA_VERSION, SchemaError
+from stages.common.errors import InputError
+from stages.common.parts import check_parts, file_metadata, part_files, read_schema
 
 log = logging.getLogger(__name__)
-
-PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet$")
-
-
-class InputError(ValueError):
-    """Bad user input (missing file, wrong option value); the CLI prints it on one line and exits 2."""
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This process's slice of the prompts: shard `index` of `count` (0-based), e.g. ``--shard 3/8``."""
-
-    index: int = 0
-    count: int = 1
-
-    @classmethod
-    def parse(cls, text: str | None) -> "Shard":
-        if text is None or text == "":
-            return cls()
-        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-        if not match:
-            raise InputError(f"--shard: expected I/N such as 0/4, got '{text}'")
-        index, count = int(match.group(1)), int(match.group(2))
-        if count < 1 or not 0 <= index < count:
-            raise InputError(f"--shard: need 0 <= I < N and N >= 1, got '{text}'")
-        return cls(index, count)
-
-    @property
-    def is_whole(self) -> bool:
-        return self.count == 1
-
-    def select(self, keys: list[str]) -> list[int]:
-        """Row positions of this shard: unique keys are dealt round-robin in order of first appearance."""
-        order: dict[str, int] = {}
-        for key in keys:
-            order.setdefault(key, len(order))
-        return [i for i, key in enumerate(keys) if order[key] % self.count == self.index]
-
-    def part_name(self) -> str:
-        return f"part-{self.index:05d}-of-{self.count:05d}.parquet"
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -79,38 +40,10 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def part_files(directory: Path) -> list[Path]:
-    """Part files of a sharded dataset, checked complete: every index 0..N-1 present, one N."""
-    parts = sorted(p for p in directory.iterdir() if PART_RE.match(p.name))
-    if not parts:
-        raise InputError(f"{directory}: directory holds no part-XXXXX-of-YYYYY.parquet files")
-    counts = {int(PART_RE.match(p.name).group(2)) for p in parts}
-    if len(counts) != 1:
-        raise InputError(f"{directory}: part files disagree on the shard count: {sorted(counts)}")
-    count = counts.pop()
-    present = {int(PART_RE.match(p.name).group(1)) for p in parts}
-    missing = [i for i in range(count) if i not in present]
-    if missing:
-        raise InputError(f"{directory}: missing shard(s) {', '.join(f'{i}/{count}' for i in missing)}")
-    return parts
-
-
-def read_schema(file: str | Path) -> pa.Schema:
-    """The Arrow schema of one Parquet file; SchemaError naming it when it is not a readable Parquet file."""
-    try:
-        return pq.read_schema(file)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise SchemaError(f"{file}: not a readable Parquet file ({exc})") from None
-
-
 def read_metadata(path: str | Path) -> dict:
     """The ``antisd`` JSON metadata of a Parquet file (or of the first part of a directory)."""
     path = Path(path)
-    file = part_files(path)[0] if path.is_dir() else path
-    raw = read_schema(file).metadata or {}
-    if METADATA_KEY not in raw:
-        return {}
-    return json.loads(raw[METADATA_KEY])
+    return file_metadata(part_files(path)[0] if path.is_dir() else path)
 
 
 def read_artifact(path: str | Path, artifact: str, columns: list[str] | None = None) -> tuple[pa.Table, dict]:
@@ -122,9 +55,7 @@ def read_artifact(path: str | Path, artifact: str, columns: list[str] | None = N
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.is_dir():
-        from stages.merge import check_parts  # complete, one artifact and config, disjoint prompt ids
-
-        files = check_parts(path)
+        files = check_parts(path)  # complete, one artifact and config, disjoint prompt ids
     else:
         files = [path]
     tables = []
@@ -244,19 +175,6 @@ def write_artifact(table: pa.Table, path: str | Path, artifact: str, metadata: d
         if tmp.exists():
             tmp.unlink()
     return path
-
-
-def output_path(out: str | Path, shard: Shard) -> Path:
-    """Where a stage writes: `out` itself, or for a shard `out/part-i-of-N.parquet` (creating `out/`)."""
-    out = Path(out)
-    if shard.is_whole:
-        return out
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: a sharded output must be a directory, but a file exists there")
-    if not out.parent.exists():
-        raise InputError(f"{out}: output directory {out.parent} does not exist")
-    out.mkdir(exist_ok=True)
-    return out / shard.part_name()
 
 
 def read_json_object(path: str | Path, label: str | None = None) -> dict:

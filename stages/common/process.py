@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 def set_threads(threads: int) -> int:
     """Set torch's intra-op threads (0 = leave torch's default). Returns the count in effect, for the run record.
 
-    Oversubscribing 2 cores is 3-10x slower (STACK-NOTES), so stages expose this as `--threads`.
+    Oversubscribing 2 cores is 3-10x slower (docs/stack-notes.md), so stages expose this as `--threads`.
     """
     import torch
 

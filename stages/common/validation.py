@@ -14,7 +14,7 @@ import dataclasses
 import math
 from typing import Any, Iterable
 
-from stages.common.io import InputError
+from stages.common.errors import InputError
 
 
 def option_name(field: str) -> str:

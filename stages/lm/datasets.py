@@ -3,7 +3,7 @@ of `antisd data prepare` and of a run config's `loop.train` / `loop.eval`).
 
 Built-in sets ship inside the package (`stages/datasets/`, with their licences): gsm8k (train/test), math500,
 aime24, amc23, plus `arith`, a seeded generator of two-digit additions with a two-example few-shot prefix (the
-format in which SmolLM2-135M has enough mixed groups for RL, STACK-NOTES). Users' own data comes in as JSONL or
+format in which SmolLM2-135M has enough mixed groups for RL, docs/stack-notes.md). Users' own data comes in as JSONL or
 Parquet with column-mapping options. Few-shot user turns carry the student instruction (`stages.lm.prompts.user_text`);
 nothing else here formats for the model.
 """
@@ -20,9 +20,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.lm import prompts as prompt_format
 from stages.common import validation
-from stages.common.io import InputError, build_metadata, write_artifact
+from stages.common.errors import InputError
+from stages.common.io import build_metadata, write_artifact
+from stages.lm import prompts as prompt_format
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from stages.common.io import InputError
+from stages.common.errors import InputError
 
 ENGINES = ("auto", "vllm", "hf")
 

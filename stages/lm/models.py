@@ -17,7 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common.io import InputError, share_like_new_files
+from stages.common.errors import InputError
+from stages.common.io import share_like_new_files
 
 log = logging.getLogger(__name__)
 

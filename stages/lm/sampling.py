@@ -19,7 +19,8 @@ import pyarrow as pa
 
 import schemas
 from stages.common import validation
-from stages.common.io import InputError, Shard
+from stages.common.errors import InputError
+from stages.common.parts import Shard
 from stages.lm.engine import ENGINES, Completion, SamplingSettings, as_engine
 from stages.lm.models import DEFAULT_MODEL, DTYPES
 
@@ -83,7 +84,14 @@ def newly_finished(done_per_prompt: dict[int, int], prompt_indices: list[int], n
 def progress_bar(total_prompts: int, n: int, enabled: bool):
     """Yield `on_progress(prompt indices of finished samples, tokens)` that drives a rich bar on stderr."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(stderr=True)
     columns = [TextColumn("rollout prompts"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from stages.common import validation
-from stages.common.io import InputError
+from stages.common.errors import InputError
 from stages.lm.models import DTYPES
 
 SCORE_COLUMNS = ("student_logprobs", "teacher_logprobs", "teacher_entropy", "student_entropy", "pmi",

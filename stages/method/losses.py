@@ -17,7 +17,6 @@ import torch
 
 from stages.method.terms import antisd_term
 
-
 # --- aggregation (METHOD §3 Decision): one table, read by the step normalizer and by `aggregate` ------------------
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 
 from stages.common import validation
-from stages.common.io import InputError, to_jsonable
+from stages.common.errors import InputError
+from stages.common.io import to_jsonable
 
 
 class _Yaml12BoolLoader(yaml.SafeLoader):

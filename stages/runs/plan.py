@@ -18,8 +18,16 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from stages.common.io import (InputError, atomic_write_text, build_metadata, output_lock, read_artifact,
-                              read_json_object, to_jsonable, write_artifact)
+from stages.common.errors import InputError
+from stages.common.io import (
+    atomic_write_text,
+    build_metadata,
+    output_lock,
+    read_artifact,
+    read_json_object,
+    to_jsonable,
+    write_artifact,
+)
 from stages.lm import datasets
 from stages.runs import config as run_config
 from stages.runs.config import LoopConfig

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stages.common import validation
+
 log = logging.getLogger(__name__)
 
 ARRAY_STAGES = ("rollout", "score")  # sharded over array tasks
@@ -182,7 +183,7 @@ def sbatch_argv(job: Job, after_id: str | None) -> list[str]:
 
 def pending_shards(output: Path, shards: int) -> list[int]:
     """Shards of a stage output still to compute (all of them, or none, when the output is one file)."""
-    from stages.merge import missing_shards
+    from stages.common.parts import missing_shards
 
     if shards == 1:
         return [] if output.is_file() else [0]
@@ -265,7 +266,6 @@ def submit(jobs: list[Job], jobs_json: Path, sbatch_runner=None) -> dict[str, st
     The record is written after every submission, so a failure half-way leaves the ids already submitted.
     """
     from stages.common.io import atomic_write_json
-
     runner = sbatch_runner or _run_sbatch
     history = json.loads(jobs_json.read_text()) if jobs_json.exists() else {"submissions": []}
     entry = {"submitted_unix": time.time(), "jobs": []}

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from stages.common import metrics as keys
+from stages.common.errors import InputError
+from stages.common.io import read_json_object
 from stages.training import checkpoint
-from stages.common.io import InputError, read_json_object
 
 if TYPE_CHECKING:
     from stages.training.config import UpdateConfig

@@ -25,8 +25,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from stages.common.errors import InputError
+from stages.common.io import check_output, read_json_object, share_like_new_files, to_jsonable
 from stages.training import distributed
-from stages.common.io import InputError, check_output, read_json_object, share_like_new_files, to_jsonable
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ A launch is recognised from the environment the launchers set: RANK/WORLD_SIZE/L
 SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (srun), with MASTER_ADDR/MASTER_PORT for the rendezvous. Without one, the
 process forms a world of 1 on a free local port, passed to torch as arguments (os.environ is not written, except
 RANK/WORLD_SIZE/LOCAL_RANK while the engine works, since DeepSpeed reads them there, and removed afterwards).
-Backend: gloo on CPU, nccl on CUDA. On CPU the DeepSpeed JIT builds are avoided (STACK-NOTES "DeepSpeed on CPU").
+Backend: gloo on CPU, nccl on CUDA. On CPU the DeepSpeed JIT builds are avoided (docs/stack-notes.md, "DeepSpeed on CPU").
 
 Also here: the split of a batch's sequences across ranks by token count (micro-batches within a rank:
 `stages.lm.logprobs.pack_by_tokens`). This module trains nothing.
@@ -20,7 +20,7 @@ import socket
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
-from stages.common.io import InputError
+from stages.common.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def _merge(base: dict, extra: dict) -> dict:
 def deepspeed_config(user: dict, zero_stage: int | None, grad_clip: float, world_size: int, precision: str) -> dict:
     """The DeepSpeed config of an update: built-in ZeRO-2 default < the user's JSON < `zero_stage` < owned keys.
 
-    precision: fp32 (module weights stay fp32: at lr 1e-6 bf16 weights swallow the update, STACK-NOTES), bf16 or
+    precision: fp32 (module weights stay fp32: at lr 1e-6 bf16 weights swallow the update, docs/stack-notes.md), bf16 or
     fp16 (DeepSpeed mixed precision with fp32 masters, for GPUs). A user file may set any other DeepSpeed knob
     (offload, buckets, overlap_comm on GPU); `optimizer` and `scheduler` are refused (the trainer owns them).
     """

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from stages.common import metrics as keys
-from stages.common.io import InputError
+from stages.common.errors import InputError
 from stages.lm.logprobs import pack_by_tokens
 from stages.lm.models import quiet_transformers
 from stages.training import checkpoint, distributed
