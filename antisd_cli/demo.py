@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from antisd_cli.options import stage_errors
+from stages.common import metrics as keys
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "stages" / "configs" / "demo.yaml"
 
@@ -47,8 +48,8 @@ def _print_summary(run_dir: Path) -> None:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     base = json.loads((run_dir / "eval_base.json").read_text()) if (run_dir / "eval_base.json").exists() else {}
     title = "antisd demo: AntiSD on arith, SmolLM2-135M"
-    if "eval/accuracy" in base:
-        title += f" (base model held-out accuracy {base['eval/accuracy']:.3f})"
+    if keys.EVAL_ACCURACY in base:
+        title += f" (base model held-out accuracy {base[keys.EVAL_ACCURACY]:.3f})"
     table = Table(*[name for name, _, _ in COLUMNS], title=title)
     for row in rows:
         table.add_row(*[format_cell(row, key, fmt) for _, key, fmt in COLUMNS])

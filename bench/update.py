@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
     parser.add_argument("extra", nargs="*", help="Extra `antisd update` options (after --).")
     args = parser.parse_args()
+    from stages.common import metrics as keys
     folder = Path(tempfile.mkdtemp(prefix="bench_update."))
     try:
         scored = prepare(folder, args.sequences, args.response_tokens, args.threads)
@@ -118,9 +119,9 @@ def main() -> None:
         figures = {
             "sequences": args.sequences, "tokens": tokens, "mean_sequence_tokens": tokens / args.sequences,
             "threads": args.threads, "extra_args": args.extra,
-            "train_tok_s": metrics["throughput/update_tok_s"], "stage_s": metrics["timing_s/update"],
+            "train_tok_s": metrics[keys.UPDATE_TOK_S], "stage_s": metrics[keys.timing("update")],
             "child_wall_s": wall, "peak_rss_gib": peak_gib, "checkpoint_gib": size / 2**30,
-            "grad_norm": metrics["actor/grad_norm"], "pg_loss": metrics["actor/pg_loss"],
+            "grad_norm": metrics[keys.GRAD_NORM], "pg_loss": metrics[keys.PG_LOSS],
         }
         print(f"update: {args.sequences} sequences, {tokens} tokens (mean {tokens / args.sequences:.0f}), "
               f"{args.threads} thread(s) {' '.join(args.extra)}")

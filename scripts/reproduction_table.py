@@ -17,6 +17,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from stages.common import metrics as keys  # noqa: E402
+
 
 def load_run(run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -25,12 +28,12 @@ def load_run(run_dir: Path) -> dict:
     update = manifest["config"]["update"]
     method = update.get("method", "antisd") + ("-nogate" if update.get("gate") == "off" else "")
     return {"name": run_dir.name, "method": method, "steps": manifest["config"]["loop"]["steps"],
-            "seed": manifest["config"]["loop"]["seed"], "rows": rows, "base": base.get("eval/accuracy"),
+            "seed": manifest["config"]["loop"]["seed"], "rows": rows, "base": base.get(keys.EVAL_ACCURACY),
             "warmup": manifest["config"]["update"].get("warmup_steps", 5)}
 
 
 def eval_curve(run: dict) -> dict[int, float]:
-    return {r["step"]: r["eval/accuracy"] for r in run["rows"] if "eval/accuracy" in r}
+    return {r[keys.STEP]: r[keys.EVAL_ACCURACY] for r in run["rows"] if keys.EVAL_ACCURACY in r}
 
 
 def mean_curve(runs: list[dict]) -> dict[int, float]:
@@ -76,11 +79,11 @@ def main(root: Path) -> str:
         paired = [final_accuracy(r) - grpo_final[r["seed"]] for r in group
                   if final_accuracy(r) is not None and grpo_final.get(r["seed"]) is not None]
         bests = [max(eval_curve(r).values()) if eval_curve(r) else None for r in group]
-        lengths = [statistics.mean(x["response/length_mean"] for x in r["rows"]) for r in group]
-        rewards = [statistics.mean(x["reward/mean"] for x in r["rows"][-4:]) for r in group]
+        lengths = [statistics.mean(x[keys.LENGTH_MEAN] for x in r["rows"]) for r in group]
+        rewards = [statistics.mean(x[keys.REWARD_MEAN] for x in r["rows"][-4:]) for r in group]
         after = [[x for x in r["rows"] if x["step"] >= r["warmup"]] for r in group]
-        gate_open = [statistics.mean(x["gate/open"] for x in rows) if rows else None for rows in after]
-        lambdas = [statistics.mean(x["gate/lambda"] for x in r["rows"]) for r in group]
+        gate_open = [statistics.mean(x[keys.GATE_OPEN] for x in rows) if rows else None for rows in after]
+        lambdas = [statistics.mean(x[keys.GATE_LAMBDA] for x in r["rows"]) for r in group]
         steps = min(len(r["rows"]) for r in group)
         lines.append(
             f"| `{method}` | {len(group)} | {steps} | {fmt([r['base'] for r in group])} | {fmt(finals)} | {fmt(bests)} "

@@ -1,3 +1,67 @@
-"""antisd stages: one module per pipeline stage, plus the pure math (`objectives`) and shared I/O (`io`)."""
+"""antisd's library: one command module per `antisd` command at this level, over role sub-packages.
+
+Imports point one way: commands → sub-packages (`loop`, `eval` and `analyze` also call the commands they drive);
+`method/`, `common/` and the verifier's checking code import nothing else of `stages/` (tests/test_layout.py).
+
+Commands (each reads validate → read → compute → write):
+    data      `antisd data prepare`: a dataset → prompts Parquet
+    rollout   prompts → rollouts (sampling with an engine)
+    verify    rollouts → verified rows (rewards, groups, privileged context)
+    score     verified → scored rows (student/teacher log-probs, entropies, PMI)
+    update    scored rows + checkpoint → the next checkpoint (one DeepSpeed step)
+    loop      rollout → verify → score → update (→ eval) for N steps, resumable
+    eval      a benchmark → per-sample rows + avg@K, pass@k, maj@K
+    analyze   `antisd analyze pmi`: which words the privileged context inflates and deflates
+    plot      training curves of run folders
+    merge     part files of a sharded output → one checked file
+    inspect   describe any stage's Parquet file
+
+method/ — the METHOD.md formulas, pure functions of tensors
+    terms       the registry of methods: per-token terms, gate defaults, formulas
+    advantages  GRPO group advantages and the per-token advantage of a method
+    losses      aggregation, PPO-clip, k3 KL, truncated IS weights, PMI statistics
+    gate        the median teacher entropy and the entropy-triggered Schmitt gate
+    estimators  pass@k, avg@k, maj@k, bootstrap intervals
+
+lm/ — the language model: what it reads and computes
+    models      model resolution (local folders, the embedded GGUF), loading, the logits-path check
+    prompts     student and teacher chat messages, token ids
+    datasets    the prompt sets (built-in and user files), PrepareConfig
+    pieces      token pieces → text and words (for the PMI analysis)
+    logprobs    chunked per-token log-probs and entropies, the one micro-batch packer
+    engine      the engine interface, SamplingSettings, Completion, per-sample seeds
+    engine_hf   sampling with transformers generate
+    engine_vllm sampling with vLLM (imported only when chosen), the loop's resident engine
+    sampling    RolloutConfig and sample(): prompt rows → rollouts rows
+    scoring     ScoreConfig, student and teacher views, scored columns
+
+verifier/ — answers and rewards
+    answers     answer extraction and equivalence checks in killable worker processes
+    sandbox     the guarded evaluation those workers run (model output is never eval-ed)
+    rows        VerifyConfig and verify_table(): rewards, group statistics, privileged contexts
+
+training/ — the update step
+    config      UpdateConfig (options of `antisd update`) and the gate default
+    trainer     the policy in a DeepSpeed engine, the optimizer step, the checkpoint it writes
+    batch       scored rows → Batch, the checks of state, revision and reference, the data's metrics
+    checkpoint  the atomic checkpoint format (HF folder + DeepSpeed state + run state)
+    distributed process groups, DeepSpeed config, the split of a batch across ranks
+
+runs/ — a training run
+    config      the run config (YAML + --set), its validation and digest, LoopConfig
+    plan        what a step is: prompts cursor, stage configs, commands.sh, opening a run directory
+    run_dir     the run directory: layout, manifest, metrics.jsonl, checkpoint pruning
+    view        the live view on stderr
+    slurm       rendering and submitting a run as Slurm jobs
+
+common/ — shared by all
+    errors      InputError (exit 2)
+    io          checked Parquet reads, atomic writes, output locks
+    parts       part files of sharded outputs and their checks
+    validation  config checks (Checks, ConfigError)
+    metrics     the names of the logged metrics
+    figures     PNG/HTML/CSV outputs (the only matplotlib importer)
+    process     CPU threads, seeds, device choice
+"""
 
 __version__ = "0.1.0"

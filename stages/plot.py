@@ -162,7 +162,7 @@ def base_record(folder: Path) -> list[dict]:
     path = folder / "eval_base.json"
     if not path.is_file():
         return []
-    values = {k: v for k, v in read_json_object(path).items() if k.startswith("eval/")}
+    values = {k: v for k, v in read_json_object(path).items() if k.startswith(keys.EVAL_PREFIX)}
     return [{"step": BASE_STEP, **values}] if values else []
 
 

@@ -98,16 +98,3 @@ def is_engine(obj) -> bool:
     """True for an engine (an `Engine`, or anything with its interface), False for a LoadedModel."""
     return isinstance(obj, Engine) or (hasattr(obj, "generate") and hasattr(obj, "model_path")
                                        and hasattr(obj, "tokenizer"))
-
-
-def as_engine(loaded_or_engine):
-    """An engine from a LoadedModel (wrapped in HFEngine) or an engine, returned unchanged."""
-    if is_engine(loaded_or_engine):
-        return loaded_or_engine
-    if not hasattr(loaded_or_engine, "model") or not hasattr(loaded_or_engine, "tokenizer"):
-        raise TypeError("expected a stages.lm.models.LoadedModel or an Engine (HFEngine, VLLMEngine)")
-    from stages.lm.engine_hf import HFEngine
-
-    return HFEngine(loaded_or_engine)
-
-

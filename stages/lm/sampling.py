@@ -21,7 +21,7 @@ import schemas
 from stages.common import validation
 from stages.common.errors import InputError
 from stages.common.parts import Shard
-from stages.lm.engine import ENGINES, Completion, SamplingSettings, as_engine
+from stages.lm.engine import ENGINES, Completion, SamplingSettings, is_engine
 from stages.lm.models import DEFAULT_MODEL, DTYPES
 
 PROMPT_COLUMNS = [field.name for field in schemas.PROMPTS]
@@ -108,6 +108,17 @@ def progress_bar(total_prompts: int, n: int, enabled: bool):
             progress.update(task, advance=finished, rate=f"{rate:,.0f} tok/s")
 
         yield on_progress
+
+
+def as_engine(loaded_or_engine):
+    """An engine from a LoadedModel (wrapped in HFEngine) or an engine, returned unchanged."""
+    if is_engine(loaded_or_engine):
+        return loaded_or_engine
+    if not hasattr(loaded_or_engine, "model") or not hasattr(loaded_or_engine, "tokenizer"):
+        raise TypeError("expected a stages.lm.models.LoadedModel or an Engine (HFEngine, VLLMEngine)")
+    from stages.lm.engine_hf import HFEngine
+
+    return HFEngine(loaded_or_engine)
 
 
 def sample(loaded_or_engine, prompt_rows: list[dict], settings: SamplingSettings, *, batch_size: int = 0,

@@ -64,7 +64,7 @@ def token_advantages(method: str, seq_adv: torch.Tensor, pmi: torch.Tensor | Non
     mask = mask.bool()
     seq = seq_adv.detach().to(torch.float32).reshape(-1, 1)  # [B, 1]
     if pmi is None:
-        if method != "grpo":
+        if get_term(method).uses_teacher:
             raise ValueError(f"method {method!r} needs the pmi tensor")
         pmi = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     u = torch.where(mask, pmi.detach().to(torch.float32), 0.0)  # [B, T]; padding may hold NaN

@@ -27,18 +27,20 @@ class TokenTerm:
     term: Callable  # f(u) → per-token term (a tensor like u); constant weight, no gradient wanted
     gated_by_default: bool  # `update --gate auto` turns the entropy gate on for this method
     formula: str  # A_{i,t} in METHOD's notation, for help texts and the README table
+    uses_teacher: bool = True  # the term reads u (so λ acts); False: the token term is 0 and λ is reported as 0
 
 
 _TERMS: dict[str, TokenTerm] = {}
 
 
-def register_term(name: str, *, gated_by_default: bool, formula: str) -> Callable[[Callable], Callable]:
+def register_term(name: str, *, gated_by_default: bool, formula: str, uses_teacher: bool = True
+                  ) -> Callable[[Callable], Callable]:
     """Register f(u) under `name` (a decorator); registering a name twice raises ValueError."""
 
     def decorator(fn: Callable) -> Callable:
         if name in _TERMS:
             raise ValueError(f"token-advantage method {name!r} is already registered")
-        _TERMS[name] = TokenTerm(name, fn, gated_by_default, formula)
+        _TERMS[name] = TokenTerm(name, fn, gated_by_default, formula, uses_teacher)
         return fn
 
     return decorator
@@ -72,7 +74,7 @@ def antisd_term(u):
     return -phi(u)
 
 
-@register_term("grpo", gated_by_default=False, formula="A_seq_i")
+@register_term("grpo", gated_by_default=False, formula="A_seq_i", uses_teacher=False)
 def _grpo_term(u):
     """grpo: no token term (λ is irrelevant)."""
     return u.new_zeros(u.shape)

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import sys
 
+from stages.common import metrics as keys
+
 COLUMNS = [
-    ("step", "step", "{:d}"),
-    ("reward", "reward/mean", "{:.3f}"),
-    ("eval acc", "eval/accuracy", "{:.3f}"),
-    ("H teacher", "teacher/entropy_median", "{:.3f}"),
-    ("gate", "gate/open", "{:.0f}"),
-    ("λ", "gate/lambda", "{:.2f}"),
-    ("−φ(u)", "pmi/antisd_term_mean", "{:+.4f}"),
-    ("len", "response/length_mean", "{:.1f}"),
-    ("rollout tok/s", "throughput/rollout_tok_s", "{:.0f}"),
-    ("step s", "timing_s/step", "{:.1f}"),
+    ("step", keys.STEP, "{:d}"),
+    ("reward", keys.REWARD_MEAN, "{:.3f}"),
+    ("eval acc", keys.EVAL_ACCURACY, "{:.3f}"),
+    ("H teacher", keys.TEACHER_ENTROPY_MEDIAN, "{:.3f}"),
+    ("gate", keys.GATE_OPEN, "{:.0f}"),
+    ("λ", keys.GATE_LAMBDA, "{:.2f}"),
+    ("−φ(u)", keys.PMI_ANTISD_TERM_MEAN, "{:+.4f}"),
+    ("len", keys.LENGTH_MEAN, "{:.1f}"),
+    ("rollout tok/s", keys.ROLLOUT_TOK_S, "{:.0f}"),
+    ("step s", keys.timing("step"), "{:.1f}"),
 ]
 
 
@@ -74,7 +76,7 @@ class LoopView:
             self.live.update(self._table())
 
     def baseline(self, result: dict) -> None:
-        self.baseline_accuracy = result.get("eval/accuracy")
+        self.baseline_accuracy = result.get(keys.EVAL_ACCURACY)
         if self.live is None and self.baseline_accuracy is not None:
             self.console.print(f"base model: eval accuracy {self.baseline_accuracy:.3f}")
         self._refresh()

@@ -24,6 +24,7 @@ from stages.common import metrics as keys
 from stages.common.errors import InputError
 from stages.lm.logprobs import pack_by_tokens
 from stages.lm.models import quiet_transformers
+from stages.method.terms import get_term
 from stages.training import checkpoint, distributed
 from stages.training.batch import Batch, batch_metrics, is_finite, mean_or_none, pad_rows
 from stages.training.config import UpdateConfig, gated
@@ -169,7 +170,7 @@ class Trainer:
         step = self.step
         data_metrics = batch_metrics(batch)
         lam = self.gate.update(data_metrics[keys.TEACHER_ENTROPY_MEDIAN])
-        lam = 0.0 if config.method == "grpo" else lam  # grpo's term is 0: λ is reported as what acted
+        lam = lam if get_term(config.method).uses_teacher else 0.0  # report the λ that acted
         seq_adv = group_advantages(torch.tensor(batch.rewards), batch.group_ids, eps=config.adv_eps,
                                    scale=config.adv_scale)  # [N]
         sums = dict.fromkeys(("loss", "clip", "kl", "kl_ref", "tokens", "seq_tokens"), 0.0)
