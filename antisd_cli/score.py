@@ -32,6 +32,10 @@ C = ScoreConfig
 @config_option(C, "chunk_size", "Response positions per LM-head/log-softmax chunk (bounds the [chunk × vocab] logits).")
 @config_option(C, "micro_batch_tokens", "Padded tokens (sequences × longest) per forward pass; sequences are sorted "
                                         "by length.")
+@config_option(C, "share_prefix", "Run each prompt's common prompt prefix once for its views (the same numbers, "
+                                  "fewer positions).")
+@config_option(C, "teacher", "Run the teacher pass (t, H, u); --no-teacher for a method that does not read u "
+                             "(grpo): the teacher columns then repeat the student's and pmi is 0.")
 @dtype_option(C)
 @config_option(C, "device", "auto, cpu, cuda or cuda:N.")
 @threads_option(C)

@@ -63,7 +63,10 @@ C = UpdateConfig
 @config_option(C, "switch_method", "Accept a run state written by another --method (continue a GRPO checkpoint as "
                                    "AntiSD): its step, RNG and optimizer carry on, and the gate re-calibrates H_warm.")
 @dtype_option(C)
-@config_option(C, "gradient_checkpointing", "Recompute activations in backward (less memory).")
+@config_option(C, "gradient_checkpointing", "Recompute activations in backward: less memory, ~30% more compute, and "
+                                            "no shared prefixes (the cache of a checkpointed layer is dropped).")
+@config_option(C, "share_prefix", "Run each group's prompt once per micro-batch, its cache repeated over the samples "
+                                  "(the same gradients, fewer positions).")
 @threads_option(C)
 @seed_option(C, "Seeds the mini-batch order; the RNG state is restored from the run state when present.")
 @config_option(C, "force", "Accept a scored file whose old log-probs came from another model revision.")

@@ -5,18 +5,23 @@ For each row the same weights are run twice over the stored response token ids (
 - teacher view: encode(teacher_messages(problem, few_shot, privileged_text, correct)) + the same response ids
   → t_t = teacher_logprobs, H_t = teacher_entropy; pmi u_t = t_t − s_t (computed from the stored float32 values).
 Rows with privileged_source == "none" get no teacher pass: teacher_* = the student values, pmi = 0,
-teacher_prompt_length = the student prompt length, and they are left out of the median teacher entropy.
+teacher_prompt_length = the student prompt length, and they are left out of the median teacher entropy. With
+`--no-teacher` (what `loop` passes for a method that does not read u, such as grpo) no row gets one, and the
+metadata records teacher: false.
 With `--reference MODEL` a third network (a frozen reference, same dtype and device) scores the student view only,
 at the same temperature, into the optional `ref_logprobs` column (no entropy), for `update --kl-coef` (METHOD §3).
 
-Log-probs and full-vocabulary entropies (nats) come from `stages.lm.logprobs.response_token_stats` (chunks of
-positions, never [tokens × vocab] logits for a batch) under torch.inference_mode; sequences (student and teacher
-views together) are sorted by length and grouped into micro-batches of at most `micro_batch_tokens` padded tokens.
+Log-probs and full-vocabulary entropies (nats) are computed in chunks of positions (never [tokens × vocab] logits for
+a batch) under torch.inference_mode. By default the views of one prompt run as one unit whose common prompt prefix is
+computed once (`stages.lm.shared_prefix`): the student views share the whole prompt, the teacher views the few-shot
+turns and the problem; `--no-share-prefix` runs every view as a full sequence, in micro-batches of at most
+`micro_batch_tokens` padded tokens. Both give the same numbers to float rounding (tested to 1e-5).
 Output rows keep the input order. Temperature: `--temperature`, else the first `temperature` key found in the input
 file's metadata (breadth-first: rollout records its sampling parameters, verify carries them along), else 1.0; the
 value used is stored in the metadata so `update` can use the same numerics.
 File metadata: model path and revision, reference_model and reference_revision (None without --reference),
-temperature, median_teacher_entropy (this file's rows: with --shard, a shard's median), token counts, tokens_per_s.
+temperature, median_teacher_entropy (this file's rows: with --shard, a shard's median), token counts (sequence_tokens:
+prompt + response of every view; forward_tokens: the positions actually computed), tokens_per_s (sequence tokens).
 The views, micro-batches and columns are computed by `stages.lm.scoring`; this module reads, checks and writes.
 """
 
@@ -44,7 +49,7 @@ from stages.lm.scoring import (
     check_rows,
     load_reference,
     metadata_temperature,
-    micro_batches,
+    plan_batches,
     score_views,
 )
 
@@ -82,25 +87,28 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
         vocab_size = min([len(tokenizer)] + [network.get_input_embeddings().num_embeddings for network in networks])
         rows = table.select(_ROW_COLUMNS).to_pylist()
         check_rows(rows, vocab_size, config.verified)
-        views = build_views(rows, tokenizer)
+        views = build_views(rows, tokenizer, teacher=config.teacher)
         reference_views = [v for v in views if not v.teacher] if reference is not None else []
         # --- compute
-        forward_tokens = sum(v.length for v in views + reference_views)
-        log.info("scoring %d rows (%d teacher views, %d reference views, %d forward tokens) with %s at temperature %g, "
-                 "%d thread(s)", len(rows), sum(v.teacher for v in views), len(reference_views), forward_tokens,
-                 loaded.path, temperature, threads)
+        batches = plan_batches(views, rows, config.micro_batch_tokens, config.share_prefix)
+        reference_batches = plan_batches(reference_views, rows, config.micro_batch_tokens, config.share_prefix)
+        sequence_tokens = sum(v.length for v in views + reference_views)
+        forward_tokens = sum(b.tokens for b in batches + reference_batches)
+        log.info("scoring %d rows (%d teacher views, %d reference views, %d sequence tokens in %d forward positions) "
+                 "with %s at temperature %g, %d thread(s)", len(rows), sum(v.teacher for v in views),
+                 len(reference_views), sequence_tokens, forward_tokens, loaded.path, temperature, threads)
         numerics = dict(pad_id=tokenizer.pad_token_id or 0, temperature=temperature, chunk_size=config.chunk_size,
-                        budget=config.micro_batch_tokens, rows=rows)
+                        rows=rows)
         start = time.perf_counter()
-        with _Progress(forward_tokens) as progress:
-            results = score_views(model, views, progress=progress, **numerics)
+        with _Progress(sequence_tokens) as progress:
+            results = score_views(model, batches, progress=progress, **numerics)
             if reference is not None:  # log π_ref(y_t | x, y<t): the student views, same numerics, no entropy
-                reference_results = score_views(reference.model, reference_views, progress=progress, with_entropy=False,
-                                                label="reference's ", **numerics)
+                reference_results = score_views(reference.model, reference_batches, progress=progress,
+                                                with_entropy=False, label="reference's ", **numerics)
         seconds = time.perf_counter() - start
         columns = assemble(rows, views, results)
         median, median_tokens = median_teacher_entropy(
-            columns["teacher_entropy"], [row["privileged_source"] != "none" for row in rows])
+            columns["teacher_entropy"], [config.teacher and row["privileged_source"] != "none" for row in rows])
         if reference is not None:
             columns[REFERENCE_COLUMN] = [reference_results[(index, False)][0] for index in range(len(rows))]
         # --- write
@@ -109,17 +117,16 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
         response_tokens = sum(len(r["response_token_ids"]) for r in rows)
         metadata = build_metadata(
             "scored", replace(config, temperature=temperature), input=str(config.verified),
-            model=str(loaded.path), model_revision=loaded.revision, temperature=temperature,
+            model=str(loaded.path), model_revision=loaded.revision, temperature=temperature, teacher=config.teacher,
             reference_model=str(reference.path) if reference is not None else None,
             reference_revision=reference.revision if reference is not None else None,
             dtype=str(loaded.dtype).replace("torch.", ""), device=str(loaded.device), threads=threads,
             shard=f"{shard.index}/{shard.count}", rows=len(rows),
             privileged_sources=dict(Counter(r["privileged_source"] for r in rows)),
             median_teacher_entropy=median, teacher_entropy_tokens=median_tokens,
-            response_tokens=response_tokens, forward_tokens=forward_tokens,
-            micro_batches=len(micro_batches(views, config.micro_batch_tokens))
-            + len(micro_batches(reference_views, config.micro_batch_tokens)),
-            seconds=round(seconds, 3), tokens_per_s=round(forward_tokens / max(seconds, 1e-9), 1))
+            response_tokens=response_tokens, sequence_tokens=sequence_tokens, forward_tokens=forward_tokens,
+            micro_batches=len(batches) + len(reference_batches),
+            seconds=round(seconds, 3), tokens_per_s=round(sequence_tokens / max(seconds, 1e-9), 1))
         write_artifact(table, out, "scored", metadata)
         log.info("wrote %d scored rows to %s (median teacher entropy %s nats, %.0f tok/s)", len(rows), out,
                  metadata["median_teacher_entropy"], metadata["tokens_per_s"])

@@ -22,7 +22,14 @@ from stages.common import metrics as keys
 from stages.common.errors import InputError
 from stages.common.io import output_lock, read_artifact
 from stages.training import checkpoint, distributed
-from stages.training.batch import batch_from_table, check_reference, check_revision, check_state, read_deepspeed_file
+from stages.training.batch import (
+    batch_from_table,
+    check_reference,
+    check_revision,
+    check_state,
+    check_teacher,
+    read_deepspeed_file,
+)
 from stages.training.config import UpdateConfig
 from stages.training.trainer import Trainer
 
@@ -56,9 +63,10 @@ def _run_locked(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path,
     table, metadata = read_artifact(config.scored, "scored")
     check_reference(config, table)
     check_revision(config, metadata, model_dir)
+    check_teacher(config, metadata)
     vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     temperature = float(metadata.get("temperature") or 1.0)  # score's numerics: s_t at the sampling temperature
-    batch = batch_from_table(table, str(config.scored), vocab_size, temperature)
+    batch = batch_from_table(table, str(config.scored), vocab_size, temperature, metadata.get("teacher") is not False)
     threads = set_threads(config.threads)
     if env.is_main:
         log.info("update: %d rows, method %s, temperature %g, %d rank(s), %d thread(s), state %s", len(batch),

@@ -174,12 +174,48 @@ def test_micro_batch_budget_does_not_change_values(tmp_path, tiny, verified, sco
 
     rows, _ = scored
     out = run(ScoreConfig(verified=str(verified), out=str(tmp_path / "one.parquet"), micro_batch_tokens=1,
-                          chunk_size=3), loaded=tiny)
+                          chunk_size=3, share_prefix=False), loaded=tiny)
     other, meta = read_artifact(out, "scored")
     assert meta["micro_batches"] == 10  # 6 student + 4 teacher views, one per batch
     for a, b in zip(rows, other.to_pylist()):
         for column in ("student_logprobs", "teacher_logprobs", "teacher_entropy", "student_entropy", "pmi"):
             np.testing.assert_allclose(a[column], b[column], rtol=0, atol=1e-5)
+
+
+SCORED_COLUMNS = ("student_logprobs", "teacher_logprobs", "teacher_entropy", "student_entropy", "pmi",
+                  "teacher_prompt_length")
+
+
+@pytest.mark.parametrize("budget", [100_000, 200, 1])  # one unit per group; split units; one view per pass
+def test_the_shared_prefix_path_equals_full_sequences_on_every_column(tmp_path, tiny, verified, budget):
+    """Uneven groups (2 views, teacher prompts of different lengths, an empty response), padding, splits."""
+    from stages.lm.scoring import ScoreConfig
+    from stages.score import run
+
+    outputs = {}
+    for share in (True, False):
+        out = run(ScoreConfig(verified=str(verified), out=str(tmp_path / f"{share}-{budget}.parquet"),
+                              micro_batch_tokens=budget, chunk_size=5, share_prefix=share), loaded=tiny)
+        outputs[share] = read_artifact(out, "scored")
+    (shared, shared_meta), (full, full_meta) = outputs[True], outputs[False]
+    for a, b in zip(shared.to_pylist(), full.to_pylist()):
+        for column in SCORED_COLUMNS:
+            np.testing.assert_allclose(a[column], b[column], rtol=0, atol=1e-5)
+    assert shared_meta["sequence_tokens"] == full_meta["sequence_tokens"]
+    if budget > 1:
+        assert shared_meta["forward_tokens"] < full_meta["forward_tokens"]  # the prompts ran once per group
+
+
+def test_without_the_teacher_pass_the_teacher_columns_repeat_the_students(tmp_path, tiny, verified):
+    from stages.lm.scoring import ScoreConfig
+    from stages.score import run
+
+    out = run(ScoreConfig(verified=str(verified), out=str(tmp_path / "s.parquet"), teacher=False), loaded=tiny)
+    table, meta = read_artifact(out, "scored")
+    assert meta["teacher"] is False and meta["median_teacher_entropy"] is None
+    for row in table.to_pylist():
+        assert row["teacher_logprobs"] == row["student_logprobs"] and set(row["pmi"]) <= {0.0}
+        assert row["teacher_prompt_length"] == len(row["prompt_token_ids"])
 
 
 def test_micro_batches_respect_budget_and_sort():

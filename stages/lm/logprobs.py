@@ -113,7 +113,15 @@ def response_token_stats(
         lengths.append(count)
     rows_t, cols_t = torch.cat(rows).to(device), torch.cat(cols).to(device)  # [N]
     targets = input_ids[rows_t, cols_t + 1]  # [N]
-    flat_hidden = hidden[rows_t, cols_t]  # [N, H]
+    return stats_of_positions(model, hidden[rows_t, cols_t], targets, lengths, temperature=temperature,
+                              chunk_size=chunk_size, with_entropy=with_entropy)
+
+
+def stats_of_positions(model, flat_hidden: torch.Tensor, targets: torch.Tensor, lengths: list[int], *,
+                       temperature: float, chunk_size: int, with_entropy: bool
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Log-probs of `targets` [N] and entropies from their predicting hidden states [N, H], in chunks of positions,
+    split into the sequences' `lengths` (Σ = N). With grad enabled each chunk is checkpointed (hidden states kept)."""
     logprob_chunks, entropy_chunks = [], []
     use_checkpoint = torch.is_grad_enabled()
     for begin in range(0, flat_hidden.shape[0], chunk_size):
@@ -125,8 +133,8 @@ def response_token_stats(
             lp, ent = _chunk_stats(piece, piece_targets, model, temperature, with_entropy)
         logprob_chunks.append(lp)
         entropy_chunks.append(ent.detach())
-    flat_logprobs = torch.cat(logprob_chunks) if logprob_chunks else hidden.new_zeros(0)
-    flat_entropy = torch.cat(entropy_chunks) if entropy_chunks else hidden.new_zeros(0)
+    flat_logprobs = torch.cat(logprob_chunks) if logprob_chunks else flat_hidden.new_zeros(0)
+    flat_entropy = torch.cat(entropy_chunks) if entropy_chunks else flat_hidden.new_zeros(0)
     return list(torch.split(flat_logprobs, lengths)), list(torch.split(flat_entropy, lengths))
 
 

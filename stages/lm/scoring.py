@@ -36,7 +36,11 @@ class ScoreConfig:
     reference: str | None = None
     temperature: float | None = None  # None = the input metadata's sampling temperature, else 1.0
     chunk_size: int = 64  # response positions per LM-head/log-softmax chunk
-    micro_batch_tokens: int = 8192  # padded tokens (rows × longest sequence) per forward pass
+    micro_batch_tokens: int = 8192  # positions per forward pass (padded rows × longest, a shared prefix counted once)
+    share_prefix: bool = True  # run a group's common prompt prefix once for its views (same numbers, fewer tokens)
+    # the teacher pass (t, H, u); off for a method that does not read u (grpo): the teacher columns then repeat the
+    # student's, pmi is 0 and the file's metadata says teacher: false
+    teacher: bool = True
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on GPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads (0 = torch default)
@@ -96,14 +100,15 @@ def check_rows(rows: list[dict], vocab_size: int, source: str) -> None:
             raise InputError(f"{source}: {row_label(rows, index)}: empty prompt_token_ids")
 
 
-def build_views(rows: list[dict], tokenizer) -> list[View]:
-    """Student view of every row, teacher view (METHOD §4 prompt + the same response ids) of rows with a source."""
+def build_views(rows: list[dict], tokenizer, teacher: bool = True) -> list[View]:
+    """Student view of every row, teacher view (METHOD §4 prompt + the same response ids) of rows with a source
+    (none at all without `teacher`)."""
     from stages.lm.prompts import encode, teacher_messages
 
     views = []
     for index, row in enumerate(rows):
         views.append(View(index, False, row["prompt_token_ids"], row["response_token_ids"]))
-        if row["privileged_source"] != "none":
+        if teacher and row["privileged_source"] != "none":
             messages = teacher_messages(row["problem"], row["few_shot"], row["privileged_text"], bool(row["correct"]))
             views.append(View(index, True, encode(tokenizer, messages), row["response_token_ids"]))
     return views
@@ -116,7 +121,41 @@ def micro_batches(views: list[View], budget: int) -> list[list[View]]:
     return [[views[i] for i in batch] for batch in pack_by_tokens([v.length for v in views], budget)]
 
 
-def score_views(model, views: list[View], *, pad_id: int, temperature: float, chunk_size: int, budget: int,
+@dataclass(frozen=True)
+class ViewBatch:
+    """One forward pass: `views` run as padded full sequences (unit None) or with their common prefix shared."""
+
+    views: list[View]
+    unit: object | None = None  # stages.lm.shared_prefix.SharedPrefix
+
+    @property
+    def tokens(self) -> int:
+        """Positions this pass computes (what its cost scales with)."""
+        if self.unit is not None:
+            return self.unit.tokens
+        return len(self.views) * max(v.length for v in self.views)
+
+
+def plan_batches(views: list[View], rows: list[dict], budget: int, share_prefix: bool) -> list[ViewBatch]:
+    """The forward passes that score `views`: with `share_prefix`, the views of one prompt and kind (student or
+    teacher) share their common prompt prefix, cut to fit `budget`; else `micro_batches` of full sequences."""
+    from stages.lm.shared_prefix import share, split
+
+    if not share_prefix:
+        return [ViewBatch(batch) for batch in micro_batches(views, budget)]
+    groups: dict[tuple, list[View]] = {}
+    for view in views:
+        groups.setdefault((rows[view.row]["prompt_id"], view.teacher), []).append(view)
+    batches = []
+    for members in groups.values():
+        start = 0
+        for piece in split(share([v.prompt_ids for v in members], [v.response_ids for v in members]), budget):
+            batches.append(ViewBatch(members[start:start + len(piece)], piece))
+            start += len(piece)
+    return batches
+
+
+def score_views(model, batches: list[ViewBatch], *, pad_id: int, temperature: float, chunk_size: int,
                 rows: list[dict], progress=None, with_entropy: bool = True, label: str = ""
                 ) -> dict[tuple[int, bool], tuple[list[float], list[float] | None]]:
     """(row, teacher) → (log-probs, entropies or None) of the response tokens; RuntimeError naming a row on NaN/inf.
@@ -126,14 +165,19 @@ def score_views(model, views: list[View], *, pad_id: int, temperature: float, ch
     import torch
 
     from stages.lm.logprobs import response_token_stats
+    from stages.lm.shared_prefix import shared_prefix_token_stats
 
+    numerics = dict(pad_id=pad_id, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
     results = {}
     with torch.inference_mode():
-        for batch in micro_batches(views, budget):
-            logprobs, entropies = response_token_stats(
-                model, [v.prompt_ids + v.response_ids for v in batch], [len(v.prompt_ids) for v in batch],
-                pad_id=pad_id, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
-            for view, lp, ent in zip(batch, logprobs, entropies):
+        for batch in batches:
+            if batch.unit is not None:
+                logprobs, entropies = shared_prefix_token_stats(model, batch.unit, **numerics)
+            else:
+                logprobs, entropies = response_token_stats(
+                    model, [v.prompt_ids + v.response_ids for v in batch.views],
+                    [len(v.prompt_ids) for v in batch.views], **numerics)
+            for view, lp, ent in zip(batch.views, logprobs, entropies):
                 if not (bool(torch.isfinite(lp).all()) and bool(torch.isfinite(ent).all())):
                     raise RuntimeError(f"non-finite log-probs or entropy in the {label}"
                                        f"{'teacher' if view.teacher else 'student'} view of {row_label(rows, view.row)}"
@@ -141,7 +185,7 @@ def score_views(model, views: list[View], *, pad_id: int, temperature: float, ch
                 results[(view.row, view.teacher)] = (lp.float().cpu().tolist(),
                                                      ent.float().cpu().tolist() if with_entropy else None)
             if progress is not None:
-                progress(sum(v.length for v in batch))
+                progress(sum(v.length for v in batch.views))
     return results
 
 
@@ -156,7 +200,7 @@ def assemble(rows: list[dict], views: list[View], results: dict) -> dict[str, li
         if index in teacher_length:
             teacher_lp, teacher_ent = results[(index, True)]
             pmi = (np.asarray(teacher_lp, np.float32) - np.asarray(student_lp, np.float32)).tolist()
-        else:  # no privileged context: the teacher view is the student view
+        else:  # no privileged context (or no teacher pass): the teacher view is the student view
             teacher_lp, teacher_ent, pmi = student_lp, student_ent, [0.0] * len(student_lp)
         columns["student_logprobs"].append(student_lp)
         columns["teacher_logprobs"].append(teacher_lp)

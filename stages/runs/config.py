@@ -114,7 +114,7 @@ STAGE_SECTIONS = {
     "rollout": ("stages.lm.sampling", "RolloutConfig", {"model", "prompts", "out", "seed", "shard", "overwrite",
                                                         "max_prompts"}),
     "verify": ("stages.verifier.rows", "VerifyConfig", {"rollouts", "out", "seed", "overwrite"}),
-    "score": ("stages.lm.scoring", "ScoreConfig", {"model", "verified", "out", "shard", "overwrite"}),
+    "score": ("stages.lm.scoring", "ScoreConfig", {"model", "verified", "out", "shard", "overwrite", "teacher"}),
     "update": ("stages.training.config", "UpdateConfig", {"model", "scored", "out", "state", "seed", "overwrite",
                                                           "force"}),
 }

@@ -169,6 +169,14 @@ def score_reference(config: run_config.RunConfig) -> str | None:
     return config.loop.model if config.stages["update"].get("kl_coef", 0.0) > 0 else None
 
 
+def uses_teacher(config: run_config.RunConfig) -> bool:
+    """Whether score runs the teacher pass: only for a method that reads u (grpo does not)."""
+    from stages.method.terms import get_term
+    from stages.training.config import UpdateConfig
+
+    return get_term(config.stages["update"].get("method", UpdateConfig.method)).uses_teacher
+
+
 def step_configs(config: LoopConfig, run: Run, step: int) -> dict:
     """The four stage Configs of `step` (paths, model, seeds); the local loop and the Slurm launcher share them."""
     settings, paths = config.run.loop, {k: str(v) for k, v in run.step_paths(step).items()}
@@ -179,7 +187,7 @@ def step_configs(config: LoopConfig, run: Run, step: int) -> dict:
         "verify": stage_config(config, "verify", rollouts=paths["rollouts"], out=paths["verified"],
                                seed=stage_seed(settings.seed, step, "verify")),
         "score": replace(stage_config(config, "score", model=model, verified=paths["verified"], out=paths["scored"]),
-                         reference=score_reference(config.run)),
+                         reference=score_reference(config.run), teacher=uses_teacher(config.run)),
         "update": stage_config(config, "update", model=model, scored=paths["scored"], out=str(run.checkpoint(step)),
                                seed=stage_seed(settings.seed, step, "update")),
     }

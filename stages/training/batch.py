@@ -48,6 +48,7 @@ class Batch:
     privileged_source: list[str]
     finish_reason: list[str]
     temperature: float = 1.0  # the temperature `score` computed s_t at; the new log-probs use the same
+    teacher_scored: bool = True  # false for a file scored with `score --no-teacher` (teacher columns = student's)
     ref_logprobs: list[list[float]] | None = None  # log π_ref(y_t) of a frozen reference (score --reference), if any
 
     def __len__(self) -> int:
@@ -84,6 +85,15 @@ def check_state(config: UpdateConfig, state: dict | None, model_dir: Path, world
                          "away to start a fresh optimizer")
 
 
+def check_teacher(config: UpdateConfig, metadata: dict) -> None:
+    """A method that reads u needs a file scored with the teacher pass (not `score --no-teacher`)."""
+    from stages.method.terms import get_term
+
+    if get_term(config.method).uses_teacher and metadata.get("teacher") is False:
+        raise InputError(f"{config.scored}: scored without the teacher pass (score --no-teacher), but --method "
+                         f"{config.method} reads u = t − s; score it again with the teacher")
+
+
 def check_revision(config: UpdateConfig, metadata: dict, model_dir: Path) -> None:
     """Refuse a scored file whose old log-probs came from another model revision, unless --force."""
     from stages.lm.models import model_revision
@@ -98,7 +108,8 @@ def check_revision(config: UpdateConfig, metadata: dict, model_dir: Path) -> Non
                          f"{config.model} is {here} (pass --force to train on it anyway)")
 
 
-def batch_from_table(table: pa.Table, source: str, vocab_size: int, temperature: float = 1.0) -> Batch:
+def batch_from_table(table: pa.Table, source: str, vocab_size: int, temperature: float = 1.0,
+                     teacher_scored: bool = True) -> Batch:
     """Columns → lists, checking that prompts are not empty and token ids fit the model's vocabulary (InputError).
 
     The per-token columns' lengths and values were checked when the file was read (`schemas.check_values`).
@@ -120,7 +131,7 @@ def batch_from_table(table: pa.Table, source: str, vocab_size: int, temperature:
     return Batch(names, col["prompt_id"], col["prompt_token_ids"], col["response_token_ids"], col["student_logprobs"],
                  col["sampling_logprobs"], col["pmi"], col["teacher_entropy"], col["student_entropy"],
                  [float(r) for r in col["reward"]], [bool(c) for c in col["correct"]], col["privileged_source"],
-                 col["finish_reason"], temperature, col.get(REFERENCE_COLUMN))
+                 col["finish_reason"], temperature, teacher_scored, col.get(REFERENCE_COLUMN))
 
 
 def is_finite(value) -> bool:
@@ -144,7 +155,7 @@ def batch_metrics(batch: Batch) -> dict:
     for gid, reward in zip(batch.group_ids, batch.rewards):
         groups.setdefault(gid, []).append(reward)
     lengths = [len(r) for r in batch.response_ids]
-    has_teacher = [src != "none" for src in batch.privileged_source]
+    has_teacher = [batch.teacher_scored and src != "none" for src in batch.privileged_source]
     flat_u = torch.tensor([x for u, teacher in zip(batch.pmi, has_teacher) if teacher for x in u], dtype=torch.float64)
     pmi = token_stats(flat_u, torch.ones_like(flat_u, dtype=torch.bool)) if flat_u.numel() else None
     mismatch = [abs(a - b) for s, q in zip(batch.student_logprobs, batch.sampling_logprobs)

@@ -52,7 +52,10 @@ class UpdateConfig:
     zero_stage: int | None = None  # ZeRO stage 0-3 (None: the config file's, else 2)
     state: str | None = None  # run-state JSON (default: <model>/antisd_state.json if present, else fresh)
     dtype: str = "auto"  # auto: fp32 weights on CPU, DeepSpeed bf16 on GPU | float32 | bfloat16 | float16 (GPU)
-    gradient_checkpointing: bool = True  # recompute layer activations in backward (less memory)
+    # recompute layer activations in backward: less memory, ~30 % more compute, and no prefix sharing (transformers
+    # drops a checkpointed layer's KV cache); worth it only when the micro-batches do not fit otherwise
+    gradient_checkpointing: bool = False
+    share_prefix: bool = True  # run each group's prompt once per micro-batch, its cache repeated over the samples
     threads: int = 0  # torch CPU threads (0 = torch default)
     seed: int = 0  # seeds mini-batch order; RNG state is restored from the run state when present
     # continue a run state written by another method (a GRPO checkpoint as AntiSD: the paper's continual run): its

@@ -22,12 +22,12 @@ from pathlib import Path
 
 from stages.common import metrics as keys
 from stages.common.errors import InputError
-from stages.lm.logprobs import pack_by_tokens
 from stages.lm.models import quiet_transformers
 from stages.method.terms import get_term
 from stages.training import checkpoint, distributed
 from stages.training.batch import Batch, batch_metrics, is_finite, mean_or_none, pad_rows
 from stages.training.config import UpdateConfig, gated
+from stages.training.micro import FullSequences, MicroBatch, rank_micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +56,23 @@ def _logprob_module(policy):
     import torch
 
     from stages.lm.logprobs import response_token_stats
+    from stages.lm.shared_prefix import SharedPrefix, shared_prefix_token_stats
 
     class PolicyLogprobs(torch.nn.Module):
         def __init__(self, model):
             super().__init__()
             self.model = model
 
-        def forward(self, sequences, starts, pad_id: int, temperature: float, chunk_size: int):
-            logprobs, _ = response_token_stats(self.model, sequences, starts, pad_id=pad_id, temperature=temperature,
-                                               chunk_size=chunk_size, with_entropy=False)
+        def forward(self, pieces: list, pad_id: int, temperature: float, chunk_size: int):
+            """Response-token log-probs of every piece (SharedPrefix or FullSequences), concatenated in order."""
+            numerics = dict(pad_id=pad_id, temperature=temperature, chunk_size=chunk_size, with_entropy=False)
+            logprobs = []
+            for piece in pieces:
+                if isinstance(piece, SharedPrefix):
+                    logprobs += shared_prefix_token_stats(self.model, piece, **numerics)[0]
+                else:
+                    logprobs += response_token_stats(self.model, piece.sequences, piece.response_starts,
+                                                     **numerics)[0]
             return torch.cat(logprobs)  # [Σ T_i]
 
     return PolicyLogprobs(policy)
@@ -110,6 +118,9 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.policy = self._load_module()  # the HF causal LM; the engine wraps it in PolicyLogprobs
         self.policy.config.use_cache = False
+        self.share_prefix = config.share_prefix and not config.gradient_checkpointing
+        if config.share_prefix and config.gradient_checkpointing:
+            log.info("gradient checkpointing is on: the update runs full sequences (no shared prefixes)")
         if config.gradient_checkpointing:
             _enable_activation_checkpointing(self.policy)
         self.policy.to(device).train()
@@ -211,17 +222,14 @@ class Trainer:
             return None  # no response token: nothing to learn (the same decision on every rank)
         normalizer = step_normalizer(config.loss_agg, [len(batch.response_ids[i]) for i in rows],
                                      config.max_response_tokens or None)
-        totals = {i: len(batch.prompt_ids[i]) + len(batch.response_ids[i]) for i in rows}
-        share = distributed.split_by_tokens([totals[i] for i in rows], env.world_size)[env.rank]
-        mine = [rows[j] for j in share if batch.response_ids[rows[j]]]
-        mine.sort()  # packing ties go to the lower row
-        micro = [[mine[p] for p in batch]
-                 for batch in pack_by_tokens([totals[i] for i in mine], config.micro_batch_tokens)]
+        micro = rank_micro_batches(batch.prompt_ids, batch.response_ids, rows, env.world_size, env.rank,
+                                   config.micro_batch_tokens, self.share_prefix)
         count = distributed.all_reduce_max(len(micro), self.device)
         for k in range(count):
             if k < len(micro):
                 loss, problem = self._micro_loss(batch, micro[k], seq_adv, lam, normalizer, sums)
-                sums["seq_tokens"] += sum(totals[i] for i in micro[k])
+                sums["seq_tokens"] += sum(len(batch.prompt_ids[i]) + len(batch.response_ids[i])
+                                          for i in micro[k].rows)
             else:
                 loss, problem = self._idle_loss(), None
             if distributed.all_reduce_max(int(problem is not None), self.device):
@@ -234,7 +242,7 @@ class Trainer:
             raise RuntimeError(f"non-finite gradient norm ({norm}) at update step {self.step}; no checkpoint written")
         return norm
 
-    def _micro_loss(self, batch: Batch, rows: list[int], seq_adv, lam: float, normalizer: float, sums: dict):
+    def _micro_loss(self, batch: Batch, micro: MicroBatch, seq_adv, lam: float, normalizer: float, sums: dict):
         """PPO-clip (+ β·k3 to the reference) loss of one micro-batch, divided by the step's global normalizer, and a
         problem or None."""
         import torch
@@ -243,12 +251,10 @@ class Trainer:
         from stages.method.advantages import token_advantages
         from stages.method.losses import aggregate, kl_penalty, policy_loss, truncated_is_weights
 
-        config = self.config
-        sequences = [batch.prompt_ids[i] + batch.response_ids[i] for i in rows]
-        starts = [len(batch.prompt_ids[i]) for i in rows]
+        config, rows = self.config, micro.rows
         lengths = [len(batch.response_ids[i]) for i in rows]
         with self._autocast():
-            flat = self.engine(sequences, starts, self.pad_id, batch.temperature, config.logprob_chunk)  # [Σ T_i]
+            flat = self.engine(micro.pieces, self.pad_id, batch.temperature, config.logprob_chunk)  # [Σ T_i]
         new_logprobs = torch.split(flat, lengths)
         for i, values in zip(rows, new_logprobs):
             if not bool(torch.isfinite(values).all()):
@@ -282,7 +288,7 @@ class Trainer:
     def _idle_loss(self):
         """A zero loss through every parameter, for a rank with no micro-batch left (keeps ZeRO's collectives even)."""
         with self._autocast():
-            logprobs = self.engine([[self.pad_id, self.pad_id]], [1], self.pad_id, 1.0, 1)  # [1]
+            logprobs = self.engine([FullSequences([[self.pad_id, self.pad_id]], [1])], self.pad_id, 1.0, 1)  # [1]
         return logprobs.sum() * 0.0
 
     # persistence ------------------------------------------------------------------------------------------------

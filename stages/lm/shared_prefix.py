@@ -1,0 +1,112 @@
+"""Sequences that share a prefix (a group's prompt, or the common head of its teacher prompts) computed with the
+prefix run once: its KV cache is repeated over the group and only the suffixes run through the network.
+
+A `SharedPrefix` holds one prefix and the suffixes that follow it; each sequence's response is its suffix from
+`response_starts[i]` on (0: the response follows the prefix directly, its first token predicted by the prefix's last
+position). `shared_prefix_token_stats` gives the same per-token log-probs and entropies as
+`stages.lm.logprobs.response_token_stats` on the full sequences (to float rounding: other matmul shapes), with
+gradient through the repeated cache into the prefix pass when grad mode is on. Positions continue from the prefix
+length; suffixes are right-padded, which leaves every real token's attention exact under the causal mask.
+
+Not with gradient checkpointing: transformers drops the cache of checkpointed layers, so a caller that trains with
+it uses the unshared path. This module decides nothing about what to group: callers pass the units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from stages.lm.logprobs import stats_of_positions
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Sequences prefix + suffixes[i]; the response of sequence i is suffixes[i][response_starts[i]:]."""
+
+    prefix: list[int]
+    suffixes: list[list[int]]
+    response_starts: list[int]
+
+    def __len__(self) -> int:
+        return len(self.suffixes)
+
+    @property
+    def tokens(self) -> int:
+        """Positions one forward over this unit computes: the prefix once, the padded suffixes."""
+        return len(self.prefix) + len(self.suffixes) * max((len(s) for s in self.suffixes), default=0)
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of `sequences`."""
+    first = sequences[0]
+    length = min(len(s) for s in sequences)
+    for other in sequences[1:]:
+        k = 0
+        while k < length and other[k] == first[k]:
+            k += 1
+        length = k
+    return length
+
+
+def share(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> SharedPrefix:
+    """The unit of sequences prompts[i] + responses[i] with their common prompt prefix shared (≥ 1 token kept in
+    the prefix; the response never enters it)."""
+    length = common_prefix_length(prompts)
+    if length < 1:
+        raise ValueError("sequences to share a prefix must have a common first token")
+    prefix = list(prompts[0][:length])
+    suffixes = [list(p[length:]) + list(r) for p, r in zip(prompts, responses)]
+    return SharedPrefix(prefix, suffixes, [len(p) - length for p in prompts])
+
+
+def split(unit: SharedPrefix, budget: int) -> list[SharedPrefix]:
+    """`unit` cut into consecutive pieces whose `tokens` fit `budget` (at least one sequence each)."""
+    pieces, start = [], 0
+    while start < len(unit):
+        end = start + 1
+        while end < len(unit) and SharedPrefix(unit.prefix, unit.suffixes[start:end + 1], []).tokens <= budget:
+            end += 1
+        pieces.append(SharedPrefix(unit.prefix, unit.suffixes[start:end], unit.response_starts[start:end]))
+        start = end
+    return pieces
+
+
+def shared_prefix_token_stats(model, unit: SharedPrefix, *, pad_id: int = 0, temperature: float = 1.0,
+                              chunk_size: int = 64, with_entropy: bool = True
+                              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Log π(y_k | ·) and H_k of every response token of every sequence of `unit`: two lists of 1-D float32 [T_i]."""
+    device = next(model.parameters()).device
+    body = getattr(model, model.base_model_prefix)
+    prefix_ids = torch.tensor([unit.prefix], dtype=torch.long, device=device)  # [1, p]
+    prefix_out = body(input_ids=prefix_ids, use_cache=True)
+    prefix_hidden = prefix_out.last_hidden_state[0]  # [p, H]
+    cache = prefix_out.cache
+    count, width, p = len(unit), max(len(s) for s in unit.suffixes), len(unit.prefix)
+    if width == 0:  # every response empty and the prompts all prefix: nothing to predict
+        empty = prefix_hidden.new_zeros(0)
+        return [empty] * count, [empty] * count
+    cache.batch_repeat_interleave(count)
+    suffix_ids = torch.full((count, width), pad_id, dtype=torch.long, device=device)  # [k, W]
+    for row, suffix in enumerate(unit.suffixes):
+        suffix_ids[row, : len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+    positions = torch.arange(p, p + width, device=device).expand(count, width)  # [k, W]
+    attention = torch.ones((count, p + width), dtype=torch.long, device=device)  # [k, p + W]
+    hidden = body(input_ids=suffix_ids, attention_mask=attention, position_ids=positions, cache=cache,
+                  use_cache=True).last_hidden_state  # [k, W, H]
+    # The predictor of suffix position j is suffix position j − 1, or the prefix's last position for j = 0.
+    predictors, targets, lengths = [], [], []
+    for row, (suffix, start) in enumerate(zip(unit.suffixes, unit.response_starts)):
+        length = len(suffix) - start
+        if length and start == 0:
+            predictors.append(prefix_hidden[p - 1 : p])
+        if length:
+            predictors.append(hidden[row, max(start - 1, 0) : len(suffix) - 1])
+        targets.extend(suffix[start:])
+        lengths.append(length)
+    flat_hidden = torch.cat(predictors) if predictors else hidden.new_zeros((0, hidden.shape[-1]))  # [N, H]
+    target_ids = torch.tensor(targets, dtype=torch.long, device=device)  # [N]
+    return stats_of_positions(model, flat_hidden, target_ids, lengths, temperature=temperature,
+                              chunk_size=chunk_size, with_entropy=with_entropy)
