@@ -29,6 +29,7 @@ lm/ — the language model: what it reads and computes
     datasets    the prompt sets (built-in and user files), PrepareConfig
     pieces      token pieces → text and words (for the PMI analysis)
     logprobs    chunked per-token log-probs and entropies, the one micro-batch packer
+    shared_prefix  sequences that share a prefix computed with the prefix run once (its KV cache repeated)
     engine      the engine interface, SamplingSettings, Completion, per-sample seeds
     engine_hf   sampling with transformers generate
     engine_vllm sampling with vLLM (imported only when chosen), the loop's resident engine
@@ -44,6 +45,7 @@ training/ — the update step
     config      UpdateConfig (options of `antisd update`) and the gate default
     trainer     the policy in a DeepSpeed engine, the optimizer step, the checkpoint it writes
     batch       scored rows → Batch, the checks of state, revision and reference, the data's metrics
+    micro       what one rank runs in an optimizer step: its rows in micro-batches of forward pieces
     checkpoint  the atomic checkpoint format (HF folder + DeepSpeed state + run state)
     distributed process groups, DeepSpeed config, the split of a batch across ranks
 
