@@ -39,6 +39,8 @@ C = RolloutConfig
 @threads_option(C)
 @config_option(C, "batch_size", "Samples (prompts × n) per engine call; 0 = engine default (hf 32, vllm 1024).")
 @config_option(C, "device", "HF engine device: auto (cuda if available), cpu, cuda or cuda:N.")
+@config_option(C, "share_prefix", "HF engine: prefill each group's prompt once per batch and repeat its cache over the "
+                                  "samples (the same tokens, about half the time at n = 8).")
 @config_option(C, "progress", "Rich progress bar on stderr (shown only on a terminal).")
 @overwrite_option(C)
 @stage_errors

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -144,6 +145,16 @@ def test_different_seed_gives_different_samples(rollout):
 def test_samples_do_not_depend_on_batch_size(rollout):
     one, many = rollout(seed=3, batch_size=1)[0], rollout(seed=3, batch_size=7)[0]
     assert one.column("response_token_ids").equals(many.column("response_token_ids"))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_shared_prefill_samples_the_same_tokens(rollout, temperature):
+    """A group's prompt prefilled once per batch (its cache repeated) gives the rows of full prefills."""
+    shared, _ = rollout(seed=5, temperature=temperature, share_prefix=True, batch_size=7)  # groups cut by batches
+    full, _ = rollout(seed=5, temperature=temperature, share_prefix=False, batch_size=7)
+    assert shared.column("response_token_ids").equals(full.column("response_token_ids"))
+    for a, b in zip(shared.column("sampling_logprobs").to_pylist(), full.column("sampling_logprobs").to_pylist()):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
 def test_greedy_is_reproducible_and_ignores_seed(rollout):

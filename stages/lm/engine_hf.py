@@ -111,7 +111,7 @@ class HFEngine(Engine):
     name = "hf"
     default_batch_size = 32  # rows per generate call: larger batches waste steps on rows that stopped early
 
-    def __init__(self, loaded):
+    def __init__(self, loaded, share_prefill: bool = True):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.path
@@ -120,6 +120,7 @@ class HFEngine(Engine):
         self.device = str(loaded.device)
         self.eos_ids = eos_token_ids(loaded.model, loaded.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.share_prefill = share_prefill  # compute a repeated prompt once per batch (the group's n samples)
 
     def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in sequences)
@@ -129,6 +130,27 @@ class HFEngine(Engine):
             input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
             attention_mask[row, width - len(seq):] = 1
         return input_ids.to(self.device), attention_mask.to(self.device)
+
+    def _shared_prefill(self, sequences: list[list[int]]):
+        """The KV cache of every row's prompt but its last token, each distinct prompt computed once and the cache
+        repeated over its rows (`generate` then runs only the last prompt token onward); None when no prompt repeats.
+
+        Rows are left-padded to the batch's longest prompt as `generate` pads them, with the position ids it derives
+        from the attention mask, so the cache is the one `generate` would have built.
+        """
+        first: dict[tuple, int] = {}
+        rows = [first.setdefault(tuple(seq), len(first)) for seq in sequences]
+        if len(first) == len(sequences):
+            return None
+        unique = [list(seq) for seq in first]
+        input_ids, attention_mask = self._left_pad(unique)  # [U, L]: the longest prompt is among them
+        positions = attention_mask.cumsum(-1) - 1
+        positions.masked_fill_(attention_mask == 0, 1)
+        body = getattr(self.loaded.model, self.loaded.model.base_model_prefix)
+        cache = body(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                     position_ids=positions[:, :-1], use_cache=True).cache
+        cache.batch_select_indices(torch.tensor(rows, device=input_ids.device))
+        return cache
 
     def generate_batch(self, sequences: list[list[int]], seeds: list[int] | None, settings: SamplingSettings):
         """One `generate` call; returns [(response ids, sampling log-probs, finish reason)] per row."""
@@ -144,9 +166,10 @@ class HFEngine(Engine):
             eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
         )
         with torch.inference_mode():
+            cache = self._shared_prefill(sequences) if self.share_prefill else None
             output = self.loaded.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                logits_processor=LogitsProcessorList([processor]),
+                logits_processor=LogitsProcessorList([processor]), **({"cache": cache} if cache is not None else {}),
             )
         generated = output[:, input_ids.shape[1]:].tolist()  # [B, steps]
         logprobs = torch.stack(processor.step_logprobs, dim=1).tolist() if processor.step_logprobs else []

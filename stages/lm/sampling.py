@@ -46,6 +46,8 @@ class RolloutConfig:
     threads: int = 0  # torch CPU threads (0 = torch's default)
     batch_size: int = 0  # rows (prompts × samples) per engine call; 0 = engine default (hf 32, vllm 1024)
     device: str = "auto"  # HF engine device: auto (cuda if available) | cpu | cuda
+    # HF engine: a group's prompt is prefilled once per batch and its cache repeated (vLLM caches prefixes itself)
+    share_prefix: bool = True
     progress: bool = True  # rich progress bar on stderr (shown only when stderr is a terminal)
     overwrite: bool = False  # replace an existing output
 
@@ -181,7 +183,8 @@ def open_engine(engine: str, config: RolloutConfig, model_path: Path, rows: list
     from stages.lm.engine_hf import HFEngine
     from stages.lm.models import load_model
 
-    return HFEngine(loaded if loaded is not None else load_model(model_path, config.dtype, device))
+    return HFEngine(loaded if loaded is not None else load_model(model_path, config.dtype, device),
+                    share_prefill=config.share_prefix)
 
 
 def _max_model_len(model_path: Path, rows: list[dict], max_new_tokens: int) -> int:
