@@ -5,7 +5,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
-export OMP_NUM_THREADS ?= 1
+export OMP_NUM_THREADS ?= $(shell nproc)
 export TOKENIZERS_PARALLELISM = false
 export DS_ACCELERATOR ?= cpu
 

@@ -57,7 +57,9 @@ def seed_option(cls, help: str = "Random seed; same seed, same output."):
 
 
 def threads_option(cls):
-    return config_option(cls, "threads", "torch CPU threads for this process (0 = torch default). Logged with the run.")
+    return config_option(cls, "threads", "torch CPU threads for this process (0 = OMP_NUM_THREADS if set, else the cores "
+                                         "this process may use, shared between the ranks on a node). Logged with the "
+                                         "run.")
 
 
 def dtype_option(cls):

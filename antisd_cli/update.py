@@ -62,6 +62,8 @@ C = UpdateConfig
                type=click.Path(exists=True, dir_okay=False))
 @config_option(C, "switch_method", "Accept a run state written by another --method (continue a GRPO checkpoint as "
                                    "AntiSD): its step, RNG and optimizer carry on, and the gate re-calibrates H_warm.")
+@config_option(C, "optimizer_state", "Write deepspeed/ (the optimizer state) into --out, what continuing exactly from "
+                                     "it needs; --no-optimizer-state writes the weights and run state only.")
 @dtype_option(C)
 @config_option(C, "gradient_checkpointing", "Recompute activations in backward: less memory, ~30% more compute, and "
                                             "no shared prefixes (the cache of a checkpointed layer is dropped).")

@@ -62,7 +62,7 @@ class EvalConfig:
     seed: int = 0  # sampling seed and bootstrap seed
     engine: str = "auto"  # auto (vllm when importable, else hf) | vllm | hf
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU
-    threads: int = 0  # torch CPU threads (0 = torch's default)
+    threads: int = 0  # torch CPU threads (0 = OMP_NUM_THREADS if set, else the cores this process may use)
     batch_size: int = 0  # rows per engine call (0 = engine default)
     device: str = "auto"  # HF engine device: auto | cpu | cuda
     workers: int = 2  # answer-check worker processes

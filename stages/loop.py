@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -39,7 +41,8 @@ log = logging.getLogger(__name__)
 
 
 class StepRunner:
-    """Runs the stages of one step in order, skipping finished ones; keeps the last loaded model for reuse."""
+    """Runs the stages of one step in order, skipping finished ones; keeps the trainer, and the model the next
+    stages sample and score with, from step to step."""
 
     def __init__(self, config: LoopConfig, run: Run, view, engine: str = "hf"):
         self.config, self.run, self.view = config, run, view
@@ -49,6 +52,7 @@ class StepRunner:
         self.load_seconds = 0.0  # model loads from disk and vLLM weight syncs, the loop's own I/O overhead
         self.vllm = None  # engine_vllm.LoopEngine, opened by the first vLLM rollout
         self.use_vllm = engine == "vllm"
+        self.trainer = None  # training.trainer.Trainer kept across steps (opened by the first update to run)
 
     def loaded(self, model: str):
         from stages.lm.models import resolve_model
@@ -107,6 +111,55 @@ class StepRunner:
         if self.vllm is not None:
             self.vllm.close()
 
+    def close(self) -> None:
+        self.close_engine()
+        if self.trainer is not None:
+            self.trainer.close()
+            self.trainer = None
+
+    # --- the resident trainer ----------------------------------------------------------------------------------
+
+    def update(self, step: int, config) -> None:
+        """Train step `step` with the trainer kept from the step before (opened here on the first update), then lend
+        its weights to the next step's rollout and score (HF engine, ZeRO ≤ 2: no reload, no copy)."""
+        from stages import update
+
+        if self.trainer is None:
+            self._loaded = None  # the trainer loads its own copy; do not keep two on a small machine
+            self.trainer = self._open_trainer(step, config)
+        update.step(self.trainer, config)
+        if self.trainer.serves_inference():
+            self._loaded = (str(self.run.checkpoint(step)), self._policy_view(step))
+        else:
+            self._loaded = None
+
+    def _open_trainer(self, step: int, config):
+        """The trainer at the start of `step`: the newest full checkpoint before it (else the run's start), then the
+        updates of the weights-only checkpoints after it replayed from their scored files (same bits: tested)."""
+        from stages import update
+        from stages.lm.models import resolve_model
+        from stages.training import distributed
+
+        full = self.run.full_checkpoint_before(step)
+        start = str(self.run.checkpoint(full)) if full is not None else self.settings.model
+        start_config = replace(config, model=start)
+        env = distributed.env_from(os.environ)
+        model_dir = resolve_model(start)
+        state, deepspeed_user = update.read_start(start_config, env, model_dir)
+        trainer = update.open_trainer(start_config, env, model_dir, state, deepspeed_user)
+        for replayed in range(0 if full is None else full + 1, step):
+            update.replay(trainer, step_configs(self.config, self.run, replayed)["update"])
+        return trainer
+
+    def _policy_view(self, step: int):
+        """The trainer's policy as a LoadedModel of checkpoint `step` (eval mode; the trainer sets train mode)."""
+        from stages.lm.models import LoadedModel
+
+        trainer = self.trainer
+        trainer.policy.eval()
+        return LoadedModel(self.run.checkpoint(step), trainer.model_revision, trainer.tokenizer, trainer.policy,
+                           str(trainer.device), next(trainer.policy.parameters()).dtype)
+
     def _timed(self, name: str, timings: dict, func):
         self.view.stage(name)
         start = time.perf_counter()
@@ -115,7 +168,7 @@ class StepRunner:
         return result
 
     def step(self, step: int, train_table: pa.Table, eval_prompts: Path | None) -> dict:
-        from stages import rollout, update, verify
+        from stages import rollout, verify
         started = time.perf_counter()
         settings, stage_dir = self.settings, self.run.step_dir(step)
         stage_dir.mkdir(exist_ok=True)
@@ -136,8 +189,7 @@ class StepRunner:
         if not paths["scored"].exists():
             self._timed("score", timings, lambda: self.score(configs["score"], model))
         if not (self.run.checkpoint(step) / "config.json").exists():
-            self._loaded = None  # the trainer holds its own copy; do not keep two on a small machine
-            self._timed("update", timings, lambda: update.run(configs["update"]))
+            self._timed("update", timings, lambda: self.update(step, configs["update"]))
         row = self._metrics(step, paths, timings)
         if self._should_eval(step) and eval_prompts is not None:
             row.update(self.evaluate(self.run.checkpoint(step), eval_prompts, stage_dir / "eval", timings))
@@ -220,7 +272,7 @@ def run(config: LoopConfig, view=None) -> Path:
         try:
             _run_steps(config, run_dir, manifest, runner, view, writer, train_table, eval_path)
         finally:
-            runner.close_engine()
+            runner.close()
         run_dir.rebuild_metrics(settings.steps)
     return run_dir.root
 

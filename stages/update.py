@@ -45,44 +45,94 @@ def run(config: UpdateConfig) -> Path:
     model_dir = resolve_model(config.model)
     out = checkpoint.check_target(config.out, config.overwrite)
     with output_lock(out) if env.is_main else contextlib.nullcontext():  # rank 0 writes the folder into place
-        return _run_locked(config, env, model_dir, out, started)
+        state, deepspeed_user = read_start(config, env, model_dir)
+        batch = read_batch(config, env, model_dir, out)
+        trainer = open_trainer(config, env, model_dir, state, deepspeed_user)
+        try:
+            return train_and_save(trainer, batch, config, out, started)
+        finally:
+            trainer.close()
 
 
-def _run_locked(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path, out: Path, started: float) -> Path:
-    from stages.common.process import set_threads
+def step(trainer: Trainer, config: UpdateConfig) -> Path:
+    """One update with a trainer kept from the previous step (the loop's resident trainer): the same checks of the
+    scored file and the same step as `run`, without reloading the weights, the optimizer or the run state."""
+    from stages.lm.models import resolve_model
 
-    if out.resolve() == model_dir.resolve():
-        raise InputError(f"--out {out}: must differ from --model (checkpoints are never updated in place)")
-    checkpoint.check_free_space(out, checkpoint.estimate_bytes(model_dir))
-    state_path = config.state or checkpoint.default_state_path(model_dir)
-    state = checkpoint.read_state(state_path)
+    started = time.perf_counter()
+    out = checkpoint.check_target(config.out, config.overwrite)
+    with output_lock(out) if trainer.env.is_main else contextlib.nullcontext():
+        batch = read_batch(config, trainer.env, resolve_model(config.model), out)
+        trainer.configure(config)
+        return train_and_save(trainer, batch, config, out, started)
+
+
+def read_start(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path) -> tuple[dict | None, dict]:
+    """The run state and DeepSpeed JSON a trainer starts from, checked against this run."""
+    state = checkpoint.read_state(config.state or checkpoint.default_state_path(model_dir))
     deepspeed_user = read_deepspeed_file(config.deepspeed_config)
     stage = config.zero_stage if config.zero_stage is not None else \
         deepspeed_user.get("zero_optimization", {}).get("stage", 2)
     check_state(config, state, model_dir, env.world_size, stage)
+    return state, deepspeed_user
+
+
+def read_batch(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path, out: Path):
+    """The scored rows of this step as a Batch, after every check that needs no model (InputError, exit 2)."""
+    if out.resolve() == model_dir.resolve():
+        raise InputError(f"--out {out}: must differ from --model (checkpoints are never updated in place)")
+    checkpoint.check_free_space(out, checkpoint.estimate_bytes(model_dir, config.optimizer_state))
     table, metadata = read_artifact(config.scored, "scored")
     check_reference(config, table)
     check_revision(config, metadata, model_dir)
     check_teacher(config, metadata)
     vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     temperature = float(metadata.get("temperature") or 1.0)  # score's numerics: s_t at the sampling temperature
-    batch = batch_from_table(table, str(config.scored), vocab_size, temperature, metadata.get("teacher") is not False)
-    threads = set_threads(config.threads)
-    if env.is_main:
-        log.info("update: %d rows, method %s, temperature %g, %d rank(s), %d thread(s), state %s", len(batch),
-                 config.method, temperature, env.world_size, threads, state_path or "fresh")
+    return batch_from_table(table, str(config.scored), vocab_size, temperature, metadata.get("teacher") is not False)
 
+
+def open_trainer(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path, state: dict | None,
+                 deepspeed_user: dict) -> Trainer:
+    """The process group (joined or created) and a Trainer of `model_dir`'s weights, optimizer and state."""
+    from stages.common.process import set_threads
+
+    threads = set_threads(config.threads)
     device = distributed.training_device(env)
     distributed.init_process_group(env, device)
-    trainer = Trainer(config, model_dir, state, env, device, deepspeed_user)
-    try:
-        metrics = trainer.train_step(batch)
-        metrics[keys.timing("update")] = time.perf_counter() - started
-        trainer.save(out, metrics)
-    finally:
-        trainer.close()
     if env.is_main:
-        log.info("update step %d: reward %.3f, λ %.3f, loss %.4g, grad norm %s, %.0f tok/s → %s", metrics[keys.STEP],
-                 metrics[keys.REWARD_MEAN], metrics[keys.GATE_LAMBDA], metrics[keys.PG_LOSS], metrics[keys.GRAD_NORM],
-                 metrics[keys.UPDATE_TOK_S] or 0.0, out)
+        log.info("update: method %s, %d rank(s), %d thread(s), starting from %s (state %s)", config.method,
+                 env.world_size, threads, model_dir, "fresh" if state is None else f"step {state.get('step')}")
+    return Trainer(config, model_dir, state, env, device, deepspeed_user)
+
+
+def train_and_save(trainer: Trainer, batch, config: UpdateConfig, out: Path, started: float) -> Path:
+    metrics = trainer.train_step(batch)
+    metrics[keys.timing("update")] = time.perf_counter() - started
+    trainer.save(out, metrics, optimizer_state=config.optimizer_state)
+    if trainer.env.is_main:
+        log.info("update step %d: %d rows, reward %.3f, λ %.3f, loss %.4g, grad norm %s, %.0f tok/s → %s%s",
+                 metrics[keys.STEP], len(batch), metrics[keys.REWARD_MEAN], metrics[keys.GATE_LAMBDA],
+                 metrics[keys.PG_LOSS], metrics[keys.GRAD_NORM], metrics[keys.UPDATE_TOK_S] or 0.0, out,
+                 "" if config.optimizer_state else " (weights and run state only)")
     return out
+
+
+def replay(trainer: Trainer, config: UpdateConfig) -> None:
+    """Re-run a finished step from its scored file (a resume after the newest full checkpoint) and check that it
+    gives the weights its weights-only checkpoint holds; nothing is written. RuntimeError when they differ."""
+    from safetensors.torch import load_file
+
+    from stages.lm.models import model_revision, resolve_model
+
+    batch = read_batch(config, trainer.env, resolve_model(config.model), Path(config.out))
+    trainer.configure(config)
+    trainer.train_step(batch)
+    stored = load_file(str(Path(config.out) / "model.safetensors"))
+    current = trainer.policy.state_dict()
+    differ = [name for name, tensor in stored.items() if not bool((current[name].cpu() == tensor).all())]
+    if differ:
+        raise RuntimeError(f"{config.out}: replaying the step gives other weights than its checkpoint ({differ[0]}, "
+                           f"and {len(differ) - 1} more); the run cannot be resumed exactly")
+    trainer.model_dir, trainer.model_revision = Path(config.out), model_revision(config.out)
+    if trainer.env.is_main:
+        log.info("replayed update step %d from %s: same weights as its checkpoint", trainer.step - 1, config.scored)

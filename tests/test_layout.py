@@ -202,9 +202,10 @@ def test_metric_names_in_the_docs_are_the_logged_ones():
 
 
 def test_an_update_logs_exactly_the_defined_names(tmp_path, tiny_model_dir):
+    from test_update import make_scored
+
     from stages.training.config import UpdateConfig
     from stages.update import run
-    from test_update import make_scored
 
     scored = make_scored(tmp_path / "scored.parquet", tiny_model_dir)
     out = run(UpdateConfig(scored=str(scored), model=str(tiny_model_dir), out=str(tmp_path / "c"), threads=1))

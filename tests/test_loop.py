@@ -15,6 +15,8 @@ import yaml
 from click.testing import CliRunner
 
 from antisd_cli.main import cli
+from stages.common.errors import InputError
+from stages.runs.config import LoopConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -140,11 +142,13 @@ def test_resume_after_kill_equals_uninterrupted(stage, finished_run, tmp_path):
                              str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (out / "step_0001" / "checkpoint").exists()
+    assert not (out / "step_0000" / "checkpoint" / "deepspeed").exists()  # weights only: the resume replays step 0
     if stage == "rollout":
         assert not (out / "step_0001" / "rollouts.parquet").exists()
     resumed = run_loop(config, out)
     assert resumed.exit_code == 0, resumed.output
     assert weights_digest(out / "step_0001" / "checkpoint") == weights_digest(run_dir / "step_0001" / "checkpoint")
+    assert (out / "step_0001" / "checkpoint" / "deepspeed").is_dir()  # the last step writes the full state
     assert not list(out.rglob("*.tmp"))
 
 
@@ -186,12 +190,11 @@ def test_loop_with_kl_coef_scores_against_the_base_model_loaded_once(tmp_path, t
 
 
 def test_kl_free_configs_keep_their_digest():
-    """Existing run directories resume: the reference is filled in by step_configs, not stored in the RunConfig."""
+    """The reference is filled in by step_configs, not stored in the RunConfig: a config without KL is unchanged."""
     from stages.runs import config as run_config
     from stages.runs.plan import score_reference
 
-    assert run_config.resolve({}).digest() == "e2bab0b4a61045fa"  # the values before --reference existed
-    assert run_config.resolve({}, ["update.kl_coef=0.0", "score.chunk_size=32"]).digest() == "f9a84d559d5f0b1f"
+    assert run_config.resolve({}, ["score.chunk_size=32"]).to_dict()["score"] == {"chunk_size": 32}  # only set keys
     with_kl = run_config.resolve({}, ["update.kl_coef=0.1"])
     assert with_kl.to_dict()["score"] == {} and score_reference(with_kl) == "smollm2-135m"
     assert score_reference(run_config.resolve({})) is None
@@ -221,6 +224,22 @@ def test_the_math500_sized_case_of_the_issue_has_no_duplicate():
 
     for step in (15, 31, 109, 140, 156, 187):  # where the old cursor repeated a prompt (500 prompts × 32)
         assert len(set(step_prompt_indices(500, 32, step, seed=0))) == 32
+
+
+def test_a_run_made_before_the_speed_settings_existed_resumes(tmp_path):
+    """A manifest of an older antisd (no loop.checkpoint_every, keep_checkpoints 0, its own digest) is resumed: the
+    settings that only change speed or storage (runs.config.RESUMABLE_CHANGES) may differ; a result setting may not."""
+    from stages.runs import config as run_config
+    from stages.runs.plan import init_run
+
+    old = run_config.resolve({}).to_dict()
+    del old["loop"]["checkpoint_every"]
+    old["loop"]["keep_checkpoints"] = 0
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"config": old, "config_digest": "e2bab0b4a61045fa"}))
+    init_run(LoopConfig(out=str(tmp_path / "run"), run=run_config.resolve({}, ["update.threads=2"])))
+    with pytest.raises(InputError, match=r"different config \(update.lr\)"):
+        init_run(LoopConfig(out=str(tmp_path / "run"), run=run_config.resolve({}, ["update.lr=3e-6"])))
 
 
 def test_the_first_epoch_is_unchanged_by_the_fix():
@@ -362,3 +381,33 @@ def test_a_grpo_checkpoint_continues_as_antisd_through_the_loop(tmp_path, tiny_m
     assert [row["gate/h_warm"] is None for row in rows] == [True, False]  # a fresh 2-step warm-up, once
     state = json.loads((tmp_path / "antisd" / "step_0001" / "checkpoint" / checkpoint.STATE_FILE).read_text())
     assert state["method"] == "antisd" and state["step"] == 3  # the GRPO step count carries on
+
+
+def test_full_checkpoints_every_k_steps_and_at_the_end(tmp_path, tiny_model_dir):
+    from stages.runs.config import LoopSettings
+    from stages.runs.plan import full_checkpoint_at
+
+    settings = LoopSettings(steps=7, checkpoint_every=3)
+    assert [full_checkpoint_at(settings, step) for step in range(7)] == [False, False, True, False, False, True, True]
+    raw = tiny_config(tiny_model_dir, steps=3)
+    raw["loop"].update(eval_every=0, checkpoint_every=2, keep_checkpoints=1)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert run_loop(config, tmp_path / "run").exit_code == 0
+    kept = {step: (tmp_path / "run" / f"step_{step:04d}" / "checkpoint").is_dir() for step in range(3)}
+    assert kept == {0: False, 1: False, 2: True}  # keep 1: the last step, which is full
+    assert (tmp_path / "run" / "step_0002" / "checkpoint" / "deepspeed").is_dir()
+    assert "--no-optimizer-state" in (tmp_path / "run" / "step_0000" / "commands.sh").read_text()
+    assert "--optimizer-state" in (tmp_path / "run" / "step_0001" / "commands.sh").read_text()
+
+
+def test_pruning_keeps_the_newest_full_checkpoint(tmp_path):
+    from stages.runs.run_dir import Run
+
+    run = Run(tmp_path)
+    for step, full in enumerate([True, False, True, False, False]):
+        (run.checkpoint(step) / ("deepspeed/engine" if full else "")).mkdir(parents=True)
+    run.prune_checkpoints(4, keep=2)
+    assert [run.checkpoint(step).exists() for step in range(5)] == [False, False, True, True, True]
+    run.prune_checkpoints(4, keep=1)
+    assert [run.checkpoint(step).exists() for step in range(5)] == [False, False, True, False, True]

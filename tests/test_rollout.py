@@ -7,9 +7,9 @@ import sys
 import types
 from types import SimpleNamespace
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner

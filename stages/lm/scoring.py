@@ -43,7 +43,7 @@ class ScoreConfig:
     teacher: bool = True
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on GPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # torch CPU threads (0 = torch default)
+    threads: int = 0  # torch CPU threads (0 = OMP_NUM_THREADS if set, else the cores this process may use)
     shard: str | None = None  # "I/N": score only shard I of N of the prompts (rows grouped by prompt_id)
     overwrite: bool = False  # replace an existing output
 

@@ -94,7 +94,9 @@ class LoopSettings:
     train: DataSpec = field(default_factory=DataSpec)
     eval: DataSpec = field(default_factory=lambda: DataSpec(split="test", num=200))
     tensorboard: bool = True  # write TensorBoard events when tensorboard is installed
-    keep_checkpoints: int = 0  # keep only the newest K step checkpoints (0 = keep all)
+    keep_checkpoints: int = 3  # keep the checkpoints of the newest K steps (and the newest full one); 0 = keep all
+    checkpoint_every: int = 5  # full checkpoints (with the optimizer state) every k steps and at the end; weights-only
+    #   folders in between; a resumed run replays the updates after the newest full one from their scored files
     weight_sync: str = "reload"  # vLLM rollouts: reload (fresh engine on each new checkpoint) | inplace (load_weights)
     vllm_sleep: bool = True  # vLLM on GPU, inplace: engine sleeps (level 1) while score/update train; no-op on CPU
 
@@ -103,11 +105,20 @@ class LoopSettings:
 
         check = validation.Checks(self)
         check.require(bool(str(self.model).strip()), "model", "must name a model folder or an embedded model")
-        check.at_least(1, "steps", "prompts_per_step", "eval_n", "eval_max_new_tokens")
+        check.at_least(1, "steps", "prompts_per_step", "eval_n", "eval_max_new_tokens", "checkpoint_every")
         check.at_least(0, "eval_every", "eval_temperature", "keep_checkpoints")
         check.choice("weight_sync", WEIGHT_SYNCS)
         check.done()
 
+
+# Settings that change how fast or how visibly a run goes, not what it computes (beyond float rounding): a run made
+# with other values of these (or before they existed) resumes without --force.
+RESUMABLE_CHANGES = frozenset({
+    "loop.steps", "loop.keep_checkpoints", "loop.checkpoint_every", "loop.tensorboard", "loop.vllm_sleep",
+    "rollout.threads", "rollout.batch_size", "rollout.progress", "rollout.share_prefix", "verify.workers",
+    "score.threads", "score.micro_batch_tokens", "score.chunk_size", "score.share_prefix", "update.threads",
+    "update.micro_batch_tokens", "update.logprob_chunk", "update.gradient_checkpointing", "update.share_prefix",
+})
 
 # Stage sections: name -> (module path, Config class name, fields the loop sets itself)
 STAGE_SECTIONS = {
@@ -116,7 +127,7 @@ STAGE_SECTIONS = {
     "verify": ("stages.verifier.rows", "VerifyConfig", {"rollouts", "out", "seed", "overwrite"}),
     "score": ("stages.lm.scoring", "ScoreConfig", {"model", "verified", "out", "shard", "overwrite", "teacher"}),
     "update": ("stages.training.config", "UpdateConfig", {"model", "scored", "out", "state", "seed", "overwrite",
-                                                          "force"}),
+                                                          "force", "optimizer_state"}),
 }
 
 

@@ -128,10 +128,9 @@ def init_run(config: LoopConfig) -> tuple[Run, dict]:
         manifest = {"config": config.run.to_dict(), "config_digest": digest}
     elif manifest["config_digest"] != digest:
         changed = config_changes(manifest["config"], config.run.to_dict())
-        if changed == ["loop.steps"]:
-            pass  # extending (or shortening) a run is a resume, not a different run
-        elif not config.force:
-            raise InputError(f"--out {root}: run was made with a different config ({', '.join(changed)}); "
+        blocking = [key for key in changed if key not in run_config.RESUMABLE_CHANGES]
+        if blocking and not config.force:  # more steps or other speed settings are a resume, not a different run
+            raise InputError(f"--out {root}: run was made with a different config ({', '.join(blocking)}); "
                              "use a new --out or pass --force")
         manifest["config"], manifest["config_digest"] = config.run.to_dict(), digest
     else:
@@ -169,6 +168,11 @@ def score_reference(config: run_config.RunConfig) -> str | None:
     return config.loop.model if config.stages["update"].get("kl_coef", 0.0) > 0 else None
 
 
+def full_checkpoint_at(settings: run_config.LoopSettings, step: int) -> bool:
+    """Whether step `step` writes the optimizer state: every loop.checkpoint_every steps, and the last step."""
+    return (step + 1) % settings.checkpoint_every == 0 or step == settings.steps - 1
+
+
 def uses_teacher(config: run_config.RunConfig) -> bool:
     """Whether score runs the teacher pass: only for a method that reads u (grpo does not)."""
     from stages.method.terms import get_term
@@ -189,7 +193,8 @@ def step_configs(config: LoopConfig, run: Run, step: int) -> dict:
         "score": replace(stage_config(config, "score", model=model, verified=paths["verified"], out=paths["scored"]),
                          reference=score_reference(config.run), teacher=uses_teacher(config.run)),
         "update": stage_config(config, "update", model=model, scored=paths["scored"], out=str(run.checkpoint(step)),
-                               seed=stage_seed(settings.seed, step, "update")),
+                               seed=stage_seed(settings.seed, step, "update"),
+                               optimizer_state=full_checkpoint_at(settings, step)),
     }
 
 

@@ -63,13 +63,22 @@ class Run:
         atomic_write_text(self.root / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         return rows
 
+    def full_checkpoint_before(self, step: int) -> int | None:
+        """The newest step before `step` whose checkpoint holds the optimizer state (a resume starts there)."""
+        from stages.training.checkpoint import engine_state_dir
+
+        return next((old for old in range(step - 1, -1, -1)
+                     if self.checkpoint(old).is_dir() and engine_state_dir(self.checkpoint(old)) is not None), None)
+
     def prune_checkpoints(self, step: int, keep: int) -> None:
-        """Delete the checkpoints of steps before the last `keep` (0 keeps all); step `step` has just finished."""
+        """Delete the checkpoints of steps before the last `keep` (0 keeps all), except the newest full one (which a
+        resume replays from); step `step` has just finished."""
         if keep <= 0:
             return
+        needed = self.full_checkpoint_before(step + 1)
         for old in range(0, step - keep + 1):
             folder = self.checkpoint(old)
-            if folder.exists():
+            if folder.exists() and old != needed:
                 shutil.rmtree(folder)
 
 

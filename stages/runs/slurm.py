@@ -190,11 +190,20 @@ def pending_shards(output: Path, shards: int) -> list[int]:
     return missing_shards(output, shards)
 
 
-def render_step(config, run, step: int, slurm: SlurmConfig, workdir: Path, after: str | None) -> list[Job]:
-    """The jobs still to run for `step`, chained after the job named `after` (None: nothing to wait for)."""
-    from stages.runs.plan import cli_command, step_configs
+def job_configs(config, run, step: int) -> dict:
+    """The step's stage configs as Slurm jobs run them: every update is its own process, so each writes the full
+    checkpoint (optimizer state included) that the next step's job starts from."""
+    from stages.runs.plan import step_configs
 
     configs = step_configs(config, run, step)
+    return {**configs, "update": replace(configs["update"], optimizer_state=True)}
+
+
+def render_step(config, run, step: int, slurm: SlurmConfig, workdir: Path, after: str | None) -> list[Job]:
+    """The jobs still to run for `step`, chained after the job named `after` (None: nothing to wait for)."""
+    from stages.runs.plan import cli_command
+
+    configs = job_configs(config, run, step)
     stage_dir = run.step_dir(step)
     script_dir = run.root / "slurm" / f"step_{step:04d}"
     jobs = []
@@ -235,7 +244,7 @@ def render_finalize(config, run, slurm: SlurmConfig, workdir: Path, after: str |
 def render_run(config, slurm: SlurmConfig, workdir: Path | None = None) -> list[Job]:
     """Create/reopen the run directory, draw every step's prompts and write the scripts; returns the jobs to submit."""
     from stages.common.io import atomic_write_text
-    from stages.runs.plan import opened_run, step_configs, write_commands, write_step_prompts
+    from stages.runs.plan import opened_run, write_commands, write_step_prompts
 
     workdir = (workdir or Path.cwd()).resolve()
     config = replace(config, out=str(Path(config.out).resolve()))
@@ -247,7 +256,7 @@ def render_run(config, slurm: SlurmConfig, workdir: Path | None = None) -> list[
                 continue
             run.step_dir(step).mkdir(exist_ok=True)
             write_step_prompts(config, run, step, train_table)
-            write_commands(run, step, step_configs(config, run, step))
+            write_commands(run, step, job_configs(config, run, step))
             jobs += render_step(config, run, step, slurm, workdir, jobs[-1].name if jobs else None)
         if len(manifest["finished"]) < settings.steps or jobs:
             jobs.append(render_finalize(config, run, slurm, workdir, jobs[-1].name if jobs else None))

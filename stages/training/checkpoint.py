@@ -52,13 +52,14 @@ _STATE_BYTES_PER_PARAM = 16
 _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 
 
-def estimate_bytes(model_dir: Path) -> int:
-    """A conservative estimate of the size of a training checkpoint of the model in `model_dir` (weights + state)."""
+def estimate_bytes(model_dir: Path, optimizer_state: bool = True) -> int:
+    """A conservative estimate of the size of a training checkpoint of the model in `model_dir` (weights, plus the
+    optimizer state when `optimizer_state`)."""
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) or \
         sum(f.stat().st_size for f in model_dir.glob("*.bin"))
     config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
     stored = _DTYPE_BYTES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), 4)
-    return weights + weights // stored * _STATE_BYTES_PER_PARAM
+    return weights + (weights // stored * _STATE_BYTES_PER_PARAM if optimizer_state else 0)
 
 
 def check_free_space(out: Path, needed_bytes: int) -> None:
@@ -172,8 +173,12 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def save(out: Path, engine, policy, tokenizer, state: dict, metrics: dict, env: distributed.DistEnv,
-         zero_stage: int, prefix: str = "model.") -> Path:
+         zero_stage: int, prefix: str = "model.", optimizer_state: bool = True) -> Path:
     """Write the checkpoint folder `out` atomically. Every rank must call this (DeepSpeed saves per-rank shards).
+
+    Without `optimizer_state` the folder holds the weights, tokenizer, run state and metrics only (no deepspeed/):
+    enough to sample, score and evaluate it, and to continue from it with a fresh optimizer; the loop writes such
+    folders between its full ones and replays the steps after the last full one on resume.
 
     `policy` is the HF causal LM inside the engine's module, registered there under `prefix`.
 
@@ -189,7 +194,8 @@ def save(out: Path, engine, policy, tokenizer, state: dict, metrics: dict, env: 
     distributed.barrier()
     error: Exception | None = None
     try:
-        engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        if optimizer_state:
+            engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
         # ZeRO-3 holds each parameter in shards: gather the full weights (a collective, so every rank calls it).
         state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
         if env.is_main:

@@ -56,7 +56,10 @@ class UpdateConfig:
     # drops a checkpointed layer's KV cache); worth it only when the micro-batches do not fit otherwise
     gradient_checkpointing: bool = False
     share_prefix: bool = True  # run each group's prompt once per micro-batch, its cache repeated over the samples
-    threads: int = 0  # torch CPU threads (0 = torch default)
+    # write deepspeed/ (the ZeRO optimizer and engine state) into --out: what continuing exactly needs; `loop` writes
+    # it every loop.checkpoint_every steps and at the end, and weights-only folders in between
+    optimizer_state: bool = True
+    threads: int = 0  # torch CPU threads (0 = OMP_NUM_THREADS if set, else the cores this process may use)
     seed: int = 0  # seeds mini-batch order; RNG state is restored from the run state when present
     # continue a run state written by another method (a GRPO checkpoint as AntiSD: the paper's continual run): its
     # step, RNG and optimizer carry on, and the gate re-calibrates H_warm over the next W steps

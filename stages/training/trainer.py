@@ -104,10 +104,7 @@ class Trainer:
         self.gate = EntropyGate(config.warmup_steps, config.gate_down, config.lam_max, gated(config))
         if "gate" in self.carried:
             self._load_gate(self.carried["gate"])
-        switched = self.carried.get("method") not in (None, config.method)  # check_state allowed it
-        if self.gate.request_recalibration(config.recalibrate_gate, force=switched):
-            log.info("gate: re-calibrating H_warm over the next %d steps (%s)", config.warmup_steps,
-                     f"method {self.carried['method']} → {config.method}" if switched else "--recalibrate-gate")
+        self.switched_method = self.carried.get("method") not in (None, config.method)  # check_state allowed it
         if "rng" in self.carried:
             checkpoint.restore_rng(self.carried["rng"])
         else:
@@ -134,11 +131,21 @@ class Trainer:
         with distributed.launcher_env(env):
             self.engine = distributed.create_engine(module, optimizer, ds_config, env, device)
             self.resumed_optimizer = checkpoint.load_engine_state(self.engine, model_dir)
-        for group in self.engine.optimizer.param_groups:  # the command line wins over the saved hyper-parameters
-            group["lr"], group["weight_decay"] = config.lr, config.weight_decay
         log.info("DeepSpeed ZeRO-%d engine ready in %.1fs (%s, %d rank(s), optimizer %s)", self.zero_stage,
                  time.perf_counter() - started, self.precision, env.world_size,
                  "resumed" if self.resumed_optimizer else "fresh")
+        self.configure(config)
+
+    def configure(self, config: UpdateConfig) -> None:
+        """Take the options of the step about to run (a resident trainer serves several: out, seed and the
+        re-calibration request change; the model, method and numerics do not)."""
+        self.config = config
+        for group in self.engine.optimizer.param_groups:  # the options win over the saved hyper-parameters
+            group["lr"], group["weight_decay"] = config.lr, config.weight_decay
+        switched, self.switched_method = self.switched_method, False  # a method switch re-calibrates once
+        if self.gate.request_recalibration(config.recalibrate_gate, force=switched):
+            log.info("gate: re-calibrating H_warm over the next %d steps (%s)", config.warmup_steps,
+                     f"method {self.carried['method']} → {config.method}" if switched else "--recalibrate-gate")
 
     def _load_gate(self, gate_state: dict) -> None:
         saved = {k: gate_state.get(k) for k in ("warmup_steps", "down", "lam_max", "gated")}
@@ -177,6 +184,7 @@ class Trainer:
         from stages.method.advantages import group_advantages
 
         config = self.config
+        self.policy.train()  # the loop lends the policy to rollout and score in eval mode between steps
         started = time.perf_counter()
         step = self.step
         data_metrics = batch_metrics(batch)
@@ -300,10 +308,21 @@ class Trainer:
                 "world_size": self.env.world_size, "zero_stage": self.zero_stage,
                 "parent_revision": self.model_revision}
 
-    def save(self, out: Path, metrics: dict) -> Path:
+    def save(self, out: Path, metrics: dict, optimizer_state: bool = True) -> Path:
+        """Write the checkpoint `out`; the trainer then continues from it (its revision is the next parent)."""
+        from stages.lm.models import model_revision
+
         with distributed.launcher_env(self.env):
-            return checkpoint.save(out, self.engine, self.policy, self.tokenizer, self.state(), metrics, self.env,
-                                   self.zero_stage)
+            checkpoint.save(out, self.engine, self.policy, self.tokenizer, self.state(), metrics, self.env,
+                            self.zero_stage, optimizer_state=optimizer_state)
+        self.model_dir, self.model_revision = Path(out), model_revision(out)
+        return out
+
+    def serves_inference(self) -> bool:
+        """Whether the policy module can sample and score as it is: full fp32 weights in this process (ZeRO ≤ 2)."""
+        import torch
+
+        return self.zero_stage < 3 and next(self.policy.parameters()).dtype == torch.float32
 
     def close(self) -> None:
         """Release the engine: its hooks live in autograd (C++), so without destroy() Python never frees it."""
