@@ -28,6 +28,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
+	$(BIN)/python bench/step.py
 	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/score.py
 	$(BIN)/python bench/update.py

@@ -4,14 +4,15 @@ Batch (issue 11): the first 8 arith training prompts (two few-shot turns, the st
 samples, at most 48 new tokens (`--max-new-tokens`), temperature 1, SmolLM2-135M in fp32, lr 1e-5, `--threads`
 torch threads (default: the cores this process may use).
 
-- antisd: `antisd loop` for `--steps` steps (default 2) of `--method`s (default antisd and grpo) in a child process
-  each; a step's figure is `timing_s/step` from metrics.jsonl (rollout, verify, score, update and the checkpoint write;
-  the model loads included), split by stage; the median over the steps is printed. Peak RSS of the child (and of the
+- antisd: `antisd loop` for `--steps` steps (default 3: the first opens the trainer, the last writes the full
+  checkpoint, the middle one is a typical step) of `--method`s (default antisd and grpo) in a child process each; a
+  step's figure is `timing_s/step` from metrics.jsonl (rollout, verify, score, update and the checkpoint write; the
+  model loads included), split by stage; the median over the steps is printed. Peak RSS of the child (and of the
   processes it waited for) from wait4.
 - TRL: `GRPOTrainer` (num_generations 8, per-device batch 16 × 4 accumulation steps = 64 completions, loss `dapo`,
   beta 0, no gradient checkpointing, CPU), run by `--trl-python` (a Python with `trl` installed; TRL is never a
-  dependency of antisd) in a child; step seconds from a callback (generation + loss forward + backward), median over
-  `--steps`. Skipped, and said so, without `--trl-python` or when it cannot import trl.
+  dependency of antisd: `pip install -e .[bench]`, or any venv with trl) in a child; step seconds from a callback
+  (generation + loss forward + backward), median over `--steps`. Skipped, and said so, without trl.
 
 Printed: per-stage seconds, peak RSS, and each antisd method's step as a ratio of TRL's. Other load on the machine
 changes every figure: run it alone (`--json` writes the figures to a file).
@@ -22,6 +23,7 @@ Usage: python bench/step.py [--trl-python .venv-trl/bin/python] [--steps 2] [--m
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -136,8 +138,9 @@ def trl_steps(args, folder: Path, env: dict) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trl-python", default=None, help="A Python with trl installed (e.g. .venv-trl/bin/python).")
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--trl-python", default=sys.executable if importlib.util.find_spec("trl") else None,
+                        help="A Python with trl installed (default: this one when it has trl: pip install -e .[bench]).")
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--methods", default="antisd,grpo")

@@ -5,8 +5,8 @@ template, SmolLM2's default system prompt, two few-shot turns: ~130 tokens) and 
 (seed 0), so a sequence is ~194 tokens. The old-policy log-probs s_t are computed first with the same model (no grad, not timed), so
 the step is on-policy as after `score`. Rewards are mixed in every group; u ~ N(0, 1); teacher entropy ~2 nats.
 
-The update runs as `python -m antisd_cli update` in a child process (defaults: fp32 weights, ZeRO-2, gradient
-checkpointing, --micro-batch-tokens 2048); its peak RSS comes from wait4's rusage, so the preparation in this process
+The update runs as `python -m antisd_cli update` in a child process (defaults: fp32 weights, ZeRO-2, shared
+prefixes, no gradient checkpointing, --micro-batch-tokens 2048); its peak RSS comes from wait4's rusage, so the preparation in this process
 does not count. Printed: the training step's tokens/s (prompt + response tokens through forward + backward, from
 metrics.json), the stage's own time (timing_s/update: load, DeepSpeed init, step; not the checkpoint write), the
 child's wall time (with imports and the checkpoint write), peak RSS and the checkpoint's size.
@@ -71,7 +71,7 @@ def prepare(folder: Path, sequences: int, response_tokens: int, threads: int) ->
             "response_token_ids": responses[i], "response_text": "", "sampling_logprobs": student[i],
             "finish_reason": "stop", "response_length": n, "extracted_answer": None, "reward": reward,
             "correct": reward == 1.0, "verify_status": "ok", "group_size": group_size, "group_mean_reward": 0.5,
-            "privileged_text": "x", "privileged_source": "peer", "peer_sample_idx": None,
+            "privileged_text": "x", "privileged_source": "peer", "peer_sample_idx": (i + 1) % group_size,
             "student_logprobs": student[i], "teacher_logprobs": [s + u for s, u in zip(student[i], pmi)],
             "teacher_entropy": [2.0 + 0.1 * rng.random() for _ in range(n)], "student_entropy": [1.5] * n,
             "pmi": pmi, "teacher_prompt_length": len(prompts[i]) + 40,
