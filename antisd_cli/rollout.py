@@ -37,7 +37,7 @@ C = RolloutConfig
 @shard_option(C)
 @dtype_option(C)
 @threads_option(C)
-@config_option(C, "batch_size", "Samples (prompts × n) per engine call; 0 = engine default (hf 32, vllm 1024).")
+@config_option(C, "batch_size", "Samples (prompts × n) per engine call; 0 = engine default (hf 64, vllm 1024).")
 @config_option(C, "device", "HF engine device: auto (cuda if available), cpu, cuda or cuda:N.")
 @config_option(C, "share_prefix", "HF engine: prefill each group's prompt once per batch and repeat its cache over the "
                                   "samples (the same tokens, about half the time at n = 8).")

@@ -31,7 +31,7 @@ lm/ — the language model: what it reads and computes
     logprobs    chunked per-token log-probs and entropies, the one micro-batch packer
     shared_prefix  sequences that share a prefix computed with the prefix run once (its KV cache repeated)
     engine      the engine interface, SamplingSettings, Completion, per-sample seeds
-    engine_hf   sampling with transformers generate
+    engine_hf   sampling by a KV-cached decode loop on a transformers model
     engine_vllm sampling with vLLM (imported only when chosen), the loop's resident engine
     sampling    RolloutConfig and sample(): prompt rows → rollouts rows
     scoring     ScoreConfig, student and teacher views, scored columns

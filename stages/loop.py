@@ -113,6 +113,9 @@ class StepRunner:
 
     def close(self) -> None:
         self.close_engine()
+        self.close_trainer()
+
+    def close_trainer(self) -> None:
         if self.trainer is not None:
             self.trainer.close()
             self.trainer = None
@@ -128,7 +131,10 @@ class StepRunner:
             self._loaded = None  # the trainer loads its own copy; do not keep two on a small machine
             self.trainer = self._open_trainer(step, config)
         update.step(self.trainer, config)
-        if self.trainer.serves_inference():
+        if not self.settings.resident_trainer:
+            self.close_trainer()
+            self._loaded = None  # the next step loads the checkpoint just written
+        elif self.trainer.serves_inference():
             self._loaded = (str(self.run.checkpoint(step)), self._policy_view(step))
         else:
             self._loaded = None

@@ -389,6 +389,7 @@ def test_full_checkpoints_every_k_steps_and_at_the_end(tmp_path, tiny_model_dir)
 
     settings = LoopSettings(steps=7, checkpoint_every=3)
     assert [full_checkpoint_at(settings, step) for step in range(7)] == [False, False, True, False, False, True, True]
+    assert all(full_checkpoint_at(LoopSettings(steps=7, resident_trainer=False), step) for step in range(7))
     raw = tiny_config(tiny_model_dir, steps=3)
     raw["loop"].update(eval_every=0, checkpoint_every=2, keep_checkpoints=1)
     config = tmp_path / "c.yaml"
@@ -411,3 +412,31 @@ def test_pruning_keeps_the_newest_full_checkpoint(tmp_path):
     assert [run.checkpoint(step).exists() for step in range(5)] == [False, False, True, True, True]
     run.prune_checkpoints(4, keep=1)
     assert [run.checkpoint(step).exists() for step in range(5)] == [False, False, True, False, True]
+
+
+def test_a_grpo_loop_scores_without_the_teacher_pass(tmp_path, tiny_model_dir):
+    from stages.common.io import read_metadata
+
+    raw = tiny_config(tiny_model_dir, steps=1)
+    raw["loop"]["eval_every"] = 0
+    raw["update"]["method"] = "grpo"
+    config = tmp_path / "grpo.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert run_loop(config, tmp_path / "run").exit_code == 0
+    step = tmp_path / "run" / "step_0000"
+    assert read_metadata(step / "scored.parquet")["teacher"] is False
+    assert "--no-teacher" in (step / "commands.sh").read_text()
+
+
+def test_a_loop_that_frees_its_trainer_each_step_ends_with_the_resident_weights(tmp_path, finished_run, tiny_model_dir):
+    run_dir, _ = finished_run
+    raw = tiny_config(tiny_model_dir)
+    raw["loop"]["resident_trainer"] = False
+    config = tmp_path / "free.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = run_loop(config, tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    for step in range(2):
+        checkpoint = tmp_path / "run" / f"step_{step:04d}" / "checkpoint"
+        assert (checkpoint / "deepspeed").is_dir()  # every step full: the next one reopens the trainer from it
+        assert weights_digest(checkpoint) == weights_digest(run_dir / f"step_{step:04d}" / "checkpoint")

@@ -240,6 +240,50 @@ def test_sample_tokens_draws_from_the_processed_distribution():
     assert greedy.tolist() == [0, 0]
 
 
+def _sampled_alone(model, prompt, generator, settings, eos_ids):
+    """Reference: one row, no KV cache, no padding; the whole sequence re-run for every new token."""
+    from stages.lm.engine_hf import processed_scores, sample_tokens
+
+    sequence, tokens, logprobs = list(prompt), [], []
+    for _ in range(settings.max_new_tokens):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([sequence])).logits[:, -1]  # [1, V]
+        token, logprob = sample_tokens(processed_scores(logits, settings.temperature, settings.top_p), [generator])
+        tokens.append(int(token))
+        logprobs.append(float(logprob))
+        sequence.append(int(token))
+        if int(token) in eos_ids:
+            break
+    return tokens, logprobs
+
+
+@pytest.mark.parametrize("share_prefill", [True, False])
+def test_rows_that_stop_leave_the_batch_and_sample_as_if_alone(tiny_loaded, arith_prompts, share_prefill):
+    from stages.lm.engine import sample_seed
+    from stages.lm.engine_hf import HFEngine
+    from stages.lm.prompts import encode, student_messages
+
+    rows = pq.read_table(arith_prompts).to_pylist()[:3]
+    for row in rows:
+        row["prompt_token_ids"] = encode(tiny_loaded.tokenizer, student_messages(row["problem"], row["few_shot"]))
+    engine = HFEngine(tiny_loaded, share_prefill=share_prefill)
+    engine.eos_ids = set(range(0, tiny_loaded.model.config.vocab_size, 9))  # ~1 id in 9 stops: rows end apart
+    settings = SamplingSettings(n=3, temperature=1.0, max_new_tokens=12, seed=11)
+    keys = [r["prompt_id"] for r in rows]
+    completions = engine.generate([r["prompt_token_ids"] for r in rows], keys, settings, batch_size=9)
+    lengths = [len(c.response_token_ids) for group in completions for c in group]
+    assert len(set(lengths)) > 2 and min(lengths) < 12  # rows left the batch at different steps
+    for row, group in zip(rows, completions):
+        for j, completion in enumerate(group):
+            generator = torch.Generator().manual_seed(sample_seed(settings.seed, row["prompt_id"], j))
+            tokens, logprobs = _sampled_alone(tiny_loaded.model, row["prompt_token_ids"], generator, settings,
+                                              engine.eos_ids)
+            assert completion.response_token_ids == tokens
+            assert completion.finish_reason == ("stop" if tokens[-1] in engine.eos_ids else "length")
+            # float32 sums over other batch shapes and a cache: ~1e-6 here; 1e-4 as the trainer-recompute test
+            assert completion.sampling_logprobs == pytest.approx(logprobs, abs=1e-4)
+
+
 # --- library entry -------------------------------------------------------------------------------------------------
 
 

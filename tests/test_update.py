@@ -618,3 +618,13 @@ def test_the_shared_prefix_update_gives_the_full_sequence_gradients(tmp_path, ti
         assert scale > 0, name
         # float32 sums of the same terms in other orders: ~1e-7 of the scale on this model; 1e-5 is the bound
         assert float((grads[True][name] - full).abs().max()) <= 1e-5 * scale, name
+
+
+def test_a_method_that_reads_u_refuses_a_file_scored_without_the_teacher(tmp_path, tiny_model_dir):
+    path = make_scored(tmp_path / "s.parquet", tiny_model_dir)
+    table = pa.parquet.read_table(path)
+    metadata = {**io.read_metadata(path), "teacher": False}
+    io.write_artifact(table, path, "scored", metadata)
+    result = _invoke("--scored", path, "--model", tiny_model_dir, "--out", tmp_path / "c", "--method", "antisd")
+    assert result.exit_code == 2 and "scored without the teacher pass" in result.stderr
+    assert run(config(path, tiny_model_dir, tmp_path / "grpo", method="grpo")).exists()  # grpo does not read u

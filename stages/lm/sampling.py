@@ -44,7 +44,7 @@ class RolloutConfig:
     shard: str | None = None  # "I/N": this process's share of the prompts
     dtype: str = "auto"  # auto = float32 on CPU (faster there and matches the trainer), bfloat16 on GPU
     threads: int = 0  # torch CPU threads (0 = OMP_NUM_THREADS if set, else the cores this process may use)
-    batch_size: int = 0  # rows (prompts × samples) per engine call; 0 = engine default (hf 32, vllm 1024)
+    batch_size: int = 0  # rows (prompts × samples) per engine call; 0 = engine default (hf 64, vllm 1024)
     device: str = "auto"  # HF engine device: auto (cuda if available) | cpu | cuda
     # HF engine: a group's prompt is prefilled once per batch and its cache repeated (vLLM caches prefixes itself)
     share_prefix: bool = True

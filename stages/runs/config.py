@@ -97,6 +97,8 @@ class LoopSettings:
     keep_checkpoints: int = 3  # keep the checkpoints of the newest K steps (and the newest full one); 0 = keep all
     checkpoint_every: int = 5  # full checkpoints (with the optimizer state) every k steps and at the end; weights-only
     #   folders in between; a resumed run replays the updates after the newest full one from their scored files
+    resident_trainer: bool = True  # keep model, optimizer and engine in memory across steps; false frees them after
+    #   each update (one GPU too small for both the trainer and a vLLM engine) and writes the full state every step
     weight_sync: str = "reload"  # vLLM rollouts: reload (fresh engine on each new checkpoint) | inplace (load_weights)
     vllm_sleep: bool = True  # vLLM on GPU, inplace: engine sleeps (level 1) while score/update train; no-op on CPU
 
@@ -114,7 +116,8 @@ class LoopSettings:
 # Settings that change how fast or how visibly a run goes, not what it computes (beyond float rounding): a run made
 # with other values of these (or before they existed) resumes without --force.
 RESUMABLE_CHANGES = frozenset({
-    "loop.steps", "loop.keep_checkpoints", "loop.checkpoint_every", "loop.tensorboard", "loop.vllm_sleep",
+    "loop.steps", "loop.keep_checkpoints", "loop.checkpoint_every", "loop.resident_trainer", "loop.tensorboard",
+    "loop.vllm_sleep",
     "rollout.threads", "rollout.batch_size", "rollout.progress", "rollout.share_prefix", "verify.workers",
     "score.threads", "score.micro_batch_tokens", "score.chunk_size", "score.share_prefix", "update.threads",
     "update.micro_batch_tokens", "update.logprob_chunk", "update.gradient_checkpointing", "update.share_prefix",

@@ -169,8 +169,9 @@ def score_reference(config: run_config.RunConfig) -> str | None:
 
 
 def full_checkpoint_at(settings: run_config.LoopSettings, step: int) -> bool:
-    """Whether step `step` writes the optimizer state: every loop.checkpoint_every steps, and the last step."""
-    return (step + 1) % settings.checkpoint_every == 0 or step == settings.steps - 1
+    """Whether step `step` writes the optimizer state: every loop.checkpoint_every steps and the last step, or every
+    step when the trainer is not kept in memory (the next step starts from the files)."""
+    return not settings.resident_trainer or (step + 1) % settings.checkpoint_every == 0 or step == settings.steps - 1
 
 
 def uses_teacher(config: run_config.RunConfig) -> bool:
