@@ -33,10 +33,15 @@ bench: $(STAMP)
 	$(BIN)/python bench/score.py
 	$(BIN)/python bench/update.py
 
-# Long-running (~21 min per pair of runs on 2 CPU cores, 12 runs: ~2 h 10 min); resumable: rerun continues from runs/repro/.
+# The studies of docs/reproduction.md, long-running and resumable (a rerun continues from runs/<study>/):
+# STUDY=arith (~2 h 10 min on 2 cores), STUDY=styles (~1.5 h), or both (the default).
+STUDY ?= arith styles
 reproduce: $(STAMP)
-	bash scripts/reproduce.sh
-	bash scripts/reproduce_report.sh
+	@for study in $(STUDY); do case $$study in \
+	  arith) bash scripts/reproduce.sh && bash scripts/reproduce_report.sh ;; \
+	  styles) bash scripts/styles_study.sh ;; \
+	  *) echo "unknown STUDY $$study (arith, styles)"; exit 2 ;; \
+	esac || exit 1; done
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache

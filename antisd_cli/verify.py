@@ -14,7 +14,7 @@ from antisd_cli.options import (
     stage_errors,
 )
 from stages.verifier.answers import FALLBACKS
-from stages.verifier.rows import VerifyConfig
+from stages.verifier.rows import PRIVILEGED_FROM, VerifyConfig
 
 C = VerifyConfig
 
@@ -34,6 +34,9 @@ C = VerifyConfig
 @config_option(C, "privileged_max_chars", "Keep the first N characters of privileged_text (0 = no limit).")
 @config_option(C, "privileged_max_tokens", "Also keep only its first N tokens of --model's tokenizer (0 = not "
                                            "applied).")
+@config_option(C, "privileged_from", "same: this problem's correct peer, else its reference (METHOD §4); other: "
+                                     "another problem's (a context-only control; sources other_peer, "
+                                     "other_reference).", type=click.Choice(PRIVILEGED_FROM))
 @model_option(C)
 @overwrite_option(C)
 @stage_errors

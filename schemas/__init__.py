@@ -56,7 +56,7 @@ VERIFIED = pa.schema(
         pa.field("group_size", pa.int32(), nullable=False),  # rollouts of this prompt in the file
         pa.field("group_mean_reward", pa.float32(), nullable=False),  # mean reward of the group
         pa.field("privileged_text", pa.string()),  # verified solution shown to the teacher (METHOD §4); null if none
-        pa.field("privileged_source", pa.string(), nullable=False),  # peer | reference | none
+        pa.field("privileged_source", pa.string(), nullable=False),  # one of PRIVILEGED_SOURCES
         pa.field("peer_sample_idx", pa.int32()),  # sample_idx of the peer used, null unless source == peer
     ]
 )
@@ -146,7 +146,8 @@ def conform(table: pa.Table, expected: pa.Schema) -> pa.Table:
 LOGPROB_SLACK = 1e-3
 FINISH_REASONS = ("stop", "length")
 VERIFY_STATUSES = ("ok", "no_answer", "timeout", "error")
-PRIVILEGED_SOURCES = ("peer", "reference", "none")
+# peer / reference: this problem's (METHOD §4); other_*: another problem's (verify --privileged-from other, a control)
+PRIVILEGED_SOURCES = ("peer", "reference", "other_peer", "other_reference", "none")
 # per-token columns: (artifact that introduces them, must be finite, bound: ("max", x) or ("min", x) or None)
 _TOKEN_RULES = {
     "sampling_logprobs": ("rollouts", False, ("max", LOGPROB_SLACK)),  # an engine may report −inf

@@ -22,6 +22,7 @@ method/ — the METHOD.md formulas, pure functions of tensors
     losses      aggregation, PPO-clip, k3 KL, truncated IS weights, PMI statistics
     gate        the median teacher entropy and the entropy-triggered Schmitt gate
     estimators  pass@k, avg@k, maj@k, bootstrap intervals
+    probes      u at probe positions by style × context × note, the gate statistic's sampling noise
 
 lm/ — the language model: what it reads and computes
     models      model resolution (local folders, the embedded GGUF), loading, the logits-path check

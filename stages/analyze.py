@@ -2,7 +2,9 @@
 
 In: scored Parquet files (schemas.SCORED). Out, in one folder: `tokens.csv` (one row per word type), `pieces.csv` (one
 row per token id), `heatmap.png` (2-D histogram over (p_s, p_t) coloured by mean u), `rollouts.html` (tokens coloured
-by u, hover shows s, t, u, H) and `summary.json` (deliberation vs shortcut words).
+by u, hover shows s, t, u, H), `probes.csv` (mean u at probe positions by rollout style × context style × the
+teacher's note, `stages.method.probes`) and `summary.json` (deliberation vs shortcut words, the probes, the gate's
+sampling noise).
 
 Definitions (u_t = t_t − s_t, p_s = e^s, p_t = e^t, per response token; rows whose privileged_source is "none" have
 u = 0 by construction and are left out of every statistic):
@@ -14,7 +16,9 @@ u = 0 by construction and are left out of every statistic):
 - A word's s, t and u are the SUMS over its pieces (chain rule: log p(word) = Σ log p(piece), so u_word is the word's
   PMI with c); p_student/p_teacher = e^{Σ s}, e^{Σ t}; H is the teacher entropy at the word's first piece.
 - Word types are the stripped word text, case kept; whitespace-only words show as ␣ and \\n.
-- The deliberation / shortcut lists match word types case-insensitively.
+- The deliberation / shortcut lists match word types case-insensitively; the defaults are METHOD §7's.
+- Probes: the first response token, and every occurrence of each `--probe` word. A rollout's style (and its
+  context's) is "deliberate" when its text begins with `--style-marker`, else "direct" ("-" without a marker).
 
 With `--prompts` the files are made first: the prompts are sampled, verified and scored with `--model` by the rollout,
 verify and score commands, into the output folder (`scored_inputs`). Not done here: drawing the heatmap and the
@@ -37,11 +41,11 @@ from stages.lm.pieces import BYTE_DECODER, PieceDecoder, display_word, visible, 
 
 log = logging.getLogger(__name__)
 
-DELIBERATION_WORDS = ("Wait", "Let", "Maybe", "Alternatively", "But", "Hmm", "Actually", "Perhaps")
-SHORTCUT_WORDS = ("Given", "So", "Therefore", "Thus", "holds", "answer")
-OUTPUT_FILES = ("tokens.csv", "pieces.csv", "heatmap.png", "rollouts.html", "summary.json")
-COLUMNS = ["prompt_id", "sample_idx", "problem", "reward", "correct", "privileged_source", "response_token_ids",
-           "student_logprobs", "teacher_logprobs", "pmi", "teacher_entropy"]
+DELIBERATION_WORDS = ("Wait", "Let", "Maybe", "Alternatively", "But", "Hmm")  # METHOD §7
+SHORTCUT_WORDS = ("Given", "Assign", "holds", "Therefore")  # METHOD §7
+OUTPUT_FILES = ("tokens.csv", "pieces.csv", "probes.csv", "heatmap.png", "rollouts.html", "summary.json")
+COLUMNS = ["prompt_id", "sample_idx", "problem", "reward", "correct", "privileged_source", "privileged_text",
+           "response_text", "response_token_ids", "student_logprobs", "teacher_logprobs", "pmi", "teacher_entropy"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,11 @@ class PmiConfig:
     seed: int = 0  # picks the rendered rollouts
     clip: float = 2.0  # colour scales of u are clipped to ±clip
     bins: int = 20  # heatmap bins per axis over [0, 1]
+    probes: tuple[str, ...] = ()  # words whose u probes.csv reports (the first response token always)
+    style_marker: str | None = None  # a text beginning with it is "deliberate", else "direct"; None = no styles
+    resamples: int = 1000  # bootstrap resamples (over problems) of the probe intervals
+    gate_subset: int = 0  # problems per draw of the gate-noise estimate (a step's prompts); 0 = not estimated
+    gate_draws: int = 1000  # draws of the gate-noise estimate
     overwrite: bool = False  # replace existing output files in `out`
 
     def __post_init__(self):
@@ -71,6 +80,8 @@ class PmiConfig:
         check.at_least(0, "temperature", "top", "rollouts")
         check.above(0, "clip")
         check.at_least(2, "bins")
+        check.at_least(1, "resamples", "gate_draws")
+        check.at_least(0, "gate_subset")
         check.require(bool(self.deliberation_words), "deliberation_words", "give at least one word")
         check.require(bool(self.shortcut_words), "shortcut_words", "give at least one word")
         check.done()
@@ -231,6 +242,22 @@ def collect(rows: list[dict], decoder: PieceDecoder) -> dict:
             "piece_correct": np.array(piece_correct, dtype=bool)}
 
 
+def probe_records(rows: list[dict], decoder: PieceDecoder, marker: str | None) -> list[dict]:
+    """The rollouts as `stages.method.probes` records: problem, styles, note, first-token u and the words' u."""
+
+    def style(text: str | None) -> str:
+        return "-" if not marker else "deliberate" if (text or "").lstrip().startswith(marker) else "direct"
+
+    records = []
+    for row in rows:
+        texts, specials = decoder.decode(row["response_token_ids"])
+        words = [(display_word("".join(texts[a:b])), float(sum(row["pmi"][a:b]))) for a, b in word_spans(texts, specials)]
+        records.append({"problem": row["prompt_id"], "style": style(row["response_text"]),
+                        "peer_style": style(row["privileged_text"]), "note": "correct" if row["correct"] else "incorrect",
+                        "first_u": float(row["pmi"][0]) if row["pmi"] else None, "words": words})
+    return records
+
+
 def extremes(table: list[dict], min_count: int, top: int) -> tuple[list[dict], list[dict]]:
     """The `top` most inflated and most deflated types among those seen at least `min_count` times."""
     frequent = [r for r in table if r["count"] >= min_count]
@@ -277,31 +304,6 @@ def build_summary(config: PmiConfig, data: dict, word_rows: list[dict], counts: 
     }
 
 
-def summary_tables(summary: dict) -> list:
-    """Rich tables of a summary: deliberation vs shortcut words, then the most inflated / deflated word types."""
-    from rich.table import Table
-    from rich.text import Text
-
-    def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
-
-    def add(table, label, name, st, style=None):
-        table.add_row(label, Text(name), str(st["count"]), fmt(st["mean_u"], "+.3f"), fmt(st["median_u"], "+.3f"),
-                      fmt(st.get("mean_p_student"), ".3f"), fmt(st.get("mean_p_teacher"), ".3f"), style=style)
-
-    headers = ("group", "word", "count", "mean u", "median u", "mean p_s", "mean p_t")
-    contrast = Table(*headers, title="Deliberation vs shortcut words (u = t − s; < 0: deflated by the context)")
-    for group in ("deliberation", "shortcut"):
-        for name, st in summary[group]["words"].items():
-            add(contrast, group, name, st)
-        add(contrast, group, "(all)", summary[group], style="bold")
-    extreme = Table(*headers, title=f"Most inflated and deflated words (count ≥ {summary['min_count']})")
-    for group in ("top_inflated", "top_deflated"):
-        for row in summary[group]:
-            add(extreme, group.removeprefix("top_"), row["word"], row)
-    return [contrast, extreme]
-
-
 def run(config: PmiConfig, loaded=None) -> Path:
     """Analyse the scored files of `config` into its output folder; `loaded` lends its tokenizer."""
     out = check_config(config)
@@ -326,6 +328,16 @@ def run(config: PmiConfig, loaded=None) -> Path:
     counts = {"inputs": [str(p) for p in paths], "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
               "rows": len(rows), "rows_analysed": len(used), "rows_without_context": len(rows) - len(used)}
     summary = build_summary(config, data, word_rows, counts)
+    from stages.method.probes import gate_noise, probe_table
+
+    summary["probes"] = probe_table(probe_records(used, decoder, config.style_marker), config.probes,
+                                    resamples=config.resamples, seed=config.seed)
+    entropies: dict[str, list] = {}
+    for row in used:
+        entropies.setdefault(row["prompt_id"], []).append(row["teacher_entropy"])
+    summary["gate_noise"] = gate_noise(entropies, config.gate_subset, draws=config.gate_draws, seed=config.seed)
+    summary["word_lists"] = {"deliberation": list(config.deliberation_words), "shortcut": list(config.shortcut_words),
+                             "style_marker": config.style_marker}
 
     # --- rollouts to render
     rendered = []
@@ -346,6 +358,9 @@ def run(config: PmiConfig, loaded=None) -> Path:
     stat_columns = ["count", "mean_u", "median_u", "mean_p_student", "mean_p_teacher", "mean_teacher_entropy"]
     atomic_write_text(out / "tokens.csv", to_csv(word_rows, ["word", *stat_columns]))
     atomic_write_text(out / "pieces.csv", to_csv(piece_rows, ["token_id", "piece", "text", *stat_columns]))
+    atomic_write_text(out / "probes.csv", to_csv(summary["probes"], ["probe", "style", "peer_style", "note",
+                                                                     "occurrences", "problems", "mean_u", "ci_low",
+                                                                     "ci_high"]))
     atomic_write_text(out / "rollouts.html", render_rollouts_html(rendered, config.clip))
     labels = heatmap_labels(piece_rows, decoder, config)
     s, t, u, _ = data["piece_values"]

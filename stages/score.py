@@ -87,7 +87,7 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
         vocab_size = min([len(tokenizer)] + [network.get_input_embeddings().num_embeddings for network in networks])
         rows = table.select(_ROW_COLUMNS).to_pylist()
         check_rows(rows, vocab_size, config.verified)
-        views = build_views(rows, tokenizer, teacher=config.teacher)
+        views = build_views(rows, tokenizer, teacher=config.teacher, instruction=config.teacher_instruction)
         reference_views = [v for v in views if not v.teacher] if reference is not None else []
         # --- compute
         batches = plan_batches(views, rows, config.micro_batch_tokens, config.share_prefix)

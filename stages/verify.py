@@ -53,5 +53,5 @@ def run(config: VerifyConfig, loaded=None) -> Path:
         log.info("verified %d rollouts (%d groups) in %.1f s: reward mean %.3f; %s; privileged %s → %s",
                  table.num_rows, stats["groups"], wall, stats["reward_mean"],
                  ", ".join(f"{k} {v}" for k, v in counts.items()),
-                 ", ".join(f"{k} {sources.get(k, 0)}" for k in ("peer", "reference", "none")), out)
+                 ", ".join(f"{k} {v}" for k, v in sorted(sources.items())), out)
         return out

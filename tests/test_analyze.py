@@ -330,3 +330,70 @@ def test_prompts_mode_samples_verifies_and_scores_first(tmp_path, arith_prompts,
     assert scored.num_rows == 4 * 2
     assert (out / "tokens.csv").read_text().startswith("word,")
     assert json.loads((out / "summary.json").read_text())
+
+
+# --- probes and the gate's noise -----------------------------------------------------------------------------------
+
+
+def _record(problem, style, peer, note, first_u, words):
+    return {"problem": problem, "style": style, "peer_style": peer, "note": note, "first_u": first_u, "words": words}
+
+
+def test_probe_table_splits_cells_and_weights_occurrences():
+    from stages.method.probes import FIRST_TOKEN, probe_table
+
+    records = [_record("p0", "deliberate", "direct", "correct", -1.0, [("Split", -1.0), ("Check", -2.0)]),
+               _record("p1", "deliberate", "direct", "correct", -3.0, [("check", -4.0), ("Check", 0.0)]),
+               _record("p1", "direct", "direct", "incorrect", 0.5, [("12", 0.5)])]
+    rows = {(r["probe"], r["style"], r["note"]): r for r in probe_table(records, ["Check"], resamples=200)}
+    first = rows[(FIRST_TOKEN, "deliberate", "correct")]
+    assert first["mean_u"] == pytest.approx(-2.0) and first["problems"] == 2 and first["occurrences"] == 2
+    check = rows[("Check", "deliberate", "correct")]
+    assert check["occurrences"] == 3 and check["mean_u"] == pytest.approx(-2.0)  # pooled: (−2 − 4 + 0) / 3
+    # resampling whole problems: p0 alone gives −2, p1 alone −2: every resample is −2
+    assert check["ci_low"] == pytest.approx(-2.0) and check["ci_high"] == pytest.approx(-2.0)
+    assert rows[(FIRST_TOKEN, "direct", "incorrect")]["ci_low"] is None  # one problem: no interval
+    assert ("Check", "direct", "incorrect") not in rows
+
+
+def test_cluster_bootstrap_interval_covers_the_problem_means_and_is_seeded():
+    from stages.method.probes import cluster_bootstrap
+
+    sums, counts = [-4.0, 0.0, 2.0, -1.0], [2, 1, 1, 1]
+    low, high = cluster_bootstrap(sums, counts, resamples=500, seed=1)
+    assert -2.0 <= low < -0.6 < high <= 2.0  # the pooled mean −0.6 lies inside; bounds within the problem ratios
+    assert (low, high) == cluster_bootstrap(sums, counts, resamples=500, seed=1)
+
+
+def test_gate_noise_is_zero_for_identical_problems_and_positive_otherwise():
+    from stages.method.probes import gate_noise
+
+    same = {f"p{i}": [[1.0, 2.0, 3.0]] for i in range(10)}
+    flat = gate_noise(same, 4, draws=50)
+    assert flat["std"] == 0 and flat["cv"] == 0 and flat["frac_below_down"] == 0 and flat["pooled_median"] == 2.0
+    spread = {f"p{i}": [[float(i)] * 3] for i in range(10)}
+    noisy = gate_noise(spread, 4, draws=400, seed=2)
+    assert noisy["cv"] > 0.1 and 0 < noisy["frac_below_down"] < 1
+    assert gate_noise(spread, 11) is None
+
+
+def test_probes_csv_and_summary_through_the_stage(tmp_path, tiny_model_dir, tokenizer):
+    tok = lambda text: ids_of(tokenizer, text)  # noqa: E731
+    ids = tok("Split") + tok(":") + tok(" Check")
+    rows = [scored_row("p0", 0, ids, s=[-1, -1, -1], t=[-2, -1, -3], h=[1, 2, 3], text="Split: Check"),
+            scored_row("p1", 0, ids, s=[-1, -1, -1], t=[-1.5, -1, -1], h=[1, 2, 3], text="Split: Check",
+                       correct=False)]
+    rows[0]["privileged_text"] = rows[1]["privileged_text"] = "12 + 25 = 37."
+    path = write_scored(tmp_path / "s.parquet", rows, tiny_model_dir)
+    out = run(PmiConfig(scored=(str(path),), out=str(tmp_path / "pmi"), probes=("Check",), style_marker="Split:",
+                        gate_subset=1, gate_draws=20))
+    summary = json.loads((out / "summary.json").read_text())
+    cells = {(r["probe"], r["note"]): r for r in summary["probes"]}
+    assert cells[("<first token>", "correct")]["mean_u"] == pytest.approx(-1.0)
+    assert cells[("Check", "correct")]["mean_u"] == pytest.approx(-2.0)
+    assert cells[("Check", "incorrect")]["mean_u"] == pytest.approx(0.0)
+    assert {r["style"] for r in summary["probes"]} == {"deliberate"} and {r["peer_style"] for r in summary["probes"]} == {"direct"}
+    assert summary["gate_noise"]["subset"] == 1 and summary["gate_noise"]["std"] == 0  # both rows: H median 2
+    assert summary["word_lists"]["shortcut"] == ["Given", "Assign", "holds", "Therefore"]
+    with open(out / "probes.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == len(summary["probes"])

@@ -195,6 +195,58 @@ def test_user_jsonl_missing_field_names_row(tmp_path):
         data.build_rows(data.PrepareConfig(name="jsonl", out="-", path=str(src)))
 
 
+def test_user_rows_carry_their_own_few_shot_turns_into_the_prompt(tmp_path):
+    from stages.lm.prompts import student_messages
+
+    turns = [{"user": "What is 2 + 2?", "assistant": "4"}]
+    src = tmp_path / "mine.jsonl"
+    src.write_text("\n".join([json.dumps({"problem": "P0", "answer": 1, "shots": turns}),
+                              json.dumps({"problem": "P1", "answer": 2})]))
+    config = data.PrepareConfig(name="jsonl", out=str(tmp_path / "p.parquet"), path=str(src), few_shot_field="shots")
+    rows = data.build_rows(config)
+    assert rows[0]["few_shot"] == turns and rows[1]["few_shot"] == []
+    assert student_messages(rows[0]["problem"], rows[0]["few_shot"])[:2] == [
+        {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+    # through Parquet: the list column comes back as the same turns
+    parquet = tmp_path / "mine.parquet"
+    data.write_prompts(data.prompts_table(config), config, parquet)
+    again = data.build_rows(data.PrepareConfig(name="parquet", out="-", path=str(parquet)))
+    assert again[0]["few_shot"] == turns
+
+
+@pytest.mark.parametrize("value, message", [
+    ("not a list", "must be a list"), ([{"user": "q"}], "turn 0 must have exactly the keys user and assistant"),
+    ([{"user": "q", "assistant": ""}], "turn 0: user and assistant must be non-empty strings"),
+    ([{"user": "q", "assistant": 3}], "non-empty strings")])
+def test_malformed_few_shot_turns_name_file_row_and_field(tmp_path, value, message):
+    src = tmp_path / "mine.jsonl"
+    src.write_text(json.dumps({"problem": "P", "answer": 1}) + "\n" + json.dumps({"problem": "P", "answer": 1,
+                                                                                  "few_shot": value}))
+    with pytest.raises(InputError, match=f"mine.jsonl: row 1 field 'few_shot': .*{message}"):
+        data.build_rows(data.PrepareConfig(name="jsonl", out="-", path=str(src)))
+
+
+@pytest.mark.parametrize("first", ["direct", "deliberate"])
+def test_arith_styles_has_one_worked_example_of_each_style_whose_arithmetic_holds(first):
+    import re
+
+    rows = data.build_rows(data.PrepareConfig(name="arith_styles", out="-", num=5, first_style=first))
+    shots = rows[0]["few_shot"]
+    assert [data.answer_style(turn["assistant"]) for turn in shots] == (
+        ["direct", "deliberate"] if first == "direct" else ["deliberate", "direct"])
+    assert {r["problem"] for r in rows} == {r["problem"] for r in data.build_rows(
+        data.PrepareConfig(name="arith", out="-", num=5))}  # the same pairs as arith
+    assert rows[0]["prompt_id"].startswith("arith_styles-train-")
+    for a in range(10, 100, 7):
+        for b in range(10, 100, 11):
+            text = data.deliberate_solution(a, b)
+            for x, op, y, z in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", text):
+                assert (int(x) + int(y) if op == "+" else int(x) - int(y)) == int(z), text
+            assert text.endswith(f"\\boxed{{{a + b}}}.") and data.answer_style(text) == "deliberate"
+    assert data.deliberate_solution(47, 36) == ("Split: 40 + 30 = 70 and 7 + 6 = 13, so 70 + 13 = 83. "
+                                                "Check: 83 - 36 = 47. The final answer is \\boxed{83}.")
+
+
 def test_cli_prepare_refuses_existing_output(tmp_path):
     out = tmp_path / "p.parquet"
     runner = CliRunner()

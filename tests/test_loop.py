@@ -440,3 +440,16 @@ def test_a_loop_that_frees_its_trainer_each_step_ends_with_the_resident_weights(
         checkpoint = tmp_path / "run" / f"step_{step:04d}" / "checkpoint"
         assert (checkpoint / "deepspeed").is_dir()  # every step full: the next one reopens the trainer from it
         assert weights_digest(checkpoint) == weights_digest(run_dir / f"step_{step:04d}" / "checkpoint")
+
+
+def test_a_grpo_run_config_can_ask_for_the_teacher_pass():
+    from stages.runs.config import LoopSettings, RunConfig
+    from stages.runs.plan import uses_teacher
+
+    def config(method, score):
+        return RunConfig(loop=LoopSettings(), stages={"rollout": {}, "verify": {}, "score": score,
+                                                      "update": {"method": method}})
+
+    assert not uses_teacher(config("grpo", {}))
+    assert uses_teacher(config("grpo", {"teacher": True}))  # logs H and u for a gate replay
+    assert uses_teacher(config("antisd", {"teacher": False}))  # a method that reads u always gets it

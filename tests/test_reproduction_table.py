@@ -70,3 +70,24 @@ def test_unfinished_runs_are_left_out(tmp_path):
     _run(tmp_path, "base", "antisd", 0, {}, 0.0, steps=0)  # the study's shared base evaluation: a 0-step loop
     grpo = _row(_table_module().main(tmp_path), "grpo")
     assert grpo[1] == "1" and grpo[4] == "0.500"
+
+
+def test_first_step_compares_with_grpo_on_the_same_seeds_only(tmp_path):
+    # GRPO seed 2 is weak: over seeds 0-2 GRPO's best mean is 0.40, over the shared seeds 0-1 it is 0.55
+    _run(tmp_path, "grpo_s0", "grpo", 0, {1: 0.5, 3: 0.6}, 0.0)
+    _run(tmp_path, "grpo_s1", "grpo", 1, {1: 0.4, 3: 0.5}, 0.0)
+    _run(tmp_path, "grpo_s2", "grpo", 2, {1: 0.0, 3: 0.1}, 0.0)
+    _run(tmp_path, "sd_s0", "sd", 0, {1: 0.5, 3: 0.6}, 0.5)
+    _run(tmp_path, "sd_s1", "sd", 1, {1: 0.4, 3: 0.4}, 0.5)  # mean 0.45, 0.50: below 0.55 at every step
+    assert _row(_table_module().main(tmp_path), "sd")[6] == "never"  # unpaired it would read "1" (0.45 ≥ 0.40)
+
+
+def test_paired_curves_script_reads_the_committed_csv():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "scripts/reproduction_paired.py", "docs/reproduction/curves.csv"], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    rows = {line.split("|")[1].strip(): line for line in out.stdout.splitlines() if line.startswith("| `")}
+    assert "| 0.623 | never |" in rows["`antisd-nogate`"] and "| 0.615 | 7 |" in rows["`antisd`"]
+    assert (ROOT / "docs" / "reproduction" / "paired.md").read_text() == out.stdout

@@ -449,3 +449,25 @@ def test_a_model_that_post_processes_its_logits_unseen_is_refused():
         tempered.lm_head.weight.mul_(50.0)
     with pytest.raises(InputError, match=r"--model tempered: its forward post-processes the logits .*Tempered"):
         checked_logits_path(tempered, "--model tempered")
+
+
+def test_the_teacher_instruction_is_an_option_and_empty_leaves_it_out():
+    from stages.lm import prompts
+
+    default = prompts.teacher_user_text("P?", "sol", correct=True)
+    assert default.endswith("Previous assessment: Your answer is correct.\nNow solve this problem step by step.")
+    assert prompts.teacher_user_text("P?", "sol", True, "Think.").endswith("Your answer is correct.\nThink.")
+    assert prompts.teacher_user_text("P?", "sol", True, "").endswith("Previous assessment: Your answer is correct.")
+
+
+def test_score_teacher_instruction_changes_only_the_teacher_view(tiny):
+    from stages.lm.scoring import build_views
+
+    rows = [{"problem": "What is 1 + 1?", "few_shot": [], "privileged_text": "1 + 1 = 2", "correct": True,
+             "privileged_source": "peer", "prompt_token_ids": [1, 2, 3], "response_token_ids": [4, 5]}]
+    plain = build_views(rows, tiny.tokenizer, instruction="")
+    default = build_views(rows, tiny.tokenizer)
+    assert plain[0] == default[0]  # the student view
+    text = tiny.tokenizer.decode(default[1].prompt_ids)
+    assert "Now solve this problem step by step." in text
+    assert "Now solve" not in tiny.tokenizer.decode(plain[1].prompt_ids)

@@ -302,3 +302,49 @@ def test_cli_rollouts_missing_a_column(tmp_path):
                                       str(tmp_path / "v.parquet")])
     assert result.exit_code == 2
     assert "bad.parquet" in result.stderr and "missing column" in result.stderr
+
+
+# --- privileged context from another problem (a control) -------------------------------------------------------
+
+def test_donors_form_one_cycle_without_fixed_points():
+    from stages.verifier.rows import donor_prompts
+
+    prompts = [f"p{i}" for i in range(7)]
+    donors = donor_prompts(prompts * 2, seed=3)
+    assert set(donors) == set(prompts) and all(donors[p] != p for p in prompts)
+    assert sorted(donors.values()) == sorted(prompts)  # every prompt donates exactly once
+    seen, p = [], "p0"
+    while p not in seen:
+        seen.append(p)
+        p = donors[p]
+    assert len(seen) == 7  # a single cycle
+    assert donors == donor_prompts(prompts, seed=3) and donors != donor_prompts(prompts, seed=4)
+    assert donor_prompts(["only"], seed=0) == {}
+
+
+def test_other_problem_contexts_come_from_the_donor():
+    from stages.verifier.rows import donor_prompts
+
+    ids, idxs = ["a", "a", "b", "b", "c"], [0, 1, 0, 1, 0]
+    correct = [True, False, False, False, True]
+    texts = ["sol a", "wrong", "x", "y", "sol c"]
+    refs = ["ref a", "ref a", "ref b", "ref b", None]
+    donors = donor_prompts(ids, seed=0)
+    contexts = privileged_contexts(ids, idxs, correct, texts, refs, seed=0, budget=lambda t: t, other=True)
+    expected_text = {"a": ("sol a", "other_peer"), "b": ("ref b", "other_reference"), "c": ("sol c", "other_peer")}
+    for prompt_id, (text, source, peer) in zip(ids, contexts):
+        assert (text, source) == expected_text[donors[prompt_id]]
+        assert peer is None
+    # the donor's only correct rollout is a valid context for another problem's rollout of the same index
+    assert all(source != "none" for _, source, _ in contexts)
+
+
+def test_verify_privileged_from_other_through_the_stage(tmp_path):
+    rows, metadata = run_verify(tmp_path, privileged_from="other")
+    sources = Counter(r["privileged_source"] for r in rows)
+    assert set(sources) <= {"other_peer", "other_reference", "none"} and sources["other_peer"] > 0
+    assert metadata["config"]["privileged_from"] == "other"
+    same = {(r["prompt_id"], r["sample_idx"]): r["privileged_text"] for r in run_verify(tmp_path, name="v2.parquet")[0]}
+    mixed_texts = {r["privileged_text"] for r in rows if r["prompt_id"] == "mixed"}
+    assert not mixed_texts & {"\\boxed{4}", "So \\boxed{4}", "2 + 2 = 4"}  # never this problem's own solution
+    assert same[("mixed", 2)] in {"\\boxed{4}", "So \\boxed{4}"}

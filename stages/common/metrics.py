@@ -8,6 +8,8 @@ that log them name the values here. Held-out evaluation adds `eval/<summary key>
 
 from __future__ import annotations
 
+import schemas
+
 STEP = "step"
 
 # the data of the step (training.batch.batch_metrics)
@@ -22,7 +24,7 @@ STUDENT_ENTROPY_MEAN = "student/entropy_mean"
 PMI_U_MEAN = "pmi/u_mean"
 PMI_ANTISD_TERM_MEAN = "pmi/antisd_term_mean"
 PMI_NEG_FRAC = "pmi/neg_frac"
-PRIVILEGED = {source: f"privileged/{source}" for source in ("peer", "reference", "none")}
+PRIVILEGED = {source: f"privileged/{source}" for source in schemas.PRIVILEGED_SOURCES}
 LOGPROB_MISMATCH_MEAN = "rollout/logprob_mismatch_mean"
 LOGPROB_MISMATCH_MAX = "rollout/logprob_mismatch_max"
 

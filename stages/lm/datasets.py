@@ -3,9 +3,12 @@ of `antisd data prepare` and of a run config's `loop.train` / `loop.eval`).
 
 Built-in sets ship inside the package (`stages/datasets/`, with their licences): gsm8k (train/test), math500,
 aime24, amc23, plus `arith`, a seeded generator of two-digit additions with a two-example few-shot prefix (the
-format in which SmolLM2-135M has enough mixed groups for RL, docs/stack-notes.md). Users' own data comes in as JSONL or
-Parquet with column-mapping options. Few-shot user turns carry the student instruction (`stages.lm.prompts.user_text`);
-nothing else here formats for the model.
+format in which SmolLM2-135M has enough mixed groups for RL, docs/stack-notes.md), and `arith_styles`, the same
+additions with one worked example in each of two answer styles: direct (`12 + 25 = 37. …`) and deliberate (split into
+tens and ones, add, check by subtraction; `answer_style` tells them apart). Users' own data comes in as JSONL or
+Parquet with column-mapping options, each row optionally with its own few-shot turns (a list of {user, assistant}).
+Built-in few-shot user turns carry the student instruction (`stages.lm.prompts.user_text`); nothing else here formats
+for the model.
 """
 
 from __future__ import annotations
@@ -35,13 +38,15 @@ BUILTIN = {
     "amc23": {"test": "amc23/test.jsonl"},
 }
 USER_FORMATS = ("jsonl", "parquet")
-DATASETS = ("arith", *BUILTIN, *USER_FORMATS)
+DATASETS = ("arith", "arith_styles", *BUILTIN, *USER_FORMATS)
 SPLITS = ("train", "test")
 
 ARITH_FEW_SHOT = [
     ("What is 3 + 4?", "3 + 4 = 7. The final answer is \\boxed{7}."),
     ("What is 12 + 25?", "12 + 25 = 37. The final answer is \\boxed{37}."),
 ]
+STYLES = ("direct", "deliberate")  # arith_styles: the two answer styles, in the order of the few-shot examples
+DELIBERATE_MARKER = "Split:"  # how a deliberate answer begins (answer_style)
 ARITH_TEST_SIZE = 1000  # the first pairs of a fixed shuffle are held out; train never sees them
 
 
@@ -54,18 +59,21 @@ class PrepareConfig:
     split: str = "train"  # train | test (arith, gsm8k); the only split of the others is test
     num: int = 0  # keep the first N rows after shuffling (0 = all)
     seed: int = 0  # shuffles the rows (0 keeps file order for built-in sets) and draws arith problems
-    few_shot: bool = True  # arith only: prepend the two worked examples
+    few_shot: bool = True  # arith, arith_styles: prepend the two worked examples
+    first_style: str = "direct"  # arith_styles: the style of the first worked example (direct | deliberate)
     path: str | None = None  # jsonl/parquet: input file
     problem_field: str = "problem"
     answer_field: str = "answer"
     solution_field: str | None = "solution"
     id_field: str | None = None
+    few_shot_field: str | None = "few_shot"  # jsonl/parquet: per-row few-shot turns [{user, assistant}] (optional)
     overwrite: bool = False
 
     def __post_init__(self):
         check = validation.Checks(self)
         check.choice("name", DATASETS)
         check.choice("split", SPLITS)
+        check.choice("first_style", STYLES)
         if self.name in BUILTIN and self.split in SPLITS and self.split not in BUILTIN[self.name]:
             check.fail("split", f"{self.name} has only {', '.join(BUILTIN[self.name])}, got {self.split!r}")
         check.at_least(0, "num")
@@ -79,8 +87,9 @@ def _clean_answer(value) -> str:
     return str(value).strip()
 
 
-def arith_rows(split: str, seed: int) -> list[dict]:
-    """All two-digit additions of `split`: a fixed shuffle holds out ARITH_TEST_SIZE pairs as test."""
+def arith_rows(split: str, seed: int, name: str = "arith") -> list[dict]:
+    """All two-digit additions of `split`: a fixed shuffle holds out ARITH_TEST_SIZE pairs as test (the same pairs
+    for arith and arith_styles, whose reference solution is the direct one)."""
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     random.Random(1234).shuffle(pairs)
     chosen = pairs[:ARITH_TEST_SIZE] if split == "test" else pairs[ARITH_TEST_SIZE:]
@@ -90,14 +99,37 @@ def arith_rows(split: str, seed: int) -> list[dict]:
     for a, b in chosen:
         rows.append(
             {
-                "prompt_id": f"arith-{split}-{a:02d}+{b:02d}",
-                "dataset": f"arith/{split}",
+                "prompt_id": f"{name}-{split}-{a:02d}+{b:02d}",
+                "dataset": f"{name}/{split}",
                 "problem": f"What is {a} + {b}?",
                 "answer": str(a + b),
-                "solution": f"{a} + {b} = {a + b}. The final answer is \\boxed{{{a + b}}}.",
+                "solution": direct_solution(a, b),
             }
         )
     return rows
+
+
+def direct_solution(a: int, b: int) -> str:
+    return f"{a} + {b} = {a + b}. The final answer is \\boxed{{{a + b}}}."
+
+
+def deliberate_solution(a: int, b: int) -> str:
+    """Tens, ones, their sum, and a check by subtraction (ASCII minus: one token, as the model writes it)."""
+    tens, ones, total = a // 10 * 10 + b // 10 * 10, a % 10 + b % 10, a + b
+    return (f"{DELIBERATE_MARKER} {a // 10 * 10} + {b // 10 * 10} = {tens} and {a % 10} + {b % 10} = {ones}, so "
+            f"{tens} + {ones} = {total}. Check: {total} - {b} = {a}. The final answer is \\boxed{{{total}}}.")
+
+
+def answer_style(text: str) -> str:
+    """arith_styles: "deliberate" when a response (or peer solution) begins with the deliberate marker, else "direct"."""
+    return "deliberate" if text.lstrip().startswith(DELIBERATE_MARKER) else "direct"
+
+
+def styles_few_shot(first_style: str) -> list[tuple[str, str]]:
+    """The two worked examples of arith_styles, `first_style` first."""
+    examples = {"direct": ("What is 12 + 25?", direct_solution(12, 25)),
+                "deliberate": ("What is 47 + 36?", deliberate_solution(47, 36))}
+    return [examples[first_style], *(examples[s] for s in STYLES if s != first_style)]
 
 
 def _gsm8k_row(record: dict, index: int, split: str) -> dict:
@@ -147,6 +179,24 @@ def builtin_rows(name: str, split: str) -> list[dict]:
     return rows
 
 
+def checked_few_shot(value, where: str) -> list[dict]:
+    """A row's few-shot turns as [{user, assistant}] (None or a missing field: none); anything else is refused."""
+    if value is None:
+        return []
+    if hasattr(value, "tolist"):  # a numpy array from a Parquet list column
+        value = value.tolist()
+    if not isinstance(value, list):
+        raise InputError(f"{where}: few-shot turns must be a list of {{user, assistant}}, got {type(value).__name__}")
+    turns = []
+    for k, turn in enumerate(value):
+        if not isinstance(turn, dict) or set(turn) != {"user", "assistant"}:
+            raise InputError(f"{where}: turn {k} must have exactly the keys user and assistant")
+        if not all(isinstance(turn[key], str) and turn[key].strip() for key in ("user", "assistant")):
+            raise InputError(f"{where}: turn {k}: user and assistant must be non-empty strings")
+        turns.append({"user": turn["user"], "assistant": turn["assistant"]})
+    return turns
+
+
 def user_rows(config: PrepareConfig) -> list[dict]:
     path = Path(config.path)
     if not path.exists():
@@ -159,6 +209,7 @@ def user_rows(config: PrepareConfig) -> list[dict]:
                 raise InputError(f"{path}: row {i} has no field '{field}' (see --problem-field/--answer-field)")
         solution = record.get(config.solution_field) if config.solution_field else None
         rid = record.get(config.id_field) if config.id_field else None
+        few_shot = record.get(config.few_shot_field) if config.few_shot_field else None
         rows.append(
             {
                 "prompt_id": f"{path.stem}-{rid if rid is not None else i}",
@@ -166,6 +217,7 @@ def user_rows(config: PrepareConfig) -> list[dict]:
                 "problem": str(record[config.problem_field]),
                 "answer": _clean_answer(record[config.answer_field]),
                 "solution": None if solution is None else str(solution),
+                "few_shot": checked_few_shot(few_shot, f"{path}: row {i} field '{config.few_shot_field}'"),
             }
         )
     return rows
@@ -176,24 +228,29 @@ def build_rows(config: PrepareConfig) -> list[dict]:
     if config.name == "arith":
         rows = arith_rows(config.split, config.seed)
         shots = ARITH_FEW_SHOT if config.few_shot else []
+    elif config.name == "arith_styles":
+        rows = arith_rows(config.split, config.seed, name="arith_styles")
+        shots = styles_few_shot(config.first_style) if config.few_shot else []
     elif config.name in BUILTIN:
         rows = builtin_rows(config.name, config.split)
         if config.seed:
             random.Random(config.seed).shuffle(rows)
         shots = []
-    else:  # USER_FORMATS
+    else:  # USER_FORMATS: each row carries its own few-shot turns
         rows = user_rows(config)
         if config.seed:
             random.Random(config.seed).shuffle(rows)
-        shots = []
+        shots = None
     if config.num:
         rows = rows[: config.num]
     if not rows:
         raise InputError(f"data prepare {config.name}: no rows")
-    few_shot = [{"user": prompt_format.user_text(q), "assistant": a} for q, a in shots]
     ids = [r["prompt_id"] for r in rows]
     if len(set(ids)) != len(ids):
         raise InputError(f"data prepare {config.name}: prompt ids are not unique (check --id-field)")
+    if shots is None:
+        return rows
+    few_shot = [{"user": prompt_format.user_text(q), "assistant": a} for q, a in shots]
     return [{**row, "few_shot": few_shot} for row in rows]
 
 

@@ -14,6 +14,7 @@ import re
 INSTRUCTION = "Put the final answer in \\boxed{}."
 CORRECT_NOTE = "Your answer is correct."
 INCORRECT_NOTE = "Your answer is incorrect."
+TEACHER_INSTRUCTION = "Now solve this problem step by step."  # METHOD §4's last line; "" leaves it out (a control)
 
 _THINK_RE = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
 
@@ -35,20 +36,18 @@ def student_messages(problem: str, few_shot=None) -> list[dict]:
     return _few_shot_messages(few_shot) + [{"role": "user", "content": user_text(problem)}]
 
 
-def teacher_user_text(problem: str, privileged_text: str, correct: bool) -> str:
-    """METHOD §4 step 3: problem prompt, the verified solution, the assessment of *this* rollout."""
+def teacher_user_text(problem: str, privileged_text: str, correct: bool,
+                      instruction: str = TEACHER_INSTRUCTION) -> str:
+    """METHOD §4 step 3: problem prompt, the verified solution, the assessment of *this* rollout, the instruction."""
     note = CORRECT_NOTE if correct else INCORRECT_NOTE
-    return (
-        f"{user_text(problem)}\n\n"
-        f"Your previous attempt:\n{privileged_text}\n\n"
-        f"Previous assessment: {note}\n"
-        f"Now solve this problem step by step."
-    )
+    text = f"{user_text(problem)}\n\nYour previous attempt:\n{privileged_text}\n\nPrevious assessment: {note}"
+    return f"{text}\n{instruction}" if instruction else text
 
 
-def teacher_messages(problem: str, few_shot, privileged_text: str, correct: bool) -> list[dict]:
+def teacher_messages(problem: str, few_shot, privileged_text: str, correct: bool,
+                     instruction: str = TEACHER_INSTRUCTION) -> list[dict]:
     return _few_shot_messages(few_shot) + [
-        {"role": "user", "content": teacher_user_text(problem, privileged_text, correct)}
+        {"role": "user", "content": teacher_user_text(problem, privileged_text, correct, instruction)}
     ]
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from stages.common import validation
 from stages.common.errors import InputError
 from stages.lm.models import DTYPES
+from stages.lm.prompts import TEACHER_INSTRUCTION
 
 SCORE_COLUMNS = ("student_logprobs", "teacher_logprobs", "teacher_entropy", "student_entropy", "pmi",
                  "teacher_prompt_length")
@@ -39,8 +40,10 @@ class ScoreConfig:
     micro_batch_tokens: int = 8192  # positions per forward pass (padded rows × longest, a shared prefix counted once)
     share_prefix: bool = True  # run a group's common prompt prefix once for its views (same numbers, fewer tokens)
     # the teacher pass (t, H, u); off for a method that does not read u (grpo): the teacher columns then repeat the
-    # student's, pmi is 0 and the file's metadata says teacher: false
+    # student's, pmi is 0 and the file's metadata says teacher: false. The loop sets it from the method, unless the
+    # run config says score.teacher: true (a grpo run that logs the teacher's entropy and u)
     teacher: bool = True
+    teacher_instruction: str = TEACHER_INSTRUCTION  # the teacher prompt's last line (METHOD §4); "" = left out
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on GPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads (0 = OMP_NUM_THREADS if set, else the cores this process may use)
@@ -100,16 +103,18 @@ def check_rows(rows: list[dict], vocab_size: int, source: str) -> None:
             raise InputError(f"{source}: {row_label(rows, index)}: empty prompt_token_ids")
 
 
-def build_views(rows: list[dict], tokenizer, teacher: bool = True) -> list[View]:
-    """Student view of every row, teacher view (METHOD §4 prompt + the same response ids) of rows with a source
-    (none at all without `teacher`)."""
+def build_views(rows: list[dict], tokenizer, teacher: bool = True,
+                instruction: str = TEACHER_INSTRUCTION) -> list[View]:
+    """Student view of every row, teacher view (METHOD §4 prompt ending with `instruction` + the same response ids)
+    of rows with a source (none at all without `teacher`)."""
     from stages.lm.prompts import encode, teacher_messages
 
     views = []
     for index, row in enumerate(rows):
         views.append(View(index, False, row["prompt_token_ids"], row["response_token_ids"]))
         if teacher and row["privileged_source"] != "none":
-            messages = teacher_messages(row["problem"], row["few_shot"], row["privileged_text"], bool(row["correct"]))
+            messages = teacher_messages(row["problem"], row["few_shot"], row["privileged_text"], bool(row["correct"]),
+                                        instruction)
             views.append(View(index, True, encode(tokenizer, messages), row["response_token_ids"]))
     return views
 

@@ -63,11 +63,12 @@ def safe_load(text: str):
 class DataSpec:
     """Which prompts a run trains or evaluates on (arguments of `antisd data prepare`)."""
 
-    name: str = "arith"  # arith | gsm8k | math500 | aime24 | amc23 | jsonl | parquet
+    name: str = "arith"  # arith | arith_styles | gsm8k | math500 | aime24 | amc23 | jsonl | parquet
     split: str = "train"  # train | test
     num: int = 0  # first N prompts (0 = all)
     seed: int = 0  # shuffle seed of the prepared file
-    few_shot: bool = True  # arith only
+    few_shot: bool = True  # arith, arith_styles
+    first_style: str = "direct"  # arith_styles: style of the first worked example
     path: str | None = None  # jsonl/parquet input
 
     def __post_init__(self):
@@ -75,7 +76,7 @@ class DataSpec:
 
         check = validation.Checks(self)  # the rules of `antisd data prepare`, under the same names
         check.absorb(lambda: PrepareConfig(name=self.name, out="", split=self.split, num=self.num, seed=self.seed,
-                                           few_shot=self.few_shot, path=self.path))
+                                           few_shot=self.few_shot, first_style=self.first_style, path=self.path))
         check.done()
 
 

@@ -61,7 +61,7 @@ def check_batch_fits(total: int, per_step: int) -> None:
 
 def data_config(spec: run_config.DataSpec, path: Path) -> datasets.PrepareConfig:
     return datasets.PrepareConfig(name=spec.name, out=str(path), split=spec.split, num=spec.num, seed=spec.seed,
-                                    few_shot=spec.few_shot, path=spec.path)
+                                    few_shot=spec.few_shot, first_style=spec.first_style, path=spec.path)
 
 
 def run_prompts(spec: run_config.DataSpec, path: Path) -> pa.Table:
@@ -175,11 +175,13 @@ def full_checkpoint_at(settings: run_config.LoopSettings, step: int) -> bool:
 
 
 def uses_teacher(config: run_config.RunConfig) -> bool:
-    """Whether score runs the teacher pass: only for a method that reads u (grpo does not)."""
+    """Whether score runs the teacher pass: for a method that reads u (grpo does not), or when the run config sets
+    `score.teacher: true` (a grpo run that logs the teacher's entropy and u, e.g. to replay the gate on it)."""
     from stages.method.terms import get_term
     from stages.training.config import UpdateConfig
 
-    return get_term(config.stages["update"].get("method", UpdateConfig.method)).uses_teacher
+    method = config.stages["update"].get("method", UpdateConfig.method)
+    return get_term(method).uses_teacher or config.stages["score"].get("teacher") is True
 
 
 def step_configs(config: LoopConfig, run: Run, step: int) -> dict:

@@ -9,6 +9,10 @@ its prompt (rows sharing `prompt_id` in this file), and the privileged context o
    empty after stripping are skipped;
 2. else `reference`: the prompt's reference `solution` (when not null or blank);
 3. else `none` (privileged_text null: the score stage gives this rollout no teacher term).
+With `privileged_from` "other" (a control the paper does not run) the context comes from a different problem of the
+same file instead: each prompt gets a donor prompt by a seeded cycle over the file's distinct prompts (never itself),
+and a rollout's context is a correct rollout of the donor (`other_peer`, peer_sample_idx null), else the donor's
+reference solution (`other_reference`), else `none`; the teacher's note still assesses this rollout.
 The text is cut to its first `privileged_max_chars` characters, then (if `privileged_max_tokens` > 0) to its first
 `privileged_max_tokens` tokens of `model`'s tokenizer, cut at a token boundary of the original text (the head is
 kept: the text reads as a solution from its start). This module reads and writes no file (`stages.verify`) and builds no teacher prompt (`stages.lm.prompts`).
@@ -30,6 +34,9 @@ from stages.lm.prompts import strip_think
 from stages.verifier import answers
 
 
+PRIVILEGED_FROM = ("same", "other")
+
+
 @dataclass(frozen=True)
 class VerifyConfig:
     """Options of `antisd verify` (each option is its key in kebab-case)."""
@@ -46,6 +53,7 @@ class VerifyConfig:
     privileged_max_chars: int = 4000  # character budget of privileged_text (0 = no limit)
     privileged_max_tokens: int = 0  # token budget of privileged_text with `model`'s tokenizer (0 = not applied)
     model: str = "smollm2-135m"  # tokenizer for privileged_max_tokens (HF folder or embedded name); unused if 0
+    privileged_from: str = "same"  # same (METHOD §4) | other: another problem's solution, a context-only control
     overwrite: bool = False  # replace an existing output
 
     def __post_init__(self):
@@ -53,6 +61,7 @@ class VerifyConfig:
         check.at_least(1, "workers", "max_answer_chars")
         check.above(0, "timeout")
         check.at_least(0, "worker_memory_mb", "privileged_max_chars", "privileged_max_tokens")
+        check.choice("privileged_from", PRIVILEGED_FROM)
         try:
             answers.parse_fallbacks(self.fallbacks)
         except ValueError as exc:
@@ -71,17 +80,31 @@ def group_stats(prompt_ids: Sequence[str], rewards: Sequence[float]) -> tuple[li
     return [sizes[p] for p in prompt_ids], [sums[p] / sizes[p] for p in prompt_ids]
 
 
-def pick_peer(seed: int, prompt_id: str, sample_idx: int, candidates: Sequence[int]) -> int | None:
-    """Seeded choice among the correct peers' sample_idx, never `sample_idx` itself; None if there is none.
+def _stable_hash(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(json.dumps(list(parts)).encode()).digest()[:8], "big")
+
+
+def pick_peer(seed: int, prompt_id: str, sample_idx: int, candidates: Sequence[int],
+              exclude_self: bool = True) -> int | None:
+    """Seeded choice among the correct peers' sample_idx, never `sample_idx` itself (unless `exclude_self` is false:
+    the candidates are another problem's); None if there is none.
 
     The choice is sha256([seed, prompt_id, sample_idx]) mod the number of sorted candidates: stable across runs,
     processes and Python versions.
     """
-    others = sorted(set(candidates) - {sample_idx})
+    others = sorted(set(candidates) - ({sample_idx} if exclude_self else set()))
     if not others:
         return None
-    key = json.dumps([seed, prompt_id, sample_idx]).encode()
-    return others[int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % len(others)]
+    return others[_stable_hash(seed, prompt_id, sample_idx) % len(others)]
+
+
+def donor_prompts(prompt_ids: Sequence[str], seed: int) -> dict[str, str]:
+    """privileged_from "other": each distinct prompt's donor, the next prompt in a seeded order of them (a cycle, so
+    never itself and every prompt donates once); empty with fewer than two prompts."""
+    order = sorted(set(prompt_ids), key=lambda p: (_stable_hash("donor", seed, p), p))
+    if len(order) < 2:
+        return {}
+    return {prompt: order[(i + 1) % len(order)] for i, prompt in enumerate(order)}
 
 
 def char_budget(max_chars: int) -> Callable[[str], str]:
@@ -101,21 +124,28 @@ def token_budget(tokenizer, max_tokens: int) -> Callable[[str], str]:
 
 def privileged_contexts(prompt_ids: Sequence[str], sample_idxs: Sequence[int], correct: Sequence[bool],
                         responses: Sequence[str], solutions: Sequence[str | None], *, seed: int,
-                        budget: Callable[[str], str]) -> list[tuple[str | None, str, int | None]]:
-    """(privileged_text, privileged_source, peer_sample_idx) of each row, METHOD §4 (see the module docstring)."""
+                        budget: Callable[[str], str], other: bool = False) -> list[tuple[str | None, str, int | None]]:
+    """(privileged_text, privileged_source, peer_sample_idx) of each row, METHOD §4, or from another problem with
+    `other` (see the module docstring)."""
     peers: dict[str, dict[int, str]] = defaultdict(dict)
-    for prompt_id, sample_idx, ok, text in zip(prompt_ids, sample_idxs, correct, responses):
+    references: dict[str, str] = {}
+    for prompt_id, sample_idx, ok, text, solution in zip(prompt_ids, sample_idxs, correct, responses, solutions):
         stripped = strip_think(text) if ok else ""
         if stripped:
             peers[prompt_id].setdefault(int(sample_idx), stripped)
+        if solution is not None and strip_think(solution):
+            references.setdefault(prompt_id, strip_think(solution))
+    donors = donor_prompts(prompt_ids, seed) if other else {}
+    prefix = "other_" if other else ""
     contexts = []
-    for prompt_id, sample_idx, solution in zip(prompt_ids, sample_idxs, solutions):
-        group = peers.get(prompt_id, {})
-        peer = pick_peer(seed, prompt_id, int(sample_idx), list(group))
+    for prompt_id, sample_idx in zip(prompt_ids, sample_idxs):
+        source_id = donors.get(prompt_id) if other else prompt_id
+        group = peers.get(source_id, {})
+        peer = pick_peer(seed, prompt_id, int(sample_idx), list(group), exclude_self=not other)
         if peer is not None:
-            contexts.append((budget(group[peer]), "peer", peer))
-        elif solution is not None and strip_think(solution):
-            contexts.append((budget(strip_think(solution)), "reference", None))
+            contexts.append((budget(group[peer]), prefix + "peer", None if other else peer))
+        elif source_id in references:
+            contexts.append((budget(references[source_id]), prefix + "reference", None))
         else:
             contexts.append((None, "none", None))
     return contexts
@@ -161,7 +191,8 @@ def verify_table(table: pa.Table, config: VerifyConfig, loaded=None,
     sizes, means = group_stats(prompt_ids, rewards)
     contexts = privileged_contexts(prompt_ids, table.column("sample_idx").to_pylist(),
                                    [check.correct for check in checks], responses,
-                                   table.column("solution").to_pylist(), seed=config.seed, budget=budget)
+                                   table.column("solution").to_pylist(), seed=config.seed, budget=budget,
+                                   other=config.privileged_from == "other")
 
     # --- columns
     columns = {

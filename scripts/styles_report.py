@@ -1,0 +1,228 @@
+"""The numbers of the arith_styles study (docs/reproduction.md), from files only.
+
+    styles_report.py calibration runs/styles/calibrate --out docs/reproduction/styles/calibration.json
+    styles_report.py styles runs/styles/grpo_s0 --out docs/reproduction/styles/runs/grpo_s0/styles.jsonl
+    styles_report.py report docs/reproduction/styles --out docs/reproduction/styles/table.md
+
+`calibration`: per few-shot order, the base model's accuracy at T = 1, the fraction of mixed 8-sample groups, the
+deliberate-style fraction and accuracy by style, from the verified rollouts. `styles`: the same per training step of
+a run directory (its verified.parquet files). `report` reads only the committed files under DOCS (calibration.json,
+pmi_*/summary.json, runs/*/{config.yaml, metrics.jsonl, styles.jsonl, eval_base.json}) and writes the Markdown
+tables: calibration, PMI probes by context, the gate's noise, and the paired training read-outs (arm − grpo on the
+same seed, so the same prompts at every step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import yaml  # noqa: E402
+
+from stages.common import metrics as keys  # noqa: E402
+from stages.common.io import atomic_write_text  # noqa: E402
+from stages.lm.datasets import answer_style  # noqa: E402
+from stages.method.gate import EntropyGate  # noqa: E402
+
+CONTEXTS = {"same": "this problem's peer (METHOD §4)", "other": "another problem's solution",
+            "noinstruction": "this problem's peer, no 'Now solve this problem step by step.'"}
+
+
+def style_stats(rows: list[dict]) -> dict:
+    """Accuracy, mixed groups, deliberate fraction, and accuracy / length per style of verified rows."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row["prompt_id"]].append(row["reward"])
+    by_style = defaultdict(list)
+    for row in rows:
+        by_style[answer_style(row["response_text"])].append(row)
+    out = {"rollouts": len(rows), "problems": len(groups),
+           "accuracy": statistics.fmean(r["reward"] for r in rows),
+           "mixed_group_frac": statistics.fmean(0 < statistics.fmean(g) < 1 for g in groups.values()),
+           "deliberate_frac": len(by_style["deliberate"]) / len(rows),
+           "truncated_frac": statistics.fmean(r["finish_reason"] == "length" for r in rows)}
+    for style in ("direct", "deliberate"):
+        chosen = by_style[style]
+        out[f"accuracy_{style}"] = statistics.fmean(r["reward"] for r in chosen) if chosen else None
+        out[f"length_{style}"] = statistics.fmean(r["response_length"] for r in chosen) if chosen else None
+    return out
+
+
+def read_rows(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    columns = ["prompt_id", "reward", "response_text", "response_length", "finish_reason"]
+    return pq.read_table(path, columns=columns).to_pylist()
+
+
+def calibration(folder: Path) -> dict:
+    return {variant.name: style_stats(read_rows(variant / "verified.parquet"))
+            for variant in sorted(folder.iterdir()) if (variant / "verified.parquet").exists()}
+
+
+def run_styles(run_dir: Path) -> str:
+    lines = []
+    for step_dir in sorted(run_dir.glob("step_*")):
+        if (step_dir / "verified.parquet").exists():
+            lines.append(json.dumps({"step": int(step_dir.name.removeprefix("step_")),
+                                     **style_stats(read_rows(step_dir / "verified.parquet"))}))
+    return "\n".join(lines) + "\n"
+
+
+# --- the report --------------------------------------------------------------------------------------------------
+
+def fmt(value, spec="+.3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def calibration_table(data: dict) -> list[str]:
+    lines = ["| first worked example | accuracy (T = 1) | mixed groups | deliberate rollouts | accuracy direct / "
+             "deliberate | length direct / deliberate | truncated |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for variant, st in data.items():
+        lines.append(f"| {variant} | {st['accuracy']:.3f} | {st['mixed_group_frac']:.2f} | {st['deliberate_frac']:.2f}"
+                     f" | {fmt(st['accuracy_direct'], '.3f')} / {fmt(st['accuracy_deliberate'], '.3f')} | "
+                     f"{fmt(st['length_direct'], '.1f')} / {fmt(st['length_deliberate'], '.1f')} | "
+                     f"{st['truncated_frac']:.2f} |")
+    return lines
+
+
+def probe_tables(docs: Path) -> list[str]:
+    summaries = {c: json.loads((docs / f"pmi_{c}" / "summary.json").read_text())
+                 for c in CONTEXTS if (docs / f"pmi_{c}" / "summary.json").exists()}
+    if not summaries:
+        return []
+    cells = defaultdict(dict)
+    for context, summary in summaries.items():
+        for row in summary["probes"]:
+            cells[(row["probe"], row["style"], row["peer_style"], row["note"])][context] = row
+    header = " | ".join(f"u, {c} context [95 %]" for c in summaries)
+    lines = [f"| probe | rollout style | context style | note | n (same) | {header} |",
+             "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in summaries) + " |"]
+    for (probe, style, peer, note), by_context in sorted(cells.items()):
+        values = []
+        for context in summaries:
+            row = by_context.get(context)
+            values.append("–" if row is None else f"{row['mean_u']:+.3f} [{fmt(row['ci_low'])}, {fmt(row['ci_high'])}]"
+                          f" ({row['occurrences']})")
+        same = by_context.get("same", {})
+        lines.append(f"| {probe} | {style} | {peer} | {note} | {same.get('occurrences', '–')} | {' | '.join(values)} |")
+    lines += ["", "| context | gate statistic over 8-problem draws: mean | sd | CV | P(draw < 0.93 × pooled median) |",
+              "| --- | --- | --- | --- | --- |"]
+    for context, summary in summaries.items():
+        noise = summary.get("gate_noise")
+        if noise:
+            lines.append(f"| {context} | {noise['mean']:.3f} | {noise['std']:.3f} | {noise['cv']:.3f} | "
+                         f"{noise['frac_below_down']:.3f} |")
+    return lines
+
+
+def load_run(folder: Path) -> dict:
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    update = config.get("update", {})
+    arm = update.get("method", "antisd") + ("-nogate" if update.get("gate") == "off" else "")
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    styles = []
+    if (folder / "styles.jsonl").exists():
+        styles = [json.loads(line) for line in (folder / "styles.jsonl").read_text().splitlines() if line.strip()]
+    base = json.loads((folder / "eval_base.json").read_text()) if (folder / "eval_base.json").exists() else {}
+    return {"arm": arm, "seed": config["loop"]["seed"], "rows": rows, "styles": {s["step"]: s for s in styles},
+            "base": base.get(keys.EVAL_ACCURACY), "warmup": update.get("warmup_steps", 5),
+            "down": update.get("gate_down", 0.93)}
+
+
+def gate_replay(run: dict) -> list[bool]:
+    """The gate's state per step, replayed on the run's logged median teacher entropy (METHOD §5)."""
+    gate = EntropyGate(warmup_steps=run["warmup"], down=run["down"], gated=True)
+    states = []
+    for row in run["rows"]:
+        gate.update(row.get(keys.TEACHER_ENTROPY_MEDIAN))
+        states.append(gate.lam > 0)
+    return states
+
+
+def training_tables(docs: Path) -> list[str]:
+    runs = [load_run(folder) for folder in sorted((docs / "runs").glob("*_s*")) if (folder / "metrics.jsonl").exists()]
+    if not runs:
+        return []
+    by = {(r["arm"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs if r["arm"] == "grpo"})
+    arms = sorted({r["arm"] for r in runs} - {"grpo"})
+    lines = ["| run | base | held-out accuracy by step | mean reward | deliberate fraction first → last step | "
+             "mean length first → last | teacher H median first → last | mean u last step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for run in sorted(runs, key=lambda r: (r["arm"], r["seed"])):
+        evals = ", ".join(f"{r[keys.STEP]}: {r[keys.EVAL_ACCURACY]:.3f}" for r in run["rows"] if keys.EVAL_ACCURACY in r)
+        first, last = run["rows"][0], run["rows"][-1]
+        styles = [run["styles"].get(r[keys.STEP], {}) for r in (first, last)]
+        lines.append(
+            f"| {run['arm']} s{run['seed']} | {fmt(run['base'], '.3f')} | {evals} | "
+            f"{statistics.fmean(r[keys.REWARD_MEAN] for r in run['rows']):.3f} | "
+            f"{fmt(styles[0].get('deliberate_frac'), '.2f')} → {fmt(styles[1].get('deliberate_frac'), '.2f')} | "
+            f"{first[keys.LENGTH_MEAN]:.1f} → {last[keys.LENGTH_MEAN]:.1f} | "
+            f"{fmt(first.get(keys.TEACHER_ENTROPY_MEDIAN), '.3f')} → {fmt(last.get(keys.TEACHER_ENTROPY_MEDIAN), '.3f')}"
+            f" | {fmt(last.get(keys.PMI_U_MEAN))} |")
+    lines += ["", "Paired (arm − grpo, same seed: the same prompts at every step):", "",
+              "| arm | seed | Δ mean training reward (steps) | Δ deliberate fraction, mean over steps | "
+              "Δ held-out accuracy, last eval |", "| --- | --- | --- | --- | --- |"]
+    for arm in arms:
+        for seed in seeds:
+            if (arm, seed) not in by:
+                continue
+            a, g = by[(arm, seed)], by[("grpo", seed)]
+            steps = min(len(a["rows"]), len(g["rows"]))
+            diffs = [a["rows"][i][keys.REWARD_MEAN] - g["rows"][i][keys.REWARD_MEAN] for i in range(steps)]
+            delib = [a["styles"][i]["deliberate_frac"] - g["styles"][i]["deliberate_frac"] for i in range(steps)
+                     if i in a["styles"] and i in g["styles"]]
+            last_eval = [r for r in a["rows"][:steps] if keys.EVAL_ACCURACY in r]
+            g_eval = {r[keys.STEP]: r[keys.EVAL_ACCURACY] for r in g["rows"] if keys.EVAL_ACCURACY in r}
+            d_eval = (last_eval[-1][keys.EVAL_ACCURACY] - g_eval[last_eval[-1][keys.STEP]]
+                      if last_eval and last_eval[-1][keys.STEP] in g_eval else None)
+            lines.append(f"| {arm} | {seed} | {statistics.fmean(diffs):+.3f} ({steps}) | "
+                         f"{fmt(statistics.fmean(delib) if delib else None, '+.2f')} | {fmt(d_eval)} |")
+    lines += ["", "Gate replayed on each grpo run's logged median teacher entropy (warm-up "
+              f"{runs[0]['warmup']}, τ_down = {runs[0]['down']}·H_warm):", ""]
+    for seed in seeds:
+        states = gate_replay(by[("grpo", seed)])
+        post = states[by[("grpo", seed)]["warmup"]:]
+        lines.append(f"- grpo s{seed}: open on {sum(post)} of {len(post)} post-warm-up steps "
+                     f"({''.join('1' if s else '0' for s in states)})")
+    return lines
+
+
+def report(docs: Path) -> str:
+    parts = ["<!-- written by scripts/styles_report.py report from the files in this folder -->", ""]
+    if (docs / "calibration.json").exists():
+        parts += ["### Calibration", "", *calibration_table(json.loads((docs / "calibration.json").read_text())), ""]
+    probes = probe_tables(docs)
+    if probes:
+        parts += ["### PMI probes (base model)", "", *probes, ""]
+    training = training_tables(docs)
+    if training:
+        parts += ["### Training", "", *training, ""]
+    return "\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("calibration", "styles", "report"))
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if args.what == "calibration":
+        text = json.dumps(calibration(args.folder), indent=2) + "\n"
+    elif args.what == "styles":
+        text = run_styles(args.folder)
+    else:
+        text = report(args.folder)
+    atomic_write_text(args.out, text)
+    if args.what != "styles":
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

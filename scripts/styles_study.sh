@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The arith_styles study of docs/reproduction.md: calibration, the PMI polarity test (no training) and paired
+# training arms. LONG-RUNNING (about 1.5 h on 2 cores); resumable: every file that exists is kept and reused, every
+# run continues from its directory.
+#   PHASES="calibrate polarity train" OUT=runs/styles DOCS=docs/reproduction/styles scripts/styles_study.sh
+#   RUNS="grpo:0 antisd-nogate:0" PHASES=train scripts/styles_study.sh     # a subset of the training arms
+# A run spec is METHOD:SEED; METHOD-nogate runs METHOD with the entropy gate off (λ = λ_max every step).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ANTISD=${ANTISD:-.venv/bin/antisd}
+PYTHON=${PYTHON:-.venv/bin/python}
+OUT=${OUT:-runs/styles}
+DOCS=${DOCS:-docs/reproduction/styles}
+PHASES=${PHASES:-"calibrate polarity train"}
+CONFIG=${CONFIG:-examples/configs/styles.yaml}
+FIRST_STYLE=${FIRST_STYLE:-direct}  # the calibrated order (docs/reproduction.md); calibration tries both
+RUNS=${RUNS:-"grpo:0 antisd-nogate:0 sd:0 grpo:1 antisd-nogate:1 sd:1"}
+JOBS=${JOBS:-2}
+PROMPTS=64 N=8 MAX_NEW=80 STEP_PROMPTS=8  # calibration / polarity: 64 problems × 8 rollouts, as the runs sample
+mkdir -p "$OUT" "$DOCS"
+once() { local out=$1; shift; [ -e "$out" ] || "$@"; }  # run a stage unless its output exists
+
+sample() {  # sample() FOLDER FIRST_STYLE: prompts, rollouts and verified rollouts of the base model
+  local d=$1
+  mkdir -p "$d"
+  once "$d/prompts.parquet" "$ANTISD" -q data prepare arith_styles --split train --num $PROMPTS --seed 101 \
+    --first-style "$2" --out "$d/prompts.parquet"
+  once "$d/rollouts.parquet" "$ANTISD" -q rollout --model smollm2-135m --prompts "$d/prompts.parquet" --n $N \
+    --temperature 1.0 --max-new-tokens $MAX_NEW --seed 0 --out "$d/rollouts.parquet" > /dev/null
+  once "$d/verified.parquet" "$ANTISD" -q verify --rollouts "$d/rollouts.parquet" --out "$d/verified.parquet" \
+    > /dev/null
+}
+
+for phase in $PHASES; do case $phase in
+calibrate)
+  for first in direct deliberate; do sample "$OUT/calibrate/$first" "$first"; done
+  "$PYTHON" scripts/styles_report.py calibration "$OUT/calibrate" --out "$DOCS/calibration.json"
+  ;;
+polarity)
+  d="$OUT/calibrate/$FIRST_STYLE"
+  sample "$d" "$FIRST_STYLE"
+  once "$d/verified_other.parquet" "$ANTISD" -q verify --rollouts "$d/rollouts.parquet" --privileged-from other \
+    --out "$d/verified_other.parquet" > /dev/null
+  once "$d/scored_same.parquet" "$ANTISD" -q score --model smollm2-135m --verified "$d/verified.parquet" \
+    --out "$d/scored_same.parquet" > /dev/null
+  once "$d/scored_other.parquet" "$ANTISD" -q score --model smollm2-135m --verified "$d/verified_other.parquet" \
+    --out "$d/scored_other.parquet" > /dev/null
+  once "$d/scored_noinstruction.parquet" "$ANTISD" -q score --model smollm2-135m --verified "$d/verified.parquet" \
+    --teacher-instruction "" --out "$d/scored_noinstruction.parquet" > /dev/null
+  for context in same other noinstruction; do
+    "$ANTISD" -q analyze pmi "$d/scored_$context.parquet" --probe Check --probe Split --style-marker "Split:" \
+      --gate-subset $STEP_PROMPTS --min-count 20 --rollouts 6 --out "$DOCS/pmi_$context" --overwrite \
+      > "$DOCS/pmi_$context.txt"
+  done
+  ;;
+train)
+  # the base model's held-out evaluation does not depend on method or seed: once, copied into every run directory
+  if [ ! -f "$OUT/base/eval_base.json" ]; then
+    "$ANTISD" -q loop -c "$CONFIG" -o "$OUT/base" --set loop.steps=0 > "$OUT/base.log" 2>&1 \
+      || { echo "FAILED base evaluation (see $OUT/base.log)"; exit 1; }
+  fi
+  for spec in $RUNS; do
+    dir="$OUT/${spec%%:*}_s${spec##*:}"
+    [ -f "$dir/eval_base.json" ] || { mkdir -p "$dir" && cp "$OUT"/base/eval_base.{json,parquet,summary.json} "$dir/"; }
+  done
+  for spec in $RUNS; do echo "$spec"; done | OMP_NUM_THREADS=$((2 / JOBS > 0 ? 2 / JOBS : 1)) xargs -P "$JOBS" -I{} \
+    bash -c 'name=${1%%:*}; seed=${1##*:}; method=${name%-nogate}; gate=()
+      [ "$method" != "$name" ] && gate=(--set update.gate=off)
+      "$0" -q loop -c "$2" -o "$3/${name}_s${seed}" "${gate[@]}" --set update.method=$method --set loop.seed=$seed \
+        > "$3/${name}_s${seed}.log" 2>&1 && echo "done ${name}_s${seed}" || { echo "FAILED ${name}_s${seed}"; exit 1; }
+    ' "$ANTISD" {} "$CONFIG" "$OUT"
+  # the per-run files every number of the doc is computed from (the run directories are not committed)
+  for dir in "$OUT"/*_s*/; do
+    name=$(basename "$dir"); mkdir -p "$DOCS/runs/$name"
+    cp "$dir"/config.yaml "$dir"/metrics.jsonl "$dir"/eval_base.json "$DOCS/runs/$name/"
+    "$PYTHON" scripts/styles_report.py styles "$dir" --out "$DOCS/runs/$name/styles.jsonl"
+    for summary in "$dir"/step_*/eval.summary.json; do
+      [ -f "$summary" ] && cp "$summary" "$DOCS/runs/$name/$(basename "$(dirname "$summary")").eval.summary.json"
+    done
+  done
+  ;;
+*) echo "unknown phase $phase (calibrate, polarity, train)"; exit 2 ;;
+esac; done
+"$PYTHON" scripts/styles_report.py report "$DOCS" --out "$DOCS/table.md"
