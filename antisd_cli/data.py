@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from antisd_cli.options import config_option, out_option, overwrite_option, seed_option, stage_errors
-from stages.lm.datasets import DATASETS, SPLITS, STYLES, PrepareConfig
+from stages.lm.datasets import DATASETS, SPLITS, PrepareConfig
 
 C = PrepareConfig
 
@@ -22,7 +22,8 @@ def data_command() -> None:
 @config_option(C, "num", "Keep the first N prompts (0 = all).")
 @seed_option(C, "Shuffle seed (0 keeps file order for built-in sets; arith train is always shuffled by it).")
 @config_option(C, "few_shot", "arith, arith_styles: prepend two worked examples as chat turns.")
-@config_option(C, "first_style", "arith_styles: style of the first worked example.", type=click.Choice(STYLES))
+@config_option(C, "shots", "arith_styles: its worked examples in order, a comma list of small (3 + 4, direct), "
+                           "direct (12 + 25) and deliberate (47 + 36).")
 @config_option(C, "path", "jsonl/parquet: the input file.", type=click.Path(exists=True, dir_okay=False))
 @config_option(C, "problem_field", "jsonl/parquet: column holding the problem text.")
 @config_option(C, "answer_field", "jsonl/parquet: column holding the gold answer.")
@@ -39,7 +40,7 @@ def prepare(**options):
     Example:
       antisd data prepare arith --split train --num 256 --out train.parquet
       antisd data prepare gsm8k --split test --out gsm8k_test.parquet
-      antisd data prepare arith_styles --first-style deliberate --num 64 --out styles.parquet
+      antisd data prepare arith_styles --shots deliberate,small,direct --num 64 --out styles.parquet
       antisd data prepare jsonl --path mine.jsonl --problem-field question --out mine.parquet
     """
     from stages.data import run

@@ -251,9 +251,11 @@ def probe_records(rows: list[dict], decoder: PieceDecoder, marker: str | None) -
     records = []
     for row in rows:
         texts, specials = decoder.decode(row["response_token_ids"])
-        words = [(display_word("".join(texts[a:b])), float(sum(row["pmi"][a:b]))) for a, b in word_spans(texts, specials)]
+        words = [(display_word("".join(texts[a:b])), float(sum(row["pmi"][a:b])))
+                 for a, b in word_spans(texts, specials)]
         records.append({"problem": row["prompt_id"], "style": style(row["response_text"]),
-                        "peer_style": style(row["privileged_text"]), "note": "correct" if row["correct"] else "incorrect",
+                        "peer_style": style(row["privileged_text"]),
+                        "note": "correct" if row["correct"] else "incorrect",
                         "first_u": float(row["pmi"][0]) if row["pmi"] else None, "words": words})
     return records
 

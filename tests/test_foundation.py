@@ -16,6 +16,7 @@ from antisd_cli.main import cli
 from stages.common import io
 from stages.common.errors import InputError
 from stages.common.parts import Shard, output_path
+from stages.common.validation import ConfigError
 from stages.lm import datasets as data
 
 
@@ -226,14 +227,15 @@ def test_malformed_few_shot_turns_name_file_row_and_field(tmp_path, value, messa
         data.build_rows(data.PrepareConfig(name="jsonl", out="-", path=str(src)))
 
 
-@pytest.mark.parametrize("first", ["direct", "deliberate"])
-def test_arith_styles_has_one_worked_example_of_each_style_whose_arithmetic_holds(first):
+@pytest.mark.parametrize("shots, styles", [("direct,deliberate", ["direct", "deliberate"]),
+                                           ("deliberate,small,direct", ["deliberate", "direct", "direct"])])
+def test_arith_styles_worked_examples_follow_shots_and_their_arithmetic_holds(shots, styles):
     import re
 
-    rows = data.build_rows(data.PrepareConfig(name="arith_styles", out="-", num=5, first_style=first))
-    shots = rows[0]["few_shot"]
-    assert [data.answer_style(turn["assistant"]) for turn in shots] == (
-        ["direct", "deliberate"] if first == "direct" else ["deliberate", "direct"])
+    rows = data.build_rows(data.PrepareConfig(name="arith_styles", out="-", num=5, shots=shots))
+    assert [data.answer_style(turn["assistant"]) for turn in rows[0]["few_shot"]] == styles
+    with pytest.raises(ConfigError, match="shots"):
+        data.PrepareConfig(name="arith_styles", out="-", shots="direct,wordy")
     assert {r["problem"] for r in rows} == {r["problem"] for r in data.build_rows(
         data.PrepareConfig(name="arith", out="-", num=5))}  # the same pairs as arith
     assert rows[0]["prompt_id"].startswith("arith_styles-train-")

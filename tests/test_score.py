@@ -471,3 +471,31 @@ def test_score_teacher_instruction_changes_only_the_teacher_view(tiny):
     text = tiny.tokenizer.decode(default[1].prompt_ids)
     assert "Now solve this problem step by step." in text
     assert "Now solve" not in tiny.tokenizer.decode(plain[1].prompt_ids)
+
+
+def test_suffixes_of_very_different_lengths_run_in_passes_with_the_full_sequence_numbers(tiny):
+    from stages.lm.logprobs import response_token_stats
+    from stages.lm.shared_prefix import length_buckets, share, shared_prefix_token_stats
+
+    prompt, responses = list(range(5, 25)), [list(range(30, 70)), [7, 8, 9], [11, 12, 13, 14], [15]]
+    unit = share([prompt] * 4, responses)
+    assert length_buckets([len(s) for s in unit.suffixes]) == [[0], [2, 1], [3]]  # three passes, longest first
+    assert unit.tokens == 20 + 40 + 2 * 4 + 1  # not 20 + 4 × 40
+    model = tiny.model
+    results = {}
+    for shared in (True, False):
+        model.zero_grad()
+        if shared:
+            logprobs, entropies = shared_prefix_token_stats(model, unit)
+        else:
+            logprobs, entropies = response_token_stats(model, [prompt + r for r in responses], [len(prompt)] * 4,
+                                                       pad_id=0, temperature=1.0, with_entropy=True)
+        sum(lp.sum() for lp in logprobs).backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[shared] = ([lp.detach() for lp in logprobs], [h.detach() for h in entropies], grads)
+    model.zero_grad()
+    for a, b in zip(results[True][0] + results[True][1], results[False][0] + results[False][1]):
+        assert a.shape == b.shape and float((a - b).abs().max()) <= 1e-5  # float32 sums in other orders: ~1e-6
+    for name, full in results[False][2].items():
+        scale = float(full.abs().max())
+        assert float((results[True][2][name] - full).abs().max()) <= 1e-5 * max(scale, 1e-12), name

@@ -33,8 +33,9 @@ METRIC_KEYS = [
     "step", "reward/mean", "reward/accuracy", "reward/zero_variance_frac", "response/length_mean",
     "response/length_max", "response/truncated_frac", "teacher/entropy_median", "student/entropy_mean", "gate/open",
     "gate/lambda", "gate/h_warm", "pmi/u_mean", "pmi/antisd_term_mean", "pmi/neg_frac", "actor/pg_loss",
-    "actor/clip_frac", "actor/approx_kl", "actor/kl_ref", "actor/grad_norm", "actor/lr", "privileged/peer", "privileged/reference",
-    "privileged/none", "throughput/update_tok_s", "timing_s/update", "rollout/logprob_mismatch_mean",
+    "actor/clip_frac", "actor/approx_kl", "actor/kl_ref", "actor/grad_norm", "actor/lr", "privileged/peer",
+    "privileged/reference", "privileged/other_peer", "privileged/other_reference", "privileged/none",
+    "throughput/update_tok_s", "timing_s/update", "rollout/logprob_mismatch_mean",
     "rollout/logprob_mismatch_max",
 ]
 

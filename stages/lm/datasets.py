@@ -4,9 +4,10 @@ of `antisd data prepare` and of a run config's `loop.train` / `loop.eval`).
 Built-in sets ship inside the package (`stages/datasets/`, with their licences): gsm8k (train/test), math500,
 aime24, amc23, plus `arith`, a seeded generator of two-digit additions with a two-example few-shot prefix (the
 format in which SmolLM2-135M has enough mixed groups for RL, docs/stack-notes.md), and `arith_styles`, the same
-additions with one worked example in each of two answer styles: direct (`12 + 25 = 37. …`) and deliberate (split into
-tens and ones, add, check by subtraction; `answer_style` tells them apart). Users' own data comes in as JSONL or
-Parquet with column-mapping options, each row optionally with its own few-shot turns (a list of {user, assistant}).
+additions with worked examples in two answer styles: direct (`12 + 25 = 37. …`) and deliberate (split into tens and
+ones, add, check by subtraction; `answer_style` tells them apart), chosen and ordered by `shots`. Users' own data
+comes in as JSONL or Parquet with column-mapping options, each row optionally with its own few-shot turns (a list of
+{user, assistant}).
 Built-in few-shot user turns carry the student instruction (`stages.lm.prompts.user_text`); nothing else here formats
 for the model.
 """
@@ -45,8 +46,9 @@ ARITH_FEW_SHOT = [
     ("What is 3 + 4?", "3 + 4 = 7. The final answer is \\boxed{7}."),
     ("What is 12 + 25?", "12 + 25 = 37. The final answer is \\boxed{37}."),
 ]
-STYLES = ("direct", "deliberate")  # arith_styles: the two answer styles, in the order of the few-shot examples
+STYLES = ("direct", "deliberate")  # arith_styles: the two answer styles
 DELIBERATE_MARKER = "Split:"  # how a deliberate answer begins (answer_style)
+STYLE_EXAMPLES = ("small", "direct", "deliberate")  # arith_styles: 3 + 4 and 12 + 25 direct, 47 + 36 deliberate
 ARITH_TEST_SIZE = 1000  # the first pairs of a fixed shuffle are held out; train never sees them
 
 
@@ -60,7 +62,7 @@ class PrepareConfig:
     num: int = 0  # keep the first N rows after shuffling (0 = all)
     seed: int = 0  # shuffles the rows (0 keeps file order for built-in sets) and draws arith problems
     few_shot: bool = True  # arith, arith_styles: prepend the two worked examples
-    first_style: str = "direct"  # arith_styles: the style of the first worked example (direct | deliberate)
+    shots: str = "direct,deliberate"  # arith_styles: its worked examples in order, from STYLE_EXAMPLES
     path: str | None = None  # jsonl/parquet: input file
     problem_field: str = "problem"
     answer_field: str = "answer"
@@ -73,7 +75,10 @@ class PrepareConfig:
         check = validation.Checks(self)
         check.choice("name", DATASETS)
         check.choice("split", SPLITS)
-        check.choice("first_style", STYLES)
+        names = [name.strip() for name in self.shots.split(",") if name.strip()]
+        unknown = [name for name in names if name not in STYLE_EXAMPLES]
+        check.require(bool(names) and not unknown, "shots",
+                      f"comma list of {', '.join(STYLE_EXAMPLES)}, got {self.shots!r}")
         if self.name in BUILTIN and self.split in SPLITS and self.split not in BUILTIN[self.name]:
             check.fail("split", f"{self.name} has only {', '.join(BUILTIN[self.name])}, got {self.split!r}")
         check.at_least(0, "num")
@@ -121,15 +126,16 @@ def deliberate_solution(a: int, b: int) -> str:
 
 
 def answer_style(text: str) -> str:
-    """arith_styles: "deliberate" when a response (or peer solution) begins with the deliberate marker, else "direct"."""
+    """arith_styles: "deliberate" when a response (or peer solution) begins with DELIBERATE_MARKER, else "direct"."""
     return "deliberate" if text.lstrip().startswith(DELIBERATE_MARKER) else "direct"
 
 
-def styles_few_shot(first_style: str) -> list[tuple[str, str]]:
-    """The two worked examples of arith_styles, `first_style` first."""
-    examples = {"direct": ("What is 12 + 25?", direct_solution(12, 25)),
+def styles_few_shot(shots: str) -> list[tuple[str, str]]:
+    """arith_styles' worked examples named in the comma list `shots`, in that order."""
+    examples = {"small": ("What is 3 + 4?", direct_solution(3, 4)),
+                "direct": ("What is 12 + 25?", direct_solution(12, 25)),
                 "deliberate": ("What is 47 + 36?", deliberate_solution(47, 36))}
-    return [examples[first_style], *(examples[s] for s in STYLES if s != first_style)]
+    return [examples[name.strip()] for name in shots.split(",") if name.strip()]
 
 
 def _gsm8k_row(record: dict, index: int, split: str) -> dict:
@@ -230,7 +236,7 @@ def build_rows(config: PrepareConfig) -> list[dict]:
         shots = ARITH_FEW_SHOT if config.few_shot else []
     elif config.name == "arith_styles":
         rows = arith_rows(config.split, config.seed, name="arith_styles")
-        shots = styles_few_shot(config.first_style) if config.few_shot else []
+        shots = styles_few_shot(config.shots) if config.few_shot else []
     elif config.name in BUILTIN:
         rows = builtin_rows(config.name, config.split)
         if config.seed:

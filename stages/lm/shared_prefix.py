@@ -6,7 +6,9 @@ A `SharedPrefix` holds one prefix and the suffixes that follow it; each sequence
 position). `shared_prefix_token_stats` gives the same per-token log-probs and entropies as
 `stages.lm.logprobs.response_token_stats` on the full sequences (to float rounding: other matmul shapes), with
 gradient through the repeated cache into the prefix pass when grad mode is on. Positions continue from the prefix
-length; suffixes are right-padded, which leaves every real token's attention exact under the causal mask.
+length; suffixes are right-padded, which leaves every real token's attention exact under the causal mask. Suffixes of
+very different lengths run in separate passes over the same prefix cache (`length_buckets`: longest first, a new
+pass when a suffix is under 3/4 of its pass's longest), so one long response does not pad all the others to it.
 
 Not with gradient checkpointing: transformers drops the cache of checkpointed layers, so a caller that trains with
 it uses the unshared path. This module decides nothing about what to group: callers pass the units.
@@ -35,8 +37,26 @@ class SharedPrefix:
 
     @property
     def tokens(self) -> int:
-        """Positions one forward over this unit computes: the prefix once, the padded suffixes."""
-        return len(self.prefix) + len(self.suffixes) * max((len(s) for s in self.suffixes), default=0)
+        """Positions the forward over this unit computes: the prefix once, each pass's suffixes padded to the
+        pass's longest."""
+        lengths = [len(s) for s in self.suffixes]
+        return len(self.prefix) + sum(len(rows) * lengths[rows[0]] for rows in length_buckets(lengths))
+
+
+BUCKET_FILL = 0.75  # a suffix shorter than this fraction of its pass's longest starts a new pass
+
+
+def length_buckets(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices of `lengths` grouped into passes, longest first; a pass ends before the first length under
+    BUCKET_FILL × its longest (padding a pass wastes at most a quarter of each of its rows)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets and lengths[i] >= BUCKET_FILL * lengths[buckets[-1][0]]:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
@@ -84,18 +104,36 @@ def shared_prefix_token_stats(model, unit: SharedPrefix, *, pad_id: int = 0, tem
     prefix_out = body(input_ids=prefix_ids, use_cache=True)
     prefix_hidden = prefix_out.last_hidden_state[0]  # [p, H]
     cache = prefix_out.cache
-    count, width, p = len(unit), max(len(s) for s in unit.suffixes), len(unit.prefix)
-    if width == 0:  # every response empty and the prompts all prefix: nothing to predict
+    count, p = len(unit), len(unit.prefix)
+    if max(len(s) for s in unit.suffixes) == 0:  # every response empty and the prompts all prefix: nothing to predict
         empty = prefix_hidden.new_zeros(0)
         return [empty] * count, [empty] * count
-    cache.batch_repeat_interleave(count)
-    suffix_ids = torch.full((count, width), pad_id, dtype=torch.long, device=device)  # [k, W]
-    for row, suffix in enumerate(unit.suffixes):
-        suffix_ids[row, : len(suffix)] = torch.tensor(suffix, dtype=torch.long)
-    positions = torch.arange(p, p + width, device=device).expand(count, width)  # [k, W]
-    attention = torch.ones((count, p + width), dtype=torch.long, device=device)  # [k, p + W]
-    hidden = body(input_ids=suffix_ids, attention_mask=attention, position_ids=positions, cache=cache,
-                  use_cache=True).last_hidden_state  # [k, W, H]
+    buckets = length_buckets([len(suffix) for suffix in unit.suffixes])
+    prefix_kv = [(layer.keys, layer.values) for layer in cache.layers] if len(buckets) > 1 else None
+    rows_hidden: list[torch.Tensor | None] = [None] * count
+    for rows in buckets:
+        if prefix_kv is None:  # one pass: the prefix's own cache, repeated
+            cache.batch_repeat_interleave(count)
+            pass_cache = cache
+        else:  # a fresh cache per pass from the prefix's keys and values (the gradient reaches the prefix through each)
+            from transformers import DynamicCache
+
+            repeated = [(k.repeat_interleave(len(rows), 0), v.repeat_interleave(len(rows), 0)) for k, v in prefix_kv]
+            pass_cache = DynamicCache(ddp_cache_data=repeated, config=model.config)
+        width = len(unit.suffixes[rows[0]])
+        if width == 0:
+            for row in rows:
+                rows_hidden[row] = prefix_hidden.new_zeros((0, prefix_hidden.shape[-1]))
+            continue
+        suffix_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)  # [k, W]
+        for i, row in enumerate(rows):
+            suffix_ids[i, : len(unit.suffixes[row])] = torch.tensor(unit.suffixes[row], dtype=torch.long)
+        positions = torch.arange(p, p + width, device=device).expand(len(rows), width)  # [k, W]
+        attention = torch.ones((len(rows), p + width), dtype=torch.long, device=device)  # [k, p + W]
+        hidden = body(input_ids=suffix_ids, attention_mask=attention, position_ids=positions, cache=pass_cache,
+                      use_cache=True).last_hidden_state  # [k, W, H]
+        for i, row in enumerate(rows):
+            rows_hidden[row] = hidden[i]
     # The predictor of suffix position j is suffix position j − 1, or the prefix's last position for j = 0.
     predictors, targets, lengths = [], [], []
     for row, (suffix, start) in enumerate(zip(unit.suffixes, unit.response_starts)):
@@ -103,10 +141,10 @@ def shared_prefix_token_stats(model, unit: SharedPrefix, *, pad_id: int = 0, tem
         if length and start == 0:
             predictors.append(prefix_hidden[p - 1 : p])
         if length:
-            predictors.append(hidden[row, max(start - 1, 0) : len(suffix) - 1])
+            predictors.append(rows_hidden[row][max(start - 1, 0) : len(suffix) - 1])
         targets.extend(suffix[start:])
         lengths.append(length)
-    flat_hidden = torch.cat(predictors) if predictors else hidden.new_zeros((0, hidden.shape[-1]))  # [N, H]
+    flat_hidden = torch.cat(predictors) if predictors else prefix_hidden.new_zeros((0, prefix_hidden.shape[-1]))
     target_ids = torch.tensor(targets, dtype=torch.long, device=device)  # [N]
     return stats_of_positions(model, flat_hidden, target_ids, lengths, temperature=temperature,
                               chunk_size=chunk_size, with_entropy=with_entropy)

@@ -68,7 +68,7 @@ class DataSpec:
     num: int = 0  # first N prompts (0 = all)
     seed: int = 0  # shuffle seed of the prepared file
     few_shot: bool = True  # arith, arith_styles
-    first_style: str = "direct"  # arith_styles: style of the first worked example
+    shots: str = "direct,deliberate"  # arith_styles: its worked examples in order (small, direct, deliberate)
     path: str | None = None  # jsonl/parquet input
 
     def __post_init__(self):
@@ -76,7 +76,7 @@ class DataSpec:
 
         check = validation.Checks(self)  # the rules of `antisd data prepare`, under the same names
         check.absorb(lambda: PrepareConfig(name=self.name, out="", split=self.split, num=self.num, seed=self.seed,
-                                           few_shot=self.few_shot, first_style=self.first_style, path=self.path))
+                                           few_shot=self.few_shot, shots=self.shots, path=self.path))
         check.done()
 
 
@@ -129,7 +129,7 @@ STAGE_SECTIONS = {
     "rollout": ("stages.lm.sampling", "RolloutConfig", {"model", "prompts", "out", "seed", "shard", "overwrite",
                                                         "max_prompts"}),
     "verify": ("stages.verifier.rows", "VerifyConfig", {"rollouts", "out", "seed", "overwrite"}),
-    "score": ("stages.lm.scoring", "ScoreConfig", {"model", "verified", "out", "shard", "overwrite", "teacher"}),
+    "score": ("stages.lm.scoring", "ScoreConfig", {"model", "verified", "out", "shard", "overwrite"}),
     "update": ("stages.training.config", "UpdateConfig", {"model", "scored", "out", "state", "seed", "overwrite",
                                                           "force", "optimizer_state"}),
 }

@@ -61,7 +61,7 @@ def check_batch_fits(total: int, per_step: int) -> None:
 
 def data_config(spec: run_config.DataSpec, path: Path) -> datasets.PrepareConfig:
     return datasets.PrepareConfig(name=spec.name, out=str(path), split=spec.split, num=spec.num, seed=spec.seed,
-                                    few_shot=spec.few_shot, first_style=spec.first_style, path=spec.path)
+                                    few_shot=spec.few_shot, shots=spec.shots, path=spec.path)
 
 
 def run_prompts(spec: run_config.DataSpec, path: Path) -> pa.Table:
