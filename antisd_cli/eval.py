@@ -44,7 +44,8 @@ C = EvalConfig
 @config_option(C, "timeout", "Seconds per answer check.")
 @config_option(C, "bootstrap_resamples", "Bootstrap resamples of the avg@K 95% interval (over problems, seeded by "
                                          "--seed).")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print only the summary as JSON (with rows_file: the rows path) "
+              "instead of the table and the path.")
 @overwrite_option(C)
 @stage_errors
 def eval_command(as_json, **options):
@@ -66,8 +67,8 @@ def eval_command(as_json, **options):
 
     path = run(EvalConfig(**options))
     summary = json.loads(summary_path(path).read_text())
-    if as_json:
-        click.echo(json.dumps(summary, indent=2, sort_keys=True))
-    else:
-        render(summary, Console(soft_wrap=True))
+    if as_json:  # stdout holds the JSON alone (`| jq`); the summary names the rows file
+        click.echo(json.dumps({**summary, "rows_file": str(path)}, indent=2, sort_keys=True))
+        return
+    render(summary, Console(soft_wrap=True))
     click.echo(str(path))

@@ -15,23 +15,26 @@ C = InspectConfig
 @click.command("inspect")
 @click.argument("path", type=click.Path(exists=True, dir_okay=True))
 @config_option(C, "samples", "Sample rows to render.")
-@config_option(C, "row", "Show this row (0-based) in full instead of samples.")
+@config_option(C, "row", "Show this row (0-based) in full instead of samples; a scored row also shows the decoded "
+                         "student prompt, teacher prompt and response with per-token s, t, u, H.")
+@config_option(C, "model", "Tokenizer that decodes --row (model folder or embedded name) [default: the file's model].")
 @click.option("--json", "as_json", is_flag=True, default=field_default(C, "as_json"),
               help="Print the summary (metadata, schema, stats) as JSON.")
 @stage_errors
-def inspect_command(path, samples, row, as_json):
+def inspect_command(path, samples, row, as_json, model):
     """Describe a prompts/rollouts/verified/scored Parquet file (or a directory of parts).
 
     \b
     Example:
       antisd inspect verified.parquet
       antisd inspect verified.parquet --row 5
+      antisd inspect scored.parquet --row 0      # both views decoded, per-token s/t/u/H
     """
     from rich.console import Console
 
     from stages.inspect import render, summarize
 
-    config = InspectConfig(path=path, samples=samples, row=row, as_json=as_json)
+    config = InspectConfig(path=path, samples=samples, row=row, as_json=as_json, model=model)
     summary = summarize(config)
     if as_json:
         click.echo(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2, default=str))

@@ -14,7 +14,8 @@ C = PlotConfig
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output file (.png or .csv).")
 @click.option("--format", "format_", default=field_default(C, "format"), type=click.Choice(FORMATS),
-              help="png: one panel per metric; csv: tidy rows (run, method, seed, step, metric, value).")
+              help="auto: from --out's suffix (.csv → csv, else png); png: one panel per metric; csv: tidy rows "
+                   "(run, method, seed, step, metric, value).")
 @click.option("--metrics", default=",".join(DEFAULT_METRICS),
               help="Comma-separated metric keys to draw or tabulate; 'all' = every numeric metric logged.")
 @click.option("--label", "labels", multiple=True,
@@ -32,7 +33,7 @@ def plot_command(runs, out, format_, metrics, labels, band, overwrite):
     \b
     Example:
       antisd plot runs/grpo-s0 runs/grpo-s1 runs/antisd-s0 runs/antisd-s1 --out curves.png
-      antisd plot runs/* --format csv --metrics all --out curves.csv
+      antisd plot runs/* --metrics all --out curves.csv
     """
     from stages.plot import run
 

@@ -77,6 +77,9 @@ SCORED = pa.schema(
 OPTIONAL: dict[str, list[pa.Field]] = {
     "scored": [
         pa.field("ref_logprobs", pa.list_(pa.float32())),  # log π_ref(y_t|x, y<t) of a frozen score --reference
+        # the teacher view's prompt ids (chat template applied; what the teacher saw); null without a teacher view.
+        # Optional so that files scored before it existed still read.
+        pa.field("teacher_prompt_token_ids", pa.list_(pa.int32())),
     ],
 }
 

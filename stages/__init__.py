@@ -55,6 +55,7 @@ runs/ — a training run
     plan        what a step is: prompts cursor, stage configs, commands.sh, opening a run directory
     run_dir     the run directory: layout, manifest, metrics.jsonl, checkpoint pruning
     view        the live view on stderr
+    tracking    TensorBoard events and Weights & Biases logging of the metrics
     slurm       rendering and submitting a run as Slurm jobs
 
 common/ — shared by all
@@ -65,6 +66,7 @@ common/ — shared by all
     metrics     the names of the logged metrics
     figures     PNG/HTML/CSV outputs (the only matplotlib importer)
     process     CPU threads, seeds, device choice
+    progress    token progress of long stages (a bar on a terminal, one-line records in files)
 """
 
 __version__ = "0.1.0"

@@ -27,8 +27,9 @@ class InspectConfig:
 
     path: str
     samples: int = 3  # sample rows to render
-    row: int | None = None  # show this row in full instead of samples
+    row: int | None = None  # show this row in full instead of samples (scored rows: decoded views, per-token s/t/u/H)
     as_json: bool = False  # print the summary as JSON on stdout
+    model: str | None = None  # tokenizer that decodes a --row's prompts and tokens; None = the file's model
 
 
 def _detect_artifact(metadata: dict, schema: pa.Schema) -> str:
@@ -118,3 +119,55 @@ def render(summary: dict, config: InspectConfig, console) -> None:
             f"[cyan]{k}[/cyan]: {escape(str(v) if full else _cell(v))}" for k, v in record.items()
         )
         console.print(Panel(body, title=f"row {index}", expand=True))
+        if full and {"prompt_token_ids", "response_token_ids"} <= set(record):
+            render_views(record, _tokenizer(config, summary), console)
+
+
+def _tokenizer(config: InspectConfig, summary: dict):
+    """The tokenizer of --model, else of the file's model (its metadata); None when neither loads."""
+    from stages.lm.models import load_tokenizer, resolve_model
+
+    name = config.model or (summary["metadata"].get("config") or {}).get("model")
+    if name is None:
+        return None
+    try:
+        return load_tokenizer(resolve_model(name))
+    except (InputError, OSError, ValueError):
+        if config.model is not None:
+            raise InputError(f"--model {config.model}: could not load its tokenizer") from None
+        return None
+
+
+def token_rows(record: dict, tokenizer) -> list[tuple]:
+    """(position, token text, s, t, u, H) of each response token of a scored row (text: the decoded id)."""
+    ids = record["response_token_ids"]
+    columns = [record.get(k) or [None] * len(ids) for k in ("student_logprobs", "teacher_logprobs", "pmi",
+                                                                "teacher_entropy")]
+    texts = [tokenizer.decode([i]) if tokenizer is not None else str(i) for i in ids]
+    return [(k, texts[k], *(column[k] for column in columns)) for k in range(len(ids))]
+
+
+def render_views(record: dict, tokenizer, console) -> None:
+    """What each view saw: the decoded student prompt, teacher prompt and response, and a per-token table."""
+    from rich.markup import escape
+    from rich.panel import Panel
+    from rich.table import Table
+
+    if tokenizer is None:
+        console.print("(no tokenizer for this file's model: pass --model to decode the prompts)")
+        return
+    views = [("student prompt", record["prompt_token_ids"])]
+    if record.get("teacher_prompt_token_ids") is not None:
+        views.append(("teacher prompt", record["teacher_prompt_token_ids"]))
+    elif "teacher_logprobs" in record:
+        views.append(("teacher prompt", None))
+    for title, ids in views:
+        text = ("(none: no teacher view for this row, or a file scored before teacher prompts were stored)"
+                if ids is None else tokenizer.decode(ids))
+        console.print(Panel(escape(text), title=f"{title} ({0 if ids is None else len(ids)} tokens)"))
+    console.print(Panel(escape(tokenizer.decode(record["response_token_ids"])), title="response"))
+    if "pmi" in record:
+        table = Table("k", "token", "s", "t", "u = t − s", "H teacher", title="per response token")
+        for k, text, *values in token_rows(record, tokenizer):
+            table.add_row(str(k), escape(repr(text)[1:-1]), *("–" if v is None else f"{v:+.3f}" for v in values))
+        console.print(table)

@@ -36,6 +36,7 @@ from stages.runs import config as run_config
 from stages.runs.config import LoopConfig
 from stages.runs.plan import opened_run, stage_seed, step_configs, write_commands, write_step_prompts
 from stages.runs.run_dir import Run
+from stages.runs.tracking import Trackers, check_wandb
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +233,11 @@ class StepRunner:
 
 
 def validate_settings(config: run_config.RunConfig) -> str:
-    """The rollout engine the loop uses (vllm or hf, `auto` resolved); InputError when vllm is asked but missing."""
+    """The rollout engine the loop uses (vllm or hf, `auto` resolved); InputError when vllm is asked but missing, or
+    wandb for `loop.wandb`."""
     from stages.lm.engine import resolve_engine
 
+    check_wandb(config.loop.wandb)
     return resolve_engine(config.stages["rollout"].get("engine", "auto"))
 
 
@@ -255,16 +258,6 @@ def loop_engine(config: run_config.RunConfig, model_path: Path, train_table: pa.
                                                 sleep_mode=sleep_mode), config.loop.weight_sync)
 
 
-def _tensorboard_writer(run: Run, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(run.root / "tensorboard"))
-
-
 def run(config: LoopConfig, view=None) -> Path:
     """Run (or resume) the loop described by `config`; returns the run directory."""
     from stages.runs.view import LoopView
@@ -274,16 +267,18 @@ def run(config: LoopConfig, view=None) -> Path:
     with opened_run(config) as (run_dir, manifest, train_table, eval_path):
         view = view or LoopView(settings.steps)
         runner = StepRunner(config, run_dir, view, engine)
-        writer = _tensorboard_writer(run_dir, settings.tensorboard)
+        trackers = Trackers(run_dir.root, config.run.to_dict(), config.run.digest(), tensorboard=settings.tensorboard,
+                            wandb_project=settings.wandb, wandb_mode=settings.wandb_mode)
         try:
-            _run_steps(config, run_dir, manifest, runner, view, writer, train_table, eval_path)
+            _run_steps(config, run_dir, manifest, runner, view, trackers, train_table, eval_path)
         finally:
             runner.close()
+            trackers.close()
         run_dir.rebuild_metrics(settings.steps)
     return run_dir.root
 
 
-def _run_steps(config: LoopConfig, run_dir: Run, manifest: dict, runner: StepRunner, view, writer,
+def _run_steps(config: LoopConfig, run_dir: Run, manifest: dict, runner: StepRunner, view, trackers,
                train_table: pa.Table, eval_path: Path | None) -> None:
     settings = config.run.loop
     with view:
@@ -303,10 +298,6 @@ def _run_steps(config: LoopConfig, run_dir: Run, manifest: dict, runner: StepRun
             manifest["latest_checkpoint"] = str(run_dir.checkpoint(step))
             run_dir.write_manifest(manifest)
             run_dir.rebuild_metrics(settings.steps)
-            if writer is not None:
-                for key, value in row.items():
-                    if isinstance(value, (int, float)) and key != "step":
-                        writer.add_scalar(key, value, step)
-                writer.flush()
+            trackers.log(row)
             run_dir.prune_checkpoints(step, settings.keep_checkpoints)
             view.row(row)

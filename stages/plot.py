@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 DEFAULT_METRICS = (keys.REWARD_MEAN, keys.EVAL_ACCURACY, keys.LENGTH_MEAN, keys.TEACHER_ENTROPY_MEDIAN,
                    keys.GATE_LAMBDA, keys.GATE_OPEN, keys.PMI_ANTISD_TERM_MEAN)
 MANIFESTS = ("run.json", "config.yaml")
-FORMATS = ("png", "csv")
+FORMATS = ("auto", "png", "csv")  # auto: from the --out suffix (.csv → csv, anything else → png)
 BANDS = ("minmax", "std")
 SEED_SUFFIX = re.compile(r"^(.+?)[-_.](?:seed|s)?(\d+)$")
 
@@ -49,7 +49,7 @@ class PlotConfig:
 
     runs: tuple[str, ...] = ()  # run folders, each holding metrics.jsonl
     out: str = "curves.png"  # output file
-    format: str = "png"  # png (figure) | csv (tidy table: run, method, seed, step, metric, value)
+    format: str = "auto"  # auto (from out's suffix) | png (figure) | csv (tidy: run, method, seed, step, metric, value)
     metrics: tuple[str, ...] = DEFAULT_METRICS  # panels / CSV metrics; ("all",) = every numeric metric logged
     labels: tuple[str, ...] = ()  # one group name per run, in order, overriding the method; () = from manifests
     band: str = "minmax"  # band around a group's mean: minmax | std
@@ -59,11 +59,21 @@ class PlotConfig:
         check = validation.Checks(self)
         check.require(bool(self.runs), "runs", "give at least one run folder")
         check.choice("format", FORMATS)
+        suffix = Path(self.out).suffix.lower()
+        check.require(self.format == "auto" or suffix not in (".png", ".csv") or suffix == f".{self.format}", "format",
+                      f"{self.format}, but --out {self.out} ends in {suffix}")
         check.choice("band", BANDS)
         check.require(not self.labels or len(self.labels) == len(self.runs), "labels",
                       f"given {len(self.labels)} times for {len(self.runs)} runs (give one per run)")
         check.require(bool(self.metrics), "metrics", "empty list")
         check.done()
+
+    @property
+    def output_format(self) -> str:
+        """png or csv: `format`, or for auto the suffix of `out`."""
+        if self.format != "auto":
+            return self.format
+        return "csv" if Path(self.out).suffix.lower() == ".csv" else "png"
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,7 @@ class RunMetrics:
     method: str
     seed: int | None
     records: list[dict]
+    settings: dict = field(default_factory=dict)  # the run config flattened to dotted keys ({} without a manifest)
 
 
 # --- reading runs ------------------------------------------------------------------------------------------------
@@ -150,8 +161,40 @@ def load_run(path: str | Path, label: str | None) -> RunMetrics:
     seed = lookup(manifest, "config.loop.seed", "loop.seed", "config.seed", "seed")
     if seed is None and suffix:
         seed = suffix.group(2)
+    config = manifest.get("config", manifest) if isinstance(manifest.get("config"), dict) else manifest
     return RunMetrics(folder.name, method, None if seed is None else int(seed),
-                      base_record(folder) + read_metrics(metrics))
+                      base_record(folder) + read_metrics(metrics), flatten(config))
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """{"update.lr": 1e-5, "loop.train.name": "arith", …} of a nested config."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def split_by_settings(runs: list[RunMetrics]) -> list[RunMetrics]:
+    """Runs of one method whose configs differ in more than the seed (or speed-only settings) get group names that
+    say how: `antisd (update.lr=2e-05)`; runs that differ only by seed stay one group."""
+    from dataclasses import replace
+
+    from stages.runs.config import RESUMABLE_CHANGES
+
+    ignored = RESUMABLE_CHANGES | {"loop.seed"}
+    out = []
+    for run in runs:
+        peers = [r for r in runs if r.method == run.method]
+        keys_ = sorted({k for r in peers for k in r.settings} - ignored)
+        differing = [k for k in keys_ if len({json.dumps(r.settings.get(k), sort_keys=True) for r in peers}) > 1]
+        if differing:
+            detail = ", ".join(f"{k}={run.settings.get(k)}" for k in differing)
+            run = replace(run, method=f"{run.method} ({detail})")
+        out.append(run)
+    return out
 
 
 BASE_STEP = -1  # where the base model's evaluation (eval_base.json) is drawn
@@ -225,13 +268,15 @@ def run(config: PlotConfig) -> Path:
     out = check_config(config)
     labels = config.labels or (None,) * len(config.runs)
     runs = [load_run(path, label) for path, label in zip(config.runs, labels)]
+    if not config.labels:
+        runs = split_by_settings(runs)
     if len({run.name for run in runs}) < len(runs):  # same folder name under different parents
         runs = [RunMetrics(str(path), r.method, r.seed, r.records) for path, r in zip(config.runs, runs)]
     metrics = all_metrics(runs) if config.metrics == ("all",) else tuple(config.metrics)
     for metric in metrics:
         if not any(metric_series(run.records, metric)[0].size for run in runs):
             log.warning("no run logged %s", metric)
-    if config.format == "csv":
+    if config.output_format == "csv":
         atomic_write_text(out, to_csv(tidy_rows(runs, metrics), ["run", "method", "seed", "step", "metric", "value"]))
     else:
         draw_curves(curve_panels(runs, metrics), config.band, out, base_step=BASE_STEP)

@@ -42,6 +42,7 @@ from stages.lm.scoring import (
     _ROW_COLUMNS,
     REFERENCE_COLUMN,
     SCORE_COLUMNS,
+    TEACHER_PROMPT_COLUMN,
     ScoreConfig,
     _Progress,
     assemble,
@@ -51,6 +52,7 @@ from stages.lm.scoring import (
     metadata_temperature,
     plan_batches,
     score_views,
+    teacher_prompts,
 )
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
     out = check_output(output_path(config.out, shard), config.overwrite)
     with output_lock(out):
         table, in_meta = read_artifact(config.verified, "verified")
-        stale = [c for c in (*SCORE_COLUMNS, REFERENCE_COLUMN) if c in table.column_names]
+        stale = [c for c in (*SCORE_COLUMNS, REFERENCE_COLUMN, TEACHER_PROMPT_COLUMN) if c in table.column_names]
         table = table.drop_columns(stale)  # rescoring a scored file
         if not shard.is_whole:
             table = table.take(shard.select(table.column("prompt_id").to_pylist()))
@@ -114,6 +116,7 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
         # --- write
         for name, values in columns.items():
             table = table.append_column(name, pa.array(values))
+        table = table.append_column(TEACHER_PROMPT_COLUMN, pa.array(teacher_prompts(rows, views), pa.list_(pa.int32())))
         response_tokens = sum(len(r["response_token_ids"]) for r in rows)
         metadata = build_metadata(
             "scored", replace(config, temperature=temperature), input=str(config.verified),

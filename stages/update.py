@@ -106,7 +106,17 @@ def open_trainer(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path
 
 
 def train_and_save(trainer: Trainer, batch, config: UpdateConfig, out: Path, started: float) -> Path:
-    metrics = trainer.train_step(batch)
+    from stages.common.progress import token_progress
+
+    # this rank's share of the sequence tokens the step runs through (each ppo epoch once)
+    total = config.ppo_epochs * sum(len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids))
+    with token_progress("update", total // trainer.env.world_size,
+                        enabled=config.progress and trainer.env.is_main) as advance:
+        trainer.on_tokens = advance
+        try:
+            metrics = trainer.train_step(batch)
+        finally:
+            trainer.on_tokens = None
     metrics[keys.timing("update")] = time.perf_counter() - started
     trainer.save(out, metrics, optimizer_state=config.optimizer_state)
     if trainer.env.is_main:

@@ -216,3 +216,13 @@ def test_cli_rejects_a_file_of_the_wrong_stage(tmp_path, tiny_model_dir):
                                       "--out", str(tmp_path / "out.parquet")])
     assert result.exit_code == 2
     assert "bad.parquet" in result.stderr and "prompt_id" in result.stderr
+
+
+def test_cli_json_prints_only_json_on_stdout(tmp_path, tiny_model_dir):
+    out = tmp_path / "cli.parquet"
+    result = CliRunner().invoke(cli, ["-q", "eval", "--model", str(tiny_model_dir), "--benchmark", "arith",
+                                      "--num", "2", "--n", "1", "--max-new-tokens", "4", "--engine", "hf",
+                                      "--threads", "1", "--workers", "1", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)  # the whole of stdout parses: nothing printed after the JSON
+    assert summary["rows_file"] == str(out) and "accuracy" in summary

@@ -334,3 +334,31 @@ def test_the_converted_embedded_model_is_readable_by_others(embedded_model_dir):
     mask = io.current_umask()
     assert embedded_model_dir.stat().st_mode & 0o777 == 0o777 & ~mask
     assert (embedded_model_dir / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_logs_written_to_a_file_hold_one_record_per_line(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    deep = tmp_path / ("a_rather_long_folder_name_" * 3) / "and_another_level_of_it"
+    deep.mkdir(parents=True)
+    out = deep / "prompts_with_a_long_name.parquet"
+    with open(tmp_path / "stderr.log", "w") as stderr:
+        subprocess.run([sys.executable, "-m", "antisd_cli", "-v", "data", "prepare", "arith", "--num", "3", "--out",
+                        str(out)], stderr=stderr, stdout=subprocess.PIPE, check=True, cwd=tmp_path)
+    lines = (tmp_path / "stderr.log").read_text().splitlines()
+    record = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) [\w.]+: ")
+    assert lines and all(record.match(line) for line in lines), lines
+    wrote = [line for line in lines if "wrote 3 prompts" in line]
+    assert len(wrote) == 1 and wrote[0].endswith(str(out)) and len(wrote[0]) > 120  # the path, unbroken
+    assert "\x1b[" not in "".join(lines)  # no colour codes in a file
+
+
+def test_one_line_formatter_folds_newlines():
+    import logging
+
+    from antisd_cli.main import OneLineFormatter
+
+    record = logging.LogRecord("stages.x", logging.INFO, __file__, 1, "a\nb\r\nc", None, None)
+    assert OneLineFormatter().format(record).endswith("stages.x: a ⏎ b ⏎ c")

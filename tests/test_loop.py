@@ -453,3 +453,17 @@ def test_a_grpo_run_config_can_ask_for_the_teacher_pass():
     assert not uses_teacher(config("grpo", {}))
     assert uses_teacher(config("grpo", {"teacher": True}))  # logs H and u for a gate replay
     assert uses_teacher(config("antisd", {"teacher": False}))  # a method that reads u always gets it
+
+
+def test_loop_out_creates_missing_parent_folders(tmp_path, tiny_model_dir):
+    raw = tiny_config(tiny_model_dir, steps=1)
+    raw["loop"]["eval_every"] = 0
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "runs" / "study" / "grpo_s0"  # neither runs/ nor runs/study/ exists yet
+    result = run_loop(config, out)
+    assert result.exit_code == 0, result.output
+    assert (out / "run.json").exists()
+    (tmp_path / "afile").write_text("x")
+    refused = run_loop(config, tmp_path / "afile" / "run")
+    assert refused.exit_code == 2 and "is a file, not a directory" in refused.stderr

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from antisd_cli.main import cli
+from stages.common.validation import ConfigError
 from stages.common.figures import group_band
 from stages.plot import PlotConfig, load_run, metric_series, run
 
@@ -195,3 +196,27 @@ def test_cli_bad_input_exits_2(runs, tmp_path, case, message):
     assert result.exit_code == 2, result.output
     assert message in result.stderr
     assert case == "output_exists" and out.read_bytes() == b"keep" or not out.exists()
+
+
+def test_the_format_follows_the_out_suffix_unless_given(runs, tmp_path):
+    csv_out = run(PlotConfig(runs=tuple(map(str, runs)), out=str(tmp_path / "x.csv")))
+    assert csv_out.read_text().startswith("run,method,seed,step,metric,value")
+    png_out = run(PlotConfig(runs=tuple(map(str, runs)), out=str(tmp_path / "x.png")))
+    assert png_out.read_bytes().startswith(PNG_MAGIC)
+    with pytest.raises(ConfigError, match="format: png, but --out .*x.csv ends in .csv"):
+        PlotConfig(runs=("r",), out=str(tmp_path / "x.csv"), format="png")
+
+
+def test_runs_of_one_method_with_different_settings_are_separate_groups_named_by_the_difference(tmp_path):
+    folders = [write_run(tmp_path / f"r{i}", "antisd", seed) for i, seed in enumerate([0, 1, 0])]
+    for folder, lr in zip(folders, [1e-5, 1e-5, 2e-5]):
+        manifest = json.loads((folder / "run.json").read_text())
+        manifest["config"]["update"]["lr"] = lr
+        manifest["config"]["rollout"] = {"threads": 1 + len(str(folder))}  # a speed-only setting never splits
+        (folder / "run.json").write_text(json.dumps(manifest))
+    out = run(PlotConfig(runs=tuple(map(str, folders)), out=str(tmp_path / "c.csv")))
+    methods = {row["run"]: row["method"] for row in read_rows(out)}
+    assert methods == {"r0": "antisd (update.lr=1e-05)", "r1": "antisd (update.lr=1e-05)",
+                       "r2": "antisd (update.lr=2e-05)"}
+    labelled = run(PlotConfig(runs=tuple(map(str, folders)), out=str(tmp_path / "l.csv"), labels=("a", "a", "b")))
+    assert {row["method"] for row in read_rows(labelled)} == {"a", "b"}  # --label wins

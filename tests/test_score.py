@@ -499,3 +499,28 @@ def test_suffixes_of_very_different_lengths_run_in_passes_with_the_full_sequence
     for name, full in results[False][2].items():
         scale = float(full.abs().max())
         assert float((results[True][2][name] - full).abs().max()) <= 1e-5 * max(scale, 1e-12), name
+
+
+def test_the_scored_file_keeps_what_the_teacher_saw_and_inspect_shows_both_views(tmp_path, tiny, verified,
+                                                                                   tiny_model_dir):
+    from click.testing import CliRunner
+
+    from antisd_cli.main import cli
+    from stages.lm.scoring import ScoreConfig
+    from stages.score import run
+
+    scored = run(ScoreConfig(verified=str(verified), out=str(tmp_path / "s.parquet"), model=str(tiny.path)),
+                 loaded=tiny)
+    rows = read_artifact(scored, "scored")[0].to_pylist()
+    with_teacher = [i for i, r in enumerate(rows) if r["privileged_source"] != "none"]
+    assert with_teacher and all(rows[i]["teacher_prompt_token_ids"] for i in with_teacher)
+    for row in rows:
+        ids = row["teacher_prompt_token_ids"]
+        assert (ids is None) == (row["privileged_source"] == "none")
+        assert ids is None or len(ids) == row["teacher_prompt_length"]
+    index = with_teacher[0]
+    result = CliRunner().invoke(cli, ["inspect", str(scored), "--row", str(index), "--model", str(tiny_model_dir)])
+    assert result.exit_code == 0, result.output
+    for fragment in ("student prompt", "teacher prompt", "Now solve this problem step by step.", "u = t − s",
+                     rows[index]["problem"]):
+        assert fragment in result.stdout, fragment

@@ -629,3 +629,33 @@ def test_a_method_that_reads_u_refuses_a_file_scored_without_the_teacher(tmp_pat
     result = _invoke("--scored", path, "--model", tiny_model_dir, "--out", tmp_path / "c", "--method", "antisd")
     assert result.exit_code == 2 and "scored without the teacher pass" in result.stderr
     assert run(config(path, tiny_model_dir, tmp_path / "grpo", method="grpo")).exists()  # grpo does not read u
+
+
+def test_progress_off_a_terminal_logs_lines_with_tokens_per_second_and_the_total(caplog):
+    import io as std_io
+    import logging
+
+    from stages.common.progress import progress_line, token_progress
+
+    ticks = iter([0.0, 10.0, 40.0, 50.0, 80.0])
+    with caplog.at_level(logging.INFO, logger="stages.common.progress"):
+        with token_progress("update", 400, every_s=30.0, clock=lambda: next(ticks), stream=std_io.StringIO()) as advance:
+            advance(100)  # t = 10: too soon for a record
+            advance(100)  # t = 40: 200 tokens in 40 s
+            advance(100)  # t = 50: 10 s after the last record
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["update: 200 / 400 tokens (50 %), 5 tok/s, ETA 0m40s",
+                     "update: 300 / 400 tokens (75 %), 4 tok/s, ETA 0m26s"]  # the last record: at t = 80
+    assert progress_line("update", 0, 10, 0.0).endswith("ETA ?")
+
+
+def test_an_update_reports_its_progress_in_tokens(tmp_path, tiny_model_dir, scored, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="stages.common.progress"):
+        run(config(scored, tiny_model_dir, tmp_path / "ckpt"))
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "stages.common.progress"]
+    table = pa.parquet.read_table(scored)
+    total = sum(len(p) + len(r) for p, r in zip(table.column("prompt_token_ids").to_pylist(),
+                                               table.column("response_token_ids").to_pylist()))
+    assert line.startswith(f"update: {total:,} / {total:,} tokens (100 %)")

@@ -45,17 +45,21 @@ def draw_curves(panels: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     groups = list(dict.fromkeys(g for by_group in panels.values() for g in by_group))
     colours = {g: f"C{i % 10}" for i, g in enumerate(groups)}
+    # a dash pattern per group, later groups drawn narrower on top: a curve equal to another stays visible
+    dashes = [(None, None), (6, 3), (2, 2), (8, 2, 2, 2)]
+    styles = {g: dict(dashes=dashes[i % len(dashes)]) if i % len(dashes) else {} for i, g in enumerate(groups)}
+    widths = {g: 1.0 - 0.15 * min(i, 3) for i, g in enumerate(groups)}
     for ax, metric in zip(axes, metrics):
         drawn = False
         for group, series in panels[metric].items():
             several = len(series) > 1
             for steps, values in series:
-                ax.plot(steps, values, color=colours[group], lw=0.8 if several else 1.6, alpha=0.4 if several else 1,
-                        marker="." if steps.size < 40 else None, ms=3)
+                ax.plot(steps, values, color=colours[group], lw=(0.8 if several else 1.9) * widths[group],
+                        alpha=0.4 if several else 1, marker="." if steps.size < 40 else None, ms=3, **styles[group])
                 drawn = True
             if several:
                 steps, mean, low, high = group_band(series, band)
-                ax.plot(steps, mean, color=colours[group], lw=2.2)
+                ax.plot(steps, mean, color=colours[group], lw=2.4 * widths[group], **styles[group])
                 ax.fill_between(steps, low, high, color=colours[group], alpha=0.18, lw=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(metric, fontsize=10)
@@ -67,7 +71,7 @@ def draw_curves(panels: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="0.5")
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
-    handles = [axes[0].plot([], [], color=colours[g], lw=2.2)[0] for g in groups]
+    handles = [axes[0].plot([], [], color=colours[g], lw=2.2, **styles[g])[0] for g in groups]
     spread = "min–max" if band == "minmax" else "±1 std"
     figure.legend(handles, groups, loc="outside upper center", ncols=min(len(groups), 5),
                   title=f"mean over seeds, band {spread}", fontsize=9)

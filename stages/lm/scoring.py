@@ -21,6 +21,7 @@ from stages.lm.prompts import TEACHER_INSTRUCTION
 SCORE_COLUMNS = ("student_logprobs", "teacher_logprobs", "teacher_entropy", "student_entropy", "pmi",
                  "teacher_prompt_length")
 REFERENCE_COLUMN = "ref_logprobs"  # schemas.OPTIONAL["scored"]: only with --reference
+TEACHER_PROMPT_COLUMN = "teacher_prompt_token_ids"  # schemas.OPTIONAL["scored"]: written by every score run
 _ROW_COLUMNS = ["prompt_id", "sample_idx", "problem", "few_shot", "prompt_token_ids", "response_token_ids",
                 "privileged_text", "privileged_source", "correct"]
 
@@ -214,6 +215,12 @@ def assemble(rows: list[dict], views: list[View], results: dict) -> dict[str, li
         columns["pmi"].append(pmi)
         columns["teacher_prompt_length"].append(teacher_length.get(index, len(row["prompt_token_ids"])))
     return columns
+
+
+def teacher_prompts(rows: list[dict], views: list[View]) -> list[list[int] | None]:
+    """Each row's teacher prompt ids, None for a row without a teacher view."""
+    by_row = {v.row: v.prompt_ids for v in views if v.teacher}
+    return [by_row.get(index) for index in range(len(rows))]
 
 
 class _Progress:

@@ -80,6 +80,9 @@ class DataSpec:
         check.done()
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
 @dataclass(frozen=True)
 class LoopSettings:
     """Knobs of the loop itself."""
@@ -94,7 +97,9 @@ class LoopSettings:
     eval_max_new_tokens: int = 64
     train: DataSpec = field(default_factory=DataSpec)
     eval: DataSpec = field(default_factory=lambda: DataSpec(split="test", num=200))
-    tensorboard: bool = True  # write TensorBoard events when tensorboard is installed
+    tensorboard: bool = True  # write TensorBoard events to RUN/tensorboard (stages.runs.tracking)
+    wandb: str | None = None  # a Weights & Biases project: log every step's metrics there too (wandb installed)
+    wandb_mode: str = "online"  # online | offline (kept in RUN/wandb for `wandb sync`) | disabled
     keep_checkpoints: int = 3  # keep the checkpoints of the newest K steps (and the newest full one); 0 = keep all
     checkpoint_every: int = 5  # full checkpoints (with the optimizer state) every k steps and at the end; weights-only
     #   folders in between; a resumed run replays the updates after the newest full one from their scored files
@@ -111,6 +116,8 @@ class LoopSettings:
         check.at_least(1, "steps", "prompts_per_step", "eval_n", "eval_max_new_tokens", "checkpoint_every")
         check.at_least(0, "eval_every", "eval_temperature", "keep_checkpoints")
         check.choice("weight_sync", WEIGHT_SYNCS)
+        check.choice("wandb_mode", WANDB_MODES)
+        check.require(self.wandb is None or bool(str(self.wandb).strip()), "wandb", "empty project name")
         check.done()
 
 
@@ -118,6 +125,7 @@ class LoopSettings:
 # with other values of these (or before they existed) resumes without --force.
 RESUMABLE_CHANGES = frozenset({
     "loop.steps", "loop.keep_checkpoints", "loop.checkpoint_every", "loop.resident_trainer", "loop.tensorboard",
+    "loop.wandb", "loop.wandb_mode", "update.progress",
     "loop.vllm_sleep",
     "rollout.threads", "rollout.batch_size", "rollout.progress", "rollout.share_prefix", "verify.workers",
     "score.threads", "score.micro_batch_tokens", "score.chunk_size", "score.share_prefix", "update.threads",

@@ -97,15 +97,16 @@ def opened_run(config: LoopConfig) -> Iterator[tuple[Run, dict, pa.Table, Path |
     `antisd loop` (or Slurm rendering) on the same directory is refused while this one holds it.
     """
     root = Path(config.out)
-    if not root.parent.is_dir():
-        raise InputError(f"--out {root}: parent directory {root.parent} does not exist")
+    existing = next(parent for parent in root.absolute().parents if parent.exists())
+    if not existing.is_dir():
+        raise InputError(f"--out {root}: {existing} is a file, not a directory")
     check_start_state(config.run)
     settings = config.run.loop
     paths = {"train": root / "train_prompts.parquet", "eval": root / "eval_prompts.parquet"}
     train_table = run_prompts(settings.train, paths["train"])
     check_batch_fits(train_table.num_rows, settings.prompts_per_step)
     eval_table = run_prompts(settings.eval, paths["eval"]) if settings.eval_every > 0 else None
-    root.mkdir(exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)  # `--out runs/NAME` needs no `mkdir runs` first
     with output_lock(root):
         run, manifest = init_run(config)
         for name, table, spec in (("train", train_table, settings.train), ("eval", eval_table, settings.eval)):

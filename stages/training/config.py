@@ -60,6 +60,7 @@ class UpdateConfig:
     # it every loop.checkpoint_every steps and at the end, and weights-only folders in between
     optimizer_state: bool = True
     threads: int = 0  # torch CPU threads (0 = OMP_NUM_THREADS if set, else the cores this process may use)
+    progress: bool = True  # tokens/s and ETA on stderr: a bar on a terminal, a record every 30 s elsewhere
     seed: int = 0  # seeds mini-batch order; RNG state is restored from the run state when present
     # continue a run state written by another method (a GRPO checkpoint as AntiSD: the paper's continual run): its
     # step, RNG and optimizer carry on, and the gate re-calibrates H_warm over the next W steps

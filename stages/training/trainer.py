@@ -99,6 +99,7 @@ class Trainer:
         self.config, self.env, self.device, self.model_dir = config, env, device, model_dir
         self.precision = _precision(config.dtype, device)
         self.carried = {k: v for k, v in (state or {}).items() if k != "data_cursor"}  # a key of old states, unused
+        self.on_tokens = None  # called with the tokens of each micro-batch this rank trains (update's progress)
         self.step = int(self.carried.get("step", 0))
         self.model_revision = model_revision(model_dir)
         self.gate = EntropyGate(config.warmup_steps, config.gate_down, config.lam_max, gated(config))
@@ -243,6 +244,8 @@ class Trainer:
             if distributed.all_reduce_max(int(problem is not None), self.device):
                 raise RuntimeError(problem or "another rank met a non-finite log-prob or loss; no checkpoint written")
             self.engine.backward(loss * env.world_size, scale_wrt_gas=False)  # DeepSpeed averages over ranks
+            if self.on_tokens is not None and k < len(micro):
+                self.on_tokens(sum(len(batch.prompt_ids[i]) + len(batch.response_ids[i]) for i in micro[k].rows))
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = None if norm is None else float(norm)
