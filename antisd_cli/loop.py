@@ -10,8 +10,8 @@ from stages.runs.config import LoopConfig
 from stages.runs.slurm import SlurmConfig
 
 SLURM = SlurmConfig()  # defaults shown in --help come from the dataclass
-SLURM_OPTIONS = ("dry_run", "partition", "account", "time", "nodes", "gpus_per_node", "shards", "cpus_per_task",
-                 "setup", "sbatch_args")
+SLURM_OPTIONS = ("dry_run", "partition", "cpu_partition", "account", "time", "nodes", "gpus_per_node", "shards",
+                 "cpus_per_task", "window", "setup", "sbatch_args")
 
 
 @click.command("loop")
@@ -23,11 +23,17 @@ SLURM_OPTIONS = ("dry_run", "partition", "account", "time", "nodes", "gpus_per_n
               help="Override one config value, e.g. --set update.lr=2e-6 --set loop.steps=50 (repeatable).")
 @config_option(LoopConfig, "force", "Resume a run directory made with a different config.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
+@click.option("--record-only", is_flag=True, default=LoopConfig.record_only,
+              help="Run no stage: write the metrics, trackers, checkpoint pruning and due evaluations of the steps "
+                   "whose update is done, and stop at the first that is not (what each Slurm record job runs).")
 @click.option("--launcher", type=click.Choice(["local", "slurm"]), default="local",
               help="local: run every stage in this process. slurm: write one sbatch script per stage per step "
                    "under OUT/slurm/ and submit them as a dependency chain (the options below).")
 @click.option("--dry-run", is_flag=True, help="slurm: write and print the scripts and sbatch commands; submit nothing.")
 @click.option("--partition", default=SLURM.partition, help="slurm: partition of every job.")
+@click.option("--cpu-partition", default=SLURM.cpu_partition,
+              help="slurm: partition of the jobs that need no GPU (verify, record without evaluation, continue); "
+                   "default: --partition.")
 @click.option("--account", default=SLURM.account, help="slurm: account charged for every job.")
 @click.option("--time", "time_limit", default=SLURM.time, help="slurm: time limit of each job (HH:MM:SS).")
 @click.option("--nodes", default=SLURM.nodes, type=click.IntRange(min=1), help="slurm: nodes of the update job.")
@@ -37,6 +43,8 @@ SLURM_OPTIONS = ("dry_run", "partition", "account", "time", "nodes", "gpus_per_n
               help="slurm: array tasks (one GPU each) of rollout and score; 1 = one plain job.")
 @click.option("--cpus-per-task", default=SLURM.cpus_per_task, type=click.IntRange(min=1),
               help="slurm: CPUs of every task (a shard, a training rank, verify).")
+@click.option("--window", default=SLURM.window, type=click.IntRange(min=1),
+              help="slurm: steps per submission (~5 jobs each); the window's last job submits the next one.")
 @click.option("--setup", multiple=True, metavar="SHELL-LINE",
               help="slurm: a shell line run first in every job, e.g. 'source ~/venvs/antisd/bin/activate' "
                    "(repeatable).")
@@ -44,8 +52,9 @@ SLURM_OPTIONS = ("dry_run", "partition", "account", "time", "nodes", "gpus_per_n
               help="slurm: an extra #SBATCH option for every job, e.g. --sbatch-arg=--qos=high (repeatable).")
 @click.pass_context
 @stage_errors
-def loop_command(ctx, config_path, out, overrides, force, print_config, launcher, dry_run, partition, account,
-                 time_limit, nodes, gpus_per_node, shards, cpus_per_task, setup, sbatch_args):
+def loop_command(ctx, config_path, out, overrides, force, print_config, record_only, launcher, dry_run, partition,
+                 cpu_partition, account, time_limit, nodes, gpus_per_node, shards, cpus_per_task, window, setup,
+                 sbatch_args):
     """Train with GRPO / SD / AntiSD: each step runs rollout → verify → score → update.
 
     Every stage writes its ordinary Parquet output under OUT/step_XXXX/, with the equivalent `antisd` commands in
@@ -53,8 +62,10 @@ def loop_command(ctx, config_path, out, overrides, force, print_config, launcher
     the same final weights as an uninterrupted run.
 
     With --launcher slurm the same commands run as Slurm jobs: rollout and score as array jobs over --shards,
-    verify as one job, update on --nodes × --gpus-per-node GPUs under srun, then a job that evaluates and writes
-    the metrics. Job ids go to OUT/slurm/jobs.json; resubmitting skips finished stages.
+    verify as one CPU job, update on --nodes × --gpus-per-node GPUs under srun, then a record job that writes the
+    step's metrics (and evaluates when due), --window steps per submission, the last job submitting the next window.
+    Job ids go to OUT/slurm/jobs.json; resubmitting skips finished stages and is refused while earlier jobs of the
+    run are still queued.
 
     \b
     Example:
@@ -72,18 +83,20 @@ def loop_command(ctx, config_path, out, overrides, force, print_config, launcher
         if given:
             flags = ", ".join("--" + name.replace("_", "-").replace("sbatch-args", "sbatch-arg") for name in given)
             raise BadInput(f"{flags}: only with --launcher slurm")
+    elif record_only:
+        raise BadInput("--record-only: only with --launcher local (the Slurm record jobs run it)")
     resolved = run_config.load(config_path, list(overrides))
     if print_config:
         click.echo(run_config.dump_yaml(resolved), nl=False)
         return
-    loop_config = LoopConfig(out=out, run=resolved, force=force)
+    loop_config = LoopConfig(out=out, run=resolved, force=force, record_only=record_only)
     if launcher == "local":
         click.echo(str(run(loop_config)))
         return
     from stages.runs import slurm
-    settings = SlurmConfig(partition=partition, account=account, time=time_limit, nodes=nodes,
-                           gpus_per_node=gpus_per_node, shards=shards, cpus_per_task=cpus_per_task, setup=tuple(setup),
-                           sbatch_args=tuple(sbatch_args), dry_run=dry_run)
+    settings = SlurmConfig(partition=partition, cpu_partition=cpu_partition, account=account, time=time_limit,
+                           nodes=nodes, gpus_per_node=gpus_per_node, shards=shards, cpus_per_task=cpus_per_task,
+                           setup=tuple(setup), sbatch_args=tuple(sbatch_args), window=window, dry_run=dry_run)
     root = slurm.run(loop_config, settings, echo=click.echo)
     if not dry_run:
         click.echo(str(root))

@@ -56,7 +56,8 @@ runs/ — a training run
     run_dir     the run directory: layout, manifest, metrics.jsonl, checkpoint pruning
     view        the live view on stderr
     tracking    TensorBoard events and Weights & Biases logging of the metrics
-    slurm       rendering and submitting a run as Slurm jobs
+    slurm       rendering a run as Slurm jobs, a window of steps at a time
+    scheduler   sbatch submissions (ids in jobs.json) and the squeue check before a resubmission
 
 common/ — shared by all
     errors      InputError (exit 2)

@@ -6,7 +6,8 @@ so any stage can be rerun by hand with the command recorded in `step_XXXX/comman
 Resume: a stage is done iff its output exists (all writes are atomic), so rerunning the same command continues at the
 first unfinished stage; every seed derives from (run seed, step), so the result equals an uninterrupted run. The loop
 does no math and no sampling itself: it calls the stages' `run` functions, reusing one loaded model for the rollout
-and score of a step.
+and score of a step. With `record_only` (`--record-only`, each Slurm record job) it runs no stage: it records the
+steps whose update is done (metrics, trackers, due evaluations, checkpoint pruning) and stops at the first that is not.
 
 Engines: with the HF engine the rollout samples with that loaded model. When `rollout.engine` resolves to vllm the
 process keeps one vLLM engine (`stages.lm.engine_vllm.LoopEngine`) that each step's rollout uses after moving it to the
@@ -34,7 +35,7 @@ from stages.common import metrics as keys
 from stages.common.io import atomic_write_json
 from stages.runs import config as run_config
 from stages.runs.config import LoopConfig
-from stages.runs.plan import opened_run, stage_seed, step_configs, write_commands, write_step_prompts
+from stages.runs.plan import eval_due, opened_run, stage_seed, step_configs, write_commands, write_step_prompts
 from stages.runs.run_dir import Run
 from stages.runs.tracking import Trackers, check_wandb
 
@@ -185,7 +186,8 @@ class StepRunner:
         loads_before = self.load_seconds
         write_step_prompts(self.config, self.run, step, train_table)
         configs = step_configs(self.config, self.run, step)
-        write_commands(self.run, step, configs)
+        if not (self.run.checkpoint(step) / "config.json").exists():  # a finished step keeps the commands it ran
+            write_commands(self.run, step, configs)
         if not paths["rollouts"].exists():
             source = self.rollout_source(model, train_table, timings)
             self._timed("rollout", timings, lambda: rollout.run(configs["rollout"], loaded=source))
@@ -198,17 +200,13 @@ class StepRunner:
         if not (self.run.checkpoint(step) / "config.json").exists():
             self._timed("update", timings, lambda: self.update(step, configs["update"]))
         row = self._metrics(step, paths, timings)
-        if self._should_eval(step) and eval_prompts is not None:
+        if eval_due(self.settings, step) and eval_prompts is not None:
             row.update(self.evaluate(self.run.checkpoint(step), eval_prompts, stage_dir / "eval", timings))
             row.update({k: v for k, v in timings.items() if k == keys.timing("eval")})
         row[keys.timing("step")] = round(time.perf_counter() - started, 3)
         row[keys.timing("model_load")] = round(self.load_seconds - loads_before, 3)
         row[keys.LOAD_FRACTION] = round(row[keys.timing("model_load")] / max(row[keys.timing("step")], 1e-9), 4)
         return row
-
-    def _should_eval(self, step: int) -> bool:
-        every = self.settings.eval_every
-        return every > 0 and ((step + 1) % every == 0 or step == self.settings.steps - 1)
 
     def evaluate(self, model, prompts: Path, out_prefix: Path, timings: dict) -> dict:
         from stages import eval as eval_stage
@@ -291,6 +289,8 @@ def _run_steps(config: LoopConfig, run_dir: Run, manifest: dict, runner: StepRun
             if metrics_path.exists():
                 view.row(json.loads(metrics_path.read_text()))
                 continue
+            if config.record_only and not (run_dir.checkpoint(step) / "config.json").exists():
+                break  # `--record-only` (the Slurm record job): this step's stages are not done yet
             view.begin(step)
             row = runner.step(step, train_table, eval_path)
             atomic_write_json(metrics_path, row)

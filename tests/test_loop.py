@@ -267,7 +267,7 @@ def test_slurm_rendering_of_the_issue_example_has_distinct_prompts_at_step_162(t
     result = CliRunner().invoke(cli, [
         "loop", "-c", str(REPO / "examples" / "configs" / "reproduce.yaml"), "-o", str(tmp_path / "run"),
         "--launcher", "slurm", "--dry-run", "--set", "loop.steps=170", "--set", "loop.prompts_per_step=8",
-        "--set", "loop.train.num=100"])
+        "--set", "loop.train.num=100", "--window", "170"])
     assert result.exit_code == 0, result.output
     for step in (12, 24, 162, 169):
         ids = pq.read_table(tmp_path / "run" / f"step_{step:04d}" / "prompts.parquet").column("prompt_id").to_pylist()

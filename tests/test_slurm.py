@@ -56,10 +56,12 @@ def options(argv):  # leading --x=y options, then the command
     return argv[:split], argv[split:]
 
 if tool == "sbatch":
-    count = len(log.read_text().splitlines())
+    count = sum(json.loads(line)["tool"] == "sbatch" for line in log.read_text().splitlines())
     if os.environ.get("FAIL_AT") and count >= int(os.environ["FAIL_AT"]):
         sys.exit("sbatch: error: Batch job submission failed: Invalid account")
     print(f"{1000 + count};cluster")
+elif tool == "squeue":  # the job ids FAKE_SQUEUE lists, one per line
+    print("\n".join(filter(None, os.environ.get("FAKE_SQUEUE", "").split(","))))
 elif tool == "scontrol":
     print("node7\nnode8")
 elif tool == "srun":  # one task with --ntasks=1, else 2 nodes x 2 tasks, with the variables srun sets
@@ -93,13 +95,13 @@ elif tool == "antisd" and "--out" in args and args[0] != "loop":  # leave the ou
 
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch):
-    """A bin/ folder with fake sbatch, srun, scontrol, torchrun and antisd that log their argv and rank variables
+    """A bin/ folder with fake sbatch, squeue, srun, scontrol, torchrun and antisd that log their argv and rank variables
     as JSON lines (antisd also leaves the output file its stage would write)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "slurm.log"
     (tmp_path / "fake_tools.py").write_text(FAKE_TOOLS)
-    for tool in ("sbatch", "srun", "scontrol", "torchrun", "antisd"):
+    for tool in ("sbatch", "squeue", "srun", "scontrol", "torchrun", "antisd"):
         executable(bin_dir / tool, f'#!/usr/bin/env bash\nexec {shlex.quote(sys.executable)} '
                                    f'{shlex.quote(str(tmp_path / "fake_tools.py"))} {tool} "$@"\n')
     monkeypatch.setenv("FAKE_SLURM_LOG", str(log))
@@ -132,8 +134,8 @@ def test_rendered_scripts_pass_bash_n(tmp_path):
                                                                         partition="gpu", account="proj",
                                                                         setup=("module load cuda",),
                                                                         sbatch_args=("--qos=high",)), tmp_path)
-    assert [job.name for job in jobs] == ["0000-rollout", "0000-verify", "0000-score", "0000-update",
-                                          "0001-rollout", "0001-verify", "0001-score", "0001-update", "finalize"]
+    assert [job.name for job in jobs] == ["0000-rollout", "0000-verify", "0000-score", "0000-update", "0000-record",
+                                          "0001-rollout", "0001-verify", "0001-score", "0001-update", "0001-record"]
     scripts = [job.script for job in jobs] + [tmp_path / "run" / "slurm" / "submit.sh"]
     for script in scripts:
         assert script.exists()
@@ -165,8 +167,9 @@ def test_resubmission_skips_finished_stages_and_shards(tmp_path):
     (step0 / "scored.parquet").mkdir()
     (step0 / "scored.parquet" / "part-00001-of-00003.parquet").write_bytes(b"")
     jobs = slurm.render_run(config, settings, tmp_path)
-    assert [(job.name, job.array, job.after) for job in jobs[:3]] == [
-        ("0000-score", "0,2", None), ("0000-update", None, "0000-score"), ("0001-rollout", "0-2", "0000-update")]
+    assert [(job.name, job.array, job.after) for job in jobs[:4]] == [
+        ("0000-score", "0,2", ()), ("0000-update", None, ("0000-score",)), ("0000-record", None, ("0000-update",)),
+        ("0001-rollout", "0-2", ("0000-update",))]  # the next step waits for the update, not for the record
 
 
 # --- submission with a fake scheduler ------------------------------------------------------------------------------
@@ -180,21 +183,39 @@ def test_fake_sbatch_records_the_dependency_chain(tmp_path, fake_slurm):
                                       "--shards", "2"], env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(run_dir.resolve())
-    calls = [entry["argv"] for entry in read_log(log)]
-    assert len(calls) == 9 and all(call[:2] == ["sbatch", "--parsable"] for call in calls)
+    calls = [entry["argv"] for entry in read_log(log) if entry["tool"] == "sbatch"]
+    assert len(calls) == 10 and all(call[:2] == ["sbatch", "--parsable"] for call in calls)
     assert calls[0][2:] == [str(run_dir.resolve() / "slurm" / "step_0000" / "rollout.sbatch")]
-    for number, call in enumerate(calls[1:], start=1):  # each job waits for the job submitted before it
-        assert call[2:4] == [f"--dependency=afterok:{1000 + number}", "--kill-on-invalid-dep=yes"]
     assert [Path(call[-1]).name for call in calls] == ["rollout.sbatch", "verify.sbatch", "score.sbatch",
-                                                       "update.sbatch"] * 2 + ["finalize.sbatch"]
+                                                       "update.sbatch", "record.sbatch"] * 2
+    # ids are 1001, 1002, … in submission order: rollout0 verify0 score0 update0 record0 rollout1 … record1
+    waits = [next((a.split(":", 1)[1] for a in call if a.startswith("--dependency=afterok:")), None) for call in calls]
+    assert waits == [None, "1001", "1002", "1003", "1004", "1004", "1006", "1007", "1008", "1009:1005"]
+    assert all("--kill-on-invalid-dep=yes" in call for call in calls[1:])
     record = json.loads((run_dir / "slurm" / "jobs.json").read_text())
     jobs = record["submissions"][-1]["jobs"]
-    assert [job["job_id"] for job in jobs] == [str(1001 + i) for i in range(9)]  # "id;cluster" → id
-    assert jobs[4] == {**jobs[4], "name": "0001-rollout", "after": "0000-update", "array": "0-1", "step": 1}
+    assert [job["job_id"] for job in jobs] == [str(1001 + i) for i in range(10)]  # "id;cluster" → id
+    assert jobs[5] == {**jobs[5], "name": "0001-rollout", "after": ["0000-update"], "array": "0-1", "step": 1}
+
+
+def test_submit_sh_chains_the_same_dependencies(tmp_path, fake_slurm):
+    bin_dir, log = fake_slurm
+    slurm.render_run(loop_config(tmp_path / "run"), SlurmConfig(shards=2, window=1), tmp_path)
+    script = tmp_path / "run" / "slurm" / "submit.sh"
+    result = subprocess.run(["bash", str(script)], env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    calls = [entry["argv"] for entry in read_log(log) if entry["tool"] == "sbatch"]
+    assert [Path(call[-1]).name for call in calls] == ["rollout.sbatch", "verify.sbatch", "score.sbatch",
+                                                       "update.sbatch", "record.sbatch", "continue.sbatch"]
+    waits = [next((a.split(":", 1)[1] for a in call if a.startswith("--dependency=afterok:")), None) for call in calls]
+    assert waits == [None, "1001", "1002", "1003", "1004", "1005"]  # "id;cluster" → id
+    continuation = (tmp_path / "run" / "slurm" / "continue.sbatch")
+    assert subprocess.run(["bash", "-n", str(continuation)]).returncode == 0
 
 
 def test_sbatch_failure_exits_1_and_keeps_the_ids_already_submitted(tmp_path, fake_slurm):
-    bin_dir, log = fake_slurm
+    bin_dir, _ = fake_slurm
     result = CliRunner().invoke(cli, ["-q", "loop", "-o", str(tmp_path / "run"), "--set", "loop.steps=1", "--set",
                                       "loop.eval_every=0", "--launcher", "slurm", "--shards", "2"],
                                 env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAIL_AT": "3"})
@@ -210,7 +231,7 @@ def test_dry_run_prints_scripts_and_submits_nothing(tmp_path, fake_slurm):
                                       "slurm", "--dry-run"], env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert result.exit_code == 0, result.output
     assert not log.exists() and not (tmp_path / "run" / "slurm" / "jobs.json").exists()
-    assert result.stdout.count("#!/usr/bin/env bash") == 6  # 4 stages + finalize + submit.sh
+    assert result.stdout.count("#!/usr/bin/env bash") == 6  # 4 stages + record + submit.sh
     assert "antisd rollout" in result.stdout and "--dependency=afterok:" in result.stdout
 
 
@@ -256,8 +277,8 @@ def test_commands_in_scripts_are_valid_antisd_invocations_of_the_loop_configs(tm
     assert [(e["env"]["RANK"], e["env"]["WORLD_SIZE"], e["env"]["LOCAL_RANK"]) for e in update_ranks] == [
         ("0", "4", "0"), ("1", "4", "1"), ("2", "4", "0"), ("3", "4", "1")]
     assert {(e["env"]["MASTER_ADDR"], e["env"]["MASTER_PORT"]) for e in update_ranks} == {("node7", "24321")}
-    # each stage of each step ran once (update once per rank), plus the finalize loop
-    assert len(entries) == 2 * (3 + 4) + 1
+    # each stage of each step ran once (update once per rank), plus one record loop per step
+    assert len(entries) == 2 * (3 + 4 + 1)
     config = dataclasses.replace(config, out=str((tmp_path / "run").resolve()))
     from stages.runs.run_dir import Run
 
@@ -265,8 +286,8 @@ def test_commands_in_scripts_are_valid_antisd_invocations_of_the_loop_configs(tm
     for entry in entries:
         argv = entry["argv"][1:]
         if argv[0] == "loop":
-            assert argv == ["loop", "--config", str(run.root / "config.yaml"), "--out", str(run.root)]
-            assert run_config.load(argv[2]).digest() == config.run.digest()  # finalize resumes, not refuses
+            assert argv == ["loop", "--config", str(run.root / "config.yaml"), "--out", str(run.root), "--record-only"]
+            assert run_config.load(argv[2]).digest() == config.run.digest()  # the record job resumes, not refuses
             continue
         built = _parse_with_cli(argv, monkeypatch)
         step = int(Path(built.out).parent.name.split("_")[1])  # out is step_XXXX/<output>
@@ -307,7 +328,7 @@ def test_slurm_commands_equal_the_local_loops_commands(tmp_path, monkeypatch):
     jobs = slurm.render_run(loop_config(tmp_path / "cluster", steps=2), SlurmConfig(shards=2), tmp_path)
     for step in (0, 1):
         local_lines = (tmp_path / "local" / f"step_{step:04d}" / "commands.sh").read_text().splitlines()[2:]
-        cluster_commands = [job.commands[0] for job in jobs if job.step == step]
+        cluster_commands = [job.commands[0] for job in jobs if job.step == step and job.stage != "record"]
         # the one difference: every Slurm update job writes the full state (the next job is a new process)
         local_lines = [line.replace("--no-optimizer-state", "--optimizer-state") for line in local_lines]
         assert [line.replace(str(tmp_path / "local"), "RUN") for line in local_lines] == \
@@ -384,3 +405,125 @@ def test_impossible_slurm_settings_fail_before_anything_is_written(tmp_path, set
     with pytest.raises(InputError, match=message):
         slurm.render_run(loop_config(tmp_path / "run"), SlurmConfig(**settings), tmp_path)
     assert not (tmp_path / "run").exists()
+
+
+# --- at scale: job window, CPU partition, pruning, resubmission ----------------------------------------------------
+
+def _directives(job) -> list[str]:
+    return [line.removeprefix("#SBATCH ") for line in job.text.splitlines() if line.startswith("#SBATCH ")]
+
+
+def test_the_200_step_example_is_submitted_a_window_at_a_time(tmp_path):
+    resolved = run_config.load(str(REPO / "examples" / "configs" / "gsm8k_gpu.yaml"), [])
+    assert resolved.loop.steps == 200
+    config = LoopConfig(out=str(tmp_path / "gsm8k"), run=resolved)
+    settings = SlurmConfig(partition="gpu", cpu_partition="cpu", window=4, shards=8, nodes=2)
+    jobs = slurm.render_run(config, settings, tmp_path)
+    assert len(jobs) == 4 * 5 + 1 and jobs[-1].stage == "continue"
+    assert {job.step for job in jobs if job.step is not None} == {0, 1, 2, 3}
+    assert not (tmp_path / "gsm8k" / "step_0004").exists()  # later windows draw their prompts when submitted
+    assert {job.array for job in jobs if job.stage in slurm.ARRAY_STAGES} == {"0-7"}
+    continuation = jobs[-1]
+    assert continuation.after == ("0003-record",)
+    argv = shlex.split(continuation.commands[0])
+    assert argv[:7] == ["antisd", "loop", "--config", str((tmp_path / "gsm8k").resolve() / "config.yaml"), "--out",
+                        str((tmp_path / "gsm8k").resolve()), "--launcher"]
+    assert argv[argv.index("--window") + 1] == "4" and argv[argv.index("--cpu-partition") + 1] == "cpu"
+    assert "--dry-run" not in argv
+    by_stage = {}
+    for job in jobs:
+        by_stage.setdefault(job.stage, []).append(job)
+    for job in by_stage["verify"] + by_stage["continue"]:  # CPU jobs: the CPU partition, no GPU
+        assert "--partition=cpu" in _directives(job) and not any("gpus" in d for d in _directives(job))
+    for job in by_stage["rollout"] + by_stage["score"] + by_stage["update"]:
+        assert "--partition=gpu" in _directives(job)
+    # eval_every 10: the first record evaluates the base model (one GPU), the others only record (CPU)
+    records = by_stage["record"]
+    assert ["--gpus-per-node=1" in _directives(job) for job in records] == [True, False, False, False]
+    assert ["--partition=cpu" in _directives(job) for job in records] == [False, True, True, True]
+    assert all(job.commands[0].endswith("--record-only") for job in records)
+    printed = CliRunner().invoke(cli, ["loop", "-c", str(REPO / "examples" / "configs" / "gsm8k_gpu.yaml"), "-o",
+                                       str(tmp_path / "dry"), "--launcher", "slurm", "--dry-run", "--window", "3"])
+    assert printed.exit_code == 0, printed.output
+    assert printed.stdout.count("#!/usr/bin/env bash") == 3 * 5 + 1 + 1  # the window's jobs, continue, submit.sh
+
+
+def test_the_continue_job_submits_the_next_window(tmp_path, fake_slurm):
+    bin_dir, log = fake_slurm
+    config = loop_config(tmp_path / "run", steps=3)
+    jobs = slurm.render_run(config, SlurmConfig(window=2, cpu_partition="cpu"), tmp_path)
+    assert [job.name for job in jobs][-3:] == ["0001-update", "0001-record", "continue"]
+    for step in (0, 1):  # what the window's record jobs leave
+        (tmp_path / "run" / f"step_{step:04d}" / "metrics.json").write_text("{}")
+    argv = shlex.split(jobs[-1].commands[0])[1:]
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "1012"}
+    result = CliRunner().invoke(cli, argv, env=env)
+    assert result.exit_code == 0, result.output
+    submitted = [Path(entry["argv"][-1]) for entry in read_log(log) if entry["tool"] == "sbatch"]
+    assert [(path.parent.name, path.name) for path in submitted] == [
+        ("step_0002", name) for name in ("rollout.sbatch", "verify.sbatch", "score.sbatch", "update.sbatch",
+                                         "record.sbatch")]  # the last window: no further continue job
+
+
+def test_resubmitting_while_jobs_are_queued_is_refused(tmp_path, fake_slurm):
+    bin_dir, log = fake_slurm
+    args = ["-q", "loop", "-o", str(tmp_path / "run"), "--set", "loop.steps=1", "--set", "loop.eval_every=0",
+            "--launcher", "slurm", "--shards", "1"]
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    assert CliRunner().invoke(cli, args, env={"PATH": path}).exit_code == 0
+    submitted = len([e for e in read_log(log) if e["tool"] == "sbatch"])
+    again = CliRunner().invoke(cli, args, env={"PATH": path, "FAKE_SQUEUE": "1003,99"})
+    assert again.exit_code == 2 and "1 job(s) of an earlier submission are still queued or running (1003)" in \
+        again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert len([e for e in read_log(log) if e["tool"] == "sbatch"]) == submitted
+    # the queued job is the caller itself (a continue job): allowed; and once nothing is queued: allowed
+    assert CliRunner().invoke(cli, args, env={"PATH": path, "FAKE_SQUEUE": "1003", "SLURM_JOB_ID": "1003"}
+                              ).exit_code == 0
+    assert CliRunner().invoke(cli, args, env={"PATH": path, "FAKE_SQUEUE": "99"}).exit_code == 0
+
+
+def test_a_speed_only_change_resubmits_without_force_and_a_real_change_is_refused(tmp_path, fake_slurm):
+    bin_dir, _ = fake_slurm
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    base = ["-q", "loop", "-o", str(tmp_path / "run"), "--set", "loop.steps=1", "--set", "loop.eval_every=0",
+            "--launcher", "slurm", "--shards", "1"]
+    assert CliRunner().invoke(cli, base, env=env).exit_code == 0
+    faster = CliRunner().invoke(cli, base + ["--set", "rollout.threads=3", "--set", "score.micro_batch_tokens=999"],
+                                env=env)
+    assert faster.exit_code == 0, faster.output
+    rollout = (tmp_path / "run" / "slurm" / "step_0000" / "rollout.sbatch").read_text()
+    assert "--threads 3" in rollout
+    changed = CliRunner().invoke(cli, base + ["--set", "update.lr=3e-5"], env=env)
+    assert changed.exit_code == 2 and "update.lr" in changed.stderr and "--force" in changed.stderr
+
+
+def test_record_only_records_finished_steps_prunes_and_stops_at_the_first_unfinished(tmp_path, monkeypatch):
+    from stages import loop as loop_module
+    from stages import rollout
+    from stages.runs.view import LoopView
+
+    _fake_stage_runs(monkeypatch)
+    config = loop_config(tmp_path / "run", steps=4)
+    config = dataclasses.replace(config, run=run_config.resolve({**config.run.to_dict(),
+                                                                 "loop": {**config.run.to_dict()["loop"],
+                                                                          "keep_checkpoints": 1}}))
+    slurm.render_run(config, SlurmConfig(shards=1), tmp_path)  # draws the prompts, as the submission does
+    run = tmp_path / "run"
+    for step in (0, 1, 2):  # what the stage jobs of steps 0-2 leave; step 3 has not started
+        for name in ("rollouts", "verified", "scored"):
+            pq.write_table(pa.table({"x": [step]}), run / f"step_{step:04d}" / f"{name}.parquet")
+        (run / f"step_{step:04d}" / "checkpoint").mkdir()
+        (run / f"step_{step:04d}" / "checkpoint" / "config.json").write_text("{}")
+        (run / f"step_{step:04d}" / "checkpoint" / "metrics.json").write_text(json.dumps({"reward/mean": step / 4}))
+    monkeypatch.setattr(rollout, "run", lambda *a, **k: pytest.fail("--record-only ran a stage"))
+    loop_module.run(dataclasses.replace(config, record_only=True), view=LoopView(4, stream=open(os.devnull, "w")))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["reward/mean"]) for row in rows] == [(0, 0.0), (1, 0.25), (2, 0.5)]
+    assert [(run / f"step_{s:04d}" / "checkpoint").exists() for s in range(3)] == [False, False, True]  # keep 1
+    assert not (run / "step_0003" / "metrics.json").exists() and not (run / "step_0003" / "rollouts.parquet").exists()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))  # trackers log as each step is recorded
+
+
+def test_record_only_needs_the_local_launcher(tmp_path):
+    result = CliRunner().invoke(cli, ["loop", "-o", str(tmp_path / "run"), "--launcher", "slurm", "--record-only"])
+    assert result.exit_code == 2 and "--record-only: only with --launcher local" in result.stderr

@@ -312,3 +312,4 @@ class LoopConfig:
     out: str  # run directory
     run: RunConfig
     force: bool = False  # resume even if the directory was made with a different config
+    record_only: bool = False  # run no stage: record the steps whose update is done, stop at the first that is not

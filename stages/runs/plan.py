@@ -169,6 +169,12 @@ def score_reference(config: run_config.RunConfig) -> str | None:
     return config.loop.model if config.stages["update"].get("kl_coef", 0.0) > 0 else None
 
 
+def eval_due(settings: run_config.LoopSettings, step: int) -> bool:
+    """Whether the held-out evaluation runs after `step`: every `eval_every` steps and after the last."""
+    every = settings.eval_every
+    return every > 0 and ((step + 1) % every == 0 or step == settings.steps - 1)
+
+
 def full_checkpoint_at(settings: run_config.LoopSettings, step: int) -> bool:
     """Whether step `step` writes the optimizer state: every loop.checkpoint_every steps and the last step, or every
     step when the trainer is not kept in memory (the next step starts from the files)."""

@@ -1,32 +1,40 @@
-"""`antisd loop --launcher slurm`: render one sbatch script per stage per step and submit them as a dependency chain.
+"""`antisd loop --launcher slurm`: render one sbatch script per stage per step and submit them as a dependency chain,
+a bounded window of steps at a time.
 
 Per step k (the same run directory layout and the same `antisd` commands as the local loop, `stages.loop`):
 
     rollout   array job, one task per shard: `antisd rollout … --shard $SLURM_ARRAY_TASK_ID/N` → rollouts.parquet/
-    verify    one job reading the parts directory → verified.parquet
+    verify    one CPU job reading the parts directory → verified.parquet (on `cpu_partition` when given)
     score     array job like rollout → scored.parquet/
     update    multi-node job: `srun` starts one rank per GPU with RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/
               SLURM_NTASKS/SLURM_LOCALID and MASTER_ADDR/MASTER_PORT from the first node → checkpoint/
+    record    `antisd loop --record-only` over the run: the step's metrics.json, metrics.jsonl, TensorBoard/W&B,
+              checkpoint pruning (loop.keep_checkpoints) and, when due, the held-out evaluation (one GPU; else a
+              CPU job), so metrics appear as each step finishes
 
-each `afterok` on the one before, step k+1's rollout on step k's update, and a last `finalize` job that runs the
-local loop over the finished run (`antisd loop --config RUN/config.yaml --out RUN`): every stage output exists, so it
-only evaluates, writes metrics.jsonl and the manifest. Scripts go to RUN/slurm/step_XXXX/<stage>.sbatch, the whole
-chain as a plain shell script to RUN/slurm/submit.sh, and the submitted job ids to RUN/slurm/jobs.json.
-Resubmitting skips finished stages (and finished shards of an array). Each step's prompts are drawn at render time,
-exactly as the local loop draws them. This module renders text and calls `sbatch`; it runs no stage itself.
+each `afterok` on the one before; step k+1's rollout waits for step k's update only (its record runs alongside), and
+each record also waits for the record before it. A submission holds at most `window` steps; when steps remain, its
+last job (`continue`, CPU, after the window's last record) runs `antisd loop --launcher slurm` again on the run, which
+submits the next window: a 200-step run never has more than ~5 × window jobs queued (cluster limits such as
+MaxSubmitJobs), and compute nodes must be able to call `sbatch` (they can on most clusters).
+
+Scripts go to RUN/slurm/step_XXXX/<stage>.sbatch, the window's chain as a plain shell script to RUN/slurm/submit.sh,
+the submitted job ids to RUN/slurm/jobs.json. Resubmitting skips finished stages (and finished shards of an array),
+and is refused while jobs of an earlier submission of the run are still queued or running (`squeue`), so no stage
+runs twice at once. Speed-only settings (`stages.runs.config.RESUMABLE_CHANGES`) may change between submissions.
+Each step's prompts are drawn at render time, exactly as the local loop draws them. This module renders text and
+calls `sbatch`/`squeue`; it runs no stage itself.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shlex
-import subprocess
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stages.common import validation
+from stages.runs.scheduler import queued_jobs, sbatch_argv, submit
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,7 @@ class SlurmConfig:
     """Options of `antisd loop --launcher slurm`."""
 
     partition: str | None = None  # --partition of every job (None: the cluster's default)
+    cpu_partition: str | None = None  # --partition of the jobs that need no GPU (verify, record, continue)
     account: str | None = None  # --account of every job
     time: str = "04:00:00"  # --time limit of each job
     nodes: int = 1  # nodes of the update job
@@ -47,11 +56,12 @@ class SlurmConfig:
     cpus_per_task: int = 8  # --cpus-per-task of every task (a shard, a rank, verify)
     setup: tuple[str, ...] = ()  # shell lines run first in every job, e.g. "source ~/venvs/antisd/bin/activate"
     sbatch_args: tuple[str, ...] = ()  # extra #SBATCH options for every job, e.g. "--qos=high"
+    window: int = 10  # steps per submission; the last job submits the next window
     dry_run: bool = False  # write and print the scripts and the sbatch commands; submit nothing
 
     def __post_init__(self):
         check = validation.Checks(self)
-        check.at_least(1, "nodes", "gpus_per_node", "shards", "cpus_per_task")
+        check.at_least(1, "nodes", "gpus_per_node", "shards", "cpus_per_task", "window")
         check.require(bool(self.time.strip()), "time", "must not be empty")
         for arg in self.sbatch_args:
             check.require(arg.startswith("-") and "\n" not in arg, "sbatch_args",
@@ -64,12 +74,12 @@ class Job:
     """One rendered sbatch script and where it sits in the chain."""
 
     name: str  # e.g. "0003-rollout"; also the shell variable of its id in submit.sh
-    step: int | None  # None for the finalize job
+    step: int | None  # None for the continue job
     stage: str
     script: Path
     text: str
     array: str | None = None  # "0-7" or "1,5": the array tasks still to run
-    after: str | None = None  # name of the job this one waits for (afterok)
+    after: tuple[str, ...] = ()  # names of the jobs this one waits for (afterok on all)
     commands: tuple[str, ...] = ()  # the antisd command lines inside
 
 
@@ -99,12 +109,14 @@ def multiline(command: str, tail: str = "") -> str:
     return " \\\n    ".join(" ".join(line) for line in lines)
 
 
-def _header(slurm: SlurmConfig, job_name: str, log_path: Path, title: str, directives: list[str]) -> list[str]:
+def _header(slurm: SlurmConfig, job_name: str, log_path: Path, title: str, directives: list[str],
+            partition: str | None = None) -> list[str]:
     lines = ["#!/usr/bin/env bash", f"# {title}", "# Rendered by `antisd loop --launcher slurm`; submitted with "
              "dependencies by RUN/slurm/submit.sh.", f"#SBATCH --job-name={job_name}", f"#SBATCH --output={log_path}"]
     lines += [f"#SBATCH {d}" for d in directives]
     lines += [f"#SBATCH --time={slurm.time}"]
-    lines += [f"#SBATCH --partition={slurm.partition}"] if slurm.partition else []
+    partition = partition or slurm.partition
+    lines += [f"#SBATCH --partition={partition}"] if partition else []
     lines += [f"#SBATCH --account={slurm.account}"] if slurm.account else []
     lines += [f"#SBATCH {arg}" for arg in slurm.sbatch_args]
     return lines
@@ -116,10 +128,11 @@ def _preamble(slurm: SlurmConfig, workdir: Path) -> list[str]:
 
 def render_single(slurm: SlurmConfig, job_name: str, log_path: Path, title: str, command: str, workdir: Path,
                   gpus: int) -> str:
-    """A one-task job (verify: no GPU; finalize: one GPU)."""
+    """A one-task job: on `cpu_partition` (when given) without a GPU, else on the GPU partition with `gpus`."""
     directives = ["--nodes=1", "--ntasks=1", f"--cpus-per-task={slurm.cpus_per_task}"]
     directives += [f"--gpus-per-node={gpus}"] if gpus else []
-    return "\n".join(_header(slurm, job_name, log_path, title, directives) + _preamble(slurm, workdir)
+    partition = None if gpus else slurm.cpu_partition
+    return "\n".join(_header(slurm, job_name, log_path, title, directives, partition) + _preamble(slurm, workdir)
                      + ["", multiline(command), ""])
 
 
@@ -160,23 +173,17 @@ def submit_script(jobs: list[Job]) -> str:
     """The chain as a shell script: each job's id in a variable, `--dependency=afterok:` on the one before."""
     lines = ["#!/usr/bin/env bash", "# Submit the rendered jobs of this run in dependency order.", "set -euo pipefail"]
     for job in jobs:
-        command = shlex.join(sbatch_argv(job, "AFTER" if job.after else None))
+        command = shlex.join(sbatch_argv(job, ["AFTER"] if job.after else []))
         if job.after:
-            command = command.replace("afterok:AFTER", f'afterok:"${{{_variable(job.after)}}}"')
-        lines += [f"{_variable(job.name)}=$({command})", f'echo "{job.name} ${{{_variable(job.name)}}}"']
+            waits = ":".join(f'"${{{_variable(name)}}}"' for name in job.after)
+            command = command.replace("afterok:AFTER", f"afterok:{waits}")
+        variable = _variable(job.name)  # --parsable prints "id" or "id;cluster": keep the id
+        lines += [f"{variable}=$({command})", f'{variable}="${{{variable}%%;*}}"', f'echo "{job.name} ${{{variable}}}"']
     return "\n".join(lines) + "\n"
 
 
 def _variable(name: str) -> str:
     return "job_" + name.replace("-", "_")
-
-
-def sbatch_argv(job: Job, after_id: str | None) -> list[str]:
-    """`sbatch --parsable [--dependency=afterok:ID --kill-on-invalid-dep=yes] SCRIPT` (the array is in the script)."""
-    argv = ["sbatch", "--parsable"]
-    if after_id is not None:
-        argv += [f"--dependency=afterok:{after_id}", "--kill-on-invalid-dep=yes"]
-    return argv + [str(job.script)]
 
 
 # --- the run: configs, prompts, scripts ----------------------------------------------------------------------------
@@ -200,7 +207,7 @@ def job_configs(config, run, step: int) -> dict:
 
 
 def render_step(config, run, step: int, slurm: SlurmConfig, workdir: Path, after: str | None) -> list[Job]:
-    """The jobs still to run for `step`, chained after the job named `after` (None: nothing to wait for)."""
+    """The stage jobs still to run for `step`, chained after the job named `after` (None: nothing to wait for)."""
     from stages.runs.plan import cli_command
 
     configs = job_configs(config, run, step)
@@ -227,81 +234,81 @@ def render_step(config, run, step: int, slurm: SlurmConfig, workdir: Path, after
                                  command, workdir)
         else:
             text = render_single(slurm, job_name, log_path, title, command, workdir, gpus=0)
-        jobs.append(Job(name, step, stage, script_dir / f"{stage}.sbatch", text, array, after, (command,)))
+        jobs.append(Job(name, step, stage, script_dir / f"{stage}.sbatch", text, array, (after,) if after else (),
+                        (command,)))
         after = name
     return jobs
 
 
-def render_finalize(config, run, slurm: SlurmConfig, workdir: Path, after: str | None) -> Job:
-    """The local loop over the finished run: evaluation, metrics.jsonl, manifest (every stage output already exists)."""
-    command = shlex.join(["antisd", "loop", "--config", str(run.root / "config.yaml"), "--out", str(run.root)])
-    log_path = run.root / "slurm" / "finalize-%j.log"
-    text = render_single(slurm, f"antisd-{run.root.name}-finalize", log_path,
-                         "finalize: held-out evaluation, metrics.jsonl and the manifest", command, workdir, gpus=1)
-    return Job("finalize", None, "finalize", run.root / "slurm" / "finalize.sbatch", text, None, after, (command,))
+def render_record(config, run, step: int, slurm: SlurmConfig, workdir: Path, after: tuple[str, ...],
+                  evaluates: bool) -> Job:
+    """`antisd loop --record-only` once step `step`'s update is done: its metrics, trackers, pruning and (when
+    `evaluates`: one GPU) the held-out evaluation."""
+    command = shlex.join(["antisd", "loop", "--config", str(run.root / "config.yaml"), "--out", str(run.root),
+                          "--record-only"])
+    name = f"{step:04d}-record"
+    what = "metrics, held-out evaluation, checkpoint pruning" if evaluates else "metrics, checkpoint pruning"
+    log_path = run.root / "slurm" / f"step_{step:04d}" / "record-%j.log"
+    text = render_single(slurm, f"antisd-{run.root.name}-{name}", log_path, f"step {step}, record: {what}", command,
+                         workdir, gpus=1 if evaluates else 0)
+    return Job(name, step, "record", log_path.parent / "record.sbatch", text, None, after, (command,))
+
+
+def continue_flags(slurm: SlurmConfig) -> list[str]:
+    """The `antisd loop --launcher slurm` options that render `slurm` again (dry_run excluded)."""
+    flags = ["--time", slurm.time, "--nodes", str(slurm.nodes), "--gpus-per-node", str(slurm.gpus_per_node),
+             "--shards", str(slurm.shards), "--cpus-per-task", str(slurm.cpus_per_task), "--window", str(slurm.window)]
+    for option, value in (("--partition", slurm.partition), ("--cpu-partition", slurm.cpu_partition),
+                          ("--account", slurm.account)):
+        flags += [option, value] if value else []
+    for line in slurm.setup:
+        flags += ["--setup", line]
+    return flags + [f"--sbatch-arg={arg}" for arg in slurm.sbatch_args]
+
+
+def render_continue(run, slurm: SlurmConfig, workdir: Path, after: tuple[str, ...], next_step: int) -> Job:
+    """The window's last job: submits the next window (from step `next_step`) by running this launcher again."""
+    command = shlex.join(["antisd", "loop", "--config", str(run.root / "config.yaml"), "--out", str(run.root),
+                          "--launcher", "slurm", *continue_flags(slurm)])
+    log_path = run.root / "slurm" / f"continue-{next_step:04d}-%j.log"
+    text = render_single(slurm, f"antisd-{run.root.name}-continue", log_path,
+                         f"submit the next window of steps (from step {next_step})", command, workdir, gpus=0)
+    return Job("continue", None, "continue", run.root / "slurm" / "continue.sbatch", text, None, after, (command,))
 
 
 def render_run(config, slurm: SlurmConfig, workdir: Path | None = None) -> list[Job]:
-    """Create/reopen the run directory, draw every step's prompts and write the scripts; returns the jobs to submit."""
+    """Create/reopen the run directory, draw the prompts of the next window of unfinished steps and write their
+    scripts; returns the jobs to submit (empty when every step is finished)."""
     from stages.common.io import atomic_write_text
-    from stages.runs.plan import opened_run, write_commands, write_step_prompts
+    from stages.runs.plan import eval_due, opened_run, write_commands, write_step_prompts
 
     workdir = (workdir or Path.cwd()).resolve()
     config = replace(config, out=str(Path(config.out).resolve()))
     settings = config.run.loop
-    with opened_run(config) as (run, manifest, train_table, _):
+    with opened_run(config) as (run, _, train_table, eval_path):
+        unfinished = [step for step in range(settings.steps) if not (run.step_dir(step) / "metrics.json").exists()]
+        window = unfinished[:slurm.window]
         jobs: list[Job] = []
-        for step in range(settings.steps):
-            if (run.step_dir(step) / "metrics.json").exists():
-                continue
+        chain, record = None, None  # the last stage job (the next step waits for it), the last record job
+        base_pending = eval_path is not None and not (run.root / "eval_base.json").exists()
+        for step in window:
             run.step_dir(step).mkdir(exist_ok=True)
             write_step_prompts(config, run, step, train_table)
             write_commands(run, step, job_configs(config, run, step))
-            jobs += render_step(config, run, step, slurm, workdir, jobs[-1].name if jobs else None)
-        if len(manifest["finished"]) < settings.steps or jobs:
-            jobs.append(render_finalize(config, run, slurm, workdir, jobs[-1].name if jobs else None))
+            stage_jobs = render_step(config, run, step, slurm, workdir, chain)
+            jobs += stage_jobs
+            chain = stage_jobs[-1].name if stage_jobs else chain
+            waits = tuple(name for name in (stage_jobs[-1].name if stage_jobs else None, record) if name)
+            evaluates = eval_path is not None and (eval_due(settings, step) or (base_pending and record is None))
+            jobs.append(render_record(config, run, step, slurm, workdir, waits, evaluates))
+            record = jobs[-1].name
+        if len(unfinished) > len(window):
+            jobs.append(render_continue(run, slurm, workdir, (record,), unfinished[len(window)]))
         for job in jobs:
             job.script.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(job.script, job.text)
         atomic_write_text(run.root / "slurm" / "submit.sh", submit_script(jobs))
     return jobs
-
-
-# --- submission ----------------------------------------------------------------------------------------------------
-
-def submit(jobs: list[Job], jobs_json: Path, sbatch_runner=None) -> dict[str, str]:
-    """Submit `jobs` in order with `sbatch --parsable`, each after the one it waits for; record ids in `jobs_json`.
-
-    The record is written after every submission, so a failure half-way leaves the ids already submitted.
-    """
-    from stages.common.io import atomic_write_json
-    runner = sbatch_runner or _run_sbatch
-    history = json.loads(jobs_json.read_text()) if jobs_json.exists() else {"submissions": []}
-    entry = {"submitted_unix": time.time(), "jobs": []}
-    history["submissions"].append(entry)
-    ids: dict[str, str] = {}
-    for job in jobs:
-        argv = sbatch_argv(job, ids[job.after] if job.after else None)
-        ids[job.name] = runner(argv)
-        entry["jobs"].append({"name": job.name, "step": job.step, "stage": job.stage, "job_id": ids[job.name],
-                              "after": job.after, "array": job.array, "script": str(job.script), "argv": argv})
-        atomic_write_json(jobs_json, history)
-        log.info("submitted %s as job %s%s", job.name, ids[job.name], f" (after {job.after})" if job.after else "")
-    return ids
-
-
-def _run_sbatch(argv: list[str]) -> str:
-    try:
-        result = subprocess.run(argv, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise RuntimeError("sbatch: not found on PATH (run on a Slurm login node, or pass --dry-run)") from None
-    if result.returncode != 0:
-        message = (result.stderr.strip() or result.stdout.strip()).splitlines()
-        raise RuntimeError(f"{shlex.join(argv)} failed ({result.returncode}): {message[-1] if message else ''}")
-    job_id = result.stdout.strip().split(";")[0]  # --parsable prints "id" or "id;cluster"
-    if not job_id.isdigit():
-        raise RuntimeError(f"{shlex.join(argv)}: unexpected output {result.stdout.strip()!r}")
-    return job_id
 
 
 def dry_run_text(jobs: list[Job], submit_path: Path) -> str:
@@ -312,9 +319,18 @@ def dry_run_text(jobs: list[Job], submit_path: Path) -> str:
 
 
 def run(config, slurm: SlurmConfig, workdir: Path | None = None, echo=print) -> Path:
-    """Render the run's jobs and submit them (or, with `slurm.dry_run`, print them); returns the run directory."""
-    jobs = render_run(config, slurm, workdir)
+    """Render the run's next window of jobs and submit them (or, with `slurm.dry_run`, print them); returns the run
+    directory. Refused (before anything is written) while jobs of an earlier submission are still queued."""
+    from stages.common.errors import InputError
+
     root = Path(config.out).resolve()
+    if not slurm.dry_run:
+        queued = queued_jobs(root / "slurm" / "jobs.json")
+        if queued:
+            raise InputError(f"--out {root}: {len(queued)} job(s) of an earlier submission are still queued or "
+                             f"running ({', '.join(queued[:5])}{', …' if len(queued) > 5 else ''}); wait for them "
+                             "or scancel them before submitting again")
+    jobs = render_run(config, slurm, workdir)
     if slurm.dry_run:
         echo(dry_run_text(jobs, root / "slurm" / "submit.sh"))
         return root
