@@ -24,7 +24,8 @@ C = PlotConfig
 @overwrite_option(C)
 @stage_errors
 def plot_command(runs, out, format_, metrics, labels, band, overwrite):
-    """Plot the per-step metrics of RUNS (folders holding metrics.jsonl), one line per run.
+    """Plot the per-step metrics of RUNS (folders holding metrics.jsonl, or a CSV this command wrote), one line per
+    run.
 
     Runs of the same method (from run.json / config.yaml, else the folder name without a -sN seed suffix) are
     grouped: thick line = mean over seeds, band = min–max or ±1 std. Metrics logged only on some steps (eval) are
@@ -34,6 +35,7 @@ def plot_command(runs, out, format_, metrics, labels, band, overwrite):
     Example:
       antisd plot runs/grpo-s0 runs/grpo-s1 runs/antisd-s0 runs/antisd-s1 --out curves.png
       antisd plot runs/* --metrics all --out curves.csv
+      antisd plot curves.csv --out curves.png                  # redraw from the table
     """
     from stages.plot import run
 

@@ -4,7 +4,8 @@
 (`run.json` or `config.yaml`) and draws one panel per metric, one thin line per run; runs of the same method are
 grouped, with their mean and a band (min–max, or ±1 std) over the steps every run of the group logged. A metric
 logged only on some steps (eval every k steps) is drawn through the points present. `--format csv` writes the same
-data as a tidy table (run, method, seed, step, metric, value) instead.
+data as a tidy table (run, method, seed, step, metric, value) instead; such a CSV is also accepted in place of run
+folders, so a committed figure can be redrawn from its committed table (its groups are its `method` column).
 
 A run folder's `eval_base.json` (the loop's evaluation of the base model) becomes a record at step −1 holding its
 `eval/*` values, so held-out curves start at the model the run started from.
@@ -47,7 +48,7 @@ SEED_SUFFIX = re.compile(r"^(.+?)[-_.](?:seed|s)?(\d+)$")
 class PlotConfig:
     """Options of `antisd plot`."""
 
-    runs: tuple[str, ...] = ()  # run folders, each holding metrics.jsonl
+    runs: tuple[str, ...] = ()  # run folders, each holding metrics.jsonl, or tidy CSVs this command wrote
     out: str = "curves.png"  # output file
     format: str = "auto"  # auto (from out's suffix) | png (figure) | csv (tidy: run, method, seed, step, metric, value)
     metrics: tuple[str, ...] = DEFAULT_METRICS  # panels / CSV metrics; ("all",) = every numeric metric logged
@@ -166,6 +167,32 @@ def load_run(path: str | Path, label: str | None) -> RunMetrics:
                       base_record(folder) + read_metrics(metrics), flatten(config))
 
 
+TIDY_COLUMNS = ("run", "method", "seed", "step", "metric", "value")
+
+
+def load_tidy_csv(path: Path) -> list[RunMetrics]:
+    """The runs of a tidy CSV written by `antisd plot --format csv`, in the order they first appear."""
+    import csv
+
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ()) != TIDY_COLUMNS:
+            raise InputError(f"{path}: not a curves table of `antisd plot` (columns {', '.join(TIDY_COLUMNS)})")
+        runs: dict[str, tuple[str, str, dict[int, dict]]] = {}
+        for number, row in enumerate(reader, 2):
+            try:
+                step, value = int(row["step"]), float(row["value"])
+            except (TypeError, ValueError):
+                raise InputError(f"{path}: line {number}: step {row['step']!r} / value {row['value']!r} "
+                                 "is not a number") from None
+            name, method, seed, by_step = runs.setdefault(row["run"], (row["run"], row["method"], row["seed"], {}))
+            by_step.setdefault(step, {"step": step})[row["metric"]] = value
+    if not runs:
+        raise InputError(f"{path}: no rows")
+    return [RunMetrics(name, method, int(seed) if seed else None, [by_step[k] for k in sorted(by_step)])
+            for name, method, seed, by_step in runs.values()]
+
+
 def flatten(config: dict, prefix: str = "") -> dict:
     """{"update.lr": 1e-5, "loop.train.name": "arith", …} of a nested config."""
     flat = {}
@@ -266,18 +293,22 @@ def curve_panels(runs: list[RunMetrics], metrics: tuple[str, ...]) -> dict:
 def run(config: PlotConfig) -> Path:
     """Draw (or tabulate) the curves of `config.runs` into `config.out`."""
     out = check_config(config)
+    tables = [path for path in config.runs if Path(path).suffix.lower() == ".csv" and Path(path).is_file()]
+    if tables and config.labels:
+        raise InputError(f"{tables[0]}: --label names run folders; a curves CSV carries its groups in `method`")
     labels = config.labels or (None,) * len(config.runs)
-    runs = [load_run(path, label) for path, label in zip(config.runs, labels)]
+    runs = [run for path, label in zip(config.runs, labels)
+            for run in (load_tidy_csv(Path(path)) if path in tables else [load_run(path, label)])]
     if not config.labels:
         runs = split_by_settings(runs)
-    if len({run.name for run in runs}) < len(runs):  # same folder name under different parents
+    if len({run.name for run in runs}) < len(runs) and not tables:  # same folder name under different parents
         runs = [RunMetrics(str(path), r.method, r.seed, r.records) for path, r in zip(config.runs, runs)]
     metrics = all_metrics(runs) if config.metrics == ("all",) else tuple(config.metrics)
     for metric in metrics:
         if not any(metric_series(run.records, metric)[0].size for run in runs):
             log.warning("no run logged %s", metric)
     if config.output_format == "csv":
-        atomic_write_text(out, to_csv(tidy_rows(runs, metrics), ["run", "method", "seed", "step", "metric", "value"]))
+        atomic_write_text(out, to_csv(tidy_rows(runs, metrics), list(TIDY_COLUMNS)))
     else:
         draw_curves(curve_panels(runs, metrics), config.band, out, base_step=BASE_STEP)
     groups = {m: sum(r.method == m for r in runs) for m in dict.fromkeys(r.method for r in runs)}

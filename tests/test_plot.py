@@ -220,3 +220,18 @@ def test_runs_of_one_method_with_different_settings_are_separate_groups_named_by
                        "r2": "antisd (update.lr=2e-05)"}
     labelled = run(PlotConfig(runs=tuple(map(str, folders)), out=str(tmp_path / "l.csv"), labels=("a", "a", "b")))
     assert {row["method"] for row in read_rows(labelled)} == {"a", "b"}  # --label wins
+
+
+def test_a_curves_csv_redraws_the_same_data(runs, tmp_path):
+    (runs[0] / "eval_base.json").write_text(json.dumps({"eval/accuracy": 0.125}))
+    table = run(PlotConfig(runs=tuple(map(str, runs)), out=str(tmp_path / "curves.csv"), metrics=("all",)))
+    again = run(PlotConfig(runs=(str(table),), out=str(tmp_path / "again.csv"), metrics=("all",)))
+    assert read_rows(again) == read_rows(table)  # the CSV holds every point, group and seed of the runs
+    figure = run(PlotConfig(runs=(str(table),), out=str(tmp_path / "again.png")))
+    assert figure.read_bytes().startswith(PNG_MAGIC)
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    for args, message in ((["other.csv"], "other.csv: not a curves table of `antisd plot`"),
+                          (["curves.csv", "--label", "x"], "--label names run folders")):
+        result = CliRunner().invoke(cli, ["plot", *[str(tmp_path / a) if a.endswith(".csv") else a for a in args],
+                                          "--out", str(tmp_path / "x.png")])
+        assert result.exit_code == 2 and message in result.stderr, result.output

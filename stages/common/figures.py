@@ -46,7 +46,7 @@ def draw_curves(panels: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]
     groups = list(dict.fromkeys(g for by_group in panels.values() for g in by_group))
     colours = {g: f"C{i % 10}" for i, g in enumerate(groups)}
     # a dash pattern per group, later groups drawn narrower on top: a curve equal to another stays visible
-    dashes = [(None, None), (6, 3), (2, 2), (8, 2, 2, 2)]
+    dashes = [(None, None), (6, 3), (2, 2), (8, 2, 2, 2), (4, 1, 1, 1, 1, 1), (1, 3)]
     styles = {g: dict(dashes=dashes[i % len(dashes)]) if i % len(dashes) else {} for i, g in enumerate(groups)}
     widths = {g: 1.0 - 0.15 * min(i, 3) for i, g in enumerate(groups)}
     for ax, metric in zip(axes, metrics):
