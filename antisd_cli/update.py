@@ -34,7 +34,14 @@ C = UpdateConfig
                type=click.Choice(["auto", "on", "off"]))
 @config_option(C, "recalibrate_gate", "Measure H_warm again over the next warm-up steps (once: steps that follow one "
                                       "run with this flag do not restart the warm-up).")
-@config_option(C, "lr", "AdamW learning rate (constant).")
+@config_option(C, "lr", "AdamW peak learning rate (the height of --lr-schedule).")
+@config_option(C, "lr_schedule", "Learning rate after the warm-up, by the run's update step (kept in the run state, "
+                                 "so a resumed run follows the same curve): constant, linear or cosine decay.",
+               type=click.Choice(["constant", "linear", "cosine"]))
+@config_option(C, "lr_warmup_steps", "Update steps of linear learning-rate warm-up from lr/W to lr (0 = none).")
+@config_option(C, "lr_decay_steps", "Update steps after the warm-up over which linear/cosine decay reach "
+                                    "lr · lr-min-ratio (needed by linear and cosine).")
+@config_option(C, "lr_min_ratio", "Floor of the decay as a share of --lr.")
 @config_option(C, "weight_decay", "AdamW weight decay.")
 @config_option(C, "grad_clip", "Gradient-norm clip (0 = off).")
 @config_option(C, "clip_low", "PPO ε_low.")

@@ -46,6 +46,7 @@ training/ — the update step
     config      UpdateConfig (options of `antisd update`) and the gate default
     trainer     the policy in a DeepSpeed engine, the optimizer step, the checkpoint it writes
     batch       scored rows → Batch, the checks of state, revision and reference, the data's metrics
+    schedule    the learning-rate schedule (warm-up, constant/linear/cosine) by the run's update step
     micro       what one rank runs in an optimizer step: its rows in micro-batches of forward pieces
     checkpoint  the atomic checkpoint format (HF folder + DeepSpeed state + run state)
     distributed process groups, DeepSpeed config, the split of a batch across ranks

@@ -659,3 +659,44 @@ def test_an_update_reports_its_progress_in_tokens(tmp_path, tiny_model_dir, scor
     total = sum(len(p) + len(r) for p, r in zip(table.column("prompt_token_ids").to_pylist(),
                                                table.column("response_token_ids").to_pylist()))
     assert line.startswith(f"update: {total:,} / {total:,} tokens (100 %)")
+
+
+# --- learning-rate schedule ----------------------------------------------------------------------------------------
+
+def test_lr_schedule_shapes():
+    from stages.training.schedule import lr_at
+
+    assert [lr_at(k, 1.0, "constant", 2) for k in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    assert [lr_at(k, 1.0, "linear", 0, 4) for k in range(6)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    cosine = [lr_at(k, 2.0, "cosine", 1, 2, min_ratio=0.1) for k in range(5)]
+    # warm-up 2·1/1, then 0.2 + 1.8·½(1 + cos πp) for p = 0, ½, 1, 1 (after the decay: the floor)
+    assert cosine == pytest.approx([2.0, 2.0, 1.1, 0.2, 0.2])
+
+
+def test_lr_schedule_follows_the_run_step_through_checkpoints(tmp_path, tiny_model_dir):
+    from stages.training import distributed
+    from stages.training.batch import batch_from_table
+    from stages.training.trainer import Trainer
+
+    paths = [make_scored(tmp_path / f"s{k}.parquet", tiny_model_dir, seed=k, revision=None if k else "auto")
+             for k in range(3)]
+    schedule = dict(lr_schedule="linear", lr_warmup_steps=1, lr_decay_steps=2, lr_min_ratio=0.5)
+    model, logged = tiny_model_dir, []
+    for k, path in enumerate(paths):  # three `antisd update` calls, each from the last checkpoint
+        model = run(config(path, model, tmp_path / f"c{k}", force=True, **schedule))
+        logged.append(json.loads((model / "metrics.json").read_text())["actor/lr"])
+    assert logged == pytest.approx([1e-3, 1e-3, 0.75e-3])  # warm-up 1/1, then linear from 1 to the 0.5 floor
+    cfg = config(paths[0], tiny_model_dir, tmp_path / "direct", force=True, **schedule)
+    trainer = Trainer(cfg, Path(tiny_model_dir), None, distributed.DistEnv(), "cpu")
+    for path in paths:  # one resident trainer: the same rates, the same weights
+        trainer.train_step(batch_from_table(io.read_artifact(path, "scored")[0], str(path), 49152))
+    trainer.save(tmp_path / "direct", {})
+    trainer.close()
+    assert weights_hash(tmp_path / "direct") == weights_hash(model)
+    constant = run(config(paths[2], tmp_path / "c1", tmp_path / "const", force=True))
+    assert weights_hash(constant) != weights_hash(model)  # the schedule acts: the test above can fail
+
+
+def test_a_decaying_schedule_needs_its_length():
+    with pytest.raises(InputError, match="--lr-decay-steps: must be >= 1 with lr_schedule cosine"):
+        UpdateConfig(scored="s", out="o", lr_schedule="cosine")

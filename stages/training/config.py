@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from stages.common import validation
 from stages.method.terms import get_term, method_names
+from stages.training.schedule import LR_SCHEDULES
 
 GATE_CHOICES = ("auto", "on", "off")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -32,7 +33,11 @@ class UpdateConfig:
     # measure H_warm again over the next W steps; one-shot: a step whose run state was written by a step that had it
     # set does not restart the warm-up (so a loop with it set re-calibrates once, at its first step)
     recalibrate_gate: bool = False
-    lr: float = 1e-6  # AdamW learning rate (constant)
+    lr: float = 1e-6  # AdamW peak learning rate (the schedule's height)
+    lr_schedule: str = "constant"  # constant | linear | cosine decay after the warm-up (stages.training.schedule)
+    lr_warmup_steps: int = 0  # update steps of linear warm-up from lr/W to lr (0 = none)
+    lr_decay_steps: int = 0  # update steps after the warm-up over which linear/cosine reach lr · lr_min_ratio
+    lr_min_ratio: float = 0.0  # the decay's floor as a share of lr
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
     clip_low: float = 0.2  # PPO ε_low
@@ -78,9 +83,13 @@ class UpdateConfig:
         check.choice("adv_scale", ADV_SCALES)
         check.choice("is_correction", IS_CORRECTIONS)
         check.choice("dtype", DTYPE_CHOICES)
+        check.choice("lr_schedule", LR_SCHEDULES)
+        check.require(self.lr_schedule == "constant" or self.lr_decay_steps >= 1, "lr_decay_steps",
+                      f"must be >= 1 with lr_schedule {self.lr_schedule} (the steps the decay takes)")
+        check.between("lr_min_ratio", 0, 1)
         check.at_least(1, "ppo_epochs", "micro_batch_tokens", "warmup_steps", "logprob_chunk", "is_cap")
         check.at_least(0, "lr", "weight_decay", "grad_clip", "clip_low", "clip_high", "lam_max", "mini_batch_size",
-                       "max_response_tokens", "adv_eps", "kl_coef", "threads")
+                       "max_response_tokens", "adv_eps", "kl_coef", "threads", "lr_warmup_steps", "lr_decay_steps")
         check.between("gate_down", 0, 1, low_open=True)
         if self.zero_stage is not None:
             check.choice("zero_stage", (0, 1, 2, 3))

@@ -26,6 +26,7 @@ from stages.lm.models import quiet_transformers
 from stages.method.terms import get_term
 from stages.training import checkpoint, distributed
 from stages.training.batch import Batch, batch_metrics, is_finite, mean_or_none, pad_rows
+from stages.training.schedule import lr_at
 from stages.training.config import UpdateConfig, gated
 from stages.training.micro import FullSequences, MicroBatch, rank_micro_batches
 
@@ -141,12 +142,23 @@ class Trainer:
         """Take the options of the step about to run (a resident trainer serves several: out, seed and the
         re-calibration request change; the model, method and numerics do not)."""
         self.config = config
-        for group in self.engine.optimizer.param_groups:  # the options win over the saved hyper-parameters
-            group["lr"], group["weight_decay"] = config.lr, config.weight_decay
+        self._set_hyperparameters()
         switched, self.switched_method = self.switched_method, False  # a method switch re-calibrates once
         if self.gate.request_recalibration(config.recalibrate_gate, force=switched):
             log.info("gate: re-calibrating H_warm over the next %d steps (%s)", config.warmup_steps,
                      f"method {self.carried['method']} → {config.method}" if switched else "--recalibrate-gate")
+
+    def scheduled_lr(self) -> float:
+        """The learning rate of the update step about to run (`stages.training.schedule`, by the run's step)."""
+        config = self.config
+        return lr_at(self.step, config.lr, config.lr_schedule, config.lr_warmup_steps, config.lr_decay_steps,
+                     config.lr_min_ratio)
+
+    def _set_hyperparameters(self) -> float:
+        lr = self.scheduled_lr()
+        for group in self.engine.optimizer.param_groups:  # the options win over the saved hyper-parameters
+            group["lr"], group["weight_decay"] = lr, self.config.weight_decay
+        return lr
 
     def _load_gate(self, gate_state: dict) -> None:
         saved = {k: gate_state.get(k) for k in ("warmup_steps", "down", "lam_max", "gated")}
@@ -188,6 +200,7 @@ class Trainer:
         self.policy.train()  # the loop lends the policy to rollout and score in eval mode between steps
         started = time.perf_counter()
         step = self.step
+        lr = self._set_hyperparameters()
         data_metrics = batch_metrics(batch)
         lam = self.gate.update(data_metrics[keys.TEACHER_ENTROPY_MEDIAN])
         lam = lam if get_term(config.method).uses_teacher else 0.0  # report the λ that acted
@@ -218,7 +231,7 @@ class Trainer:
             keys.APPROX_KL: kl / tokens if tokens else None,
             keys.KL_REF: kl_ref / tokens if tokens and batch.ref_logprobs is not None else None,
             keys.GRAD_NORM: mean_or_none([g for g in grad_norms if g is not None]),
-            keys.LR: config.lr,
+            keys.LR: lr,
             keys.UPDATE_TOK_S: seq_tokens / elapsed if elapsed > 0 else None,
         }
 
