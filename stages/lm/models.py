@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -81,8 +82,49 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # Qwen/Qwen3-4B-Instruct-2507[@revision]
+HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")  # no *.bin / *.pth duplicates
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_cache() -> Path:
+    """The Hugging Face Hub cache folder, read from the environment at call time (HF_HUB_CACHE, else HF_HOME/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+
+
+def hub_snapshot(model_id: str) -> Path:
+    """The local snapshot folder of a Hub id (`org/name[@revision]`): from the cache, else downloaded unless
+    HF_HUB_OFFLINE is set; an InputError naming the id and the cache when it is not there."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, _, revision = model_id.partition("@")
+    cache = hub_cache()
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, cache_dir=cache, local_files_only=True))
+    except LocalEntryNotFoundError:
+        if hub_offline():
+            raise InputError(f"--model {model_id}: neither a folder nor in the Hugging Face cache {cache} "
+                             "(HF_HUB_OFFLINE is set; download it with `hf download` first)") from None
+    except ValueError as exc:  # a malformed id or revision
+        raise InputError(f"--model {model_id}: {exc}") from None
+    log.info("downloading %s from the Hugging Face Hub into %s", model_id, cache)
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, cache_dir=cache, allow_patterns=HUB_FILES))
+    except Exception as exc:  # network, authentication, a missing repository: one line, naming the id
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"--model {model_id}: not a folder, not in the Hugging Face cache {cache}, and the "
+                         f"download failed ({message})") from None
+
+
 def resolve_model(model: str | Path) -> Path:
-    """Return the HF folder for `model` (a folder path or an embedded model name); convert on first use."""
+    """Return the HF folder for `model` (a folder path, an embedded model name, or a Hugging Face Hub id resolved
+    through the local Hub cache); convert an embedded model on first use."""
     text = str(model)
     if text in EMBEDDED_MODELS:
         target = cache_root() / "models" / text
@@ -92,6 +134,8 @@ def resolve_model(model: str | Path) -> Path:
             convert_gguf(gguf, target)
         return target
     path = Path(text)
+    if not path.exists() and HUB_ID.match(text):
+        path = hub_snapshot(text)
     if not path.exists():
         raise InputError(f"--model {text}: no such folder, and not an embedded model ({', '.join(EMBEDDED_MODELS)})")
     if not path.is_dir() or not (path / "config.json").exists():
