@@ -37,6 +37,9 @@ C = VerifyConfig
 @config_option(C, "privileged_from", "same: this problem's correct peer, else its reference (METHOD §4); other: "
                                      "another problem's (a context-only control; sources other_peer, "
                                      "other_reference).", type=click.Choice(PRIVILEGED_FROM))
+@config_option(C, "reward", "Your reward function instead of math-verify: module:function or file.py:function, "
+                            "called as f(problem=, answer=, response=, row=) → True/False in the same killable "
+                            "workers and --timeout [default: math-verify].", metavar="MODULE:FUNCTION")
 @model_option(C)
 @overwrite_option(C)
 @stage_errors

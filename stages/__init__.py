@@ -40,6 +40,7 @@ lm/ — the language model: what it reads and computes
 verifier/ — answers and rewards
     answers     answer extraction and equivalence checks in killable worker processes
     sandbox     the guarded evaluation those workers run (model output is never eval-ed)
+    reward      a user's reward function (`verify --reward module:function`) as the workers' check
     rows        VerifyConfig and verify_table(): rewards, group statistics, privileged contexts
 
 training/ — the update step

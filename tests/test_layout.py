@@ -19,8 +19,9 @@ COMMANDS = {"data", "rollout", "verify", "score", "update", "loop", "eval", "ana
 LEAVES = {  # these import nothing of stages/ outside the listed modules
     "stages.method": "stages.method.",
     "stages.common": "stages.common.",
-    "stages.verifier.answers": ("stages.verifier.answers", "stages.verifier.sandbox"),
+    "stages.verifier.answers": ("stages.verifier.answers", "stages.verifier.sandbox", "stages.verifier.reward"),
     "stages.verifier.sandbox": ("stages.verifier.answers", "stages.verifier.sandbox"),
+    "stages.verifier.reward": ("stages.verifier.reward",),
 }
 
 

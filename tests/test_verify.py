@@ -118,7 +118,7 @@ def test_metadata_records_config_and_counts(verified):
     assert metadata["status_counts"] == {"ok": 10, "no_answer": 1, "timeout": 0, "error": 0}
     assert metadata["reward_mean"] == pytest.approx(3 / 11)
     assert metadata["privileged_source_counts"] == {"peer": 6, "reference": 3, "none": 2}
-    assert metadata["rollouts_metadata"]["model"] == "fake"
+    assert metadata["rollouts_metadata"]["model"] == "fake" and metadata["reward_function"] == "math-verify"
 
 
 def test_rollouts_sampling_temperature_is_what_score_finds_in_the_verified_metadata(tmp_path):
@@ -348,3 +348,61 @@ def test_verify_privileged_from_other_through_the_stage(tmp_path):
     mixed_texts = {r["privileged_text"] for r in rows if r["prompt_id"] == "mixed"}
     assert not mixed_texts & {"\\boxed{4}", "So \\boxed{4}", "2 + 2 = 4"}  # never this problem's own solution
     assert same[("mixed", 2)] in {"\\boxed{4}", "So \\boxed{4}"}
+
+
+# --- a user's reward function ----------------------------------------------------------------------------------
+
+REWARD_FILE = '''
+import time
+
+
+def ends_with_answer(problem, answer, response, row):
+    """Correct when the response ends with the reference answer (no \\\\boxed{} needed)."""
+    if "slow" in response:
+        time.sleep(30)
+    if "crash" in response:
+        raise ValueError("boom")
+    if "half" in response:
+        return 0.5
+    assert problem == f"Problem {row['prompt_id']}?" and row["dataset"] == "test"
+    return response.strip().endswith(answer)
+'''
+
+REWARD_GROUPS = {"g": ("4", ["it is 4", "\\\\boxed{4} is wrong here", "slow", "crash", "half"]),
+                 "h": ("9", ["nine", "so 9"])}
+
+
+@pytest.mark.parametrize("form", ["file", "module"])
+def test_a_reward_function_decides_correctness_in_the_killable_workers(tmp_path, monkeypatch, form):
+    (tmp_path / "my_reward.py").write_text(REWARD_FILE)
+    monkeypatch.chdir(tmp_path)
+    spec = "my_reward.py:ends_with_answer" if form == "file" else "my_reward:ends_with_answer"
+    rows, metadata = run_verify(tmp_path, groups=REWARD_GROUPS, solutions={}, reward=spec)
+    assert [r["reward"] for r in rows] == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert [r["verify_status"] for r in rows] == ["ok", "ok", "timeout", "error", "error", "ok", "ok"]
+    assert rows[1]["extracted_answer"] == "4"  # math-verify would have said correct: the function decided
+    assert [r["privileged_source"] for r in rows[1:5]] == ["peer"] * 4 and rows[1]["peer_sample_idx"] == 0
+    assert metadata["reward_function"] == spec and metadata["config"]["reward"] == spec
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nosuch_module_xyz:f", "--reward nosuch_module_xyz:f: cannot load it (ModuleNotFoundError"),
+    ("my_reward.py:absent", "--reward my_reward.py:absent: cannot load it (AttributeError"),
+    ("just_a_name", "--reward: 'just_a_name': expected module:function or path/to/file.py:function")])
+def test_a_reward_function_that_cannot_load_is_refused_before_work(tmp_path, monkeypatch, spec, message):
+    (tmp_path / "my_reward.py").write_text(REWARD_FILE)
+    monkeypatch.chdir(tmp_path)
+    write_rollouts(tmp_path / "r.parquet", REWARD_GROUPS)
+    result = CliRunner().invoke(cli, ["-q", "verify", "--rollouts", "r.parquet", "--out", "v.parquet", "--reward",
+                                      spec])
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "v.parquet").exists()
+
+
+def test_the_example_reward_runs_as_documented(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "rewards" / "exact_final_line.py"
+    groups = {"g": ("B", ["I pick\nB.", "B is it", "\\boxed{B}"])}
+    rows, _ = run_verify(tmp_path, groups=groups, solutions={}, reward=f"{example}:exact_final_line")
+    assert [r["reward"] for r in rows] == [1.0, 0.0, 0.0]

@@ -222,6 +222,23 @@ def check_answers(responses: Sequence[str], golds: Sequence[str], *,
     return checks
 
 
+def check_with_reward(rows: Sequence[dict], spec: str, search: str, *,
+                      fallbacks: str | Sequence[str] = DEFAULT_FALLBACKS, timeout: float = 5.0, workers: int = 2,
+                      memory_mb: int = 2048, on_progress: Callable[[int, int], None] | None = None
+                      ) -> list[AnswerCheck]:
+    """One AnswerCheck per rollout row, its verdict from the user's reward function `spec`
+    (`stages.verifier.reward`) in the worker processes; the extracted answer is still recorded, for reading."""
+    from stages.verifier import reward
+
+    names = parse_fallbacks(fallbacks)
+    extracted = [extract_answer(row["response_text"], names) for row in rows]
+    pairs = [(row["answer"], payload) for row, payload in zip(rows, reward.row_payloads(rows))]
+    outcomes = sandbox.run_checks(pairs, reward.worker_check(spec, search), timeout=timeout, workers=workers,
+                                  memory_mb=memory_mb, preload=("stages.verifier.reward",), on_progress=on_progress)
+    return [AnswerCheck(answer, bool(correct) and status == "ok", status, detail, float(seconds))
+            for answer, (status, correct, detail, seconds) in zip(extracted, outcomes)]
+
+
 def summarize(checks: Sequence[AnswerCheck]) -> dict:
     """Counts by status, and by failure kind (the detail up to ':', ' (' or ' after'), for metadata and logs."""
     kinds = Counter(re.split(r":| \(| after ", check.detail)[0] for check in checks if check.detail)

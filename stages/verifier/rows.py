@@ -24,14 +24,16 @@ import hashlib
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import pyarrow as pa
 
 import schemas
 from stages.common import validation
+from stages.common.errors import InputError
 from stages.lm.prompts import strip_think
-from stages.verifier import answers
+from stages.verifier import answers, reward
 
 
 PRIVILEGED_FROM = ("same", "other")
@@ -54,6 +56,8 @@ class VerifyConfig:
     privileged_max_tokens: int = 0  # token budget of privileged_text with `model`'s tokenizer (0 = not applied)
     model: str = "smollm2-135m"  # tokenizer for privileged_max_tokens (HF folder or embedded name); unused if 0
     privileged_from: str = "same"  # same (METHOD §4) | other: another problem's solution, a context-only control
+    reward: str | None = None  # module:function or file.py:function deciding correctness (stages.verifier.reward);
+    #   None = math-verify on the extracted answer
     overwrite: bool = False  # replace an existing output
 
     def __post_init__(self):
@@ -62,6 +66,11 @@ class VerifyConfig:
         check.above(0, "timeout")
         check.at_least(0, "worker_memory_mb", "privileged_max_chars", "privileged_max_tokens")
         check.choice("privileged_from", PRIVILEGED_FROM)
+        if self.reward is not None:
+            from stages.verifier.reward import spec_problem
+
+            problem = spec_problem(self.reward)
+            check.require(problem is None, "reward", problem or "")
         try:
             answers.parse_fallbacks(self.fallbacks)
         except ValueError as exc:
@@ -167,6 +176,16 @@ def _budget(config: VerifyConfig, loaded) -> Callable[[str], str]:
     return lambda text: by_tokens(by_chars(text))
 
 
+def check_reward(spec: str) -> str:
+    """Import the `--reward` function here, before any work; returns the folder relative names resolve from."""
+    search = str(Path.cwd())
+    try:
+        reward.load_function(spec, search)
+    except Exception as exc:  # noqa: BLE001 - an import of user code can raise anything; one line names it
+        raise InputError(f"--reward {spec}: cannot load it ({type(exc).__name__}: {exc})") from None
+    return search
+
+
 def verify_table(table: pa.Table, config: VerifyConfig, loaded=None,
                  on_progress: Callable[[int, int], None] | None = None) -> tuple[pa.Table, dict]:
     """Rollouts `table` → (VERIFIED table, stats): answer checks, group statistics and privileged contexts.
@@ -175,15 +194,19 @@ def verify_table(table: pa.Table, config: VerifyConfig, loaded=None,
     status and failure-kind counts, rows, groups, reward_mean, privileged_source_counts, checks_s.
     """
     fallbacks = answers.parse_fallbacks(config.fallbacks)
+    search = check_reward(config.reward) if config.reward is not None else None
     table = schemas.conform(table, schemas.ROLLOUTS)
     budget = _budget(config, loaded)
 
     # --- answers
     responses = table.column("response_text").to_pylist()
-    checks = answers.check_answers(responses, table.column("answer").to_pylist(), fallbacks=fallbacks,
-                                   timeout=config.timeout, workers=config.workers,
-                                   max_answer_chars=config.max_answer_chars, memory_mb=config.worker_memory_mb,
-                                   on_progress=on_progress)
+    limits = dict(fallbacks=fallbacks, timeout=config.timeout, workers=config.workers,
+                  memory_mb=config.worker_memory_mb, on_progress=on_progress)
+    if config.reward is None:
+        checks = answers.check_answers(responses, table.column("answer").to_pylist(),
+                                       max_answer_chars=config.max_answer_chars, **limits)
+    else:
+        checks = answers.check_with_reward(table.to_pylist(), config.reward, search, **limits)
     rewards = [1.0 if check.correct else 0.0 for check in checks]
 
     # --- groups and privileged context
@@ -215,6 +238,7 @@ def verify_table(table: pa.Table, config: VerifyConfig, loaded=None,
         "reward_mean": sum(rewards) / len(rewards) if rewards else 0.0,
         "privileged_source_counts": dict(Counter(c[1] for c in contexts)),
         "checks_s": round(sum(c.seconds for c in checks), 3),
+        "reward_function": config.reward or "math-verify",
     }
     return table, stats
 
