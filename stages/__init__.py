@@ -25,6 +25,7 @@ method/ — the METHOD.md formulas, pure functions of tensors
     probes      u at probe positions by style × context × note, the gate statistic's sampling noise
 
 lm/ — the language model: what it reads and computes
+    compat      HF folders that transformers 4.x reads as 5.x wrote them (RoPE base, tokenizer class)
     models      model resolution (local folders, the embedded GGUF), loading, the logits-path check
     prompts     student and teacher chat messages, token ids
     datasets    the prompt sets (built-in and user files), PrepareConfig

@@ -700,3 +700,42 @@ def test_lr_schedule_follows_the_run_step_through_checkpoints(tmp_path, tiny_mod
 def test_a_decaying_schedule_needs_its_length():
     with pytest.raises(InputError, match="--lr-decay-steps: must be >= 1 with lr_schedule cosine"):
         UpdateConfig(scored="s", out="o", lr_schedule="cosine")
+
+
+# --- checkpoints for older transformers ----------------------------------------------------------------------------
+
+def test_portable_config_spells_rope_for_transformers_4():
+    from stages.lm.compat import portable_config, portable_tokenizer_config
+
+    llama3 = {"rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0}, "dtype": "bfloat16"}
+    assert portable_config(llama3) == {**llama3, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+                                       "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    default = {"rope_parameters": {"rope_theta": 1e5, "rope_type": "default"}, "rope_theta": 1e5}
+    assert portable_config(default) == default  # already portable: unchanged
+    assert portable_tokenizer_config({"tokenizer_class": "TokenizersBackend"}) == {
+        "tokenizer_class": "PreTrainedTokenizerFast"}
+
+
+def test_a_checkpoint_reads_the_same_after_the_portable_spellings(tmp_path, tiny_model_dir, scored):
+    """The config round trip: transformers 4 reads top-level rope_theta and PreTrainedTokenizerFast (checked against
+    4.57.1 by scripts/check_checkpoint_compat.py, docs/stack-notes.md); this version must read the same model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = run(config(scored, tiny_model_dir, tmp_path / "ckpt"))
+    written = json.loads((out / "config.json").read_text())
+    assert written["rope_theta"] == written["rope_parameters"]["rope_theta"] == 100000.0
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    bare = tmp_path / "bare"  # the folder as transformers 5 alone writes it
+    shutil.copytree(out, bare, ignore=shutil.ignore_patterns(checkpoint.DEEPSPEED_DIR))
+    (bare / "config.json").write_text(json.dumps({k: v for k, v in written.items()
+                                                  if k not in ("rope_theta", "torch_dtype")}))
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    (bare / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "tokenizer_class": "TokenizersBackend"}))
+    assert AutoConfig.from_pretrained(out).rope_parameters == AutoConfig.from_pretrained(bare).rope_parameters
+    messages = [{"role": "user", "content": "What is 12 + 25?"}]
+    encode = lambda folder: AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, tokenize=False)  # noqa: E731
+    assert encode(out) == encode(bare)
+    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253]])
+    with torch.no_grad():
+        logits = [AutoModelForCausalLM.from_pretrained(f).eval()(ids).logits for f in (out, bare)]
+    assert torch.equal(logits[0], logits[1])

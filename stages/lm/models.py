@@ -20,6 +20,7 @@ from pathlib import Path
 
 from stages.common.errors import InputError
 from stages.common.io import share_like_new_files
+from stages.lm.compat import make_portable
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        make_portable(tmp)
         (tmp / "ANTISD_SOURCE").write_text(f"converted from {gguf_path}\n")
         share_like_new_files(tmp)
         try:
@@ -239,4 +241,5 @@ def make_tiny_model(out_dir: str | Path, tokenizer_source: str | Path, seed: int
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     load_tokenizer(source).save_pretrained(out_dir)
+    make_portable(out_dir)
     return out_dir

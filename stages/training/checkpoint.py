@@ -27,6 +27,7 @@ from typing import Any
 
 from stages.common.errors import InputError
 from stages.common.io import check_output, read_json_object, share_like_new_files, to_jsonable
+from stages.lm.compat import make_portable
 from stages.training import distributed
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ def _write_hf(folder: Path, module, tokenizer, state_dict) -> None:
     finally:
         module.config.use_cache = use_cache
     tokenizer.save_pretrained(folder)
+    make_portable(folder)  # loadable by transformers 4.x too (stages.lm.compat)
 
 
 def _fsync_tree(folder: Path) -> None:
