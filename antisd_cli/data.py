@@ -18,18 +18,20 @@ def data_command() -> None:
 @data_command.command("prepare")
 @click.argument("name", type=click.Choice(DATASETS))
 @out_option
-@config_option(C, "split", "Dataset split (math500, aime24 and amc23 have only test).", type=click.Choice(SPLITS))
+@config_option(C, "split", f"Dataset split: {' or '.join(SPLITS)} (math500, aime24 and amc23 have only test); hf: any "
+                           "split the dataset has.")
 @config_option(C, "num", "Keep the first N prompts (0 = all).")
 @seed_option(C, "Shuffle seed (0 keeps file order for built-in sets; arith train is always shuffled by it).")
 @config_option(C, "few_shot", "arith, arith_styles: prepend two worked examples as chat turns.")
 @config_option(C, "shots", "arith_styles: its worked examples in order, a comma list of small (3 + 4, direct), "
                            "direct (12 + 25) and deliberate (47 + 36).")
-@config_option(C, "path", "jsonl/parquet: the input file.", type=click.Path(exists=True, dir_okay=False))
-@config_option(C, "problem_field", "jsonl/parquet: column holding the problem text.")
-@config_option(C, "answer_field", "jsonl/parquet: column holding the gold answer.")
-@config_option(C, "solution_field", "jsonl/parquet: column holding a reference solution (optional).")
-@config_option(C, "id_field", "jsonl/parquet: column holding a unique id (default: row number).")
-@config_option(C, "few_shot_field", "jsonl/parquet: column holding the row's few-shot turns, a list of {user, "
+@config_option(C, "path", "jsonl/parquet: the input file; hf: a datasets folder (save_to_disk or data files) or a "
+                          "Hub dataset name in the datasets cache.")
+@config_option(C, "problem_field", "jsonl/parquet/hf: column holding the problem text.")
+@config_option(C, "answer_field", "jsonl/parquet/hf: column holding the gold answer.")
+@config_option(C, "solution_field", "jsonl/parquet/hf: column holding a reference solution (optional).")
+@config_option(C, "id_field", "jsonl/parquet/hf: column holding a unique id (default: row number).")
+@config_option(C, "few_shot_field", "jsonl/parquet/hf: column holding the row's few-shot turns, a list of {user, "
                                     "assistant} (optional; absent = none).")
 @overwrite_option(C)
 @stage_errors
@@ -42,6 +44,7 @@ def prepare(**options):
       antisd data prepare gsm8k --split test --out gsm8k_test.parquet
       antisd data prepare arith_styles --shots deliberate,small,direct --num 64 --out styles.parquet
       antisd data prepare jsonl --path mine.jsonl --problem-field question --out mine.parquet
+      antisd data prepare hf --path ./my_dataset --split validation --problem-field question --out mine.parquet
     """
     from stages.data import run
 

@@ -362,3 +362,46 @@ def test_one_line_formatter_folds_newlines():
 
     record = logging.LogRecord("stages.x", logging.INFO, __file__, 1, "a\nb\r\nc", None, None)
     assert OneLineFormatter().format(record).endswith("stages.x: a ⏎ b ⏎ c")
+
+
+def test_hf_datasets_folder_with_field_mapping(tmp_path):
+    import datasets as hf_datasets
+    from click.testing import CliRunner
+
+    from antisd_cli.main import cli
+
+    records = {"question": [f"What is {i} + {i}?" for i in range(4)], "final": [str(2 * i) for i in range(4)],
+               "key": [f"q{i}" for i in range(4)]}
+    hf_datasets.DatasetDict({"train": hf_datasets.Dataset.from_dict(records),
+                             "validation": hf_datasets.Dataset.from_dict(records).select(range(2))}
+                            ).save_to_disk(str(tmp_path / "mydata"))
+    out = tmp_path / "val.parquet"
+    result = CliRunner().invoke(cli, ["data", "prepare", "hf", "--path", str(tmp_path / "mydata"), "--split",
+                                      "validation", "--problem-field", "question", "--answer-field", "final",
+                                      "--id-field", "key", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(out).to_pylist()
+    assert [(r["prompt_id"], r["problem"], r["answer"]) for r in rows] == [
+        ("mydata-q0", "What is 0 + 0?", "0"), ("mydata-q1", "What is 1 + 1?", "2")]
+    for args, message in ((["--split", "test"], "no split 'test' (has train, validation)"),
+                          (["--path", "no-org/not-cached", "--split", "train"], "--path no-org/not-cached --split "
+                                                                                 "train: cannot load it")):
+        base = ["-q", "data", "prepare", "hf", "--path", str(tmp_path / "mydata"), "--out", str(tmp_path / "x.parquet")]
+        bad = CliRunner().invoke(cli, base + args)
+        assert bad.exit_code == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        assert not (tmp_path / "x.parquet").exists()
+
+
+def test_a_run_configs_train_section_maps_fields(tmp_path):
+    from stages.runs import config as run_config
+    from stages.runs.plan import run_prompts
+
+    src = tmp_path / "mine.jsonl"
+    src.write_text("\n".join(json.dumps({"q": f"Q{i}", "a": i, "key": f"k{i}"}) for i in range(3)))
+    resolved = run_config.resolve({"loop": {"train": {"name": "jsonl", "path": str(src), "problem_field": "q",
+                                                      "answer_field": "a", "id_field": "key"}}})
+    table = run_prompts(resolved.loop.train, tmp_path / "train_prompts.parquet")
+    assert table.column("prompt_id").to_pylist() == ["mine-k0", "mine-k1", "mine-k2"]
+    assert table.column("answer").to_pylist() == ["0", "1", "2"]
+    with pytest.raises(InputError, match="problem_field"):
+        run_config.resolve({"loop": {"train": {"name": "jsonl", "path": str(src), "problem_field": 3}}})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ BUILTIN = {
     "aime24": {"test": "aime24/test.jsonl"},
     "amc23": {"test": "amc23/test.jsonl"},
 }
-USER_FORMATS = ("jsonl", "parquet")
+USER_FORMATS = ("jsonl", "parquet", "hf")  # hf: a Hugging Face `datasets` folder or cached dataset name
 DATASETS = ("arith", "arith_styles", *BUILTIN, *USER_FORMATS)
 SPLITS = ("train", "test")
 
@@ -58,12 +59,12 @@ class PrepareConfig:
 
     name: str  # one of DATASETS
     out: str  # output Parquet path
-    split: str = "train"  # train | test (arith, gsm8k); the only split of the others is test
+    split: str = "train"  # train | test (arith, gsm8k); the only split of the others is test; hf: any split name
     num: int = 0  # keep the first N rows after shuffling (0 = all)
     seed: int = 0  # shuffles the rows (0 keeps file order for built-in sets) and draws arith problems
     few_shot: bool = True  # arith, arith_styles: prepend the two worked examples
     shots: str = "direct,deliberate"  # arith_styles: its worked examples in order, from STYLE_EXAMPLES
-    path: str | None = None  # jsonl/parquet: input file
+    path: str | None = None  # jsonl/parquet: input file; hf: a dataset folder or a Hub dataset name
     problem_field: str = "problem"
     answer_field: str = "answer"
     solution_field: str | None = "solution"
@@ -74,7 +75,10 @@ class PrepareConfig:
     def __post_init__(self):
         check = validation.Checks(self)
         check.choice("name", DATASETS)
-        check.choice("split", SPLITS)
+        if self.name != "hf":
+            check.choice("split", SPLITS)
+        else:
+            check.require(bool(self.split.strip()), "split", "must name a split of the dataset")
         names = [name.strip() for name in self.shots.split(",") if name.strip()]
         unknown = [name for name in names if name not in STYLE_EXAMPLES]
         check.require(bool(names) and not unknown, "shots",
@@ -203,11 +207,41 @@ def checked_few_shot(value, where: str) -> list[dict]:
     return turns
 
 
+def hf_records(source: str, split: str) -> list[dict]:
+    """The rows of split `split` of a Hugging Face dataset: a `save_to_disk` folder, a folder of data files, or a
+    Hub dataset name from the datasets cache (offline when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)."""
+    try:
+        import datasets as hf_datasets
+    except ImportError:
+        raise InputError("data prepare hf: needs the datasets package (pip install 'antisd[hf]')") from None
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    folder = Path(source)
+    try:
+        if folder.is_dir() and any((folder / name).exists() for name in ("dataset_dict.json", "state.json")):
+            loaded = hf_datasets.load_from_disk(str(folder))
+            if isinstance(loaded, hf_datasets.DatasetDict):
+                if split not in loaded:
+                    raise InputError(f"--path {source}: no split {split!r} (has {', '.join(loaded)})")
+                loaded = loaded[split]
+        else:
+            loaded = hf_datasets.load_dataset(source, split=split)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds (missing, offline, bad split): one line
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"--path {source} --split {split}: cannot load it ({type(exc).__name__}: {message})") from None
+    return loaded.to_list()
+
+
 def user_rows(config: PrepareConfig) -> list[dict]:
     path = Path(config.path)
-    if not path.exists():
+    if config.name == "hf":
+        records = hf_records(config.path, config.split)
+    elif not path.exists():
         raise InputError(f"{path}: no such file")
-    records = _read_jsonl(path) if config.name == "jsonl" else pq.read_table(path).to_pylist()
+    else:
+        records = _read_jsonl(path) if config.name == "jsonl" else pq.read_table(path).to_pylist()
     rows = []
     for i, record in enumerate(records):
         for field in (config.problem_field, config.answer_field):

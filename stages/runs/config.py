@@ -69,14 +69,24 @@ class DataSpec:
     seed: int = 0  # shuffle seed of the prepared file
     few_shot: bool = True  # arith, arith_styles
     shots: str = "direct,deliberate"  # arith_styles: its worked examples in order (small, direct, deliberate)
-    path: str | None = None  # jsonl/parquet input
+    path: str | None = None  # jsonl/parquet input file; hf: a datasets folder or Hub dataset name
+    problem_field: str = "problem"  # jsonl/parquet/hf: the columns read (as `antisd data prepare --*-field`)
+    answer_field: str = "answer"
+    solution_field: str | None = "solution"
+    id_field: str | None = None
+    few_shot_field: str | None = "few_shot"
+
+    def prepare_options(self) -> dict:
+        """The `antisd data prepare` options this spec stands for (every field has the same name there)."""
+        import dataclasses
+
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def __post_init__(self):
         from stages.lm.datasets import PrepareConfig
 
         check = validation.Checks(self)  # the rules of `antisd data prepare`, under the same names
-        check.absorb(lambda: PrepareConfig(name=self.name, out="", split=self.split, num=self.num, seed=self.seed,
-                                           few_shot=self.few_shot, shots=self.shots, path=self.path))
+        check.absorb(lambda: PrepareConfig(out="", **self.prepare_options()))
         check.done()
 
 

@@ -60,8 +60,7 @@ def check_batch_fits(total: int, per_step: int) -> None:
 
 
 def data_config(spec: run_config.DataSpec, path: Path) -> datasets.PrepareConfig:
-    return datasets.PrepareConfig(name=spec.name, out=str(path), split=spec.split, num=spec.num, seed=spec.seed,
-                                    few_shot=spec.few_shot, shots=spec.shots, path=spec.path)
+    return datasets.PrepareConfig(out=str(path), **spec.prepare_options())
 
 
 def run_prompts(spec: run_config.DataSpec, path: Path) -> pa.Table:
