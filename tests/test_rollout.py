@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shutil
 import sys
@@ -577,3 +578,17 @@ def test_a_hub_id_resolves_through_the_local_cache(tmp_path, arith_prompts, tiny
     missing = _invoke("--model", "other-org/absent", "--prompts", arith_prompts, "--out", tmp_path / "x.parquet")
     assert missing.exit_code == 2 and "other-org/absent" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.parquet").exists()
+
+
+def test_a_model_without_a_chat_template_is_a_one_line_error(tmp_path, arith_prompts, tiny_model_dir):
+    bare = tmp_path / "base-model"
+    shutil.copytree(tiny_model_dir, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer_config = bare / "tokenizer_config.json"
+    tokenizer_config.write_text(json.dumps({k: v for k, v in json.loads(tokenizer_config.read_text()).items()
+                                            if k != "chat_template"}))
+    result = _invoke("--model", bare, "--prompts", arith_prompts, "--out", tmp_path / "r.parquet", "--engine", "hf",
+                     "--threads", 1)
+    assert result.exit_code == 2, result.output
+    assert "its tokenizer has no chat template" in result.stderr and str(bare) in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "r.parquet").exists()

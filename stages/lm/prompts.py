@@ -53,6 +53,11 @@ def teacher_messages(problem: str, few_shot, privileged_text: str, correct: bool
 
 def encode(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of `messages` in the tokenizer's chat template, ending with the assistant header."""
+    if not getattr(tokenizer, "chat_template", None):
+        from stages.common.errors import InputError
+
+        raise InputError(f"--model {getattr(tokenizer, 'name_or_path', '?')}: its tokenizer has no chat template (a "
+                         "base model?); use an instruct model, or add chat_template.jinja to the folder")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers >= 5 may return a BatchEncoding
         ids = ids["input_ids"]
