@@ -55,6 +55,10 @@ def eval_command(as_json, **options):
     summary to <OUT stem>.summary.json; prints the summary table (with a 95% bootstrap interval for avg@N), then
     the rows path, on stdout.
 
+    The defaults (4 samples at temperature 0.7, 512 tokens) are a benchmark's; a loop's own held-out check is
+    cheaper (loop.eval_n 1, eval_temperature 0 = greedy, eval_max_new_tokens 64, on RUN/eval_prompts.parquet). To
+    repeat it on a checkpoint: --benchmark RUN/eval_prompts.parquet --n 1 --temperature 0 --max-new-tokens 64.
+
     \b
     Example:
       antisd eval --model smollm2-135m --benchmark arith --num 200 --n 4 --max-new-tokens 64 --out eval.parquet

@@ -33,7 +33,8 @@ C = RolloutConfig
 @seed_option(C)
 @config_option(C, "engine", "Sampling engine; auto = vllm when installed, else hf (transformers generate).",
                type=click.Choice(ENGINES))
-@config_option(C, "max_prompts", "Use only the first N prompts of the file, before sharding (0 = all).")
+@config_option(C, "max_prompts", "Use only the first N prompts of the file, before sharding (0 = all); --num as in "
+                                 "`data prepare` and `eval`.", "--num")
 @shard_option(C)
 @dtype_option(C)
 @threads_option(C)

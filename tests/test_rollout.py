@@ -592,3 +592,11 @@ def test_a_model_without_a_chat_template_is_a_one_line_error(tmp_path, arith_pro
     assert result.exit_code == 2, result.output
     assert "its tokenizer has no chat template" in result.stderr and str(bare) in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "r.parquet").exists()
+
+
+def test_num_is_the_same_option_as_max_prompts(tmp_path, arith_prompts, tiny_model_dir):
+    out = tmp_path / "r.parquet"
+    result = _invoke("--model", tiny_model_dir, "--prompts", arith_prompts, "--out", out, "--n", 2, "--num", 1,
+                     "--max-new-tokens", 2, "--engine", "hf", "--threads", 1)
+    assert result.exit_code == 0, result.output
+    assert read_artifact(out, "rollouts")[0].num_rows == 2  # 1 prompt × 2 samples
