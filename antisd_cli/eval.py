@@ -19,6 +19,7 @@ from antisd_cli.options import (
 from stages.eval import BENCHMARKS, EvalConfig
 from stages.lm.datasets import SPLITS
 from stages.lm.engine import ENGINES
+from stages.lm.prompts import THINKING
 
 C = EvalConfig
 
@@ -31,6 +32,9 @@ C = EvalConfig
 @config_option(C, "n", "Samples per problem (K).")
 @config_option(C, "temperature", "Sampling temperature; 0 = greedy (top-p is then 1).")
 @config_option(C, "top_p", "Nucleus sampling mass, in (0, 1].")
+@config_option(C, "system_prompt", "A system turn before the problem (as the run's rollout.system_prompt).")
+@config_option(C, "thinking", "The chat template's enable_thinking: default, on or off.",
+               type=click.Choice(THINKING))
 @config_option(C, "max_new_tokens", "Response length cap; a sample that hits it counts as truncated.")
 @config_option(C, "num", "Evaluate only the first N problems (0 = all).")
 @config_option(C, "split", "arith/gsm8k split (math500, aime24 and amc23 have only test).", type=click.Choice(SPLITS))

@@ -18,6 +18,7 @@ from antisd_cli.options import (
 )
 from stages.lm.engine import ENGINES
 from stages.lm.sampling import RolloutConfig
+from stages.lm.prompts import THINKING
 
 C = RolloutConfig
 
@@ -42,6 +43,10 @@ C = RolloutConfig
 @config_option(C, "device", "HF engine device: auto (cuda if available), cpu, cuda or cuda:N.")
 @config_option(C, "share_prefix", "HF engine: prefill each group's prompt once per batch and repeat its cache over the "
                                   "samples (the same tokens, about half the time at n = 8).")
+@config_option(C, "system_prompt", "A system turn before the few-shot turns and the problem; score's teacher view "
+                                   "gets the same (read back from the file's metadata).")
+@config_option(C, "thinking", "The chat template's enable_thinking (Qwen3): default (the template's), on or off.",
+               type=click.Choice(THINKING))
 @config_option(C, "progress", "Rich progress bar on stderr (shown only on a terminal).")
 @overwrite_option(C)
 @stage_errors

@@ -65,6 +65,8 @@ class EvalConfig:
     threads: int = 0  # torch CPU threads (0 = OMP_NUM_THREADS if set, else the cores this process may use)
     batch_size: int = 0  # rows per engine call (0 = engine default)
     device: str = "auto"  # HF engine device: auto | cpu | cuda
+    system_prompt: str | None = None  # as rollout's: a system turn before the problem
+    thinking: str = "default"  # as rollout's: the chat template's enable_thinking (default | on | off)
     workers: int = 2  # answer-check worker processes
     timeout: float = 5.0  # seconds per answer check
     fallbacks: str = DEFAULT_FALLBACKS  # answer extraction fallbacks after \boxed{} (see `antisd verify`)
@@ -180,6 +182,7 @@ def _evaluate(rows: list[dict], rollout_config, verify_config, *, out: Path, ben
     from stages.common.process import set_threads
     from stages.lm.engine import SamplingSettings, resolve_engine
     from stages.lm.models import resolve_model
+    from stages.lm.prompts import ChatOptions
     from stages.lm.sampling import open_engine, sample
     from stages.verifier.rows import verify_table
 
@@ -196,7 +199,8 @@ def _evaluate(rows: list[dict], rollout_config, verify_config, *, out: Path, ben
     try:
         rollouts, sample_stats = sample(engine, rows, SamplingSettings.from_config(rollout_config),
                                                 batch_size=rollout_config.batch_size,
-                                                progress=rollout_config.progress)
+                                                progress=rollout_config.progress,
+                                                chat=ChatOptions.from_knobs(rollout_config))
     finally:
         engine.close()
 
@@ -236,7 +240,8 @@ def _rollout_config(config: EvalConfig):
         prompts=config.benchmark, out=config.out, model=config.model, n=config.n, temperature=config.temperature,
         top_p=1.0 if greedy else config.top_p, max_new_tokens=config.max_new_tokens, seed=config.seed,
         engine=config.engine, dtype=config.dtype, threads=config.threads, batch_size=config.batch_size,
-        device=config.device, progress=config.progress, overwrite=True)
+        device=config.device, system_prompt=config.system_prompt, thinking=config.thinking, progress=config.progress,
+        overwrite=True)
 
 
 def _verify_config(config: EvalConfig):

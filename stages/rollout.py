@@ -27,6 +27,7 @@ from stages.common.io import build_metadata, check_output, output_lock, read_art
 from stages.common.parts import Shard, output_path
 from stages.lm.engine import SamplingSettings, is_engine, resolve_engine
 from stages.lm.sampling import RolloutConfig, open_engine, sample, select_prompts
+from stages.lm.prompts import ChatOptions
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def run(config: RolloutConfig, loaded=None) -> Path:
         engine = loaded if engine_given else open_engine(engine_name, config, Path(model_path), rows, loaded)
         try:
             result, stats = sample(engine, rows, SamplingSettings.from_config(config),
-                                   batch_size=config.batch_size, progress=config.progress)
+                                   batch_size=config.batch_size, progress=config.progress,
+                                   chat=ChatOptions.from_knobs(config))
         finally:
             if not engine_given:
                 engine.close()

@@ -49,6 +49,7 @@ from stages.lm.scoring import (
     build_views,
     check_rows,
     load_reference,
+    metadata_chat,
     metadata_temperature,
     plan_batches,
     score_views,
@@ -89,7 +90,8 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
         vocab_size = min([len(tokenizer)] + [network.get_input_embeddings().num_embeddings for network in networks])
         rows = table.select(_ROW_COLUMNS).to_pylist()
         check_rows(rows, vocab_size, config.verified)
-        views = build_views(rows, tokenizer, teacher=config.teacher, instruction=config.teacher_instruction)
+        chat = metadata_chat(in_meta)  # the chat options the rollouts were rendered with
+        views = build_views(rows, tokenizer, teacher=config.teacher, instruction=config.teacher_instruction, chat=chat)
         reference_views = [v for v in views if not v.teacher] if reference is not None else []
         # --- compute
         batches = plan_batches(views, rows, config.micro_batch_tokens, config.share_prefix)
@@ -121,6 +123,7 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
         metadata = build_metadata(
             "scored", replace(config, temperature=temperature), input=str(config.verified),
             model=str(loaded.path), model_revision=loaded.revision, temperature=temperature, teacher=config.teacher,
+            chat={"system_prompt": chat.system, "thinking": chat.thinking},
             reference_model=str(reference.path) if reference is not None else None,
             reference_revision=reference.revision if reference is not None else None,
             dtype=str(loaded.dtype).replace("torch.", ""), device=str(loaded.device), threads=threads,

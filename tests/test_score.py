@@ -524,3 +524,43 @@ def test_the_scored_file_keeps_what_the_teacher_saw_and_inspect_shows_both_views
     for fragment in ("student prompt", "teacher prompt", "Now solve this problem step by step.", "u = t − s",
                      rows[index]["problem"]):
         assert fragment in result.stdout, fragment
+
+
+def test_a_system_prompt_and_thinking_reach_both_views(tmp_path, tiny_model_dir, arith_prompts):
+    """rollout renders the student view with the chat options; score reads them back from the metadata chain and
+    renders the teacher view the same way; enable_thinking goes to the template as a keyword."""
+    from stages import rollout, verify
+    from stages.lm.models import load_tokenizer
+    from stages.lm.prompts import ChatOptions
+    from stages.lm.sampling import RolloutConfig
+    from stages.lm.scoring import ScoreConfig, metadata_chat
+    from stages.score import run as score_run
+    from stages.verifier.rows import VerifyConfig
+
+    system = "You are a careful arithmetic tutor."
+    rolled = rollout.run(RolloutConfig(prompts=str(arith_prompts), out=str(tmp_path / "r.parquet"),
+                                       model=str(tiny_model_dir), n=2, max_new_tokens=3, engine="hf", threads=1,
+                                       system_prompt=system, thinking="off", progress=False))
+    verified = verify.run(VerifyConfig(rollouts=str(rolled), out=str(tmp_path / "v.parquet"), workers=1))
+    scored = score_run(ScoreConfig(model=str(tiny_model_dir), verified=str(verified), out=str(tmp_path / "s.parquet"),
+                                   threads=1))
+    table, metadata = read_artifact(scored, "scored")
+    assert metadata_chat(metadata) == ChatOptions(system, "off")
+    tokenizer = load_tokenizer(tiny_model_dir)
+    rows = table.to_pylist()
+    assert all(tokenizer.decode(r["prompt_token_ids"]).count(system) == 1 for r in rows)
+    teacher = [r for r in rows if r["privileged_source"] != "none"]
+    assert teacher and all(system in tokenizer.decode(r["teacher_prompt_token_ids"]) for r in teacher)
+
+    seen = []
+
+    class Recording:  # a tokenizer that records what the template was asked
+        chat_template = "{{ messages }}"
+
+        def apply_chat_template(self, messages, **kwargs):
+            seen.append((messages[0], kwargs.get("enable_thinking")))
+            return [1, 2]
+
+    for thinking, expected in (("on", True), ("off", False), ("default", None)):
+        encode(Recording(), student_messages("2 + 2?"), ChatOptions("S", thinking))
+        assert seen[-1] == ({"role": "system", "content": "S"}, expected)

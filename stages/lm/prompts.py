@@ -10,6 +10,7 @@ re-tokenized). This module does not decide which solution is privileged (that is
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 INSTRUCTION = "Put the final answer in \\boxed{}."
 CORRECT_NOTE = "Your answer is correct."
@@ -17,6 +18,27 @@ INCORRECT_NOTE = "Your answer is incorrect."
 TEACHER_INSTRUCTION = "Now solve this problem step by step."  # METHOD §4's last line; "" leaves it out (a control)
 
 _THINK_RE = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
+THINKING = ("default", "on", "off")  # the chat template's enable_thinking (Qwen3): its default, True, False
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """How the chat template renders both views: a system turn first (None: none) and Qwen3's enable_thinking."""
+
+    system: str | None = None
+    thinking: str = "default"
+
+    @classmethod
+    def from_knobs(cls, knobs) -> "ChatOptions":
+        """From a RolloutConfig, or a dict of its values (a run config's rollout section, a file's metadata)."""
+        get = knobs.get if isinstance(knobs, dict) else lambda key, default: getattr(knobs, key, default)
+        return cls(get("system_prompt", None) or None, get("thinking", "default") or "default")
+
+    def wrap(self, messages: list[dict]) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + messages
+
+    def template_kwargs(self) -> dict:
+        return {} if self.thinking == "default" else {"enable_thinking": self.thinking == "on"}
 
 
 def user_text(problem: str) -> str:
@@ -51,14 +73,16 @@ def teacher_messages(problem: str, few_shot, privileged_text: str, correct: bool
     ]
 
 
-def encode(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` in the tokenizer's chat template, ending with the assistant header."""
+def encode(tokenizer, messages: list[dict], chat: ChatOptions = ChatOptions()) -> list[int]:
+    """Token ids of `messages` (after `chat`'s system turn) in the tokenizer's chat template, ending with the
+    assistant header."""
     if not getattr(tokenizer, "chat_template", None):
         from stages.common.errors import InputError
 
         raise InputError(f"--model {getattr(tokenizer, 'name_or_path', '?')}: its tokenizer has no chat template (a "
                          "base model?); use an instruct model, or add chat_template.jinja to the folder")
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = tokenizer.apply_chat_template(chat.wrap(messages), add_generation_prompt=True, tokenize=True,
+                                        **chat.template_kwargs())
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers >= 5 may return a BatchEncoding
         ids = ids["input_ids"]
     return [int(i) for i in ids]

@@ -21,6 +21,7 @@ import schemas
 from stages.common import validation
 from stages.common.errors import InputError
 from stages.common.parts import Shard
+from stages.lm.prompts import THINKING, ChatOptions
 from stages.lm.engine import ENGINES, Completion, SamplingSettings, is_engine
 from stages.lm.models import DEFAULT_MODEL, DTYPES
 
@@ -48,6 +49,8 @@ class RolloutConfig:
     device: str = "auto"  # HF engine device: auto (cuda if available) | cpu | cuda
     # HF engine: a group's prompt is prefilled once per batch and its cache repeated (vLLM caches prefixes itself)
     share_prefix: bool = True
+    system_prompt: str | None = None  # a system turn before the few-shot turns (both views; score reads it back)
+    thinking: str = "default"  # chat template enable_thinking (Qwen3): default | on | off
     progress: bool = True  # rich progress bar on stderr (shown only when stderr is a terminal)
     overwrite: bool = False  # replace an existing output
 
@@ -58,6 +61,7 @@ class RolloutConfig:
         check.between("top_p", 0, 1, low_open=True)
         check.choice("engine", ENGINES)
         check.choice("dtype", DTYPES)
+        check.choice("thinking", THINKING)
         check.done()
 
 
@@ -124,7 +128,7 @@ def as_engine(loaded_or_engine):
 
 
 def sample(loaded_or_engine, prompt_rows: list[dict], settings: SamplingSettings, *, batch_size: int = 0,
-           progress: bool = False) -> tuple[pa.Table, dict]:
+           progress: bool = False, chat: ChatOptions = ChatOptions()) -> tuple[pa.Table, dict]:
     """Sample `settings.n` responses for each prompt row; return (ROLLOUTS table, stats).
 
     Rows come out in prompt order, then sample_idx. Stats: samples, response_tokens, generate_s, tokens_per_s
@@ -134,7 +138,7 @@ def sample(loaded_or_engine, prompt_rows: list[dict], settings: SamplingSettings
 
     engine = as_engine(loaded_or_engine)
     tokenizer = engine.tokenizer
-    prompt_ids = [encode(tokenizer, student_messages(row["problem"], row["few_shot"])) for row in prompt_rows]
+    prompt_ids = [encode(tokenizer, student_messages(row["problem"], row["few_shot"]), chat) for row in prompt_rows]
     keys = [row["prompt_id"] for row in prompt_rows]
     start = time.perf_counter()
     completions: list[list[Completion]] = []
@@ -179,7 +183,8 @@ def open_engine(engine: str, config: RolloutConfig, model_path: Path, rows: list
 
         dtype = str(torch_dtype(config.dtype, device)).replace("torch.", "")
         return VLLMEngine(model_path, dtype=dtype, seed=config.seed,
-                          max_model_len=_max_model_len(model_path, rows, config.max_new_tokens))
+                          max_model_len=_max_model_len(model_path, rows, config.max_new_tokens,
+                                                       ChatOptions.from_knobs(config)))
     from stages.lm.engine_hf import HFEngine
     from stages.lm.models import load_model
 
@@ -187,11 +192,12 @@ def open_engine(engine: str, config: RolloutConfig, model_path: Path, rows: list
                     share_prefill=config.share_prefix)
 
 
-def _max_model_len(model_path: Path, rows: list[dict], max_new_tokens: int) -> int:
+def _max_model_len(model_path: Path, rows: list[dict], max_new_tokens: int, chat: ChatOptions = ChatOptions()) -> int:
     """vLLM's context length for this run: the longest encoded prompt + max_new_tokens."""
     from stages.lm.models import load_tokenizer
     from stages.lm.prompts import encode, student_messages
 
     tokenizer = load_tokenizer(model_path)
-    longest = max((len(encode(tokenizer, student_messages(r["problem"], r["few_shot"]))) for r in rows), default=1)
+    longest = max((len(encode(tokenizer, student_messages(r["problem"], r["few_shot"]), chat)) for r in rows),
+                  default=1)
     return longest + max_new_tokens

@@ -104,19 +104,34 @@ def check_rows(rows: list[dict], vocab_size: int, source: str) -> None:
             raise InputError(f"{source}: {row_label(rows, index)}: empty prompt_token_ids")
 
 
-def build_views(rows: list[dict], tokenizer, teacher: bool = True,
-                instruction: str = TEACHER_INSTRUCTION) -> list[View]:
-    """Student view of every row, teacher view (METHOD §4 prompt ending with `instruction` + the same response ids)
-    of rows with a source (none at all without `teacher`)."""
-    from stages.lm.prompts import encode, teacher_messages
+def metadata_chat(metadata: dict):
+    """The ChatOptions the rollouts were rendered with: the first `system_prompt`/`thinking` found breadth-first in a
+    file's metadata (the rollouts' config travels in every later file's), else the defaults."""
+    from stages.lm.prompts import ChatOptions
 
+    queue = [metadata]
+    while queue:
+        node = queue.pop(0)
+        if "system_prompt" in node or "thinking" in node:
+            return ChatOptions.from_knobs(node)
+        queue += [v for v in node.values() if isinstance(v, dict)]
+    return ChatOptions()
+
+
+def build_views(rows: list[dict], tokenizer, teacher: bool = True,
+                instruction: str = TEACHER_INSTRUCTION, chat=None) -> list[View]:
+    """Student view of every row, teacher view (METHOD §4 prompt ending with `instruction` + the same response ids)
+    of rows with a source (none at all without `teacher`), rendered with the rollouts' `chat` options."""
+    from stages.lm.prompts import ChatOptions, encode, teacher_messages
+
+    chat = chat or ChatOptions()
     views = []
     for index, row in enumerate(rows):
         views.append(View(index, False, row["prompt_token_ids"], row["response_token_ids"]))
         if teacher and row["privileged_source"] != "none":
             messages = teacher_messages(row["problem"], row["few_shot"], row["privileged_text"], bool(row["correct"]),
                                         instruction)
-            views.append(View(index, True, encode(tokenizer, messages), row["response_token_ids"]))
+            views.append(View(index, True, encode(tokenizer, messages, chat), row["response_token_ids"]))
     return views
 
 
