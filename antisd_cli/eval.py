@@ -33,6 +33,9 @@ C = EvalConfig
 @config_option(C, "temperature", "Sampling temperature; 0 = greedy (top-p is then 1).")
 @config_option(C, "top_p", "Nucleus sampling mass, in (0, 1].")
 @config_option(C, "system_prompt", "A system turn before the problem (as the run's rollout.system_prompt).")
+@config_option(C, "chat_template", "Render prompts with this Jinja file instead of the tokenizer's chat "
+                                   "template, or 'plain' (Question:/Answer: text, for base models without one).",
+               metavar="FILE|plain")
 @config_option(C, "thinking", "The chat template's enable_thinking: default, on or off.",
                type=click.Choice(THINKING))
 @config_option(C, "max_new_tokens", "Response length cap; a sample that hits it counts as truncated.")

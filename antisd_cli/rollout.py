@@ -17,8 +17,8 @@ from antisd_cli.options import (
     threads_option,
 )
 from stages.lm.engine import ENGINES
-from stages.lm.sampling import RolloutConfig
 from stages.lm.prompts import THINKING
+from stages.lm.sampling import RolloutConfig
 
 C = RolloutConfig
 
@@ -45,6 +45,9 @@ C = RolloutConfig
                                   "samples (the same tokens, about half the time at n = 8).")
 @config_option(C, "system_prompt", "A system turn before the few-shot turns and the problem; score's teacher view "
                                    "gets the same (read back from the file's metadata).")
+@config_option(C, "chat_template", "Render prompts with this Jinja file instead of the tokenizer's chat "
+                                   "template, or 'plain' (Question:/Answer: text, for base models without one); "
+                                   "score renders the teacher view with it too.", metavar="FILE|plain")
 @config_option(C, "thinking", "The chat template's enable_thinking (Qwen3): default (the template's), on or off.",
                type=click.Choice(THINKING))
 @config_option(C, "progress", "Rich progress bar on stderr (shown only on a terminal).")

@@ -67,6 +67,7 @@ class EvalConfig:
     device: str = "auto"  # HF engine device: auto | cpu | cuda
     system_prompt: str | None = None  # as rollout's: a system turn before the problem
     thinking: str = "default"  # as rollout's: the chat template's enable_thinking (default | on | off)
+    chat_template: str | None = None  # as rollout's: None (the tokenizer's) | plain | a Jinja file
     workers: int = 2  # answer-check worker processes
     timeout: float = 5.0  # seconds per answer check
     fallbacks: str = DEFAULT_FALLBACKS  # answer extraction fallbacks after \boxed{} (see `antisd verify`)
@@ -240,7 +241,8 @@ def _rollout_config(config: EvalConfig):
         prompts=config.benchmark, out=config.out, model=config.model, n=config.n, temperature=config.temperature,
         top_p=1.0 if greedy else config.top_p, max_new_tokens=config.max_new_tokens, seed=config.seed,
         engine=config.engine, dtype=config.dtype, threads=config.threads, batch_size=config.batch_size,
-        device=config.device, system_prompt=config.system_prompt, thinking=config.thinking, progress=config.progress,
+        device=config.device, system_prompt=config.system_prompt, thinking=config.thinking,
+        chat_template=config.chat_template, progress=config.progress,
         overwrite=True)
 
 

@@ -251,7 +251,8 @@ def loop_engine(config: run_config.RunConfig, model_path: Path, train_table: pa.
     knobs = config.stages["rollout"]
     dtype = str(torch_dtype(knobs.get("dtype", "auto"), pick_device())).replace("torch.", "")
     max_model_len = _max_model_len(model_path, train_table.select(PROMPT_COLUMNS).to_pylist(),
-                                   knobs.get("max_new_tokens", RolloutConfig.max_new_tokens), ChatOptions.from_knobs(knobs))
+                                   knobs.get("max_new_tokens", RolloutConfig.max_new_tokens),
+                                   ChatOptions.from_knobs(knobs))
     sleep_mode = config.loop.vllm_sleep and config.loop.weight_sync == "inplace"  # reload closes it instead
     return LoopEngine(lambda folder: VLLMEngine(folder, dtype=dtype, seed=config.loop.seed, max_model_len=max_model_len,
                                                 sleep_mode=sleep_mode), config.loop.weight_sync)

@@ -26,8 +26,8 @@ from pathlib import Path
 from stages.common.io import build_metadata, check_output, output_lock, read_artifact, write_artifact
 from stages.common.parts import Shard, output_path
 from stages.lm.engine import SamplingSettings, is_engine, resolve_engine
-from stages.lm.sampling import RolloutConfig, open_engine, sample, select_prompts
 from stages.lm.prompts import ChatOptions
+from stages.lm.sampling import RolloutConfig, open_engine, sample, select_prompts
 
 log = logging.getLogger(__name__)
 

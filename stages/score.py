@@ -123,7 +123,7 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
         metadata = build_metadata(
             "scored", replace(config, temperature=temperature), input=str(config.verified),
             model=str(loaded.path), model_revision=loaded.revision, temperature=temperature, teacher=config.teacher,
-            chat={"system_prompt": chat.system, "thinking": chat.thinking},
+            chat=chat.record(),
             reference_model=str(reference.path) if reference is not None else None,
             reference_revision=reference.revision if reference is not None else None,
             dtype=str(loaded.dtype).replace("torch.", ""), device=str(loaded.device), threads=threads,

@@ -8,6 +8,7 @@ import re
 import shutil
 import sys
 import types
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -600,3 +601,28 @@ def test_num_is_the_same_option_as_max_prompts(tmp_path, arith_prompts, tiny_mod
                      "--max-new-tokens", 2, "--engine", "hf", "--threads", 1)
     assert result.exit_code == 0, result.output
     assert read_artifact(out, "rollouts")[0].num_rows == 2  # 1 prompt × 2 samples
+
+
+def test_a_base_model_samples_with_the_plain_template_or_a_jinja_file(tmp_path, arith_prompts, tiny_model_dir):
+    from stages.lm.models import load_tokenizer
+
+    bare = tmp_path / "base-model"
+    shutil.copytree(tiny_model_dir, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer_config = bare / "tokenizer_config.json"
+    tokenizer_config.write_text(json.dumps({k: v for k, v in json.loads(tokenizer_config.read_text()).items()
+                                            if k != "chat_template"}))
+    mine = tmp_path / "mine.jinja"
+    mine.write_text("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
+                    "{% if add_generation_prompt %}<<assistant>>{% endif %}")
+    tokenizer = load_tokenizer(bare)
+    for choice, marks in (("plain", ("Question: ", "Answer:")), (str(mine), ("<<user>> ", "<<assistant>>"))):
+        out = tmp_path / f"{Path(choice).stem}.parquet"
+        result = _invoke("--model", bare, "--prompts", arith_prompts, "--out", out, "--n", 1, "--num", 1,
+                         "--max-new-tokens", 2, "--engine", "hf", "--threads", 1, "--chat-template", choice)
+        assert result.exit_code == 0, result.output
+        prompt = tokenizer.decode(read_artifact(out, "rollouts")[0].column("prompt_token_ids")[0].as_py())
+        assert all(mark in prompt for mark in marks) and prompt.rstrip().endswith(marks[1])
+    missing = _invoke("--model", bare, "--prompts", arith_prompts, "--out", tmp_path / "x.parquet",
+                      "--chat-template", str(tmp_path / "absent.jinja"))
+    assert missing.exit_code == 2 and "absent.jinja: no such file" in missing.stderr

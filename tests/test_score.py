@@ -564,3 +564,14 @@ def test_a_system_prompt_and_thinking_reach_both_views(tmp_path, tiny_model_dir,
     for thinking, expected in (("on", True), ("off", False), ("default", None)):
         encode(Recording(), student_messages("2 + 2?"), ChatOptions("S", thinking))
         assert seen[-1] == ({"role": "system", "content": "S"}, expected)
+
+
+def test_chat_options_round_trip_through_a_scored_files_metadata():
+    from stages.lm.prompts import PLAIN_TEMPLATE, ChatOptions
+    from stages.lm.scoring import metadata_chat
+
+    options = ChatOptions.from_knobs({"system_prompt": "S", "thinking": "on", "chat_template": "plain"})
+    assert options == ChatOptions("S", "on", PLAIN_TEMPLATE)
+    # a rescoring reads the scored file's own record first, which keeps the template's text (no file needed)
+    assert metadata_chat({"chat": options.record(), "verified": {"config": {"chat_template": "/gone.jinja"}}}) == options
+    assert metadata_chat({"config": {"teacher": True}}) == ChatOptions()  # files from before these options

@@ -19,26 +19,59 @@ TEACHER_INSTRUCTION = "Now solve this problem step by step."  # METHOD §4's las
 
 _THINK_RE = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
 THINKING = ("default", "on", "off")  # the chat template's enable_thinking (Qwen3): its default, True, False
+PLAIN = "plain"  # --chat-template plain: question/answer text for base models without a chat template
+PLAIN_TEMPLATE = (
+    "{{ bos_token or '' }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}Question: {{ message['content'] }}\n"
+    "{% else %}Answer: {{ message['content'] }}\n\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Answer:{% endif %}"
+)
 
 
 @dataclass(frozen=True)
 class ChatOptions:
-    """How the chat template renders both views: a system turn first (None: none) and Qwen3's enable_thinking."""
+    """How both views are rendered: a system turn first (None: none), Qwen3's enable_thinking, and the chat template
+    (None: the tokenizer's; else the Jinja text used instead, e.g. PLAIN_TEMPLATE)."""
 
     system: str | None = None
     thinking: str = "default"
+    template: str | None = None
 
     @classmethod
     def from_knobs(cls, knobs) -> "ChatOptions":
-        """From a RolloutConfig, or a dict of its values (a run config's rollout section, a file's metadata)."""
+        """From a RolloutConfig, or a dict of its values (a run config's rollout section, a file's metadata); a
+        `chat_template` is `plain` or a Jinja file, read here."""
         get = knobs.get if isinstance(knobs, dict) else lambda key, default: getattr(knobs, key, default)
-        return cls(get("system_prompt", None) or None, get("thinking", "default") or "default")
+        template = get("chat_template_text", None) or template_text(get("chat_template", None))
+        return cls(get("system_prompt", None) or None, get("thinking", "default") or "default", template)
+
+    def record(self) -> dict:
+        """What a scored file's metadata keeps (the template's text, so a rescoring needs no file)."""
+        return {"system_prompt": self.system, "thinking": self.thinking, "chat_template_text": self.template}
 
     def wrap(self, messages: list[dict]) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + messages
 
     def template_kwargs(self) -> dict:
-        return {} if self.thinking == "default" else {"enable_thinking": self.thinking == "on"}
+        kwargs = {} if self.thinking == "default" else {"enable_thinking": self.thinking == "on"}
+        return {**kwargs, "chat_template": self.template} if self.template else kwargs
+
+
+def template_text(choice: str | None) -> str | None:
+    """The Jinja text of a `--chat-template` choice: None (the tokenizer's), `plain`, or a file."""
+    if not choice:
+        return None
+    if choice == PLAIN:
+        return PLAIN_TEMPLATE
+    from pathlib import Path
+
+    path = Path(choice)
+    if not path.is_file():
+        from stages.common.errors import InputError
+
+        raise InputError(f"--chat-template {choice}: no such file (give a Jinja file, or 'plain')")
+    return path.read_text()
 
 
 def user_text(problem: str) -> str:
@@ -76,11 +109,11 @@ def teacher_messages(problem: str, few_shot, privileged_text: str, correct: bool
 def encode(tokenizer, messages: list[dict], chat: ChatOptions = ChatOptions()) -> list[int]:
     """Token ids of `messages` (after `chat`'s system turn) in the tokenizer's chat template, ending with the
     assistant header."""
-    if not getattr(tokenizer, "chat_template", None):
+    if chat.template is None and not getattr(tokenizer, "chat_template", None):
         from stages.common.errors import InputError
 
         raise InputError(f"--model {getattr(tokenizer, 'name_or_path', '?')}: its tokenizer has no chat template (a "
-                         "base model?); use an instruct model, or add chat_template.jinja to the folder")
+                         "base model?); pass --chat-template plain (or a Jinja file), or use an instruct model")
     ids = tokenizer.apply_chat_template(chat.wrap(messages), add_generation_prompt=True, tokenize=True,
                                         **chat.template_kwargs())
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers >= 5 may return a BatchEncoding

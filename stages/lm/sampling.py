@@ -21,9 +21,9 @@ import schemas
 from stages.common import validation
 from stages.common.errors import InputError
 from stages.common.parts import Shard
-from stages.lm.prompts import THINKING, ChatOptions
 from stages.lm.engine import ENGINES, Completion, SamplingSettings, is_engine
 from stages.lm.models import DEFAULT_MODEL, DTYPES
+from stages.lm.prompts import PLAIN, THINKING, ChatOptions
 
 PROMPT_COLUMNS = [field.name for field in schemas.PROMPTS]
 
@@ -51,6 +51,7 @@ class RolloutConfig:
     share_prefix: bool = True
     system_prompt: str | None = None  # a system turn before the few-shot turns (both views; score reads it back)
     thinking: str = "default"  # chat template enable_thinking (Qwen3): default | on | off
+    chat_template: str | None = None  # None: the tokenizer's | plain (Question:/Answer: text) | a Jinja file
     progress: bool = True  # rich progress bar on stderr (shown only when stderr is a terminal)
     overwrite: bool = False  # replace an existing output
 
@@ -62,6 +63,8 @@ class RolloutConfig:
         check.choice("engine", ENGINES)
         check.choice("dtype", DTYPES)
         check.choice("thinking", THINKING)
+        check.require(self.chat_template in (None, PLAIN) or Path(self.chat_template).is_file(), "chat_template",
+                      f"{self.chat_template}: no such file (give a Jinja file, or 'plain')")
         check.done()
 
 

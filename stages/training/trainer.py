@@ -26,9 +26,9 @@ from stages.lm.models import quiet_transformers
 from stages.method.terms import get_term
 from stages.training import checkpoint, distributed
 from stages.training.batch import Batch, batch_metrics, is_finite, mean_or_none, pad_rows
-from stages.training.schedule import lr_at
 from stages.training.config import UpdateConfig, gated
 from stages.training.micro import FullSequences, MicroBatch, rank_micro_batches
+from stages.training.schedule import lr_at
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ import schemas
 from stages.common import validation
 from stages.common.errors import InputError
 from stages.lm.prompts import strip_think
-from stages.verifier import answers, reward
+from stages.verifier import answers
+from stages.verifier import reward as reward_functions
 
 
 PRIVILEGED_FROM = ("same", "other")
@@ -180,7 +181,7 @@ def check_reward(spec: str) -> str:
     """Import the `--reward` function here, before any work; returns the folder relative names resolve from."""
     search = str(Path.cwd())
     try:
-        reward.load_function(spec, search)
+        reward_functions.load_function(spec, search)
     except Exception as exc:  # noqa: BLE001 - an import of user code can raise anything; one line names it
         raise InputError(f"--reward {spec}: cannot load it ({type(exc).__name__}: {exc})") from None
     return search
