@@ -36,6 +36,8 @@ C = EvalConfig
 @config_option(C, "chat_template", "Render prompts with this Jinja file instead of the tokenizer's chat "
                                    "template, or 'plain' (Question:/Answer: text, for base models without one).",
                metavar="FILE|plain")
+@config_option(C, "answer_instruction", "Appended to every problem in the user turn (\"\" = none); the teacher view "
+                                        "repeats it.")
 @config_option(C, "thinking", "The chat template's enable_thinking: default, on or off.",
                type=click.Choice(THINKING))
 @config_option(C, "max_new_tokens", "Response length cap; a sample that hits it counts as truncated.")

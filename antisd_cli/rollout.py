@@ -48,6 +48,8 @@ C = RolloutConfig
 @config_option(C, "chat_template", "Render prompts with this Jinja file instead of the tokenizer's chat "
                                    "template, or 'plain' (Question:/Answer: text, for base models without one); "
                                    "score renders the teacher view with it too.", metavar="FILE|plain")
+@config_option(C, "answer_instruction", "Appended to every problem in the user turn (\"\" = none); the teacher view "
+                                        "repeats it.")
 @config_option(C, "thinking", "The chat template's enable_thinking (Qwen3): default (the template's), on or off.",
                type=click.Choice(THINKING))
 @config_option(C, "progress", "Rich progress bar on stderr (shown only on a terminal).")

@@ -38,6 +38,7 @@ from stages.common.errors import InputError
 from stages.common.io import atomic_write_json, build_metadata, check_output, output_lock, read_artifact, write_artifact
 from stages.lm.datasets import SPLITS
 from stages.lm.models import DEFAULT_MODEL
+from stages.lm.prompts import INSTRUCTION
 from stages.method import estimators
 from stages.verifier.answers import DEFAULT_FALLBACKS
 
@@ -68,6 +69,7 @@ class EvalConfig:
     system_prompt: str | None = None  # as rollout's: a system turn before the problem
     thinking: str = "default"  # as rollout's: the chat template's enable_thinking (default | on | off)
     chat_template: str | None = None  # as rollout's: None (the tokenizer's) | plain | a Jinja file
+    answer_instruction: str = INSTRUCTION  # as rollout's: appended to every problem ("" = none)
     workers: int = 2  # answer-check worker processes
     timeout: float = 5.0  # seconds per answer check
     fallbacks: str = DEFAULT_FALLBACKS  # answer extraction fallbacks after \boxed{} (see `antisd verify`)
@@ -242,7 +244,7 @@ def _rollout_config(config: EvalConfig):
         top_p=1.0 if greedy else config.top_p, max_new_tokens=config.max_new_tokens, seed=config.seed,
         engine=config.engine, dtype=config.dtype, threads=config.threads, batch_size=config.batch_size,
         device=config.device, system_prompt=config.system_prompt, thinking=config.thinking,
-        chat_template=config.chat_template, progress=config.progress,
+        chat_template=config.chat_template, answer_instruction=config.answer_instruction, progress=config.progress,
         overwrite=True)
 
 

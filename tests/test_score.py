@@ -575,3 +575,29 @@ def test_chat_options_round_trip_through_a_scored_files_metadata():
     # a rescoring reads the scored file's own record first, which keeps the template's text (no file needed)
     assert metadata_chat({"chat": options.record(), "verified": {"config": {"chat_template": "/gone.jinja"}}}) == options
     assert metadata_chat({"config": {"teacher": True}}) == ChatOptions()  # files from before these options
+
+
+def test_an_answer_instruction_reaches_both_views(tmp_path, tiny_model_dir, arith_prompts):
+    from stages import rollout, verify
+    from stages.lm.models import load_tokenizer
+    from stages.lm.prompts import INSTRUCTION
+    from stages.lm.sampling import RolloutConfig
+    from stages.lm.scoring import ScoreConfig
+    from stages.score import run as score_run
+    from stages.verifier.rows import VerifyConfig
+
+    mine = "Give the result on the last line as 'Answer: N'."
+    rolled = rollout.run(RolloutConfig(prompts=str(arith_prompts), out=str(tmp_path / "r.parquet"),
+                                       model=str(tiny_model_dir), n=2, max_new_tokens=3, engine="hf", threads=1,
+                                       answer_instruction=mine, progress=False))
+    verified = verify.run(VerifyConfig(rollouts=str(rolled), out=str(tmp_path / "v.parquet"), workers=1))
+    scored = score_run(ScoreConfig(model=str(tiny_model_dir), verified=str(verified), out=str(tmp_path / "s.parquet"),
+                                   threads=1))
+    tokenizer = load_tokenizer(tiny_model_dir)
+    rows = read_artifact(scored, "scored")[0].to_pylist()
+    for row in rows:
+        student = tokenizer.decode(row["prompt_token_ids"])
+        last_user = student.rsplit(row["problem"], 1)[1]  # the problem's own turn (few-shot turns keep theirs)
+        assert mine in last_user and INSTRUCTION not in last_user
+        if row["privileged_source"] != "none":
+            assert f"{row['problem']} {mine}" in tokenizer.decode(row["teacher_prompt_token_ids"])

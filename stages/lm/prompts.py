@@ -37,6 +37,7 @@ class ChatOptions:
     system: str | None = None
     thinking: str = "default"
     template: str | None = None
+    answer_instruction: str = INSTRUCTION  # appended to the problem in both views ("" = none)
 
     @classmethod
     def from_knobs(cls, knobs) -> "ChatOptions":
@@ -44,11 +45,14 @@ class ChatOptions:
         `chat_template` is `plain` or a Jinja file, read here."""
         get = knobs.get if isinstance(knobs, dict) else lambda key, default: getattr(knobs, key, default)
         template = get("chat_template_text", None) or template_text(get("chat_template", None))
-        return cls(get("system_prompt", None) or None, get("thinking", "default") or "default", template)
+        instruction = get("answer_instruction", INSTRUCTION)
+        return cls(get("system_prompt", None) or None, get("thinking", "default") or "default", template,
+                   INSTRUCTION if instruction is None else instruction)
 
     def record(self) -> dict:
         """What a scored file's metadata keeps (the template's text, so a rescoring needs no file)."""
-        return {"system_prompt": self.system, "thinking": self.thinking, "chat_template_text": self.template}
+        return {"system_prompt": self.system, "thinking": self.thinking, "chat_template_text": self.template,
+                "answer_instruction": self.answer_instruction}
 
     def wrap(self, messages: list[dict]) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + messages
@@ -74,9 +78,9 @@ def template_text(choice: str | None) -> str | None:
     return path.read_text()
 
 
-def user_text(problem: str) -> str:
-    """The user turn the student sees for `problem`."""
-    return f"{problem} {INSTRUCTION}"
+def user_text(problem: str, instruction: str = INSTRUCTION) -> str:
+    """The user turn the student sees for `problem`: the problem, then the answer instruction ("" = none)."""
+    return f"{problem} {instruction}" if instruction else problem
 
 
 def _few_shot_messages(few_shot) -> list[dict]:
@@ -87,22 +91,23 @@ def _few_shot_messages(few_shot) -> list[dict]:
     return messages
 
 
-def student_messages(problem: str, few_shot=None) -> list[dict]:
-    return _few_shot_messages(few_shot) + [{"role": "user", "content": user_text(problem)}]
+def student_messages(problem: str, few_shot=None, answer_instruction: str = INSTRUCTION) -> list[dict]:
+    return _few_shot_messages(few_shot) + [{"role": "user", "content": user_text(problem, answer_instruction)}]
 
 
 def teacher_user_text(problem: str, privileged_text: str, correct: bool,
-                      instruction: str = TEACHER_INSTRUCTION) -> str:
+                      instruction: str = TEACHER_INSTRUCTION, answer_instruction: str = INSTRUCTION) -> str:
     """METHOD §4 step 3: problem prompt, the verified solution, the assessment of *this* rollout, the instruction."""
     note = CORRECT_NOTE if correct else INCORRECT_NOTE
-    text = f"{user_text(problem)}\n\nYour previous attempt:\n{privileged_text}\n\nPrevious assessment: {note}"
+    text = f"{user_text(problem, answer_instruction)}\n\nYour previous attempt:\n{privileged_text}\n\nPrevious assessment: {note}"
     return f"{text}\n{instruction}" if instruction else text
 
 
 def teacher_messages(problem: str, few_shot, privileged_text: str, correct: bool,
-                     instruction: str = TEACHER_INSTRUCTION) -> list[dict]:
+                     instruction: str = TEACHER_INSTRUCTION, answer_instruction: str = INSTRUCTION) -> list[dict]:
     return _few_shot_messages(few_shot) + [
-        {"role": "user", "content": teacher_user_text(problem, privileged_text, correct, instruction)}
+        {"role": "user", "content": teacher_user_text(problem, privileged_text, correct, instruction,
+                                                      answer_instruction)}
     ]
 
 

@@ -23,7 +23,7 @@ from stages.common.errors import InputError
 from stages.common.parts import Shard
 from stages.lm.engine import ENGINES, Completion, SamplingSettings, is_engine
 from stages.lm.models import DEFAULT_MODEL, DTYPES
-from stages.lm.prompts import PLAIN, THINKING, ChatOptions
+from stages.lm.prompts import INSTRUCTION, PLAIN, THINKING, ChatOptions
 
 PROMPT_COLUMNS = [field.name for field in schemas.PROMPTS]
 
@@ -52,6 +52,7 @@ class RolloutConfig:
     system_prompt: str | None = None  # a system turn before the few-shot turns (both views; score reads it back)
     thinking: str = "default"  # chat template enable_thinking (Qwen3): default | on | off
     chat_template: str | None = None  # None: the tokenizer's | plain (Question:/Answer: text) | a Jinja file
+    answer_instruction: str = INSTRUCTION  # appended to every problem (both views; "" = none)
     progress: bool = True  # rich progress bar on stderr (shown only when stderr is a terminal)
     overwrite: bool = False  # replace an existing output
 
@@ -141,7 +142,8 @@ def sample(loaded_or_engine, prompt_rows: list[dict], settings: SamplingSettings
 
     engine = as_engine(loaded_or_engine)
     tokenizer = engine.tokenizer
-    prompt_ids = [encode(tokenizer, student_messages(row["problem"], row["few_shot"]), chat) for row in prompt_rows]
+    prompt_ids = [encode(tokenizer, student_messages(row["problem"], row["few_shot"], chat.answer_instruction), chat)
+                  for row in prompt_rows]
     keys = [row["prompt_id"] for row in prompt_rows]
     start = time.perf_counter()
     completions: list[list[Completion]] = []
@@ -201,6 +203,7 @@ def _max_model_len(model_path: Path, rows: list[dict], max_new_tokens: int, chat
     from stages.lm.prompts import encode, student_messages
 
     tokenizer = load_tokenizer(model_path)
-    longest = max((len(encode(tokenizer, student_messages(r["problem"], r["few_shot"]), chat)) for r in rows),
+    longest = max((len(encode(tokenizer, student_messages(r["problem"], r["few_shot"], chat.answer_instruction), chat))
+                   for r in rows),
                   default=1)
     return longest + max_new_tokens

@@ -130,7 +130,7 @@ def build_views(rows: list[dict], tokenizer, teacher: bool = True,
         views.append(View(index, False, row["prompt_token_ids"], row["response_token_ids"]))
         if teacher and row["privileged_source"] != "none":
             messages = teacher_messages(row["problem"], row["few_shot"], row["privileged_text"], bool(row["correct"]),
-                                        instruction)
+                                        instruction, chat.answer_instruction)
             views.append(View(index, True, encode(tokenizer, messages, chat), row["response_token_ids"]))
     return views
 
