@@ -581,13 +581,19 @@ def test_a_hub_id_resolves_through_the_local_cache(tmp_path, arith_prompts, tiny
     assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.parquet").exists()
 
 
-def test_a_model_without_a_chat_template_is_a_one_line_error(tmp_path, arith_prompts, tiny_model_dir):
+def base_model_copy(tmp_path, model_dir):
+    """`model_dir` without its chat template (as a base model ships)."""
     bare = tmp_path / "base-model"
-    shutil.copytree(tiny_model_dir, bare)
+    shutil.copytree(model_dir, bare)
     (bare / "chat_template.jinja").unlink(missing_ok=True)
     tokenizer_config = bare / "tokenizer_config.json"
     tokenizer_config.write_text(json.dumps({k: v for k, v in json.loads(tokenizer_config.read_text()).items()
                                             if k != "chat_template"}))
+    return bare
+
+
+def test_a_model_without_a_chat_template_is_a_one_line_error(tmp_path, arith_prompts, tiny_model_dir):
+    bare = base_model_copy(tmp_path, tiny_model_dir)
     result = _invoke("--model", bare, "--prompts", arith_prompts, "--out", tmp_path / "r.parquet", "--engine", "hf",
                      "--threads", 1)
     assert result.exit_code == 2, result.output
@@ -606,12 +612,7 @@ def test_num_is_the_same_option_as_max_prompts(tmp_path, arith_prompts, tiny_mod
 def test_a_base_model_samples_with_the_plain_template_or_a_jinja_file(tmp_path, arith_prompts, tiny_model_dir):
     from stages.lm.models import load_tokenizer
 
-    bare = tmp_path / "base-model"
-    shutil.copytree(tiny_model_dir, bare)
-    (bare / "chat_template.jinja").unlink(missing_ok=True)
-    tokenizer_config = bare / "tokenizer_config.json"
-    tokenizer_config.write_text(json.dumps({k: v for k, v in json.loads(tokenizer_config.read_text()).items()
-                                            if k != "chat_template"}))
+    bare = base_model_copy(tmp_path, tiny_model_dir)
     mine = tmp_path / "mine.jinja"
     mine.write_text("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
                     "{% if add_generation_prompt %}<<assistant>>{% endif %}")

@@ -214,7 +214,9 @@ def hf_records(source: str, split: str) -> list[dict]:
         import datasets as hf_datasets
     except ImportError:
         raise InputError("data prepare hf: needs the datasets package (pip install 'antisd[hf]')") from None
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    from stages.lm.models import hub_offline
+
+    if hub_offline():
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     folder = Path(source)
     try:

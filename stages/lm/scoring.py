@@ -74,15 +74,21 @@ class View:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
-def metadata_temperature(metadata: dict) -> float | None:
-    """The first positive `temperature` value found breadth-first in a file's metadata, or None."""
+def metadata_nodes(metadata: dict):
+    """The dicts of a file's metadata, breadth-first (its own keys before the inputs' metadata it carries)."""
     queue = [metadata]
     while queue:
         node = queue.pop(0)
+        yield node
+        queue += [v for v in node.values() if isinstance(v, dict)]
+
+
+def metadata_temperature(metadata: dict) -> float | None:
+    """The first positive `temperature` value found breadth-first in a file's metadata, or None."""
+    for node in metadata_nodes(metadata):
         value = node.get("temperature")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             return float(value)
-        queue += [v for v in node.values() if isinstance(v, dict)]
     return None
 
 
@@ -109,13 +115,8 @@ def metadata_chat(metadata: dict):
     file's metadata (the rollouts' config travels in every later file's), else the defaults."""
     from stages.lm.prompts import ChatOptions
 
-    queue = [metadata]
-    while queue:
-        node = queue.pop(0)
-        if "system_prompt" in node or "thinking" in node:
-            return ChatOptions.from_knobs(node)
-        queue += [v for v in node.values() if isinstance(v, dict)]
-    return ChatOptions()
+    node = next((n for n in metadata_nodes(metadata) if "system_prompt" in n or "thinking" in n), None)
+    return ChatOptions() if node is None else ChatOptions.from_knobs(node)
 
 
 def build_views(rows: list[dict], tokenizer, teacher: bool = True,

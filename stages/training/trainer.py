@@ -141,8 +141,7 @@ class Trainer:
     def configure(self, config: UpdateConfig) -> None:
         """Take the options of the step about to run (a resident trainer serves several: out, seed and the
         re-calibration request change; the model, method and numerics do not)."""
-        self.config = config
-        self._set_hyperparameters()
+        self.config = config  # lr and weight decay go into the optimizer at the start of each step (_train_step)
         switched, self.switched_method = self.switched_method, False  # a method switch re-calibrates once
         if self.gate.request_recalibration(config.recalibrate_gate, force=switched):
             log.info("gate: re-calibrating H_warm over the next %d steps (%s)", config.warmup_steps,
