@@ -8,6 +8,8 @@ from antisd_cli.options import config_option, out_option, overwrite_option, seed
 from stages.lm.datasets import DATASETS, SPLITS, PrepareConfig
 
 C = PrepareConfig
+FIELD = (" A column, or a dotted path into nested ones with list indices: reward_model.ground_truth, "
+         "prompt.-1.content (a column of that very name wins).")
 
 
 @click.group("data")
@@ -27,12 +29,14 @@ def data_command() -> None:
                            "direct (12 + 25) and deliberate (47 + 36).")
 @config_option(C, "path", "jsonl/parquet: the input file; hf: a datasets folder (save_to_disk or data files) or a "
                           "Hub dataset name in the datasets cache.")
-@config_option(C, "problem_field", "jsonl/parquet/hf: column holding the problem text.")
-@config_option(C, "answer_field", "jsonl/parquet/hf: column holding the gold answer.")
-@config_option(C, "solution_field", "jsonl/parquet/hf: column holding a reference solution (optional).")
-@config_option(C, "id_field", "jsonl/parquet/hf: column holding a unique id (default: row number).")
-@config_option(C, "few_shot_field", "jsonl/parquet/hf: column holding the row's few-shot turns, a list of {user, "
-                                    "assistant} (optional; absent = none).")
+@config_option(C, "problem_field", "jsonl/parquet/hf: the field holding the problem text." + FIELD)
+@config_option(C, "answer_field", "jsonl/parquet/hf: the field holding the gold answer." + FIELD)
+@config_option(C, "solution_field", "jsonl/parquet/hf: the field holding a reference solution (optional)." + FIELD)
+@config_option(C, "id_field", "jsonl/parquet/hf: the field holding a unique id (default: row number)." + FIELD)
+@config_option(C, "few_shot_field", "jsonl/parquet/hf: the field holding the row's few-shot turns, a list of {user, "
+                                    "assistant} (optional; absent = none)." + FIELD)
+@config_option(C, "dedupe", "jsonl/parquet/hf: keep only the first row of each problem text (DAPO-Math-17k's Hub "
+                            "copy repeats every problem).")
 @overwrite_option(C)
 @stage_errors
 def prepare(**options):
@@ -44,6 +48,8 @@ def prepare(**options):
       antisd data prepare gsm8k --split test --out gsm8k_test.parquet
       antisd data prepare arith_styles --shots deliberate,small,direct --num 64 --out styles.parquet
       antisd data prepare jsonl --path mine.jsonl --problem-field question --out mine.parquet
+      antisd data prepare parquet --path dapo.parquet --problem-field prompt.0.content \\
+        --answer-field reward_model.ground_truth --id-field extra_info.index --out dapo_prompts.parquet
       antisd data prepare hf --path ./my_dataset --split validation --problem-field question --out mine.parquet
     """
     from stages.data import run

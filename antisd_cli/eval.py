@@ -12,6 +12,7 @@ from antisd_cli.options import (
     model_option,
     out_option,
     overwrite_option,
+    prompt_template_option,
     seed_option,
     stage_errors,
     threads_option,
@@ -38,6 +39,7 @@ C = EvalConfig
                metavar="FILE|plain")
 @config_option(C, "answer_instruction", "Appended to every problem in the user turn (\"\" = none); the teacher view "
                                         "repeats it.")
+@prompt_template_option(C)
 @config_option(C, "thinking", "The chat template's enable_thinking: default, on or off.",
                type=click.Choice(THINKING))
 @config_option(C, "max_new_tokens", "Response length cap; a sample that hits it counts as truncated.")

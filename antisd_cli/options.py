@@ -104,3 +104,12 @@ def config_option(cls, name: str, help: str, *aliases: str, **kwargs):
         decls = (flag, *aliases)
         kwargs.setdefault("type", _click_type(hint))
     return click.option(*decls, name, default=field_default(cls, name), help=help, **kwargs)
+
+
+def prompt_template_option(cls):
+    return config_option(cls, "prompt_template", "A YAML file of prompt text: system_prompt, answer_instruction, "
+                         "thinking, chat_template (a Jinja file beside it, or plain) or chat_template_text, and the "
+                         "teacher view's teacher_instruction, teacher_attempt_header, teacher_assessment_header, "
+                         "correct_note, incorrect_note (examples/prompts/default.yaml: the defaults). A flag set to "
+                         "other than its default overrides the file's value; the resolved text goes to the metadata, "
+                         "where score reads it back.", metavar="FILE.yaml")

@@ -11,6 +11,7 @@ from antisd_cli.options import (
     model_option,
     out_option,
     overwrite_option,
+    prompt_template_option,
     seed_option,
     shard_option,
     stage_errors,
@@ -50,6 +51,7 @@ C = RolloutConfig
                                    "score renders the teacher view with it too.", metavar="FILE|plain")
 @config_option(C, "answer_instruction", "Appended to every problem in the user turn (\"\" = none); the teacher view "
                                         "repeats it.")
+@prompt_template_option(C)
 @config_option(C, "thinking", "The chat template's enable_thinking (Qwen3): default (the template's), on or off.",
                type=click.Choice(THINKING))
 @config_option(C, "progress", "Rich progress bar on stderr (shown only on a terminal).")

@@ -36,7 +36,9 @@ C = ScoreConfig
                                   "fewer positions).")
 @config_option(C, "teacher", "Run the teacher pass (t, H, u); --no-teacher for a method that does not read u "
                              "(grpo): the teacher columns then repeat the student's and pmi is 0.")
-@config_option(C, "teacher_instruction", "The teacher prompt's last line (METHOD §4); '' leaves it out (a control).")
+@config_option(C, "teacher_instruction", "The teacher prompt's last line (METHOD §4); '' leaves it out (a control). "
+                                         "Default: the rollouts' (their --prompt-template's, else 'Now solve this "
+                                         "problem step by step.').")
 @dtype_option(C)
 @config_option(C, "device", "auto, cpu, cuda or cuda:N.")
 @threads_option(C)

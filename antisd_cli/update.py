@@ -52,6 +52,13 @@ C = UpdateConfig
 @config_option(C, "adv_eps", "ε in (R − mean)/(std + ε).")
 @config_option(C, "adv_scale", "Divide the group-centred reward by the group std (group) or not (none, Dr.GRPO).",
                type=click.Choice(["group", "none"]))
+@config_option(C, "overlong_buffer", "DAPO overlong shaping: tokens before --overlong-max-tokens over which a reward "
+                                     "penalty falls linearly to −overlong-penalty (0 = off).")
+@config_option(C, "overlong_penalty", "The overlong penalty at the response limit.")
+@config_option(C, "overlong_max_tokens", "The response limit of the overlong penalty (0 = the rollouts' "
+                                         "max_new_tokens, read from the scored file).")
+@config_option(C, "overlong_filter", "Truncated responses (finish_reason length) carry no loss; their rewards still "
+                                     "count in their group's advantage.")
 @config_option(C, "ppo_epochs", "Passes over the batch.")
 @config_option(C, "mini_batch_size", "Sequences per optimizer step (0 = the whole batch: one step, strictly "
                                      "on-policy).")
@@ -77,6 +84,12 @@ C = UpdateConfig
                                             "no shared prefixes (the cache of a checkpointed layer is dropped).")
 @config_option(C, "share_prefix", "Run each group's prompt once per micro-batch, its cache repeated over the samples "
                                   "(the same gradients, fewer positions).")
+@config_option(C, "lora_rank", "Train rank-r LoRA adapters (PEFT) on the frozen model (0 = full training); --out "
+                               "holds the merged weights and the adapter in adapter/.")
+@config_option(C, "lora_alpha", "LoRA scale numerator: the adapter is scaled by alpha / rank.")
+@config_option(C, "lora_dropout", "Dropout on the adapter's input (> 0: the update's log-probs differ from score's).")
+@config_option(C, "lora_target_modules", "Layers that get adapters: all-linear (every linear layer but the output "
+                                         "head) or a comma list of module names (q_proj,v_proj).")
 @threads_option(C)
 @seed_option(C, "Seeds the mini-batch order; the RNG state is restored from the run state when present.")
 @config_option(C, "force", "Accept a scored file whose old log-probs came from another model revision.")

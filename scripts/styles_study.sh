@@ -55,21 +55,25 @@ polarity)
   done
   ;;
 train)
-  # the base model's held-out evaluation does not depend on method or seed: once, copied into every run directory
-  if [ ! -f "$OUT/base/eval_base.json" ]; then
-    "$ANTISD" -q loop -c "$CONFIG" -o "$OUT/base" --set loop.steps=0 > "$OUT/base.log" 2>&1 \
-      || { echo "FAILED base evaluation (see $OUT/base.log)"; exit 1; }
-  fi
-  for spec in $RUNS; do
+  # the base model's held-out evaluation does not depend on method or seed: the first run computes it, the others
+  # get a copy (loop keeps an eval_base.json it finds)
+  train_one() {
+    local name=${1%%:*} seed=${1##*:}; local method=${name%-nogate} gate=()
+    [ "$method" != "$name" ] && gate=(--set update.gate=off)
+    "$ANTISD" -q loop -c "$CONFIG" -o "$OUT/${name}_s${seed}" "${gate[@]}" --set update.method="$method" \
+      --set loop.seed="$seed" > "$OUT/${name}_s${seed}.log" 2>&1 && echo "done ${name}_s${seed}" \
+      || { echo "FAILED ${name}_s${seed} (see $OUT/${name}_s${seed}.log)"; return 1; }
+  }
+  export -f train_one; export ANTISD CONFIG OUT
+  set -- $RUNS
+  first="$OUT/${1%%:*}_s${1##*:}"
+  train_one "$1"  # a finished run returns at once, a partial one resumes
+  for spec in "${@:2}"; do
     dir="$OUT/${spec%%:*}_s${spec##*:}"
-    [ -f "$dir/eval_base.json" ] || { mkdir -p "$dir" && cp "$OUT"/base/eval_base.{json,parquet,summary.json} "$dir/"; }
+    [ -f "$dir/eval_base.json" ] || { mkdir -p "$dir" && cp "$first"/eval_base.{json,parquet,summary.json} "$dir/"; }
   done
-  for spec in $RUNS; do echo "$spec"; done | OMP_NUM_THREADS=$((2 / JOBS > 0 ? 2 / JOBS : 1)) xargs -P "$JOBS" -I{} \
-    bash -c 'name=${1%%:*}; seed=${1##*:}; method=${name%-nogate}; gate=()
-      [ "$method" != "$name" ] && gate=(--set update.gate=off)
-      "$0" -q loop -c "$2" -o "$3/${name}_s${seed}" "${gate[@]}" --set update.method=$method --set loop.seed=$seed \
-        > "$3/${name}_s${seed}.log" 2>&1 && echo "done ${name}_s${seed}" || { echo "FAILED ${name}_s${seed}"; exit 1; }
-    ' "$ANTISD" {} "$CONFIG" "$OUT"
+  printf '%s\n' "${@:2}" | OMP_NUM_THREADS=$((2 / JOBS > 0 ? 2 / JOBS : 1)) xargs -r -P "$JOBS" -I{} \
+    bash -c 'train_one "$1"' _ {}
   # the per-run files every number of the doc is computed from (the run directories are not committed)
   for dir in "$OUT"/*_s*/; do
     name=$(basename "$dir"); mkdir -p "$DOCS/runs/$name"

@@ -27,8 +27,8 @@ method/ — the METHOD.md formulas, pure functions of tensors
 lm/ — the language model: what it reads and computes
     compat      HF folders that transformers 4.x reads as 5.x wrote them (RoPE base, tokenizer class)
     models      model resolution (local folders, the embedded GGUF), loading, the logits-path check
-    prompts     student and teacher chat messages, token ids
-    datasets    the prompt sets (built-in and user files), PrepareConfig
+    prompts     student and teacher chat messages, token ids, ChatOptions and prompt template files
+    datasets    the prompt sets (built-in and user files, fields by dotted path), PrepareConfig
     pieces      token pieces → text and words (for the PMI analysis)
     logprobs    chunked per-token log-probs and entropies, the one micro-batch packer
     shared_prefix  sequences that share a prefix computed with the prefix run once (its KV cache repeated)
@@ -49,6 +49,7 @@ training/ — the update step
     trainer     the policy in a DeepSpeed engine, the optimizer step, the checkpoint it writes
     batch       scored rows → Batch, the checks of state, revision and reference, the data's metrics
     schedule    the learning-rate schedule (warm-up, constant/linear/cosine) by the run's update step
+    lora        LoRA adapters through PEFT: attach, merged weights, the adapter folder, state checks
     micro       what one rank runs in an optimizer step: its rows in micro-batches of forward pieces
     checkpoint  the atomic checkpoint format (HF folder + DeepSpeed state + run state)
     distributed process groups, DeepSpeed config, the split of a batch across ranks
@@ -56,6 +57,7 @@ training/ — the update step
 runs/ — a training run
     config      the run config (YAML + --set), its validation and digest, LoopConfig
     plan        what a step is: prompts cursor, stage configs, commands.sh, opening a run directory
+    dynamic     DAPO dynamic sampling: further draws until a step has enough mixed-reward groups
     run_dir     the run directory: layout, manifest, metrics.jsonl, checkpoint pruning
     view        the live view on stderr
     tracking    TensorBoard events and Weights & Biases logging of the metrics
@@ -67,6 +69,7 @@ common/ — shared by all
     io          checked Parquet reads, atomic writes, output locks
     parts       part files of sharded outputs and their checks
     validation  config checks (Checks, ConfigError)
+    yaml12      YAML as config files are read (1.2 booleans, no repeated keys, one-line problems)
     metrics     the names of the logged metrics
     figures     PNG/HTML/CSV outputs (the only matplotlib importer)
     process     CPU threads, seeds, device choice

@@ -70,6 +70,7 @@ class EvalConfig:
     thinking: str = "default"  # as rollout's: the chat template's enable_thinking (default | on | off)
     chat_template: str | None = None  # as rollout's: None (the tokenizer's) | plain | a Jinja file
     answer_instruction: str = INSTRUCTION  # as rollout's: appended to every problem ("" = none)
+    prompt_template: str | None = None  # as rollout's: a YAML file of the four above (each set here overrides it)
     workers: int = 2  # answer-check worker processes
     timeout: float = 5.0  # seconds per answer check
     fallbacks: str = DEFAULT_FALLBACKS  # answer extraction fallbacks after \boxed{} (see `antisd verify`)
@@ -198,12 +199,12 @@ def _evaluate(rows: list[dict], rollout_config, verify_config, *, out: Path, ben
 
     # --- sample
     started = time.perf_counter()
+    chat = ChatOptions.from_knobs(rollout_config)
     engine = open_engine(engine_name, rollout_config, Path(model_path), rows, loaded)
     try:
         rollouts, sample_stats = sample(engine, rows, SamplingSettings.from_config(rollout_config),
                                                 batch_size=rollout_config.batch_size,
-                                                progress=rollout_config.progress,
-                                                chat=ChatOptions.from_knobs(rollout_config))
+                                                progress=rollout_config.progress, chat=chat)
     finally:
         engine.close()
 
@@ -226,7 +227,8 @@ def _evaluate(rows: list[dict], rollout_config, verify_config, *, out: Path, ben
     }
 
     # --- write: rows first, summary last (its presence marks a finished eval)
-    metadata = build_metadata("verified", {"rollout": rollout_config, "verify": verify_config}, eval=summary)
+    metadata = build_metadata("verified", {"rollout": rollout_config, "verify": verify_config}, eval=summary,
+                              chat=chat.record())
     write_artifact(table, out, "verified", metadata)
     atomic_write_json(summary_path(out), summary)
     log.info("eval %s: accuracy %.4f [%.4f, %.4f], pass@1 %.4f, length %.1f, truncated %.3f → %s", benchmark,
@@ -244,8 +246,8 @@ def _rollout_config(config: EvalConfig):
         top_p=1.0 if greedy else config.top_p, max_new_tokens=config.max_new_tokens, seed=config.seed,
         engine=config.engine, dtype=config.dtype, threads=config.threads, batch_size=config.batch_size,
         device=config.device, system_prompt=config.system_prompt, thinking=config.thinking,
-        chat_template=config.chat_template, answer_instruction=config.answer_instruction, progress=config.progress,
-        overwrite=True)
+        chat_template=config.chat_template, answer_instruction=config.answer_instruction,
+        prompt_template=config.prompt_template, progress=config.progress, overwrite=True)
 
 
 def _verify_config(config: EvalConfig):

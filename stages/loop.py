@@ -35,7 +35,15 @@ from stages.common import metrics as keys
 from stages.common.io import atomic_write_json
 from stages.runs import config as run_config
 from stages.runs.config import LoopConfig
-from stages.runs.plan import eval_due, opened_run, stage_seed, step_configs, write_commands, write_step_prompts
+from stages.runs.plan import (
+    draw_dir,
+    eval_due,
+    opened_run,
+    stage_seed,
+    step_configs,
+    write_commands,
+    write_step_prompts,
+)
 from stages.runs.run_dir import Run
 from stages.runs.tracking import Trackers, check_wandb
 
@@ -150,12 +158,14 @@ class StepRunner:
 
         full = self.run.full_checkpoint_before(step)
         start = str(self.run.checkpoint(full)) if full is not None else self.settings.model
-        start_config = replace(config, model=start)
+        first = 0 if full is None else full + 1  # the trainer opens as that step's (its seed draws a fresh adapter)
+        start_config = replace(config if first == step else step_configs(self.config, self.run, first)["update"],
+                               model=start)
         env = distributed.env_from(os.environ)
         model_dir = resolve_model(start)
         state, deepspeed_user = update.read_start(start_config, env, model_dir)
         trainer = update.open_trainer(start_config, env, model_dir, state, deepspeed_user)
-        for replayed in range(0 if full is None else full + 1, step):
+        for replayed in range(first, step):
             update.replay(trainer, step_configs(self.config, self.run, replayed)["update"])
         return trainer
 
@@ -193,7 +203,9 @@ class StepRunner:
             self._timed("rollout", timings, lambda: rollout.run(configs["rollout"], loaded=source))
             if self.vllm is not None:
                 self._count_sync(timings, self.vllm.put_aside())  # free the memory score and update train in
-        if not paths["verified"].exists():
+        if not paths["verified"].exists() and settings.dynamic_sampling:
+            self._timed("verify", timings, lambda: self.draw_groups(step, configs, model, train_table, timings))
+        elif not paths["verified"].exists():
             self._timed("verify", timings, lambda: verify.run(configs["verify"]))
         if not paths["scored"].exists():
             self._timed("score", timings, lambda: self.score(configs["score"], model))
@@ -207,6 +219,49 @@ class StepRunner:
         row[keys.timing("model_load")] = round(self.load_seconds - loads_before, 3)
         row[keys.LOAD_FRACTION] = round(row[keys.timing("model_load")] / max(row[keys.timing("step")], 1e-9), 4)
         return row
+
+    def draw_groups(self, step: int, configs: dict, model: str, train_table: pa.Table, timings: dict) -> None:
+        """Dynamic sampling (stages.runs.dynamic): verify draw 0 (the step's rollouts), draw further prompts while
+        too few groups are mixed, then write the step's verified.parquet from the kept groups. Resumable: every
+        draw's files are kept, and a draw whose file exists is not run again."""
+        from stages import rollout, verify
+        from stages.common.io import build_metadata, read_artifact, read_metadata, write_artifact
+        from stages.runs import dynamic
+
+        settings, per_step = self.settings, self.settings.prompts_per_step
+        tables, used, draw = [], set(), 0
+        while True:
+            folder = draw_dir(self.run, step, draw)
+            folder.mkdir(parents=True, exist_ok=True)
+            prompts, rollouts, verified = (folder / f"{name}.parquet" for name in ("prompts", "rollouts", "verified"))
+            seeds = {name: stage_seed(settings.seed, step, f"{name}/draw{draw}") for name in ("rollout", "verify")}
+            if draw == 0:
+                prompts, rollouts, seeds = self.run.step_paths(step)["prompts"], Path(configs["rollout"].out), {}
+            elif not prompts.exists():
+                rows = dynamic.refill_indices(train_table.num_rows, per_step, used, seeds["rollout"])
+                if not rows:
+                    break  # every training prompt has been drawn in this step
+                write_artifact(train_table.take(rows), prompts, "prompts",
+                               build_metadata("prompts", {"step": step, "draw": draw, "rows": rows}))
+            used |= set(read_metadata(prompts)["config"]["rows"])
+            if not rollouts.exists():
+                source = self.rollout_source(model, train_table, timings)
+                rollout.run(replace(configs["rollout"], prompts=str(prompts), out=str(rollouts),
+                                    seed=seeds["rollout"]), loaded=source)
+                if self.vllm is not None:
+                    self._count_sync(timings, self.vllm.put_aside())
+            if not verified.exists():
+                verify.run(replace(configs["verify"], rollouts=str(rollouts), out=str(verified),
+                                   **({"seed": seeds["verify"]} if seeds else {})))
+            tables.append(read_artifact(verified, "verified")[0])
+            if not dynamic.needs_more(tables, per_step, settings.max_draws):
+                break
+            draw += 1
+        table, record = dynamic.select(tables, per_step)
+        metadata = read_artifact(draw_dir(self.run, step, 0) / "verified.parquet", "verified")[1]
+        write_artifact(table, self.run.step_paths(step)["verified"], "verified", {**metadata, "dynamic_sampling": record})
+        log.info("step %d dynamic sampling: %d draw(s), %d of %d groups mixed, %d kept", step, record["draws"],
+                 record["groups_mixed"], record["groups_drawn"], record["groups_kept"])
 
     def evaluate(self, model, prompts: Path, out_prefix: Path, timings: dict) -> dict:
         from stages import eval as eval_stage
@@ -222,6 +277,11 @@ class StepRunner:
         from stages.common.io import read_metadata
         row = json.loads((self.run.checkpoint(step) / "metrics.json").read_text())
         row[keys.STEP] = step
+        drawn = read_metadata(paths["verified"]).get("dynamic_sampling")
+        if drawn:
+            from stages.runs.dynamic import step_metrics
+
+            row.update(step_metrics(drawn))
         for name, key in (("rollouts", keys.ROLLOUT_TOK_S), ("scored", keys.SCORE_TOK_S)):
             tokens_per_s = read_metadata(paths[name]).get("tokens_per_s")
             if tokens_per_s is not None:

@@ -3,7 +3,8 @@
 Reads a prompts Parquet, formats each problem with `stages.lm.prompts` (the exact prompt ids are stored), samples with
 an engine (`stages.lm.engine_hf.HFEngine`, or `stages.lm.engine_vllm.VLLMEngine` imported only when chosen) through
 `stages.lm.sampling.sample` (which `eval` and `loop` reuse with an engine they keep open) and writes the rows
-atomically with the run's model, revision, sampling settings, engine, dtype, threads and speed in the metadata.
+atomically with the run's model, revision, sampling settings, chat options (`chat`: the resolved
+`stages.lm.prompts.ChatOptions`, which score reads back), engine, dtype, threads and speed in the metadata.
 
 Row conventions: `response_token_ids` are the engine's ids (never re-tokenized) and end with the EOS id when
 finish_reason is "stop" (the trainer must learn to stop); `response_text` is their decoding without special
@@ -62,11 +63,11 @@ def run(config: RolloutConfig, loaded=None) -> Path:
 
         # --- sample
         started = time.perf_counter()
+        chat = ChatOptions.from_knobs(config)
         engine = loaded if engine_given else open_engine(engine_name, config, Path(model_path), rows, loaded)
         try:
             result, stats = sample(engine, rows, SamplingSettings.from_config(config),
-                                   batch_size=config.batch_size, progress=config.progress,
-                                   chat=ChatOptions.from_knobs(config))
+                                   batch_size=config.batch_size, progress=config.progress, chat=chat)
         finally:
             if not engine_given:
                 engine.close()
@@ -75,8 +76,8 @@ def run(config: RolloutConfig, loaded=None) -> Path:
         # --- write
         metadata = build_metadata(
             "rollouts", config, model_path=str(engine.model_path), model_revision=engine.revision,
-            sampling=asdict(SamplingSettings.from_config(config)), seed=config.seed, engine=engine.name,
-            dtype=engine.dtype_name, threads=threads, prompts=len(rows), shard=asdict(shard),
+            sampling=asdict(SamplingSettings.from_config(config)), chat=chat.record(), seed=config.seed,
+            engine=engine.name, dtype=engine.dtype_name, threads=threads, prompts=len(rows), shard=asdict(shard),
             batch_size=config.batch_size or engine.default_batch_size, wall_s=round(wall_s, 3), **stats,
         )
         write_artifact(result, out, "rollouts", metadata)

@@ -4,7 +4,9 @@ For each row the same weights are run twice over the stored response token ids (
 - student view: `prompt_token_ids` + `response_token_ids` → s_t = student_logprobs, student_entropy (the old policy);
 - teacher view: encode(teacher_messages(problem, few_shot, privileged_text, correct)) + the same response ids
   → t_t = teacher_logprobs, H_t = teacher_entropy; pmi u_t = t_t − s_t (computed from the stored float32 values).
-Rows with privileged_source == "none" get no teacher pass: teacher_* = the student values, pmi = 0,
+The teacher prompt's framing text (headers, notes, last line) and the chat options are the rollouts' (the `chat`
+record in the input's metadata chain, their prompt template's values included); `--teacher-instruction` replaces the
+last line. Rows with privileged_source == "none" get no teacher pass: teacher_* = the student values, pmi = 0,
 teacher_prompt_length = the student prompt length, and they are left out of the median teacher entropy. With
 `--no-teacher` (what `loop` passes for a method that does not read u, such as grpo) no row gets one, and the
 metadata records teacher: false.
@@ -90,8 +92,10 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
         vocab_size = min([len(tokenizer)] + [network.get_input_embeddings().num_embeddings for network in networks])
         rows = table.select(_ROW_COLUMNS).to_pylist()
         check_rows(rows, vocab_size, config.verified)
-        chat = metadata_chat(in_meta)  # the chat options the rollouts were rendered with
-        views = build_views(rows, tokenizer, teacher=config.teacher, instruction=config.teacher_instruction, chat=chat)
+        chat = metadata_chat(in_meta)  # the chat options (prompt template included) the rollouts were rendered with
+        if config.teacher_instruction is not None:
+            chat = replace(chat, teacher_instruction=config.teacher_instruction)
+        views = build_views(rows, tokenizer, teacher=config.teacher, chat=chat)
         reference_views = [v for v in views if not v.teacher] if reference is not None else []
         # --- compute
         batches = plan_batches(views, rows, config.micro_batch_tokens, config.share_prefix)

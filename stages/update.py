@@ -21,13 +21,14 @@ from pathlib import Path
 from stages.common import metrics as keys
 from stages.common.errors import InputError
 from stages.common.io import output_lock, read_artifact
-from stages.training import checkpoint, distributed
+from stages.training import checkpoint, distributed, lora
 from stages.training.batch import (
     batch_from_table,
     check_reference,
     check_revision,
     check_state,
     check_teacher,
+    overlong_limit,
     read_deepspeed_file,
 )
 from stages.training.config import UpdateConfig
@@ -74,6 +75,7 @@ def read_start(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path) 
     stage = config.zero_stage if config.zero_stage is not None else \
         deepspeed_user.get("zero_optimization", {}).get("stage", 2)
     check_state(config, state, model_dir, env.world_size, stage)
+    lora.check_state(config, state, model_dir)
     return state, deepspeed_user
 
 
@@ -88,7 +90,8 @@ def read_batch(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path, 
     check_teacher(config, metadata)
     vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     temperature = float(metadata.get("temperature") or 1.0)  # score's numerics: s_t at the sampling temperature
-    return batch_from_table(table, str(config.scored), vocab_size, temperature, metadata.get("teacher") is not False)
+    return batch_from_table(table, str(config.scored), vocab_size, temperature, metadata.get("teacher") is not False,
+                            overlong_limit(config, metadata))
 
 
 def open_trainer(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path, state: dict | None,
@@ -138,7 +141,7 @@ def replay(trainer: Trainer, config: UpdateConfig) -> None:
     trainer.configure(config)
     trainer.train_step(batch)
     stored = load_file(str(Path(config.out) / "model.safetensors"))
-    current = trainer.policy.state_dict()
+    current = trainer.hf_state_dict()
     differ = [name for name, tensor in stored.items() if not bool((current[name].cpu() == tensor).all())]
     if differ:
         raise RuntimeError(f"{config.out}: replaying the step gives other weights than its checkpoint ({differ[0]}, "

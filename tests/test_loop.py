@@ -242,6 +242,21 @@ def test_a_run_made_before_the_speed_settings_existed_resumes(tmp_path):
         init_run(LoopConfig(out=str(tmp_path / "run"), run=run_config.resolve({}, ["update.lr=3e-6"])))
 
 
+def test_a_run_made_before_a_setting_existed_resumes_when_it_is_at_its_default(tmp_path):
+    """Options added later (loop.dynamic_sampling, loop.max_draws) are absent from an older run's manifest: at their
+    defaults they compute what the run did, so it resumes; set to something else they are a different run."""
+    from stages.runs import config as run_config
+    from stages.runs.plan import init_run
+
+    old = run_config.resolve({}).to_dict()
+    del old["loop"]["dynamic_sampling"], old["loop"]["max_draws"]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"config": old, "config_digest": "0" * 16}))
+    init_run(LoopConfig(out=str(tmp_path / "run"), run=run_config.resolve({})))
+    with pytest.raises(InputError, match=r"different config \(loop.dynamic_sampling\)"):
+        init_run(LoopConfig(out=str(tmp_path / "run"), run=run_config.resolve({}, ["loop.dynamic_sampling=true"])))
+
+
 def test_the_first_epoch_is_unchanged_by_the_fix():
     """Steps inside the first epoch read the seeded permutation in order, as before: existing runs keep their data."""
     import random

@@ -36,7 +36,7 @@ METRIC_KEYS = [
     "actor/clip_frac", "actor/approx_kl", "actor/kl_ref", "actor/grad_norm", "actor/lr", "privileged/peer",
     "privileged/reference", "privileged/other_peer", "privileged/other_reference", "privileged/none",
     "throughput/update_tok_s", "timing_s/update", "rollout/logprob_mismatch_mean",
-    "rollout/logprob_mismatch_max",
+    "rollout/logprob_mismatch_max", "reward/overlong_penalty_mean", "response/overlong_filtered",
 ]
 
 

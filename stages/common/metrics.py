@@ -19,6 +19,8 @@ REWARD_ZERO_VARIANCE_FRAC = "reward/zero_variance_frac"
 LENGTH_MEAN = "response/length_mean"
 LENGTH_MAX = "response/length_max"
 TRUNCATED_FRAC = "response/truncated_frac"
+OVERLONG_PENALTY_MEAN = "reward/overlong_penalty_mean"  # update.overlong_buffer > 0: the mean shaping added
+OVERLONG_FILTERED = "response/overlong_filtered"  # update.overlong_filter: truncated rows left out of the loss
 TEACHER_ENTROPY_MEDIAN = "teacher/entropy_median"
 STUDENT_ENTROPY_MEAN = "student/entropy_mean"
 PMI_U_MEAN = "pmi/u_mean"
@@ -53,10 +55,15 @@ def timing(stage: str) -> str:
     return f"timing_s/{stage}"
 
 
+def sampling(name: str) -> str:
+    """What a step's dynamic sampling drew and kept (stages.runs.dynamic: draws, groups_mixed, groups_kept, …)."""
+    return f"sampling/{name}"
+
+
 def evaluation(summary_key: str) -> str:
     """A held-out evaluation summary value (`accuracy`, `pass@1`, …) as a step metric."""
     return EVAL_PREFIX + summary_key
 
 
 NAMESPACES = ("reward", "response", "teacher", "student", "pmi", "privileged", "rollout", "gate", "actor",
-              "throughput", "timing_s", "overhead", "eval")
+              "throughput", "timing_s", "overhead", "eval", "sampling")

@@ -6,8 +6,9 @@ aime24, amc23, plus `arith`, a seeded generator of two-digit additions with a tw
 format in which SmolLM2-135M has enough mixed groups for RL, docs/stack-notes.md), and `arith_styles`, the same
 additions with worked examples in two answer styles: direct (`12 + 25 = 37. …`) and deliberate (split into tens and
 ones, add, check by subtraction; `answer_style` tells them apart), chosen and ordered by `shots`. Users' own data
-comes in as JSONL or Parquet with column-mapping options, each row optionally with its own few-shot turns (a list of
-{user, assistant}).
+comes in as JSONL, Parquet or a Hugging Face dataset with field-mapping options, each naming a top-level column or a
+dotted path into nested ones (`reward_model.ground_truth`, `prompt.-1.content`: `field_value`), each row optionally
+with its own few-shot turns (a list of {user, assistant}).
 Built-in few-shot user turns carry the student instruction (`stages.lm.prompts.user_text`); nothing else here formats
 for the model.
 """
@@ -65,11 +66,13 @@ class PrepareConfig:
     few_shot: bool = True  # arith, arith_styles: prepend the two worked examples
     shots: str = "direct,deliberate"  # arith_styles: its worked examples in order, from STYLE_EXAMPLES
     path: str | None = None  # jsonl/parquet: input file; hf: a dataset folder or a Hub dataset name
+    # jsonl/parquet/hf: the fields read, each a top-level column or a dotted path into nested ones (`field_value`)
     problem_field: str = "problem"
     answer_field: str = "answer"
     solution_field: str | None = "solution"
     id_field: str | None = None
     few_shot_field: str | None = "few_shot"  # jsonl/parquet: per-row few-shot turns [{user, assistant}] (optional)
+    dedupe: bool = False  # jsonl/parquet/hf: keep the first row of each problem text (DAPO-Math-17k repeats each)
     overwrite: bool = False
 
     def __post_init__(self):
@@ -236,6 +239,25 @@ def hf_records(source: str, split: str) -> list[dict]:
     return loaded.to_list()
 
 
+def field_value(record: dict, field: str | None):
+    """The value of `field` in `record`, None when it is absent: a top-level key named `field` (dots and all), else
+    a dotted path whose parts are keys or integer list indices (`reward_model.ground_truth`, `prompt.0.content`,
+    `prompt.-1.content`: the last turn's content)."""
+    if not field:
+        return None
+    if field in record:
+        return record[field]
+    node = record
+    for part in field.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and re.fullmatch(r"-?\d+", part) and -len(node) <= int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
 def user_rows(config: PrepareConfig) -> list[dict]:
     path = Path(config.path)
     if config.name == "hf":
@@ -246,18 +268,25 @@ def user_rows(config: PrepareConfig) -> list[dict]:
         records = _read_jsonl(path) if config.name == "jsonl" else pq.read_table(path).to_pylist()
     rows = []
     for i, record in enumerate(records):
-        for field in (config.problem_field, config.answer_field):
-            if record.get(field) is None:
-                raise InputError(f"{path}: row {i} has no field '{field}' (see --problem-field/--answer-field)")
-        solution = record.get(config.solution_field) if config.solution_field else None
-        rid = record.get(config.id_field) if config.id_field else None
-        few_shot = record.get(config.few_shot_field) if config.few_shot_field else None
+        if not isinstance(record, dict):
+            raise InputError(f"{path}: row {i} is not an object of fields (got {type(record).__name__})")
+        problem, answer = field_value(record, config.problem_field), field_value(record, config.answer_field)
+        for field, value in ((config.problem_field, problem), (config.answer_field, answer)):
+            if value is None:
+                raise InputError(f"{path}: row {i} has no field '{field}' (row has: {', '.join(map(str, record))}; "
+                                 "see --problem-field/--answer-field)")
+            if isinstance(value, (dict, list)):
+                raise InputError(f"{path}: row {i} field '{field}' holds a {type(value).__name__}, not text (name a "
+                                 f"path into it, e.g. '{field}.0.content' or '{field}.KEY')")
+        solution = field_value(record, config.solution_field)
+        rid = field_value(record, config.id_field)
+        few_shot = field_value(record, config.few_shot_field)
         rows.append(
             {
                 "prompt_id": f"{path.stem}-{rid if rid is not None else i}",
                 "dataset": path.stem,
-                "problem": str(record[config.problem_field]),
-                "answer": _clean_answer(record[config.answer_field]),
+                "problem": str(problem),
+                "answer": _clean_answer(answer),
                 "solution": None if solution is None else str(solution),
                 "few_shot": checked_few_shot(few_shot, f"{path}: row {i} field '{config.few_shot_field}'"),
             }
@@ -280,6 +309,8 @@ def build_rows(config: PrepareConfig) -> list[dict]:
         shots = []
     else:  # USER_FORMATS: each row carries its own few-shot turns
         rows = user_rows(config)
+        if config.dedupe:
+            rows = first_of_each_problem(rows, config.path)
         if config.seed:
             random.Random(config.seed).shuffle(rows)
         shots = None
@@ -294,6 +325,14 @@ def build_rows(config: PrepareConfig) -> list[dict]:
         return rows
     few_shot = [{"user": prompt_format.user_text(q), "assistant": a} for q, a in shots]
     return [{**row, "few_shot": few_shot} for row in rows]
+
+
+def first_of_each_problem(rows: list[dict], source) -> list[dict]:
+    """`rows` without the ones whose problem text an earlier row already has (ids of the kept rows unchanged)."""
+    seen: set[str] = set()
+    kept = [row for row in rows if not (row["problem"] in seen or seen.add(row["problem"]))]
+    log.info("%s: %d rows, %d distinct problems kept (--dedupe)", source, len(rows), len(kept))
+    return kept
 
 
 def prompts_table(config: PrepareConfig) -> pa.Table:

@@ -23,7 +23,7 @@ from stages.common.errors import InputError
 from stages.common.parts import Shard
 from stages.lm.engine import ENGINES, Completion, SamplingSettings, is_engine
 from stages.lm.models import DEFAULT_MODEL, DTYPES
-from stages.lm.prompts import INSTRUCTION, PLAIN, THINKING, ChatOptions
+from stages.lm.prompts import INSTRUCTION, PLAIN, THINKING, ChatOptions, read_prompt_template
 
 PROMPT_COLUMNS = [field.name for field in schemas.PROMPTS]
 
@@ -53,6 +53,9 @@ class RolloutConfig:
     thinking: str = "default"  # chat template enable_thinking (Qwen3): default | on | off
     chat_template: str | None = None  # None: the tokenizer's | plain (Question:/Answer: text) | a Jinja file
     answer_instruction: str = INSTRUCTION  # appended to every problem (both views; "" = none)
+    # a YAML file of the four above and the teacher view's framing text (`prompts.read_prompt_template`); each of the
+    # four set to other than its default overrides the file's value; the resolved options go to the metadata
+    prompt_template: str | None = None
     progress: bool = True  # rich progress bar on stderr (shown only when stderr is a terminal)
     overwrite: bool = False  # replace an existing output
 
@@ -66,6 +69,10 @@ class RolloutConfig:
         check.choice("thinking", THINKING)
         check.require(self.chat_template in (None, PLAIN) or Path(self.chat_template).is_file(), "chat_template",
                       f"{self.chat_template}: no such file (give a Jinja file, or 'plain')")
+        try:
+            read_prompt_template(self.prompt_template)
+        except InputError as exc:
+            check.fail("prompt_template", str(exc))
         check.done()
 
 

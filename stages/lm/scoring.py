@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from stages.common import validation
 from stages.common.errors import InputError
 from stages.lm.models import DTYPES
-from stages.lm.prompts import TEACHER_INSTRUCTION
 
 SCORE_COLUMNS = ("student_logprobs", "teacher_logprobs", "teacher_entropy", "student_entropy", "pmi",
                  "teacher_prompt_length")
@@ -44,7 +43,9 @@ class ScoreConfig:
     # student's, pmi is 0 and the file's metadata says teacher: false. The loop sets it from the method, unless the
     # run config says score.teacher: true (a grpo run that logs the teacher's entropy and u)
     teacher: bool = True
-    teacher_instruction: str = TEACHER_INSTRUCTION  # the teacher prompt's last line (METHOD §4); "" = left out
+    # the teacher prompt's last line (METHOD §4); None: the rollouts' (their prompt template's, else
+    # prompts.TEACHER_INSTRUCTION); "" = left out
+    teacher_instruction: str | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on GPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads (0 = OMP_NUM_THREADS if set, else the cores this process may use)
@@ -111,18 +112,22 @@ def check_rows(rows: list[dict], vocab_size: int, source: str) -> None:
 
 
 def metadata_chat(metadata: dict):
-    """The ChatOptions the rollouts were rendered with: the first `system_prompt`/`thinking` found breadth-first in a
-    file's metadata (the rollouts' config travels in every later file's), else the defaults."""
+    """The ChatOptions the rollouts were rendered with: the first `chat` record found breadth-first in a file's
+    metadata (rollout, eval and score write one; the rollouts' metadata travels in every later file's), else the first
+    config with `system_prompt`/`thinking` (files from before the record), else the defaults."""
     from stages.lm.prompts import ChatOptions
 
-    node = next((n for n in metadata_nodes(metadata) if "system_prompt" in n or "thinking" in n), None)
+    nodes = list(metadata_nodes(metadata))
+    node = next((n["chat"] for n in nodes if isinstance(n.get("chat"), dict)), None)
+    node = node or next((n for n in nodes if "system_prompt" in n or "thinking" in n), None)
     return ChatOptions() if node is None else ChatOptions.from_knobs(node)
 
 
-def build_views(rows: list[dict], tokenizer, teacher: bool = True,
-                instruction: str = TEACHER_INSTRUCTION, chat=None) -> list[View]:
-    """Student view of every row, teacher view (METHOD §4 prompt ending with `instruction` + the same response ids)
-    of rows with a source (none at all without `teacher`), rendered with the rollouts' `chat` options."""
+def build_views(rows: list[dict], tokenizer, teacher: bool = True, instruction: str | None = None,
+                chat=None) -> list[View]:
+    """Student view of every row, teacher view (METHOD §4 prompt ending with `instruction`, None: the chat options',
+    + the same response ids) of rows with a source (none at all without `teacher`), rendered with the rollouts' `chat`
+    options."""
     from stages.lm.prompts import ChatOptions, encode, teacher_messages
 
     chat = chat or ChatOptions()
@@ -131,7 +136,7 @@ def build_views(rows: list[dict], tokenizer, teacher: bool = True,
         views.append(View(index, False, row["prompt_token_ids"], row["response_token_ids"]))
         if teacher and row["privileged_source"] != "none":
             messages = teacher_messages(row["problem"], row["few_shot"], row["privileged_text"], bool(row["correct"]),
-                                        instruction, chat.answer_instruction)
+                                        instruction, chat)
             views.append(View(index, True, encode(tokenizer, messages, chat), row["response_token_ids"]))
     return views
 

@@ -70,3 +70,16 @@ def token_advantages(method: str, seq_adv: torch.Tensor, pmi: torch.Tensor | Non
     u = torch.where(mask, pmi.detach().to(torch.float32), 0.0)  # [B, T]; padding may hold NaN
     adv = seq + float(lam) * term_fn(u)  # [B, T]
     return torch.where(mask, adv, torch.zeros_like(adv))
+
+
+def overlong_penalty(lengths, max_tokens: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment, added to the reward before the group advantage.
+
+    0 for a response of at most max_tokens − buffer tokens, then falling linearly to −penalty at max_tokens (and
+    −penalty beyond): R_len(y) = min(0, (max_tokens − buffer − |y|) / buffer) · penalty, clamped at −penalty.
+    lengths: [N] response lengths. buffer ≥ 1 (DAPO's L_cache), max_tokens > buffer (L_max). Returns [N] float64.
+    """
+    if buffer < 1 or max_tokens <= buffer:
+        raise ValueError(f"need 1 <= buffer < max_tokens, got buffer {buffer}, max_tokens {max_tokens}")
+    over = torch.as_tensor(lengths, dtype=torch.float64) - (max_tokens - buffer)  # [N] tokens into the buffer
+    return -(over.clamp(min=0) / buffer).clamp(max=1.0) * penalty

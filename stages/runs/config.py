@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,40 +22,8 @@ import yaml
 from stages.common import validation
 from stages.common.errors import InputError
 from stages.common.io import to_jsonable
-
-
-class _Yaml12BoolLoader(yaml.SafeLoader):
-    """SafeLoader whose booleans are only true/false (YAML 1.2): `--set update.gate=off` stays the string 'off'."""
-
-
-_Yaml12BoolLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Yaml12BoolLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-
-
-def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    """A YAML mapping whose keys are all different: a repeated key would silently keep the last value."""
-    seen: dict = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                "while constructing a mapping", node.start_mark,
-                f"found duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
-        seen[key] = key_node.start_mark.line
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_Yaml12BoolLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
-
-
-def safe_load(text: str):
-    """yaml.safe_load with YAML 1.2 booleans (on/off/yes/no stay strings) and no repeated keys. Never constructs
-    Python objects."""
-    return yaml.load(text, Loader=_Yaml12BoolLoader)  # noqa: S506 - a SafeLoader subclass
+from stages.common.yaml12 import problem as yaml_problem
+from stages.common.yaml12 import safe_load
 
 
 @dataclass(frozen=True)
@@ -75,6 +42,7 @@ class DataSpec:
     solution_field: str | None = "solution"
     id_field: str | None = None
     few_shot_field: str | None = "few_shot"
+    dedupe: bool = False
 
     def prepare_options(self) -> dict:
         """The `antisd data prepare` options this spec stands for (every field has the same name there)."""
@@ -117,13 +85,16 @@ class LoopSettings:
     #   each update (one GPU too small for both the trainer and a vLLM engine) and writes the full state every step
     weight_sync: str = "reload"  # vLLM rollouts: reload (fresh engine on each new checkpoint) | inplace (load_weights)
     vllm_sleep: bool = True  # vLLM on GPU, inplace: engine sleeps (level 1) while score/update train; no-op on CPU
+    dynamic_sampling: bool = False  # DAPO: draw more groups until the step has prompts_per_step mixed-reward groups
+    max_draws: int = 3  # dynamic sampling's bound: draws of prompts_per_step prompts per step, the first included
 
     def __post_init__(self):
         from stages.lm.engine_vllm import WEIGHT_SYNCS
 
         check = validation.Checks(self)
         check.require(bool(str(self.model).strip()), "model", "must name a model folder or an embedded model")
-        check.at_least(1, "steps", "prompts_per_step", "eval_n", "eval_max_new_tokens", "checkpoint_every")
+        check.at_least(1, "steps", "prompts_per_step", "eval_n", "eval_max_new_tokens", "checkpoint_every",
+                       "max_draws")
         check.at_least(0, "eval_every", "eval_temperature", "keep_checkpoints")
         check.choice("weight_sync", WEIGHT_SYNCS)
         check.choice("wandb_mode", WANDB_MODES)
@@ -296,19 +267,10 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
         try:
             raw = safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise InputError(f"--config {path}: not valid YAML ({_yaml_problem(exc)})") from None
+            raise InputError(f"--config {path}: not valid YAML ({yaml_problem(exc)})") from None
         if not isinstance(raw, dict):
             raise InputError(f"--config {path}: expected a mapping of sections")
     return resolve(raw, overrides)
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """One line: the problem and where (`found duplicate key 'lr' (first at line 3), line 5`)."""
-    problem = getattr(exc, "problem", None)
-    mark = getattr(exc, "problem_mark", None)
-    if problem is None:
-        return str(exc).splitlines()[0]
-    return f"{problem}, line {mark.line + 1}" if mark is not None else problem
 
 
 def dump_yaml(config: RunConfig) -> str:

@@ -127,7 +127,7 @@ def init_run(config: LoopConfig) -> tuple[Run, dict]:
     if manifest is None:
         manifest = {"config": config.run.to_dict(), "config_digest": digest}
     elif manifest["config_digest"] != digest:
-        changed = config_changes(manifest["config"], config.run.to_dict())
+        changed = config_changes(manifest["config"], config.run.to_dict(), defaults=run_config.resolve({}).to_dict())
         blocking = [key for key in changed if key not in run_config.RESUMABLE_CHANGES]
         if blocking and not config.force:  # more steps or other speed settings are a resume, not a different run
             raise InputError(f"--out {root}: run was made with a different config ({', '.join(blocking)}); "
@@ -197,8 +197,9 @@ def step_configs(config: LoopConfig, run: Run, step: int) -> dict:
     return {
         "rollout": stage_config(config, "rollout", model=model, prompts=paths["prompts"], out=paths["rollouts"],
                                 seed=stage_seed(settings.seed, step, "rollout")),
-        "verify": stage_config(config, "verify", rollouts=paths["rollouts"], out=paths["verified"],
-                               seed=stage_seed(settings.seed, step, "verify")),
+        "verify": stage_config(config, "verify", rollouts=paths["rollouts"],
+                               out=str(draw_dir(run, step, 0) / "verified.parquet") if settings.dynamic_sampling
+                               else paths["verified"], seed=stage_seed(settings.seed, step, "verify")),
         "score": replace(stage_config(config, "score", model=model, verified=paths["verified"], out=paths["scored"]),
                          reference=score_reference(config.run), teacher=uses_teacher(config.run)),
         "update": stage_config(config, "update", model=model, scored=paths["scored"], out=str(run.checkpoint(step)),
@@ -207,9 +208,17 @@ def step_configs(config: LoopConfig, run: Run, step: int) -> dict:
     }
 
 
+def draw_dir(run: Run, step: int, draw: int) -> Path:
+    """RUN/step_XXXX/draws/D: the files of dynamic sampling's draw D (stages.runs.dynamic)."""
+    return run.step_dir(step) / "draws" / str(draw)
+
+
 def write_commands(run: Run, step: int, configs: dict) -> None:
     """RUN/step_XXXX/commands.sh: the `antisd` command of each stage of the step, to rerun one by hand."""
     lines = [cli_command(name, cfg) for name, cfg in configs.items()]
+    if Path(configs["verify"].out) != run.step_paths(step)["verified"]:
+        lines.insert(2, "# loop.dynamic_sampling: the loop draws further groups into draws/D/ and writes "
+                        "verified.parquet (the kept groups) itself (stages.runs.dynamic)")
     atomic_write_text(run.step_dir(step) / "commands.sh",
                       "#!/usr/bin/env bash\n# Rerun any stage of this step by hand.\n" + "\n".join(lines) + "\n")
 

@@ -82,14 +82,17 @@ class Run:
                 shutil.rmtree(folder)
 
 
-def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two nested config dicts."""
+def config_changes(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """The dotted keys whose values differ between two nested config dicts. A key `old` lacks reads as its value in
+    `defaults` (when given): a setting added after a run was made, at its default, computes what the run did."""
+    defaults = defaults or {}
     keys = sorted(set(old) | set(new))
     changes = []
     for key in keys:
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, defaults.get(key)), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            changes += config_changes(a, b, f"{prefix}{key}.")
+            nested = defaults.get(key) if isinstance(defaults.get(key), dict) else None
+            changes += config_changes(a, b, f"{prefix}{key}.", nested)
         elif a != b:
             changes.append(f"{prefix}{key}")
     return changes

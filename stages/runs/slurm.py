@@ -324,6 +324,9 @@ def run(config, slurm: SlurmConfig, workdir: Path | None = None, echo=print) -> 
     from stages.common.errors import InputError
 
     root = Path(config.out).resolve()
+    if config.run.loop.dynamic_sampling:
+        raise InputError("loop.dynamic_sampling: not available with --launcher slurm (a step's draws depend on its "
+                         "verified rewards, one job chain cannot plan them); run it with the local launcher")
     if not slurm.dry_run:
         queued = queued_jobs(root / "slurm" / "jobs.json")
         if queued:

@@ -50,6 +50,7 @@ class Batch:
     temperature: float = 1.0  # the temperature `score` computed s_t at; the new log-probs use the same
     teacher_scored: bool = True  # false for a file scored with `score --no-teacher` (teacher columns = student's)
     ref_logprobs: list[list[float]] | None = None  # log π_ref(y_t) of a frozen reference (score --reference), if any
+    max_new_tokens: int | None = None  # the rollouts' token budget (their metadata), for the overlong penalty
 
     def __len__(self) -> int:
         return len(self.names)
@@ -108,8 +109,25 @@ def check_revision(config: UpdateConfig, metadata: dict, model_dir: Path) -> Non
                          f"{config.model} is {here} (pass --force to train on it anyway)")
 
 
+def overlong_limit(config: UpdateConfig, metadata: dict) -> int | None:
+    """L_max of the overlong penalty: --overlong-max-tokens, else the rollouts' max_new_tokens found in the scored
+    file's metadata; None when the penalty is off. InputError when neither gives one, or the buffer does not fit."""
+    from stages.lm.scoring import metadata_nodes
+
+    if config.overlong_buffer == 0:
+        return None
+    limit = config.overlong_max_tokens or next(
+        (n["max_new_tokens"] for n in metadata_nodes(metadata) if isinstance(n.get("max_new_tokens"), int)), None)
+    if limit is None:
+        raise InputError(f"{config.scored}: --overlong-buffer needs the rollouts' max_new_tokens, which its metadata "
+                         "lacks; pass --overlong-max-tokens")
+    if config.overlong_buffer >= limit:
+        raise InputError(f"--overlong-buffer {config.overlong_buffer}: must be below the response limit {limit}")
+    return limit
+
+
 def batch_from_table(table: pa.Table, source: str, vocab_size: int, temperature: float = 1.0,
-                     teacher_scored: bool = True) -> Batch:
+                     teacher_scored: bool = True, max_new_tokens: int | None = None) -> Batch:
     """Columns → lists, checking that prompts are not empty and token ids fit the model's vocabulary (InputError).
 
     The per-token columns' lengths and values were checked when the file was read (`schemas.check_values`).
@@ -131,7 +149,7 @@ def batch_from_table(table: pa.Table, source: str, vocab_size: int, temperature:
     return Batch(names, col["prompt_id"], col["prompt_token_ids"], col["response_token_ids"], col["student_logprobs"],
                  col["sampling_logprobs"], col["pmi"], col["teacher_entropy"], col["student_entropy"],
                  [float(r) for r in col["reward"]], [bool(c) for c in col["correct"]], col["privileged_source"],
-                 col["finish_reason"], temperature, teacher_scored, col.get(REFERENCE_COLUMN))
+                 col["finish_reason"], temperature, teacher_scored, col.get(REFERENCE_COLUMN), max_new_tokens)
 
 
 def is_finite(value) -> bool:

@@ -91,12 +91,13 @@ def engine_state_dir(model_dir: Path) -> Path | None:
     return path if (path / DEEPSPEED_TAG).is_dir() else None
 
 
-def load_engine_state(engine, model_dir: Path) -> bool:
-    """Restore module, ZeRO optimizer and engine counters from `model_dir/deepspeed` (all ranks call this)."""
+def load_engine_state(engine, model_dir: Path, strict: bool = True) -> bool:
+    """Restore module, ZeRO optimizer and engine counters from `model_dir/deepspeed` (all ranks call this); not
+    `strict` for a LoRA engine, whose saved module state holds the trainable (adapter) parameters only."""
     path = engine_state_dir(model_dir)
     if path is None:
         return False
-    load_path, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_module_strict=True,
+    load_path, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_module_strict=strict,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
     if load_path is None:
         raise RuntimeError(f"{path}: DeepSpeed could not load the engine state")
@@ -175,14 +176,17 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def save(out: Path, engine, policy, tokenizer, state: dict, metrics: dict, env: distributed.DistEnv,
-         zero_stage: int, prefix: str = "model.", optimizer_state: bool = True) -> Path:
+         zero_stage: int, prefix: str = "model.", optimizer_state: bool = True, peft_model=None,
+         lora_base: Path | None = None) -> Path:
     """Write the checkpoint folder `out` atomically. Every rank must call this (DeepSpeed saves per-rank shards).
 
     Without `optimizer_state` the folder holds the weights, tokenizer, run state and metrics only (no deepspeed/):
     enough to sample, score and evaluate it, and to continue from it with a fresh optimizer; the loop writes such
     folders between its full ones and replays the steps after the last full one on resume.
 
-    `policy` is the HF causal LM inside the engine's module, registered there under `prefix`.
+    `policy` is the HF causal LM inside the engine's module, registered there under `prefix`. With `peft_model`
+    (LoRA) the HF part holds the merged weights and CKPT/adapter the adapter on `lora_base` (stages.training.lora);
+    deepspeed/ then keeps the trainable parameters only.
 
     Raises the error of a failed write (e.g. OSError ENOSPC) on the rank that hit it, RuntimeError on the others;
     in both cases the temp folder is removed and `out` does not exist (with overwrite: is the untouched old folder).
@@ -197,12 +201,18 @@ def save(out: Path, engine, policy, tokenizer, state: dict, metrics: dict, env: 
     error: Exception | None = None
     try:
         if optimizer_state:
-            engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+            engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                                   exclude_frozen_parameters=peft_model is not None)
         # ZeRO-3 holds each parameter in shards: gather the full weights (a collective, so every rank calls it).
         state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
         if env.is_main:
             if state_dict is not None:
                 state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            if peft_model is not None:
+                from stages.training import lora
+
+                state_dict = lora.merged_state_dict(policy)
+                lora.save_adapter(peft_model, tmp, lora_base)
             _write_hf(tmp, policy, tokenizer, state_dict)
             _write_json(tmp / STATE_FILE, state)
             _write_json(tmp / METRICS_FILE, metrics)

@@ -46,6 +46,13 @@ class UpdateConfig:
     max_response_tokens: int = 0  # seq-mean-token-sum's constant T (0 = longest response of the step)
     adv_eps: float = 1e-6  # ε in A = (R − mean)/(std + ε)
     adv_scale: str = "group"  # group (divide by the group std) | none (Dr.GRPO)
+    # DAPO's overlong shaping: a reward penalty falling linearly to −overlong_penalty over the last overlong_buffer
+    # tokens before overlong_max_tokens (0 = the rollouts' max_new_tokens, read from the scored file); 0 = off
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    overlong_max_tokens: int = 0
+    overlong_filter: bool = False  # truncated responses (finish_reason length) carry no loss (their rewards still
+    #   count in their group's advantage)
     ppo_epochs: int = 1  # passes over the batch
     mini_batch_size: int = 0  # sequences per optimizer step (0 = whole batch: one step)
     micro_batch_tokens: int = 2048  # padded tokens per forward/backward on one rank
@@ -61,6 +68,12 @@ class UpdateConfig:
     # drops a checkpointed layer's KV cache); worth it only when the micro-batches do not fit otherwise
     gradient_checkpointing: bool = False
     share_prefix: bool = True  # run each group's prompt once per micro-batch, its cache repeated over the samples
+    # LoRA (PEFT): train rank-r adapters on a frozen base (0 = full training); checkpoints hold the merged weights
+    # (what rollout and score load) and the adapter (CKPT/adapter), stages.training.lora
+    lora_rank: int = 0
+    lora_alpha: float = 32.0  # the adapter's scale is lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # > 0 makes the update's log-probs differ from score's (the PPO ratio starts ≠ 1)
+    lora_target_modules: str = "all-linear"  # all-linear (every linear layer but the output head) | a comma list
     # write deepspeed/ (the ZeRO optimizer and engine state) into --out: what continuing exactly needs; `loop` writes
     # it every loop.checkpoint_every steps and at the end, and weights-only folders in between
     optimizer_state: bool = True
@@ -89,7 +102,15 @@ class UpdateConfig:
         check.between("lr_min_ratio", 0, 1)
         check.at_least(1, "ppo_epochs", "micro_batch_tokens", "warmup_steps", "logprob_chunk", "is_cap")
         check.at_least(0, "lr", "weight_decay", "grad_clip", "clip_low", "clip_high", "lam_max", "mini_batch_size",
-                       "max_response_tokens", "adv_eps", "kl_coef", "threads", "lr_warmup_steps", "lr_decay_steps")
+                       "max_response_tokens", "adv_eps", "kl_coef", "threads", "lr_warmup_steps", "lr_decay_steps",
+                       "overlong_buffer", "overlong_penalty", "overlong_max_tokens", "lora_rank")
+        check.above(0, "lora_alpha")
+        check.require(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
+        check.require(bool(self.lora_target_modules.strip(" ,")), "lora_target_modules", "empty")
+        check.require(not self.lora_rank or self.zero_stage != 3, "lora_rank",
+                      "LoRA is not available with ZeRO-3 (use --zero-stage 2: the adapter's optimizer state is small)")
+        check.require(not self.overlong_max_tokens or self.overlong_buffer < self.overlong_max_tokens,
+                      "overlong_buffer", f"must be below overlong_max_tokens {self.overlong_max_tokens}")
         check.between("gate_down", 0, 1, low_open=True)
         if self.zero_stage is not None:
             check.choice("zero_stage", (0, 1, 2, 3))

@@ -24,7 +24,7 @@ from stages.common import metrics as keys
 from stages.common.errors import InputError
 from stages.lm.models import quiet_transformers
 from stages.method.terms import get_term
-from stages.training import checkpoint, distributed
+from stages.training import checkpoint, distributed, lora
 from stages.training.batch import Batch, batch_metrics, is_finite, mean_or_none, pad_rows
 from stages.training.config import UpdateConfig, gated
 from stages.training.micro import FullSequences, MicroBatch, rank_micro_batches
@@ -113,6 +113,7 @@ class Trainer:
             from stages.common.process import seed_everything
 
             seed_everything(config.seed)
+        self.lora_base, self.peft_model = None, None  # set by _load_module with update.lora_rank > 0
         self.tokenizer = load_tokenizer(model_dir)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.policy = self._load_module()  # the HF causal LM; the engine wraps it in PolicyLogprobs
@@ -124,7 +125,8 @@ class Trainer:
             _enable_activation_checkpointing(self.policy)
         self.policy.to(device).train()
         module = _logprob_module(self.policy)
-        optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        trainable = [p for p in module.parameters() if p.requires_grad]  # all of them without LoRA
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         ds_precision = "fp32" if self.precision == "autocast-bf16" else self.precision
         ds_config = distributed.deepspeed_config(deepspeed_user or {}, config.zero_stage, config.grad_clip,
                                                  env.world_size, ds_precision)
@@ -132,7 +134,8 @@ class Trainer:
         started = time.perf_counter()
         with distributed.launcher_env(env):
             self.engine = distributed.create_engine(module, optimizer, ds_config, env, device)
-            self.resumed_optimizer = checkpoint.load_engine_state(self.engine, model_dir)
+            self.resumed_optimizer = checkpoint.load_engine_state(self.engine, model_dir,
+                                                                  strict=not config.lora_rank)
         log.info("DeepSpeed ZeRO-%d engine ready in %.1fs (%s, %d rank(s), optimizer %s)", self.zero_stage,
                  time.perf_counter() - started, self.precision, env.world_size,
                  "resumed" if self.resumed_optimizer else "fresh")
@@ -167,14 +170,25 @@ class Trainer:
         self.gate.load_state_dict(gate_state, strict=False)
 
     def _load_module(self):
+        """The policy in fp32: the model's weights, or with LoRA its base plus the adapter (fresh or continued)."""
         import torch
         from transformers import AutoModelForCausalLM
 
         from stages.lm.models import checked_logits_path
 
         quiet_transformers()
-        network = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        return checked_logits_path(network, f"--model {self.config.model}")
+        weights_dir, adapter = self.model_dir, None
+        if self.config.lora_rank:
+            weights_dir, adapter = lora.base_and_adapter(self.model_dir, self.carried)
+            self.lora_base = weights_dir.resolve()
+        network = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32)
+        network = checked_logits_path(network, f"--model {self.config.model}")
+        if self.config.lora_rank:
+            network, self.peft_model = lora.attach(network, self.config, adapter)
+            log.info("LoRA rank %d on %s: %d of %d parameters train", self.config.lora_rank, weights_dir,
+                     sum(p.numel() for p in network.parameters() if p.requires_grad),
+                     sum(p.numel() for p in network.parameters()))
+        return network
 
     def _autocast(self):
         import torch
@@ -193,7 +207,7 @@ class Trainer:
     def _train_step(self, batch: Batch) -> dict:
         import torch
 
-        from stages.method.advantages import group_advantages
+        from stages.method.advantages import group_advantages, overlong_penalty
 
         config = self.config
         self.policy.train()  # the loop lends the policy to rollout and score in eval mode between steps
@@ -203,16 +217,22 @@ class Trainer:
         data_metrics = batch_metrics(batch)
         lam = self.gate.update(data_metrics[keys.TEACHER_ENTROPY_MEDIAN])
         lam = lam if get_term(config.method).uses_teacher else 0.0  # report the λ that acted
-        seq_adv = group_advantages(torch.tensor(batch.rewards), batch.group_ids, eps=config.adv_eps,
-                                   scale=config.adv_scale)  # [N]
+        rewards, shaping = torch.tensor(batch.rewards, dtype=torch.float64), None
+        if config.overlong_buffer > 0:
+            shaping = overlong_penalty([len(r) for r in batch.response_ids], batch.max_new_tokens,
+                                       config.overlong_buffer, config.overlong_penalty)  # [N]
+            rewards = rewards + shaping
+        seq_adv = group_advantages(rewards, batch.group_ids, eps=config.adv_eps,
+                                   scale=config.adv_scale).float()  # [N]
+        trained = [i for i in range(len(batch)) if not (config.overlong_filter and batch.finish_reason[i] == "length")]
         sums = dict.fromkeys(("loss", "clip", "kl", "kl_ref", "tokens", "seq_tokens"), 0.0)
         grad_norms: list[float] = []
         generator = torch.Generator().manual_seed(_seed_for(config.seed, step))
-        size = config.mini_batch_size or len(batch)
+        size = config.mini_batch_size or max(len(trained), 1)
         for _ in range(config.ppo_epochs):
-            order = torch.randperm(len(batch), generator=generator).tolist() if size < len(batch) \
-                else list(range(len(batch)))
-            for begin in range(0, len(batch), size):
+            order = [trained[i] for i in torch.randperm(len(trained), generator=generator).tolist()] \
+                if size < len(trained) else trained
+            for begin in range(0, len(trained), size):
                 grad_norms.append(self._optimizer_step(batch, order[begin : begin + size], seq_adv, lam, sums))
         loss, clip, kl, kl_ref, tokens, seq_tokens = distributed.all_reduce_sum(
             [sums["loss"], sums["clip"], sums["kl"], sums["kl_ref"], sums["tokens"], sums["seq_tokens"]], self.device)
@@ -222,6 +242,8 @@ class Trainer:
         return {
             keys.STEP: step,
             **data_metrics,
+            keys.OVERLONG_PENALTY_MEAN: float(shaping.mean()) if shaping is not None and len(shaping) else None,
+            keys.OVERLONG_FILTERED: len(batch) - len(trained) if config.overlong_filter else None,
             keys.GATE_OPEN: int(self.gate.open),
             keys.GATE_LAMBDA: lam,
             keys.GATE_H_WARM: gate_h_warm,
@@ -321,7 +343,13 @@ class Trainer:
         return {**self.carried, "version": STATE_VERSION, "step": self.step, "method": self.config.method,
                 "gate": self.gate.state_dict(), "rng": checkpoint.rng_state(), "seed": self.config.seed,
                 "world_size": self.env.world_size, "zero_stage": self.zero_stage,
-                "parent_revision": self.model_revision}
+                "parent_revision": self.model_revision,
+                **({lora.BASE_KEY: str(self.lora_base), lora.SHAPE_KEY: lora.shape(self.config)}
+                   if self.config.lora_rank else {})}
+
+    def hf_state_dict(self) -> dict:
+        """The weights a checkpoint's HF folder holds: the policy's, or with LoRA the merged W + ΔW."""
+        return lora.merged_state_dict(self.policy) if self.peft_model is not None else self.policy.state_dict()
 
     def save(self, out: Path, metrics: dict, optimizer_state: bool = True) -> Path:
         """Write the checkpoint `out`; the trainer then continues from it (its revision is the next parent)."""
@@ -329,7 +357,8 @@ class Trainer:
 
         with distributed.launcher_env(self.env):
             checkpoint.save(out, self.engine, self.policy, self.tokenizer, self.state(), metrics, self.env,
-                            self.zero_stage, optimizer_state=optimizer_state)
+                            self.zero_stage, optimizer_state=optimizer_state, peft_model=self.peft_model,
+                            lora_base=self.lora_base)
         self.model_dir, self.model_revision = Path(out), model_revision(out)
         return out
 

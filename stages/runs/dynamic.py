@@ -1,0 +1,72 @@
+"""DAPO's dynamic sampling for the loop (`loop.dynamic_sampling`): draw more groups until the step has
+`prompts_per_step` groups whose rewards differ, at most `loop.max_draws` draws of `prompts_per_step` prompts each.
+
+A group whose rollouts all got the same reward has a GRPO advantage of exactly 0: it costs score and update time and
+teaches the group term nothing. Draw 0 is the step's ordinary prompts (the seeded cursor, so every arm of a paired
+study still sees the same first prompts); draw d ≥ 1 samples `prompts_per_step` further prompts of the training set,
+seeded by (run seed, step, d), never one already drawn in this step. The step's `verified.parquet` then holds the
+first `prompts_per_step` mixed groups in draw order; if the draws run out first it holds every mixed group found, and
+if none was found, draw 0's groups (the update then learns from the per-token term only). The draws' own files stay in
+`step_XXXX/draws/D/` (prompts, rollouts, verified; draw 0's prompts and rollouts are the step's own), and what was
+drawn is kept in the metadata of `verified.parquet` and in the step's metrics (`sampling/…`).
+
+Pure functions here; the loop (`stages.loop`) runs the rollouts and verifications they plan.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from stages.common import metrics as keys
+
+
+def refill_indices(total: int, per_step: int, used: set[int], seed: int) -> list[int]:
+    """Rows of the training set for a further draw: `per_step` of those not in `used` (fewer if fewer are left),
+    chosen by `seed` (a stage_seed of run seed, step and draw), in the order drawn."""
+    unused = [row for row in range(total) if row not in used]
+    return random.Random(seed).sample(unused, min(per_step, len(unused)))
+
+
+def mixed_groups(verified: pa.Table) -> list[str]:
+    """prompt_ids of the groups whose rewards are not all equal, in the order they first appear."""
+    seen: dict[str, set[float]] = {}
+    for prompt_id, reward in zip(verified.column("prompt_id").to_pylist(), verified.column("reward").to_pylist()):
+        seen.setdefault(prompt_id, set()).add(reward)
+    return [prompt_id for prompt_id, rewards in seen.items() if len(rewards) > 1]
+
+
+def needs_more(draws: list[pa.Table], per_step: int, max_draws: int) -> bool:
+    """Whether another draw runs: fewer than `per_step` mixed groups so far and fewer than `max_draws` draws made."""
+    return len(draws) < max_draws and sum(len(mixed_groups(table)) for table in draws) < per_step
+
+
+def select(draws: list[pa.Table], per_step: int) -> tuple[pa.Table, dict]:
+    """The step's verified rows from its draws' verified tables, and the record of what was drawn and kept."""
+    kept_ids: list[str] = []
+    for table in draws:
+        kept_ids += mixed_groups(table)
+    kept_ids = kept_ids[:per_step]
+    combined = pa.concat_tables(draws, promote_options="default")
+    if kept_ids:
+        table = combined.filter(pc.is_in(combined.column("prompt_id"), pa.array(kept_ids)))
+    else:
+        table = draws[0]
+    drawn_rewards = combined.column("reward").to_pylist()
+    record = {
+        "draws": len(draws),
+        "groups_drawn": sum(len(set(t.column("prompt_id").to_pylist())) for t in draws),
+        "groups_mixed": sum(len(mixed_groups(t)) for t in draws),
+        "groups_kept": len(kept_ids),
+        "rollouts_drawn": combined.num_rows,
+        "drawn_reward_mean": sum(drawn_rewards) / len(drawn_rewards) if drawn_rewards else None,
+        "filled": len(kept_ids) >= per_step,
+    }
+    return table, record
+
+
+def step_metrics(record: dict) -> dict:
+    """The selection record as metrics (keys.SAMPLING)."""
+    return {keys.sampling(name): float(value) if isinstance(value, bool) else value for name, value in record.items()}

@@ -1,0 +1,124 @@
+"""LoRA updates (update.lora_rank > 0): only the adapter trains, checkpoints hold merged weights plus the PEFT
+adapter, a continued run equals an uninterrupted one, and the loop trains through it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from test_loop import tiny_config
+from test_update import config, make_scored, weights, weights_hash
+
+from antisd_cli.main import cli
+from stages.common import io
+from stages.common.errors import InputError
+from stages.training import checkpoint
+from stages.update import run
+
+LORA = {"lora_rank": 4, "warmup_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def lora_steps(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("lora")
+    first = make_scored(tmp / "a.parquet", tiny_model_dir, seed=1)
+    second = make_scored(tmp / "b.parquet", tiny_model_dir, seed=2, revision=None)
+    ckpt1 = run(config(first, tiny_model_dir, tmp / "c1", **LORA))
+    ckpt2 = run(config(second, ckpt1, tmp / "c2", **LORA))
+    return tmp, first, second, ckpt1, ckpt2
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def test_only_the_adapted_layers_change_and_the_merge_equals_base_plus_adapter(lora_steps, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, _, _, ckpt1, _ = lora_steps
+    before, after = weights(tiny_model_dir), weights(ckpt1)
+    assert sorted(before) == sorted(after)  # a plain HF folder: no lora_ or base_layer keys
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    linear = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert changed and all(any(f".{name}." in k for name in linear) for k in changed)  # all-linear, no head
+    assert all(f"layers.{i}.mlp.down_proj.weight" in " ".join(changed) for i in (0, 1))
+    state = json.loads((ckpt1 / checkpoint.STATE_FILE).read_text())
+    assert state["lora"]["rank"] == 4 and Path(state["lora_base"]) == Path(tiny_model_dir).resolve()
+    adapter_config = json.loads((ckpt1 / "adapter" / "adapter_config.json").read_text())
+    assert Path(adapter_config["base_model_name_or_path"]) == Path(tiny_model_dir).resolve()
+    merged = AutoModelForCausalLM.from_pretrained(ckpt1, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(ckpt1 / "adapter")).eval()
+    ids = [1, 504, 2843, 28, 17, 901, 2]
+    # W + ΔW in fp32 against the unmerged x·W + x·ΔW: rounding of a few ulps per layer of O(1) logits
+    torch.testing.assert_close(_logits(merged, ids), _logits(adapted, ids), rtol=0, atol=1e-4)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()  # (from_pretrained
+    moved = (_logits(merged, ids) - _logits(plain, ids)).abs().max()  # above wrapped `base` in place)
+    assert moved > 1e-3, moved
+    module_state = torch.load(ckpt1 / "deepspeed" / "engine" / "mp_rank_00_model_states.pt", weights_only=False)
+    kept = list(module_state["module"])  # the adapter, plus the tied embedding DeepSpeed keeps as a shared param
+    assert kept and all("lora_" in k or k == "model.lm_head.weight" for k in kept), kept
+
+
+def test_a_continued_adapter_equals_two_steps_in_one_process(lora_steps, tiny_model_dir):
+    from stages.training import distributed
+    from stages.training.batch import batch_from_table
+    from stages.training.trainer import Trainer
+
+    tmp, first, second, _, ckpt2 = lora_steps
+    trainer = Trainer(config(first, tiny_model_dir, tmp / "direct", **LORA), Path(tiny_model_dir), None,
+                      distributed.DistEnv(), "cpu")
+    for path in (first, second):
+        trainer.train_step(batch_from_table(io.read_artifact(path, "scored")[0], str(path), 49152))
+    trainer.save(tmp / "direct", {})
+    trainer.close()
+    assert weights_hash(tmp / "direct") == weights_hash(ckpt2)
+    from safetensors.torch import load_file
+
+    direct, continued = (load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in (tmp / "direct", ckpt2))
+    assert sorted(direct) == sorted(continued) and all(torch.equal(direct[k], continued[k]) for k in direct)
+
+
+def test_lora_state_mismatches_are_refused_before_training(lora_steps, tmp_path):
+    _, _, second, ckpt1, _ = lora_steps
+    with pytest.raises(InputError, match="its LoRA adapter is"):
+        run(config(second, ckpt1, tmp_path / "r8", lora_rank=8, warmup_steps=1))
+    with pytest.raises(InputError, match="its optimizer state is a LoRA adapter's"):
+        run(config(second, ckpt1, tmp_path / "full", warmup_steps=1))
+    with pytest.raises(ValueError, match="--lora-rank: LoRA is not available with ZeRO-3"):
+        config(second, ckpt1, tmp_path / "z3", lora_rank=4, zero_stage=3)
+
+
+def test_bad_target_modules_name_the_option(tmp_path, tiny_model_dir):
+    scored = make_scored(tmp_path / "s.parquet", tiny_model_dir)
+    with pytest.raises(InputError, match="--lora-target-modules no_such_proj"):
+        run(config(scored, tiny_model_dir, tmp_path / "c", lora_rank=2, lora_target_modules="no_such_proj"))
+
+
+def test_the_loop_trains_an_adapter_and_resumes_it(tmp_path, tiny_model_dir):
+    """Two LoRA steps through `antisd loop`; step 1 rerun from step 0's checkpoint files gives the same weights."""
+    import shutil
+
+    cfg = tiny_config(tiny_model_dir, steps=2)
+    cfg["loop"]["eval_every"] = 0
+    cfg["update"].update({"lora_rank": 4, "lr": 1.0e-2})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(cli, ["loop", "--config", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    last = tmp_path / "run" / "step_0001" / "checkpoint"
+    assert (last / "adapter" / "adapter_model.safetensors").is_file()
+    assert weights_hash(last) != weights_hash(Path(tiny_model_dir))
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "run", copy)
+    shutil.rmtree(copy / "step_0001" / "checkpoint")
+    (copy / "step_0001" / "metrics.json").unlink()
+    result = CliRunner().invoke(cli, ["loop", "--config", str(path), "--out", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert weights_hash(copy / "step_0001" / "checkpoint") == weights_hash(last)
