@@ -65,6 +65,7 @@ train)
       || { echo "FAILED ${name}_s${seed} (see $OUT/${name}_s${seed}.log)"; return 1; }
   }
   export -f train_one; export ANTISD CONFIG OUT
+  export OMP_NUM_THREADS=$((2 / JOBS > 0 ? 2 / JOBS : 1))  # every arm with the same threads (same CPU numerics)
   set -- $RUNS
   first="$OUT/${1%%:*}_s${1##*:}"
   train_one "$1"  # a finished run returns at once, a partial one resumes
@@ -72,7 +73,7 @@ train)
     dir="$OUT/${spec%%:*}_s${spec##*:}"
     [ -f "$dir/eval_base.json" ] || { mkdir -p "$dir" && cp "$first"/eval_base.{json,parquet,summary.json} "$dir/"; }
   done
-  printf '%s\n' "${@:2}" | OMP_NUM_THREADS=$((2 / JOBS > 0 ? 2 / JOBS : 1)) xargs -r -P "$JOBS" -I{} \
+  printf '%s\n' "${@:2}" | xargs -r -P "$JOBS" -I{} \
     bash -c 'train_one "$1"' _ {}
   # the per-run files every number of the doc is computed from (the run directories are not committed)
   for dir in "$OUT"/*_s*/; do

@@ -178,6 +178,13 @@ class StepRunner:
         return LoadedModel(self.run.checkpoint(step), trainer.model_revision, trainer.tokenizer, trainer.policy,
                            str(trainer.device), next(trainer.policy.parameters()).dtype)
 
+    @staticmethod
+    def _add_time(name: str, timings: dict, func) -> None:
+        """Run `func`, adding its seconds to timing_s/`name` (dynamic sampling's draws sum into rollout and verify)."""
+        start = time.perf_counter()
+        func()
+        timings[keys.timing(name)] = round(timings.get(keys.timing(name), 0.0) + time.perf_counter() - start, 3)
+
     def _timed(self, name: str, timings: dict, func):
         self.view.stage(name)
         start = time.perf_counter()
@@ -204,7 +211,8 @@ class StepRunner:
             if self.vllm is not None:
                 self._count_sync(timings, self.vllm.put_aside())  # free the memory score and update train in
         if not paths["verified"].exists() and settings.dynamic_sampling:
-            self._timed("verify", timings, lambda: self.draw_groups(step, configs, model, train_table, timings))
+            self.view.stage("verify")
+            self.draw_groups(step, configs, model, train_table, timings)
         elif not paths["verified"].exists():
             self._timed("verify", timings, lambda: verify.run(configs["verify"]))
         if not paths["scored"].exists():
@@ -246,13 +254,14 @@ class StepRunner:
             used |= set(read_metadata(prompts)["config"]["rows"])
             if not rollouts.exists():
                 source = self.rollout_source(model, train_table, timings)
-                rollout.run(replace(configs["rollout"], prompts=str(prompts), out=str(rollouts),
-                                    seed=seeds["rollout"]), loaded=source)
+                self._add_time("rollout", timings, lambda: rollout.run(replace(
+                    configs["rollout"], prompts=str(prompts), out=str(rollouts), seed=seeds["rollout"]), loaded=source))
                 if self.vllm is not None:
                     self._count_sync(timings, self.vllm.put_aside())
             if not verified.exists():
-                verify.run(replace(configs["verify"], rollouts=str(rollouts), out=str(verified),
-                                   **({"seed": seeds["verify"]} if seeds else {})))
+                self._add_time("verify", timings, lambda: verify.run(replace(
+                    configs["verify"], rollouts=str(rollouts), out=str(verified),
+                    **({"seed": seeds["verify"]} if seeds else {}))))
             tables.append(read_artifact(verified, "verified")[0])
             if not dynamic.needs_more(tables, per_step, settings.max_draws):
                 break

@@ -75,7 +75,7 @@ def read_start(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path) 
     stage = config.zero_stage if config.zero_stage is not None else \
         deepspeed_user.get("zero_optimization", {}).get("stage", 2)
     check_state(config, state, model_dir, env.world_size, stage)
-    lora.check_state(config, state, model_dir)
+    lora.check_state(config, state, model_dir, stage)
     return state, deepspeed_user
 
 

@@ -117,8 +117,48 @@ def test_the_loop_trains_an_adapter_and_resumes_it(tmp_path, tiny_model_dir):
     assert weights_hash(last) != weights_hash(Path(tiny_model_dir))
     copy = tmp_path / "copy"
     shutil.copytree(tmp_path / "run", copy)
-    shutil.rmtree(copy / "step_0001" / "checkpoint")
-    (copy / "step_0001" / "metrics.json").unlink()
+    shutil.rmtree(copy / "step_0001")  # killed before step 1's rollout: it samples from step 0's checkpoint files
     result = CliRunner().invoke(cli, ["loop", "--config", str(path), "--out", str(copy)])
     assert result.exit_code == 0, result.output
+    for name in ("rollouts", "scored"):
+        again, first = (io.read_artifact(run / "step_0001" / f"{name}.parquet", name)[0] for run in (copy, tmp_path / "run"))
+        for column in ("response_token_ids", "sampling_logprobs") + (("student_logprobs",) if name == "scored" else ()):
+            assert again.column(column).to_pylist() == first.column(column).to_pylist(), (name, column)
     assert weights_hash(copy / "step_0001" / "checkpoint") == weights_hash(last)
+
+
+@pytest.mark.parametrize("knob, message", [
+    ("update.lora_target_modules=no_such_proj", "--lora-target-modules no_such_proj: no linear layer named"),
+    ("update.overlong_buffer=6", "update.overlong_buffer 6: must be below the response limit 6")])
+def test_update_settings_the_first_update_would_refuse_stop_the_loop_before_any_work(tmp_path, tiny_model_dir, knob,
+                                                                                     message):
+    cfg = tiny_config(tiny_model_dir, steps=1)
+    cfg["update"]["lora_rank"] = 4
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(cli, ["-q", "loop", "--config", str(path), "--out", str(tmp_path / "run"), "--set",
+                                      knob])
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_lora_with_a_zero3_deepspeed_file_is_refused(tmp_path, tiny_model_dir):
+    scored = make_scored(tmp_path / "s.parquet", tiny_model_dir)
+    (tmp_path / "z3.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(InputError, match="LoRA is not available with ZeRO-3"):
+        run(config(scored, tiny_model_dir, tmp_path / "c", lora_rank=4, deepspeed_config=str(tmp_path / "z3.json")))
+    assert not (tmp_path / "c").exists()
+
+
+def test_full_training_after_lora_drops_the_adapter_state(lora_steps, tmp_path):
+    """A LoRA checkpoint without its optimizer state continues as full training; its state no longer says LoRA, so
+    the next full update is not refused as 'a LoRA adapter's'."""
+    import shutil
+
+    _, first, second, ckpt1, _ = lora_steps
+    bare = tmp_path / "bare"
+    shutil.copytree(ckpt1, bare, ignore=shutil.ignore_patterns(checkpoint.DEEPSPEED_DIR))
+    full = run(config(second, bare, tmp_path / "full", warmup_steps=1))
+    state = json.loads((full / checkpoint.STATE_FILE).read_text())
+    assert "lora" not in state and "lora_base" not in state
+    run(config(first, full, tmp_path / "again", warmup_steps=1, force=True))

@@ -100,6 +100,7 @@ def opened_run(config: LoopConfig) -> Iterator[tuple[Run, dict, pa.Table, Path |
     if not existing.is_dir():
         raise InputError(f"--out {root}: {existing} is a file, not a directory")
     check_start_state(config.run)
+    check_update_settings(config.run)
     settings = config.run.loop
     paths = {"train": root / "train_prompts.parquet", "eval": root / "eval_prompts.parquet"}
     train_table = run_prompts(settings.train, paths["train"])
@@ -221,6 +222,33 @@ def write_commands(run: Run, step: int, configs: dict) -> None:
                         "verified.parquet (the kept groups) itself (stages.runs.dynamic)")
     atomic_write_text(run.step_dir(step) / "commands.sh",
                       "#!/usr/bin/env bash\n# Rerun any stage of this step by hand.\n" + "\n".join(lines) + "\n")
+
+
+def check_update_settings(config: run_config.RunConfig) -> None:
+    """What the first update would refuse only after step 0's rollout, verify and score: an overlong buffer that
+    does not fit the rollouts' token budget, LoRA with ZeRO-3 (also from the DeepSpeed JSON), LoRA target modules
+    the model does not have."""
+    from stages.lm.sampling import RolloutConfig
+
+    update, rollout = config.stages["update"], config.stages["rollout"]
+    buffer = update.get("overlong_buffer", 0)
+    limit = update.get("overlong_max_tokens", 0) or rollout.get("max_new_tokens", RolloutConfig.max_new_tokens)
+    if buffer and buffer >= limit:
+        raise InputError(f"update.overlong_buffer {buffer}: must be below the response limit {limit} (rollout."
+                         "max_new_tokens, or update.overlong_max_tokens)")
+    if not update.get("lora_rank"):
+        return
+    from stages.lm.models import resolve_model
+    from stages.training import lora
+
+    stage = update.get("zero_stage")
+    if stage is None and update.get("deepspeed_config"):
+        stage = read_json_object(update["deepspeed_config"], f"update.deepspeed_config {update['deepspeed_config']}") \
+            .get("zero_optimization", {}).get("stage")
+    if stage == 3:
+        raise InputError("update.lora_rank: LoRA is not available with ZeRO-3 (update.deepspeed_config's stage); use "
+                         "ZeRO-2, the adapter's optimizer state is small")
+    lora.check_targets(resolve_model(config.loop.model), update.get("lora_target_modules", "all-linear"))
 
 
 def check_start_state(config: run_config.RunConfig) -> None:

@@ -111,8 +111,11 @@ def rng_state() -> dict:
 
     version, internal, gauss = random.getstate()
     python_state = np.array(internal, dtype=np.uint32).tobytes()  # 624 Mersenne words + position
-    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-            "python": {"version": version, "state": base64.b64encode(python_state).decode(), "gauss": gauss}}
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+             "python": {"version": version, "state": base64.b64encode(python_state).decode(), "gauss": gauss}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on GPU (LoRA dropout) draws from these
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return state
 
 
 def restore_rng(state: dict) -> None:
@@ -122,6 +125,10 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
     python_state = np.frombuffer(base64.b64decode(state["python"]["state"]), dtype=np.uint32)
     random.setstate((state["python"]["version"], tuple(int(x) for x in python_state), state["python"]["gauss"]))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
+                                      for s in cuda])
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -50,9 +50,13 @@ def base_and_adapter(model_dir: Path, state: dict | None) -> tuple[Path, Path | 
     return Path(base), adapter
 
 
-def check_state(config, state: dict | None, model_dir: Path) -> None:
+def check_state(config, state: dict | None, model_dir: Path, zero_stage: int) -> None:
     """A LoRA checkpoint continues only as the same adapter (or as full training from its merged weights with a
-    fresh optimizer); full-training optimizer state cannot continue as LoRA and back."""
+    fresh optimizer); full-training optimizer state cannot continue as LoRA and back; LoRA needs ZeRO ≤ 2 (the merge
+    reads whole weights), whether the stage comes from --zero-stage or the DeepSpeed JSON."""
+    if config.lora_rank and zero_stage == 3:
+        raise InputError("--lora-rank: LoRA is not available with ZeRO-3 (the DeepSpeed config's stage); use ZeRO-2, "
+                         "the adapter's optimizer state is small")
     saved = (state or {}).get(SHAPE_KEY)
     has_optimizer = (model_dir / "deepspeed").is_dir()
     if config.lora_rank and saved and saved != shape(config):
@@ -63,6 +67,24 @@ def check_state(config, state: dict | None, model_dir: Path) -> None:
         raise InputError(f"--model {model_dir}: its optimizer state is {kind}, this update is "
                          f"{'LoRA' if config.lora_rank else 'full training'}; move {model_dir / 'deepspeed'} away "
                          "to start a fresh optimizer")
+
+
+def check_targets(model_dir: Path, spec: str) -> None:
+    """InputError unless every module name of a comma-list `spec` names linear layers of the model in `model_dir`
+    (built on the meta device: no weights are read). `all-linear` always fits."""
+    if spec == "all-linear":
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        network = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    present = {name.rsplit(".", 1)[-1] for name, module in network.named_modules()
+               if isinstance(module, torch.nn.Linear)}
+    missing = [name for name in target_modules(spec) if name not in present]
+    if missing:
+        raise InputError(f"--lora-target-modules {spec}: no linear layer named {', '.join(missing)} in {model_dir} "
+                         f"(it has {', '.join(sorted(present))})")
 
 
 def attach(network, config, adapter: Path | None):

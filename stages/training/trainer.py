@@ -99,7 +99,8 @@ class Trainer:
 
         self.config, self.env, self.device, self.model_dir = config, env, device, model_dir
         self.precision = _precision(config.dtype, device)
-        self.carried = {k: v for k, v in (state or {}).items() if k != "data_cursor"}  # a key of old states, unused
+        dropped = {"data_cursor"} | (set() if config.lora_rank else {lora.BASE_KEY, lora.SHAPE_KEY})  # old / stale
+        self.carried = {k: v for k, v in (state or {}).items() if k not in dropped}
         self.on_tokens = None  # called with the tokens of each micro-batch this rank trains (update's progress)
         self.step = int(self.carried.get("step", 0))
         self.model_revision = model_revision(model_dir)
@@ -363,10 +364,13 @@ class Trainer:
         return out
 
     def serves_inference(self) -> bool:
-        """Whether the policy module can sample and score as it is: full fp32 weights in this process (ZeRO ≤ 2)."""
+        """Whether the policy module can sample and score as it is: full fp32 weights in this process (ZeRO ≤ 2), and
+        no LoRA (its unmerged x·W + x·ΔW differs from the checkpoint's merged weights in the last bits, and a resumed
+        run reads the checkpoint: lending it would make a resume differ)."""
         import torch
 
-        return self.zero_stage < 3 and next(self.policy.parameters()).dtype == torch.float32
+        return self.zero_stage < 3 and self.peft_model is None and \
+            next(self.policy.parameters()).dtype == torch.float32
 
     def close(self) -> None:
         """Release the engine: its hooks live in autograd (C++), so without destroy() Python never frees it."""
