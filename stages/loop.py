@@ -179,10 +179,11 @@ class StepRunner:
                            str(trainer.device), next(trainer.policy.parameters()).dtype)
 
     @staticmethod
-    def _add_time(name: str, timings: dict, func) -> None:
-        """Run `func`, adding its seconds to timing_s/`name` (dynamic sampling's draws sum into rollout and verify)."""
+    def _add_time(name: str, timings: dict, func, *args, **kwargs) -> None:
+        """Run `func(*args, **kwargs)`, adding its seconds to timing_s/`name` (dynamic sampling's draws sum into
+        rollout and verify)."""
         start = time.perf_counter()
-        func()
+        func(*args, **kwargs)
         timings[keys.timing(name)] = round(timings.get(keys.timing(name), 0.0) + time.perf_counter() - start, 3)
 
     def _timed(self, name: str, timings: dict, func):
@@ -254,14 +255,14 @@ class StepRunner:
             used |= set(read_metadata(prompts)["config"]["rows"])
             if not rollouts.exists():
                 source = self.rollout_source(model, train_table, timings)
-                self._add_time("rollout", timings, lambda: rollout.run(replace(
-                    configs["rollout"], prompts=str(prompts), out=str(rollouts), seed=seeds["rollout"]), loaded=source))
+                self._add_time("rollout", timings, rollout.run, replace(
+                    configs["rollout"], prompts=str(prompts), out=str(rollouts), seed=seeds["rollout"]), loaded=source)
                 if self.vllm is not None:
                     self._count_sync(timings, self.vllm.put_aside())
             if not verified.exists():
-                self._add_time("verify", timings, lambda: verify.run(replace(
+                self._add_time("verify", timings, verify.run, replace(
                     configs["verify"], rollouts=str(rollouts), out=str(verified),
-                    **({"seed": seeds["verify"]} if seeds else {}))))
+                    **({"seed": seeds["verify"]} if seeds else {})))
             tables.append(read_artifact(verified, "verified")[0])
             if not dynamic.needs_more(tables, per_step, settings.max_draws):
                 break
