@@ -90,6 +90,8 @@ C = UpdateConfig
 @config_option(C, "lora_dropout", "Dropout on the adapter's input (> 0: the update's log-probs differ from score's).")
 @config_option(C, "lora_target_modules", "Layers that get adapters: all-linear (every linear layer but the output "
                                          "head) or a comma list of module names (q_proj,v_proj).")
+@config_option(C, "lora_merge", "Write the merged weights next to the adapter (--no-lora-merge: adapter only; "
+                                "stages merge it into its base when they load it; not for vLLM).")
 @threads_option(C)
 @seed_option(C, "Seeds the mini-batch order; the RNG state is restored from the run state when present.")
 @config_option(C, "force", "Accept a scored file whose old log-probs came from another model revision.")

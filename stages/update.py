@@ -140,8 +140,12 @@ def replay(trainer: Trainer, config: UpdateConfig) -> None:
     batch = read_batch(config, trainer.env, resolve_model(config.model), Path(config.out))
     trainer.configure(config)
     trainer.train_step(batch)
-    stored = load_file(str(Path(config.out) / "model.safetensors"))
-    current = trainer.hf_state_dict()
+    weights = Path(config.out) / "model.safetensors"
+    if weights.is_file():
+        stored, current = load_file(str(weights)), trainer.hf_state_dict()
+    else:  # a LoRA checkpoint without merged weights: its adapter
+        stored = load_file(str(Path(config.out) / lora.ADAPTER_DIR / "adapter_model.safetensors"))
+        current = lora.adapter_state_dict(trainer.peft_model)
     differ = [name for name, tensor in stored.items() if not bool((current[name].cpu() == tensor).all())]
     if differ:
         raise RuntimeError(f"{config.out}: replaying the step gives other weights than its checkpoint ({differ[0]}, "

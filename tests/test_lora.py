@@ -101,20 +101,31 @@ def test_bad_target_modules_name_the_option(tmp_path, tiny_model_dir):
         run(config(scored, tiny_model_dir, tmp_path / "c", lora_rank=2, lora_target_modules="no_such_proj"))
 
 
-def test_the_loop_trains_an_adapter_and_resumes_it(tmp_path, tiny_model_dir):
-    """Two LoRA steps through `antisd loop`; step 1 rerun from step 0's checkpoint files gives the same weights."""
+def _policy_hash(checkpoint_dir: Path) -> str:
+    """The merged weights' hash, or the adapter's for a checkpoint without merged weights."""
+    import hashlib
+
+    if (checkpoint_dir / "model.safetensors").is_file():
+        return weights_hash(checkpoint_dir)
+    return hashlib.sha256((checkpoint_dir / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_the_loop_trains_an_adapter_and_resumes_it(tmp_path, tiny_model_dir, merge):
+    """Two LoRA steps through `antisd loop` (merged checkpoints, or adapter-only ones the stages merge at load);
+    step 1 rerun from step 0's checkpoint files samples, scores and trains to the same bits."""
     import shutil
 
     cfg = tiny_config(tiny_model_dir, steps=2)
     cfg["loop"]["eval_every"] = 0
-    cfg["update"].update({"lora_rank": 4, "lr": 1.0e-2})
+    cfg["update"].update({"lora_rank": 4, "lr": 1.0e-2, "lora_merge": merge})
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     result = CliRunner().invoke(cli, ["loop", "--config", str(path), "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     last = tmp_path / "run" / "step_0001" / "checkpoint"
     assert (last / "adapter" / "adapter_model.safetensors").is_file()
-    assert weights_hash(last) != weights_hash(Path(tiny_model_dir))
+    assert (last / "model.safetensors").is_file() == merge
     copy = tmp_path / "copy"
     shutil.copytree(tmp_path / "run", copy)
     shutil.rmtree(copy / "step_0001")  # killed before step 1's rollout: it samples from step 0's checkpoint files
@@ -124,7 +135,7 @@ def test_the_loop_trains_an_adapter_and_resumes_it(tmp_path, tiny_model_dir):
         again, first = (io.read_artifact(run / "step_0001" / f"{name}.parquet", name)[0] for run in (copy, tmp_path / "run"))
         for column in ("response_token_ids", "sampling_logprobs") + (("student_logprobs",) if name == "scored" else ()):
             assert again.column(column).to_pylist() == first.column(column).to_pylist(), (name, column)
-    assert weights_hash(copy / "step_0001" / "checkpoint") == weights_hash(last)
+    assert _policy_hash(copy / "step_0001" / "checkpoint") == _policy_hash(last)
 
 
 @pytest.mark.parametrize("knob, message", [
@@ -162,3 +173,25 @@ def test_full_training_after_lora_drops_the_adapter_state(lora_steps, tmp_path):
     state = json.loads((full / checkpoint.STATE_FILE).read_text())
     assert "lora" not in state and "lora_base" not in state
     run(config(first, full, tmp_path / "again", warmup_steps=1, force=True))
+
+
+def test_an_adapter_only_checkpoint_loads_as_the_merged_one(lora_steps, tmp_path, tiny_model_dir):
+    """update --no-lora-merge writes no weights of its own; loading it merges the adapter into its base, to the same
+    bits (fp32) as the merged checkpoint of the same step; the next update continues it; vLLM refuses it."""
+    from stages.lm.engine_vllm import check_merged
+    from stages.lm.models import load_model, model_revision
+
+    _, first, second, ckpt1, _ = lora_steps
+    bare = run(config(first, tiny_model_dir, tmp_path / "bare", lora_merge=False, **LORA))
+    assert not list(bare.glob("*.safetensors")) and (bare / "adapter" / "adapter_model.safetensors").is_file()
+    merged, loaded = weights(ckpt1), load_model(bare).model.state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in merged.items())
+    assert model_revision(bare) != model_revision(tiny_model_dir)
+    with pytest.raises(InputError, match="a LoRA adapter without merged weights"):
+        check_merged(bare)
+    again = run(config(second, bare, tmp_path / "again", lora_merge=False, **LORA))
+    from safetensors.torch import load_file
+
+    reference = load_file(str(lora_steps[4] / "adapter" / "adapter_model.safetensors"))
+    continued = load_file(str(again / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(continued[k], reference[k]) for k in reference)  # the same second step as merged c2

@@ -31,6 +31,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from stages.common.errors import InputError
 from stages.lm.engine import Completion, Engine, SamplingSettings, prompt_seed
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,15 @@ def _tied_embeddings(folder: Path) -> bool:
     return bool(config.get("tie_word_embeddings", False))
 
 
+def check_merged(folder: Path) -> None:
+    """vLLM loads weight files: a LoRA checkpoint written without merged weights is refused (one line)."""
+    from stages.lm.models import adapter_only
+
+    if adapter_only(folder):
+        raise InputError(f"--model {folder}: a LoRA adapter without merged weights (update.lora_merge false); vLLM "
+                         "needs merged weights: use --engine hf, or train with update.lora_merge true")
+
+
 class VLLMEngine(Engine):
     """Sampling through `vllm.LLM.generate`; owns the LLM (call `close()` when done)."""
 
@@ -89,6 +99,7 @@ class VLLMEngine(Engine):
 
         from stages.lm.models import load_tokenizer, model_revision
 
+        check_merged(Path(model_path))
         self.model_path = Path(model_path)
         self.revision = model_revision(self.model_path)
         self.dtype_name = dtype
@@ -203,6 +214,7 @@ class LoopEngine:
         import time
 
         folder, start = Path(folder), time.perf_counter()
+        check_merged(folder)
         if self.engine is not None and self.weight_sync == "reload" and self.engine.model_path != folder:
             self.close()
         if self.engine is None:

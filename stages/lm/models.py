@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -124,6 +125,28 @@ def hub_snapshot(model_id: str) -> Path:
                          f"download failed ({message})") from None
 
 
+ADAPTER_DIR = "adapter"  # a LoRA checkpoint's PEFT adapter (written by stages.training.lora)
+
+
+def _has_weights(path: Path) -> bool:
+    return any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+
+
+def adapter_only(path: Path) -> bool:
+    """Whether `path` is a LoRA checkpoint written without merged weights (update --no-lora-merge): its PEFT
+    adapter in `path`/adapter and no weight files of its own. Loading it merges the adapter into its base."""
+    return (path / ADAPTER_DIR / "adapter_config.json").is_file() and not _has_weights(path)
+
+
+def adapter_base(path: Path) -> Path:
+    """The base model folder an adapter-only checkpoint's adapter applies to (its base_model_name_or_path)."""
+    config = json.loads((path / ADAPTER_DIR / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise InputError(f"--model {path}: its adapter names no base model (adapter/adapter_config.json)")
+    return resolve_model(base)
+
+
 def resolve_model(model: str | Path) -> Path:
     """Return the HF folder for `model` (a folder path, an embedded model name, or a Hugging Face Hub id resolved
     through the local Hub cache); convert an embedded model on first use."""
@@ -142,7 +165,7 @@ def resolve_model(model: str | Path) -> Path:
         raise InputError(f"--model {text}: no such folder, and not an embedded model ({', '.join(EMBEDDED_MODELS)})")
     if not path.is_dir() or not (path / "config.json").exists():
         raise InputError(f"--model {text}: not a Hugging Face model folder (no config.json)")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+    if not _has_weights(path) and not adapter_only(path):
         raise InputError(f"--model {text}: the folder has no weights (*.safetensors or *.bin)")
     return path
 
@@ -151,7 +174,8 @@ def model_revision(path: str | Path) -> str:
     """A short content fingerprint of a model folder: config plus size and edges of every weight file."""
     path = Path(path)
     digest = hashlib.sha256((path / "config.json").read_bytes())
-    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+    adapter = sorted((path / ADAPTER_DIR).glob("*.safetensors"))  # a LoRA checkpoint's adapter counts too
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) + adapter:
         size = weights.stat().st_size
         digest.update(f"{weights.name}:{size}".encode())
         with open(weights, "rb") as handle:
@@ -203,7 +227,13 @@ def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu") -> L
     quiet_transformers()
     torch_type = torch_dtype(dtype, device)
     try:
-        network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_type)
+        if adapter_only(path):  # base + adapter, merged here (in `dtype`: fp32 gives the bits a merged save has)
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=torch_type)
+            network = PeftModel.from_pretrained(base, str(path / ADAPTER_DIR)).merge_and_unload()
+        else:
+            network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_type)
     except (OSError, ValueError) as exc:
         raise InputError(f"--model {model}: could not load ({str(exc).splitlines()[0]})") from None
     network.to(device).eval()

@@ -238,7 +238,12 @@ def check_update_settings(config: run_config.RunConfig) -> None:
                          "max_new_tokens, or update.overlong_max_tokens)")
     if not update.get("lora_rank"):
         return
+    from stages.lm.engine import resolve_engine
     from stages.lm.models import resolve_model
+
+    if update.get("lora_merge") is False and resolve_engine(rollout.get("engine", "auto")) == "vllm":
+        raise InputError("update.lora_merge false: vLLM rollouts need the merged weights; set rollout.engine hf or "
+                         "update.lora_merge true")
     from stages.training import lora
 
     stage = update.get("zero_stage")

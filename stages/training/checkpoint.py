@@ -135,12 +135,17 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(to_jsonable(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-def _write_hf(folder: Path, module, tokenizer, state_dict) -> None:
-    """The Hugging Face part: weights (safetensors), config, generation config, tokenizer with its chat template."""
+def _write_hf(folder: Path, module, tokenizer, state_dict, weights: bool = True) -> None:
+    """The Hugging Face part: weights (safetensors; not without `weights`), config, generation config, tokenizer
+    with its chat template."""
     use_cache = module.config.use_cache
     module.config.use_cache = True  # training turns the KV cache off; inference engines want it on
     try:
-        if state_dict is None:
+        if not weights:
+            module.config.save_pretrained(folder)
+            if getattr(module, "generation_config", None) is not None:
+                module.generation_config.save_pretrained(folder)
+        elif state_dict is None:
             module.save_pretrained(folder)
         else:
             module.save_pretrained(folder, state_dict=state_dict)
@@ -184,7 +189,7 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def save(out: Path, engine, policy, tokenizer, state: dict, metrics: dict, env: distributed.DistEnv,
          zero_stage: int, prefix: str = "model.", optimizer_state: bool = True, peft_model=None,
-         lora_base: Path | None = None) -> Path:
+         lora_base: Path | None = None, lora_merge: bool = True) -> Path:
     """Write the checkpoint folder `out` atomically. Every rank must call this (DeepSpeed saves per-rank shards).
 
     Without `optimizer_state` the folder holds the weights, tokenizer, run state and metrics only (no deepspeed/):
@@ -193,7 +198,7 @@ def save(out: Path, engine, policy, tokenizer, state: dict, metrics: dict, env: 
 
     `policy` is the HF causal LM inside the engine's module, registered there under `prefix`. With `peft_model`
     (LoRA) the HF part holds the merged weights and CKPT/adapter the adapter on `lora_base` (stages.training.lora);
-    deepspeed/ then keeps the trainable parameters only.
+    deepspeed/ then keeps the trainable parameters only; without `lora_merge` the HF part has no weights.
 
     Raises the error of a failed write (e.g. OSError ENOSPC) on the rank that hit it, RuntimeError on the others;
     in both cases the temp folder is removed and `out` does not exist (with overwrite: is the untouched old folder).
@@ -218,9 +223,9 @@ def save(out: Path, engine, policy, tokenizer, state: dict, metrics: dict, env: 
             if peft_model is not None:
                 from stages.training import lora
 
-                state_dict = lora.merged_state_dict(policy)
+                state_dict = lora.merged_state_dict(policy) if lora_merge else None
                 lora.save_adapter(peft_model, tmp, lora_base)
-            _write_hf(tmp, policy, tokenizer, state_dict)
+            _write_hf(tmp, policy, tokenizer, state_dict, weights=peft_model is None or lora_merge)
             _write_json(tmp / STATE_FILE, state)
             _write_json(tmp / METRICS_FILE, metrics)
             share_like_new_files(tmp)

@@ -74,6 +74,7 @@ class UpdateConfig:
     lora_alpha: float = 32.0  # the adapter's scale is lora_alpha / lora_rank
     lora_dropout: float = 0.0  # > 0 makes the update's log-probs differ from score's (the PPO ratio starts ≠ 1)
     lora_target_modules: str = "all-linear"  # all-linear (every linear layer but the output head) | a comma list
+    lora_merge: bool = True  # write the merged weights too (false: adapter only, merged at load; not for vLLM)
     # write deepspeed/ (the ZeRO optimizer and engine state) into --out: what continuing exactly needs; `loop` writes
     # it every loop.checkpoint_every steps and at the end, and weights-only folders in between
     optimizer_state: bool = True

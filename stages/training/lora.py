@@ -8,6 +8,9 @@ checkpoint folder holds both forms of the same policy:
     CKPT/adapter/              the PEFT adapter (adapter_config.json, adapter_model.safetensors), loadable with
                                `PeftModel.from_pretrained(base, CKPT/adapter)`; what the next update trains on
 
+With `lora_merge` off the folder holds no weights of its own (config, tokenizer, adapter): every stage that loads it
+merges the adapter into its base in memory (`stages.lm.models.load_model`; the same bits in fp32), vLLM refuses it.
+
 The run state keeps the base folder (`lora_base`) and the adapter's shape (`lora`), so a continued run loads the
 original base plus the adapter (never the merged weights plus the adapter again). The merged weights are computed
 out of place (W + ΔW per adapted layer), so saving never rounds the base weights the trainer keeps.
@@ -18,8 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages.common.errors import InputError
+from stages.lm.models import ADAPTER_DIR
 
-ADAPTER_DIR = "adapter"
 BASE_KEY = "lora_base"  # run-state key: the folder of the frozen base weights
 SHAPE_KEY = "lora"  # run-state key: rank, alpha, dropout, target modules
 
@@ -122,6 +125,13 @@ def merged_state_dict(policy) -> dict:
                 continue
             merged.setdefault(key.replace(".base_layer", ""), tensor)
     return merged
+
+
+def adapter_state_dict(peft_model) -> dict:
+    """The adapter's tensors under the names its adapter_model.safetensors holds."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(peft_model)
 
 
 def save_adapter(peft_model, folder: Path, base: Path) -> None:

@@ -359,7 +359,7 @@ class Trainer:
         with distributed.launcher_env(self.env):
             checkpoint.save(out, self.engine, self.policy, self.tokenizer, self.state(), metrics, self.env,
                             self.zero_stage, optimizer_state=optimizer_state, peft_model=self.peft_model,
-                            lora_base=self.lora_base)
+                            lora_base=self.lora_base, lora_merge=self.config.lora_merge)
         self.model_dir, self.model_revision = Path(out), model_revision(out)
         return out
 
