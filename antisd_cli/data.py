@@ -37,6 +37,8 @@ def data_command() -> None:
                                     "assistant} (optional; absent = none)." + FIELD)
 @config_option(C, "dedupe", "jsonl/parquet/hf: keep only the first row of each problem text (DAPO-Math-17k's Hub "
                             "copy repeats every problem).")
+@config_option(C, "answer_boxed", "jsonl/parquet/hf: the answer is the last \\boxed{} of the answer field's text "
+                                  "(MATH train: --answer-field solution --answer-boxed).")
 @overwrite_option(C)
 @stage_errors
 def prepare(**options):

@@ -143,3 +143,19 @@ def test_dedupe_keeps_the_first_row_of_each_problem(tmp_path):
     assert len(data.build_rows(data.PrepareConfig(name="jsonl", out="-", path=source, dedupe=True,
                                                   problem_field="prompt.0.content", id_field="extra_info.index",
                                                   answer_field="reward_model.ground_truth"))) == 3
+
+
+def test_answer_boxed_reads_maths_answers_out_of_the_solution(tmp_path):
+    """MATH train rows carry the answer only inside the worked solution's last \\boxed{}."""
+    rows = [{"problem": "Half of 1?", "level": "Level 1", "type": "Algebra",
+             "solution": "It is $\\boxed{2}$ no, $\\boxed{\\frac{1}{2}}$."},
+            {"problem": "Nested?", "level": "Level 2", "type": "Algebra", "solution": "So $\\boxed{\\{1, 2\\}}$."}]
+    source = _write("jsonl", rows, tmp_path)
+    built = data.build_rows(data.PrepareConfig(name="jsonl", out="-", path=source, answer_field="solution",
+                                               answer_boxed=True))
+    assert [r["answer"] for r in built] == ["\\frac{1}{2}", "\\{1, 2\\}"]
+    assert [r["solution"] for r in built] == [r["solution"] for r in rows]  # the solution stays the reference
+    bad = _write("jsonl", [*rows, {"problem": "P", "solution": "no box here"}], tmp_path)
+    with pytest.raises(InputError, match=r"dapo.jsonl: row 2 field 'solution': no \\boxed\{…\} answer in it"):
+        data.build_rows(data.PrepareConfig(name="jsonl", out="-", path=bad, answer_field="solution",
+                                           answer_boxed=True))

@@ -73,6 +73,7 @@ class PrepareConfig:
     id_field: str | None = None
     few_shot_field: str | None = "few_shot"  # jsonl/parquet: per-row few-shot turns [{user, assistant}] (optional)
     dedupe: bool = False  # jsonl/parquet/hf: keep the first row of each problem text (DAPO-Math-17k repeats each)
+    answer_boxed: bool = False  # jsonl/parquet/hf: the answer is the last \boxed{} of the answer field's text (MATH)
     overwrite: bool = False
 
     def __post_init__(self):
@@ -278,6 +279,8 @@ def user_rows(config: PrepareConfig) -> list[dict]:
             if isinstance(value, (dict, list)):
                 raise InputError(f"{path}: row {i} field '{field}' holds a {type(value).__name__}, not text (name a "
                                  f"path into it, e.g. '{field}.0.content' or '{field}.KEY')")
+        if config.answer_boxed:
+            answer = _boxed_answer(str(answer), f"{path}: row {i} field '{config.answer_field}'")
         solution = field_value(record, config.solution_field)
         rid = field_value(record, config.id_field)
         few_shot = field_value(record, config.few_shot_field)
@@ -292,6 +295,16 @@ def user_rows(config: PrepareConfig) -> list[dict]:
             }
         )
     return rows
+
+
+def _boxed_answer(text: str, where: str) -> str:
+    """The last \boxed{…} of a worked solution (MATH's answers live there); InputError naming the row if none."""
+    from stages.verifier.answers import extract_boxed
+
+    answer = extract_boxed(text)
+    if answer is None or not answer.strip():
+        raise InputError(f"{where}: no \\boxed{{…}} answer in it (--answer-boxed)")
+    return answer
 
 
 def build_rows(config: PrepareConfig) -> list[dict]:

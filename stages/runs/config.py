@@ -43,6 +43,7 @@ class DataSpec:
     id_field: str | None = None
     few_shot_field: str | None = "few_shot"
     dedupe: bool = False
+    answer_boxed: bool = False
 
     def prepare_options(self) -> dict:
         """The `antisd data prepare` options this spec stands for (every field has the same name there)."""
