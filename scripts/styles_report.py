@@ -2,14 +2,16 @@
 
     styles_report.py calibration runs/styles/calibrate --out docs/reproduction/styles/calibration.json
     styles_report.py styles runs/styles/grpo_s0 --out docs/reproduction/styles/runs/grpo_s0/styles.jsonl
+    styles_report.py evals runs/styles/grpo_s0 --out docs/reproduction/styles/runs/grpo_s0/evals.json
     styles_report.py report docs/reproduction/styles --out docs/reproduction/styles/table.md
 
 `calibration`: per few-shot order, the base model's accuracy at T = 1, the fraction of mixed 8-sample groups, the
 deliberate-style fraction and accuracy by style, from the verified rollouts. `styles`: the same per training step of
 a run directory (its verified.parquet files). `report` reads only the committed files under DOCS (calibration.json,
-pmi_*/summary.json, runs/*/{config.yaml, metrics.jsonl, styles.jsonl, eval_base.json}) and writes the Markdown
-tables: calibration, PMI probes by context, the gate's noise, and the paired training read-outs (arm − grpo on the
-same seed, so the same prompts at every step).
+pmi_*/summary.json, runs/*/{config.yaml, metrics.jsonl, styles.jsonl, evals.json, eval_base.json}) and writes the
+Markdown tables: calibration, PMI probes by context, the gate's noise, and the paired training read-outs (arm − grpo
+on the same seed, so the same prompts at every step). `evals`: each held-out evaluation of a run directory as
+{prompt_id: correct}, for the paired per-problem intervals.
 """
 
 from __future__ import annotations
@@ -74,6 +76,38 @@ def run_styles(run_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_evals(run_dir: Path) -> str:
+    """Per held-out evaluation of a run (the base model's as "base", then by step): {prompt_id: correct}, so paired
+    differences between arms can be recomputed per problem from committed files."""
+    import pyarrow.parquet as pq
+
+    def correct(path: Path) -> dict:
+        rows = pq.read_table(path, columns=["prompt_id", "correct"]).to_pylist()
+        by: dict = defaultdict(list)
+        for row in rows:
+            by[row["prompt_id"]].append(bool(row["correct"]))
+        return {pid: statistics.fmean(values) for pid, values in sorted(by.items())}
+
+    out = {}
+    if (run_dir / "eval_base.parquet").exists():
+        out["base"] = correct(run_dir / "eval_base.parquet")
+    for step_dir in sorted(run_dir.glob("step_*")):
+        if (step_dir / "eval.parquet").exists():
+            out[str(int(step_dir.name.removeprefix("step_")))] = correct(step_dir / "eval.parquet")
+    return json.dumps(out, indent=0, sort_keys=True) + "\n"
+
+
+def paired_bootstrap(a: dict, b: dict, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a − b over the problems both hold, with a 95 % percentile interval from resampling problems."""
+    import random
+
+    shared = sorted(set(a) & set(b))
+    diffs = [a[p] - b[p] for p in shared]
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
+    return statistics.fmean(diffs), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
 # --- the report --------------------------------------------------------------------------------------------------
 
 def fmt(value, spec="+.3f") -> str:
@@ -130,7 +164,9 @@ def load_run(folder: Path) -> dict:
     if (folder / "styles.jsonl").exists():
         styles = [json.loads(line) for line in (folder / "styles.jsonl").read_text().splitlines() if line.strip()]
     base = json.loads((folder / "eval_base.json").read_text()) if (folder / "eval_base.json").exists() else {}
+    evals = json.loads((folder / "evals.json").read_text()) if (folder / "evals.json").exists() else {}
     return {"arm": arm, "seed": config["loop"]["seed"], "rows": rows, "styles": {s["step"]: s for s in styles},
+            "evals": evals,
             "base": base.get(keys.EVAL_ACCURACY), "warmup": update.get("warmup_steps", 5),
             "down": update.get("gate_down", 0.93)}
 
@@ -166,9 +202,12 @@ def training_tables(docs: Path) -> list[str]:
             f"{first[keys.LENGTH_MEAN]:.1f} → {last[keys.LENGTH_MEAN]:.1f} | "
             f"{fmt(first.get(keys.TEACHER_ENTROPY_MEDIAN), '.3f')} → {fmt(last.get(keys.TEACHER_ENTROPY_MEDIAN), '.3f')}"
             f" | {fmt(last.get(keys.PMI_U_MEAN))} |")
-    lines += ["", "Paired (arm − grpo, same seed: the same prompts at every step):", "",
-              "| arm | seed | Δ mean training reward (steps) | Δ deliberate fraction, mean over steps | "
-              "Δ held-out accuracy, last eval |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", "Paired (arm − grpo, same seed: the same prompts at every step). Training reward: mean of the "
+              "per-step differences ± 2 standard errors of that mean (sd of the differences / √steps). Held-out: "
+              "the difference on the same problems at the last evaluation, 95 % interval from 2,000 resamples of "
+              "the problems (evals.json).", "",
+              "| arm | seed | Δ mean training reward ± 2 SE (steps) | Δ deliberate fraction, mean over steps | "
+              "Δ held-out accuracy, last eval [95 %] |", "| --- | --- | --- | --- | --- |"]
     for arm in arms:
         for seed in seeds:
             if (arm, seed) not in by:
@@ -178,12 +217,15 @@ def training_tables(docs: Path) -> list[str]:
             diffs = [a["rows"][i][keys.REWARD_MEAN] - g["rows"][i][keys.REWARD_MEAN] for i in range(steps)]
             delib = [a["styles"][i]["deliberate_frac"] - g["styles"][i]["deliberate_frac"] for i in range(steps)
                      if i in a["styles"] and i in g["styles"]]
-            last_eval = [r for r in a["rows"][:steps] if keys.EVAL_ACCURACY in r]
-            g_eval = {r[keys.STEP]: r[keys.EVAL_ACCURACY] for r in g["rows"] if keys.EVAL_ACCURACY in r}
-            d_eval = (last_eval[-1][keys.EVAL_ACCURACY] - g_eval[last_eval[-1][keys.STEP]]
-                      if last_eval and last_eval[-1][keys.STEP] in g_eval else None)
-            lines.append(f"| {arm} | {seed} | {statistics.fmean(diffs):+.3f} ({steps}) | "
-                         f"{fmt(statistics.fmean(delib) if delib else None, '+.2f')} | {fmt(d_eval)} |")
+            shared = sorted((set(a["evals"]) & set(g["evals"])) - {"base"}, key=int)
+            if shared:
+                mean, low, high = paired_bootstrap(a["evals"][shared[-1]], g["evals"][shared[-1]])
+                d_eval = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (step {shared[-1]})"
+            else:
+                d_eval = "–"
+            spread = 2 * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+            lines.append(f"| {arm} | {seed} | {statistics.fmean(diffs):+.3f} ± {spread:.3f} ({steps}) | "
+                         f"{fmt(statistics.fmean(delib) if delib else None, '+.2f')} | {d_eval} |")
     lines += ["", "Gate replayed on each grpo run's logged median teacher entropy (warm-up "
               f"{runs[0]['warmup']}, τ_down = {runs[0]['down']}·H_warm):", ""]
     for seed in seeds:
@@ -209,7 +251,7 @@ def report(docs: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("calibration", "styles", "report"))
+    parser.add_argument("what", choices=("calibration", "styles", "evals", "report"))
     parser.add_argument("folder", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -217,10 +259,12 @@ def main() -> None:
         text = json.dumps(calibration(args.folder), indent=2) + "\n"
     elif args.what == "styles":
         text = run_styles(args.folder)
+    elif args.what == "evals":
+        text = run_evals(args.folder)
     else:
         text = report(args.folder)
     atomic_write_text(args.out, text)
-    if args.what != "styles":
+    if args.what not in ("styles", "evals"):
         print(text)
 
 

@@ -80,6 +80,7 @@ train)
     name=$(basename "$dir"); mkdir -p "$DOCS/runs/$name"
     cp "$dir"/config.yaml "$dir"/metrics.jsonl "$dir"/eval_base.json "$DOCS/runs/$name/"
     "$PYTHON" scripts/styles_report.py styles "$dir" --out "$DOCS/runs/$name/styles.jsonl"
+    "$PYTHON" scripts/styles_report.py evals "$dir" --out "$DOCS/runs/$name/evals.json"
     for summary in "$dir"/step_*/eval.summary.json; do
       [ -f "$summary" ] && cp "$summary" "$DOCS/runs/$name/$(basename "$(dirname "$summary")").eval.summary.json"
     done
