@@ -47,6 +47,9 @@ def style_stats(rows: list[dict]) -> dict:
            "accuracy": statistics.fmean(r["reward"] for r in rows),
            "mixed_group_frac": statistics.fmean(0 < statistics.fmean(g) < 1 for g in groups.values()),
            "deliberate_frac": len(by_style["deliberate"]) / len(rows),
+           # a check step anywhere (the deliberate example's "Check:"), also in responses that do not open with
+           # "Split:": the part of deliberation a model can pick up without the decomposition
+           "check_frac": statistics.fmean("Check:" in r["response_text"] for r in rows),
            "truncated_frac": statistics.fmean(r["finish_reason"] == "length" for r in rows)}
     for style in ("direct", "deliberate"):
         chosen = by_style[style]
@@ -189,8 +192,9 @@ def training_tables(docs: Path) -> list[str]:
     seeds = sorted({r["seed"] for r in runs if r["arm"] == "grpo"})
     arms = sorted({r["arm"] for r in runs} - {"grpo"})
     lines = ["| run | base | held-out accuracy by step | mean reward | deliberate fraction first → last step | "
-             "mean length first → last | teacher H median first → last | mean u last step |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "\"Check:\" fraction first → last | mean length first → last | teacher H median first → last | "
+             "mean u last step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in sorted(runs, key=lambda r: (r["arm"], r["seed"])):
         evals = ", ".join(f"{r[keys.STEP]}: {r[keys.EVAL_ACCURACY]:.3f}" for r in run["rows"] if keys.EVAL_ACCURACY in r)
         first, last = run["rows"][0], run["rows"][-1]
@@ -199,6 +203,7 @@ def training_tables(docs: Path) -> list[str]:
             f"| {run['arm']} s{run['seed']} | {fmt(run['base'], '.3f')} | {evals} | "
             f"{statistics.fmean(r[keys.REWARD_MEAN] for r in run['rows']):.3f} | "
             f"{fmt(styles[0].get('deliberate_frac'), '.2f')} → {fmt(styles[1].get('deliberate_frac'), '.2f')} | "
+            f"{fmt(styles[0].get('check_frac'), '.2f')} → {fmt(styles[1].get('check_frac'), '.2f')} | "
             f"{first[keys.LENGTH_MEAN]:.1f} → {last[keys.LENGTH_MEAN]:.1f} | "
             f"{fmt(first.get(keys.TEACHER_ENTROPY_MEDIAN), '.3f')} → {fmt(last.get(keys.TEACHER_ENTROPY_MEDIAN), '.3f')}"
             f" | {fmt(last.get(keys.PMI_U_MEAN))} |")
