@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The arith_styles study of docs/reproduction.md: calibration and the PMI polarity test (no training), about 35 min on
-# 2 cores; the paired training arms (phase train, ~2 h) were not run for the doc, since no variant met the calibration
-# targets on SmolLM2-135M. Resumable: every file that exists is kept and reused, every run continues from its folder.
+# 2 cores, and the paired training arms (phase train: 6 runs of 10 steps, ~30 min each on one core; JOBS=2 runs two
+# at a time). Resumable: every file that exists is kept and reused, every run continues from its folder.
 #   PHASES="calibrate polarity train" OUT=runs/styles DOCS=docs/reproduction/styles scripts/styles_study.sh
 #   RUNS="grpo:0 antisd-nogate:0" PHASES=train scripts/styles_study.sh     # a subset of the training arms
 # A run spec is METHOD:SEED; METHOD-nogate runs METHOD with the entropy gate off (λ = λ_max every step).
