@@ -212,7 +212,8 @@ def training_tables(docs: Path) -> list[str]:
               "the difference on the same problems at the last evaluation, 95 % interval from 2,000 resamples of "
               "the problems (evals.json).", "",
               "| arm | seed | Δ mean training reward ± 2 SE (steps) | Δ deliberate fraction, mean over steps | "
-              "Δ held-out accuracy, last eval [95 %] |", "| --- | --- | --- | --- | --- |"]
+              "Δ \"Check:\" fraction, mean over steps | Δ held-out accuracy, last eval [95 %] |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for arm in arms:
         for seed in seeds:
             if (arm, seed) not in by:
@@ -222,6 +223,8 @@ def training_tables(docs: Path) -> list[str]:
             diffs = [a["rows"][i][keys.REWARD_MEAN] - g["rows"][i][keys.REWARD_MEAN] for i in range(steps)]
             delib = [a["styles"][i]["deliberate_frac"] - g["styles"][i]["deliberate_frac"] for i in range(steps)
                      if i in a["styles"] and i in g["styles"]]
+            check = [a["styles"][i].get("check_frac", 0) - g["styles"][i].get("check_frac", 0) for i in range(steps)
+                     if i in a["styles"] and i in g["styles"]]
             shared = sorted((set(a["evals"]) & set(g["evals"])) - {"base"}, key=int)
             if shared:
                 mean, low, high = paired_bootstrap(a["evals"][shared[-1]], g["evals"][shared[-1]])
@@ -230,7 +233,8 @@ def training_tables(docs: Path) -> list[str]:
                 d_eval = "–"
             spread = 2 * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
             lines.append(f"| {arm} | {seed} | {statistics.fmean(diffs):+.3f} ± {spread:.3f} ({steps}) | "
-                         f"{fmt(statistics.fmean(delib) if delib else None, '+.2f')} | {d_eval} |")
+                         f"{fmt(statistics.fmean(delib) if delib else None, '+.2f')} | "
+                         f"{fmt(statistics.fmean(check) if check else None, '+.2f')} | {d_eval} |")
     lines += ["", "Gate replayed on each grpo run's logged median teacher entropy (warm-up "
               f"{runs[0]['warmup']}, τ_down = {runs[0]['down']}·H_warm):", ""]
     for seed in seeds:
