@@ -72,8 +72,7 @@ def read_start(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path) 
     """The run state and DeepSpeed JSON a trainer starts from, checked against this run."""
     state = checkpoint.read_state(config.state or checkpoint.default_state_path(model_dir))
     deepspeed_user = read_deepspeed_file(config.deepspeed_config)
-    stage = config.zero_stage if config.zero_stage is not None else \
-        deepspeed_user.get("zero_optimization", {}).get("stage", 2)
+    stage = distributed.resolved_zero_stage(config.zero_stage, deepspeed_user)
     check_state(config, state, model_dir, env.world_size, stage)
     lora.check_state(config, state, model_dir, stage)
     return state, deepspeed_user

@@ -8,9 +8,11 @@ The tiny model is made once per session.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +51,12 @@ def arith_prompts(tmp_path):
     from stages.lm.datasets import PrepareConfig
 
     return run(PrepareConfig(name="arith", out=str(tmp_path / "prompts.parquet"), num=4, seed=1))
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (the study scripts are not a package)."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

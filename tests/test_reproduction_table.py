@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _table_module():
-    spec = importlib.util.spec_from_file_location("reproduction_table", ROOT / "scripts" / "reproduction_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(root: Path, name: str, method: str, seed: int, evals: dict[int, float], lam: float, gate: str = "auto",
@@ -44,7 +38,7 @@ def test_table_values_by_hand(tmp_path):
     _run(tmp_path, "antisd_s0", "antisd", 0, {1: 0.5, 3: 0.6}, 0.5)
     _run(tmp_path, "antisd_s1", "antisd", 1, {1: 0.2, 3: 0.1}, 0.5)
     _run(tmp_path, "sd-nogate_s0", "sd", 0, {1: 0.1}, 0.5, gate="off")
-    table = _table_module().main(tmp_path)
+    table = load_script("reproduction_table").main(tmp_path)
     # GRPO seed means: step 1 → 0.35, step 3 → 0.40 (best); AntiSD seed means: 0.35, 0.35 → never reaches 0.40.
     assert "GRPO's best seed-mean held-out accuracy: 0.400" in table
     grpo = _row(table, "grpo")
@@ -68,7 +62,7 @@ def test_unfinished_runs_are_left_out(tmp_path):
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     (folder / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")  # killed after step 1
     _run(tmp_path, "base", "antisd", 0, {}, 0.0, steps=0)  # the study's shared base evaluation: a 0-step loop
-    grpo = _row(_table_module().main(tmp_path), "grpo")
+    grpo = _row(load_script("reproduction_table").main(tmp_path), "grpo")
     assert grpo[1] == "1" and grpo[4] == "0.500"
 
 
@@ -79,7 +73,8 @@ def test_first_step_compares_with_grpo_on_the_same_seeds_only(tmp_path):
     _run(tmp_path, "grpo_s2", "grpo", 2, {1: 0.0, 3: 0.1}, 0.0)
     _run(tmp_path, "sd_s0", "sd", 0, {1: 0.5, 3: 0.6}, 0.5)
     _run(tmp_path, "sd_s1", "sd", 1, {1: 0.4, 3: 0.4}, 0.5)  # mean 0.45, 0.50: below 0.55 at every step
-    assert _row(_table_module().main(tmp_path), "sd")[6] == "never"  # unpaired it would read "1" (0.45 ≥ 0.40)
+    table = load_script("reproduction_table").main(tmp_path)
+    assert _row(table, "sd")[6] == "never"  # unpaired it would read "1" (0.45 ≥ 0.40)
 
 
 def test_paired_curves_script_reads_the_committed_csv():

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _report_module():
-    spec = importlib.util.spec_from_file_location("styles_report", ROOT / "scripts" / "styles_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def _run(docs: Path, name: str, method: str, seed: int, rewards: list[float], correct: dict[str, float]) -> None:
@@ -31,7 +22,7 @@ def _run(docs: Path, name: str, method: str, seed: int, rewards: list[float], co
 
 
 def test_paired_bootstrap_of_identical_differences_is_exact():
-    module = _report_module()
+    module = load_script("styles_report")
     a, b = {"p1": 1.0, "p2": 1.0, "p3": 0.0}, {"p1": 0.0, "p2": 0.0, "p3": -1.0}  # every difference is +1
     assert module.paired_bootstrap(a, b) == (1.0, 1.0, 1.0)
     mean, low, high = module.paired_bootstrap({"p1": 1.0, "p2": 0.0}, {"p1": 0.0, "p2": 0.0, "p9": 1.0})
@@ -39,7 +30,7 @@ def test_paired_bootstrap_of_identical_differences_is_exact():
 
 
 def test_the_paired_table_differences_arms_from_grpo_on_the_same_seed(tmp_path):
-    module = _report_module()
+    module = load_script("styles_report")
     problems = [f"p{i}" for i in range(10)]
     _run(tmp_path, "grpo_s0", "grpo", 0, [0.1, 0.2, 0.3], {p: float(i < 4) for i, p in enumerate(problems)})
     _run(tmp_path, "sd_s0", "sd", 0, [0.1, 0.1, 0.1], {p: float(i < 2) for i, p in enumerate(problems)})

@@ -45,10 +45,8 @@ def needs_more(draws: list[pa.Table], per_step: int, max_draws: int) -> bool:
 
 def select(draws: list[pa.Table], per_step: int) -> tuple[pa.Table, dict]:
     """The step's verified rows from its draws' verified tables, and the record of what was drawn and kept."""
-    kept_ids: list[str] = []
-    for table in draws:
-        kept_ids += mixed_groups(table)
-    kept_ids = kept_ids[:per_step]
+    mixed = [prompt_id for table in draws for prompt_id in mixed_groups(table)]
+    kept_ids = mixed[:per_step]
     combined = pa.concat_tables(draws, promote_options="default")
     if kept_ids:
         table = combined.filter(pc.is_in(combined.column("prompt_id"), pa.array(kept_ids)))
@@ -58,7 +56,7 @@ def select(draws: list[pa.Table], per_step: int) -> tuple[pa.Table, dict]:
     record = {
         "draws": len(draws),
         "groups_drawn": sum(len(set(t.column("prompt_id").to_pylist())) for t in draws),
-        "groups_mixed": sum(len(mixed_groups(t)) for t in draws),
+        "groups_mixed": len(mixed),
         "groups_kept": len(kept_ids),
         "rollouts_drawn": combined.num_rows,
         "drawn_reward_mean": sum(drawn_rewards) / len(drawn_rewards) if drawn_rewards else None,

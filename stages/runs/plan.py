@@ -244,13 +244,11 @@ def check_update_settings(config: run_config.RunConfig) -> None:
     if update.get("lora_merge") is False and resolve_engine(rollout.get("engine", "auto")) == "vllm":
         raise InputError("update.lora_merge false: vLLM rollouts need the merged weights; set rollout.engine hf or "
                          "update.lora_merge true")
-    from stages.training import lora
+    from stages.training import distributed, lora
 
-    stage = update.get("zero_stage")
-    if stage is None and update.get("deepspeed_config"):
-        stage = read_json_object(update["deepspeed_config"], f"update.deepspeed_config {update['deepspeed_config']}") \
-            .get("zero_optimization", {}).get("stage")
-    if stage == 3:
+    path = update.get("deepspeed_config")
+    user = read_json_object(path, f"update.deepspeed_config {path}") if path else {}
+    if distributed.resolved_zero_stage(update.get("zero_stage"), user) == 3:
         raise InputError("update.lora_rank: LoRA is not available with ZeRO-3 (update.deepspeed_config's stage); use "
                          "ZeRO-2, the adapter's optimizer state is small")
     lora.check_targets(resolve_model(config.loop.model), update.get("lora_target_modules", "all-linear"))

@@ -148,6 +148,11 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def resolved_zero_stage(zero_stage: int | None, deepspeed_user: dict) -> int:
+    """The ZeRO stage a run uses: --zero-stage, else the user's DeepSpeed JSON's, else 2."""
+    return zero_stage if zero_stage is not None else deepspeed_user.get("zero_optimization", {}).get("stage", 2)
+
+
 def deepspeed_config(user: dict, zero_stage: int | None, grad_clip: float, world_size: int, precision: str) -> dict:
     """The DeepSpeed config of an update: built-in ZeRO-2 default < the user's JSON < `zero_stage` < owned keys.
 
