@@ -1,29 +1,34 @@
 #!/usr/bin/env bash
-# Figures and tables of docs/reproduction.md from the study's run directories (after scripts/reproduce.sh).
-#   OUT=runs/repro DOCS=docs/reproduction PMI_METHOD=antisd scripts/reproduce_report.sh
+# Figures and tables of docs/reproduction.md from the study's run directories (after scripts/reproduce.sh). The
+# per-run files every number is computed from are copied into DOCS/runs/ first (the run directories are not committed)
+# and the curves and tables are made from those copies alone.
+#   OUT=runs/repro DOCS=docs/reproduction/arith PMI_METHOD=antisd scripts/reproduce_report.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ANTISD=${ANTISD:-.venv/bin/antisd}
 PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-runs/repro}
-DOCS=${DOCS:-docs/reproduction}
+DOCS=${DOCS:-docs/reproduction/arith}
 STEPS=${STEPS:-8}
 PMI_METHOD=${PMI_METHOD:-antisd}  # whose trained policy the second PMI analysis looks at (its runs' last step)
 GSM8K_PMI=${GSM8K_PMI:-1}  # 0: skip the base-model GSM8K diagnostic (it does not depend on the study's settings)
 mkdir -p "$DOCS"
-runs=(); labels=()
 for dir in "$OUT"/*_s*/; do
-  [ -f "$dir/metrics.jsonl" ] || continue
+  [ -f "$dir/metrics.jsonl" ] && bash scripts/collect_run_files.sh "$dir" "$DOCS/runs/$(basename "$dir")"
+done
+runs=(); labels=()
+for dir in "$DOCS"/runs/*_s*/; do
   name=$(basename "$dir"); runs+=("$dir"); labels+=(--label "${name%_s*}")
 done
 "$ANTISD" -q plot "${runs[@]}" "${labels[@]}" --out "$DOCS/curves.png" --overwrite
 "$ANTISD" -q plot "${runs[@]}" "${labels[@]}" --format csv --out "$DOCS/curves.csv" --overwrite
+"$PYTHON" scripts/reproduction_paired.py "$DOCS/curves.csv" > "$DOCS/paired.md"
 # PMI of the base model (step 0 is scored with the base weights) and of the trained PMI_METHOD policy (last step).
 last=$(printf "step_%04d" $((STEPS - 1)))
 "$ANTISD" -q analyze pmi "$OUT"/grpo_s*/step_0000/scored.parquet --out "$DOCS/pmi_base" --overwrite > "$DOCS/pmi_base.txt"
 "$ANTISD" -q analyze pmi "$OUT"/"$PMI_METHOD"_s*/"$last"/scored.parquet --model smollm2-135m --out "$DOCS/pmi_antisd" --overwrite \
   > "$DOCS/pmi_antisd.txt"
-"$PYTHON" scripts/reproduction_table.py "$OUT" > "$DOCS/table.md"
+"$PYTHON" scripts/reproduction_table.py "$DOCS/runs" > "$DOCS/table.md"
 cat "$DOCS/table.md"
 [ "$GSM8K_PMI" = 1 ] || exit 0
 # The diagnostic on longer reasoning: base model on 12 GSM8K test problems (arith answers are too short to hold the

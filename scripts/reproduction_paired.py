@@ -1,7 +1,7 @@
-"""Paired read-outs of the arith study from its committed curves (docs/reproduction/curves.csv), every comparison
+"""Paired read-outs of the arith study from its committed curves (docs/reproduction/arith/curves.csv), every comparison
 over the seeds both methods ran.
 
-Run: .venv/bin/python scripts/reproduction_paired.py docs/reproduction/curves.csv > docs/reproduction/paired.md
+Run: .venv/bin/python scripts/reproduction_paired.py docs/reproduction/arith/curves.csv > docs/reproduction/arith/paired.md
 
 Per method, against GRPO on the same seeds: the seed-mean held-out accuracy by step of both, GRPO's best on those
 seeds, the first step at which the method reaches it ("never" if it does not), the paired final difference, and per

@@ -1,6 +1,10 @@
-"""Summarize the reproduction study's run directories into the Markdown table of docs/reproduction.md.
+"""Summarize the arith study's committed per-run files into the Markdown table of docs/reproduction.md.
 
-Run: .venv/bin/python scripts/reproduction_table.py runs/repro > docs/reproduction/table.md
+Run: .venv/bin/python scripts/reproduction_table.py docs/reproduction/arith/runs > docs/reproduction/arith/table.md
+
+Each folder under the root holds one run's config.yaml, metrics.jsonl and eval_base.json (what
+scripts/collect_run_files.sh copies out of a run directory); nothing else is read, so the table can be recomputed
+from the repository.
 
 Per method (finished runs only; METHOD-nogate = the gate off, λ = λ_max every step; mean over seeds, with the
 per-seed values): base, final and best held-out accuracy, the first step at
@@ -18,19 +22,20 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from stages.common import metrics as keys  # noqa: E402
 
 
 def load_run(run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    manifest = json.loads((run_dir / "run.json").read_text())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
     base = json.loads((run_dir / "eval_base.json").read_text()) if (run_dir / "eval_base.json").exists() else {}
-    update = manifest["config"]["update"]
+    update, loop = config["update"], config["loop"]
     method = update.get("method", "antisd") + ("-nogate" if update.get("gate") == "off" else "")
-    return {"name": run_dir.name, "method": method, "steps": manifest["config"]["loop"]["steps"],
-            "seed": manifest["config"]["loop"]["seed"], "rows": rows, "base": base.get(keys.EVAL_ACCURACY),
-            "warmup": manifest["config"]["update"].get("warmup_steps", 5)}
+    return {"name": run_dir.name, "method": method, "steps": loop["steps"], "seed": loop["seed"], "rows": rows,
+            "base": base.get(keys.EVAL_ACCURACY), "warmup": update.get("warmup_steps", 5)}
 
 
 def eval_curve(run: dict) -> dict[int, float]:
@@ -109,4 +114,4 @@ def main(root: Path) -> str:
 
 
 if __name__ == "__main__":
-    print(main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/repro")), end="")
+    print(main(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/reproduction/arith/runs")), end="")

@@ -482,3 +482,18 @@ def test_loop_out_creates_missing_parent_folders(tmp_path, tiny_model_dir):
     (tmp_path / "afile").write_text("x")
     refused = run_loop(config, tmp_path / "afile" / "run")
     assert refused.exit_code == 2 and "is a file, not a directory" in refused.stderr
+
+
+def test_a_zero_step_loop_evaluates_the_base_model_only_and_extends_later(tmp_path, tiny_model_dir):
+    # The studies' shared base evaluation is a 0-step loop (scripts/reproduce.sh); raising steps continues the run.
+    config = write_config(tmp_path, tiny_model_dir, steps=0)
+    out = tmp_path / "run"
+    result = run_loop(config, out)
+    assert result.exit_code == 0, result.output
+    base = (out / "eval_base.json").read_bytes()
+    assert "eval/accuracy" in json.loads(base) and not list(out.glob("step_*"))
+    extended = run_loop(config, out, "--set", "loop.steps=1")
+    assert extended.exit_code == 0, extended.output
+    assert (out / "step_0000" / "metrics.json").exists() and (out / "eval_base.json").read_bytes() == base
+    refused = run_loop(config, tmp_path / "other", "--set", "loop.steps=-1")
+    assert refused.exit_code == 2 and "loop.steps" in refused.stderr

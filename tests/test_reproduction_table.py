@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,7 +17,7 @@ def _run(root: Path, name: str, method: str, seed: int, evals: dict[int, float],
     folder = root / name
     folder.mkdir()
     config = {"update": {"method": method, "gate": gate, "warmup_steps": 2}, "loop": {"steps": steps, "seed": seed}}
-    (folder / "run.json").write_text(json.dumps({"config": config}))
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
     (folder / "eval_base.json").write_text(json.dumps({"eval/accuracy": 0.2}))
     rows = []
     for step in range(steps):
@@ -81,8 +83,8 @@ def test_paired_curves_script_reads_the_committed_csv():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "scripts/reproduction_paired.py", "docs/reproduction/curves.csv"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "scripts/reproduction_paired.py", "docs/reproduction/arith/curves.csv"], cwd=ROOT,
                          capture_output=True, text=True, check=True)
     rows = {line.split("|")[1].strip(): line for line in out.stdout.splitlines() if line.startswith("| `")}
     assert "| 0.623 | never |" in rows["`antisd-nogate`"] and "| 0.615 | 7 |" in rows["`antisd`"]
-    assert (ROOT / "docs" / "reproduction" / "paired.md").read_text() == out.stdout
+    assert (ROOT / "docs" / "reproduction" / "arith" / "paired.md").read_text() == out.stdout

@@ -67,7 +67,7 @@ class LoopSettings:
     """Knobs of the loop itself."""
 
     model: str = "smollm2-135m"  # starting policy: HF folder or embedded model name
-    steps: int = 20  # RL steps to run (a finished run can be extended by raising this)
+    steps: int = 20  # RL steps to run (a finished run can be extended by raising this; 0: evaluate the base only)
     prompts_per_step: int = 32  # problems per step (paper: 32); rollout.n samples each
     seed: int = 0  # master seed: every stage's seed derives from (seed, step)
     eval_every: int = 5  # held-out evaluation every k steps (and after the last); 0 = never
@@ -94,9 +94,8 @@ class LoopSettings:
 
         check = validation.Checks(self)
         check.require(bool(str(self.model).strip()), "model", "must name a model folder or an embedded model")
-        check.at_least(1, "steps", "prompts_per_step", "eval_n", "eval_max_new_tokens", "checkpoint_every",
-                       "max_draws")
-        check.at_least(0, "eval_every", "eval_temperature", "keep_checkpoints")
+        check.at_least(1, "prompts_per_step", "eval_n", "eval_max_new_tokens", "checkpoint_every", "max_draws")
+        check.at_least(0, "steps", "eval_every", "eval_temperature", "keep_checkpoints")
         check.choice("weight_sync", WEIGHT_SYNCS)
         check.choice("wandb_mode", WANDB_MODES)
         check.require(self.wandb is None or bool(str(self.wandb).strip()), "wandb", "empty project name")

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The small per-run files a study's numbers are computed from, copied out of a run folder (run folders are not
+# committed): config.yaml, metrics.jsonl, eval_base.json and each evaluation's summary as step_XXXX.eval.summary.json.
+#   scripts/collect_run_files.sh runs/repro/grpo_s0 docs/reproduction/arith/runs/grpo_s0
+set -euo pipefail
+src=${1:?run folder} dest=${2:?destination folder}
+mkdir -p "$dest"
+for name in config.yaml metrics.jsonl; do cp "$src/$name" "$dest/"; done
+[ -f "$src/eval_base.json" ] && cp "$src/eval_base.json" "$dest/"
+for summary in "$src"/step_*/eval.summary.json; do
+  [ -f "$summary" ] && cp "$summary" "$dest/$(basename "$(dirname "$summary")").eval.summary.json"
+done
+exit 0
