@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from stages.common import metrics as keys  # noqa: E402
+from stages.common import metrics as keys
 
 
 def load_run(run_dir: Path) -> dict:

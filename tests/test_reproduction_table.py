@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import yaml
-
 from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
