@@ -23,9 +23,10 @@ done
 "$ANTISD" -q plot "${runs[@]}" "${labels[@]}" --out "$DOCS/curves.png" --overwrite
 "$ANTISD" -q plot "${runs[@]}" "${labels[@]}" --format csv --out "$DOCS/curves.csv" --overwrite
 "$PYTHON" scripts/reproduction_paired.py "$DOCS/curves.csv" > "$DOCS/paired.md"
-# PMI of the base model (step 0 is scored with the base weights) and of the trained PMI_METHOD policy (last step).
+# PMI of the base model (step 0 of gated antisd: the base weights sample and score with the teacher; grpo may run
+# without the teacher pass) and of the trained PMI_METHOD policy (last step).
 last=$(printf "step_%04d" $((STEPS - 1)))
-"$ANTISD" -q analyze pmi "$OUT"/grpo_s*/step_0000/scored.parquet --out "$DOCS/pmi_base" --overwrite > "$DOCS/pmi_base.txt"
+"$ANTISD" -q analyze pmi "$OUT"/antisd_s*/step_0000/scored.parquet --out "$DOCS/pmi_base" --overwrite > "$DOCS/pmi_base.txt"
 "$ANTISD" -q analyze pmi "$OUT"/"$PMI_METHOD"_s*/"$last"/scored.parquet --model smollm2-135m --out "$DOCS/pmi_antisd" --overwrite \
   > "$DOCS/pmi_antisd.txt"
 "$PYTHON" scripts/reproduction_table.py "$DOCS/runs" > "$DOCS/table.md"

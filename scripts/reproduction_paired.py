@@ -54,7 +54,10 @@ def main(path: Path) -> None:
     print("\nTeacher median entropy, first → last step, per GRPO seed:\n")
     for (method, seed), metrics in sorted(runs.items()):
         if method == "grpo":
-            entropy = metrics[ENTROPY]
+            entropy = metrics.get(ENTROPY)
+            if not entropy:  # a grpo run without the teacher pass (score.teacher off) logs no teacher entropy
+                print(f"- grpo s{seed}: not logged (no teacher pass)")
+                continue
             first, last = entropy[min(entropy)], entropy[max(entropy)]
             print(f"- grpo s{seed}: {first:.3f} → {last:.3f} ({'fell' if last < first else 'rose'})")
 

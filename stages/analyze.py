@@ -195,6 +195,9 @@ def read_scored(paths: list[Path]) -> tuple[list[dict], dict]:
     rows, first_meta = [], None
     for path in paths:
         table, meta = read_artifact(path, "scored", columns=COLUMNS)
+        if meta.get("teacher") is False:  # `score --no-teacher` (a grpo loop's default): teacher = student, u = 0
+            raise InputError(f"{path}: scored without the teacher pass (u = 0 on every token); nothing to analyse "
+                             "(rescore it with `antisd score`, or run grpo with score.teacher: true)")
         first_meta = meta if first_meta is None else first_meta
         for i, row in enumerate(table.to_pylist()):
             lengths = {len(row[k]) for k in ("response_token_ids", "student_logprobs", "teacher_logprobs", "pmi",

@@ -397,3 +397,19 @@ def test_probes_csv_and_summary_through_the_stage(tmp_path, tiny_model_dir, toke
     assert summary["word_lists"]["shortcut"] == ["Given", "Assign", "holds", "Therefore"]
     with open(out / "probes.csv") as handle:
         assert len(list(csv.DictReader(handle))) == len(summary["probes"])
+
+
+def test_cli_refuses_a_file_scored_without_the_teacher_pass(tmp_path, tiny_model_dir):
+    import json
+
+    import pyarrow.parquet as pq
+
+    path = _bad_rows(tmp_path, tiny_model_dir, "ragged").with_name("ok.parquet")
+    rows = [scored_row("p", 0, [260], s=[-1.0], t=[-1.0], h=[1.0])]
+    write_scored(path, rows, tiny_model_dir)
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"antisd"])
+    meta["teacher"] = False  # what `score --no-teacher` (a grpo loop) records
+    pq.write_table(table.replace_schema_metadata({b"antisd": json.dumps(meta).encode()}), path)
+    result = CliRunner().invoke(cli, ["analyze", "pmi", str(path), "--out", str(tmp_path / "pmi")])
+    assert result.exit_code == 2 and "without the teacher pass" in result.stderr and str(path) in result.stderr
