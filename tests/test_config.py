@@ -82,7 +82,7 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, fragment", [
-    (["loop.steps=-1"], "loop.steps: must be >= 1, got -1"),
+    (["loop.steps=-1"], "loop.steps: must be >= 0, got -1"),
     (["loop.prompts_per_step=0"], "loop.prompts_per_step: must be >= 1, got 0"),
     (["loop.train.name=mnist"], "loop.train.name: must be one of arith"),
     (["loop.eval.split=train", "loop.eval.name=math500"], "loop.eval.split: math500 has only test"),

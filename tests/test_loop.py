@@ -299,7 +299,7 @@ def test_every_config_error_is_reported_before_any_work(tmp_path, tiny_model_dir
     assert result.exit_code == 2
     for fragment in ("update.method: must be one of grpo, sd, antisd, rkl-ascent, got 'ppo'",
                      "update.lr: must be a finite number, got nan", "rollout.n: must be >= 1, got 0",
-                     "loop.steps: must be >= 1, got -1"):
+                     "loop.steps: must be >= 0, got -1"):
         assert fragment in result.stderr
     assert not (tmp_path / "run").exists()
 
