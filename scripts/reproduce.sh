@@ -28,11 +28,11 @@ for spec in $RUNS; do
 done
 
 for spec in $RUNS; do echo "$spec"; done | OMP_NUM_THREADS=1 xargs -P "$JOBS" -I{} bash -c '
-  name=${1%%:*}; seed=${1##*:}; method=${name%-nogate}; gate=()
-  [ "$method" != "$name" ] && gate=(--set update.gate=off)
+  name=${1%%:*}; seed=${1##*:}; method=${name%-nogate}; sets=()
+  [ "$method" != "$name" ] && sets=(--set update.gate=off)
   # grpo needs no teacher pass; it runs one anyway so its teacher entropy can be compared and the gate replayed on it
-  [ "$method" = grpo ] && gate+=(--set score.teacher=true)
-  "$0" -q loop -c examples/configs/reproduce.yaml -o "'"$OUT"'/${name}_s${seed}" "${gate[@]}" '"$SETS"' \
+  [ "$method" = grpo ] && sets+=(--set score.teacher=true)
+  "$0" -q loop -c examples/configs/reproduce.yaml -o "'"$OUT"'/${name}_s${seed}" "${sets[@]}" '"$SETS"' \
       --set update.method=$method --set loop.seed=$seed --set loop.steps='"$STEPS"' \
       > "'"$OUT"'/${name}_s${seed}.log" 2>&1 && echo "done ${name}_s${seed}" || { echo "FAILED ${name}_s${seed}"; exit 1; }
 ' "$ANTISD" {}
