@@ -56,8 +56,13 @@ polarity)
   done
   ;;
 train)
-  # the base model's held-out evaluation does not depend on method or seed: the first run computes it, the others
-  # get a copy (loop keeps an eval_base.json it finds)
+  # the base model's held-out evaluation does not depend on method or seed: a 0-step loop computes it once, every
+  # run directory that lacks one gets a copy (loop keeps an eval_base.json it finds), then all arms run in parallel
+  export OMP_NUM_THREADS=$((2 / JOBS > 0 ? 2 / JOBS : 1))  # every arm with the same threads (same CPU numerics)
+  if [ ! -f "$OUT/base/eval_base.json" ]; then
+    "$ANTISD" -q loop -c "$CONFIG" -o "$OUT/base" --set loop.steps=0 > "$OUT/base.log" 2>&1 \
+      || { echo "FAILED base evaluation (see $OUT/base.log)"; exit 1; }
+  fi
   train_one() {
     local name=${1%%:*} seed=${1##*:}; local method=${name%-nogate} gate=()
     [ "$method" != "$name" ] && gate=(--set update.gate=off)
@@ -66,16 +71,11 @@ train)
       || { echo "FAILED ${name}_s${seed} (see $OUT/${name}_s${seed}.log)"; return 1; }
   }
   export -f train_one; export ANTISD CONFIG OUT
-  export OMP_NUM_THREADS=$((2 / JOBS > 0 ? 2 / JOBS : 1))  # every arm with the same threads (same CPU numerics)
-  set -- $RUNS
-  first="$OUT/${1%%:*}_s${1##*:}"
-  train_one "$1"  # a finished run returns at once, a partial one resumes
-  for spec in "${@:2}"; do
+  for spec in $RUNS; do
     dir="$OUT/${spec%%:*}_s${spec##*:}"
-    [ -f "$dir/eval_base.json" ] || { mkdir -p "$dir" && cp "$first"/eval_base.{json,parquet,summary.json} "$dir/"; }
+    [ -f "$dir/eval_base.json" ] || { mkdir -p "$dir" && cp "$OUT"/base/eval_base.{json,parquet,summary.json} "$dir/"; }
   done
-  printf '%s\n' "${@:2}" | xargs -r -P "$JOBS" -I{} \
-    bash -c 'train_one "$1"' _ {}
+  printf '%s\n' $RUNS | xargs -r -P "$JOBS" -I{} bash -c 'train_one "$1"' _ {}
   # the per-run files every number of the doc is computed from (the run directories are not committed)
   for dir in "$OUT"/*_s*/; do
     name=$(basename "$dir")
