@@ -27,6 +27,8 @@ def data_command() -> None:
 @config_option(C, "few_shot", "arith, arith_styles: prepend two worked examples as chat turns.")
 @config_option(C, "shots", "arith_styles: its worked examples in order, a comma list of small (3 + 4, direct), "
                            "direct (12 + 25) and deliberate (47 + 36).")
+@config_option(C, "operands", "arith, arith_styles: LO-HI, the range both operands are drawn from (a quarter of the "
+                              "pairs, at most 1000, is held out as test).")
 @config_option(C, "path", "jsonl/parquet: the input file; hf: a datasets folder (save_to_disk or data files) or a "
                           "Hub dataset name in the datasets cache.")
 @config_option(C, "problem_field", "jsonl/parquet/hf: the field holding the problem text." + FIELD)
@@ -49,6 +51,7 @@ def prepare(**options):
       antisd data prepare arith --split train --num 256 --out train.parquet
       antisd data prepare gsm8k --split test --out gsm8k_test.parquet
       antisd data prepare arith_styles --shots deliberate,small,direct --num 64 --out styles.parquet
+      antisd data prepare arith_styles --operands 10-49 --split test --num 150 --out styles_test.parquet
       antisd data prepare jsonl --path mine.jsonl --problem-field question --out mine.parquet
       antisd data prepare parquet --path dapo.parquet --problem-field prompt.0.content \\
         --answer-field reward_model.ground_truth --id-field extra_info.index --out dapo_prompts.parquet

@@ -14,19 +14,27 @@ OUT=${OUT:-runs/styles}
 DOCS=${DOCS:-docs/reproduction/styles}
 PHASES=${PHASES:-"calibrate polarity train"}
 CONFIG=${CONFIG:-examples/configs/styles.yaml}
-VARIANTS=${VARIANTS:-"direct,deliberate deliberate,direct deliberate,small,direct"}  # data prepare --shots tried
-SHOTS=${SHOTS:-direct,deliberate}  # the variant the polarity test and the runs use (docs/reproduction.md)
+# the calibration variants tried: SHOTS (data prepare --shots) or SHOTS@LO-HI (and --operands LO-HI)
+VARIANTS=${VARIANTS:-"direct,deliberate deliberate,direct deliberate,small,direct direct,deliberate@10-49 direct,deliberate@10-29"}
+SHOTS=${SHOTS:-direct,deliberate}  # the variant the polarity test uses (the runs': CONFIG; docs/reproduction.md)
 RUNS=${RUNS:-"grpo:0 antisd-nogate:0 sd:0 grpo:1 antisd-nogate:1 sd:1"}
 JOBS=${JOBS:-2}
 PROMPTS=${PROMPTS:-64} N=8 MAX_NEW=80 STEP_PROMPTS=8  # calibration / polarity: 64 problems × 8 rollouts
 mkdir -p "$OUT" "$DOCS"
 once() { local out=$1; shift; [ -e "$out" ] || "$@"; }  # run a stage unless its output exists
 
-sample() {  # sample() FOLDER SHOTS: prompts, rollouts and verified rollouts of the base model
-  local d=$1
+variant_dir() {  # direct,deliberate@10-49 → $OUT/calibrate/direct-deliberate_10-49 (no range: direct-deliberate)
+  local shots=${1%%@*} range=""
+  [[ $1 == *@* ]] && range=_${1#*@}
+  echo "$OUT/calibrate/${shots//,/-}$range"
+}
+sample() {  # sample() VARIANT: prompts, rollouts and verified rollouts of the base model in variant_dir VARIANT
+  local d shots=${1%%@*} operands=()
+  d=$(variant_dir "$1")
+  [[ $1 == *@* ]] && operands=(--operands "${1#*@}")
   mkdir -p "$d"
   once "$d/prompts.parquet" "$ANTISD" -q data prepare arith_styles --split train --num $PROMPTS --seed 101 \
-    --shots "$2" --out "$d/prompts.parquet"
+    --shots "$shots" "${operands[@]}" --out "$d/prompts.parquet"
   once "$d/rollouts.parquet" "$ANTISD" -q rollout --model smollm2-135m --prompts "$d/prompts.parquet" --n $N \
     --temperature 1.0 --max-new-tokens $MAX_NEW --seed 0 --out "$d/rollouts.parquet" > /dev/null
   once "$d/verified.parquet" "$ANTISD" -q verify --rollouts "$d/rollouts.parquet" --out "$d/verified.parquet" \
@@ -35,12 +43,12 @@ sample() {  # sample() FOLDER SHOTS: prompts, rollouts and verified rollouts of 
 
 for phase in $PHASES; do case $phase in
 calibrate)
-  for shots in $VARIANTS; do sample "$OUT/calibrate/${shots//,/-}" "$shots"; done
+  for variant in $VARIANTS; do sample "$variant"; done
   "$PYTHON" scripts/styles_report.py calibration "$OUT/calibrate" --out "$DOCS/calibration.json"
   ;;
 polarity)
-  d="$OUT/calibrate/${SHOTS//,/-}"
-  sample "$d" "$SHOTS"
+  d=$(variant_dir "$SHOTS")
+  sample "$SHOTS"
   once "$d/verified_other.parquet" "$ANTISD" -q verify --rollouts "$d/rollouts.parquet" --privileged-from other \
     --out "$d/verified_other.parquet" > /dev/null
   once "$d/scored_same.parquet" "$ANTISD" -q score --model smollm2-135m --verified "$d/verified.parquet" \

@@ -155,6 +155,24 @@ def test_arith_train_and_test_are_disjoint():
     assert train[0]["answer"] == str(a + b) and len(train[0]["few_shot"]) == 2
 
 
+@pytest.mark.parametrize("name", ["arith", "arith_styles"])
+def test_arith_operand_range_bounds_both_operands_and_holds_out_a_quarter(name):
+    train = data.build_rows(data.PrepareConfig(name=name, out="-", split="train", operands="10-29"))
+    test = data.build_rows(data.PrepareConfig(name=name, out="-", split="test", operands="10-29"))
+    assert (len(train), len(test)) == (300, 100)  # 20 × 20 pairs, a quarter held out
+    assert not {r["problem"] for r in train} & {r["problem"] for r in test}
+    for row in train + test:
+        a, b = map(int, row["problem"][len("What is "):-1].split(" + "))
+        assert 10 <= a <= 29 and 10 <= b <= 29 and row["answer"] == str(a + b)
+    assert len(data.build_rows(data.PrepareConfig(name=name, out="-", split="test"))) == data.ARITH_TEST_SIZE
+
+
+@pytest.mark.parametrize("operands", ["5", "0-9", "10-12", "10-1000", "29-10", "ten-20"])
+def test_arith_operand_range_refuses_bad_ranges_by_name(operands):
+    with pytest.raises(ConfigError, match=f"operands: a range LO-HI .* got '{operands}'"):
+        data.PrepareConfig(name="arith", out="-", operands=operands)
+
+
 def test_arith_seed_changes_order_not_content():
     first = data.build_rows(data.PrepareConfig(name="arith", out="-", seed=1))
     second = data.build_rows(data.PrepareConfig(name="arith", out="-", seed=2))

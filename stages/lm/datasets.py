@@ -2,13 +2,13 @@
 of `antisd data prepare` and of a run config's `loop.train` / `loop.eval`).
 
 Built-in sets ship inside the package (`stages/datasets/`, with their licences): gsm8k (train/test), math500,
-aime24, amc23, plus `arith`, a seeded generator of two-digit additions with a two-example few-shot prefix (the
-format in which SmolLM2-135M has enough mixed groups for RL, docs/stack-notes.md), and `arith_styles`, the same
-additions with worked examples in two answer styles: direct (`12 + 25 = 37. …`) and deliberate (split into tens and
-ones, add, check by subtraction; `answer_style` tells them apart), chosen and ordered by `shots`. Users' own data
-comes in as JSONL, Parquet or a Hugging Face dataset with field-mapping options, each naming a top-level column or a
-dotted path into nested ones (`reward_model.ground_truth`, `prompt.-1.content`: `field_value`), each row optionally
-with its own few-shot turns (a list of {user, assistant}).
+aime24, amc23, plus `arith`, a seeded generator of additions (two-digit by default; `operands` sets the range) with a
+two-example few-shot prefix (the format in which SmolLM2-135M has enough mixed groups for RL, docs/stack-notes.md),
+and `arith_styles`, the same additions with worked examples in two answer styles: direct (`12 + 25 = 37. …`) and
+deliberate (split into tens and ones, add, check by subtraction; `answer_style` tells them apart), chosen and ordered
+by `shots`. Users' own data comes in as JSONL, Parquet or a Hugging Face dataset with field-mapping options, each
+naming a top-level column or a dotted path into nested ones (`reward_model.ground_truth`, `prompt.-1.content`:
+`field_value`), each row optionally with its own few-shot turns (a list of {user, assistant}).
 Built-in few-shot user turns carry the student instruction (`stages.lm.prompts.user_text`); nothing else here formats
 for the model.
 """
@@ -52,6 +52,8 @@ STYLES = ("direct", "deliberate")  # arith_styles: the two answer styles
 DELIBERATE_MARKER = "Split:"  # how a deliberate answer begins (answer_style)
 STYLE_EXAMPLES = ("small", "direct", "deliberate")  # arith_styles: 3 + 4 and 12 + 25 direct, 47 + 36 deliberate
 ARITH_TEST_SIZE = 1000  # the first pairs of a fixed shuffle are held out; train never sees them
+ARITH_OPERANDS = "10-99"  # arith, arith_styles: the range both operands are drawn from (inclusive)
+ARITH_OPERAND_MAX = 999
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class PrepareConfig:
     seed: int = 0  # shuffles the rows (0 keeps file order for built-in sets) and draws arith problems
     few_shot: bool = True  # arith, arith_styles: prepend the two worked examples
     shots: str = "direct,deliberate"  # arith_styles: its worked examples in order, from STYLE_EXAMPLES
+    operands: str = ARITH_OPERANDS  # arith, arith_styles: LO-HI, the range of both operands
     path: str | None = None  # jsonl/parquet: input file; hf: a dataset folder or a Hub dataset name
     # jsonl/parquet/hf: the fields read, each a top-level column or a dotted path into nested ones (`field_value`)
     problem_field: str = "problem"
@@ -87,6 +90,9 @@ class PrepareConfig:
         unknown = [name for name in names if name not in STYLE_EXAMPLES]
         check.require(bool(names) and not unknown, "shots",
                       f"comma list of {', '.join(STYLE_EXAMPLES)}, got {self.shots!r}")
+        check.require(operand_range(self.operands) is not None, "operands",
+                      f"a range LO-HI of whole numbers, 1 <= LO, LO + 3 <= HI <= {ARITH_OPERAND_MAX} "
+                      f"(e.g. {ARITH_OPERANDS}), got {self.operands!r}")
         if self.name in BUILTIN and self.split in SPLITS and self.split not in BUILTIN[self.name]:
             check.fail("split", f"{self.name} has only {', '.join(BUILTIN[self.name])}, got {self.split!r}")
         check.at_least(0, "num")
@@ -100,12 +106,25 @@ def _clean_answer(value) -> str:
     return str(value).strip()
 
 
-def arith_rows(split: str, seed: int, name: str = "arith") -> list[dict]:
-    """All two-digit additions of `split`: a fixed shuffle holds out ARITH_TEST_SIZE pairs as test (the same pairs
-    for arith and arith_styles, whose reference solution is the direct one)."""
-    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+def operand_range(text: str) -> tuple[int, int] | None:
+    """`LO-HI` → (LO, HI) when both are whole numbers with 1 <= LO, LO + 3 <= HI <= ARITH_OPERAND_MAX (at least
+    16 pairs, so the held-out quarter is never empty); None otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    if not match:
+        return None
+    low, high = int(match[1]), int(match[2])
+    return (low, high) if 1 <= low and low + 3 <= high <= ARITH_OPERAND_MAX else None
+
+
+def arith_rows(split: str, seed: int, name: str = "arith", operands: str = ARITH_OPERANDS) -> list[dict]:
+    """All additions of `split` with both operands in `operands`: a fixed shuffle holds out the first
+    min(ARITH_TEST_SIZE, a quarter of the pairs) as test (for the default range, the same pairs for arith and
+    arith_styles, whose reference solution is the direct one)."""
+    low, high = operand_range(operands) or (0, -1)
+    pairs = [(a, b) for a in range(low, high + 1) for b in range(low, high + 1)]
     random.Random(1234).shuffle(pairs)
-    chosen = pairs[:ARITH_TEST_SIZE] if split == "test" else pairs[ARITH_TEST_SIZE:]
+    test_size = min(ARITH_TEST_SIZE, len(pairs) // 4)
+    chosen = pairs[:test_size] if split == "test" else pairs[test_size:]
     if split == "train":
         random.Random(seed).shuffle(chosen)
     rows = []
@@ -310,10 +329,10 @@ def _boxed_answer(text: str, where: str) -> str:
 def build_rows(config: PrepareConfig) -> list[dict]:
     """The prompt rows of `config`, shuffled/truncated, few-shot attached; pure apart from reading files."""
     if config.name == "arith":
-        rows = arith_rows(config.split, config.seed)
+        rows = arith_rows(config.split, config.seed, operands=config.operands)
         shots = ARITH_FEW_SHOT if config.few_shot else []
     elif config.name == "arith_styles":
-        rows = arith_rows(config.split, config.seed, name="arith_styles")
+        rows = arith_rows(config.split, config.seed, name="arith_styles", operands=config.operands)
         shots = styles_few_shot(config.shots) if config.few_shot else []
     elif config.name in BUILTIN:
         rows = builtin_rows(config.name, config.split)

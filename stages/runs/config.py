@@ -36,6 +36,7 @@ class DataSpec:
     seed: int = 0  # shuffle seed of the prepared file
     few_shot: bool = True  # arith, arith_styles
     shots: str = "direct,deliberate"  # arith_styles: its worked examples in order (small, direct, deliberate)
+    operands: str = "10-99"  # arith, arith_styles: LO-HI, the range of both operands
     path: str | None = None  # jsonl/parquet input file; hf: a datasets folder or Hub dataset name
     problem_field: str = "problem"  # jsonl/parquet/hf: the columns read (as `antisd data prepare --*-field`)
     answer_field: str = "answer"
