@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -33,6 +34,14 @@ from stages.method.gate import EntropyGate  # noqa: E402
 
 CONTEXTS = {"same": "this problem's peer (METHOD §4)", "other": "another problem's solution",
             "noinstruction": "this problem's peer, no 'Now solve this problem step by step.'"}
+
+
+def opens_with_right_sum(problem: str, response: str) -> bool:
+    """The response begins by writing the problem's own sum with its right result ("47 + 37 = 84")."""
+    asked = re.fullmatch(r"What is (\d+) \+ (\d+)\?", problem.strip())
+    opening = re.match(r"\s*(\d+) \+ (\d+) = (\d+)", response)
+    return bool(asked and opening and opening[1] == asked[1] and opening[2] == asked[2]
+                and int(opening[3]) == int(asked[1]) + int(asked[2]))
 
 
 def style_stats(rows: list[dict]) -> dict:
@@ -51,6 +60,11 @@ def style_stats(rows: list[dict]) -> dict:
            # "Split:": the part of deliberation a model can pick up without the decomposition
            "check_frac": statistics.fmean("Check:" in r["response_text"] for r in rows),
            "truncated_frac": statistics.fmean(r["finish_reason"] == "length" for r in rows)}
+    if all("problem" in r for r in rows):  # whether a right first sum survives to the final answer
+        right_first = [r for r in rows if opens_with_right_sum(r["problem"], r["response_text"])]
+        out["right_first_sum_frac"] = len(right_first) / len(rows)
+        out["accuracy_after_right_first_sum"] = (statistics.fmean(r["reward"] for r in right_first)
+                                                 if right_first else None)
     for style in ("direct", "deliberate"):
         chosen = by_style[style]
         out[f"accuracy_{style}"] = statistics.fmean(r["reward"] for r in chosen) if chosen else None
@@ -61,7 +75,7 @@ def style_stats(rows: list[dict]) -> dict:
 def read_rows(path: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
-    columns = ["prompt_id", "reward", "response_text", "response_length", "finish_reason"]
+    columns = ["prompt_id", "problem", "reward", "response_text", "response_length", "finish_reason"]
     return pq.read_table(path, columns=columns).to_pylist()
 
 
@@ -118,13 +132,15 @@ def fmt(value, spec="+.3f") -> str:
 
 
 def calibration_table(data: dict) -> list[str]:
-    lines = ["| first worked example | accuracy (T = 1) | mixed groups | deliberate rollouts | accuracy direct / "
-             "deliberate | length direct / deliberate | truncated |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| variant (--shots, _--operands) | accuracy (T = 1) | mixed groups | deliberate rollouts | accuracy direct / "
+             "deliberate | length direct / deliberate | truncated | opens with the right sum / then right |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for variant, st in data.items():
         lines.append(f"| {variant} | {st['accuracy']:.3f} | {st['mixed_group_frac']:.2f} | {st['deliberate_frac']:.2f}"
                      f" | {fmt(st['accuracy_direct'], '.3f')} / {fmt(st['accuracy_deliberate'], '.3f')} | "
                      f"{fmt(st['length_direct'], '.1f')} / {fmt(st['length_deliberate'], '.1f')} | "
-                     f"{st['truncated_frac']:.2f} |")
+                     f"{st['truncated_frac']:.2f} | {fmt(st.get('right_first_sum_frac'), '.2f')} / "
+                     f"{fmt(st.get('accuracy_after_right_first_sum'), '.2f')} |")
     return lines
 
 

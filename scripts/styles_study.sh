@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The arith_styles study of docs/reproduction.md: calibration and the PMI polarity test (no training), about 35 min on
-# 2 cores, and the paired training arms (phase train: 6 runs of 10 steps, ~30 min each on one core; JOBS=2 runs two
-# at a time: ~1.5 h). All three phases by default (~2 h 05 min in all). Resumable: every file that exists is kept
-# and reused, every run continues from its folder.
+# The arith_styles study of docs/reproduction.md: calibration (5 few-shot variants) and the PMI polarity test (no
+# training), about 45 min on 2 cores, and the paired training arms (phase train: 9 runs of 10 steps, ~30 min each on
+# one core; JOBS=2 runs two at a time: ~2 h 15 min). All three phases by default (~3 h in all). Resumable: every file
+# that exists is kept and reused, every run continues from its folder. A training run holds up to ~8 GB of memory:
+# JOBS=3 ran out of memory on a 24 GiB machine.
 #   PHASES="calibrate polarity train" OUT=runs/styles DOCS=docs/reproduction/styles scripts/styles_study.sh
 #   RUNS="grpo:0 antisd-nogate:0" PHASES=train scripts/styles_study.sh     # a subset of the training arms
 # A run spec is METHOD:SEED; METHOD-nogate runs METHOD with the entropy gate off (λ = λ_max every step).
@@ -17,7 +18,7 @@ CONFIG=${CONFIG:-examples/configs/styles.yaml}
 # the calibration variants tried: SHOTS (data prepare --shots) or SHOTS@LO-HI (and --operands LO-HI)
 VARIANTS=${VARIANTS:-"direct,deliberate deliberate,direct deliberate,small,direct direct,deliberate@10-49 direct,deliberate@10-29"}
 SHOTS=${SHOTS:-direct,deliberate}  # the variant the polarity test uses (the runs': CONFIG; docs/reproduction.md)
-RUNS=${RUNS:-"grpo:0 antisd-nogate:0 sd:0 grpo:1 antisd-nogate:1 sd:1"}
+RUNS=${RUNS:-"grpo:0 antisd-nogate:0 sd:0 grpo:1 antisd-nogate:1 sd:1 grpo:2 antisd-nogate:2 sd:2"}
 JOBS=${JOBS:-2}
 PROMPTS=${PROMPTS:-64} N=8 MAX_NEW=80 STEP_PROMPTS=8  # calibration / polarity: 64 problems × 8 rollouts
 mkdir -p "$OUT" "$DOCS"

@@ -39,3 +39,16 @@ def test_the_paired_table_differences_arms_from_grpo_on_the_same_seed(tmp_path):
     # per-step differences 0, −0.1, −0.2: mean −0.1, sd 0.1, 2·0.1/√3 = 0.115
     assert "-0.100 ± 0.115 (3)" in row
     assert "-0.200 [" in row and "(step 2)" in row  # 2 of 10 vs 4 of 10 on the same problems
+
+
+def test_a_right_first_sum_is_this_problems_sum_with_its_right_result():
+    module = load_script("styles_report")
+    assert module.opens_with_right_sum("What is 47 + 37?", " 47 + 37 = 84. Check: 84 - 37 = 47.")
+    assert not module.opens_with_right_sum("What is 47 + 37?", "47 + 37 = 83.")  # wrong result
+    assert not module.opens_with_right_sum("What is 47 + 37?", "37 + 47 = 84.")  # not the problem's order
+    assert not module.opens_with_right_sum("What is 47 + 37?", "So 47 + 37 = 84.")  # not the opening
+    rows = [{"prompt_id": "p", "problem": "What is 47 + 37?", "reward": reward, "response_text": text,
+             "response_length": 9, "finish_reason": "stop"}
+            for reward, text in [(1.0, "47 + 37 = 84."), (0.0, "47 + 37 = 84. Check: 84 - 7 = 70."), (0.0, "83")]]
+    stats = module.style_stats(rows)
+    assert stats["right_first_sum_frac"] == 2 / 3 and stats["accuracy_after_right_first_sum"] == 0.5
