@@ -34,7 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/update.py
 
 # The studies of docs/reproduction.md, long-running and resumable (a rerun continues from runs/<study>/):
-# STUDY=arith (~80 min on 2 cores), STUDY=styles (~2 h 05 min), or both (the default).
+# STUDY=arith (~80 min on 2 cores), STUDY=styles (~3 h 20 min, estimated from its parts), or both (the default).
 STUDY ?= arith styles
 reproduce: $(STAMP)
 	@for study in $(STUDY); do case $$study in \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The arith_styles study of docs/reproduction.md: calibration (5 few-shot variants) and the PMI polarity test (no
 # training), about 45 min on 2 cores, and the paired training arms (phase train: 9 runs of 10 steps, ~30 min each on
-# one core; JOBS=2 runs two at a time: ~2 h 15 min). All three phases by default (~3 h in all). Resumable: every file
+# one core; JOBS=2 runs two at a time: ~2 h 30 min). All three phases by default (~3 h 20 min). Resumable: every file
 # that exists is kept and reused, every run continues from its folder. A training run holds up to ~8 GB of memory:
 # JOBS=3 ran out of memory on a 24 GiB machine.
 #   PHASES="calibrate polarity train" OUT=runs/styles DOCS=docs/reproduction/styles scripts/styles_study.sh
