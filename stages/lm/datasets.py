@@ -120,7 +120,10 @@ def arith_rows(split: str, seed: int, name: str = "arith", operands: str = ARITH
     """All additions of `split` with both operands in `operands`: a fixed shuffle holds out the first
     min(ARITH_TEST_SIZE, a quarter of the pairs) as test (for the default range, the same pairs for arith and
     arith_styles, whose reference solution is the direct one)."""
-    low, high = operand_range(operands) or (0, -1)
+    bounds = operand_range(operands)
+    if bounds is None:  # PrepareConfig refuses it first; a direct caller gets the same rule
+        raise ValueError(f"operands: not a valid range LO-HI: {operands!r}")
+    low, high = bounds
     pairs = [(a, b) for a in range(low, high + 1) for b in range(low, high + 1)]
     random.Random(1234).shuffle(pairs)
     test_size = min(ARITH_TEST_SIZE, len(pairs) // 4)
