@@ -64,7 +64,8 @@ C = UpdateConfig
                                      "on-policy).")
 @config_option(C, "micro_batch_tokens", "Padded tokens per forward/backward on one rank.")
 @config_option(C, "progress", "Show tokens/s and ETA on stderr (a bar on a terminal, a line every 30 s in a file).")
-@config_option(C, "logprob_chunk", "Response positions per LM-head chunk when computing log-probs.")
+@config_option(C, "logprob_chunk", "Response positions per LM-head chunk when computing log-probs (default: 64 on "
+                                    "CPU, on CUDA as many as fit 4 GiB of fp32 logits, as score).")
 @config_option(C, "kl_coef", "β: adds β · k3 KL(π_θ‖π_ref) to the loss (same aggregation). > 0 needs ref_logprobs "
                              "in the scored file (antisd score --reference MODEL); 0 = no KL term.")
 @config_option(C, "is_correction", "token: truncated importance weight min(exp(student − sampling log-prob), "

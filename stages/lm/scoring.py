@@ -36,7 +36,7 @@ class ScoreConfig:
     # prompt are stored as ref_logprobs, for update --kl-coef; None = no reference pass and no ref_logprobs column
     reference: str | None = None
     temperature: float | None = None  # None = the input metadata's sampling temperature, else 1.0
-    chunk_size: int = 64  # response positions per LM-head/log-softmax chunk
+    chunk_size: int | None = None  # response positions per LM-head/log-softmax chunk (None: by device, lm.forward)
     micro_batch_tokens: int = 8192  # positions per forward pass (padded rows × longest, a shared prefix counted once)
     share_prefix: bool = True  # run a group's common prompt prefix once for its views (same numbers, fewer tokens)
     # the teacher pass (t, H, u); off for a method that does not read u (grpo): the teacher columns then repeat the
@@ -150,17 +150,22 @@ def micro_batches(views: list[View], budget: int) -> list[list[View]]:
 
 @dataclass(frozen=True)
 class ViewBatch:
-    """One forward pass: `views` run as padded full sequences (unit None) or with their common prefix shared."""
+    """One forward pass: `views` as a `stages.lm.forward` piece (their common prefix shared, or full sequences)."""
 
     views: list[View]
-    unit: object | None = None  # stages.lm.shared_prefix.SharedPrefix
+    piece: object  # stages.lm.shared_prefix.SharedPrefix | stages.lm.forward.FullSequences
 
     @property
     def tokens(self) -> int:
         """Positions this pass computes (what its cost scales with)."""
-        if self.unit is not None:
-            return self.unit.tokens
-        return len(self.views) * max(v.length for v in self.views)
+        return self.piece.tokens
+
+
+def full_sequences(views: list[View]) -> ViewBatch:
+    from stages.lm.forward import FullSequences
+
+    return ViewBatch(views, FullSequences([v.prompt_ids + v.response_ids for v in views],
+                                          [len(v.prompt_ids) for v in views]))
 
 
 def plan_batches(views: list[View], rows: list[dict], budget: int, share_prefix: bool) -> list[ViewBatch]:
@@ -169,7 +174,7 @@ def plan_batches(views: list[View], rows: list[dict], budget: int, share_prefix:
     from stages.lm.shared_prefix import share, split
 
     if not share_prefix:
-        return [ViewBatch(batch) for batch in micro_batches(views, budget)]
+        return [full_sequences(batch) for batch in micro_batches(views, budget)]
     groups: dict[tuple, list[View]] = {}
     for view in views:
         groups.setdefault((rows[view.row]["prompt_id"], view.teacher), []).append(view)
@@ -182,35 +187,28 @@ def plan_batches(views: list[View], rows: list[dict], budget: int, share_prefix:
     return batches
 
 
-def score_views(model, batches: list[ViewBatch], *, pad_id: int, temperature: float, chunk_size: int,
-                rows: list[dict], progress=None, with_entropy: bool = True, label: str = ""
+def score_views(model, batches: list[ViewBatch], *, numerics, rows: list[dict], progress=None, label: str = ""
                 ) -> dict[tuple[int, bool], tuple[list[float], list[float] | None]]:
     """(row, teacher) → (log-probs, entropies or None) of the response tokens; RuntimeError naming a row on NaN/inf.
 
-    with_entropy=False skips the full-vocabulary entropy (the reference pass); `label` names the network in errors.
+    `numerics` (stages.lm.forward.Numerics) with_entropy=False skips the full-vocabulary entropy (the reference
+    pass); `label` names the network in errors.
     """
     import torch
 
-    from stages.lm.logprobs import response_token_stats
-    from stages.lm.shared_prefix import shared_prefix_token_stats
+    from stages.lm.forward import piece_token_stats
 
-    numerics = dict(pad_id=pad_id, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
     results = {}
     with torch.inference_mode():
         for batch in batches:
-            if batch.unit is not None:
-                logprobs, entropies = shared_prefix_token_stats(model, batch.unit, **numerics)
-            else:
-                logprobs, entropies = response_token_stats(
-                    model, [v.prompt_ids + v.response_ids for v in batch.views],
-                    [len(v.prompt_ids) for v in batch.views], **numerics)
+            logprobs, entropies = piece_token_stats(model, batch.piece, numerics)
             for view, lp, ent in zip(batch.views, logprobs, entropies):
                 if not (bool(torch.isfinite(lp).all()) and bool(torch.isfinite(ent).all())):
                     raise RuntimeError(f"non-finite log-probs or entropy in the {label}"
                                        f"{'teacher' if view.teacher else 'student'} view of {row_label(rows, view.row)}"
                                        "; nothing written")
                 results[(view.row, view.teacher)] = (lp.float().cpu().tolist(),
-                                                     ent.float().cpu().tolist() if with_entropy else None)
+                                                     ent.float().cpu().tolist() if numerics.with_entropy else None)
             if progress is not None:
                 progress(sum(v.length for v in batch.views))
     return results

@@ -56,7 +56,7 @@ class UpdateConfig:
     ppo_epochs: int = 1  # passes over the batch
     mini_batch_size: int = 0  # sequences per optimizer step (0 = whole batch: one step)
     micro_batch_tokens: int = 2048  # padded tokens per forward/backward on one rank
-    logprob_chunk: int = 64  # response positions per LM-head chunk (memory bound of the log-softmax)
+    logprob_chunk: int | None = None  # response positions per LM-head chunk (None: 64 on CPU, a 4 GiB budget on CUDA)
     kl_coef: float = 0.0  # β of β·k3 KL to a frozen reference (0 = none; > 0 needs ref_logprobs: score --reference)
     is_correction: str = "off"  # off | token: truncated IS weight min(exp(s − sampling_logprob), is_cap)
     is_cap: float = 2.0  # cap of the truncated IS weight
@@ -101,7 +101,7 @@ class UpdateConfig:
         check.require(self.lr_schedule == "constant" or self.lr_decay_steps >= 1, "lr_decay_steps",
                       f"must be >= 1 with lr_schedule {self.lr_schedule} (the steps the decay takes)")
         check.between("lr_min_ratio", 0, 1)
-        check.at_least(1, "ppo_epochs", "micro_batch_tokens", "warmup_steps", "logprob_chunk", "is_cap")
+        check.at_least(1, "ppo_epochs", "micro_batch_tokens", "warmup_steps", "is_cap", "logprob_chunk")
         check.at_least(0, "lr", "weight_decay", "grad_clip", "clip_low", "clip_high", "lam_max", "mini_batch_size",
                        "max_response_tokens", "adv_eps", "kl_coef", "threads", "lr_warmup_steps", "lr_decay_steps",
                        "overlong_buffer", "overlong_penalty", "overlong_max_tokens", "lora_rank")

@@ -7,7 +7,7 @@ each mini-batch, padded with zero-loss micro-batches to the same count so ZeRO's
 DeepSpeed averages gradients over ranks, so each rank's loss is multiplied by the world size: the gradient is then
 the 1-process one. Rank 0 alone writes the HF folder, state and metrics; every rank writes its ZeRO shard.
 
-The new policy's log-probs come from `stages.lm.logprobs.response_token_stats`, the numerics `score` used. Not here:
+The new policy's log-probs come from `stages.lm.forward`, the forward and numerics `score` used. Not here:
 reading or checking files (stages.update, stages.training.batch), the math (stages.method), the checkpoint format
 (stages.training.checkpoint), process groups (stages.training.distributed).
 """
@@ -27,7 +27,8 @@ from stages.method.terms import get_term
 from stages.training import checkpoint, distributed, lora
 from stages.training.batch import Batch, batch_metrics, is_finite, mean_or_none, pad_rows
 from stages.training.config import UpdateConfig, gated
-from stages.training.micro import FullSequences, MicroBatch, rank_micro_batches
+from stages.lm.forward import FullSequences, Numerics
+from stages.training.micro import MicroBatch, rank_micro_batches
 from stages.training.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -56,25 +57,16 @@ def _logprob_module(policy):
     """
     import torch
 
-    from stages.lm.logprobs import response_token_stats
-    from stages.lm.shared_prefix import SharedPrefix, shared_prefix_token_stats
+    from stages.lm.forward import pieces_logprobs
 
     class PolicyLogprobs(torch.nn.Module):
         def __init__(self, model):
             super().__init__()
             self.model = model
 
-        def forward(self, pieces: list, pad_id: int, temperature: float, chunk_size: int):
-            """Response-token log-probs of every piece (SharedPrefix or FullSequences), concatenated in order."""
-            numerics = dict(pad_id=pad_id, temperature=temperature, chunk_size=chunk_size, with_entropy=False)
-            logprobs = []
-            for piece in pieces:
-                if isinstance(piece, SharedPrefix):
-                    logprobs += shared_prefix_token_stats(self.model, piece, **numerics)[0]
-                else:
-                    logprobs += response_token_stats(self.model, piece.sequences, piece.response_starts,
-                                                     **numerics)[0]
-            return torch.cat(logprobs)  # [Σ T_i]
+        def forward(self, pieces: list, numerics):
+            """Response-token log-probs of every piece (SharedPrefix or FullSequences), concatenated: [Σ T_i]."""
+            return pieces_logprobs(self.model, pieces, numerics)
 
     return PolicyLogprobs(policy)
 
@@ -191,6 +183,14 @@ class Trainer:
                      sum(p.numel() for p in network.parameters()))
         return network
 
+    def numerics(self, temperature: float) -> Numerics:
+        """The forward's numerics at `temperature`: score's (stages.lm.forward), without the entropy."""
+        from stages.lm.forward import chunk_positions
+
+        vocab = self.policy.config.get_text_config().vocab_size
+        return Numerics(self.pad_id, temperature, chunk_positions(self.config.logprob_chunk, self.device, vocab),
+                        with_entropy=False)
+
     def _autocast(self):
         import torch
 
@@ -300,7 +300,7 @@ class Trainer:
         config, rows = self.config, micro.rows
         lengths = [len(batch.response_ids[i]) for i in rows]
         with self._autocast():
-            flat = self.engine(micro.pieces, self.pad_id, batch.temperature, config.logprob_chunk)  # [Σ T_i]
+            flat = self.engine(micro.pieces, self.numerics(batch.temperature))  # [Σ T_i]
         new_logprobs = torch.split(flat, lengths)
         for i, values in zip(rows, new_logprobs):
             if not bool(torch.isfinite(values).all()):
@@ -334,7 +334,8 @@ class Trainer:
     def _idle_loss(self):
         """A zero loss through every parameter, for a rank with no micro-batch left (keeps ZeRO's collectives even)."""
         with self._autocast():
-            logprobs = self.engine([FullSequences([[self.pad_id, self.pad_id]], [1])], self.pad_id, 1.0, 1)  # [1]
+            logprobs = self.engine([FullSequences([[self.pad_id, self.pad_id]], [1])],
+                                   Numerics(self.pad_id, 1.0, 1, with_entropy=False))  # [1]
         return logprobs.sum() * 0.0
 
     # persistence ------------------------------------------------------------------------------------------------
