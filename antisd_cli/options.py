@@ -98,7 +98,7 @@ def config_option(cls, name: str, help: str, *aliases: str, **kwargs):
     """
     hint = typing.get_type_hints(cls)[name]
     flag = "--" + name.replace("_", "-")
-    if hint is bool:
+    if hint is bool or hint == (bool | None):  # bool | None: unset = the Config's own rule (e.g. by device)
         decls = (f"{flag}/--no-{flag[2:]}", *aliases)
     else:
         decls = (flag, *aliases)

@@ -82,7 +82,8 @@ C = UpdateConfig
                                      "it needs; --no-optimizer-state writes the weights and run state only.")
 @dtype_option(C)
 @config_option(C, "gradient_checkpointing", "Recompute activations in backward: less memory, ~30% more compute, and "
-                                            "no shared prefixes (the cache of a checkpointed layer is dropped).")
+                                            "no shared prefixes (the cache of a checkpointed layer is dropped). "
+                                            "Default: on for CUDA, off on CPU.")
 @config_option(C, "share_prefix", "Run each group's prompt once per micro-batch, its cache repeated over the samples "
                                   "(the same gradients, fewer positions).")
 @config_option(C, "lora_rank", "Train rank-r LoRA adapters (PEFT) on the frozen model (0 = full training); --out "

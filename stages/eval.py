@@ -184,14 +184,16 @@ def _evaluate(rows: list[dict], rollout_config, verify_config, *, out: Path, ben
               resamples: int, loaded=None) -> dict:
     """Sample, verify, summarize and write rows + summary; return the summary. Shared by `run` and the loop."""
     from stages.common.process import set_threads
-    from stages.lm.engine import SamplingSettings, resolve_engine
+    from stages.lm.engine import SamplingSettings, is_engine, resolve_engine
     from stages.lm.models import resolve_model
     from stages.lm.prompts import ChatOptions
     from stages.lm.sampling import open_engine, sample
     from stages.verifier.rows import verify_table
 
-    engine_name = resolve_engine(rollout_config.engine)
-    model_path = loaded.path if loaded is not None else resolve_model(rollout_config.model)
+    engine_given = loaded is not None and is_engine(loaded)
+    engine_name = loaded.name if engine_given else resolve_engine(rollout_config.engine)
+    model_path = (loaded.model_path if engine_given else loaded.path) if loaded is not None \
+        else resolve_model(rollout_config.model)
     threads = set_threads(rollout_config.threads)
     log.info("eval %s: %d problems × %d samples, temperature %g, top-p %g, max %d tokens, engine %s, model %s",
              benchmark, len(rows), rollout_config.n, rollout_config.temperature, rollout_config.top_p,
@@ -200,16 +202,17 @@ def _evaluate(rows: list[dict], rollout_config, verify_config, *, out: Path, ben
     # --- sample
     started = time.perf_counter()
     chat = ChatOptions.from_knobs(rollout_config)
-    engine = open_engine(engine_name, rollout_config, Path(model_path), rows, loaded)
+    engine = loaded if engine_given else open_engine(engine_name, rollout_config, Path(model_path), rows, loaded)
     try:
         rollouts, sample_stats = sample(engine, rows, SamplingSettings.from_config(rollout_config),
                                                 batch_size=rollout_config.batch_size,
                                                 progress=rollout_config.progress, chat=chat)
     finally:
-        engine.close()
+        if not engine_given:  # the loop's engine stays open for its next rollout
+            engine.close()
 
     # --- verify and summarize
-    table, verify_stats = verify_table(rollouts, verify_config, loaded)
+    table, verify_stats = verify_table(rollouts, verify_config, engine)  # lends its tokenizer
     metrics = summarize(table, seed=seed, resamples=resamples)
     wall_s = time.perf_counter() - started
     summary = {
@@ -271,21 +274,32 @@ def run(config: EvalConfig, loaded=None) -> Path:
         return out
 
 
+def stored_summary(out_prefix: str) -> dict | None:
+    """The numeric metrics of a finished loop evaluation at `out_prefix` (rows and summary both written), else None."""
+    out = Path(f"{out_prefix}.parquet")
+    stored = summary_path(out)
+    if out.exists() and stored.exists():
+        return numeric(json.loads(stored.read_text()))
+    return None
+
+
 def evaluate_for_loop(*, model: str, prompts: str, out_prefix: str, n: int, temperature: float,
                       max_new_tokens: int, seed: int, rollout_knobs: dict, verify_knobs: dict, loaded=None) -> dict:
     """The loop's held-out evaluation: write `<out_prefix>.parquet` + `.summary.json`, return the numeric metrics.
 
     `rollout_knobs`/`verify_knobs` are the run config's rollout/verify sections (RolloutConfig/VerifyConfig keyword
     arguments without paths); n, temperature, max_new_tokens and seed override them, and top-p is 1 when greedy.
-    When both outputs exist (a resumed run) the stored summary is returned without sampling.
+    `loaded` is what samples: a LoadedModel (HF engine) or an open engine the loop keeps (its vLLM engine, holding
+    `model`'s weights: no HF copy of the policy is loaded, and the engine is left open). When both outputs exist (a
+    resumed run) the stored summary is returned without sampling.
     """
     from stages.lm.sampling import RolloutConfig
     from stages.verifier.rows import VerifyConfig
 
     out = Path(f"{out_prefix}.parquet")
-    stored = summary_path(out)
-    if out.exists() and stored.exists():
-        return numeric(json.loads(stored.read_text()))
+    stored = stored_summary(out_prefix)
+    if stored is not None:
+        return stored
     overrides = {"n": n, "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
     if temperature == 0:
         overrides["top_p"] = 1.0

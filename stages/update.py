@@ -131,24 +131,30 @@ def train_and_save(trainer: Trainer, batch, config: UpdateConfig, out: Path, sta
 
 def replay(trainer: Trainer, config: UpdateConfig) -> None:
     """Re-run a finished step from its scored file (a resume after the newest full checkpoint) and check that it
-    gives the weights its weights-only checkpoint holds; nothing is written. RuntimeError when they differ."""
+    gives the weights its weights-only checkpoint holds; nothing is written. RuntimeError when they differ: bit for
+    bit on CPU, within `checkpoint.replay_tolerance` on CUDA (whose kernels are not deterministic)."""
     from safetensors.torch import load_file
 
     from stages.lm.models import model_revision, resolve_model
 
     batch = read_batch(config, trainer.env, resolve_model(config.model), Path(config.out))
     trainer.configure(config)
+    lr = trainer.scheduled_lr()
     trainer.train_step(batch)
-    weights = Path(config.out) / "model.safetensors"
-    if weights.is_file():
-        stored, current = load_file(str(weights)), trainer.hf_state_dict()
+    trainer.replayed_steps += 1
+    stored = checkpoint.stored_weights(Path(config.out))  # model.safetensors, or the shards of a sharded save
+    if stored is not None:
+        current = trainer.hf_state_dict()
     else:  # a LoRA checkpoint without merged weights: its adapter
         stored = load_file(str(Path(config.out) / lora.ADAPTER_DIR / "adapter_model.safetensors"))
         current = lora.adapter_state_dict(trainer.peft_model)
-    differ = [name for name, tensor in stored.items() if not bool((current[name].cpu() == tensor).all())]
+    tolerance = checkpoint.replay_tolerance(str(trainer.device), lr, trainer.replayed_steps)
+    differ, largest = checkpoint.replay_differences(stored, current, tolerance)
     if differ:
         raise RuntimeError(f"{config.out}: replaying the step gives other weights than its checkpoint ({differ[0]}, "
-                           f"and {len(differ) - 1} more); the run cannot be resumed exactly")
+                           f"and {len(differ) - 1} more; max |Δ| {largest:.3g}, tolerance {tolerance}); the run "
+                           "cannot be resumed exactly")
     trainer.model_dir, trainer.model_revision = Path(config.out), model_revision(config.out)
     if trainer.env.is_main:
-        log.info("replayed update step %d from %s: same weights as its checkpoint", trainer.step - 1, config.scored)
+        log.info("replayed update step %d from %s: same weights as its checkpoint (max |Δ| %.3g)", trainer.step - 1,
+                 config.scored, largest)

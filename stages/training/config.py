@@ -64,9 +64,10 @@ class UpdateConfig:
     zero_stage: int | None = None  # ZeRO stage 0-3 (None: the config file's, else 2)
     state: str | None = None  # run-state JSON (default: <model>/antisd_state.json if present, else fresh)
     dtype: str = "auto"  # auto: fp32 weights on CPU, DeepSpeed bf16 on GPU | float32 | bfloat16 | float16 (GPU)
-    # recompute layer activations in backward: less memory, ~30 % more compute, and no prefix sharing (transformers
-    # drops a checkpointed layer's KV cache); worth it only when the micro-batches do not fit otherwise
-    gradient_checkpointing: bool = False
+    # recompute layer activations in backward: less memory, ~30 % more compute, and no prefix sharing in the update
+    # (transformers drops a checkpointed layer's KV cache); None: on for CUDA (one 8k-token response of a 4B model
+    # keeps ~38 GB of activations without it, docs/memory.md), off on CPU (short arith responses fit; prefixes shared)
+    gradient_checkpointing: bool | None = None
     share_prefix: bool = True  # run each group's prompt once per micro-batch, its cache repeated over the samples
     # LoRA (PEFT): train rank-r adapters on a frozen base (0 = full training); checkpoints hold the merged weights
     # (what rollout and score load) and the adapter (CKPT/adapter), stages.training.lora
@@ -116,6 +117,11 @@ class UpdateConfig:
         if self.zero_stage is not None:
             check.choice("zero_stage", (0, 1, 2, 3))
         check.done()
+
+
+def resolved_gradient_checkpointing(value: bool | None, device: str) -> bool:
+    """update.gradient_checkpointing as it applies on `device`: the value set, else on for CUDA, off elsewhere."""
+    return value if value is not None else str(device).startswith("cuda")
 
 
 def gated(config: UpdateConfig) -> bool:

@@ -26,7 +26,7 @@ from stages.lm.models import quiet_transformers
 from stages.method.terms import get_term
 from stages.training import checkpoint, distributed, lora
 from stages.training.batch import Batch, batch_metrics, is_finite, mean_or_none, pad_rows
-from stages.training.config import UpdateConfig, gated
+from stages.training.config import UpdateConfig, gated, resolved_gradient_checkpointing
 from stages.lm.forward import FullSequences, Numerics
 from stages.training.micro import MicroBatch, rank_micro_batches
 from stages.training.schedule import lr_at
@@ -94,6 +94,7 @@ class Trainer:
         dropped = {"data_cursor"} | (set() if config.lora_rank else {lora.BASE_KEY, lora.SHAPE_KEY})  # old / stale
         self.carried = {k: v for k, v in (state or {}).items() if k not in dropped}
         self.on_tokens = None  # called with the tokens of each micro-batch this rank trains (update's progress)
+        self.replayed_steps = 0  # steps stages.update.replay re-ran since this trainer opened
         self.step = int(self.carried.get("step", 0))
         self.model_revision = model_revision(model_dir)
         self.gate = EntropyGate(config.warmup_steps, config.gate_down, config.lam_max, gated(config))
@@ -111,10 +112,11 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.policy = self._load_module()  # the HF causal LM; the engine wraps it in PolicyLogprobs
         self.policy.config.use_cache = False
-        self.share_prefix = config.share_prefix and not config.gradient_checkpointing
-        if config.share_prefix and config.gradient_checkpointing:
+        self.gradient_checkpointing = resolved_gradient_checkpointing(config.gradient_checkpointing, device)
+        self.share_prefix = config.share_prefix and not self.gradient_checkpointing
+        if config.share_prefix and self.gradient_checkpointing:
             log.info("gradient checkpointing is on: the update runs full sequences (no shared prefixes)")
-        if config.gradient_checkpointing:
+        if self.gradient_checkpointing:
             _enable_activation_checkpointing(self.policy)
         self.policy.to(device).train()
         module = _logprob_module(self.policy)
