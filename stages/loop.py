@@ -145,7 +145,7 @@ class StepRunner:
         row = self._metrics(step, paths, timings)
         if eval_due(self.settings, step) and eval_prompts is not None:
             row.update(self.evaluate(self.run.checkpoint(step), eval_prompts, stage_dir / "eval", timings))
-            row.update({k: v for k, v in timings.items() if k == keys.timing("eval")})
+            row.update({k: v for k, v in timings.items() if k in (keys.timing("eval"), keys.memory_peak("eval"))})
         row[keys.timing("step")] = round(time.perf_counter() - started, 3)
         row[keys.timing("model_load")] = round(self.resources.load_seconds - loads_before, 3)
         row[keys.LOAD_FRACTION] = round(row[keys.timing("model_load")] / max(row[keys.timing("step")], 1e-9), 4)
