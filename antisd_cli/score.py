@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from antisd_cli.options import (
+    attn_option,
     config_option,
     dtype_option,
     input_path,
@@ -43,6 +44,7 @@ C = ScoreConfig
                                          "problem step by step.').")
 @dtype_option(C)
 @config_option(C, "device", "auto, cpu, cuda or cuda:N.")
+@attn_option(C)
 @threads_option(C)
 @shard_option(C)
 @overwrite_option(C)

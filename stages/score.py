@@ -86,7 +86,8 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
         # --- load
         threads = set_threads(config.threads)
         if loaded is None:
-            loaded = load_model(config.model, dtype=config.dtype, device=pick_device(config.device))
+            loaded = load_model(config.model, dtype=config.dtype, device=pick_device(config.device),
+                                attn_implementation=config.attn_implementation)
         reference = load_reference(config, loaded, reference_loaded)
         tokenizer, model = loaded.tokenizer, loaded.model
         networks = [model] + ([reference.model] if reference is not None else [])

@@ -28,8 +28,10 @@ from stages.training.batch import (
     check_revision,
     check_state,
     check_teacher,
+    check_zero3_ranks,
     overlong_limit,
     read_deepspeed_file,
+    resolved_is_correction,
 )
 from stages.training.config import UpdateConfig
 from stages.training.trainer import Trainer
@@ -73,6 +75,7 @@ def read_start(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path) 
     state = checkpoint.read_state(config.state or checkpoint.default_state_path(model_dir))
     deepspeed_user = read_deepspeed_file(config.deepspeed_config)
     stage = distributed.resolved_zero_stage(config.zero_stage, deepspeed_user)
+    check_zero3_ranks(stage, env.world_size)
     check_state(config, state, model_dir, env.world_size, stage)
     lora.check_state(config, state, model_dir, stage)
     return state, deepspeed_user
@@ -89,8 +92,10 @@ def read_batch(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path, 
     check_teacher(config, metadata)
     vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     temperature = float(metadata.get("temperature") or 1.0)  # score's numerics: s_t at the sampling temperature
-    return batch_from_table(table, str(config.scored), vocab_size, temperature, metadata.get("teacher") is not False,
-                            overlong_limit(config, metadata))
+    batch = batch_from_table(table, str(config.scored), vocab_size, temperature, metadata.get("teacher") is not False,
+                             overlong_limit(config, metadata))
+    batch.is_correction = resolved_is_correction(config.is_correction, metadata)
+    return batch
 
 
 def open_trainer(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path, state: dict | None,
@@ -100,7 +105,7 @@ def open_trainer(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path
 
     threads = set_threads(config.threads)
     device = distributed.training_device(env)
-    distributed.init_process_group(env, device)
+    distributed.init_process_group(env, device, config.comm_timeout_minutes)
     if env.is_main:
         log.info("update: method %s, %d rank(s), %d thread(s), starting from %s (state %s)", config.method,
                  env.world_size, threads, model_dir, "fresh" if state is None else f"step {state.get('step')}")

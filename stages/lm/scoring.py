@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from stages.common import validation
 from stages.common.errors import InputError
-from stages.lm.models import DTYPES
+from stages.lm.models import ATTN_IMPLEMENTATIONS, DTYPES
 
 SCORE_COLUMNS = ("student_logprobs", "teacher_logprobs", "teacher_entropy", "student_entropy", "pmi",
                  "teacher_prompt_length")
@@ -48,6 +48,7 @@ class ScoreConfig:
     teacher_instruction: str | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on GPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    attn_implementation: str = "auto"  # auto (transformers' default: sdpa) | sdpa | eager | flash_attention_2
     threads: int = 0  # torch CPU threads (0 = OMP_NUM_THREADS if set, else the cores this process may use)
     shard: str | None = None  # "I/N": score only shard I of N of the prompts (rows grouped by prompt_id)
     overwrite: bool = False  # replace an existing output
@@ -58,6 +59,7 @@ class ScoreConfig:
         check.above(0, "temperature")
         check.at_least(0, "threads")
         check.choice("dtype", DTYPES)
+        check.choice("attn_implementation", ATTN_IMPLEMENTATIONS)
         check.done()
 
 
@@ -282,6 +284,7 @@ def load_reference(config: ScoreConfig, loaded, reference_loaded=None):
     if reference_loaded is None:
         try:
             reference_loaded = load_model(config.reference, dtype=str(loaded.dtype).replace("torch.", ""),
+                                          attn_implementation=config.attn_implementation,
                                           device=loaded.device)
         except InputError as exc:  # load_model names its argument --model; here it came from --reference
             raise InputError(str(exc).replace("--model", "--reference", 1)) from None

@@ -112,6 +112,8 @@ RESUMABLE_CHANGES = frozenset({
     "rollout.threads", "rollout.batch_size", "rollout.progress", "rollout.share_prefix", "verify.workers",
     "score.threads", "score.micro_batch_tokens", "score.chunk_size", "score.share_prefix", "update.threads",
     "update.micro_batch_tokens", "update.logprob_chunk", "update.gradient_checkpointing", "update.share_prefix",
+    "rollout.gpu_memory_utilization", "rollout.attn_implementation", "score.attn_implementation",
+    "update.attn_implementation", "update.comm_timeout_minutes",
 })
 
 # Stage sections: name -> (module path, Config class name, fields the loop sets itself)

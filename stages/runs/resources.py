@@ -119,7 +119,8 @@ class Resources:
         from stages.lm.models import load_model
 
         start = time.perf_counter()
-        loaded = load_model(key[0], dtype=key[1].replace("torch.", ""), device=key[2])
+        loaded = load_model(key[0], dtype=key[1].replace("torch.", ""), device=key[2],  # one copy serves both
+                            attn_implementation=self.config.run.stages["score"].get("attn_implementation", "auto"))
         self.load_seconds += time.perf_counter() - start
         self.card.hold(f"policy {key[1]}", sum(p.numel() * p.element_size() for p in loaded.model.parameters()))
         return loaded

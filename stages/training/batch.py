@@ -51,6 +51,7 @@ class Batch:
     teacher_scored: bool = True  # false for a file scored with `score --no-teacher` (teacher columns = student's)
     ref_logprobs: list[list[float]] | None = None  # log π_ref(y_t) of a frozen reference (score --reference), if any
     max_new_tokens: int | None = None  # the rollouts' token budget (their metadata), for the overlong penalty
+    is_correction: str = "off"  # update.is_correction resolved for this file (`resolved_is_correction`)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -84,6 +85,15 @@ def check_state(config: UpdateConfig, state: dict | None, model_dir: Path, world
         raise InputError(f"{model_dir / checkpoint.DEEPSPEED_DIR}: optimizer state of {saved[0]} rank(s) with ZeRO-"
                          f"{saved[1]}, this run has {world_size} with ZeRO-{stage}; match them, or move that folder "
                          "away to start a fresh optimizer")
+
+
+def check_zero3_ranks(stage: int, world_size: int) -> None:
+    """ZeRO-3 on several ranks is refused: every module call is an all-gather, and ranks make different numbers of
+    them (their micro-batches hold different pieces, chunks and length passes), so they would hang (issue 25)."""
+    if stage == 3 and world_size > 1:
+        raise InputError(f"ZeRO-3 on {world_size} ranks: the ranks' forwards make different numbers of module calls "
+                         "(each an all-gather under ZeRO-3), which would hang; use --zero-stage 2 (and LoRA or more "
+                         "GPUs for memory) until issue 25 equalises them")
 
 
 def check_teacher(config: UpdateConfig, metadata: dict) -> None:
@@ -124,6 +134,27 @@ def overlong_limit(config: UpdateConfig, metadata: dict) -> int | None:
     if config.overlong_buffer >= limit:
         raise InputError(f"--overlong-buffer {config.overlong_buffer}: must be below the response limit {limit}")
     return limit
+
+
+def sampler_of(metadata: dict) -> tuple[str, str] | None:
+    """(engine, dtype) the rollouts behind a file were sampled with: the first metadata node holding both, breadth-
+    first (the rollouts' own record; their config's "auto" values sit one level deeper), or None."""
+    from stages.lm.scoring import metadata_nodes
+
+    node = next((n for n in metadata_nodes(metadata) if isinstance(n.get("engine"), str)
+                 and isinstance(n.get("dtype"), str)), None)
+    return None if node is None else (node["engine"], node["dtype"])
+
+
+def resolved_is_correction(value: str, metadata: dict) -> str:
+    """update.is_correction for a scored file: `auto` is token when its rollouts came from another forward than the
+    trainer's (vLLM, as TRL defaults it on; or a 16-bit sampler, whose kernels round differently), off for the HF
+    engine in fp32, where the sampler is the trainer's own forward (|Δ log-prob| ~1e-6, docs/vllm-cpu.md) and for a
+    file whose sampler is not recorded."""
+    if value != "auto":
+        return value
+    sampler = sampler_of(metadata)
+    return "token" if sampler is not None and (sampler[0] == "vllm" or sampler[1] != "float32") else "off"
 
 
 def batch_from_table(table: pa.Table, source: str, vocab_size: int, temperature: float = 1.0,

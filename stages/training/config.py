@@ -9,13 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stages.common import validation
+from stages.lm.models import ATTN_IMPLEMENTATIONS
 from stages.method.terms import get_term, method_names
 from stages.training.schedule import LR_SCHEDULES
 
 GATE_CHOICES = ("auto", "on", "off")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ADV_SCALES = ("group", "none")
-IS_CORRECTIONS = ("off", "token")
+IS_CORRECTIONS = ("auto", "off", "token")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,9 @@ class UpdateConfig:
     micro_batch_tokens: int = 2048  # padded tokens per forward/backward on one rank
     logprob_chunk: int | None = None  # response positions per LM-head chunk (None: 64 on CPU, a 4 GiB budget on CUDA)
     kl_coef: float = 0.0  # β of β·k3 KL to a frozen reference (0 = none; > 0 needs ref_logprobs: score --reference)
-    is_correction: str = "off"  # off | token: truncated IS weight min(exp(s − sampling_logprob), is_cap)
+    # truncated IS weight min(exp(s − sampling_logprob), is_cap) per token: auto (token for vLLM or 16-bit rollouts,
+    # as TRL defaults it on; off for the HF engine in fp32, whose sampler is the trainer's forward) | off | token
+    is_correction: str = "auto"
     is_cap: float = 2.0  # cap of the truncated IS weight
     deepspeed_config: str | None = None  # DeepSpeed JSON overlaid on the built-in ZeRO-2 default
     zero_stage: int | None = None  # ZeRO stage 0-3 (None: the config file's, else 2)
@@ -69,6 +72,8 @@ class UpdateConfig:
     # keeps ~38 GB of activations without it, docs/memory.md), off on CPU (short arith responses fit; prefixes shared)
     gradient_checkpointing: bool | None = None
     share_prefix: bool = True  # run each group's prompt once per micro-batch, its cache repeated over the samples
+    attn_implementation: str = "auto"  # auto (transformers' default: sdpa) | sdpa | eager | flash_attention_2
+    comm_timeout_minutes: float = 60.0  # bound of every collective (NCCL's default 10 min; rank 0 fsyncs checkpoints)
     # LoRA (PEFT): train rank-r adapters on a frozen base (0 = full training); checkpoints hold the merged weights
     # (what rollout and score load) and the adapter (CKPT/adapter), stages.training.lora
     lora_rank: int = 0
@@ -99,6 +104,8 @@ class UpdateConfig:
         check.choice("is_correction", IS_CORRECTIONS)
         check.choice("dtype", DTYPE_CHOICES)
         check.choice("lr_schedule", LR_SCHEDULES)
+        check.choice("attn_implementation", ATTN_IMPLEMENTATIONS)
+        check.above(0, "comm_timeout_minutes")
         check.require(self.lr_schedule == "constant" or self.lr_decay_steps >= 1, "lr_decay_steps",
                       f"must be >= 1 with lr_schedule {self.lr_schedule} (the steps the decay takes)")
         check.between("lr_min_ratio", 0, 1)

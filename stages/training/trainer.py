@@ -121,10 +121,10 @@ class Trainer:
         self.policy.to(device).train()
         module = _logprob_module(self.policy)
         trainable = [p for p in module.parameters() if p.requires_grad]  # all of them without LoRA
-        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         ds_precision = "fp32" if self.precision == "autocast-bf16" else self.precision
         ds_config = distributed.deepspeed_config(deepspeed_user or {}, config.zero_stage, config.grad_clip,
-                                                 env.world_size, ds_precision)
+                                                 env.world_size, ds_precision, overlap_comm=device.startswith("cuda"))
+        optimizer = distributed.client_optimizer(trainable, config.lr, config.weight_decay, ds_config, device)
         self.zero_stage = ds_config["zero_optimization"]["stage"]
         started = time.perf_counter()
         with distributed.launcher_env(env):
@@ -165,18 +165,23 @@ class Trainer:
         self.gate.load_state_dict(gate_state, strict=False)
 
     def _load_module(self):
-        """The policy in fp32: the model's weights, or with LoRA its base plus the adapter (fresh or continued)."""
+        """The policy in the dtype DeepSpeed trains it in (fp32 on CPU): the model's weights, or with LoRA its base plus
+        the adapter (fresh or continued)."""
         import torch
         from transformers import AutoModelForCausalLM
 
-        from stages.lm.models import checked_logits_path
+        from stages.lm.models import attention_kwargs, checked_logits_path
 
         quiet_transformers()
         weights_dir, adapter = self.model_dir, None
         if self.config.lora_rank:
             weights_dir, adapter = lora.base_and_adapter(self.model_dir, self.carried)
             self.lora_base = weights_dir.resolve()
-        network = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32)
+        # DeepSpeed's bf16/fp16 modes cast the module to 16 bits and build the fp32 master from those weights: loading
+        # in that dtype gives the same master without a full fp32 copy first (4 bytes/parameter on the host)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        network = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=dtype,
+                                                       **attention_kwargs(self.config.attn_implementation))
         network = checked_logits_path(network, f"--model {self.config.model}")
         if self.config.lora_rank:
             network, self.peft_model = lora.attach(network, self.config, adapter)
@@ -314,7 +319,7 @@ class Trainer:
         old = pad_rows([batch.student_logprobs[i] for i in rows], width).to(self.device)  # [B, T]
         pmi = pad_rows([batch.pmi[i] for i in rows], width).to(self.device)  # [B, T]
         advantages = token_advantages(config.method, seq_adv[rows].to(self.device), pmi, mask, lam)  # [B, T]
-        if config.is_correction == "token":
+        if batch.is_correction == "token":
             sampling = pad_rows([batch.sampling_logprobs[i] for i in rows], width).to(self.device)
             advantages = advantages * truncated_is_weights(old, sampling, config.is_cap)
         loss, stats = policy_loss(logprobs, old, advantages, mask, config.clip_low, config.clip_high,
@@ -367,13 +372,11 @@ class Trainer:
         return out
 
     def serves_inference(self) -> bool:
-        """Whether the policy module can sample and score as it is: full fp32 weights in this process (ZeRO ≤ 2), and
-        no LoRA (its unmerged x·W + x·ΔW differs from the checkpoint's merged weights in the last bits, and a resumed
-        run reads the checkpoint: lending it would make a resume differ)."""
-        import torch
-
-        return self.zero_stage < 3 and self.peft_model is None and \
-            next(self.policy.parameters()).dtype == torch.float32
+        """Whether the policy module can sample and score as it is: full weights in this process (ZeRO ≤ 2), and no
+        LoRA (its unmerged x·W + x·ΔW differs from the checkpoint's merged weights in the last bits, and a resumed run
+        reads the checkpoint: lending it would make a resume differ). Its dtype (fp32 on CPU, DeepSpeed's bf16 on GPU)
+        is the borrower's to check (stages.runs.resources)."""
+        return self.zero_stage < 3 and self.peft_model is None
 
     def close(self) -> None:
         """Release the engine: its hooks live in autograd (C++), so without destroy() Python never frees it."""
