@@ -158,10 +158,9 @@ def test_an_fp32_head_brings_bf16_log_probs_and_the_head_gradient_to_the_exact_o
     lp16, grad16 = _head_stats(weight, hidden, targets, False)
     lp32, grad32 = _head_stats(weight, hidden, targets, True)
     assert (lp32 - exact_lp).abs().max() * 10 < (lp16 - exact_lp).abs().max()  # rounding of fp32 vs bf16 logits
-    # the fp32 sum, cast to bf16 once, is within bf16's rounding of the exact gradient (2^-8 relative per entry);
-    # the bf16 sum of 256 chunks is not
-    assert ((grad32 - exact_grad).abs() <= 2**-8 * exact_grad.abs() + 1e-12).all()
-    assert (grad32 - exact_grad).norm() * 4 < (grad16 - exact_grad).norm()
+    # the fp32 sum, cast to bf16 once, is within bf16's rounding of the exact gradient (≤ 2^-8 relative, here in
+    # norm: 0.77 of 463); the bf16 sum of 256 chunk gradients is not (5.8: 7× more)
+    assert (grad32 - exact_grad).norm() <= 2**-8 * exact_grad.norm() < (grad16 - exact_grad).norm()
 
 
 def test_the_fp32_head_is_the_module_itself_for_an_fp32_model(tiny_model_dir):
