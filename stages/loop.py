@@ -77,7 +77,9 @@ class StepRunner:
 
     def update(self, step: int, config) -> None:
         """Train step `step` with the resident trainer (opened on the first update: `_open_trainer`)."""
-        self.resources.train(step, config, self._open_trainer)
+        from stages import update
+
+        self.resources.train(step, config, self._open_trainer, update.step)
 
     def _open_trainer(self, step: int, config):
         """The trainer at the start of `step`: the newest full checkpoint before it (else the run's start), then the

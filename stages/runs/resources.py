@@ -180,11 +180,9 @@ class Resources:
 
     # --- the trainer ---------------------------------------------------------------------------------------------------
 
-    def train(self, step: int, config, opener) -> None:
-        """Train step `step` with the resident trainer (opened by `opener(step, config)` on first use), then lend its
-        weights to the next step, or close it (`loop.resident_trainer` false)."""
-        from stages import update
-
+    def train(self, step: int, config, opener, train_step) -> None:
+        """Train step `step` by `train_step(trainer, config)` with the resident trainer (opened by `opener(step,
+        config)` on first use), then lend its weights to the next step, or close it (`loop.resident_trainer` false)."""
         if self.trainer is None:
             self._policies.clear()  # the trainer loads its own copy; do not keep two
             self._lent = None
@@ -192,7 +190,7 @@ class Resources:
             self.trainer = opener(step, config)
             plan = self.memory_plan()
             self.card.hold("trainer", plan.resident.total if plan is not None else 0)
-        update.step(self.trainer, config)
+        train_step(self.trainer, config)
         if self._lent is not None:
             self._policies.pop(self._lent, None)
             self._lent = None
