@@ -62,15 +62,17 @@ def test_full_4b_does_not_fit_one_80gib_gpu_and_lora_does():
     assert lora.fits and 0.5 < lora.vllm_utilization <= 0.9
 
 
-def test_the_gpu_examples_fit_one_80gib_gpu(tmp_path, tiny_model_dir):
+def test_the_gpu_examples_fit_one_80gib_gpu_as_their_headers_say(tmp_path, tiny_model_dir):
     from stages.runs import config as run_config
     from stages.runs.config import LoopConfig
     from stages.runs.resources import loop_plan
 
     folder = qwen3_folder(tmp_path, tiny_model_dir)
     for name in ("gsm8k_gpu.yaml", "qwen3_dapo_gpu.yaml"):
-        extra = ["update.lora_rank=64"] if name == "qwen3_dapo_gpu.yaml" else []  # its one-GPU command line
-        resolved = run_config.load(REPO / "examples" / "configs" / name, [f"loop.model={folder}", *extra])
+        # each file's one-GPU command line (its header) adds LoRA; as written, full training is for Slurm
+        resolved = run_config.load(REPO / "examples" / "configs" / name, [f"loop.model={folder}", "update.lora_rank=64"])
+        full = run_config.load(REPO / "examples" / "configs" / name, [f"loop.model={folder}"])
+        assert not loop_plan(LoopConfig(out=str(tmp_path / "run"), run=full), GPU80(), True, []).fits
         plan = loop_plan(LoopConfig(out=str(tmp_path / "run"), run=resolved), GPU80(), True, [])
         assert plan.fits, (name, plan.train.describe())
 
