@@ -9,12 +9,12 @@ does no math and no sampling itself: it calls the stages' `run` functions, reusi
 and score of a step. With `record_only` (`--record-only`, each Slurm record job) it runs no stage: it records the
 steps whose update is done (metrics, trackers, due evaluations, checkpoint pruning) and stops at the first that is not.
 
-Engines: with the HF engine the rollout samples with that loaded model. When `rollout.engine` resolves to vllm the
-process keeps one vLLM engine (`stages.lm.engine_vllm.LoopEngine`) that each step's rollout uses after moving it to the
-step's weights (`loop.weight_sync`: `reload` opens a fresh engine on the checkpoint, `inplace` loads the checkpoint
-into the open one; on GPU with `loop.vllm_sleep` it sleeps while score and update train); the seconds spent are
-`timing_s/weight_sync`. Score always uses the HF model (the trainer's numerics). Evaluation opens its own engine, so
-the loop closes its vLLM engine first (two engines do not fit one card).
+Engines and memory: what stays resident between stages (the policy, the reference, the vLLM engine, the trainer) and
+the device's hand-over between phases belong to `stages.runs.resources.Resources`; this module says which stage runs
+when. With vLLM one engine samples the rollouts and the held-out evaluations, moved to each step's weights as
+`loop.weight_sync` says; the seconds spent are `timing_s/weight_sync`, each phase's peak memory/peak_gib/<phase>.
+Score always uses the HF model (the trainer's numerics). On a GPU the run is first checked against the memory model
+(`stages.runs.memory`) and refused when it cannot fit.
 
 Reference KL: with update.kl_coef > 0 every step's score also runs a frozen reference (score.reference, else the base
 model loop.model) for ref_logprobs; the process loads it once and keeps it across steps.
