@@ -174,7 +174,7 @@ def test_the_fp32_head_is_the_module_itself_for_an_fp32_model(tiny_model_dir):
     assert fp32_head(model.to(torch.bfloat16))[0].dtype == torch.float32
 
 
-# --- 14. chunk size by device -------------------------------------------------------------------------------------------
+# --- 14. chunk size by device -----------------------------------------------------------------------------------------
 
 def test_chunk_positions_by_device_and_budget():
     from stages.lm.forward import CPU_CHUNK, chunk_positions
@@ -185,7 +185,7 @@ def test_chunk_positions_by_device_and_budget():
     assert chunk_positions(17, "cuda", 151_936) == 17  # an option set wins
 
 
-# --- 15. gradient checkpointing by device, 16. attention, 18. collectives ----------------------------------------------
+# --- 15. gradient checkpointing by device, 16. attention, 18. collectives ---------------------------------------------
 
 def test_gradient_checkpointing_is_on_for_cuda_and_off_on_cpu_unless_set():
     from stages.training.config import UpdateConfig, resolved_gradient_checkpointing
@@ -243,7 +243,7 @@ def test_srun_of_the_update_job_passes_cpus_per_task():
     assert "export SRUN_CPUS_PER_TASK=$CPUS" in example
 
 
-# --- 20. the resident trainer lends its bf16 policy on GPU --------------------------------------------------------------
+# --- 20. the resident trainer lends its bf16 policy on GPU ------------------------------------------------------------
 
 def test_a_bf16_trainer_on_cuda_lends_its_policy_to_score(tmp_path):
     from stages.runs import config as run_config
@@ -266,7 +266,7 @@ def test_a_bf16_trainer_on_cuda_lends_its_policy_to_score(tmp_path):
     assert resources._policies == {}
 
 
-# --- 5. replay on CUDA, sharded saves ----------------------------------------------------------------------------------
+# --- 5. replay on CUDA, sharded saves ---------------------------------------------------------------------------------
 
 def test_replay_is_exact_on_cpu_and_within_the_stated_tolerance_on_cuda():
     from stages.training.checkpoint import replay_differences, replay_tolerance

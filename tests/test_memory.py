@@ -70,8 +70,9 @@ def test_the_gpu_examples_fit_one_80gib_gpu_as_their_headers_say(tmp_path, tiny_
     folder = qwen3_folder(tmp_path, tiny_model_dir)
     for name in ("gsm8k_gpu.yaml", "qwen3_dapo_gpu.yaml"):
         # each file's one-GPU command line (its header) adds LoRA; as written, full training is for Slurm
-        resolved = run_config.load(REPO / "examples" / "configs" / name, [f"loop.model={folder}", "update.lora_rank=64"])
-        full = run_config.load(REPO / "examples" / "configs" / name, [f"loop.model={folder}"])
+        path = REPO / "examples" / "configs" / name
+        resolved = run_config.load(path, [f"loop.model={folder}", "update.lora_rank=64"])
+        full = run_config.load(path, [f"loop.model={folder}"])
         assert not loop_plan(LoopConfig(out=str(tmp_path / "run"), run=full), GPU80(), True, []).fits
         plan = loop_plan(LoopConfig(out=str(tmp_path / "run"), run=resolved), GPU80(), True, [])
         assert plan.fits, (name, plan.train.describe())

@@ -35,7 +35,8 @@ def test_a_missing_keyword_is_named(monkeypatch):
     import deepspeed
 
     monkeypatch.setattr(deepspeed, "initialize", lambda model=None, optimizer=None, config=None: None)
-    assert any("deepspeed.initialize takes no dist_init_required" in line for line in stack.missing_apis(("deepspeed",)))
+    missing = stack.missing_apis(("deepspeed",))
+    assert any("deepspeed.initialize takes no dist_init_required" in line for line in missing)
 
 
 def test_pyproject_floors_are_the_stacks():

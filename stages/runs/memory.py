@@ -19,7 +19,8 @@ A colocated vLLM engine holds `gpu_memory_utilization` × the card while it samp
 nothing while score and update run; it needs its bf16 weights plus the KV cache of one longest sequence at least.
 
 The figures are estimates for a refusal and a table (fragmentation, the CUDA context and NCCL buffers are covered by
-stages.common.card.RESERVED_BYTES), not a guarantee; `memory/peak_gib/<phase>` in metrics.jsonl is what a run measured. Pure: no torch.
+stages.common.card.RESERVED_BYTES), not a guarantee; `memory/peak_gib/<phase>` in metrics.jsonl is what a run
+measured. Pure: no torch.
 """
 
 from __future__ import annotations
@@ -222,7 +223,8 @@ def refusal(plan_: Plan, label: str) -> str | None:
         what = f"the update needs {plan_.train.total / GIB:.1f} GiB per GPU ({plan_.train.describe()}){awake}"
     elif plan_.vllm_utilization * plan_.total_bytes < plan_.vllm_min:
         what = (f"vLLM needs {plan_.vllm_min / GIB:.1f} GiB (bf16 weights + the KV cache of one longest sequence) but "
-                f"gets {plan_.vllm_utilization:.2f} of the card beside the trainer's {plan_.resident.total / GIB:.1f} GiB")
+                f"gets {plan_.vllm_utilization:.2f} of the card beside the trainer's "
+                f"{plan_.resident.total / GIB:.1f} GiB")
     else:
         what = (f"sampling needs {plan_.sample_bytes / GIB:.1f} GiB (the resident trainer's "
                 f"{plan_.resident.total / GIB:.1f} + vLLM's {plan_.vllm_utilization:.2f} of the card)")

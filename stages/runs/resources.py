@@ -58,7 +58,7 @@ class Resources:
         self.prompt_rows = list(prompt_rows)  # training and held-out prompts: vLLM's context length, the plan
         self._plan = None
 
-    # --- phases ------------------------------------------------------------------------------------------------------
+    # --- phases ------------------------------------------------------------------------------------------------
 
     @contextmanager
     def phase(self, name: str, metrics: dict):
@@ -85,10 +85,13 @@ class Resources:
     def _drop_copies(self) -> None:
         """Forget the loaded policies that are not the trainer's own (the reference stays: loaded once per run)."""
         for key in [k for k in self._policies if k != self._lent]:
-            del self._policies[key]
-            self.card.drop(f"policy {key[1]}")
+            self._forget(key)
 
-    # --- the policy, the reference -----------------------------------------------------------------------------------
+    def _forget(self, key: tuple) -> None:
+        del self._policies[key]
+        self.card.drop(f"policy {key[1]}")
+
+    # --- the policy, the reference -------------------------------------------------------------------------------
 
     def policy(self, model: str, purpose: str = "score"):
         """`model` loaded for `purpose` (rollout/eval: rollout's dtype and device; score: score's), the trainer's
@@ -100,7 +103,7 @@ class Resources:
         key = (str(resolve_model(model)), str(torch_dtype(self.dtypes[knob], device)), device)
         if key not in self._policies:
             for stale in [k for k in self._policies if k[0] != key[0] and k != self._lent]:
-                del self._policies[stale]  # free the old weights before loading the new ones
+                self._forget(stale)  # free the old weights before loading the new ones
             self._policies[key] = self._load(key)
         return self._policies[key]
 
@@ -125,7 +128,7 @@ class Resources:
         self.card.hold(f"policy {key[1]}", sum(p.numel() * p.element_size() for p in loaded.model.parameters()))
         return loaded
 
-    # --- sampling ------------------------------------------------------------------------------------------------------
+    # --- sampling ----------------------------------------------------------------------------------------------
 
     def sampler(self, model: str, timings: dict):
         """What the step's rollout (or an evaluation) samples `model` with: its HF policy, or the loop's vLLM engine
@@ -178,13 +181,14 @@ class Resources:
         timings[keys.timing("weight_sync")] = round(timings.get(keys.timing("weight_sync"), 0.0) + seconds, 3)
         self.load_seconds += seconds
 
-    # --- the trainer ---------------------------------------------------------------------------------------------------
+    # --- the trainer -------------------------------------------------------------------------------------------
 
     def train(self, step: int, config, opener, train_step) -> None:
         """Train step `step` by `train_step(trainer, config)` with the resident trainer (opened by `opener(step,
         config)` on first use), then lend its weights to the next step, or close it (`loop.resident_trainer` false)."""
         if self.trainer is None:
-            self._policies.clear()  # the trainer loads its own copy; do not keep two
+            for key in list(self._policies):
+                self._forget(key)  # the trainer loads its own copy; do not keep two
             self._lent = None
             self.card.release()
             self.trainer = opener(step, config)

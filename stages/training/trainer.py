@@ -84,8 +84,6 @@ class Trainer:
 
     def __init__(self, config: UpdateConfig, model_dir: Path, state: dict | None, env: distributed.DistEnv,
                  device: str, deepspeed_user: dict | None = None):
-        import torch
-
         from stages.lm.models import load_tokenizer, model_revision
         from stages.method.gate import EntropyGate
 
