@@ -80,7 +80,7 @@ class LoopSettings:
     tensorboard: bool = True  # write TensorBoard events to RUN/tensorboard (stages.runs.tracking)
     wandb: str | None = None  # a Weights & Biases project: log every step's metrics there too (wandb installed)
     wandb_mode: str = "online"  # online | offline (kept in RUN/wandb for `wandb sync`) | disabled
-    keep_checkpoints: int = 3  # keep the checkpoints of the newest K steps (and the newest full one); 0 = keep all
+    keep_checkpoints: int = 3  # the newest K steps' checkpoints + what a resume needs (run_dir.resume_needs); 0 = all
     checkpoint_every: int = 5  # full checkpoints (with the optimizer state) every k steps and at the end; weights-only
     #   folders in between; a resumed run replays the updates after the newest full one from their scored files
     resident_trainer: bool = True  # keep model, optimizer and engine in memory across steps; false frees them after
