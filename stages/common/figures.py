@@ -10,10 +10,11 @@ import csv
 import html
 import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
+
+from stages.common.io import atomic_output
 
 
 def group_band(series: list[tuple[np.ndarray, np.ndarray]], band: str) -> tuple[np.ndarray, ...]:
@@ -90,13 +91,8 @@ def _figure(width: float, height: float):
 
 
 def save_png(figure, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        figure.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_output(path) as handle:
+        figure.savefig(handle, format="png", dpi=120)
 
 
 def draw_pmi_heatmap(path: Path, p_student: np.ndarray, p_teacher: np.ndarray, u: np.ndarray,

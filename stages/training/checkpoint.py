@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.errors import InputError
-from stages.common.io import check_output, read_json_object, share_like_new_files, to_jsonable
+from stages.common.io import remove_entry, check_output, read_json_object, share_like_new_files, to_jsonable
 from stages.lm.compat import make_portable
 from stages.training import distributed
 
@@ -175,16 +175,15 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished temp folder to `out`; an existing `out` (overwrite) is moved aside first, then deleted."""
+    """Rename the finished temp folder to `out`; an existing `out` (overwrite) is moved aside first, then deleted. A
+    link at `out` is replaced by the folder: the link goes, the folder it points to is never touched."""
     old = out.parent / f".{out.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
+    remove_entry(old)
+    if os.path.lexists(out):
         os.rename(out, old)
     os.rename(tmp, out)
     _fsync_dir(out.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    remove_entry(old)
 
 
 def save(out: Path, engine, policy, tokenizer, state: dict, metrics: dict, env: distributed.DistEnv,
@@ -206,8 +205,7 @@ def save(out: Path, engine, policy, tokenizer, state: dict, metrics: dict, env: 
     out = Path(out)
     tmp = temp_dir_for(out)
     if env.is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a killed run
+        remove_entry(tmp)  # left by a killed run (or a link planted there: removed, never followed)
         tmp.mkdir()
     distributed.barrier()
     error: Exception | None = None
