@@ -512,7 +512,7 @@ def test_record_only_records_finished_steps_prunes_and_stops_at_the_first_unfini
     for step in (0, 1, 2):  # what the stage jobs of steps 0-2 leave; step 3 has not started
         for name in ("rollouts", "verified", "scored"):
             pq.write_table(pa.table({"x": [step]}), run / f"step_{step:04d}" / f"{name}.parquet")
-        (run / f"step_{step:04d}" / "checkpoint").mkdir()
+        (run / f"step_{step:04d}" / "checkpoint" / "deepspeed" / "engine").mkdir(parents=True)  # Slurm: full state
         (run / f"step_{step:04d}" / "checkpoint" / "config.json").write_text("{}")
         (run / f"step_{step:04d}" / "checkpoint" / "metrics.json").write_text(json.dumps({"reward/mean": step / 4}))
     monkeypatch.setattr(rollout, "run", lambda *a, **k: pytest.fail("--record-only ran a stage"))
