@@ -324,8 +324,9 @@ def loop_engine(config: run_config.RunConfig, model_path: Path, train_table: pa.
                                    knobs.get("max_new_tokens", RolloutConfig.max_new_tokens),
                                    ChatOptions.from_knobs(knobs))
     sleep_mode = config.loop.vllm_sleep and config.loop.weight_sync == "inplace"  # reload closes it instead
+    inplace = config.loop.weight_sync == "inplace"
     return LoopEngine(lambda folder: VLLMEngine(folder, dtype=dtype, seed=config.loop.seed, max_model_len=max_model_len,
-                                                sleep_mode=sleep_mode), config.loop.weight_sync)
+                                                sleep_mode=sleep_mode, inplace_sync=inplace), config.loop.weight_sync)
 
 
 def run(config: LoopConfig, view=None) -> Path:

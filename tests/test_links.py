@@ -99,3 +99,87 @@ def test_a_link_planted_at_the_checkpoint_temp_folder_is_not_followed(tmp_path, 
     run(config(scored, tiny_model_dir, tmp_path / "c"))
     assert (tmp_path / "c" / "model.safetensors").is_file()
     assert [p.name for p in elsewhere.iterdir()] == ["keep.txt"] and (elsewhere / "keep.txt").read_text() == "mine"
+
+
+# --- code in a model folder or a checkpoint (issue 21, bugs 4 and 5) -------------------------------------------------
+
+class _Planted:
+    """Pickles as a call that writes `sentinel` when unpickled in full."""
+
+    def __init__(self, sentinel: Path):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.sentinel)!r}, 'w').write('ran')",))
+
+
+def test_a_checkpoint_whose_deepspeed_state_holds_code_is_refused_unless_trusted(tmp_path, tiny_model_dir):
+    import torch
+
+    scored = make_scored(tmp_path / "scored.parquet", tiny_model_dir)
+    start = run(config(scored, tiny_model_dir, tmp_path / "start"))
+    states = start / "deepspeed" / "engine" / "mp_rank_00_model_states.pt"
+    content = torch.load(states, weights_only=False)
+    sentinel = tmp_path / "RAN"
+    torch.save({**content, "planted": _Planted(sentinel)}, states)
+    scored = make_scored(tmp_path / "scored_next.parquet", start)
+    refused = invoke("update", "--scored", scored, "--model", start, "--out", tmp_path / "next", "--threads", 1)
+    assert refused.exit_code == 2, refused.output
+    assert "mp_rank_00_model_states.pt" in refused.stderr and "--trust-checkpoint" in refused.stderr
+    assert "Traceback" not in refused.stderr and not sentinel.exists() and not (tmp_path / "next").exists()
+    trusted = invoke("update", "--scored", scored, "--model", start, "--out", tmp_path / "next", "--threads", 1,
+                     "--trust-checkpoint")
+    assert trusted.exit_code == 0, trusted.output
+    assert sentinel.read_text() == "ran"  # the user's explicit choice: full unpickling, as DeepSpeed does
+
+
+def test_a_clean_checkpoint_continues_without_trusting_it(tmp_path, tiny_model_dir):
+    from stages.training import checkpoint
+
+    scored = make_scored(tmp_path / "scored.parquet", tiny_model_dir)
+    start = run(config(scored, tiny_model_dir, tmp_path / "start"))
+    for file in sorted((start / "deepspeed" / "engine").glob("*.pt")):
+        assert isinstance(checkpoint.safe_deepspeed_load(str(file), map_location="cpu"), dict)
+    assert run(config(make_scored(tmp_path / "next.parquet", start), start, tmp_path / "next")).exists()
+
+
+def _folder_with_code(tmp_path: Path, model_dir: Path, model_type: str) -> tuple[Path, Path]:
+    import json
+    import shutil
+
+    folder = tmp_path / f"remote_{model_type}"
+    shutil.copytree(model_dir, folder)
+    sentinel = tmp_path / f"RAN_{model_type}"
+    config_json = json.loads((folder / "config.json").read_text())
+    config_json.update(model_type=model_type, auto_map={"AutoConfig": "planted.PlantedConfig",
+                                                        "AutoModelForCausalLM": "planted.PlantedModel"})
+    (folder / "config.json").write_text(json.dumps(config_json))
+    tokenizer_json = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_json["auto_map"] = {"AutoTokenizer": ["planted.PlantedTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_json))
+    (folder / "planted.py").write_text(
+        f"open({str(sentinel)!r}, 'w').write('ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast\n"
+        f"class PlantedConfig(LlamaConfig):\n    model_type = {model_type!r}\n"
+        "class PlantedModel(LlamaForCausalLM):\n    config_class = PlantedConfig\n"
+        "class PlantedTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    return folder, sentinel
+
+
+@pytest.mark.parametrize("model_type, exit_code", [("planted", 2), ("llama", 0)])
+def test_a_model_folders_code_never_runs_even_when_stdin_says_yes(tmp_path, tiny_model_dir, arith_prompts,
+                                                                    model_type, exit_code):
+    """`yes | antisd rollout --model FOLDER`: transformers used to ask on stdout whether to run the folder's auto_map
+    module. An unknown model type is now refused in one line; a known one loads with transformers' own classes."""
+    import subprocess
+    import sys
+
+    folder, sentinel = _folder_with_code(tmp_path, tiny_model_dir, model_type)
+    result = subprocess.run([sys.executable, "-m", "antisd_cli", "rollout", "--model", str(folder), "--prompts",
+                             str(arith_prompts), "--n", "1", "--max-new-tokens", "2", "--engine", "hf", "--out",
+                             str(tmp_path / "r.parquet")], input="y\n" * 20, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == exit_code, result.stderr[-2000:]
+    assert not sentinel.exists() and "Traceback" not in result.stderr
+    if exit_code:
+        assert "trust_remote_code=False" in result.stderr.strip().splitlines()[-1]

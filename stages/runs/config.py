@@ -108,7 +108,7 @@ class LoopSettings:
 RESUMABLE_CHANGES = frozenset({
     "loop.steps", "loop.keep_checkpoints", "loop.checkpoint_every", "loop.resident_trainer", "loop.tensorboard",
     "loop.wandb", "loop.wandb_mode", "update.progress",
-    "loop.vllm_sleep",
+    "loop.vllm_sleep", "update.trust_checkpoint",
     "rollout.threads", "rollout.batch_size", "rollout.progress", "rollout.share_prefix", "verify.workers",
     "score.threads", "score.micro_batch_tokens", "score.chunk_size", "score.share_prefix", "update.threads",
     "update.micro_batch_tokens", "update.logprob_chunk", "update.gradient_checkpointing", "update.share_prefix",

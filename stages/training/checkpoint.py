@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -91,17 +92,49 @@ def engine_state_dir(model_dir: Path) -> Path | None:
     return path if (path / DEEPSPEED_TAG).is_dir() else None
 
 
-def load_engine_state(engine, model_dir: Path, strict: bool = True) -> bool:
+def load_engine_state(engine, model_dir: Path, strict: bool = True, trust: bool = False) -> bool:
     """Restore module, ZeRO optimizer and engine counters from `model_dir/deepspeed` (all ranks call this); not
-    `strict` for a LoRA engine, whose saved module state holds the trainable (adapter) parameters only."""
+    `strict` for a LoRA engine, whose saved module state holds the trainable (adapter) parameters only.
+
+    DeepSpeed unpickles its files in full (`weights_only=False`), which runs whatever code a crafted file names. Unless
+    `trust`, every file goes through `torch.load(weights_only=True)` with DeepSpeed's own state classes allowed
+    (`safe_deepspeed_load`); a file that holds anything else is an InputError naming it and the option."""
     path = engine_state_dir(model_dir)
     if path is None:
         return False
+    if not trust:
+        engine.checkpoint_engine.load = safe_deepspeed_load
     load_path, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_module_strict=strict,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
     if load_path is None:
         raise RuntimeError(f"{path}: DeepSpeed could not load the engine state")
     return True
+
+
+def deepspeed_state_classes() -> list:
+    """The classes DeepSpeed pickles into its checkpoint files besides tensors and containers (ZeRO 0-3, fp32 and
+    bf16, seen in every checkpoint the tests write); each is plain data, harmless to construct."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_deepspeed_load(path: str, map_location=None):
+    """`torch.load` of one DeepSpeed checkpoint file without running code: weights_only, plus DeepSpeed's classes."""
+    import pickle
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(deepspeed_state_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        named = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"the global {named.group(1)}" if named else str(exc).strip().splitlines()[0]
+        raise InputError(f"{path}: loading it would run Python code it names ({what}); if you trust whoever wrote "
+                         "this checkpoint, pass --trust-checkpoint (update.trust_checkpoint)") from None
 
 
 def rng_state() -> dict:

@@ -135,8 +135,8 @@ class Trainer:
         started = time.perf_counter()
         with distributed.launcher_env(env):
             self.engine = distributed.create_engine(module, optimizer, ds_config, env, device)
-            self.resumed_optimizer = checkpoint.load_engine_state(self.engine, model_dir,
-                                                                  strict=not config.lora_rank)
+            self.resumed_optimizer = checkpoint.load_engine_state(self.engine, model_dir, strict=not config.lora_rank,
+                                                                  trust=config.trust_checkpoint)
         log.info("DeepSpeed ZeRO-%d engine ready in %.1fs (%s, %d rank(s), optimizer %s)", self.zero_stage,
                  time.perf_counter() - started, self.precision, env.world_size,
                  "resumed" if self.resumed_optimizer else "fresh")
@@ -182,7 +182,7 @@ class Trainer:
         if self.config.lora_rank:
             weights_dir, adapter = lora.base_and_adapter(self.model_dir, self.carried)
             self.lora_base = weights_dir.resolve()
-        network = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32)
+        network = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32, trust_remote_code=False)
         network = checked_logits_path(network, f"--model {self.config.model}")
         if self.config.lora_rank:
             network, self.peft_model = lora.attach(network, self.config, adapter)
