@@ -32,7 +32,7 @@ from stages.common import metrics as keys
 from stages.common import validation
 from stages.common.errors import InputError
 from stages.common.figures import draw_curves, to_csv
-from stages.common.io import atomic_write_text, read_json_object
+from stages.common.io import atomic_write_text, read_json_object, read_text_file
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class RunMetrics:
 
 def read_metrics(path: Path) -> list[dict]:
     """The JSON objects of a metrics.jsonl; a torn last line (a run still writing) is skipped with a warning."""
-    lines = path.read_text().splitlines()
+    lines = read_text_file(path).splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

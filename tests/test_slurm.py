@@ -413,8 +413,13 @@ def _directives(job) -> list[str]:
     return [line.removeprefix("#SBATCH ") for line in job.text.splitlines() if line.startswith("#SBATCH ")]
 
 
-def test_the_200_step_example_is_submitted_a_window_at_a_time(tmp_path):
-    resolved = run_config.load(str(REPO / "examples" / "configs" / "gsm8k_gpu.yaml"), [])
+def test_the_200_step_example_is_submitted_a_window_at_a_time(tmp_path, tiny_model_dir):
+    example = str(REPO / "examples" / "configs" / "gsm8k_gpu.yaml")
+    placeholder = CliRunner().invoke(cli, ["loop", "-c", example, "-o", str(tmp_path / "dry"), "--launcher", "slurm",
+                                           "--dry-run"])
+    assert placeholder.exit_code == 2 and "loop.model /path/to/hf/model: no such folder" in placeholder.stderr
+    assert not (tmp_path / "dry").exists()  # nothing queued, nothing stamped with the placeholder
+    resolved = run_config.load(example, [f"loop.model={tiny_model_dir}"])
     assert resolved.loop.steps == 200
     config = LoopConfig(out=str(tmp_path / "gsm8k"), run=resolved)
     settings = SlurmConfig(partition="gpu", cpu_partition="cpu", window=4, shards=8, nodes=2)
@@ -442,8 +447,9 @@ def test_the_200_step_example_is_submitted_a_window_at_a_time(tmp_path):
     assert ["--gpus-per-node=1" in _directives(job) for job in records] == [True, False, False, False]
     assert ["--partition=cpu" in _directives(job) for job in records] == [False, True, True, True]
     assert all(job.commands[0].endswith("--record-only") for job in records)
-    printed = CliRunner().invoke(cli, ["loop", "-c", str(REPO / "examples" / "configs" / "gsm8k_gpu.yaml"), "-o",
-                                       str(tmp_path / "dry"), "--launcher", "slurm", "--dry-run", "--window", "3"])
+    printed = CliRunner().invoke(cli, ["loop", "-c", example, "-o", str(tmp_path / "dry"), "--set",
+                                       f"loop.model={tiny_model_dir}", "--launcher", "slurm", "--dry-run", "--window",
+                                       "3"])
     assert printed.exit_code == 0, printed.output
     assert printed.stdout.count("#!/usr/bin/env bash") == 3 * 5 + 1 + 1  # the window's jobs, continue, submit.sh
 

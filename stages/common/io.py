@@ -235,6 +235,17 @@ def read_json_object(path: str | Path, label: str | None = None) -> dict:
     return data
 
 
+def read_text_file(path: str | Path, label: str | None = None) -> str:
+    """The UTF-8 text of a user's file; InputError "LABEL: …" (LABEL defaults to the path) when it is not UTF-8."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise InputError(f"{label or path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); convert the "
+                         "file to UTF-8") from None
+
+
 def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

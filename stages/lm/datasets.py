@@ -184,10 +184,22 @@ def _gsm8k_row(record: dict, index: int, split: str) -> dict:
     }
 
 
+def _read_parquet_records(path: Path) -> list[dict]:
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
-    with open(path) as handle:
-        for line_no, line in enumerate(handle, 1):
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}: line {line_no} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                 f"{exc.start + 1}); convert the file to UTF-8") from None
             if line.strip():
                 try:
                     records.append(json.loads(line))
@@ -281,6 +293,15 @@ def field_value(record: dict, field: str | None):
     return node
 
 
+def field_present(record: dict, field: str) -> bool:
+    """Whether `field` (as `field_value` reads it) names a key that is there, whatever its value (null included)."""
+    head, _, last = field.rpartition(".")
+    if field in record or not head:
+        return field in record
+    parent = field_value(record, head)
+    return isinstance(parent, dict) and last in parent
+
+
 def user_rows(config: PrepareConfig) -> list[dict]:
     path = Path(config.path)
     if config.name == "hf":
@@ -288,13 +309,16 @@ def user_rows(config: PrepareConfig) -> list[dict]:
     elif not path.exists():
         raise InputError(f"{path}: no such file")
     else:
-        records = _read_jsonl(path) if config.name == "jsonl" else pq.read_table(path).to_pylist()
+        records = _read_jsonl(path) if config.name == "jsonl" else _read_parquet_records(path)
     rows = []
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise InputError(f"{path}: row {i} is not an object of fields (got {type(record).__name__})")
         problem, answer = field_value(record, config.problem_field), field_value(record, config.answer_field)
         for field, value in ((config.problem_field, problem), (config.answer_field, answer)):
+            if value is None and field_present(record, field):
+                raise InputError(f"{path}: row {i} field '{field}' is null (every row needs a problem and an answer; "
+                                 "drop or fill that row)")
             if value is None:
                 raise InputError(f"{path}: row {i} has no field '{field}' (row has: {', '.join(map(str, record))}; "
                                  "see --problem-field/--answer-field)")

@@ -168,7 +168,25 @@ def resolve_model(model: str | Path) -> Path:
         raise InputError(f"--model {text}: not a Hugging Face model folder (no config.json)")
     if not _has_weights(path) and not adapter_only(path):
         raise InputError(f"--model {text}: the folder has no weights (*.safetensors or *.bin)")
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors_header(weights, f"--model {text}")
     return path
+
+
+def check_safetensors_header(path: Path, label: str) -> None:
+    """InputError unless `path` starts like a safetensors file (an 8-byte header length, then a JSON object that
+    fits in the file): a cheap check before any load, which would otherwise fail deep inside the loader."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        header = handle.read(length) if 0 < length <= min(size - 8, 100 << 20) else b""
+    try:
+        ok = isinstance(json.loads(header), dict) if header else False
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        ok = False
+    if not ok:
+        raise InputError(f"{label}: {path.name} is not a safetensors file (no valid header)")
 
 
 def model_revision(path: str | Path) -> str:

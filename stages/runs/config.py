@@ -21,7 +21,7 @@ import yaml
 
 from stages.common import validation
 from stages.common.errors import InputError
-from stages.common.io import to_jsonable
+from stages.common.io import read_text_file, to_jsonable
 from stages.common.yaml12 import problem as yaml_problem
 from stages.common.yaml12 import safe_load
 
@@ -266,7 +266,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
         if not path.exists():
             raise InputError(f"--config {path}: no such file")
         try:
-            raw = safe_load(path.read_text()) or {}
+            raw = safe_load(read_text_file(path, f"--config {path}")) or {}
         except yaml.YAMLError as exc:
             raise InputError(f"--config {path}: not valid YAML ({yaml_problem(exc)})") from None
         if not isinstance(raw, dict):

@@ -99,6 +99,7 @@ def opened_run(config: LoopConfig) -> Iterator[tuple[Run, dict, pa.Table, Path |
     existing = next(parent for parent in root.absolute().parents if parent.exists())
     if not existing.is_dir():
         raise InputError(f"--out {root}: {existing} is a file, not a directory")
+    check_model(config.run)
     check_start_state(config.run)
     check_update_settings(config.run)
     settings = config.run.loop
@@ -122,7 +123,7 @@ def init_run(config: LoopConfig) -> tuple[Run, dict]:
     lost (a crash between a step's metrics.json and run.json) is repaired here.
     """
     root = Path(config.out)
-    run = Run(root)
+    run = Run(root.absolute())  # the manifest, commands.sh and stage configs name absolute paths: rerun from anywhere
     manifest = run.read_manifest()
     digest = config.run.digest()
     if manifest is None:
@@ -252,6 +253,17 @@ def check_update_settings(config: run_config.RunConfig) -> None:
         raise InputError("update.lora_rank: LoRA is not available with ZeRO-3 (update.deepspeed_config's stage); use "
                          "ZeRO-2, the adapter's optimizer state is small")
     lora.check_targets(resolve_model(config.loop.model), update.get("lora_target_modules", "all-linear"))
+
+
+def check_model(config: run_config.RunConfig) -> None:
+    """loop.model must resolve (a folder, the embedded model, a Hub id in the cache) before the run directory is
+    stamped with the config: a run refused for a typo must not make the corrected command look like another run."""
+    from stages.lm.models import resolve_model
+
+    try:
+        resolve_model(config.loop.model)
+    except InputError as exc:
+        raise InputError(str(exc).replace("--model", "loop.model", 1)) from None
 
 
 def check_start_state(config: run_config.RunConfig) -> None:

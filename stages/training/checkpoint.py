@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.errors import InputError
-from stages.common.io import remove_entry, check_output, read_json_object, share_like_new_files, to_jsonable
+from stages.common.io import check_output, read_json_object, remove_entry, share_like_new_files, to_jsonable
 from stages.lm.compat import make_portable
 from stages.training import distributed
 
@@ -51,17 +51,20 @@ def check_target(out: str | Path, overwrite: bool) -> Path:
 # Bytes a checkpoint holds per parameter on top of its HF weights: the DeepSpeed module copy plus the fp32 master
 # weights and Adam's two moments (SmolLM2-135M in fp32: 0.54 GB weights + 2.0 GB deepspeed/ measured, ~18.6 B/param).
 _STATE_BYTES_PER_PARAM = 16
+_RUN_FILES_BYTES = 1 << 20  # antisd_state.json and metrics.json: a few KB; 1 MiB of headroom
 _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 
 
 def estimate_bytes(model_dir: Path, optimizer_state: bool = True) -> int:
-    """A conservative estimate of the size of a training checkpoint of the model in `model_dir` (weights, plus the
-    optimizer state when `optimizer_state`)."""
+    """A conservative estimate of the size of a training checkpoint of the model in `model_dir`: its weights, every
+    other file the folder holds (tokenizer, chat template, configs: a Qwen tokenizer is ~11 MB), the run state and
+    metrics, plus the optimizer state when `optimizer_state`."""
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) or \
         sum(f.stat().st_size for f in model_dir.glob("*.bin"))
+    other = sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file() and f.suffix not in (".safetensors", ".bin"))
     config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
     stored = _DTYPE_BYTES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), 4)
-    return weights + (weights // stored * _STATE_BYTES_PER_PARAM if optimizer_state else 0)
+    return weights + other + _RUN_FILES_BYTES + (weights // stored * _STATE_BYTES_PER_PARAM if optimizer_state else 0)
 
 
 def check_free_space(out: Path, needed_bytes: int) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ from stages.common.errors import InputError
 from stages.lm.prompts import strip_think
 from stages.verifier import answers
 from stages.verifier import reward as reward_functions
+
+log = logging.getLogger(__name__)
 
 
 PRIVILEGED_FROM = ("same", "other")
@@ -187,6 +190,19 @@ def check_reward(spec: str) -> str:
     return search
 
 
+def report_reward_failures(spec: str, checks: Sequence) -> None:
+    """A `--reward` function that failed on rows: the first failure with its traceback as a warning; RuntimeError
+    (the stage fails, nothing is written) when it failed on every row, instead of a file of zero rewards."""
+    failed = [(row, check) for row, check in enumerate(checks) if check.status in ("error", "timeout")]
+    if not failed:
+        return
+    row, first = failed[0]
+    log.warning("--reward %s failed on %d of %d rows; row %d: %s", spec, len(failed), len(checks), row, first.detail)
+    if len(failed) == len(checks):
+        raise RuntimeError(f"--reward {spec}: failed on every row ({first.detail.splitlines()[0]}); it must return "
+                           "True/False or 1/0 for each row (the first traceback is logged above)")
+
+
 def verify_table(table: pa.Table, config: VerifyConfig, loaded=None,
                  on_progress: Callable[[int, int], None] | None = None) -> tuple[pa.Table, dict]:
     """Rollouts `table` → (VERIFIED table, stats): answer checks, group statistics and privileged contexts.
@@ -208,6 +224,8 @@ def verify_table(table: pa.Table, config: VerifyConfig, loaded=None,
                                        max_answer_chars=config.max_answer_chars, **limits)
     else:
         checks = answers.check_with_reward(table.to_pylist(), config.reward, search, **limits)
+    if config.reward is not None:
+        report_reward_failures(config.reward, checks)
     rewards = [1.0 if check.correct else 0.0 for check in checks]
 
     # --- groups and privileged context
