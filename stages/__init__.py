@@ -28,7 +28,8 @@ lm/ — the language model: what it reads and computes
     compat      HF folders that transformers 4.x reads as 5.x wrote them (RoPE base, tokenizer class)
     models      model resolution (local folders, the embedded GGUF), loading, the logits-path check
     prompts     student and teacher chat messages, token ids, ChatOptions and prompt template files
-    datasets    the prompt sets (built-in and user files, fields by dotted path), PrepareConfig
+    datasets    the prompt sets (built-in and user files), PrepareConfig
+    records     a user's dataset file (JSONL, Parquet, HF datasets) as records, fields by dotted path
     pieces      token pieces → text and words (for the PMI analysis)
     logprobs    chunked per-token log-probs and entropies, the one micro-batch packer
     shared_prefix  sequences that share a prefix computed with the prefix run once (its KV cache repeated)

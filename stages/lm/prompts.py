@@ -199,8 +199,8 @@ def encode(tokenizer, messages: list[dict], chat: ChatOptions = ChatOptions()) -
     except TemplateError as exc:  # a template's syntax error, undefined name or its own raise_exception()
         where = ("--chat-template (chat_template)" if chat.template else
                  f"the chat template of {getattr(tokenizer, 'name_or_path', '?')}")
-        raise InputError(f"{where}: failed to render ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-                         ) from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(f"{where}: failed to render ({type(exc).__name__}: {reason})") from None
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers >= 5 may return a BatchEncoding
         ids = ids["input_ids"]
     return [int(i) for i in ids]

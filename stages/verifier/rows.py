@@ -200,7 +200,7 @@ def report_reward_failures(spec: str, checks: Sequence) -> None:
     log.warning("--reward %s failed on %d of %d rows; row %d: %s", spec, len(failed), len(checks), row, first.detail)
     if len(failed) == len(checks):
         raise RuntimeError(f"--reward {spec}: failed on every row ({first.detail.splitlines()[0]}); it must return "
-                           "True/False or 1/0 for each row (the first traceback is logged above)")
+                           "True/False or 1/0 for each row (the first failure is logged above)")
 
 
 def verify_table(table: pa.Table, config: VerifyConfig, loaded=None,
