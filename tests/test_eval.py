@@ -37,7 +37,7 @@ def test_eval_metadata_temperature_is_the_sampling_temperature(tiny_eval):
     from stages.lm.scoring import metadata_temperature
 
     path, config = tiny_eval
-    assert metadata_temperature(read_metadata(path)) == config.temperature
+    assert metadata_temperature(read_metadata(path)) == config.protocol("arith").temperature == 0.7
 
 
 def test_eval_rows_carry_verify_privileged_contexts(tiny_eval):
