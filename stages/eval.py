@@ -36,7 +36,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 from stages.common import validation
@@ -102,6 +102,7 @@ class EvalConfig:
                       "give either a benchmark or a suite (--suite), not both" if self.suite else "required")
         if self.suite is not None:
             check.choice("suite", suites.SUITES)
+            check.require(self.split == "test", "split", "a suite evaluates its benchmarks' test problems")
         check.require(self.suite is not None or not (self.suite_n or self.shard), "suite_n" if self.suite_n else
                       "shard", "only with --suite (one benchmark: `antisd rollout --shard` and `verify`)")
         try:
@@ -248,25 +249,40 @@ def run(config: EvalConfig, loaded=None) -> Path:
 
 def run_suite(config: EvalConfig, loaded=None) -> Path:
     """Evaluate (or resume, or add a shard to) the suite folder `config.out`; return the folder."""
-    from stages.lm.models import resolve_model
+    from stages.common.process import pick_device
+    from stages.lm.engine import resolve_engine
+    from stages.lm.models import load_model, resolve_model
 
+    # --- validate everything before any work
     folder = Path(config.out)
     if not folder.parent.is_dir():
         raise InputError(f"{folder}: output directory {folder.parent} does not exist")
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder}: a file is there; a suite writes a folder")
-    suite = suites.SUITES[config.suite]
-    jobs = []
-    for name in suite.names:
-        rows, label = prompt_rows(name, "test", config.num)
-        configs = partial(lambda name, out: (_rollout_config(config, config.protocol(name), name, out),
-                                             _verify_config(config, name, out)), name)
-        jobs.append(suites.BenchmarkJob(name, rows, label, configs))
+    engine_name = resolve_engine(config.engine)
     model_path = str(loaded.path if loaded is not None else resolve_model(config.model))
+
+    def configs(benchmark: str, out: str) -> tuple:
+        return (_rollout_config(config, config.protocol(benchmark), benchmark, out),
+                _verify_config(config, benchmark, out))
+
+    suite = suites.SUITES[config.suite]
+    jobs = [suites.BenchmarkJob(name, *prompt_rows(name, "test", config.num), partial(configs, name))
+            for name in suite.names]
     folder.mkdir(exist_ok=True)
-    with output_lock(folder):
-        suites.evaluate_suite(suite, jobs, folder, evaluate=partial(_evaluate, loaded=loaded), model_path=model_path,
-                              seed=config.seed, resamples=config.bootstrap_resamples, shard=Shard.parse(config.shard),
+
+    @cache
+    def model() -> object:  # the HF engine's model, loaded once for every benchmark, and only if one samples
+        if loaded is not None or engine_name != "hf":
+            return loaded
+        return load_model(model_path, config.dtype, pick_device(config.device))
+
+    shard = Shard.parse(config.shard)
+    # shards of one folder run side by side (each locks its own parts); a whole run holds the folder
+    with output_lock(folder if shard.is_whole else folder / shard.part_name()):
+        suites.evaluate_suite(suite, jobs, folder, model_path=model_path,
+                              evaluate=lambda *args, **kwargs: _evaluate(*args, loaded=model(), **kwargs),
+                              seed=config.seed, resamples=config.bootstrap_resamples, shard=shard,
                               overwrite=config.overwrite)
     return folder
 

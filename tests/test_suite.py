@@ -127,6 +127,26 @@ def test_a_sharded_suite_merges_into_the_unsharded_result(tmp_path, tiny_model_d
         assert read_metadata(folder / f"{name}.parquet")["merged_from"]["count"] == 2
 
 
+def test_shards_of_one_folder_run_side_by_side_but_a_shard_only_once(tmp_path, tiny_model_dir, engine):
+    from stages.common.io import output_lock
+
+    folder = tmp_path / "paper"
+    folder.mkdir()
+    with output_lock(folder / "part-00000-of-00002.parquet"):  # shard 0 is being written by another process
+        eval_stage.run(suite_config(tiny_model_dir, folder, shard="1/2", suite_n="aime24=1,aime25=1,aime26=1,"
+                                                                                  "hmmt_feb25=1"))
+        with pytest.raises(InputError, match="another process"):
+            eval_stage.run(suite_config(tiny_model_dir, folder, shard="0/2"))
+    assert (folder / "minervamath" / "part-00001-of-00002.parquet").exists()
+
+
+def test_an_empty_parts_folder_left_by_a_kill_is_sampled_whole(tmp_path, tiny_model_dir, engine):
+    folder = tmp_path / "paper"
+    (folder / "aime24").mkdir(parents=True)  # a shard run killed before its first part was written
+    eval_stage.run(suite_config(tiny_model_dir, folder, n=1))
+    assert (folder / suites.SUMMARY_NAME).exists() and (folder / "aime24.summary.json").exists()
+
+
 def test_a_suite_folder_made_with_another_protocol_is_refused_before_sampling(tmp_path, tiny_model_dir, engine,
                                                                              paper_run):
     with pytest.raises(InputError, match=r"aime24.summary.json: made with another sampling"):
@@ -164,6 +184,7 @@ def test_cli_suite_prints_the_table_and_the_folder(tmp_path, tiny_model_dir, eng
     (["--benchmark", "aime25", "--shard", "1/2"], "--shard"),
     (["--suite", "paper", "--shard", "2/2"], "--shard"),
     ([], "--benchmark: required"),
+    (["--suite", "paper", "--split", "train"], "--split"),
 ])
 def test_cli_suite_bad_input_exits_2(tmp_path, tiny_model_dir, args, message):
     result = CliRunner().invoke(cli, ["eval", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), *args])

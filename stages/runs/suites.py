@@ -193,6 +193,9 @@ def evaluate_suite(suite: Suite, jobs: list[BenchmarkJob], folder: Path, *, eval
     the missing shards, merges the parts (rows in problem order) and summarizes them.
     """
     for job in jobs:
+        if not job.rows:
+            raise InputError(f"{job.label}: no problems to evaluate (a run's held-out file made for another "
+                             "evaluation holds none of this suite's benchmarks)")
         if shard.count > len(job.rows):
             raise InputError(f"--shard {shard.index}/{shard.count}: {job.name} has only {len(job.rows)} problems")
         if not overwrite:
@@ -214,10 +217,10 @@ def _benchmark(job: BenchmarkJob, folder: Path, *, evaluate, model_path, seed, r
     if stored is not None:
         return stored
     parts = Path(folder) / job.name
-    if not parts.is_dir() or overwrite:
+    count = _part_count(parts)
+    if count is None or overwrite:
         return evaluate(job.rows, *job.configs(str(out)), out=out, benchmark=job.label, seed=seed,
                         resamples=resamples)
-    count = _part_count(parts)
     for index in missing_shards(parts, count):
         _evaluate_part(job, folder, Shard(index, count), evaluate=evaluate, model_path=model_path, seed=seed,
                        resamples=resamples, overwrite=False)
@@ -240,6 +243,8 @@ def _evaluate_part(job: BenchmarkJob, folder: Path, shard: Shard, *, evaluate, m
     parts = Path(folder) / job.name
     part = parts / shard.part_name()
     rows = [job.rows[i] for i in shard.select([row["prompt_id"] for row in job.rows])]
+    if not overwrite and summary_path(rows_path(folder, job.name)).exists():
+        return  # the whole benchmark is done (checked by `_stored`)
     if part.exists() and not overwrite:
         _check_same(part, read_metadata(part).get("eval", {}), job, model_path, len(rows))
         return
@@ -247,12 +252,14 @@ def _evaluate_part(job: BenchmarkJob, folder: Path, shard: Shard, *, evaluate, m
     evaluate(rows, *job.configs(str(parts)), out=part, benchmark=job.label, seed=seed, resamples=resamples)
 
 
-def _part_count(parts: Path) -> int:
-    counts = {int(PART_RE.match(p.name).group(2)) for p in parts.iterdir() if PART_RE.match(p.name)}
-    if len(counts) != 1:
-        raise InputError(f"{parts}: part files of {len(counts) or 'no'} shard counts ({sorted(counts)}); remove the "
-                         "folder or finish its shards")
-    return counts.pop()
+def _part_count(parts: Path) -> int | None:
+    """N of the part files in `parts` (None when it holds none or does not exist); InputError for several N."""
+    counts = {int(PART_RE.match(p.name).group(2)) for p in parts.iterdir() if PART_RE.match(p.name)} \
+        if parts.is_dir() else set()
+    if len(counts) > 1:
+        raise InputError(f"{parts}: part files of {len(counts)} shard counts ({sorted(counts)}); remove the folder "
+                         "or finish the shards of one count")
+    return counts.pop() if counts else None
 
 
 def _stored(job: BenchmarkJob, folder: Path, model_path: str) -> dict | None:
@@ -263,8 +270,8 @@ def _stored(job: BenchmarkJob, folder: Path, model_path: str) -> dict | None:
         _check_same(summary_path(out), summary, job, model_path, len(job.rows))
         return summary
     parts = Path(folder) / job.name
-    if parts.is_dir():
-        count = _part_count(parts)
+    count = _part_count(parts)
+    if count is not None:
         for index in range(count):
             part = parts / Shard(index, count).part_name()
             if part.exists():
