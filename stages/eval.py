@@ -2,8 +2,8 @@
 
 Pipeline: prompts (a built-in benchmark through `stages.data.build_rows`, or a prompts Parquet) → samples from
 `stages.lm.sampling.sample` (same engines and per-sample seeds as `antisd rollout`) → verified by
-`stages.verifier.rows.verify_table` (same extraction, sandbox and settings as `antisd verify`) → metrics from the pure
-functions of `stages.method.estimators`.
+`stages.verifier.rows.verify_table` (same extraction, sandbox and settings as `antisd verify`) → metrics
+(`stages.verifier.scores`, over the pure functions of `stages.method.estimators`).
 
 Outputs, both written atomically, the rows first and the summary last (so an existing summary implies complete rows):
 - `OUT` (e.g. `eval.parquet`): one row per sample with the schemas.VERIFIED columns, artifact "verified", so

@@ -17,6 +17,7 @@ Speedups, the pass@k values); runs.csv, methods.csv, speedup.csv, pass_at_k.csv;
 Best checkpoint, Speedup, seed spread and pass@k are `stages.method.comparison`'s. The Speedup is paired by seed
 where the baseline ran the method's seed, and computed over seed-mean curves (each group's mean over its seeds at the
 updates all of them evaluated) always; the table shows the paired one when every seed has a partner.
+This module reads summaries only: no rows, no model, no sampling.
 """
 
 from __future__ import annotations

@@ -201,3 +201,13 @@ def test_verified_files_record_the_verifier_versions(tmp_path):
                               {"config": {}})
     out = run(VerifyConfig(rollouts=str(rollouts), out=str(tmp_path / "v.parquet"), workers=1))
     assert read_metadata(out)["verifier"] == answers.verifier_versions()
+
+
+@pytest.mark.parametrize("name", ["aime25", "aime26", "hmmt_feb25", "minervamath", "olympiadbench"])
+def test_each_new_benchmark_is_an_eval_benchmark(name):
+    from stages.eval import BENCHMARKS as EVAL_BENCHMARKS
+    from stages.eval import prompt_rows
+
+    assert name in EVAL_BENCHMARKS
+    rows, label = prompt_rows(name, "test", 3)
+    assert label == f"{name}/test" and len(rows) == 3 and all(row["dataset"] == name for row in rows)
