@@ -280,7 +280,8 @@ class StepRunner:
             model=str(model), prompts=str(prompts), out_prefix=str(out_prefix), n=self.settings.eval_n,
             temperature=self.settings.eval_temperature, max_new_tokens=self.settings.eval_max_new_tokens,
             seed=stage_seed(self.settings.seed, 0, "eval"), rollout_knobs=self.config.run.stages["rollout"],
-            verify_knobs=self.config.run.stages["verify"], loaded=self.loaded(str(model))))
+            verify_knobs=self.config.run.stages["verify"], loaded=self.loaded(str(model)),
+            suite=self.settings.eval_suite))
         return {keys.evaluation(k): v for k, v in result.items()}
 
     def _metrics(self, step: int, paths: dict, timings: dict) -> dict:

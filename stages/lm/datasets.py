@@ -1,14 +1,15 @@
 """The prompt sets: built-in datasets and users' JSONL/Parquet files → PROMPTS rows, and `PrepareConfig` (the options
 of `antisd data prepare` and of a run config's `loop.train` / `loop.eval`).
 
-Built-in sets ship inside the package (`stages/datasets/`, with their licences): gsm8k (train/test), math500,
-aime24, amc23, plus `arith`, a seeded generator of additions (two-digit by default; `operands` sets the range) with a
-two-example few-shot prefix (the format in which SmolLM2-135M has enough mixed groups for RL, docs/stack-notes.md),
-and `arith_styles`, the same additions with worked examples in two answer styles: direct (`12 + 25 = 37. …`) and
-deliberate (split into tens and ones, add, check by subtraction; `answer_style` tells them apart), chosen and ordered
-by `shots`. Users' own data comes in as JSONL, Parquet or a Hugging Face dataset with field-mapping options, each
-naming a top-level column or a dotted path into nested ones (`reward_model.ground_truth`, `prompt.-1.content`:
-`field_value`), each row optionally with its own few-shot turns (a list of {user, assistant}).
+Built-in sets ship inside the package (`stages.lm.bundled`: gsm8k and math train, the test-only benchmarks math500,
+aime24, aime25, aime26, amc23, hmmt_feb25, minervamath, olympiadbench), plus `arith`, a seeded generator of
+additions (two-digit by default; `operands` sets the range) with a two-example few-shot prefix (the format in which
+SmolLM2-135M has enough mixed groups for RL, docs/stack-notes.md), and `arith_styles`, the same additions with
+worked examples in two answer styles: direct (`12 + 25 = 37. …`) and deliberate (split into tens and ones, add,
+check by subtraction; `answer_style` tells them apart), chosen and ordered by `shots`. Users' own data comes in as
+JSONL, Parquet or a Hugging Face dataset with field-mapping options, each naming a top-level column or a dotted path
+into nested ones (`reward_model.ground_truth`, `prompt.-1.content`: `field_value`), each row optionally with its own
+few-shot turns (a list of {user, assistant}).
 Built-in few-shot user turns carry the student instruction (`stages.lm.prompts.user_text`); nothing else here formats
 for the model.
 """
@@ -28,17 +29,11 @@ from stages.common import validation
 from stages.common.errors import InputError
 from stages.common.io import build_metadata, write_artifact
 from stages.lm import prompts as prompt_format
+from stages.lm.bundled import BUILTIN, builtin_rows, clean_answer
 from stages.lm.records import checked_few_shot, field_present, field_value, hf_records, read_jsonl, read_parquet_records
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "datasets"
-BUILTIN = {
-    "gsm8k": {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
-    "math500": {"test": "math500/test.jsonl"},
-    "aime24": {"test": "aime24/test.jsonl"},
-    "amc23": {"test": "amc23/test.jsonl"},
-}
 USER_FORMATS = ("jsonl", "parquet", "hf")  # hf: a Hugging Face `datasets` folder or cached dataset name
 DATASETS = ("arith", "arith_styles", *BUILTIN, *USER_FORMATS)
 SPLITS = ("train", "test")
@@ -61,7 +56,7 @@ class PrepareConfig:
 
     name: str  # one of DATASETS
     out: str  # output Parquet path
-    split: str = "train"  # train | test (arith, gsm8k); the only split of the others is test; hf: any split name
+    split: str = "train"  # train | test (arith, gsm8k); math has only train, the benchmarks only test; hf: any split
     num: int = 0  # keep the first N rows after shuffling (0 = all)
     seed: int = 0  # shuffles the rows (0 keeps file order for built-in sets) and draws arith problems
     few_shot: bool = True  # arith, arith_styles: prepend the two worked examples
@@ -97,12 +92,6 @@ class PrepareConfig:
         check.at_least(0, "num")
         check.require(self.name not in USER_FORMATS or bool(self.path), "path", f"required for {self.name}")
         check.done()
-
-
-def _clean_answer(value) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
 
 
 def operand_range(text: str) -> tuple[int, int] | None:
@@ -167,41 +156,6 @@ def styles_few_shot(shots: str) -> list[tuple[str, str]]:
     return [examples[name.strip()] for name in shots.split(",") if name.strip()]
 
 
-def _gsm8k_row(record: dict, index: int, split: str) -> dict:
-    text = record["answer"]
-    if "####" not in text:
-        raise InputError(f"gsm8k/{split}.jsonl row {index}: answer has no '####'")
-    reasoning, final = text.rsplit("####", 1)
-    reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()
-    final = final.strip().replace(",", "")
-    return {
-        "prompt_id": f"gsm8k-{split}-{index:05d}",
-        "dataset": f"gsm8k/{split}",
-        "problem": record["question"],
-        "answer": final,
-        "solution": f"{reasoning}\nThe final answer is \\boxed{{{final}}}.",
-    }
-
-
-def builtin_rows(name: str, split: str) -> list[dict]:
-    records = read_jsonl(DATA_DIR / BUILTIN[name][split])
-    if name == "gsm8k":
-        return [_gsm8k_row(r, i, split) for i, r in enumerate(records)]
-    rows = []
-    for i, record in enumerate(records):
-        rid = record.get("unique_id") or record.get("id", i)
-        rows.append(
-            {
-                "prompt_id": f"{name}-{rid}",
-                "dataset": name,
-                "problem": record["problem"],
-                "answer": _clean_answer(record["answer"]),
-                "solution": record.get("solution"),
-            }
-        )
-    return rows
-
-
 def user_rows(config: PrepareConfig) -> list[dict]:
     path = Path(config.path)
     if config.name == "hf":
@@ -235,7 +189,7 @@ def user_rows(config: PrepareConfig) -> list[dict]:
                 "prompt_id": f"{path.stem}-{rid if rid is not None else i}",
                 "dataset": path.stem,
                 "problem": str(problem),
-                "answer": _clean_answer(answer),
+                "answer": clean_answer(answer),
                 "solution": None if solution is None else str(solution),
                 "few_shot": checked_few_shot(few_shot, f"{path}: row {i} field '{config.few_shot_field}'"),
             }

@@ -30,7 +30,7 @@ from stages.common.yaml12 import safe_load
 class DataSpec:
     """Which prompts a run trains or evaluates on (arguments of `antisd data prepare`)."""
 
-    name: str = "arith"  # arith | arith_styles | gsm8k | math500 | aime24 | amc23 | jsonl | parquet
+    name: str = "arith"  # arith | arith_styles | gsm8k | math (train) | a benchmark (test) | jsonl | parquet | hf
     split: str = "train"  # train | test
     num: int = 0  # first N prompts (0 = all)
     seed: int = 0  # shuffle seed of the prepared file
@@ -77,6 +77,10 @@ class LoopSettings:
     eval_max_new_tokens: int = 64
     train: DataSpec = field(default_factory=DataSpec)
     eval: DataSpec = field(default_factory=lambda: DataSpec(split="test", num=200))
+    # a suite (stages.runs.suites; aime25-check: the authors' AIME25 mean@4) evaluated instead of `eval`, with its own
+    # n, temperature, top-p and max tokens (so eval, eval_n, eval_temperature, eval_max_new_tokens stay unset), into
+    # step_XXXX/eval-SUITE/ and eval_base-SUITE/; eval/accuracy is then the suite average
+    eval_suite: str | None = None
     tensorboard: bool = True  # write TensorBoard events to RUN/tensorboard (stages.runs.tracking)
     wandb: str | None = None  # a Weights & Biases project: log every step's metrics there too (wandb installed)
     wandb_mode: str = "online"  # online | offline (kept in RUN/wandb for `wandb sync`) | disabled
@@ -100,6 +104,15 @@ class LoopSettings:
         check.choice("weight_sync", WEIGHT_SYNCS)
         check.choice("wandb_mode", WANDB_MODES)
         check.require(self.wandb is None or bool(str(self.wandb).strip()), "wandb", "empty project name")
+        if self.eval_suite is not None:
+            from stages.runs.suites import SUITES
+
+            check.choice("eval_suite", SUITES)
+            defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                        for f in dataclasses.fields(self)}
+            for name in ("eval", "eval_n", "eval_temperature", "eval_max_new_tokens"):
+                check.require(getattr(self, name) == defaults[name], name,
+                              f"loop.eval_suite {self.eval_suite} sets the held-out evaluation; remove one of the two")
         check.done()
 
 

@@ -70,6 +70,15 @@ def run_prompts(spec: run_config.DataSpec, path: Path) -> pa.Table:
     return datasets.prompts_table(data_config(spec, path))
 
 
+def eval_prompts(settings: run_config.LoopSettings, path: Path) -> pa.Table:
+    """The held-out problems: the run's stored file, else loop.eval_suite's benchmarks, else loop.eval's set."""
+    if settings.eval_suite is not None and not path.exists():
+        from stages.runs.suites import prompts_table
+
+        return prompts_table(settings.eval_suite)
+    return run_prompts(settings.eval, path)
+
+
 def cli_command(stage: str, config) -> str:
     """The `antisd` command equivalent to running `stage` with `config` (recorded for reruns by hand)."""
     parts = ["antisd", stage]
@@ -106,13 +115,16 @@ def opened_run(config: LoopConfig) -> Iterator[tuple[Run, dict, pa.Table, Path |
     paths = {"train": root / "train_prompts.parquet", "eval": root / "eval_prompts.parquet"}
     train_table = run_prompts(settings.train, paths["train"])
     check_batch_fits(train_table.num_rows, settings.prompts_per_step)
-    eval_table = run_prompts(settings.eval, paths["eval"]) if settings.eval_every > 0 else None
+    eval_table = eval_prompts(settings, paths["eval"]) if settings.eval_every > 0 else None
     root.mkdir(parents=True, exist_ok=True)  # `--out runs/NAME` needs no `mkdir runs` first
     with output_lock(root):
         run, manifest = init_run(config)
-        for name, table, spec in (("train", train_table, settings.train), ("eval", eval_table, settings.eval)):
+        eval_source = ({"suite": settings.eval_suite} if settings.eval_suite
+                       else data_config(settings.eval, paths["eval"]))
+        for name, table, source in (("train", train_table, data_config(settings.train, paths["train"])),
+                                    ("eval", eval_table, eval_source)):
             if table is not None and not paths[name].exists():
-                datasets.write_prompts(table, data_config(spec, paths[name]), paths[name])
+                datasets.write_prompts(table, source, paths[name])
         yield run, manifest, train_table, paths["eval"] if eval_table is not None else None
 
 

@@ -208,7 +208,8 @@ def verify_table(table: pa.Table, config: VerifyConfig, loaded=None,
     """Rollouts `table` → (VERIFIED table, stats): answer checks, group statistics and privileged contexts.
 
     The library entry of `run` and `stages.eval`; `loaded` lends its tokenizer to `privileged_max_tokens`. stats:
-    status and failure-kind counts, rows, groups, reward_mean, privileged_source_counts, checks_s.
+    status and failure-kind counts, rows, groups, reward_mean, privileged_source_counts, checks_s, verifier (the
+    versions of `answers.VERIFIER_PACKAGES`).
     """
     fallbacks = answers.parse_fallbacks(config.fallbacks)
     search = check_reward(config.reward) if config.reward is not None else None
@@ -258,6 +259,7 @@ def verify_table(table: pa.Table, config: VerifyConfig, loaded=None,
         "privileged_source_counts": dict(Counter(c[1] for c in contexts)),
         "checks_s": round(sum(c.seconds for c in checks), 3),
         "reward_function": config.reward or "math-verify",
+        "verifier": answers.verifier_versions(),  # the grader's versions: a grader upgrade moves scores
     }
     return table, stats
 
