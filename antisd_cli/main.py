@@ -22,6 +22,7 @@ COMMANDS = {
     "eval": "eval",
     "analyze": "analyze",
     "plot": "plot",
+    "report": "report",
     "merge": "merge",
     "inspect": "inspect",
     "demo": "demo",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import types
 import typing
 
@@ -11,6 +12,8 @@ import click
 
 from schemas import SchemaError
 from stages.common.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 class BadInput(click.ClickException):
@@ -20,18 +23,35 @@ class BadInput(click.ClickException):
 
 
 def stage_errors(func):
-    """Turn library errors into one-line CLI errors: bad input → exit 2, a failed run → exit 1."""
+    """Turn library errors into one-line CLI errors: bad input → exit 2, a failed run → exit 1 (`one_line_error`)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (InputError, SchemaError) as exc:
-            raise BadInput(str(exc)) from None
-        except (RuntimeError, OSError) as exc:
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001  (the command boundary: every error becomes one line, see below)
+            raise one_line_error(exc) from None
 
     return wrapper
+
+
+def one_line_error(exc: Exception) -> click.ClickException:
+    """The CLI error for any exception a command lets out: bad input (InputError, SchemaError) exits 2 with its own
+    one-line message; anything else is a run that failed on the way (exit 1): its message's first line, and its
+    traceback in the log at debug level (`antisd -v …` shows it), never a bare traceback on stderr."""
+    if isinstance(exc, (InputError, SchemaError)):
+        return BadInput(" ".join(str(exc).split("\n")))
+    log.debug("the error's traceback", exc_info=exc)
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    more = " (more with antisd -v)" if len(text.splitlines()) > 1 else ""
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:  # name the file: "No space left on device: X"
+        first = f"{exc.filename}: {exc.strerror}"
+    elif not isinstance(exc, RuntimeError) or not first:  # RuntimeError's text is ours: no type name before it
+        first = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return click.ClickException(first + more)
 
 
 def model_option(cls, help: str = "HF model folder, an embedded model name (smollm2-135m, shipped in the "

@@ -102,6 +102,9 @@ C = UpdateConfig
                                 "stages merge it into its base when they load it; not for vLLM).")
 @threads_option(C)
 @seed_option(C, "Seeds the mini-batch order; the RNG state is restored from the run state when present.")
+@config_option(C, "trust_checkpoint", "Load --model's DeepSpeed state (deepspeed/*.pt) with full unpickling, which "
+                                    "can run code its writer put there; without it only tensors and DeepSpeed's own "
+                                    "state classes load, and a file with anything else is refused.")
 @config_option(C, "force", "Accept a scored file whose old log-probs came from another model revision.")
 @overwrite_option(C)
 @stage_errors

@@ -288,6 +288,8 @@ def _check_token_column(table: pa.Table, name: str, finite: bool, bound, fail) -
     problems = []
     if finite:
         problems.append((pc.invert(pc.is_finite(values)), "non-finite value"))
+    else:  # ±inf may be legitimate (an engine's −inf log-prob), NaN never is (and passes every comparison)
+        problems.append((pc.is_nan(values), "NaN"))
     if bound is not None:
         side, limit = bound
         problems.append((pc.greater(values, limit) if side == "max" else pc.less(values, limit),

@@ -10,9 +10,10 @@ Commands (each reads validate → read → compute → write):
     score     verified → scored rows (student/teacher log-probs, entropies, PMI)
     update    scored rows + checkpoint → the next checkpoint (one DeepSpeed step)
     loop      rollout → verify → score → update (→ eval) for N steps, resumable
-    eval      a benchmark → per-sample rows + avg@K, pass@k, maj@K
+    eval      a benchmark → per-sample rows + avg@K, pass@k, maj@K; a suite of benchmarks (the paper's) → a folder
     analyze   `antisd analyze pmi`: which words the privileged context inflates and deflates
     plot      training curves of run folders
+    report    the paper's table over runs: best-average checkpoint, Speedup, seed spread, pass@k curves
     merge     part files of a sharded output → one checked file
     inspect   describe any stage's Parquet file
 
@@ -22,13 +23,16 @@ method/ — the METHOD.md formulas, pure functions of tensors
     losses      aggregation, PPO-clip, k3 KL, truncated IS weights, PMI statistics
     gate        the median teacher entropy and the entropy-triggered Schmitt gate
     estimators  pass@k, avg@k, maj@k, bootstrap intervals
+    comparison  best-average checkpoint, Speedup over a baseline, seed spread, pass@k curves
     probes      u at probe positions by style × context × note, the gate statistic's sampling noise
 
 lm/ — the language model: what it reads and computes
     compat      HF folders that transformers 4.x reads as 5.x wrote them (RoPE base, tokenizer class)
     models      model resolution (local folders, the embedded GGUF), loading, the logits-path check
     prompts     student and teacher chat messages, token ids, ChatOptions and prompt template files
-    datasets    the prompt sets (built-in and user files, fields by dotted path), PrepareConfig
+    datasets    the prompt sets (built-in and user files), PrepareConfig
+    bundled     the datasets shipped in the package, and each source's quirks (OlympiadBench's answer lists…)
+    records     a user's dataset file (JSONL, Parquet, HF datasets) as records, fields by dotted path
     pieces      token pieces → text and words (for the PMI analysis)
     logprobs    chunked per-token log-probs and entropies (fp32 LM head), the one micro-batch packer
     forward     the one forward score and the trainer run: pieces, numerics, chunk size by device
@@ -40,10 +44,11 @@ lm/ — the language model: what it reads and computes
     scoring     ScoreConfig, student and teacher views, scored columns
 
 verifier/ — answers and rewards
-    answers     answer extraction and equivalence checks in killable worker processes
+    answers     answer extraction, code-like forms as LaTeX, equivalence checks in killable worker processes
     sandbox     the guarded evaluation those workers run (model output is never eval-ed)
     reward      a user's reward function (`verify --reward module:function`) as the workers' check
     rows        VerifyConfig and verify_table(): rewards, group statistics, privileged contexts
+    scores      an evaluation's scores of verified rows (avg@K and interval, pass@k, maj@K, per-problem counts)
 
 training/ — the update step
     config      UpdateConfig (options of `antisd update`) and the gate default
@@ -65,6 +70,7 @@ runs/ — a training run
     view        the live view on stderr
     tracking    TensorBoard events and Weights & Biases logging of the metrics
     slurm       rendering a run as Slurm jobs, a window of steps at a time
+    suites      evaluation suites (paper, aime25-check): protocols, the suite folder, resume and shards, summary
     scheduler   sbatch submissions (ids in jobs.json) and the squeue check before a resubmission
 
 common/ — shared by all

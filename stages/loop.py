@@ -202,14 +202,15 @@ class StepRunner:
         from stages import eval as eval_stage
 
         def evaluate():
-            stored = eval_stage.stored_summary(str(out_prefix))
+            stored = eval_stage.stored_summary(str(out_prefix), self.settings.eval_suite)
             if stored is not None:  # a resumed run: no engine to wake for it
                 return stored
             return eval_stage.evaluate_for_loop(
                 model=str(model), prompts=str(prompts), out_prefix=str(out_prefix), n=self.settings.eval_n,
                 temperature=self.settings.eval_temperature, max_new_tokens=self.settings.eval_max_new_tokens,
                 seed=stage_seed(self.settings.seed, 0, "eval"), rollout_knobs=self.config.run.stages["rollout"],
-                verify_knobs=self.config.run.stages["verify"], loaded=self.resources.sampler(str(model), timings))
+                verify_knobs=self.config.run.stages["verify"], loaded=self.resources.sampler(str(model), timings),
+                suite=self.settings.eval_suite)
 
         result = self._timed("eval", timings, evaluate)
         return {keys.evaluation(k): v for k, v in result.items()}
@@ -263,12 +264,12 @@ def prompt_rows(config: LoopConfig) -> list[dict]:
     """The run's training prompts and, when it evaluates, its held-out ones (stored, else built in memory): what the
     memory plan and vLLM's context length are computed from."""
     from stages.lm.sampling import PROMPT_COLUMNS
-    from stages.runs.plan import run_prompts
+    from stages.runs.plan import eval_prompts, run_prompts
 
     settings, root = config.run.loop, Path(config.out)
     tables = [run_prompts(settings.train, root / "train_prompts.parquet")]
     if settings.eval_every > 0:
-        tables.append(run_prompts(settings.eval, root / "eval_prompts.parquet"))
+        tables.append(eval_prompts(settings, root / "eval_prompts.parquet"))
     return [row for table in tables for row in table.select(PROMPT_COLUMNS).to_pylist()]
 
 

@@ -32,7 +32,7 @@ from stages.common import metrics as keys
 from stages.common import validation
 from stages.common.errors import InputError
 from stages.common.figures import draw_curves, to_csv
-from stages.common.io import atomic_write_text, read_json_object
+from stages.common.io import atomic_write_text, read_json_object, read_text_file
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class RunMetrics:
 
 def read_metrics(path: Path) -> list[dict]:
     """The JSON objects of a metrics.jsonl; a torn last line (a run still writing) is skipped with a warning."""
-    lines = path.read_text().splitlines()
+    lines = read_text_file(path).splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -142,15 +142,8 @@ def lookup(data: dict, *dotted: str):
     return None
 
 
-def load_run(path: str | Path, label: str | None) -> RunMetrics:
-    """Read a run folder (or its metrics.jsonl): records, method and seed."""
-    path = Path(path)
-    folder = path.parent if path.is_file() else path
-    if not folder.is_dir():
-        raise InputError(f"{path}: no such run folder")
-    metrics = path if path.is_file() else folder / "metrics.jsonl"
-    if not metrics.exists():
-        raise InputError(f"{folder}: no metrics.jsonl (not a run folder?)")
+def run_identity(folder: Path, label: str | None) -> tuple[str, int | None, dict]:
+    """(method, seed, flattened config) of a run folder, by the rules of the module docstring."""
     manifest = read_manifest(folder)
     suffix = SEED_SUFFIX.match(folder.name)
     method = label or lookup(manifest, "config.update.method", "update.method", "method")
@@ -163,8 +156,20 @@ def load_run(path: str | Path, label: str | None) -> RunMetrics:
     if seed is None and suffix:
         seed = suffix.group(2)
     config = manifest.get("config", manifest) if isinstance(manifest.get("config"), dict) else manifest
-    return RunMetrics(folder.name, method, None if seed is None else int(seed),
-                      base_record(folder) + read_metrics(metrics), flatten(config))
+    return method, None if seed is None else int(seed), flatten(config)
+
+
+def load_run(path: str | Path, label: str | None) -> RunMetrics:
+    """Read a run folder (or its metrics.jsonl): records, method and seed."""
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    if not folder.is_dir():
+        raise InputError(f"{path}: no such run folder")
+    metrics = path if path.is_file() else folder / "metrics.jsonl"
+    if not metrics.exists():
+        raise InputError(f"{folder}: no metrics.jsonl (not a run folder?)")
+    method, seed, settings = run_identity(folder, label)
+    return RunMetrics(folder.name, method, seed, base_record(folder) + read_metrics(metrics), settings)
 
 
 TIDY_COLUMNS = ("run", "method", "seed", "step", "metric", "value")

@@ -136,30 +136,44 @@ def train_and_save(trainer: Trainer, batch, config: UpdateConfig, out: Path, sta
 
 def replay(trainer: Trainer, config: UpdateConfig) -> None:
     """Re-run a finished step from its scored file (a resume after the newest full checkpoint) and check that it
-    gives the weights its weights-only checkpoint holds; nothing is written. RuntimeError when they differ: bit for
-    bit on CPU, within `checkpoint.replay_tolerance` on CUDA (whose kernels are not deterministic)."""
-    from safetensors.torch import load_file
-
+    gives the weights its weights-only checkpoint holds; nothing is written. InputError when that checkpoint is
+    missing, RuntimeError when the weights differ: bit for bit on CPU, beyond `checkpoint.replay_tolerance` on CUDA
+    (whose kernels are not deterministic)."""
     from stages.lm.models import model_revision, resolve_model
 
-    batch = read_batch(config, trainer.env, resolve_model(config.model), Path(config.out))
+    folder = Path(config.out)
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{folder}: the checkpoint of a step to replay is missing (deleted by hand, or pruned by an "
+                         "antisd older than 0.1.0's resume rule); move this step's folder and the later ones aside "
+                         "and rerun: those steps are recomputed from the same seeds")
+    batch = read_batch(config, trainer.env, resolve_model(config.model), folder)
     trainer.configure(config)
     lr = trainer.scheduled_lr()
     trainer.train_step(batch)
     trainer.replayed_steps += 1
-    stored = checkpoint.stored_weights(Path(config.out))  # model.safetensors, or the shards of a sharded save
-    if stored is not None:
-        current = trainer.hf_state_dict()
-    else:  # a LoRA checkpoint without merged weights: its adapter
-        stored = load_file(str(Path(config.out) / lora.ADAPTER_DIR / "adapter_model.safetensors"))
-        current = lora.adapter_state_dict(trainer.peft_model)
+    stored, current = _stored_weights(trainer, folder)
     tolerance = checkpoint.replay_tolerance(str(trainer.device), lr, trainer.replayed_steps)
     differ, largest = checkpoint.replay_differences(stored, current, tolerance)
     if differ:
         raise RuntimeError(f"{config.out}: replaying the step gives other weights than its checkpoint ({differ[0]}, "
                            f"and {len(differ) - 1} more; max |Δ| {largest:.3g}, tolerance {tolerance}); the run "
                            "cannot be resumed exactly")
-    trainer.model_dir, trainer.model_revision = Path(config.out), model_revision(config.out)
+    trainer.model_dir, trainer.model_revision = folder, model_revision(folder)
     if trainer.env.is_main:
         log.info("replayed update step %d from %s: same weights as its checkpoint (max |Δ| %.3g)", trainer.step - 1,
                  config.scored, largest)
+
+
+def _stored_weights(trainer: Trainer, folder: Path) -> tuple[dict, dict]:
+    """(the tensors a checkpoint folder stores, the trainer's tensors of the same names): the HF weights (one file or
+    the shards of a sharded save), or a LoRA checkpoint's adapter when it was written without merged weights."""
+    from safetensors.torch import load_file
+
+    weights = checkpoint.stored_weights(folder)
+    if weights is not None:
+        return weights, trainer.hf_state_dict()
+    adapter = folder / lora.ADAPTER_DIR / "adapter_model.safetensors"
+    if trainer.peft_model is not None and adapter.is_file():
+        return load_file(str(adapter)), lora.adapter_state_dict(trainer.peft_model)
+    raise InputError(f"{folder}: no model.safetensors{' nor adapter/' if trainer.peft_model is not None else ''} to "
+                     "check the replayed step against")

@@ -119,6 +119,7 @@ def _cli_commands():
     from stages.lm.scoring import ScoreConfig
     from stages.merge import MergeConfig
     from stages.plot import PlotConfig
+    from stages.report import ReportConfig
     from stages.runs.config import LoopConfig
     from stages.training.config import UpdateConfig
     from stages.verifier.rows import VerifyConfig
@@ -126,7 +127,7 @@ def _cli_commands():
     return [(["rollout"], RolloutConfig), (["verify"], VerifyConfig), (["score"], ScoreConfig),
             (["update"], UpdateConfig), (["eval"], EvalConfig), (["data", "prepare"], PrepareConfig),
             (["analyze", "pmi"], PmiConfig), (["plot"], PlotConfig), (["merge"], MergeConfig),
-            (["inspect"], InspectConfig), (["loop"], LoopConfig)]
+            (["inspect"], InspectConfig), (["loop"], LoopConfig), (["report"], ReportConfig)]
 
 
 @pytest.mark.parametrize("path, cls", _cli_commands(), ids=lambda x: "-".join(x) if isinstance(x, list) else "")

@@ -148,3 +148,24 @@ def test_bootstrap_interval_width_matches_normal_approximation():
 @pytest.mark.parametrize("n, expected", [(1, [1]), (2, [1, 2]), (4, [1, 2, 4]), (5, [1, 2, 4, 5]), (8, [1, 2, 4, 8])])
 def test_k_values(n, expected):
     assert estimators.k_values(n) == expected
+
+
+def test_stratified_bootstrap_of_one_group_is_the_plain_bootstrap():
+    values = [random.Random(7).random() for _ in range(23)]
+    assert estimators.stratified_bootstrap_interval([values], seed=5, resamples=300) == \
+        estimators.bootstrap_interval(values, seed=5, resamples=300)
+
+
+def test_stratified_bootstrap_weighs_groups_equally_whatever_their_size():
+    # constant groups: every resample's average is (1 + 0) / 2, however many problems each group has
+    assert estimators.stratified_bootstrap_interval([[1.0] * 2, [0.0] * 40], resamples=50) == (0.5, 0.5)
+
+
+def test_stratified_bootstrap_interval_covers_the_average_and_is_seeded():
+    groups = [[1.0, 0.0, 1.0, 0.5], [0.0, 0.25, 0.0]]
+    low, high = estimators.stratified_bootstrap_interval(groups, seed=1)
+    average = (2.5 / 4 + 0.25 / 3) / 2
+    assert low <= average <= high and low < high
+    assert estimators.stratified_bootstrap_interval(groups, seed=1) == (low, high)
+    with pytest.raises(ValueError):
+        estimators.stratified_bootstrap_interval([[1.0], []])

@@ -37,7 +37,7 @@ def test_eval_metadata_temperature_is_the_sampling_temperature(tiny_eval):
     from stages.lm.scoring import metadata_temperature
 
     path, config = tiny_eval
-    assert metadata_temperature(read_metadata(path)) == config.temperature
+    assert metadata_temperature(read_metadata(path)) == config.protocol("arith").temperature == 0.7
 
 
 def test_eval_rows_carry_verify_privileged_contexts(tiny_eval):
@@ -66,7 +66,7 @@ def test_eval_summary_keys_and_counts_match_rows(tiny_eval):
     assert eval_stage.summary_path(path).name == "eval.summary.json"
     for key in ("accuracy", "avg@2", "pass@1", "pass@2", "maj@2", "accuracy_ci_low", "accuracy_ci_high",
                 "length_mean", "truncated_frac", "no_answer_frac", "problems", "samples", "n", "correct",
-                "benchmark", "model", "sampling", "verify_status_counts"):
+                "benchmark", "model", "sampling", "verify_status_counts", "verifier", "correct_per_problem"):
         assert key in summary, key
     table, _ = read_artifact(path, "verified")
     assert summary["problems"] == 3 and summary["samples"] == 6 and summary["n"] == 2
@@ -79,6 +79,11 @@ def test_eval_summary_keys_and_counts_match_rows(tiny_eval):
     assert sum(summary["verify_status_counts"].values()) == 6
     assert summary["sampling"]["top_p"] == 0.95 and summary["sampling"]["temperature"] == 0.7
     assert read_metadata(path)["eval"]["accuracy"] == summary["accuracy"]
+    assert sum(summary["correct_per_problem"].values()) == summary["correct"]
+    assert len(summary["correct_per_problem"]) == summary["problems"]
+    from stages.verifier.answers import verifier_versions
+
+    assert read_metadata(path)["verifier"] == summary["verifier"] == verifier_versions()
 
 
 def test_eval_is_deterministic_for_a_seed(tiny_eval, tmp_path):

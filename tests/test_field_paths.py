@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from stages.common.errors import InputError
 from stages.lm import datasets as data
-from stages.lm.datasets import field_value
+from stages.lm.records import field_value
 
 
 def dapo_rows(count: int = 3) -> list[dict]:
@@ -137,7 +137,7 @@ def test_dedupe_keeps_the_first_row_of_each_problem(tmp_path):
     repeated = data.build_rows(data.PrepareConfig(name="jsonl", out="-", path=source, problem_field="prompt.0.content",
                                                   answer_field="reward_model.ground_truth"))
     assert len(repeated) == 5  # without --dedupe every row stays
-    with pytest.raises(InputError, match="prompt ids are not unique"):  # the repeated ids need --dedupe
+    with pytest.raises(InputError, match="is not unique .*--dedupe"):  # the repeated ids need --dedupe
         data.build_rows(data.PrepareConfig(name="jsonl", out="-", path=source, problem_field="prompt.0.content",
                                            answer_field="reward_model.ground_truth", id_field="extra_info.index"))
     assert len(data.build_rows(data.PrepareConfig(name="jsonl", out="-", path=source, dedupe=True,

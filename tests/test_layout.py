@@ -15,7 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = REPO / "stages"
-COMMANDS = {"data", "rollout", "verify", "score", "update", "loop", "eval", "analyze", "plot", "merge", "inspect"}
+COMMANDS = {"data", "rollout", "verify", "score", "update", "loop", "eval", "analyze", "plot", "report", "merge",
+            "inspect"}
 LEAVES = {  # these import nothing of stages/ outside the listed modules
     "stages.method": "stages.method.",
     "stages.common": "stages.common.",

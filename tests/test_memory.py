@@ -93,7 +93,9 @@ def qwen3_folder(tmp_path: Path, tiny_model_dir: Path) -> Path:
     folder = tmp_path / "qwen3-4b"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(QWEN3_4B))
-    (folder / "model.safetensors").write_bytes(b"")
+    from safetensors.torch import save_file
+
+    save_file({}, str(folder / "model.safetensors"))  # a valid file with no tensors: resolve_model checks the header
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tiny_model_dir / name).exists():
             shutil.copy(tiny_model_dir / name, folder / name)

@@ -241,3 +241,18 @@ def test_parts_may_differ_in_how_they_were_computed(tmp_path):
     metadata["config"].update(threads=1, micro_batch_tokens=1024)  # shard 1 rerun on a smaller machine
     io.write_artifact(table, tmp_path / "parts" / "part-00001-of-00002.parquet", "scored", metadata)
     assert len(parts.check_parts(tmp_path / "parts")) == 2
+
+
+def test_per_part_knobs_inside_a_stage_section_may_differ_too(tmp_path):
+    # eval's suite parts record {"rollout": {...}, "verify": {...}}: a shard rerun with other threads is the same output
+    config = {"rollout": {"n": 4, "threads": 4, "progress": True}, "verify": {"workers": 2}}
+    write_parts(tmp_path / "parts", "verified", IDS, 2, config=config)
+    part = tmp_path / "parts" / "part-00001-of-00002.parquet"
+    table, metadata = io.read_artifact(part, "verified")
+    metadata["config"]["rollout"].update(threads=1, progress=False)
+    io.write_artifact(table, part, "verified", metadata)
+    assert len(parts.check_parts(tmp_path / "parts")) == 2
+    metadata["config"]["rollout"]["n"] = 8  # what a part computes may not differ
+    io.write_artifact(table, part, "verified", metadata)
+    with pytest.raises(InputError, match="different config than"):
+        parts.check_parts(tmp_path / "parts")

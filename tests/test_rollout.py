@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import sys
@@ -410,6 +411,7 @@ class FakeLLM:
 
     def __init__(self, **kwargs):
         self.kwargs, self.calls = kwargs, []
+        self.function_rpc = os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION")  # what the workers would inherit
         FakeLLM.instances.append(self)
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
@@ -454,7 +456,7 @@ def fake_vllm(monkeypatch):
     FakeLLM.instances = []
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
-    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
     return module
 
 
@@ -494,7 +496,9 @@ def test_vllm_engine_calls_and_rows(fake_vllm, tmp_path, arith_prompts, tiny_mod
 def test_vllm_load_weights_reloads_repacks_and_resets_cache(fake_vllm, tiny_model_dir):
     from stages.lm.engine_vllm import VLLMEngine, _repack_tied_lm_head
 
-    engine = VLLMEngine(tiny_model_dir, dtype="float32", seed=0, max_model_len=64, device="cpu")
+    engine = VLLMEngine(tiny_model_dir, dtype="float32", seed=0, max_model_len=64, device="cpu", inplace_sync=True)
+    assert engine.llm.function_rpc == "1" and "VLLM_ALLOW_INSECURE_SERIALIZATION" not in os.environ
+    assert engine.llm.kwargs["trust_remote_code"] is False
     engine.load_weights(tiny_model_dir)
     assert engine.llm.calls == [
         ("collective_rpc", "reload_weights", {"weights_path": str(tiny_model_dir)}),
@@ -505,10 +509,21 @@ def test_vllm_load_weights_reloads_repacks_and_resets_cache(fake_vllm, tiny_mode
     assert engine.llm is None
 
 
+def test_function_rpc_is_not_allowed_unless_the_engine_syncs_in_place(fake_vllm, tiny_model_dir):
+    """VLLM_ALLOW_INSECURE_SERIALIZATION (pickled functions over vLLM's RPC) only for the in-place tied-head re-pack
+    (issue 21): a plain engine's workers never see it, and such an engine refuses the in-place sync in one line."""
+    from stages.lm.engine_vllm import VLLMEngine
+
+    engine = VLLMEngine(tiny_model_dir, dtype="float32", seed=0, max_model_len=64, device="cpu")
+    assert engine.llm.function_rpc is None
+    with pytest.raises(RuntimeError, match="inplace_sync"):
+        engine.load_weights(tiny_model_dir)
+
+
 def test_cpu_environment_keeps_user_values(monkeypatch):
     from stages.lm import engine_vllm
     monkeypatch.setattr(engine_vllm.os, "environ", {"VLLM_CPU_KVCACHE_SPACE": "8"})
-    assert engine_vllm.cpu_environment() == {"VLLM_CPU_KVCACHE_SPACE": "8", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    assert engine_vllm.cpu_environment() == {"VLLM_CPU_KVCACHE_SPACE": "8"}
 
 
 def test_vllm_without_logprobs_mode_still_runs(fake_vllm, tiny_model_dir):

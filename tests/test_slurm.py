@@ -405,8 +405,13 @@ def _directives(job) -> list[str]:
     return [line.removeprefix("#SBATCH ") for line in job.text.splitlines() if line.startswith("#SBATCH ")]
 
 
-def test_the_200_step_example_is_submitted_a_window_at_a_time(tmp_path):
-    resolved = run_config.load(str(REPO / "examples" / "configs" / "gsm8k_gpu.yaml"), [])
+def test_the_200_step_example_is_submitted_a_window_at_a_time(tmp_path, tiny_model_dir):
+    example = str(REPO / "examples" / "configs" / "gsm8k_gpu.yaml")
+    placeholder = CliRunner().invoke(cli, ["loop", "-c", example, "-o", str(tmp_path / "dry"), "--launcher", "slurm",
+                                           "--dry-run"])
+    assert placeholder.exit_code == 2 and "loop.model /path/to/hf/model: no such folder" in placeholder.stderr
+    assert not (tmp_path / "dry").exists()  # nothing queued, nothing stamped with the placeholder
+    resolved = run_config.load(example, [f"loop.model={tiny_model_dir}"])
     assert resolved.loop.steps == 200
     config = LoopConfig(out=str(tmp_path / "gsm8k"), run=resolved)
     settings = SlurmConfig(partition="gpu", cpu_partition="cpu", window=4, shards=8, nodes=2)
@@ -434,8 +439,9 @@ def test_the_200_step_example_is_submitted_a_window_at_a_time(tmp_path):
     assert ["--gpus-per-node=1" in _directives(job) for job in records] == [True, False, False, False]
     assert ["--partition=cpu" in _directives(job) for job in records] == [False, True, True, True]
     assert all(job.commands[0].endswith("--record-only") for job in records)
-    printed = CliRunner().invoke(cli, ["loop", "-c", str(REPO / "examples" / "configs" / "gsm8k_gpu.yaml"), "-o",
-                                       str(tmp_path / "dry"), "--launcher", "slurm", "--dry-run", "--window", "3"])
+    printed = CliRunner().invoke(cli, ["loop", "-c", example, "-o", str(tmp_path / "dry"), "--set",
+                                       f"loop.model={tiny_model_dir}", "--launcher", "slurm", "--dry-run", "--window",
+                                       "3"])
     assert printed.exit_code == 0, printed.output
     assert printed.stdout.count("#!/usr/bin/env bash") == 3 * 5 + 1 + 1  # the window's jobs, continue, submit.sh
 
@@ -504,7 +510,7 @@ def test_record_only_records_finished_steps_prunes_and_stops_at_the_first_unfini
     for step in (0, 1, 2):  # what the stage jobs of steps 0-2 leave; step 3 has not started
         for name in ("rollouts", "verified", "scored"):
             pq.write_table(pa.table({"x": [step]}), run / f"step_{step:04d}" / f"{name}.parquet")
-        (run / f"step_{step:04d}" / "checkpoint").mkdir()
+        (run / f"step_{step:04d}" / "checkpoint" / "deepspeed" / "engine").mkdir(parents=True)  # Slurm: full state
         (run / f"step_{step:04d}" / "checkpoint" / "config.json").write_text("{}")
         (run / f"step_{step:04d}" / "checkpoint" / "metrics.json").write_text(json.dumps({"reward/mean": step / 4}))
     monkeypatch.setattr(rollout, "run", lambda *a, **k: pytest.fail("--record-only ran a stage"))

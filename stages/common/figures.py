@@ -1,6 +1,6 @@
-"""Figures and tables written to files: training curves (PNG), the PMI heatmap (PNG), the token-coloured rollout page
-(HTML) and CSV text. The only module that imports matplotlib, inside the drawing functions, through its object API
-with the Agg canvas (no pyplot state). Functions take plain data (arrays, rows) and compute nothing beyond a
+"""Figures and tables written to files: training curves (PNG), pass@k curves (PNG), the PMI heatmap (PNG), the
+token-coloured rollout page (HTML) and CSV text. The only module that imports matplotlib, inside the drawing
+functions, through its object API with the Agg canvas (no pyplot state). Functions take plain data (arrays, rows) and compute nothing beyond a
 group's per-step mean and band; what to draw is the commands' business (`stages.plot`, `stages.analyze`).
 """
 
@@ -10,10 +10,11 @@ import csv
 import html
 import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
+
+from stages.common.io import atomic_output
 
 
 def group_band(series: list[tuple[np.ndarray, np.ndarray]], band: str) -> tuple[np.ndarray, ...]:
@@ -78,6 +79,31 @@ def draw_curves(panels: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]
     save_png(figure, path)
 
 
+def draw_pass_at_k(curves: dict[str, list[np.ndarray]], title: str, path: Path) -> None:
+    """pass@k against k = 1…n (log₂ axis): per group (legend label) a thin line per run, and with several runs their
+    mean (thick) and min–max band. `curves`: group → its runs' [pass@1, …, pass@n] arrays (one n for all)."""
+    figure = _figure(6.4, 4.4)
+    ax = figure.subplots()
+    for index, (group, runs) in enumerate(curves.items()):
+        colour = f"C{index % 10}"
+        stacked = np.array(runs)  # [runs, n]
+        ks = np.arange(1, stacked.shape[1] + 1)
+        for values in stacked:
+            ax.plot(ks, values, color=colour, lw=0.8 if len(runs) > 1 else 2.0, alpha=0.45 if len(runs) > 1 else 1)
+        if len(runs) > 1:
+            ax.plot(ks, stacked.mean(axis=0), color=colour, lw=2.2)
+            ax.fill_between(ks, stacked.min(axis=0), stacked.max(axis=0), color=colour, alpha=0.15, lw=0)
+        ax.plot([], [], color=colour, lw=2.2, label=f"{group} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
+    n = max(len(runs[0]) for runs in curves.values())
+    ax.set_xscale("log", base=2)
+    ticks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= n] + ([n] if n & (n - 1) else [])
+    ax.set_xticks(ticks, [str(k) for k in ticks])
+    ax.set(xlabel="k (samples)", ylabel="pass@k", title=title, ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(title="mean over seeds, band min–max", fontsize=9)
+    save_png(figure, path)
+
+
 def _figure(width: float, height: float):
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -90,13 +116,8 @@ def _figure(width: float, height: float):
 
 
 def save_png(figure, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        figure.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_output(path) as handle:
+        figure.savefig(handle, format="png", dpi=120)
 
 
 def draw_pmi_heatmap(path: Path, p_student: np.ndarray, p_teacher: np.ndarray, u: np.ndarray,

@@ -2,20 +2,25 @@
 
 Reads accept a Parquet file or a directory of part files (``part-00000-of-00004.parquet`` …, from `--shard`), check
 the schema and name the file and column on error. Writes go to ``<name>.tmp`` and are renamed into place, so a killed
-stage never leaves a truncated file under the real name. This module does no computation on the rows.
+stage never leaves a truncated file under the real name; no write follows a symbolic link it did not make (temp
+files are created exclusively, locks opened with O_NOFOLLOW, a link at the output name is replaced, not written
+through). This module does no computation on the rows.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
+import shutil
+import stat
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -113,10 +118,7 @@ def output_lock(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     lock = lock_path(path)
     while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise InputError(f"{path}: cannot write in {path.parent} ({exc.strerror})") from None
+        fd = _open_lock(lock, path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -145,6 +147,50 @@ def output_lock(path: str | Path) -> Iterator[Path]:
         os.close(fd)
 
 
+def _open_lock(lock: Path, path: Path) -> int:
+    """Open (or create) the lock file without following a link, and refuse one that is not a plain file of its own:
+    taking the lock truncates it, which must never reach a file the link points to (or shares its inode with)."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(f"{path}: its lock {lock} is a symbolic link; antisd never writes through a link it did "
+                             "not make (remove the link)") from None
+        raise InputError(f"{path}: cannot write in {path.parent} ({exc.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        raise InputError(f"{path}: its lock {lock} is not a plain file of its own (a hard link or a special file); "
+                         "remove it")
+    return fd
+
+
+def remove_entry(path: Path) -> None:
+    """Remove whatever is at `path` itself (a file, a leftover temp folder, or a link: the link, never its target)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary handle on a new `NAME.tmp` beside `path`, renamed over `path` when the block ends without error (and
+    removed when it raises). The temp file is created exclusively and never through a link (a leftover or a planted
+    link at `NAME.tmp` is removed first); the rename replaces a link at `path` itself instead of writing through it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    remove_entry(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            tmp.unlink()
+
+
 def build_metadata(artifact: str, config: Any, **extra: Any) -> dict:
     from stages import __version__
     return {
@@ -167,13 +213,8 @@ def write_artifact(table: pa.Table, path: str | Path, artifact: str, metadata: d
     meta = dict(table.schema.metadata or {})
     meta[METADATA_KEY] = json.dumps({**metadata, "artifact": artifact}).encode()
     table = table.replace_schema_metadata(meta)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_output(path) as handle:
+        pq.write_table(table, handle, compression="zstd")
     return path
 
 
@@ -192,6 +233,17 @@ def read_json_object(path: str | Path, label: str | None = None) -> dict:
     if not isinstance(data, dict):
         raise InputError(f"{label}: expected a JSON object")
     return data
+
+
+def read_text_file(path: str | Path, label: str | None = None) -> str:
+    """The UTF-8 text of a user's file; InputError "LABEL: …" (LABEL defaults to the path) when it is not UTF-8."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise InputError(f"{label or path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); convert the "
+                         "file to UTF-8") from None
 
 
 def current_umask() -> int:
@@ -214,10 +266,8 @@ def share_like_new_files(folder: str | Path) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_output(path) as handle:
+        handle.write(text.encode())
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -3,7 +3,9 @@ the live view and the docs use these strings.
 
 Namespaced as in verl (`actor/…`, `gate/…`). The pure functions of `stages.method` return plain records; the modules
 that log them name the values here. Held-out evaluation adds `eval/<summary key>` (`stages.eval`'s summary keys,
-`eval/accuracy`, `eval/pass@1`, …), and the loop adds a `timing_s/<stage>` per stage it ran.
+`eval/accuracy`, `eval/pass@1`, …; with `loop.eval_suite`, `stages.runs.suites.loop_metrics`: `eval/accuracy` = the
+suite average, `eval/average`, `eval/<benchmark>/accuracy`, `eval/<benchmark>/avg@n`), and the loop adds a
+`timing_s/<stage>` per stage it ran.
 """
 
 from __future__ import annotations

@@ -147,7 +147,12 @@ def check_parts(directory: str | Path) -> list[Path]:
 
 
 def shared_config(metadata: dict) -> dict:
-    return {k: v for k, v in (metadata.get("config") or {}).items() if k not in PER_PART_KEYS}
+    """The config of a part without its per-part knobs, also inside a nested stage section (eval's parts record
+    {"rollout": {...}, "verify": {...}})."""
+    def shared(config: dict) -> dict:
+        return {k: shared(v) if isinstance(v, dict) else v for k, v in config.items() if k not in PER_PART_KEYS}
+
+    return shared(metadata.get("config") or {})
 
 
 def _prompt_ids(part: Path) -> list[str]:

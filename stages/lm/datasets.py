@@ -1,45 +1,39 @@
 """The prompt sets: built-in datasets and users' JSONL/Parquet files → PROMPTS rows, and `PrepareConfig` (the options
 of `antisd data prepare` and of a run config's `loop.train` / `loop.eval`).
 
-Built-in sets ship inside the package (`stages/datasets/`, with their licences): gsm8k (train/test), math500,
-aime24, amc23, plus `arith`, a seeded generator of additions (two-digit by default; `operands` sets the range) with a
-two-example few-shot prefix (the format in which SmolLM2-135M has enough mixed groups for RL, docs/stack-notes.md),
-and `arith_styles`, the same additions with worked examples in two answer styles: direct (`12 + 25 = 37. …`) and
-deliberate (split into tens and ones, add, check by subtraction; `answer_style` tells them apart), chosen and ordered
-by `shots`. Users' own data comes in as JSONL, Parquet or a Hugging Face dataset with field-mapping options, each
-naming a top-level column or a dotted path into nested ones (`reward_model.ground_truth`, `prompt.-1.content`:
-`field_value`), each row optionally with its own few-shot turns (a list of {user, assistant}).
+Built-in sets ship inside the package (`stages.lm.bundled`: gsm8k and math train, the test-only benchmarks math500,
+aime24, aime25, aime26, amc23, hmmt_feb25, minervamath, olympiadbench), plus `arith`, a seeded generator of
+additions (two-digit by default; `operands` sets the range) with a two-example few-shot prefix (the format in which
+SmolLM2-135M has enough mixed groups for RL, docs/stack-notes.md), and `arith_styles`, the same additions with
+worked examples in two answer styles: direct (`12 + 25 = 37. …`) and deliberate (split into tens and ones, add,
+check by subtraction; `answer_style` tells them apart), chosen and ordered by `shots`. Users' own data comes in as
+JSONL, Parquet or a Hugging Face dataset with field-mapping options, each naming a top-level column or a dotted path
+into nested ones (`reward_model.ground_truth`, `prompt.-1.content`: `field_value`), each row optionally with its own
+few-shot turns (a list of {user, assistant}).
 Built-in few-shot user turns carry the student instruction (`stages.lm.prompts.user_text`); nothing else here formats
 for the model.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from stages.common import validation
 from stages.common.errors import InputError
 from stages.common.io import build_metadata, write_artifact
 from stages.lm import prompts as prompt_format
+from stages.lm.bundled import BUILTIN, builtin_rows, clean_answer
+from stages.lm.records import checked_few_shot, field_present, field_value, hf_records, read_jsonl, read_parquet_records
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "datasets"
-BUILTIN = {
-    "gsm8k": {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
-    "math500": {"test": "math500/test.jsonl"},
-    "aime24": {"test": "aime24/test.jsonl"},
-    "amc23": {"test": "amc23/test.jsonl"},
-}
 USER_FORMATS = ("jsonl", "parquet", "hf")  # hf: a Hugging Face `datasets` folder or cached dataset name
 DATASETS = ("arith", "arith_styles", *BUILTIN, *USER_FORMATS)
 SPLITS = ("train", "test")
@@ -62,7 +56,7 @@ class PrepareConfig:
 
     name: str  # one of DATASETS
     out: str  # output Parquet path
-    split: str = "train"  # train | test (arith, gsm8k); the only split of the others is test; hf: any split name
+    split: str = "train"  # train | test (arith, gsm8k); math has only train, the benchmarks only test; hf: any split
     num: int = 0  # keep the first N rows after shuffling (0 = all)
     seed: int = 0  # shuffles the rows (0 keeps file order for built-in sets) and draws arith problems
     few_shot: bool = True  # arith, arith_styles: prepend the two worked examples
@@ -98,12 +92,6 @@ class PrepareConfig:
         check.at_least(0, "num")
         check.require(self.name not in USER_FORMATS or bool(self.path), "path", f"required for {self.name}")
         check.done()
-
-
-def _clean_answer(value) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
 
 
 def operand_range(text: str) -> tuple[int, int] | None:
@@ -168,119 +156,6 @@ def styles_few_shot(shots: str) -> list[tuple[str, str]]:
     return [examples[name.strip()] for name in shots.split(",") if name.strip()]
 
 
-def _gsm8k_row(record: dict, index: int, split: str) -> dict:
-    text = record["answer"]
-    if "####" not in text:
-        raise InputError(f"gsm8k/{split}.jsonl row {index}: answer has no '####'")
-    reasoning, final = text.rsplit("####", 1)
-    reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()
-    final = final.strip().replace(",", "")
-    return {
-        "prompt_id": f"gsm8k-{split}-{index:05d}",
-        "dataset": f"gsm8k/{split}",
-        "problem": record["question"],
-        "answer": final,
-        "solution": f"{reasoning}\nThe final answer is \\boxed{{{final}}}.",
-    }
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    with open(path) as handle:
-        for line_no, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}: line {line_no} is not JSON ({exc.msg})") from None
-    return records
-
-
-def builtin_rows(name: str, split: str) -> list[dict]:
-    records = _read_jsonl(DATA_DIR / BUILTIN[name][split])
-    if name == "gsm8k":
-        return [_gsm8k_row(r, i, split) for i, r in enumerate(records)]
-    rows = []
-    for i, record in enumerate(records):
-        rid = record.get("unique_id") or record.get("id", i)
-        rows.append(
-            {
-                "prompt_id": f"{name}-{rid}",
-                "dataset": name,
-                "problem": record["problem"],
-                "answer": _clean_answer(record["answer"]),
-                "solution": record.get("solution"),
-            }
-        )
-    return rows
-
-
-def checked_few_shot(value, where: str) -> list[dict]:
-    """A row's few-shot turns as [{user, assistant}] (None or a missing field: none); anything else is refused."""
-    if value is None:
-        return []
-    if hasattr(value, "tolist"):  # a numpy array from a Parquet list column
-        value = value.tolist()
-    if not isinstance(value, list):
-        raise InputError(f"{where}: few-shot turns must be a list of {{user, assistant}}, got {type(value).__name__}")
-    turns = []
-    for k, turn in enumerate(value):
-        if not isinstance(turn, dict) or set(turn) != {"user", "assistant"}:
-            raise InputError(f"{where}: turn {k} must have exactly the keys user and assistant")
-        if not all(isinstance(turn[key], str) and turn[key].strip() for key in ("user", "assistant")):
-            raise InputError(f"{where}: turn {k}: user and assistant must be non-empty strings")
-        turns.append({"user": turn["user"], "assistant": turn["assistant"]})
-    return turns
-
-
-def hf_records(source: str, split: str) -> list[dict]:
-    """The rows of split `split` of a Hugging Face dataset: a `save_to_disk` folder, a folder of data files, or a
-    Hub dataset name from the datasets cache (offline when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)."""
-    try:
-        import datasets as hf_datasets
-    except ImportError:
-        raise InputError("data prepare hf: needs the datasets package (pip install 'antisd[hf]')") from None
-    from stages.lm.models import hub_offline
-
-    if hub_offline():
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    folder = Path(source)
-    try:
-        if folder.is_dir() and any((folder / name).exists() for name in ("dataset_dict.json", "state.json")):
-            loaded = hf_datasets.load_from_disk(str(folder))
-            if isinstance(loaded, hf_datasets.DatasetDict):
-                if split not in loaded:
-                    raise InputError(f"--path {source}: no split {split!r} (has {', '.join(loaded)})")
-                loaded = loaded[split]
-        else:
-            loaded = hf_datasets.load_dataset(source, split=split)
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds (missing, offline, bad split): one line
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"--path {source} --split {split}: cannot load it ({type(exc).__name__}: {message})") from None
-    return loaded.to_list()
-
-
-def field_value(record: dict, field: str | None):
-    """The value of `field` in `record`, None when it is absent: a top-level key named `field` (dots and all), else
-    a dotted path whose parts are keys or integer list indices (`reward_model.ground_truth`, `prompt.0.content`,
-    `prompt.-1.content`: the last turn's content)."""
-    if not field:
-        return None
-    if field in record:
-        return record[field]
-    node = record
-    for part in field.split("."):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, (list, tuple)) and re.fullmatch(r"-?\d+", part) and -len(node) <= int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
-    return node
-
-
 def user_rows(config: PrepareConfig) -> list[dict]:
     path = Path(config.path)
     if config.name == "hf":
@@ -288,13 +163,16 @@ def user_rows(config: PrepareConfig) -> list[dict]:
     elif not path.exists():
         raise InputError(f"{path}: no such file")
     else:
-        records = _read_jsonl(path) if config.name == "jsonl" else pq.read_table(path).to_pylist()
+        records = read_jsonl(path) if config.name == "jsonl" else read_parquet_records(path)
     rows = []
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise InputError(f"{path}: row {i} is not an object of fields (got {type(record).__name__})")
         problem, answer = field_value(record, config.problem_field), field_value(record, config.answer_field)
         for field, value in ((config.problem_field, problem), (config.answer_field, answer)):
+            if value is None and field_present(record, field):
+                raise InputError(f"{path}: row {i} field '{field}' is null (every row needs a problem and an answer; "
+                                 "drop or fill that row)")
             if value is None:
                 raise InputError(f"{path}: row {i} has no field '{field}' (row has: {', '.join(map(str, record))}; "
                                  "see --problem-field/--answer-field)")
@@ -311,7 +189,7 @@ def user_rows(config: PrepareConfig) -> list[dict]:
                 "prompt_id": f"{path.stem}-{rid if rid is not None else i}",
                 "dataset": path.stem,
                 "problem": str(problem),
-                "answer": _clean_answer(answer),
+                "answer": clean_answer(answer),
                 "solution": None if solution is None else str(solution),
                 "few_shot": checked_few_shot(few_shot, f"{path}: row {i} field '{config.few_shot_field}'"),
             }
@@ -355,7 +233,9 @@ def build_rows(config: PrepareConfig) -> list[dict]:
         raise InputError(f"data prepare {config.name}: no rows")
     ids = [r["prompt_id"] for r in rows]
     if len(set(ids)) != len(ids):
-        raise InputError(f"data prepare {config.name}: prompt ids are not unique (check --id-field)")
+        repeated = next(i for i, count in Counter(ids).items() if count > 1)
+        raise InputError(f"data prepare {config.name}: prompt id {repeated!r} is not unique (check --id-field; "
+                         "--dedupe keeps the first row of each problem when the source repeats problems)")
     if shots is None:
         return rows
     few_shot = [{"user": prompt_format.user_text(q), "assistant": a} for q, a in shots]

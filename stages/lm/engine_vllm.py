@@ -29,13 +29,16 @@ vLLM installed) is chosen, so `--help` and CPU tests never import it. What it do
 - `LoopEngine`: the one engine a loop's process keeps, moved to each step's weights by `reload` (close, open a fresh
   engine on the checkpoint) or `inplace` (in memory from the trainer, else `load_weights` from the folder), and put
   aside before score and update (closed, or asleep).
-On CPU, vLLM needs `VLLM_CPU_KVCACHE_SPACE` (GiB) and, for the tied-head re-pack through `apply_model`,
-`VLLM_ALLOW_INSECURE_SERIALIZATION=1`: `cpu_environment()` sets defaults for both before the engine starts (its
-worker processes read them), leaving any value the user exported. This module does no file I/O.
+On CPU, vLLM needs `VLLM_CPU_KVCACHE_SPACE` (GiB): `cpu_environment()` sets a default before the engine starts
+(its worker processes read it), leaving any value the user exported. The tied-head re-pack through `apply_model`
+needs `VLLM_ALLOW_INSECURE_SERIALIZATION=1`: set (and logged) only while an engine opened for in-place syncs
+(`inplace_sync=True`) starts, never process-wide. Models are loaded with trust_remote_code=False. This module does
+no file I/O.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -48,7 +51,8 @@ from stages.lm.engine import Completion, Engine, SamplingSettings, prompt_seed
 
 log = logging.getLogger(__name__)
 
-CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}
+FUNCTION_RPC_ENV = "VLLM_ALLOW_INSECURE_SERIALIZATION"  # lets apply_model ship a function (pickled) to the workers
 IN_PROCESS_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the engine core in this process: tensors pass by reference
 
 
@@ -57,6 +61,27 @@ def cpu_environment() -> dict[str, str]:
     for key, value in CPU_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)  # read by vLLM's worker processes, which this process spawns
     return {key: os.environ[key] for key in CPU_ENV_DEFAULTS}
+
+
+@contextlib.contextmanager
+def function_rpc_allowed(enabled: bool):
+    """While the engine starts (its workers read the environment once, at spawn), allow pickled functions over
+    vLLM's RPC when `enabled`: only the in-place weight sync of a tied lm_head on CPU needs it (a re-pack inside the
+    worker). Logged; the process's environment is restored afterwards, so no other engine inherits it."""
+    if not enabled or os.environ.get(FUNCTION_RPC_ENV) == "1":
+        yield
+        return
+    log.info("%s=1 for this engine's workers only: the in-place weight sync re-packs the tied lm_head inside them "
+             "(docs/vllm-cpu.md)", FUNCTION_RPC_ENV)
+    previous = os.environ.get(FUNCTION_RPC_ENV)
+    os.environ[FUNCTION_RPC_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(FUNCTION_RPC_ENV, None)
+        else:
+            os.environ[FUNCTION_RPC_ENV] = previous
 
 
 def in_process_environment() -> None:
@@ -127,7 +152,8 @@ class VLLMEngine(Engine):
 
     def __init__(self, model_path: str | Path, *, dtype: str = "auto", seed: int = 0,
                  max_model_len: int | None = None, device: str | None = None, sleep_mode: bool = False,
-                 gpu_memory_utilization: float | None = None, in_process: bool = False, **llm_kwargs):
+                 gpu_memory_utilization: float | None = None, in_process: bool = False, inplace_sync: bool = False,
+                 **llm_kwargs):
         import torch
         import vllm
 
@@ -141,7 +167,7 @@ class VLLMEngine(Engine):
         if self.device == "cpu":
             cpu_environment()
         kwargs = {"model": str(self.model_path), "dtype": dtype, "seed": seed, "max_model_len": max_model_len,
-                  **llm_kwargs}
+                  "trust_remote_code": False, **llm_kwargs}
         self.sleep_mode, self.asleep = sleep_mode and self.device == "cuda", 0  # asleep: the sleep level, 0 = awake
         if self.sleep_mode:
             kwargs["enable_sleep_mode"] = True
@@ -155,7 +181,10 @@ class VLLMEngine(Engine):
             kwargs["logprobs_mode"] = "processed_logprobs"
         else:
             log.warning("this vLLM has no logprobs_mode: sampling_logprobs are raw (before temperature/top-p)")
-        self.llm = vllm.LLM(**kwargs)
+        # `inplace_sync`: this engine will load later weights in place (LoopEngine's `inplace`)
+        self.repacks = inplace_sync and self.device == "cpu" and _tied_embeddings(self.model_path)
+        with function_rpc_allowed(self.repacks):
+            self.llm = vllm.LLM(**kwargs)
         # The same tokenizer as the HF engine, so prompt ids and response text are built identically.
         self.tokenizer = load_tokenizer(self.model_path)
 
@@ -204,6 +233,9 @@ class VLLMEngine(Engine):
         folder = Path(folder)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
         if self.device == "cpu" and _tied_embeddings(folder):
+            if not self.repacks:
+                raise RuntimeError("in-place weights on vLLM-CPU with a tied lm_head need an engine opened with "
+                                   "inplace_sync=True (it allows the re-pack inside the workers)")
             self.llm.apply_model(_repack_tied_lm_head)
         self.llm.reset_prefix_cache()
         self.model_path, self.revision = folder, model_revision(folder)

@@ -63,8 +63,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", suffix=".tmp", dir=out_dir.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                     trust_remote_code=False)
         # The weights are already dense after loading; transformers only refuses to save because of the marker.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -167,7 +168,25 @@ def resolve_model(model: str | Path) -> Path:
         raise InputError(f"--model {text}: not a Hugging Face model folder (no config.json)")
     if not _has_weights(path) and not adapter_only(path):
         raise InputError(f"--model {text}: the folder has no weights (*.safetensors or *.bin)")
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors_header(weights, f"--model {text}")
     return path
+
+
+def check_safetensors_header(path: Path, label: str) -> None:
+    """InputError unless `path` starts like a safetensors file (an 8-byte header length, then a JSON object that
+    fits in the file): a cheap check before any load, which would otherwise fail deep inside the loader."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        header = handle.read(length) if 0 < length <= min(size - 8, 100 << 20) else b""
+    try:
+        ok = isinstance(json.loads(header), dict) if header else False
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        ok = False
+    if not ok:
+        raise InputError(f"{label}: {path.name} is not a safetensors file (no valid header)")
 
 
 def model_revision(path: str | Path) -> str:
@@ -223,10 +242,22 @@ class LoadedModel:
     dtype: object
 
 
+def first_line(exc: Exception) -> str:
+    """An exception's message on one line; transformers' refusal of a folder's own code says why it is refused."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if "custom code" in text or "trust_remote_code" in text:
+        line += " antisd never runs code from a model folder (trust_remote_code=False)"
+    return line
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: could not load its tokenizer ({first_line(exc)})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -246,12 +277,13 @@ def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu", attn
         if adapter_only(path):  # base + adapter, merged here (in `dtype`: fp32 gives the bits a merged save has)
             from peft import PeftModel
 
-            base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=torch_type, **attention)
+            base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=torch_type, trust_remote_code=False,
+                                                        **attention)
             network = PeftModel.from_pretrained(base, str(path / ADAPTER_DIR)).merge_and_unload()
         else:
-            network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_type, **attention)
+            network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_type, trust_remote_code=False, **attention)
     except (OSError, ValueError) as exc:
-        raise InputError(f"--model {model}: could not load ({str(exc).splitlines()[0]})") from None
+        raise InputError(f"--model {model}: could not load ({first_line(exc)})") from None
     network.to(device).eval()
     checked_logits_path(network, f"--model {model}")
     return LoadedModel(path, model_revision(path), load_tokenizer(path), network, device, torch_type)
@@ -275,7 +307,7 @@ def make_tiny_model(out_dir: str | Path, tokenizer_source: str | Path, seed: int
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = resolve_model(tokenizer_source)
-    config = AutoConfig.from_pretrained(source)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     config.num_hidden_layers = layers
     config.hidden_size = hidden
     config.intermediate_size = hidden * 2
@@ -283,7 +315,7 @@ def make_tiny_model(out_dir: str | Path, tokenizer_source: str | Path, seed: int
     config.num_key_value_heads = heads
     config.head_dim = hidden // heads
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     load_tokenizer(source).save_pretrained(out_dir)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.common.errors import InputError
+from stages.common.io import read_text_file
 
 INSTRUCTION = "Put the final answer in \\boxed{}."
 CORRECT_NOTE = "Your answer is correct."
@@ -104,7 +105,7 @@ def read_prompt_template(path: str | None) -> dict:
     if not file.is_file():
         raise InputError(f"{path}: no such file (give a prompt template YAML file)")
     try:
-        data = yaml12.safe_load(file.read_text())
+        data = yaml12.safe_load(read_text_file(file))
     except yaml12.YAMLError as exc:
         raise InputError(f"{path}: not valid YAML ({yaml12.problem(exc)})") from None
     if not isinstance(data, dict):
@@ -134,7 +135,7 @@ def _template_beside(file: Path, choice: str) -> str:
     if not jinja.is_file():
         raise InputError(f"{file}: chat_template {choice}: no such file {jinja} (a Jinja file relative to the "
                          "template's folder, or 'plain')")
-    return jinja.read_text()
+    return read_text_file(jinja, f"{file}: chat_template {jinja}")
 
 
 def template_text(choice: str | None) -> str | None:
@@ -146,7 +147,7 @@ def template_text(choice: str | None) -> str | None:
     path = Path(choice)
     if not path.is_file():
         raise InputError(f"--chat-template {choice}: no such file (give a Jinja file, or 'plain')")
-    return path.read_text()
+    return read_text_file(path, f"--chat-template {choice}")
 
 
 def user_text(problem: str, instruction: str = INSTRUCTION) -> str:
@@ -190,8 +191,16 @@ def encode(tokenizer, messages: list[dict], chat: ChatOptions = ChatOptions()) -
     if chat.template is None and not getattr(tokenizer, "chat_template", None):
         raise InputError(f"--model {getattr(tokenizer, 'name_or_path', '?')}: its tokenizer has no chat template (a "
                          "base model?); pass --chat-template plain (or a Jinja file), or use an instruct model")
-    ids = tokenizer.apply_chat_template(chat.wrap(messages), add_generation_prompt=True, tokenize=True,
-                                        **chat.template_kwargs())
+    from jinja2 import TemplateError
+
+    try:
+        ids = tokenizer.apply_chat_template(chat.wrap(messages), add_generation_prompt=True, tokenize=True,
+                                            **chat.template_kwargs())
+    except TemplateError as exc:  # a template's syntax error, undefined name or its own raise_exception()
+        where = ("--chat-template (chat_template)" if chat.template else
+                 f"the chat template of {getattr(tokenizer, 'name_or_path', '?')}")
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(f"{where}: failed to render ({type(exc).__name__}: {reason})") from None
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers >= 5 may return a BatchEncoding
         ids = ids["input_ids"]
     return [int(i) for i in ids]

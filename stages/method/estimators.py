@@ -12,6 +12,8 @@ Notation: a problem has n samples of which c are verified correct.
   string, so equivalent-but-differently-written answers such as ``0.5`` and ``\\frac{1}{2}`` are separate votes);
   samples with no answer (key None) do not vote; a tie goes to the answer that appeared first (lowest sample index).
 - bootstrap_interval: percentile bootstrap over problems of the mean of per-problem scores.
+- stratified_bootstrap_interval: the same for the average of several benchmarks' means (a suite's average), each
+  benchmark's problems resampled within that benchmark.
 
 This module does not read files, extract answers or judge equivalence (stages.verifier.answers / stages.verify do).
 """
@@ -112,17 +114,40 @@ def bootstrap_interval(values: Sequence[float], *, confidence: float = 0.95, res
     """
     if not values:
         raise ValueError("bootstrap needs at least one value")
+    _check_bootstrap(confidence, resamples)
+    rng = random.Random(seed)
+    size = len(values)
+    means = sorted(sum(values[rng.randrange(size)] for _ in range(size)) / size for _ in range(resamples))
+    return _percentiles(means, confidence)
+
+
+def stratified_bootstrap_interval(groups: Sequence[Sequence[float]], *, confidence: float = 0.95,
+                                  resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of (1/G)·Σ_g mean(groups[g]): each resample draws len(groups[g]) values with
+    replacement from every group g separately (so each benchmark keeps its size and weight 1/G), from
+    `random.Random(seed)`; quantiles by nearest rank as in `bootstrap_interval`."""
+    if not groups or any(not group for group in groups):
+        raise ValueError("stratified bootstrap needs at least one group and a value in every group")
+    _check_bootstrap(confidence, resamples)
+    rng = random.Random(seed)
+    means = sorted(sum(sum(group[rng.randrange(len(group))] for _ in group) / len(group) for group in groups)
+                   / len(groups) for _ in range(resamples))
+    return _percentiles(means, confidence)
+
+
+def _check_bootstrap(confidence: float, resamples: int) -> None:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
-    rng = random.Random(seed)
-    size = len(values)
-    means = sorted(sum(values[rng.randrange(size)] for _ in range(size)) / size for _ in range(resamples))
+
+
+def _percentiles(sorted_means: list[float], confidence: float) -> tuple[float, float]:
+    resamples = len(sorted_means)
     alpha = (1.0 - confidence) / 2.0
     low_rank = min(resamples - 1, max(0, int(alpha * resamples)))
     high_rank = min(resamples - 1, max(0, int((1.0 - alpha) * resamples) - 1))
-    return means[low_rank], means[high_rank]
+    return sorted_means[low_rank], sorted_means[high_rank]
 
 
 def k_values(n: int) -> list[int]:

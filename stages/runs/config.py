@@ -21,7 +21,7 @@ import yaml
 
 from stages.common import validation
 from stages.common.errors import InputError
-from stages.common.io import to_jsonable
+from stages.common.io import read_text_file, to_jsonable
 from stages.common.yaml12 import problem as yaml_problem
 from stages.common.yaml12 import safe_load
 
@@ -30,7 +30,7 @@ from stages.common.yaml12 import safe_load
 class DataSpec:
     """Which prompts a run trains or evaluates on (arguments of `antisd data prepare`)."""
 
-    name: str = "arith"  # arith | arith_styles | gsm8k | math500 | aime24 | amc23 | jsonl | parquet
+    name: str = "arith"  # arith | arith_styles | gsm8k | math (train) | a benchmark (test) | jsonl | parquet | hf
     split: str = "train"  # train | test
     num: int = 0  # first N prompts (0 = all)
     seed: int = 0  # shuffle seed of the prepared file
@@ -77,10 +77,14 @@ class LoopSettings:
     eval_max_new_tokens: int = 64
     train: DataSpec = field(default_factory=DataSpec)
     eval: DataSpec = field(default_factory=lambda: DataSpec(split="test", num=200))
+    # a suite (stages.runs.suites; aime25-check: the authors' AIME25 mean@4) evaluated instead of `eval`, with its own
+    # n, temperature, top-p and max tokens (so eval, eval_n, eval_temperature, eval_max_new_tokens stay unset), into
+    # step_XXXX/eval-SUITE/ and eval_base-SUITE/; eval/accuracy is then the suite average
+    eval_suite: str | None = None
     tensorboard: bool = True  # write TensorBoard events to RUN/tensorboard (stages.runs.tracking)
     wandb: str | None = None  # a Weights & Biases project: log every step's metrics there too (wandb installed)
     wandb_mode: str = "online"  # online | offline (kept in RUN/wandb for `wandb sync`) | disabled
-    keep_checkpoints: int = 3  # keep the checkpoints of the newest K steps (and the newest full one); 0 = keep all
+    keep_checkpoints: int = 3  # the newest K steps' checkpoints + what a resume needs (run_dir.resume_needs); 0 = all
     checkpoint_every: int = 5  # full checkpoints (with the optimizer state) every k steps and at the end; weights-only
     #   folders in between; a resumed run replays the updates after the newest full one from their scored files
     resident_trainer: bool = True  # keep model, optimizer and engine in memory across steps; false frees them after
@@ -103,6 +107,15 @@ class LoopSettings:
         check.choice("weight_sync", WEIGHT_SYNCS)
         check.choice("wandb_mode", WANDB_MODES)
         check.require(self.wandb is None or bool(str(self.wandb).strip()), "wandb", "empty project name")
+        if self.eval_suite is not None:
+            from stages.runs.suites import SUITES
+
+            check.choice("eval_suite", SUITES)
+            defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                        for f in dataclasses.fields(self)}
+            for name in ("eval", "eval_n", "eval_temperature", "eval_max_new_tokens"):
+                check.require(getattr(self, name) == defaults[name], name,
+                              f"loop.eval_suite {self.eval_suite} sets the held-out evaluation; remove one of the two")
         check.done()
 
 
@@ -111,7 +124,7 @@ class LoopSettings:
 RESUMABLE_CHANGES = frozenset({
     "loop.steps", "loop.keep_checkpoints", "loop.checkpoint_every", "loop.resident_trainer", "loop.tensorboard",
     "loop.wandb", "loop.wandb_mode", "update.progress",
-    "loop.vllm_sleep", "loop.weight_sync",
+    "loop.vllm_sleep", "loop.weight_sync", "update.trust_checkpoint",
     "rollout.threads", "rollout.batch_size", "rollout.progress", "rollout.share_prefix", "verify.workers",
     "score.threads", "score.micro_batch_tokens", "score.chunk_size", "score.share_prefix", "update.threads",
     "update.micro_batch_tokens", "update.logprob_chunk", "update.gradient_checkpointing", "update.share_prefix",
@@ -271,7 +284,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
         if not path.exists():
             raise InputError(f"--config {path}: no such file")
         try:
-            raw = safe_load(path.read_text()) or {}
+            raw = safe_load(read_text_file(path, f"--config {path}")) or {}
         except yaml.YAMLError as exc:
             raise InputError(f"--config {path}: not valid YAML ({yaml_problem(exc)})") from None
         if not isinstance(raw, dict):

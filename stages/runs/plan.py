@@ -70,6 +70,15 @@ def run_prompts(spec: run_config.DataSpec, path: Path) -> pa.Table:
     return datasets.prompts_table(data_config(spec, path))
 
 
+def eval_prompts(settings: run_config.LoopSettings, path: Path) -> pa.Table:
+    """The held-out problems: the run's stored file, else loop.eval_suite's benchmarks, else loop.eval's set."""
+    if settings.eval_suite is not None and not path.exists():
+        from stages.runs.suites import prompts_table
+
+        return prompts_table(settings.eval_suite)
+    return run_prompts(settings.eval, path)
+
+
 def cli_command(stage: str, config) -> str:
     """The `antisd` command equivalent to running `stage` with `config` (recorded for reruns by hand)."""
     parts = ["antisd", stage]
@@ -99,19 +108,23 @@ def opened_run(config: LoopConfig) -> Iterator[tuple[Run, dict, pa.Table, Path |
     existing = next(parent for parent in root.absolute().parents if parent.exists())
     if not existing.is_dir():
         raise InputError(f"--out {root}: {existing} is a file, not a directory")
+    check_model(config.run)
     check_start_state(config.run)
     check_update_settings(config.run)
     settings = config.run.loop
     paths = {"train": root / "train_prompts.parquet", "eval": root / "eval_prompts.parquet"}
     train_table = run_prompts(settings.train, paths["train"])
     check_batch_fits(train_table.num_rows, settings.prompts_per_step)
-    eval_table = run_prompts(settings.eval, paths["eval"]) if settings.eval_every > 0 else None
+    eval_table = eval_prompts(settings, paths["eval"]) if settings.eval_every > 0 else None
     root.mkdir(parents=True, exist_ok=True)  # `--out runs/NAME` needs no `mkdir runs` first
     with output_lock(root):
         run, manifest = init_run(config)
-        for name, table, spec in (("train", train_table, settings.train), ("eval", eval_table, settings.eval)):
+        eval_source = ({"suite": settings.eval_suite} if settings.eval_suite
+                       else data_config(settings.eval, paths["eval"]))
+        for name, table, source in (("train", train_table, data_config(settings.train, paths["train"])),
+                                    ("eval", eval_table, eval_source)):
             if table is not None and not paths[name].exists():
-                datasets.write_prompts(table, data_config(spec, paths[name]), paths[name])
+                datasets.write_prompts(table, source, paths[name])
         yield run, manifest, train_table, paths["eval"] if eval_table is not None else None
 
 
@@ -122,7 +135,7 @@ def init_run(config: LoopConfig) -> tuple[Run, dict]:
     lost (a crash between a step's metrics.json and run.json) is repaired here.
     """
     root = Path(config.out)
-    run = Run(root)
+    run = Run(root.absolute())  # the manifest, commands.sh and stage configs name absolute paths: rerun from anywhere
     manifest = run.read_manifest()
     digest = config.run.digest()
     if manifest is None:
@@ -252,6 +265,17 @@ def check_update_settings(config: run_config.RunConfig) -> None:
         raise InputError("update.lora_rank: LoRA is not available with ZeRO-3 (update.deepspeed_config's stage); use "
                          "ZeRO-2, the adapter's optimizer state is small")
     lora.check_targets(resolve_model(config.loop.model), update.get("lora_target_modules", "all-linear"))
+
+
+def check_model(config: run_config.RunConfig) -> None:
+    """loop.model must resolve (a folder, the embedded model, a Hub id in the cache) before the run directory is
+    stamped with the config: a run refused for a typo must not make the corrected command look like another run."""
+    from stages.lm.models import resolve_model
+
+    try:
+        resolve_model(config.loop.model)
+    except InputError as exc:
+        raise InputError(str(exc).replace("--model", "loop.model", 1)) from None
 
 
 def check_start_state(config: run_config.RunConfig) -> None:

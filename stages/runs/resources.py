@@ -277,19 +277,28 @@ def _default_opener(config, prompt_rows: list[dict]):
     def open_engine(folder: Path, utilization: float, in_process: bool):
         return VLLMEngine(folder, dtype=dtype, seed=loop.seed, max_model_len=context_length(config, folder,
                                                                                             prompt_rows),
-                          sleep_mode=sleep_mode, gpu_memory_utilization=utilization or None, in_process=in_process)
+                          sleep_mode=sleep_mode, gpu_memory_utilization=utilization or None, in_process=in_process,
+                          inplace_sync=loop.weight_sync == "inplace")
 
     return open_engine
 
 
 def context_length(config, folder: Path, prompt_rows: list[dict]) -> int:
-    """The longest encoded prompt of `prompt_rows` (training and held-out) + the larger token budget of the two."""
+    """The longest encoded prompt of `prompt_rows` (training and held-out) + the largest token budget of the rollouts
+    and the evaluation (loop.eval_max_new_tokens, or the eval suite's protocol)."""
     from stages.lm.prompts import ChatOptions
     from stages.lm.sampling import RolloutConfig, _max_model_len
 
     knobs, loop = config.run.stages["rollout"], config.run.loop
-    budget = max(knobs.get("max_new_tokens", RolloutConfig.max_new_tokens),
-                 loop.eval_max_new_tokens if loop.eval_every > 0 else 0)
+    evaluation = 0
+    if loop.eval_every > 0 and loop.eval_suite is not None:
+        from stages.runs.suites import get_suite
+
+        suite = get_suite(loop.eval_suite)
+        evaluation = max(suite.protocol(name).max_new_tokens for name in suite.names)
+    elif loop.eval_every > 0:
+        evaluation = loop.eval_max_new_tokens
+    budget = max(knobs.get("max_new_tokens", RolloutConfig.max_new_tokens), evaluation)
     return _max_model_len(folder, prompt_rows, budget, ChatOptions.from_knobs(knobs))
 
 

@@ -65,22 +65,43 @@ class Run:
 
     def full_checkpoint_before(self, step: int) -> int | None:
         """The newest step before `step` whose checkpoint holds the optimizer state (a resume starts there)."""
-        from stages.training.checkpoint import engine_state_dir
-
-        return next((old for old in range(step - 1, -1, -1)
-                     if self.checkpoint(old).is_dir() and engine_state_dir(self.checkpoint(old)) is not None), None)
+        return next((old for old in range(step - 1, -1, -1) if self.checkpoint(old).is_dir() and self._is_full(old)),
+                    None)
 
     def prune_checkpoints(self, step: int, keep: int) -> None:
-        """Delete the checkpoints of steps before the last `keep` (0 keeps all), except the newest full one (which a
-        resume replays from); step `step` has just finished."""
+        """Delete the checkpoints that neither the newest `keep` steps (0 keeps all) nor a resume need; step `step`
+        has just finished. What a resume needs is `resume_needs`."""
         if keep <= 0:
             return
-        needed = self.full_checkpoint_before(step + 1)
-        for old in range(0, step - keep + 1):
+        existing = [old for old in range(step + 1) if self.checkpoint(old).is_dir()]
+        full = [old for old in existing if self._is_full(old)]
+        for old in prunable(step, keep, full):
             folder = self.checkpoint(old)
-            if folder.exists() and old != needed:
+            if folder.is_symlink():
+                folder.unlink()  # a link the user made: drop the link, never the folder it points to
+            elif folder.exists():
                 shutil.rmtree(folder)
 
+    def _is_full(self, step: int) -> bool:
+        from stages.training.checkpoint import engine_state_dir
+
+        return engine_state_dir(self.checkpoint(step)) is not None
+
+
+def resume_needs(step: int, full_steps: list[int]) -> range:
+    """The checkpoints a resume after finished step `step` reads: the newest full one (the trainer opens there; none:
+    the run's start model) and every weights-only one after it (their updates are replayed from the scored files,
+    each checked against its folder, and the last one is the next step's model)."""
+    newest_full = max((old for old in full_steps if old <= step), default=-1)
+    return range(max(newest_full, 0), step + 1)
+
+
+def prunable(step: int, keep: int, full_steps: list[int]) -> list[int]:
+    """The checkpoints (steps ≤ `step`) pruning may delete: outside the newest `keep` and outside `resume_needs`
+    (so at most loop.checkpoint_every − 1 weights-only folders stay beyond `keep`). Pure: the rule the property
+    test checks for every kill point."""
+    needed = set(resume_needs(step, full_steps)) | set(range(step - keep + 1, step + 1))
+    return [old for old in range(step + 1) if old not in needed]
 
 def config_changes(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
     """The dotted keys whose values differ between two nested config dicts. A key `old` lacks reads as its value in

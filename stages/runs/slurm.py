@@ -39,6 +39,33 @@ from stages.runs.scheduler import queued_jobs, sbatch_argv, submit
 log = logging.getLogger(__name__)
 
 ARRAY_STAGES = ("rollout", "score")  # sharded over array tasks
+UNSAFE_IN_DIRECTIVE = set(' \t"\'\\') | {chr(c) for c in range(32)} | {chr(127)}
+
+
+def has_control(text: str) -> bool:
+    """Whether `text` holds a control character (a newline would end an #SBATCH line and start a shell line)."""
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+def directive_value(text: str | Path) -> str:
+    """A path or name as an #SBATCH value: double-quoted when it holds a space (sbatch reads quoted values;
+    `check_paths` keeps double quotes and control characters out of the run directory)."""
+    text = str(text)
+    return f'"{text}"' if " " in text else text
+
+
+def check_paths(root: Path, workdir: Path) -> None:
+    """Refuse a run directory or working directory that a script cannot hold safely, before anything is written:
+    control characters anywhere (every other character is quoted in the shell lines), a double quote in the run
+    directory (it is an #SBATCH value)."""
+    from stages.common.errors import InputError
+
+    for path, label in ((root, "--out"), (workdir, "the working directory")):
+        if has_control(str(path)):
+            raise InputError(f"{label} {str(path)!r}: control characters (a newline, a tab, …) in a path cannot go "
+                             "into a Slurm script; rename it")
+    if '"' in str(root):
+        raise InputError(f"--out {str(root)!r}: a double quote in the run directory cannot go into an #SBATCH line")
 STAGE_OUTPUTS = {"rollout": "rollouts.parquet", "verify": "verified.parquet", "score": "scored.parquet"}
 
 
@@ -63,9 +90,15 @@ class SlurmConfig:
         check = validation.Checks(self)
         check.at_least(1, "nodes", "gpus_per_node", "shards", "cpus_per_task", "window")
         check.require(bool(self.time.strip()), "time", "must not be empty")
+        for name in ("partition", "cpu_partition", "account", "time"):  # one #SBATCH word each
+            value = getattr(self, name)
+            check.require(value is None or not set(value) & UNSAFE_IN_DIRECTIVE, name,
+                          f"{value!r}: no spaces, quotes or control characters in an #SBATCH value")
         for arg in self.sbatch_args:
-            check.require(arg.startswith("-") and "\n" not in arg, "sbatch_args",
-                          f"{arg!r}: expected an option such as --qos=high")
+            check.require(arg.startswith("-") and not has_control(arg) and '"' not in arg, "sbatch_args",
+                          f"{arg!r}: expected an option such as --qos=high, without quotes or control characters")
+        for line in self.setup:
+            check.require(not has_control(line), "setup", f"{line!r}: one shell line, without control characters")
         check.done()
 
 
@@ -112,7 +145,8 @@ def multiline(command: str, tail: str = "") -> str:
 def _header(slurm: SlurmConfig, job_name: str, log_path: Path, title: str, directives: list[str],
             partition: str | None = None) -> list[str]:
     lines = ["#!/usr/bin/env bash", f"# {title}", "# Rendered by `antisd loop --launcher slurm`; submitted with "
-             "dependencies by RUN/slurm/submit.sh.", f"#SBATCH --job-name={job_name}", f"#SBATCH --output={log_path}"]
+             "dependencies by RUN/slurm/submit.sh.", f"#SBATCH --job-name={directive_value(job_name)}",
+             f"#SBATCH --output={directive_value(log_path)}"]
     lines += [f"#SBATCH {d}" for d in directives]
     lines += [f"#SBATCH --time={slurm.time}"]
     partition = partition or slurm.partition
@@ -287,6 +321,7 @@ def render_run(config, slurm: SlurmConfig, workdir: Path | None = None) -> list[
 
     workdir = (workdir or Path.cwd()).resolve()
     config = replace(config, out=str(Path(config.out).resolve()))
+    check_paths(Path(config.out), workdir)
     settings = config.run.loop
     with opened_run(config) as (run, _, train_table, eval_path):
         unfinished = [step for step in range(settings.steps) if not (run.step_dir(step) / "metrics.json").exists()]

@@ -21,12 +21,13 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from stages.common.errors import InputError
-from stages.common.io import check_output, read_json_object, share_like_new_files, to_jsonable
+from stages.common.io import check_output, read_json_object, remove_entry, share_like_new_files, to_jsonable
 from stages.lm.compat import make_portable
 from stages.training import distributed
 
@@ -50,17 +51,20 @@ def check_target(out: str | Path, overwrite: bool) -> Path:
 # Bytes a checkpoint holds per parameter on top of its HF weights: the DeepSpeed module copy plus the fp32 master
 # weights and Adam's two moments (SmolLM2-135M in fp32: 0.54 GB weights + 2.0 GB deepspeed/ measured, ~18.6 B/param).
 _STATE_BYTES_PER_PARAM = 16
+_RUN_FILES_BYTES = 1 << 20  # antisd_state.json and metrics.json: a few KB; 1 MiB of headroom
 _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 
 
 def estimate_bytes(model_dir: Path, optimizer_state: bool = True) -> int:
-    """A conservative estimate of the size of a training checkpoint of the model in `model_dir` (weights, plus the
-    optimizer state when `optimizer_state`)."""
+    """A conservative estimate of the size of a training checkpoint of the model in `model_dir`: its weights, every
+    other file the folder holds (tokenizer, chat template, configs: a Qwen tokenizer is ~11 MB), the run state and
+    metrics, plus the optimizer state when `optimizer_state`."""
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) or \
         sum(f.stat().st_size for f in model_dir.glob("*.bin"))
+    other = sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file() and f.suffix not in (".safetensors", ".bin"))
     config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
     stored = _DTYPE_BYTES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), 4)
-    return weights + (weights // stored * _STATE_BYTES_PER_PARAM if optimizer_state else 0)
+    return weights + other + _RUN_FILES_BYTES + (weights // stored * _STATE_BYTES_PER_PARAM if optimizer_state else 0)
 
 
 def check_free_space(out: Path, needed_bytes: int) -> None:
@@ -91,17 +95,49 @@ def engine_state_dir(model_dir: Path) -> Path | None:
     return path if (path / DEEPSPEED_TAG).is_dir() else None
 
 
-def load_engine_state(engine, model_dir: Path, strict: bool = True) -> bool:
+def load_engine_state(engine, model_dir: Path, strict: bool = True, trust: bool = False) -> bool:
     """Restore module, ZeRO optimizer and engine counters from `model_dir/deepspeed` (all ranks call this); not
-    `strict` for a LoRA engine, whose saved module state holds the trainable (adapter) parameters only."""
+    `strict` for a LoRA engine, whose saved module state holds the trainable (adapter) parameters only.
+
+    DeepSpeed unpickles its files in full (`weights_only=False`), which runs whatever code a crafted file names. Unless
+    `trust`, every file goes through `torch.load(weights_only=True)` with DeepSpeed's own state classes allowed
+    (`safe_deepspeed_load`); a file that holds anything else is an InputError naming it and the option."""
     path = engine_state_dir(model_dir)
     if path is None:
         return False
+    if not trust:
+        engine.checkpoint_engine.load = safe_deepspeed_load
     load_path, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_module_strict=strict,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
     if load_path is None:
         raise RuntimeError(f"{path}: DeepSpeed could not load the engine state")
     return True
+
+
+def deepspeed_state_classes() -> list:
+    """The classes DeepSpeed pickles into its checkpoint files besides tensors and containers (ZeRO 0-3, fp32 and
+    bf16, seen in every checkpoint the tests write); each is plain data, harmless to construct."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_deepspeed_load(path: str, map_location=None):
+    """`torch.load` of one DeepSpeed checkpoint file without running code: weights_only, plus DeepSpeed's classes."""
+    import pickle
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(deepspeed_state_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        named = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"the global {named.group(1)}" if named else str(exc).strip().splitlines()[0]
+        raise InputError(f"{path}: loading it would run Python code it names ({what}); if you trust whoever wrote "
+                         "this checkpoint, pass --trust-checkpoint (update.trust_checkpoint)") from None
 
 
 def rng_state() -> dict:
@@ -175,16 +211,15 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished temp folder to `out`; an existing `out` (overwrite) is moved aside first, then deleted."""
+    """Rename the finished temp folder to `out`; an existing `out` (overwrite) is moved aside first, then deleted. A
+    link at `out` is replaced by the folder: the link goes, the folder it points to is never touched."""
     old = out.parent / f".{out.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
+    remove_entry(old)
+    if os.path.lexists(out):
         os.rename(out, old)
     os.rename(tmp, out)
     _fsync_dir(out.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    remove_entry(old)
 
 
 def save(out: Path, engine, policy, tokenizer, state: dict, metrics: dict, env: distributed.DistEnv,
@@ -206,8 +241,7 @@ def save(out: Path, engine, policy, tokenizer, state: dict, metrics: dict, env: 
     out = Path(out)
     tmp = temp_dir_for(out)
     if env.is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a killed run
+        remove_entry(tmp)  # left by a killed run (or a link planted there: removed, never followed)
         tmp.mkdir()
     distributed.barrier()
     error: Exception | None = None

@@ -90,6 +90,10 @@ class UpdateConfig:
     # continue a run state written by another method (a GRPO checkpoint as AntiSD: the paper's continual run): its
     # step, RNG and optimizer carry on, and the gate re-calibrates H_warm over the next W steps
     switch_method: bool = False
+    # load the DeepSpeed state (deepspeed/*.pt) with full unpickling, which can run code the checkpoint's writer put
+    # there; without it only tensors, plain containers and DeepSpeed's own state classes load (a checkpoint holding
+    # anything else is refused)
+    trust_checkpoint: bool = False
     force: bool = False  # accept a scored file whose old log-probs came from another model revision
     overwrite: bool = False  # replace an existing --out folder
 

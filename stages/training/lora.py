@@ -81,7 +81,8 @@ def check_targets(model_dir: Path, spec: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        network = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        network = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir, trust_remote_code=False),
+                                                     trust_remote_code=False)
     present = {name.rsplit(".", 1)[-1] for name, module in network.named_modules()
                if isinstance(module, torch.nn.Linear)}
     missing = [name for name in target_modules(spec) if name not in present]

@@ -127,8 +127,8 @@ class Trainer:
         started = time.perf_counter()
         with distributed.launcher_env(env):
             self.engine = distributed.create_engine(module, optimizer, ds_config, env, device)
-            self.resumed_optimizer = checkpoint.load_engine_state(self.engine, model_dir,
-                                                                  strict=not config.lora_rank)
+            self.resumed_optimizer = checkpoint.load_engine_state(self.engine, model_dir, strict=not config.lora_rank,
+                                                                  trust=config.trust_checkpoint)
         log.info("DeepSpeed ZeRO-%d engine ready in %.1fs (%s, %d rank(s), optimizer %s)", self.zero_stage,
                  time.perf_counter() - started, self.precision, env.world_size,
                  "resumed" if self.resumed_optimizer else "fresh")
@@ -178,7 +178,7 @@ class Trainer:
         # DeepSpeed's bf16/fp16 modes cast the module to 16 bits and build the fp32 master from those weights: loading
         # in that dtype gives the same master without a full fp32 copy first (4 bytes/parameter on the host)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
-        network = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=dtype,
+        network = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=dtype, trust_remote_code=False,
                                                        **attention_kwargs(self.config.attn_implementation))
         network = checked_logits_path(network, f"--model {self.config.model}")
         if self.config.lora_rank:

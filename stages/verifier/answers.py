@@ -15,7 +15,10 @@ intervals, sets, units and ``^\\circ`` stripped, percentages, ``27.0`` = ``27``)
   address-space limit (status ``error``); each new worker first runs a few warm-up checks (~1 s with the imports).
 - Answers or golds over ``max_answer_chars`` are not parsed (``error``), nor are answers with unbalanced braces
   (``ok``, incorrect: they could close the ``\\boxed{}`` they are wrapped in).
-Throughput: identical (gold, answer) pairs are checked once.
+Code-like forms (MinervaMath writes `4.5e33`, `np.arcsin(10/13)`, `-1./3`) are rewritten to LaTeX on both sides
+before parsing (`latex_form`: text substitutions only, nothing is evaluated).
+Throughput: identical (gold, answer) pairs are checked once. `verifier_versions` names the packages whose versions
+decide the verdicts (recorded in every verified and eval file: a grader upgrade moves scores).
 
 This module reads and writes no files, manages no processes (`stages.verifier.sandbox`) and knows nothing of groups or
 rewards (`stages.verify`).
@@ -32,6 +35,7 @@ from stages.verifier import sandbox
 from stages.verifier.sandbox import UnsafeEval, eval_allowed  # noqa: F401 - part of this module's API (raised/used in workers)
 
 FALLBACKS = ("hash", "answer-is", "last-number")
+VERIFIER_PACKAGES = ("math-verify", "latex2sympy2_extended", "sympy")  # the grader: its versions go with every verdict
 DEFAULT_FALLBACKS = "hash,answer-is"
 STATUSES = ("ok", "no_answer", "timeout", "error")
 
@@ -150,6 +154,46 @@ def extract_answer(text: str, fallbacks: str | Sequence[str] = DEFAULT_FALLBACKS
 
 # --- equivalence (runs inside a sandbox worker) -----------------------------------------------------------------
 
+_SCIENTIFIC_RE = re.compile(r"(?<![\w.\\])(\d+(?:\.\d*)?|\.\d+)[eE]([+-]?\d+)(?![\w.])")
+_CODE_FUNCTION_RE = re.compile(r"(?<![\w.])(?:np|numpy|math|sympy|sp)\.([a-z][a-z0-9]*)\b")
+_BARE_POINT_RE = re.compile(r"(?<![\w.])(\d+)\.(?=[\s)/*+\-,\]}]|$)")
+_CODE_FUNCTIONS = {"arcsin": "\\arcsin", "arccos": "\\arccos", "arctan": "\\arctan", "sin": "\\sin", "cos": "\\cos",
+                   "tan": "\\tan", "sinh": "\\sinh", "cosh": "\\cosh", "tanh": "\\tanh", "exp": "\\exp", "log": "\\ln",
+                   "log10": "\\log_{10}", "pi": "\\pi", "e": "e"}
+_CODE_SQRT_RE = re.compile(r"(?<![\w.])(?:np|numpy|math|sympy|sp)\.sqrt\(")
+
+
+def latex_form(text: str) -> str:
+    """`text` with code-like numbers and functions written as LaTeX, by substitution alone (nothing is evaluated):
+    `4.5e33` → `4.5 \\times 10^{33}`, `1e-5` → `1 \\times 10^{-5}`, `np.arcsin(x)` → `\\arcsin(x)` (`np.log` → `\\ln`),
+    `math.sqrt(x)` → `\\sqrt{x}`, `-1./3` → `-1/3`. A number glued to letters (`x2e5`) and unknown `np.` names are
+    left alone."""
+    text = _SCIENTIFIC_RE.sub(lambda m: f"{m[1]} \\times 10^{{{m[2].lstrip('+')}}}", text)
+    while (call := _CODE_SQRT_RE.search(text)) is not None:
+        close = _closing_paren(text, call.end() - 1)
+        if close is None:
+            break
+        text = f"{text[:call.start()]}\\sqrt{{{text[call.end():close]}}}{text[close + 1:]}"
+    text = _CODE_FUNCTION_RE.sub(lambda m: _CODE_FUNCTIONS.get(m[1], m[0]), text)
+    return _BARE_POINT_RE.sub(r"\1", text)
+
+
+def _closing_paren(text: str, opening: int) -> int | None:
+    depth = 0
+    for index in range(opening, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[index], 0)
+        if depth == 0:
+            return index
+    return None
+
+
+def verifier_versions() -> dict[str, str]:
+    """{package: installed version} of VERIFIER_PACKAGES (importlib metadata; nothing is imported)."""
+    from importlib.metadata import version
+
+    return {name: version(name) for name in VERIFIER_PACKAGES}
+
+
 _GOLD_CACHE: dict[str, list] = {}  # per worker process; golds repeat across a group's samples
 
 
@@ -158,7 +202,7 @@ def _parse_latex(text: str) -> list:
 
     # Wrapped in \boxed{} so math-verify's LaTeX extractor takes the whole answer; parsing_timeout=None disables
     # its signal.alarm (the worker's own timer and the parent's kill bound the time instead).
-    return parse("\\boxed{" + text + "}", extraction_config=[LatexExtractionConfig()], parsing_timeout=None,
+    return parse("\\boxed{" + latex_form(text) + "}", extraction_config=[LatexExtractionConfig()], parsing_timeout=None,
                  raise_on_error=True)
 
 

@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -68,10 +69,17 @@ def as_correct(value) -> bool:
 
 
 def reward_check(spec: str, search: str, answer: str, payload: str) -> bool:
-    """The worker-side check: the user's function on one row (`payload`: the row as JSON)."""
+    """The worker-side check: the user's function on one row (`payload`: the row as JSON). An exception it raises
+    carries its traceback (`antisd_traceback`), which the sandbox keeps as the row's detail: verify shows the first."""
     row = json.loads(payload)
-    return as_correct(load_function(spec, search)(problem=row.get("problem"), answer=answer,
-                                                 response=row.get("response_text"), row=row))
+    try:
+        value = load_function(spec, search)(problem=row.get("problem"), answer=answer,
+                                            response=row.get("response_text"), row=row)
+    except Exception as exc:  # noqa: BLE001 - user code: anything; re-raised with its traceback attached
+        user_frames = exc.__traceback__.tb_next  # from the user's function down
+        exc.antisd_traceback = "".join(traceback.format_exception(type(exc), exc, user_frames)[-8:])
+        raise
+    return as_correct(value)
 
 
 def worker_check(spec: str, search: str) -> Callable[[str, str], bool]:

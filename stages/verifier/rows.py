@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ from stages.common.errors import InputError
 from stages.lm.prompts import strip_think
 from stages.verifier import answers
 from stages.verifier import reward as reward_functions
+
+log = logging.getLogger(__name__)
 
 
 PRIVILEGED_FROM = ("same", "other")
@@ -187,12 +190,26 @@ def check_reward(spec: str) -> str:
     return search
 
 
+def report_reward_failures(spec: str, checks: Sequence) -> None:
+    """A `--reward` function that failed on rows: the first failure with its traceback as a warning; RuntimeError
+    (the stage fails, nothing is written) when it failed on every row, instead of a file of zero rewards."""
+    failed = [(row, check) for row, check in enumerate(checks) if check.status in ("error", "timeout")]
+    if not failed:
+        return
+    row, first = failed[0]
+    log.warning("--reward %s failed on %d of %d rows; row %d: %s", spec, len(failed), len(checks), row, first.detail)
+    if len(failed) == len(checks):
+        raise RuntimeError(f"--reward {spec}: failed on every row ({first.detail.splitlines()[0]}); it must return "
+                           "True/False or 1/0 for each row (the first failure is logged above)")
+
+
 def verify_table(table: pa.Table, config: VerifyConfig, loaded=None,
                  on_progress: Callable[[int, int], None] | None = None) -> tuple[pa.Table, dict]:
     """Rollouts `table` → (VERIFIED table, stats): answer checks, group statistics and privileged contexts.
 
     The library entry of `run` and `stages.eval`; `loaded` lends its tokenizer to `privileged_max_tokens`. stats:
-    status and failure-kind counts, rows, groups, reward_mean, privileged_source_counts, checks_s.
+    status and failure-kind counts, rows, groups, reward_mean, privileged_source_counts, checks_s, verifier (the
+    versions of `answers.VERIFIER_PACKAGES`).
     """
     fallbacks = answers.parse_fallbacks(config.fallbacks)
     search = check_reward(config.reward) if config.reward is not None else None
@@ -208,6 +225,8 @@ def verify_table(table: pa.Table, config: VerifyConfig, loaded=None,
                                        max_answer_chars=config.max_answer_chars, **limits)
     else:
         checks = answers.check_with_reward(table.to_pylist(), config.reward, search, **limits)
+    if config.reward is not None:
+        report_reward_failures(config.reward, checks)
     rewards = [1.0 if check.correct else 0.0 for check in checks]
 
     # --- groups and privileged context
@@ -240,6 +259,7 @@ def verify_table(table: pa.Table, config: VerifyConfig, loaded=None,
         "privileged_source_counts": dict(Counter(c[1] for c in contexts)),
         "checks_s": round(sum(c.seconds for c in checks), 3),
         "reward_function": config.reward or "math-verify",
+        "verifier": answers.verifier_versions(),  # the grader's versions: a grader upgrade moves scores
     }
     return table, stats
 

@@ -99,6 +99,8 @@ def _timed_check(check: Check, gold: str, answer: str, timeout: float) -> tuple:
         status, correct, detail = "error", False, f"UnsafeEval: {exc}"
     except Exception as exc:  # noqa: BLE001 - hostile input can raise anything inside sympy; recorded, not hidden
         status, correct, detail = "error", False, f"{type(exc).__name__}: {str(exc)[:120]}"
+        if getattr(exc, "antisd_traceback", None):  # a user's reward function: its traceback, for the log
+            detail += "\n" + exc.antisd_traceback[-4000:]
     return status, correct, detail, time.perf_counter() - started
 
 
