@@ -32,9 +32,10 @@ C = UpdateConfig
                type=click.Choice(method_names()))
 @config_option(C, "variant", "paper: METHOD §1–§5 as the paper's text states them; official: §9, the authors' code "
                              "that produced the paper's numbers. Sets the default of every option whose default "
-                             "reads 'paper …, official …' (an option set explicitly wins). A run state continues "
-                             "with its own variant (states from before variants are paper's).",
-               type=click.Choice(VARIANTS))
+                             "reads 'paper …, official …' (an option set explicitly wins). A variant other than "
+                             "the run state's needs --switch-method.",
+               type=click.Choice(VARIANTS), show_default="the run state's; official for a fresh run, paper for a "
+                                                         "state written before variants existed")
 @config_option(C, "lam_max", "λ_max: λ = gate · λ_max (--lam-mode batch), the upper clamp of λ_i (perplexity).")
 @config_option(C, "warmup_steps", "Gate warm-up: steps with λ = 0 that calibrate the gate (H_warm; σ_ref and M).")
 @variant_option(C, "gate_statistic", "What the gate watches: entropy (the step's median teacher entropy, METHOD §5) "

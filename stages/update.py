@@ -49,15 +49,16 @@ def run(config: UpdateConfig) -> Path:
     from stages.lm.models import resolve_model
 
     started = time.perf_counter()
-    config = resolve_variant(config)
     env = distributed.env_from(os.environ)
     model_dir = resolve_model(config.model)
     if not config.train:
         return dry_run(config, model_dir)
-    check_output(config.advantages_out, config.overwrite) if config.advantages_out else None
+    if config.advantages_out:
+        check_output(config.advantages_out, config.overwrite)
     out = checkpoint.check_target(config.out, config.overwrite)
     with output_lock(out) if env.is_main else contextlib.nullcontext():  # rank 0 writes the folder into place
         state, deepspeed_user = read_start(config, env, model_dir)
+        config = resolve_variant(config, state)
         batch = read_batch(config, env, model_dir, out)
         trainer = open_trainer(config, env, model_dir, state, deepspeed_user)
         try:
@@ -72,7 +73,7 @@ def step(trainer: Trainer, config: UpdateConfig) -> Path:
     from stages.lm.models import resolve_model
 
     started = time.perf_counter()
-    config = resolve_variant(config)
+    config = resolve_variant(config, trainer.carried)
     out = checkpoint.check_target(config.out, config.overwrite)
     with output_lock(out) if trainer.env.is_main else contextlib.nullcontext():
         batch = read_batch(config, trainer.env, resolve_model(config.model), out)
@@ -175,6 +176,7 @@ def dry_run(config: UpdateConfig, model_dir: Path) -> Path:
     path = check_output(config.advantages_out, config.overwrite)
     state = checkpoint.read_state(config.state or checkpoint.default_state_path(model_dir))
     check_state_method(config, state)
+    config = resolve_variant(config, state)
     batch = read_batch(config, distributed.env_from({}), model_dir, None)
     gate = make_gate(config)
     if state is not None and "gate" in state:
@@ -193,6 +195,7 @@ def replay(trainer: Trainer, config: UpdateConfig) -> None:
 
     from stages.lm.models import model_revision, resolve_model
 
+    config = resolve_variant(config, trainer.carried)
     batch = read_batch(config, trainer.env, resolve_model(config.model), Path(config.out))
     trainer.configure(config)
     trainer.train_step(batch)

@@ -29,7 +29,7 @@ def tiny_config(model_dir: Path, steps: int = 2) -> dict:
         "rollout": {"n": 2, "max_new_tokens": 6, "progress": False},
         "verify": {"workers": 1},
         # sd is ungated, so λ > 0 from the first step and the weights move even when every reward is 0.
-        "update": {"method": "sd", "lr": 1.0e-3},
+        "update": {"method": "sd", "lr": 1.0e-3, "variant": "paper"},  # the paper's text: METHOD §2–§5
     }
 
 

@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from stages.training.config import UpdateConfig
 
 REFERENCE_COLUMN = "ref_logprobs"  # optional scored column (schemas.OPTIONAL)
-TEACHER_PPL_COLUMN = "teacher_ppl"  # optional scored column (schemas.OPTIONAL): files scored before it lack it
 
 
 @dataclass
@@ -75,17 +74,18 @@ def read_deepspeed_file(path: str | None) -> dict:
 
 
 def check_state_method(config: UpdateConfig, state: dict | None) -> None:
-    """A run state continues with its own method and variant, unless --switch-method (the gate then calibrates
-    afresh). A state written before variants existed is the paper variant's (`stages.method.variants.PRE_VARIANT`)."""
-    from stages.method.variants import PRE_VARIANT
+    """A run state continues with its own method and variant (a variant given that differs from the state's is
+    refused), unless --switch-method (the gate then calibrates afresh). A state written before variants existed is
+    the paper variant's (`stages.training.config.state_variant`)."""
+    from stages.training.config import state_variant
 
     if state is None or config.switch_method:
         return
     if state.get("method") not in (None, config.method):
         raise InputError(f"run state: written by method {state['method']}, not {config.method} (pass "
                          f"--switch-method to continue it as {config.method}; the gate then re-calibrates)")
-    variant = state.get("variant", PRE_VARIANT if "gate" in state else None)
-    if variant not in (None, config.variant):
+    variant = state_variant(state)
+    if variant not in (None, config.variant) and config.variant is not None:
         before = " (before variants existed: such states are paper's)" if "variant" not in state else ""
         raise InputError(f"run state: written by variant {variant}{before}, not {config.variant}; pass --variant "
                          f"{variant} to continue it, or --switch-method to continue it as {config.variant} (the gate "
@@ -154,6 +154,7 @@ def batch_from_table(table: pa.Table, source: str, vocab_size: int, temperature:
     teacher perplexity is the file's `teacher_ppl` column, or for a file scored before it existed computed from
     teacher_logprobs by the same function (`stages.method.perplexity.teacher_perplexity`).
     """
+    from stages.lm.scoring import TEACHER_PPL_COLUMN
     from stages.method.perplexity import teacher_perplexity
 
     col = {name: table.column(name).to_pylist() for name in (

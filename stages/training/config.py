@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields, replace
 
 from stages.common import validation
 from stages.method.terms import get_term, method_names
-from stages.method.variants import DEFAULT_VARIANT, UPDATE_KNOBS, VARIANTS, update_preset
+from stages.method.variants import DEFAULT_VARIANT, PRE_VARIANT, UPDATE_KNOBS, VARIANTS, update_preset
 from stages.training.schedule import LR_SCHEDULES
 
 GATE_CHOICES = ("auto", "on", "off")
@@ -33,8 +33,9 @@ class UpdateConfig:
     out: str  # output checkpoint folder (HF + deepspeed/ + antisd_state.json + metrics.json)
     model: str = "smollm2-135m"  # current policy: HF folder (a previous update's --out) or embedded model name
     method: str = "antisd"  # a registered method (stages.method.terms): grpo | sd | antisd | rkl-ascent (METHOD §2)
-    # paper (METHOD §1–§5 as written) | official (§9, the authors' code): the default of every knob left None below
-    variant: str = DEFAULT_VARIANT
+    # paper (METHOD §1–§5 as written) | official (§9, the authors' code): the default of every knob left None below;
+    # None: the run state's (a state written before variants existed: paper), official for a fresh run
+    variant: str | None = None
     lam_max: float = 0.5  # λ_max: λ = g·λ_max (batch), the upper clamp of λ_i (perplexity)
     warmup_steps: int = 5  # W: steps with λ = 0 that calibrate the gate (H_warm; σ_ref and M)
     gate_down: float = 0.93  # entropy gate: τ_down = gate_down · H_warm
@@ -119,7 +120,8 @@ class UpdateConfig:
 
         check = validation.Checks(self)
         check.choice("method", method_names())
-        check.choice("variant", VARIANTS)
+        if self.variant is not None:
+            check.choice("variant", VARIANTS)
         check.choice("gate", GATE_CHOICES)
         for name, valid in (("loss_agg", AGGREGATIONS), ("adv_scale", ADV_SCALES), ("is_correction", IS_CORRECTIONS),
                             ("u_clip", U_CLIPS), ("term_norm", TERM_NORMS), ("lam_mode", LAM_MODES),
@@ -155,9 +157,9 @@ class UpdateConfig:
 
     def _check_combination(self, check: validation.Checks) -> None:
         """Knob combinations the step cannot run, judged on the values the variant resolves them to."""
-        if self.variant not in VARIANTS or self.method not in method_names():
+        if self.variant not in (None, *VARIANTS) or self.method not in method_names():
             return  # reported by the choice checks
-        knob = resolved_knobs(self)
+        knob = resolved_knobs(self)  # a variant left to the run state is judged as official here, and again resolved
         if knob["dual_clip"]:
             check.require(knob["dual_clip"] > 1, "dual_clip", f"must be > 1 (or 0 = off), got {knob['dual_clip']}")
         needs = [f"{name} {knob[name]}" for name, value in (("lam_mode", "perplexity"), ("u_clip", "adaptive"))
@@ -169,15 +171,25 @@ class UpdateConfig:
                       "--no-train computes nothing without --advantages-out")
 
 
-def resolved_knobs(config: UpdateConfig) -> dict:
+def state_variant(state: dict | None) -> str | None:
+    """The variant a run state was written by: its `variant`; paper for one written before variants existed (it has
+    a gate but no variant); None for no state."""
+    if not state:
+        return None
+    return state.get("variant", PRE_VARIANT if "gate" in state else None)
+
+
+def resolved_knobs(config: UpdateConfig, variant: str | None = None) -> dict:
     """The value of every variant knob: the config's where set, else its variant's (for its method)."""
-    preset = update_preset(config.variant, config.method)
+    preset = update_preset(variant or config.variant or DEFAULT_VARIANT, config.method)
     return {name: preset[name] if getattr(config, name) is None else getattr(config, name) for name in UPDATE_KNOBS}
 
 
-def resolve_variant(config: UpdateConfig) -> UpdateConfig:
-    """`config` with every knob left None set to its variant's value (what the trainer runs and the state records)."""
-    return replace(config, **resolved_knobs(config))
+def resolve_variant(config: UpdateConfig, state: dict | None = None) -> UpdateConfig:
+    """`config` with its variant (given; else the run state's, `state_variant`; else official) and every knob left
+    None at that variant's value: what the trainer runs and the run state records."""
+    variant = config.variant or state_variant(state) or DEFAULT_VARIANT
+    return replace(config, variant=variant, **resolved_knobs(config, variant))
 
 
 def method_settings(config: UpdateConfig) -> dict:

@@ -97,7 +97,7 @@ class Trainer:
 
         from stages.lm.models import load_tokenizer, model_revision
 
-        config = resolve_variant(config)
+        config = resolve_variant(config, state)
         self.config, self.env, self.device, self.model_dir = config, env, device, model_dir
         self.precision = _precision(config.dtype, device)
         dropped = {"data_cursor"} | (set() if config.lora_rank else {lora.BASE_KEY, lora.SHAPE_KEY})  # old / stale
@@ -148,7 +148,7 @@ class Trainer:
     def configure(self, config: UpdateConfig) -> None:
         """Take the options of the step about to run (a resident trainer serves several: out, seed and the
         re-calibration request change; the model, method and numerics do not)."""
-        config = resolve_variant(config)
+        config = resolve_variant(config, self.carried)
         self.config = config  # lr and weight decay go into the optimizer at the start of each step (_train_step)
         switched, self.switched_method = self.switched_method, False  # a method switch re-calibrates once
         if self.gate.request_recalibration(config.recalibrate_gate, force=switched):
