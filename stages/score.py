@@ -152,6 +152,7 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
             micro_batches=len(batches) + len(reference_batches),
             seconds=round(seconds, 3), tokens_per_s=round(sequence_tokens / max(seconds, 1e-9), 1))
         write_artifact(table, out, "scored", metadata)
-        log.info("wrote %d scored rows to %s (median teacher entropy %s nats, %.0f tok/s)", len(rows), out,
-                 metadata["median_teacher_entropy"] if config.entropy else "not computed", metadata["tokens_per_s"])
+        log.info("wrote %d scored rows to %s (median teacher entropy %s, %.0f tok/s)", len(rows), out,
+                 f"{metadata['median_teacher_entropy']} nats" if config.entropy else "not computed",
+                 metadata["tokens_per_s"])
         return out

@@ -160,7 +160,8 @@ def write_advantages(config: UpdateConfig, batch, seq_adv, lam, trained: list[in
     from stages.training.signals import advantages_table
 
     table = advantages_table(config, batch, seq_adv, lam, trained)
-    metadata = build_metadata("advantages", method_settings(config), scored=str(config.scored), step=step,
+    metadata = build_metadata("advantages", method_settings(config), scored=str(config.scored), model=config.model,
+                              step=step,
                               variant=config.variant, method=config.method, gate_metrics=lam.metrics, gate=gate,
                               trained=config.train)
     write_artifact(table, config.advantages_out, "advantages", metadata)

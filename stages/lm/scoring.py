@@ -194,9 +194,10 @@ def plan_batches(views: list[View], rows: list[dict], budget: int, share_prefix:
 def score_views(model, batches: list[ViewBatch], *, pad_id: int, temperature: float, chunk_size: int,
                 rows: list[dict], progress=None, with_entropy: bool = True, label: str = ""
                 ) -> dict[tuple[int, bool], tuple[list[float], list[float] | None]]:
-    """(row, teacher) → (log-probs, entropies or None) of the response tokens; RuntimeError naming a row on NaN/inf.
+    """(row, teacher) → (log-probs, entropies) of the response tokens; RuntimeError naming a row on NaN/inf.
 
-    with_entropy=False skips the full-vocabulary entropy (the reference pass); `label` names the network in errors.
+    with_entropy=False skips the full-vocabulary entropy (the reference pass, score --no-entropy): the entropies are
+    then 0; `label` names the network in errors.
     """
     import torch
 
@@ -218,8 +219,7 @@ def score_views(model, batches: list[ViewBatch], *, pad_id: int, temperature: fl
                     raise RuntimeError(f"non-finite log-probs or entropy in the {label}"
                                        f"{'teacher' if view.teacher else 'student'} view of {row_label(rows, view.row)}"
                                        "; nothing written")
-                results[(view.row, view.teacher)] = (lp.float().cpu().tolist(),
-                                                     ent.float().cpu().tolist() if with_entropy else None)
+                results[(view.row, view.teacher)] = (lp.float().cpu().tolist(), ent.float().cpu().tolist())
             if progress is not None:
                 progress(sum(v.length for v in batch.views))
     return results

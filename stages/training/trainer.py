@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -219,6 +220,7 @@ class Trainer:
         step = self.step
         lr = self._set_hyperparameters()
         data_metrics, lam, seq_adv, shaping, trained = signals or self.step_signals(batch)
+        self._check_gate_agrees()
         sums = dict.fromkeys(("loss", "clip", "clip_dual", "u_clipped", "kl", "kl_ref", "tokens", "seq_tokens"), 0.0)
         grad_norms: list[float] = []
         generator = torch.Generator().manual_seed(_seed_for(config.seed, step))
@@ -249,6 +251,14 @@ class Trainer:
             keys.LR: lr,
             keys.UPDATE_TOK_S: seq_tokens / elapsed if elapsed > 0 else None,
         }
+
+    def _check_gate_agrees(self) -> None:
+        """Every rank computed the gate from the whole scored file, so its state (the calibration of METHOD §5/§9
+        included) must be the same on all of them; a difference would train the ranks on different advantages."""
+        digest = hashlib.sha256(json.dumps(self.gate.state_dict(), sort_keys=True).encode()).digest()
+        if not distributed.same_on_every_rank(int.from_bytes(digest[:7], "little"), self.device):
+            raise RuntimeError(f"update step {self.step}: the ranks hold different gate states (calibration); "
+                               "no checkpoint written")
 
     def _optimizer_step(self, batch: Batch, rows: list[int], seq_adv, lam: StepLambda, sums: dict) -> float | None:
         """One optimizer step on `rows` (all ranks' share): normalizer over all of them, this rank's micro-batches."""
