@@ -174,7 +174,7 @@ FINISH_REASONS = ("stop", "length")
 VERIFY_STATUSES = ("ok", "no_answer", "timeout", "error")
 # peer / reference: this problem's (METHOD §4); other_*: another problem's (verify --privileged-from other, a control)
 # assessment: no solution, the teacher sees only the note on this rollout (verify --privileged-fallback assessment, §9)
-PRIVILEGED_SOURCES = ("peer", "reference", "other_peer", "other_reference", "assessment", "none")
+PRIVILEGED_SOURCES = ("peer", "reference", "other_peer", "other_reference", "none", "assessment")
 TEXTLESS_SOURCES = ("assessment", "none")  # privileged_text is null for these
 # per-token columns: (artifact that introduces them, must be finite, bound: ("max", x) or ("min", x) or None)
 _TOKEN_RULES = {

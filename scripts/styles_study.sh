@@ -6,7 +6,7 @@
 # JOBS=3 ran out of memory on a 24 GiB machine.
 #   PHASES="calibrate polarity train" OUT=runs/styles DOCS=docs/reproduction/styles scripts/styles_study.sh
 #   RUNS="grpo:0 antisd-nogate:0" PHASES=train scripts/styles_study.sh     # a subset of the training arms
-#   RUNS="$OFFICIAL_RUNS" PHASES=train scripts/styles_study.sh              # the authors'-code arms (METHOD §9)
+#   RUNS=official PHASES=train scripts/styles_study.sh     # the 9 authors'-code arms (METHOD §9): OFFICIAL_RUNS
 # A run spec is METHOD[@VARIANT]:SEED; METHOD-nogate runs METHOD with its gate off (λ = λ_max every step). The
 # config pins update.variant paper (the paper's text, as the committed arms ran); @official runs the same arm with
 # --set update.variant=official into $OUT/official/METHOD_sSEED (antisd gated and sd ungated, as the code runs them),
@@ -25,6 +25,7 @@ SHOTS=${SHOTS:-direct,deliberate}  # the variant the polarity test uses (the run
 RUNS=${RUNS:-"grpo:0 antisd-nogate:0 sd:0 grpo:1 antisd-nogate:1 sd:1 grpo:2 antisd-nogate:2 sd:2"}
 OFFICIAL_RUNS="grpo@official:0 antisd@official:0 sd@official:0 grpo@official:1 antisd@official:1 sd@official:1
 grpo@official:2 antisd@official:2 sd@official:2"
+[ "$RUNS" = official ] && RUNS=$OFFICIAL_RUNS
 JOBS=${JOBS:-2}
 PROMPTS=${PROMPTS:-64} N=8 MAX_NEW=80 STEP_PROMPTS=8  # calibration / polarity: 64 problems × 8 rollouts
 mkdir -p "$OUT" "$DOCS"

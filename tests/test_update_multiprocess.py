@@ -118,7 +118,7 @@ def assert_first_adam_step_agrees(before: dict, one: dict, two: dict, grads: dic
 def test_two_rank_zero2_step_equals_one_process(tmp_path, tiny_model_dir, uneven_scored):
     lr = 1e-4
     common = ["--scored", str(uneven_scored), "--lr", str(lr), "--micro-batch-tokens", "64", "--zero-stage", "2",
-              "--warmup-steps", "1"]
+              "--warmup-steps", "1", "--variant", "paper"]  # token-mean: the normalizer of every token of all ranks
     one = launch([*common, "--model", str(tiny_model_dir), "--out", str(tmp_path / "one")], 1, tmp_path,
                  tmp_path / "probe_one")
     two = launch([*common, "--model", str(tiny_model_dir), "--out", str(tmp_path / "two")], 2, tmp_path,

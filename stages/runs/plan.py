@@ -250,6 +250,7 @@ def uses_teacher(config: run_config.RunConfig) -> bool:
 
 def step_configs(config: LoopConfig, run: Run, step: int) -> dict:
     """The four stage Configs of `step` (paths, model, seeds); the local loop and the Slurm launcher share them."""
+    config = replace(config, run=with_variant(config.run, run.read_manifest()))  # the run's variant, spelled out
     settings, paths = config.run.loop, {k: str(v) for k, v in run.step_paths(step).items()}
     model = run.model_for_step(step, settings.model)
     return {

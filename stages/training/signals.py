@@ -126,6 +126,8 @@ def step_lambda(gate: EntropyGate | PerplexityGate, config: UpdateConfig, batch:
         lam = perplexity_lambdas(tppl, gate.target, config.lam_scale, config.ppl_ratio_max, config.lam_max,
                                  config.ppl_spike)
     on_teacher = lam[torch.tensor(teacher, dtype=torch.bool)] if any(teacher) else None
+    if on_teacher is None and not uses_teacher:
+        on_teacher = torch.zeros(1, dtype=torch.float64)  # grpo: report the λ that acted, 0
     measured = [p for p in ppl if p is not None]
     return StepLambda(lam, gate.sigma_ref if config.u_clip == "adaptive" else None, {
         keys.GATE_OPEN: int(acting), keys.GATE_H_WARM: None,
