@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stages.method.shaping import clip_u, length_mask, response_zscore
 from stages.method.terms import get_term
 
 
@@ -77,8 +78,6 @@ def shaped_token_advantages(method: str, seq_adv: torch.Tensor, pmi: torch.Tenso
     `norm_clamp`); a response of `length_mask_tokens` tokens or more gets p = 0 (0 = off). seq_adv: [B]; pmi: [B, T]
     (u = t − s; None only for grpo); mask: [B, T]. Everything is a constant weight: sg[·] on seq_adv, u and λ.
     """
-    from stages.method.shaping import clip_u, length_mask, response_zscore
-
     if term_norm not in ("none", "response"):
         raise ValueError(f"term_norm must be 'none' or 'response', got {term_norm!r}")
     entry = get_term(method)

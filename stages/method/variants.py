@@ -36,19 +36,19 @@ _METHOD_DEFAULT = {"ppl_target_ratio": 0.93, "ppl_target_offset": 0.0}
 
 UPDATE_KNOBS = (*_UPDATE["paper"], *_METHOD_DEFAULT)
 
-# the teacher prompt of §9 (verify's privileged context, score's teacher turn) and score's entropy pass; the loop
-# applies these for update.variant unless the run config sets the knob itself
+# the teacher prompt of §9 (verify's privileged context, score's teacher turn); the loop applies these for
+# update.variant unless the run config sets the knob itself (and score.entropy from update.gate_statistic: only the
+# entropy gate reads the entropies)
 PROMPT_PRESETS: dict[str, dict[str, dict[str, object]]] = {
     "paper": {
         "verify": {"privileged_fallback": "reference", "privileged_max_chars": 4000, "privileged_max_tokens": 0,
                    "privileged_cut_boxed": False, "privileged_context_tokens": 0, "privileged_keep_head": 1.0},
-        "score": {"teacher_layout": "paper", "peer_assessment": True, "entropy": True},
+        "score": {"teacher_layout": "paper", "peer_assessment": True},
     },
     "official": {
         "verify": {"privileged_fallback": "assessment", "privileged_max_chars": 0, "privileged_max_tokens": 3072,
                    "privileged_cut_boxed": True, "privileged_context_tokens": 4096, "privileged_keep_head": 0.25},
-        # no entropy: §9 needs none (λ and the gate read the teacher's perplexity)
-        "score": {"teacher_layout": "official", "peer_assessment": False, "entropy": False},
+        "score": {"teacher_layout": "official", "peer_assessment": False},
     },
 }
 
