@@ -41,6 +41,7 @@ from stages.runs.plan import (
     opened_run,
     stage_seed,
     step_configs,
+    with_run_variant,
     write_commands,
     write_step_prompts,
 )
@@ -334,6 +335,7 @@ def run(config: LoopConfig, view=None) -> Path:
     """Run (or resume) the loop described by `config`; returns the run directory."""
     from stages.runs.view import LoopView
 
+    config = with_run_variant(config)  # update.variant spelled out: a run made before variants existed stays paper
     engine = validate_settings(config.run)
     settings = config.run.loop
     with opened_run(config) as (run_dir, manifest, train_table, eval_path):
