@@ -19,8 +19,9 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "stages" / "configs" / "d
 def demo_command(out, overrides):
     """Train SmolLM2-135M with AntiSD on two-digit addition for a few steps, on the CPU.
 
-    Runs `antisd loop --config stages/configs/demo.yaml`: per step it prints reward, held-out accuracy, teacher
-    entropy and the gate state, and leaves every stage's Parquet file under OUT/run/ for `antisd inspect`.
+    Runs `antisd loop --config stages/configs/demo.yaml` (the default variant, official: METHOD §9): per step it
+    prints reward, held-out accuracy, the teacher's perplexity (its entropy under --set update.variant=paper), the
+    gate state and λ, and leaves every stage's Parquet file under OUT/run/ for `antisd inspect`.
 
     \b
     Example:

@@ -86,10 +86,12 @@ def loop_command(ctx, config_path, out, overrides, force, print_config, record_o
     elif record_only:
         raise BadInput("--record-only: only with --launcher local (the Slurm record jobs run it)")
     resolved = run_config.load(config_path, list(overrides))
-    if print_config:
-        click.echo(run_config.dump_yaml(resolved), nl=False)
-        return
     loop_config = LoopConfig(out=out, run=resolved, force=force, record_only=record_only)
+    if print_config:
+        from stages.runs.plan import with_run_variant
+
+        click.echo(run_config.dump_yaml(with_run_variant(loop_config).run), nl=False)
+        return
     if launcher == "local":
         click.echo(str(run(loop_config)))
         return

@@ -126,6 +126,14 @@ def config_option(cls, name: str, help: str, *aliases: str, **kwargs):
     return click.option(*decls, name, default=field_default(cls, name), help=help, **kwargs)
 
 
+def variant_option(cls, name: str, help: str, **kwargs):
+    """`config_option` for a knob whose default is the variant's (stages.method.variants): None in the Config, and
+    --help shows each variant's value in place of a default."""
+    from stages.method.variants import preset_text
+
+    return config_option(cls, name, help, show_default=preset_text(name), **kwargs)
+
+
 def prompt_template_option(cls):
     return config_option(cls, "prompt_template", "A YAML file of prompt text: system_prompt, answer_instruction, "
                          "thinking, chat_template (a Jinja file beside it, or plain) or chat_template_text, and the "

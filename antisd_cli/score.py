@@ -16,6 +16,7 @@ from antisd_cli.options import (
     stage_errors,
     threads_option,
 )
+from stages.lm.prompts import TEACHER_LAYOUTS
 from stages.lm.scoring import ScoreConfig
 
 C = ScoreConfig
@@ -42,6 +43,16 @@ C = ScoreConfig
 @config_option(C, "teacher_instruction", "The teacher prompt's last line (METHOD §4); '' leaves it out (a control). "
                                          "Default: the rollouts' (their --prompt-template's, else 'Now solve this "
                                          "problem step by step.').")
+@config_option(C, "teacher_layout", "The teacher turn: paper (METHOD §4: '{prompt}\\n\\nYour previous attempt:\\n"
+                                    "{solution}\\n\\nPrevious assessment: …\\nNow solve …') or official (§9: "
+                                    "'{prompt}\\nYour previous attempt:\\n\\n{solution}\\n\\nNow solve …').",
+               type=click.Choice(TEACHER_LAYOUTS))
+@config_option(C, "peer_assessment", "Keep the assessment line when a solution is shown (METHOD §4); "
+                                     "--no-peer-assessment drops it there (§9); a teacher turn without a solution "
+                                     "always has it.")
+@config_option(C, "entropy", "Compute the full-vocabulary entropies; --no-entropy stores 0 (metadata entropy: false) "
+                             "and spares the softmax over the vocabulary: enough for METHOD §9, whose λ and gate read "
+                             "the teacher perplexity (column teacher_ppl).")
 @dtype_option(C)
 @config_option(C, "device", "auto, cpu, cuda or cuda:N.")
 @attn_option(C)
@@ -54,7 +65,9 @@ def score_command(**options):
 
     The same weights score each response twice over its stored token ids: under the student prompt (the old
     policy, s_t) and under the teacher prompt of METHOD §4 (verified solution + assessment, t_t), giving
-    u_t = t_t − s_t and the full-vocabulary teacher entropy. Rows without privileged context get u = 0.
+    u_t = t_t − s_t, the full-vocabulary teacher entropy and the teacher perplexity. Rows without privileged context
+    get u = 0. `antisd loop` sets --teacher-layout, --peer-assessment and --entropy from update.variant (official:
+    METHOD §9) unless the run config sets them.
     With --reference, a frozen reference model also scores the student view (ref_logprobs, for update --kl-coef).
 
     \b

@@ -14,7 +14,7 @@ from antisd_cli.options import (
     stage_errors,
 )
 from stages.verifier.answers import FALLBACKS
-from stages.verifier.rows import PRIVILEGED_FROM, VerifyConfig
+from stages.verifier.rows import PRIVILEGED_FALLBACKS, PRIVILEGED_FROM, VerifyConfig
 
 C = VerifyConfig
 
@@ -33,7 +33,18 @@ C = VerifyConfig
                                       "status error.")
 @config_option(C, "privileged_max_chars", "Keep the first N characters of privileged_text (0 = no limit).")
 @config_option(C, "privileged_max_tokens", "Also keep only its first N tokens of --model's tokenizer (0 = not "
-                                           "applied).")
+                                           "applied; METHOD §9: 3072).")
+@config_option(C, "privileged_context_tokens", "With C > 0 the token budget is also at most C − |prompt| − 300 tokens "
+                                               "(at least 128): METHOD §9's 4096 (0 = not applied).")
+@config_option(C, "privileged_keep_head", "Share of the token budget kept from the start of a text over budget; the "
+                                          "rest is its end, joined by '\\n...\\n' (METHOD §9: 0.25; 1 = the start "
+                                          "only).")
+@config_option(C, "privileged_cut_boxed", "Cut a peer's text right after its last \\boxed{} holding the gold answer "
+                                          "(else its own verified answer), as METHOD §9.")
+@config_option(C, "privileged_fallback", "Without a correct peer: reference (the reference solution, else no teacher "
+                                         "term: METHOD §4) or assessment (the teacher sees only the note on this "
+                                         "rollout: §9; source assessment).",
+               type=click.Choice(PRIVILEGED_FALLBACKS))
 @config_option(C, "privileged_from", "same: this problem's correct peer, else its reference (METHOD §4); other: "
                                      "another problem's (a context-only control; sources other_peer, "
                                      "other_reference).", type=click.Choice(PRIVILEGED_FROM))
@@ -49,8 +60,9 @@ def verify_command(**options):
     Answers are the last \\boxed{} (then the fallbacks), compared with the gold answer by math-verify in worker
     processes with a hard timeout; nothing from the model is ever eval-ed. Every row is kept, with verify_status
     ok | no_answer | timeout | error. The privileged context of each rollout is a correct peer from its group
-    (seeded, never itself), else the reference solution, else none; --model is read only for
-    --privileged-max-tokens.
+    (seeded, never itself), else the reference solution, else none; --model is read only for the token budget.
+    `antisd loop` sets the privileged options from update.variant (official: METHOD §9's context) unless the run
+    config sets them.
 
     \b
     Example:

@@ -4,6 +4,10 @@ Workload (issue 3): 8 sequences of 1,024 tokens (a 64-token prompt + 960 respons
 real SmolLM2-135M (vocab 49,152), no grad. Variants, each in a fresh subprocess so that memory figures do not mix:
   chunked       stages.lm.logprobs.response_token_stats (body once, then LM head + log-softmax + entropy over chunks
                 of --chunk-size response positions): what `antisd score` runs per micro-batch;
+  chunked-noentropy  the same without the full-vocabulary entropy (softmax and Σ p·logit over the vocabulary):
+                what `antisd score --no-entropy` runs (METHOD §9 needs no entropy); the saving is printed;
+  entropy-ab    (not in the default list) chunked and chunked-noentropy alternated --repeats times in one process,
+                the minimum of each: the entropy's share of score's time on a busy machine;
   naive         stages.lm.logprobs.naive_response_token_stats: full [B, L, V] fp32 logits, log_softmax, entropy;
   forward-body  the model body only (`model.model(...)`, last hidden states, no LM head): the floor;
   forward-full  `model(...)`: body + LM head producing full [B, L, V] logits, nothing else.
@@ -16,6 +20,7 @@ memory, which all variants share and which `--micro-batch-tokens` bounds in the 
 `model(...)` forward); the ratio to forward-body is printed too.
 
 Usage: python bench/score.py [--threads 1] [--device auto] [--repeats 1] [--json out.json]
+       python bench/score.py --variants entropy-ab --repeats 5      # what score --no-entropy saves
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("forward-body", "forward-full", "chunked", "naive")
+VARIANTS = ("forward-body", "forward-full", "chunked", "chunked-noentropy", "naive")
 
 
 def _rss_kib(field: str) -> int | None:
@@ -71,14 +76,17 @@ def worker(args) -> dict:
                 return out.last_hidden_state
             if args.worker == "forward-full":
                 return model(input_ids=input_ids, attention_mask=attention_mask).logits
-            if args.worker == "chunked":
-                return response_token_stats(model, sequences, starts, chunk_size=args.chunk_size)
+            if args.worker in ("chunked", "chunked-noentropy"):
+                return response_token_stats(model, sequences, starts, chunk_size=args.chunk_size,
+                                            with_entropy=args.worker == "chunked")
             return naive_response_token_stats(model, sequences, starts)
 
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    if args.worker == "entropy-ab":
+        return entropy_ab(args, model, sequences, starts, device)
     cuda = device.startswith("cuda")
     with torch.inference_mode():  # fault in the (mmap-loaded) weights, so that they do not count as the variant's
         model(input_ids=input_ids[:1, :8], attention_mask=attention_mask[:1, :8])
@@ -108,6 +116,35 @@ def worker(args) -> dict:
             "tokens": args.seqs * args.length, "seconds": seconds, "tokens_per_s": args.seqs * args.length / seconds,
             "peak_extra_mib": (peak_kib - rss_before) / 1024, "peak_exact": reset_ok,
             "cuda_peak_extra_mib": None if cuda_peak is None else cuda_peak / 2**20}
+
+
+def entropy_ab(args, model, sequences, starts, device) -> dict:
+    """The scorer with and without the entropy, alternated `--repeats` times in one process; CPU seconds of this
+    process (time.process_time: on a shared machine the wall clock mostly measures the other load), the minimum of
+    each being the figure least disturbed (on CUDA: wall seconds after a synchronize)."""
+    import torch
+
+    from stages.lm.logprobs import response_token_stats
+
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
+
+    def timed(with_entropy: bool) -> float:
+        start = clock()
+        with torch.inference_mode():
+            response_token_stats(model, sequences, starts, chunk_size=args.chunk_size, with_entropy=with_entropy)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return clock() - start
+
+    timed(True)  # warm-up (weights faulted in, kernels and allocator)
+    runs = {True: [], False: []}
+    for _ in range(args.repeats):
+        for with_entropy in (True, False):
+            runs[with_entropy].append(timed(with_entropy))
+    full, lean = min(runs[True]), min(runs[False])
+    return {"variant": "entropy-ab", "device": device, "tokens": args.seqs * args.length, "repeats": args.repeats,
+            "with_entropy_s": sorted(runs[True]), "without_entropy_s": sorted(runs[False]),
+            "saved_fraction": 1 - lean / full}
 
 
 def main() -> int:
@@ -140,9 +177,19 @@ def main() -> int:
             return 1
         figures[variant] = json.loads(done.stdout.strip().splitlines()[-1])
         f = figures[variant]
+        if variant == "entropy-ab":
+            print(f"entropy-ab ({'wall' if f['device'].startswith('cuda') else 'CPU'} seconds): min "
+                  f"{f['with_entropy_s'][0]:.2f} s with the entropy, {f['without_entropy_s'][0]:.2f} s "
+                  f"without ({100 * f['saved_fraction']:.1f} % saved; {f['repeats']} alternated runs each: "
+                  f"{f['with_entropy_s']} / {f['without_entropy_s']})", flush=True)
+            continue
         cuda = f"  cuda peak extra {f['cuda_peak_extra_mib']:8.1f} MiB" if f["cuda_peak_extra_mib"] is not None else ""
-        print(f"{variant:13s} {f['seconds']:8.2f} s  {f['tokens_per_s']:9.1f} tok/s  "
+        print(f"{variant:17s} {f['seconds']:8.2f} s  {f['tokens_per_s']:9.1f} tok/s  "
               f"peak RSS extra {f['peak_extra_mib']:8.1f} MiB{cuda}", flush=True)
+    if {"chunked", "chunked-noentropy"} <= figures.keys():
+        full, lean = figures["chunked"]["seconds"], figures["chunked-noentropy"]["seconds"]
+        print(f"entropy: --no-entropy takes {lean / full:.3f} of the time ({100 * (1 - lean / full):.1f} % saved, "
+              f"{full - lean:.2f} s of {full:.2f} s)")
     if {"chunked", "naive"} <= figures.keys():
         key = "cuda_peak_extra_mib" if figures["chunked"]["cuda_peak_extra_mib"] is not None else "peak_extra_mib"
         ratio = figures["chunked"][key] / max(figures["naive"][key], 1e-9)

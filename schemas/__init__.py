@@ -73,6 +73,26 @@ SCORED = pa.schema(
     ]
 )
 
+# `antisd update --advantages-out`: what the method did to each token of each response (METHOD §2, §9), one row per
+# response of the scored file; not a stage of the chain (no later stage reads it)
+ADVANTAGES = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("sample_idx", pa.int32(), nullable=False),
+        pa.field("reward", pa.float32(), nullable=False),  # R_i as verified (before any overlong shaping)
+        pa.field("privileged_source", pa.string(), nullable=False),  # what the teacher saw (PRIVILEGED_SOURCES)
+        pa.field("trained", pa.bool_(), nullable=False),  # false: left out of the loss (update --overlong-filter)
+        pa.field("seq_advantage", pa.float32(), nullable=False),  # A_seq_i (§2; Dr.GRPO without the std in §9)
+        pa.field("lam", pa.float64(), nullable=False),  # λ_i: the step's λ (§5) or this response's (§9)
+        pa.field("teacher_ppl", pa.float64()),  # tppl_i = exp(−mean t); null for an empty response
+        pa.field("response_token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("u", pa.list_(pa.float32()), nullable=False),  # u_t after the adaptive clip (u itself when off)
+        pa.field("term", pa.list_(pa.float32()), nullable=False),  # r_t = f(u_t) before normalisation
+        pa.field("term_normalized", pa.list_(pa.float32()), nullable=False),  # p_t after the z-score and length mask
+        pa.field("advantage", pa.list_(pa.float32()), nullable=False),  # A_{i,t} = A_seq_i + λ_i·p_t
+    ]
+)
+
 # Columns a file of an artifact may carry but need not: type-checked when present, kept by `conform`, never required.
 OPTIONAL: dict[str, list[pa.Field]] = {
     "scored": [
@@ -80,6 +100,8 @@ OPTIONAL: dict[str, list[pa.Field]] = {
         # the teacher view's prompt ids (chat template applied; what the teacher saw); null without a teacher view.
         # Optional so that files scored before it existed still read.
         pa.field("teacher_prompt_token_ids", pa.list_(pa.int32())),
+        # tppl_i = exp(−mean_t t_t) of the teacher view (METHOD §9; float64, what update reads); null if empty
+        pa.field("teacher_ppl", pa.float64()),
     ],
 }
 
@@ -88,6 +110,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "rollouts": ROLLOUTS,
     "verified": VERIFIED,
     "scored": SCORED,
+    "advantages": ADVANTAGES,
 }
 
 # A later artifact satisfies every earlier reader: `verify` accepts scored files too, and so on.
@@ -150,7 +173,9 @@ LOGPROB_SLACK = 1e-3
 FINISH_REASONS = ("stop", "length")
 VERIFY_STATUSES = ("ok", "no_answer", "timeout", "error")
 # peer / reference: this problem's (METHOD §4); other_*: another problem's (verify --privileged-from other, a control)
-PRIVILEGED_SOURCES = ("peer", "reference", "other_peer", "other_reference", "none")
+# assessment: no solution, the teacher sees only the note on this rollout (verify --privileged-fallback assessment, §9)
+PRIVILEGED_SOURCES = ("peer", "reference", "other_peer", "other_reference", "none", "assessment")
+TEXTLESS_SOURCES = ("assessment", "none")  # privileged_text is null for these
 # per-token columns: (artifact that introduces them, must be finite, bound: ("max", x) or ("min", x) or None)
 _TOKEN_RULES = {
     "sampling_logprobs": ("rollouts", False, ("max", LOGPROB_SLACK)),  # an engine may report −inf
@@ -264,8 +289,8 @@ def _check_verified_values(table: pa.Table, has: set, fail) -> None:
         if bad is not None:
             fail("peer_sample_idx", bad, "null, but privileged_source is 'peer'")
     if {"privileged_source", "privileged_text"} <= has:
-        bad = _first(pc.and_(pc.not_equal(table.column("privileged_source"), "none"),
-                             pc.is_null(table.column("privileged_text"))))
+        with_text = pc.invert(pc.is_in(table.column("privileged_source"), pa.array(TEXTLESS_SOURCES)))
+        bad = _first(pc.and_(with_text, pc.is_null(table.column("privileged_text"))))
         if bad is not None:
             fail("privileged_text", bad, f"null, but privileged_source is "
                                          f"{table.column('privileged_source')[bad].as_py()!r}")

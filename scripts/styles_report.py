@@ -8,9 +8,12 @@
 `calibration`: per few-shot order, the base model's accuracy at T = 1, the fraction of mixed 8-sample groups, the
 deliberate-style fraction and accuracy by style, from the verified rollouts. `styles`: the same per training step of
 a run directory (its verified.parquet files). `report` reads only the committed files under DOCS (calibration.json,
-pmi_*/summary.json, runs/*/{config.yaml, metrics.jsonl, styles.jsonl, evals.json, eval_base.json}) and writes the
-Markdown tables: calibration, PMI probes by context, the gate's noise, and the paired training read-outs (arm − grpo
-on the same seed, so the same prompts at every step). `evals`: each held-out evaluation of a run directory as
+pmi_*/summary.json, runs/*/ and runs/official/*/{config.yaml, metrics.jsonl, styles.jsonl, evals.json,
+eval_base.json}) and writes the Markdown tables: calibration, PMI probes by context, the gate's noise, the paired
+training read-outs (arm − grpo of the same variant on the same seed, so the same prompts at every step), the paper-text
+and authors'-code (METHOD §9, `update.variant: official`, labelled ARM@official) arms side by side over the seeds,
+and the official arms' λ_i distribution and gate state per step. A run's variant is its config.yaml's update.variant
+(paper when absent: the runs made before variants existed). `evals`: each held-out evaluation of a run directory as
 {prompt_id: correct}, for the paired per-problem intervals.
 """
 
@@ -31,6 +34,7 @@ from stages.common import metrics as keys  # noqa: E402
 from stages.common.io import atomic_write_text  # noqa: E402
 from stages.lm.datasets import answer_style  # noqa: E402
 from stages.method.gate import EntropyGate  # noqa: E402
+from stages.method.variants import PRE_VARIANT  # noqa: E402
 
 CONTEXTS = {"same": "this problem's peer (METHOD §4)", "other": "another problem's solution",
             "noinstruction": "this problem's peer, no 'Now solve this problem step by step.'"}
@@ -177,14 +181,17 @@ def probe_tables(docs: Path) -> list[str]:
 def load_run(folder: Path) -> dict:
     config = yaml.safe_load((folder / "config.yaml").read_text())
     update = config.get("update", {})
-    arm = update.get("method", "antisd") + ("-nogate" if update.get("gate") == "off" else "")
+    variant = update.get("variant") or PRE_VARIANT
+    arm = update.get("method", "antisd") + ("-nogate" if update.get("gate") == "off" else "") + \
+        ("" if variant == "paper" else f"@{variant}")
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     styles = []
     if (folder / "styles.jsonl").exists():
         styles = [json.loads(line) for line in (folder / "styles.jsonl").read_text().splitlines() if line.strip()]
     base = json.loads((folder / "eval_base.json").read_text()) if (folder / "eval_base.json").exists() else {}
     evals = json.loads((folder / "evals.json").read_text()) if (folder / "evals.json").exists() else {}
-    return {"arm": arm, "seed": config["loop"]["seed"], "rows": rows, "styles": {s["step"]: s for s in styles},
+    return {"arm": arm, "variant": variant, "seed": config["loop"]["seed"], "rows": rows,
+            "styles": {s["step"]: s for s in styles},
             "evals": evals,
             "base": base.get(keys.EVAL_ACCURACY), "warmup": update.get("warmup_steps", 5),
             "down": update.get("gate_down", 0.93)}
@@ -200,13 +207,30 @@ def gate_replay(run: dict) -> list[bool]:
     return states
 
 
+def baseline(arm: str) -> str:
+    """The arm an arm is paired with: grpo of its own variant (grpo, grpo@official)."""
+    return "grpo" + (arm[arm.index("@"):] if "@" in arm else "")
+
+
+def run_folders(docs: Path) -> list[Path]:
+    """The committed run folders: runs/NAME_sSEED (paper-text arms) and runs/official/NAME_sSEED (METHOD §9 arms)."""
+    found = sorted((docs / "runs").glob("*_s*")) + sorted((docs / "runs" / "official").glob("*_s*"))
+    return [folder for folder in found if (folder / "metrics.jsonl").exists()]
+
+
+def last_eval(run: dict) -> tuple[str, dict] | None:
+    steps = sorted((set(run["evals"]) - {"base"}), key=int)
+    return (steps[-1], run["evals"][steps[-1]]) if steps else None
+
+
 def training_tables(docs: Path) -> list[str]:
-    runs = [load_run(folder) for folder in sorted((docs / "runs").glob("*_s*")) if (folder / "metrics.jsonl").exists()]
+    runs = [load_run(folder) for folder in run_folders(docs)]
     if not runs:
         return []
     by = {(r["arm"], r["seed"]): r for r in runs}
     seeds = sorted({r["seed"] for r in runs if r["arm"] == "grpo"})
-    arms = sorted({r["arm"] for r in runs} - {"grpo"})
+    arms = sorted({r["arm"] for r in runs} - {"grpo", "grpo@official"}) + \
+        (["grpo@official"] if any(r["arm"] == "grpo@official" for r in runs) else [])
     lines = ["| run | base | held-out accuracy by step | mean reward | deliberate fraction first → last step | "
              "\"Check:\" fraction first → last | mean length first → last | teacher H median first → last | "
              "mean u last step |",
@@ -223,7 +247,9 @@ def training_tables(docs: Path) -> list[str]:
             f"{first[keys.LENGTH_MEAN]:.1f} → {last[keys.LENGTH_MEAN]:.1f} | "
             f"{fmt(first.get(keys.TEACHER_ENTROPY_MEDIAN), '.3f')} → {fmt(last.get(keys.TEACHER_ENTROPY_MEDIAN), '.3f')}"
             f" | {fmt(last.get(keys.PMI_U_MEAN))} |")
-    lines += ["", "Paired (arm − grpo, same seed: the same prompts at every step). Training reward: mean of the "
+    pairing = ("arm − grpo of the same variant; grpo@official − grpo for the official base; same seed"
+               if any(r["variant"] != "paper" for r in runs) else "arm − grpo, same seed")
+    lines += ["", f"Paired ({pairing}: the same prompts at every step). Training reward: mean of the "
               "per-step differences ± 2 standard errors of that mean (sd of the differences / √steps). Held-out: "
               "the difference on the same problems at the last evaluation, 95 % interval from 2,000 resamples of "
               "the problems (evals.json).", "",
@@ -232,9 +258,10 @@ def training_tables(docs: Path) -> list[str]:
               "| --- | --- | --- | --- | --- | --- |"]
     for arm in arms:
         for seed in seeds:
-            if (arm, seed) not in by:
+            partner = baseline(arm) if arm != "grpo@official" else "grpo"
+            if (arm, seed) not in by or (partner, seed) not in by:
                 continue
-            a, g = by[(arm, seed)], by[("grpo", seed)]
+            a, g = by[(arm, seed)], by[(partner, seed)]
             steps = min(len(a["rows"]), len(g["rows"]))
             diffs = [a["rows"][i][keys.REWARD_MEAN] - g["rows"][i][keys.REWARD_MEAN] for i in range(steps)]
             delib = [a["styles"][i]["deliberate_frac"] - g["styles"][i]["deliberate_frac"] for i in range(steps)
@@ -251,6 +278,7 @@ def training_tables(docs: Path) -> list[str]:
             lines.append(f"| {arm} | {seed} | {statistics.fmean(diffs):+.3f} ± {spread:.3f} ({steps}) | "
                          f"{fmt(statistics.fmean(delib) if delib else None, '+.2f')} | "
                          f"{fmt(statistics.fmean(check) if check else None, '+.2f')} | {d_eval} |")
+    lines += side_by_side(runs, by, seeds)
     lines += ["", "Gate replayed on each grpo run's logged median teacher entropy (warm-up "
               f"{runs[0]['warmup']}, τ_down = {runs[0]['down']}·H_warm):", ""]
     for seed in seeds:
@@ -258,6 +286,61 @@ def training_tables(docs: Path) -> list[str]:
         post = states[by[("grpo", seed)]["warmup"]:]
         lines.append(f"- grpo s{seed}: open on {sum(post)} of {len(post)} post-warm-up steps "
                      f"({''.join('1' if s else '0' for s in states)})")
+    return lines + official_gate_table(runs)
+
+
+def side_by_side(runs: list[dict], by: dict, seeds: list[int]) -> list[str]:
+    """Every arm over its seeds: last held-out accuracy (mean, range) and the paired Δ against its variant's grpo,
+    the paper-text and the official arms in one table (empty without official arms)."""
+    if not any(r["variant"] != "paper" for r in runs):
+        return []
+    lines = ["", "Paper text and authors' code (METHOD §9) side by side, over the seeds: held-out accuracy at the last "
+             "evaluation, and the paired Δ to the same variant's grpo (mean of the seeds' differences; in brackets the "
+             "seeds' own 95 % intervals' lowest and highest bound).", "",
+             "| arm | variant | seeds | held-out accuracy, last eval: mean [min, max] | Δ to its grpo: mean "
+             "[lowest bound, highest bound] | deliberate fraction, last step (mean) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for arm in sorted({r["arm"] for r in runs}, key=lambda a: (a.split("@")[0], "@" in a)):
+        own = [by[(arm, seed)] for seed in seeds if (arm, seed) in by]
+        accuracies = [sum(last[1].values()) / len(last[1]) for r in own if (last := last_eval(r))]
+        deltas, lows, highs = [], [], []
+        for run in own:
+            partner = by.get((baseline(arm), run["seed"]))
+            if arm.startswith("grpo") or partner is None or not last_eval(run) or not last_eval(partner):
+                continue
+            mean, low, high = paired_bootstrap(last_eval(run)[1], last_eval(partner)[1])
+            deltas.append(mean), lows.append(low), highs.append(high)
+        delib = [r["styles"][r["rows"][-1][keys.STEP]]["deliberate_frac"] for r in own
+                 if r["rows"][-1][keys.STEP] in r["styles"]]
+        lines.append(f"| {arm.split('@')[0]} | {own[0]['variant']} | {len(own)} | "
+                     f"{fmt(statistics.fmean(accuracies) if accuracies else None, '.3f')} "
+                     f"[{fmt(min(accuracies, default=None), '.3f')}, {fmt(max(accuracies, default=None), '.3f')}] | "
+                     + (f"{statistics.fmean(deltas):+.3f} [{min(lows):+.3f}, {max(highs):+.3f}]" if deltas else "–")
+                     + f" | {fmt(statistics.fmean(delib) if delib else None, '.2f')} |")
+    return lines
+
+
+def official_gate_table(runs: list[dict]) -> list[str]:
+    """Per official run and step: whether λ acted (the gate), the mean and max λ_i over the responses with a teacher
+    view and the share of them with λ_i > 0, the gate statistic (mean tppl below the spike threshold) and the target."""
+    official = [r for r in runs if r["variant"] != "paper" and not r["arm"].startswith("grpo")]
+    if not official:
+        return []
+    lines = ["", "The official arms' λ_i and gate per step (METHOD §9; gate 1 = λ acted; λ̄ / max / share > 0 over the "
+             "responses with a teacher view; statistic = mean tppl below 3; target = max(0.93·M, 1.01), sd max(M − "
+             "0.10, 1.01); warm-up steps have λ = 0):", "",
+             "| run | gate by step | λ̄ by step | λ max by step | share λ > 0 by step | statistic by step | target | "
+             "σ_ref |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for run in sorted(official, key=lambda r: (r["arm"], r["seed"])):
+        rows = run["rows"]
+
+        def series(key: str, spec: str) -> str:
+            return " ".join(fmt(row.get(key), spec) for row in rows)
+
+        lines.append(f"| {run['arm']} s{run['seed']} | {''.join(str(row.get(keys.GATE_OPEN, '–')) for row in rows)} | "
+                     f"{series(keys.GATE_LAMBDA, '.3f')} | {series(keys.GATE_LAMBDA_MAX, '.3f')} | "
+                     f"{series(keys.GATE_LAMBDA_ACTIVE_FRAC, '.2f')} | {series(keys.GATE_STATISTIC, '.3f')} | "
+                     f"{fmt(rows[-1].get(keys.GATE_TARGET), '.3f')} | {fmt(rows[-1].get(keys.GATE_SIGMA_REF), '.3f')} |")
     return lines
 
 

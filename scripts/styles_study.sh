@@ -6,7 +6,11 @@
 # JOBS=3 ran out of memory on a 24 GiB machine.
 #   PHASES="calibrate polarity train" OUT=runs/styles DOCS=docs/reproduction/styles scripts/styles_study.sh
 #   RUNS="grpo:0 antisd-nogate:0" PHASES=train scripts/styles_study.sh     # a subset of the training arms
-# A run spec is METHOD:SEED; METHOD-nogate runs METHOD with the entropy gate off (λ = λ_max every step).
+#   RUNS=official PHASES=train scripts/styles_study.sh     # the 9 authors'-code arms (METHOD §9): OFFICIAL_RUNS
+# A run spec is METHOD[@VARIANT]:SEED; METHOD-nogate runs METHOD with its gate off (λ = λ_max every step). The
+# config pins update.variant paper (the paper's text, as the committed arms ran); @official runs the same arm with
+# --set update.variant=official into $OUT/official/METHOD_sSEED (antisd gated and sd ungated, as the code runs them),
+# on the same prompts, held-out set and evaluation steps; its files go to $DOCS/runs/official/METHOD_sSEED.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ANTISD=${ANTISD:-.venv/bin/antisd}
@@ -19,6 +23,9 @@ CONFIG=${CONFIG:-examples/configs/styles.yaml}
 VARIANTS=${VARIANTS:-"direct,deliberate deliberate,direct deliberate,small,direct direct,deliberate@10-49 direct,deliberate@10-29"}
 SHOTS=${SHOTS:-direct,deliberate}  # the variant the polarity test uses (the runs': CONFIG; docs/reproduction.md)
 RUNS=${RUNS:-"grpo:0 antisd-nogate:0 sd:0 grpo:1 antisd-nogate:1 sd:1 grpo:2 antisd-nogate:2 sd:2"}
+OFFICIAL_RUNS="grpo@official:0 antisd@official:0 sd@official:0 grpo@official:1 antisd@official:1 sd@official:1
+grpo@official:2 antisd@official:2 sd@official:2"
+[ "$RUNS" = official ] && RUNS=$OFFICIAL_RUNS
 JOBS=${JOBS:-2}
 PROMPTS=${PROMPTS:-64} N=8 MAX_NEW=80 STEP_PROMPTS=8  # calibration / polarity: 64 problems × 8 rollouts
 mkdir -p "$OUT" "$DOCS"
@@ -72,22 +79,28 @@ train)
     "$ANTISD" -q loop -c "$CONFIG" -o "$OUT/base" --set loop.steps=0 > "$OUT/base.log" 2>&1 \
       || { echo "FAILED base evaluation (see $OUT/base.log)"; exit 1; }
   fi
-  train_one() {
-    local name=${1%%:*} seed=${1##*:}; local method=${name%-nogate} gate=()
-    [ "$method" != "$name" ] && gate=(--set update.gate=off)
-    "$ANTISD" -q loop -c "$CONFIG" -o "$OUT/${name}_s${seed}" "${gate[@]}" --set update.method="$method" \
-      --set loop.seed="$seed" > "$OUT/${name}_s${seed}.log" 2>&1 && echo "done ${name}_s${seed}" \
-      || { echo "FAILED ${name}_s${seed} (see $OUT/${name}_s${seed}.log)"; return 1; }
+  run_dir() {  # run_dir SPEC: grpo:0 → $OUT/grpo_s0; antisd@official:0 → $OUT/official/antisd_s0
+    local spec=$1 name=${1%%:*} seed=${1##*:}; local method=${name%@*}
+    if [[ $name == *@* ]]; then echo "$OUT/${name#*@}/${method}_s${seed}"; else echo "$OUT/${name}_s${seed}"; fi
   }
-  export -f train_one; export ANTISD CONFIG OUT
+  train_one() {
+    local name=${1%%:*} seed=${1##*:} dir; local arm=${name%@*} variant=(); local method=${arm%-nogate} gate=()
+    dir=$(run_dir "$1")
+    [ "$method" != "$arm" ] && gate=(--set update.gate=off)
+    [[ $name == *@* ]] && variant=(--set update.variant="${name#*@}")
+    "$ANTISD" -q loop -c "$CONFIG" -o "$dir" "${gate[@]}" "${variant[@]}" --set update.method="$method" \
+      --set loop.seed="$seed" > "$dir.log" 2>&1 && echo "done $dir" || { echo "FAILED $dir (see $dir.log)"; return 1; }
+  }
+  export -f train_one run_dir; export ANTISD CONFIG OUT
   for spec in $RUNS; do
-    dir="$OUT/${spec%%:*}_s${spec##*:}"
+    dir=$(run_dir "$spec")
     [ -f "$dir/eval_base.json" ] || { mkdir -p "$dir" && cp "$OUT"/base/eval_base.{json,parquet,summary.json} "$dir/"; }
   done
   printf '%s\n' $RUNS | xargs -r -P "$JOBS" -I{} bash -c 'train_one "$1"' _ {}
   # the per-run files every number of the doc is computed from (the run directories are not committed)
-  for dir in "$OUT"/*_s*/; do
-    name=$(basename "$dir")
+  for dir in "$OUT"/*_s*/ "$OUT"/official/*_s*/; do
+    [ -d "$dir" ] || continue
+    name=${dir#"$OUT"/}; name=${name%/}  # grpo_s0, or official/antisd_s0
     bash scripts/collect_run_files.sh "$dir" "$DOCS/runs/$name"
     "$PYTHON" scripts/styles_report.py styles "$dir" --out "$DOCS/runs/$name/styles.jsonl"
     "$PYTHON" scripts/styles_report.py evals "$dir" --out "$DOCS/runs/$name/evals.json"

@@ -18,10 +18,13 @@ Commands (each reads validate → read → compute → write):
     inspect   describe any stage's Parquet file
 
 method/ — the METHOD.md formulas, pure functions of tensors
-    terms       the registry of methods: per-token terms, gate defaults, formulas
-    advantages  GRPO group advantages and the per-token advantage of a method
-    losses      aggregation, PPO-clip, k3 KL, truncated IS weights, PMI statistics
+    terms       the registry of methods: per-token terms (and their §9 shapes), gate defaults, formulas
+    variants    the paper and official (§9) presets of every knob where the paper's text and the authors' code differ
+    advantages  GRPO group advantages and the per-token advantage of a method (its parts, with §9's shaping)
+    shaping     §9's shaping of the term: adaptive u-clip, per-response z-score, length mask, the u spread
+    losses      aggregation, PPO-clip (with the dual clip), k3 KL, truncated IS weights, PMI statistics
     gate        the median teacher entropy and the entropy-triggered Schmitt gate
+    perplexity  §9: teacher perplexity, λ_i per response, the perplexity gate and its warm-up calibration
     estimators  pass@k, avg@k, maj@k, bootstrap intervals
     comparison  best-average checkpoint, Speedup over a baseline, seed spread, pass@k curves
     probes      u at probe positions by style × context × note, the gate statistic's sampling noise
@@ -54,6 +57,7 @@ training/ — the update step
     config      UpdateConfig (options of `antisd update`) and the gate default
     trainer     the policy in a DeepSpeed engine, the optimizer step, the checkpoint it writes
     batch       scored rows → Batch, the checks of state, revision and reference, the data's metrics
+    signals     what a step trains on: sequence advantages, λ from the variant's gate, the --advantages-out table
     schedule    the learning-rate schedule (warm-up, constant/linear/cosine) by the run's update step
     lora        LoRA adapters through PEFT: attach, merged weights, the adapter folder, state checks
     micro       what one rank runs in an optimizer step: its rows in micro-batches of forward pieces

@@ -198,6 +198,8 @@ def read_scored(paths: list[Path]) -> tuple[list[dict], dict]:
         if meta.get("teacher") is False:  # `score --no-teacher` (a grpo loop's default): teacher = student, u = 0
             raise InputError(f"{path}: scored without the teacher pass (u = 0 on every token); nothing to analyse "
                              "(rescore it with `antisd score`, or run grpo with score.teacher: true)")
+        if meta.get("entropy") is False:  # `score --no-entropy` (METHOD §9 needs none): the entropy columns hold 0
+            log.warning("%s: scored without entropies (score --no-entropy): its teacher entropies read 0", path)
         first_meta = meta if first_meta is None else first_meta
         for i, row in enumerate(table.to_pylist()):
             lengths = {len(row[k]) for k in ("response_token_ids", "student_logprobs", "teacher_logprobs", "pmi",

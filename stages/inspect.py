@@ -1,6 +1,8 @@
 """`antisd inspect`: describe any stage's Parquet file (rows, schema, metadata, column stats, sample rows).
 
-Works on every artifact (prompts, rollouts, verified, scored, eval) and on directories of part files. It renders with
+Works on every artifact (prompts, rollouts, verified, scored, eval, `update --advantages-out`) and on directories of
+part files; a scored row with --row shows the decoded views, an advantages row its tokens beside u, the term before
+and after normalisation and the final advantage. It renders with
 rich and computes only summaries; it never modifies the file.
 """
 
@@ -121,13 +123,16 @@ def render(summary: dict, config: InspectConfig, console) -> None:
         console.print(Panel(body, title=f"row {index}", expand=True))
         if full and {"prompt_token_ids", "response_token_ids"} <= set(record):
             render_views(record, _tokenizer(config, summary), console)
+        elif full and summary["artifact"] == "advantages":
+            render_advantages(record, _tokenizer(config, summary), console)
 
 
 def _tokenizer(config: InspectConfig, summary: dict):
     """The tokenizer of --model, else of the file's model (its metadata); None when neither loads."""
     from stages.lm.models import load_tokenizer, resolve_model
 
-    name = config.model or (summary["metadata"].get("config") or {}).get("model")
+    meta = summary["metadata"]
+    name = config.model or (meta.get("config") or {}).get("model") or meta.get("model")
     if name is None:
         return None
     try:
@@ -171,3 +176,23 @@ def render_views(record: dict, tokenizer, console) -> None:
         for k, text, *values in token_rows(record, tokenizer):
             table.add_row(str(k), escape(repr(text)[1:-1]), *("–" if v is None else f"{v:+.3f}" for v in values))
         console.print(table)
+
+
+ADVANTAGE_COLUMNS = ("u", "term", "term_normalized", "advantage")
+
+
+def render_advantages(record: dict, tokenizer, console) -> None:
+    """An `update --advantages-out` row: λ_i, tppl_i and A_seq_i, then each response token beside its u, the term
+    before and after normalisation and its final advantage (tokens decoded with the file's model, or ids)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    ids = record["response_token_ids"]
+    console.print(f"A_seq {record['seq_advantage']:+.4f}   λ_i {record['lam']:.4f}   tppl "
+                  f"{'–' if record['teacher_ppl'] is None else format(record['teacher_ppl'], '.4f')}   source "
+                  f"{record['privileged_source']}{'' if record['trained'] else '   (not trained: overlong filter)'}")
+    table = Table("k", "token", "u (clipped)", "term r", "p (normalised)", "A = A_seq + λ·p", title="per response token")
+    for k, token in enumerate(ids):
+        text = tokenizer.decode([token]) if tokenizer is not None else str(token)
+        table.add_row(str(k), escape(repr(text)[1:-1]), *(f"{record[c][k]:+.4f}" for c in ADVANTAGE_COLUMNS))
+    console.print(table)

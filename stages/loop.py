@@ -43,6 +43,7 @@ from stages.runs.plan import (
     opened_run,
     stage_seed,
     step_configs,
+    with_run_variant,
     write_commands,
     write_step_prompts,
 )
@@ -279,6 +280,7 @@ def run(config: LoopConfig, view=None, card: Card | None = None, vllm_opener=Non
     from stages.common.process import pick_device
     from stages.runs.view import LoopView
 
+    config = with_run_variant(config)  # update.variant spelled out: a run made before variants existed stays paper
     engine = validate_settings(config.run)
     settings = config.run.loop
     card = card or Card.for_device(pick_device(config.run.stages["score"].get("device", "auto")))

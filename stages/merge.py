@@ -48,7 +48,7 @@ def merged_metadata(directory: Path, parts_metadata: list[dict], table=None) -> 
     for key in SUMMED_KEYS:
         if all(isinstance(meta.get(key), int) for meta in parts_metadata):
             shared[key] = sum(meta[key] for meta in parts_metadata)
-    if table is not None and first.get("artifact") == "scored":
+    if table is not None and first.get("artifact") == "scored" and first.get("entropy") is not False:
         from stages.method.gate import median_teacher_entropy
 
         has_teacher = [source != "none" for source in table.column("privileged_source").to_pylist()]

@@ -6,13 +6,18 @@ For each row the same weights are run twice over the stored response token ids (
   → t_t = teacher_logprobs, H_t = teacher_entropy; pmi u_t = t_t − s_t (computed from the stored float32 values).
 The teacher prompt's framing text (headers, notes, last line) and the chat options are the rollouts' (the `chat`
 record in the input's metadata chain, their prompt template's values included); `--teacher-instruction` replaces the
-last line. Rows with privileged_source == "none" get no teacher pass: teacher_* = the student values, pmi = 0,
+last line; `--teacher-layout official` and `--no-peer-assessment` give the teacher turn of METHOD §9, and a row of
+source `assessment` (verify --privileged-fallback assessment) gets a teacher view with the note only. Rows with
+privileged_source == "none" get no teacher pass: teacher_* = the student values, pmi = 0,
 teacher_prompt_length = the student prompt length, and they are left out of the median teacher entropy. With
 `--no-teacher` (what `loop` passes for a method that does not read u, such as grpo) no row gets one, and the
 metadata records teacher: false.
 With `--reference MODEL` a third network (a frozen reference, same dtype and device) scores the student view only,
 at the same temperature, into the optional `ref_logprobs` column (no entropy), for `update --kl-coef` (METHOD §3).
 
+Every row with a teacher view gets its teacher perplexity tppl = exp(−mean t) in the optional `teacher_ppl` column
+(METHOD §9; null without one). `--no-entropy` skips the full-vocabulary entropies (stored as 0, metadata entropy:
+false; no median teacher entropy): what §9 needs, since its λ and gate read tppl.
 Log-probs and full-vocabulary entropies (nats) are computed in chunks of positions (never [tokens × vocab] logits for
 a batch) under torch.inference_mode. By default the views of one prompt run as one unit whose common prompt prefix is
 computed once (`stages.lm.shared_prefix`): the student views share the whole prompt, the teacher views the few-shot
@@ -45,6 +50,7 @@ from stages.lm.scoring import (
     _ROW_COLUMNS,
     REFERENCE_COLUMN,
     SCORE_COLUMNS,
+    TEACHER_PPL_COLUMN,
     TEACHER_PROMPT_COLUMN,
     ScoreConfig,
     _Progress,
@@ -70,13 +76,15 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
     from stages.common.process import pick_device, set_threads
     from stages.lm.models import load_model
     from stages.method.gate import median_teacher_entropy
+    from stages.method.perplexity import teacher_perplexity
 
     # --- validate inputs (the options were checked when `config` was made)
     shard = Shard.parse(config.shard)
     out = check_output(output_path(config.out, shard), config.overwrite)
     with output_lock(out):
         table, in_meta = read_artifact(config.verified, "verified")
-        stale = [c for c in (*SCORE_COLUMNS, REFERENCE_COLUMN, TEACHER_PROMPT_COLUMN) if c in table.column_names]
+        stale = [c for c in (*SCORE_COLUMNS, REFERENCE_COLUMN, TEACHER_PROMPT_COLUMN, TEACHER_PPL_COLUMN)
+                 if c in table.column_names]
         table = table.drop_columns(stale)  # rescoring a scored file
         if not shard.is_whole:
             table = table.take(shard.select(table.column("prompt_id").to_pylist()))
@@ -97,7 +105,8 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
         chat = metadata_chat(in_meta)  # the chat options (prompt template included) the rollouts were rendered with
         if config.teacher_instruction is not None:
             chat = replace(chat, teacher_instruction=config.teacher_instruction)
-        views = build_views(rows, tokenizer, teacher=config.teacher, chat=chat)
+        views = build_views(rows, tokenizer, teacher=config.teacher, chat=chat, layout=config.teacher_layout,
+                            peer_assessment=config.peer_assessment)
         reference_views = [v for v in views if not v.teacher] if reference is not None else []
         # --- compute
         batches = plan_batches(views, rows, config.micro_batch_tokens, config.share_prefix)
@@ -111,24 +120,30 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
             config.chunk_size, str(loaded.device), model.config.get_text_config().vocab_size))
         start = time.perf_counter()
         with _Progress(sequence_tokens) as progress:
-            results = score_views(model, batches, numerics=numerics, rows=rows, progress=progress)
+            results = score_views(model, batches, numerics=replace(numerics, with_entropy=config.entropy), rows=rows,
+                                  progress=progress)
             if reference is not None:  # log π_ref(y_t | x, y<t): the student views, same numerics, no entropy
                 reference_results = score_views(reference.model, reference_batches, progress=progress, rows=rows,
                                                 numerics=replace(numerics, with_entropy=False), label="reference's ")
         seconds = time.perf_counter() - start
         columns = assemble(rows, views, results)
-        median, median_tokens = median_teacher_entropy(
-            columns["teacher_entropy"], [config.teacher and row["privileged_source"] != "none" for row in rows])
+        teacher_rows = [config.teacher and row["privileged_source"] != "none" for row in rows]
+        median, median_tokens = median_teacher_entropy(columns["teacher_entropy"], teacher_rows) \
+            if config.entropy else (None, 0)
+        teacher_ppl = [teacher_perplexity(lp) if teacher else None
+                       for lp, teacher in zip(columns["teacher_logprobs"], teacher_rows)]
         if reference is not None:
             columns[REFERENCE_COLUMN] = [reference_results[(index, False)][0] for index in range(len(rows))]
         # --- write
         for name, values in columns.items():
             table = table.append_column(name, pa.array(values))
         table = table.append_column(TEACHER_PROMPT_COLUMN, pa.array(teacher_prompts(rows, views), pa.list_(pa.int32())))
+        table = table.append_column(TEACHER_PPL_COLUMN, pa.array(teacher_ppl, pa.float64()))
         response_tokens = sum(len(r["response_token_ids"]) for r in rows)
         metadata = build_metadata(
             "scored", replace(config, temperature=temperature), input=str(config.verified),
             model=str(loaded.path), model_revision=loaded.revision, temperature=temperature, teacher=config.teacher,
+            entropy=config.entropy,
             chat=chat.record(),
             reference_model=str(reference.path) if reference is not None else None,
             reference_revision=reference.revision if reference is not None else None,
@@ -140,6 +155,7 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
             micro_batches=len(batches) + len(reference_batches),
             seconds=round(seconds, 3), tokens_per_s=round(sequence_tokens / max(seconds, 1e-9), 1))
         write_artifact(table, out, "scored", metadata)
-        log.info("wrote %d scored rows to %s (median teacher entropy %s nats, %.0f tok/s)", len(rows), out,
-                 metadata["median_teacher_entropy"], metadata["tokens_per_s"])
+        log.info("wrote %d scored rows to %s (median teacher entropy %s, %.0f tok/s)", len(rows), out,
+                 f"{metadata['median_teacher_entropy']} nats" if config.entropy else "not computed",
+                 metadata["tokens_per_s"])
         return out

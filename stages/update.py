@@ -7,6 +7,11 @@ PPO-clip (§3), plus kl_coef · k3 KL to a frozen reference when --kl-coef > 0 (
 atomically, with one row of the §6 metrics. The command reads validate → read → train → write; the trainer is
 `stages.training.trainer`, the options `stages.training.config`, the checks of the state, revision and rows
 `stages.training.batch`. No reference model is loaded here: its log-probs are data in the scored file.
+
+`--variant` (METHOD §9) sets the default of every knob where the paper's text and the authors' code differ; the
+config is resolved (`stages.training.config.resolve_variant`) before anything else. `--advantages-out FILE` writes
+what the step trains on per response and token (schemas.ADVANTAGES; `stages.training.signals`); with `--no-train`
+that is all it does: no model, engine or checkpoint, the gate advanced from the run state and not saved.
 """
 
 from __future__ import annotations
@@ -20,21 +25,23 @@ from pathlib import Path
 
 from stages.common import metrics as keys
 from stages.common.errors import InputError
-from stages.common.io import output_lock, read_artifact
+from stages.common.io import build_metadata, check_output, output_lock, read_artifact, write_artifact
 from stages.training import checkpoint, distributed, lora
 from stages.training.batch import (
     batch_from_table,
     check_reference,
     check_revision,
     check_state,
+    check_state_method,
     check_teacher,
     check_zero3_ranks,
     overlong_limit,
     read_deepspeed_file,
     resolved_is_correction,
 )
-from stages.training.config import UpdateConfig
+from stages.training.config import UpdateConfig, method_settings, resolve_variant
 from stages.training.trainer import Trainer
+from stages.method.terms import get_term
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +53,14 @@ def run(config: UpdateConfig) -> Path:
     started = time.perf_counter()
     env = distributed.env_from(os.environ)
     model_dir = resolve_model(config.model)
+    if not config.train:
+        return dry_run(config, model_dir)
+    if config.advantages_out:
+        check_output(config.advantages_out, config.overwrite)
     out = checkpoint.check_target(config.out, config.overwrite)
     with output_lock(out) if env.is_main else contextlib.nullcontext():  # rank 0 writes the folder into place
         state, deepspeed_user = read_start(config, env, model_dir)
+        config = resolve_variant(config, state)
         batch = read_batch(config, env, model_dir, out)
         trainer = open_trainer(config, env, model_dir, state, deepspeed_user)
         try:
@@ -63,6 +75,7 @@ def step(trainer: Trainer, config: UpdateConfig) -> Path:
     from stages.lm.models import resolve_model
 
     started = time.perf_counter()
+    config = resolve_variant(config, trainer.carried)
     out = checkpoint.check_target(config.out, config.overwrite)
     with output_lock(out) if trainer.env.is_main else contextlib.nullcontext():
         batch = read_batch(config, trainer.env, resolve_model(config.model), out)
@@ -81,19 +94,26 @@ def read_start(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path) 
     return state, deepspeed_user
 
 
-def read_batch(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path, out: Path):
-    """The scored rows of this step as a Batch, after every check that needs no model (InputError, exit 2)."""
-    if out.resolve() == model_dir.resolve():
+def read_batch(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path, out: Path | None):
+    """The scored rows of this step as a Batch, after every check that needs no model (InputError, exit 2); `out`
+    None: no checkpoint is written (--no-train)."""
+    if out is not None and out.resolve() == model_dir.resolve():
         raise InputError(f"--out {out}: must differ from --model (checkpoints are never updated in place)")
-    checkpoint.check_free_space(out, checkpoint.estimate_bytes(model_dir, config.optimizer_state))
+    if out is not None:
+        checkpoint.check_free_space(out, checkpoint.estimate_bytes(model_dir, config.optimizer_state))
     table, metadata = read_artifact(config.scored, "scored")
     check_reference(config, table)
     check_revision(config, metadata, model_dir)
     check_teacher(config, metadata)
     vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     temperature = float(metadata.get("temperature") or 1.0)  # score's numerics: s_t at the sampling temperature
+    entropy = metadata.get("entropy") is not False
+    if not entropy and config.gate_statistic == "entropy" and get_term(config.method).uses_teacher:
+        raise InputError(f"{config.scored}: scored without entropies (score --no-entropy), but the entropy gate "
+                         f"(--gate-statistic entropy, variant {config.variant}) reads the teacher entropy; score it "
+                         "again with --entropy, or use --gate-statistic perplexity")
     batch = batch_from_table(table, str(config.scored), vocab_size, temperature, metadata.get("teacher") is not False,
-                             overlong_limit(config, metadata))
+                             overlong_limit(config, metadata), entropy)
     batch.is_correction = resolved_is_correction(config.is_correction, metadata)
     return batch
 
@@ -117,21 +137,61 @@ def train_and_save(trainer: Trainer, batch, config: UpdateConfig, out: Path, sta
 
     # this rank's share of the sequence tokens the step runs through (each ppo epoch once)
     total = config.ppo_epochs * sum(len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids))
+    signals = trainer.step_signals(batch)
+    gate_state = trainer.gate.state_dict()  # after this step's gate decision: what --advantages-out records
     with token_progress("update", total // trainer.env.world_size,
                         enabled=config.progress and trainer.env.is_main) as advance:
         trainer.on_tokens = advance
         try:
-            metrics = trainer.train_step(batch)
+            metrics = trainer.train_step(batch, signals)
         finally:
             trainer.on_tokens = None
     metrics[keys.timing("update")] = time.perf_counter() - started
     trainer.save(out, metrics, optimizer_state=config.optimizer_state)
+    if config.advantages_out is not None and trainer.env.is_main:
+        _, lam, seq_adv, _, trained = signals
+        write_advantages(config, batch, seq_adv, lam, trained, step=metrics[keys.STEP], gate=gate_state)
     if trainer.env.is_main:
         log.info("update step %d: %d rows, reward %.3f, λ %.3f, loss %.4g, grad norm %s, %.0f tok/s → %s%s",
                  metrics[keys.STEP], len(batch), metrics[keys.REWARD_MEAN], metrics[keys.GATE_LAMBDA],
                  metrics[keys.PG_LOSS], metrics[keys.GRAD_NORM], metrics[keys.UPDATE_TOK_S] or 0.0, out,
                  "" if config.optimizer_state else " (weights and run state only)")
     return out
+
+
+def write_advantages(config: UpdateConfig, batch, seq_adv, lam, trained: list[int], step: int, gate: dict) -> Path:
+    """--advantages-out: the step's per-response and per-token advantages (schemas.ADVANTAGES), with the variant,
+    the resolved settings, the gate's metrics and its state after the step in the metadata."""
+    from stages.training.signals import advantages_table
+
+    table = advantages_table(config, batch, seq_adv, lam, trained)
+    metadata = build_metadata("advantages", method_settings(config), scored=str(config.scored), model=config.model,
+                              step=step,
+                              variant=config.variant, method=config.method, gate_metrics=lam.metrics, gate=gate,
+                              trained=config.train)
+    write_artifact(table, config.advantages_out, "advantages", metadata)
+    log.info("wrote the advantages of %d responses (step %d, variant %s) to %s", len(batch), step, config.variant,
+             config.advantages_out)
+    return Path(config.advantages_out)
+
+
+def dry_run(config: UpdateConfig, model_dir: Path) -> Path:
+    """--no-train: the advantages the step would train on, from the run state's gate (not saved), no model."""
+    from stages.training.signals import load_gate, make_gate, step_signals
+
+    path = check_output(config.advantages_out, config.overwrite)
+    state = checkpoint.read_state(config.state or checkpoint.default_state_path(model_dir))
+    check_state_method(config, state)
+    config = resolve_variant(config, state)
+    batch = read_batch(config, distributed.env_from({}), model_dir, None)
+    gate = make_gate(config)
+    if state is not None and "gate" in state:
+        loaded = load_gate(gate, state["gate"])
+        switched = state.get("method") not in (None, config.method) or not loaded
+        gate.request_recalibration(config.recalibrate_gate, force=switched)
+    _, lam, seq_adv, _, trained = step_signals(gate, config, batch)
+    return write_advantages(config, batch, seq_adv, lam, trained, step=int((state or {}).get("step", 0)),
+                            gate=gate.state_dict())
 
 
 def replay(trainer: Trainer, config: UpdateConfig) -> None:
@@ -144,8 +204,9 @@ def replay(trainer: Trainer, config: UpdateConfig) -> None:
     folder = Path(config.out)
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder}: the checkpoint of a step to replay is missing (deleted by hand, or pruned by an "
-                         "antisd older than 0.1.0's resume rule); move this step's folder and the later ones aside "
-                         "and rerun: those steps are recomputed from the same seeds")
+                         "earlier antisd, whose pruning could delete it); move this step's folder and the later ones "
+                         "aside and rerun: those steps are recomputed from the same seeds")
+    config = resolve_variant(config, trainer.carried)
     batch = read_batch(config, trainer.env, resolve_model(config.model), folder)
     trainer.configure(config)
     lr = trainer.scheduled_lr()

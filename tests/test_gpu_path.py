@@ -110,10 +110,13 @@ def test_the_loop_scores_in_scores_dtype_not_the_rollouts(tmp_path, tiny_model_d
 @pytest.mark.parametrize("engine, dtype, expected", [("vllm", "float32", "token"), ("vllm", "bfloat16", "token"),
                                                      ("hf", "bfloat16", "token"), ("hf", "float32", "off")])
 def test_is_correction_auto_follows_the_sampler(engine, dtype, expected):
+    """update.is_correction auto: on where the sampler is another forward than the trainer's (vLLM, 16-bit)."""
     from stages.training.batch import resolved_is_correction
-    from stages.training.config import UpdateConfig
+    from stages.training.config import UpdateConfig, resolve_variant
 
-    assert UpdateConfig(scored="s", out="o").is_correction == "auto"
+    # the default is the variant's (official: token, as TRL for vLLM; paper: off); auto decides by the sampler
+    assert resolve_variant(UpdateConfig(scored="s", out="o")).is_correction == "token"
+    assert resolve_variant(UpdateConfig(scored="s", out="o", is_correction="auto")).is_correction == "auto"
     metadata = {"config": {"dtype": "auto"}, "rollouts_metadata": {"engine": engine, "dtype": dtype,
                                                                    "config": {"engine": "auto", "dtype": "auto"}}}
     assert resolved_is_correction("auto", {"input": {"verified": metadata}}) == expected

@@ -159,7 +159,8 @@ def test_a_method_added_through_the_registry_alone_reaches_help_config_and_updat
     assert json.loads(resolved.stdout.strip().splitlines()[-1]) == {"method": "toy"}
     scored = make_scored(tmp_path / "scored.parquet", tiny_model_dir, rewards=[1.0] * 8, pmi=1.0)
     trained = _with_toy("cli", "-q", "update", "--scored", str(scored), "--model", str(tiny_model_dir), "--out",
-                        str(tmp_path / "toy"), "--method", "toy", "--lr", "1e-3", "--threads", "1", cwd=REPO)
+                        str(tmp_path / "toy"), "--method", "toy", "--lr", "1e-3", "--threads", "1",
+                        "--variant", "paper", cwd=REPO)  # the paper's ungated λ acts from step 1 (§9 warms up first)
     assert trained.returncode == 0, trained.stderr[-2000:]
     metrics = json.loads((tmp_path / "toy" / "metrics.json").read_text())
     state = json.loads((tmp_path / "toy" / "antisd_state.json").read_text())

@@ -29,7 +29,7 @@ def tiny_config(model_dir: Path, steps: int = 2) -> dict:
         "rollout": {"n": 2, "max_new_tokens": 6, "progress": False},
         "verify": {"workers": 1},
         # sd is ungated, so λ > 0 from the first step and the weights move even when every reward is 0.
-        "update": {"method": "sd", "lr": 1.0e-3},
+        "update": {"method": "sd", "lr": 1.0e-3, "variant": "paper"},  # the paper's text: METHOD §2–§5
     }
 
 
@@ -150,6 +150,30 @@ def test_resume_after_kill_equals_uninterrupted(stage, finished_run, tmp_path):
     assert weights_digest(out / "step_0001" / "checkpoint") == weights_digest(run_dir / "step_0001" / "checkpoint")
     assert (out / "step_0001" / "checkpoint" / "deepspeed").is_dir()  # the last step writes the full state
     assert not list(out.rglob("*.tmp"))
+
+
+def test_a_run_made_before_variants_resumes_as_paper_with_the_same_numbers(finished_run, tiny_model_dir, tmp_path):
+    """A run directory written before update.variant existed (its run.json and config.yaml lack the key) continues
+    with the paper's text, not the new default: extended from 1 to 2 steps by a config without the key, it ends
+    with the weights of the uninterrupted paper run."""
+    run_dir, _ = finished_run
+    first = tiny_config(tiny_model_dir, steps=1)
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(first))
+    out = tmp_path / "old"
+    assert run_loop(tmp_path / "one.yaml", out).exit_code == 0
+    manifest = json.loads((out / "run.json").read_text())
+    del manifest["config"]["update"]["variant"], manifest["update_settings"]  # what an antisd before variants wrote
+    (out / "run.json").write_text(json.dumps(manifest))
+    second = tiny_config(tiny_model_dir, steps=2)
+    del second["update"]["variant"]
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(second))
+    resumed = run_loop(tmp_path / "two.yaml", out)
+    assert resumed.exit_code == 0, resumed.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["update"]["variant"] == "paper"
+    assert json.loads((out / "run.json").read_text())["update_settings"]["gate_statistic"] == "entropy"
+    assert weights_digest(out / "step_0001" / "checkpoint") == weights_digest(run_dir / "step_0001" / "checkpoint")
+    refused = run_loop(tmp_path / "two.yaml", out, "--set", "update.variant=official")
+    assert refused.exit_code == 2 and "different config (update.variant)" in refused.output
 
 
 def test_print_config_resolves_overrides(tmp_path, tiny_model_dir):

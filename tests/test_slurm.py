@@ -280,7 +280,10 @@ def test_commands_in_scripts_are_valid_antisd_invocations_of_the_loop_configs(tm
     # each stage of each step ran once (update once per rank), plus one record loop per step
     assert len(entries) == 2 * (3 + 4 + 1)
     config = dataclasses.replace(config, out=str((tmp_path / "run").resolve()))
+    from stages.runs.plan import with_run_variant
     from stages.runs.run_dir import Run
+
+    config = with_run_variant(config)  # the run's config.yaml spells out update.variant (the default, official)
 
     run = Run(Path(config.out))
     for entry in entries:

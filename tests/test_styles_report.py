@@ -52,3 +52,44 @@ def test_a_right_first_sum_is_this_problems_sum_with_its_right_result():
             for reward, text in [(1.0, "47 + 37 = 84."), (0.0, "47 + 37 = 84. Check: 84 - 7 = 70."), (0.0, "83")]]
     stats = module.style_stats(rows)
     assert stats["right_first_sum_frac"] == 2 / 3 and stats["accuracy_after_right_first_sum"] == 0.5
+
+
+def _official_run(docs: Path, method: str, seed: int, rewards: list[float], correct: dict[str, float],
+                  gate: list[dict] | None = None) -> None:
+    """A committed run folder of an `update.variant: official` arm (runs/official/METHOD_sSEED)."""
+    folder = docs / "runs" / "official" / f"{method}_s{seed}"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"loop": {"seed": seed}, "update": {
+        "method": method, "variant": "official", "warmup_steps": 1}}))
+    rows = [{"step": i, "reward/mean": r, "response/length_mean": 30.0, "teacher/entropy_median": None,
+             **((gate or [{}] * len(rewards))[i]),
+             **({"eval/accuracy": sum(correct.values()) / len(correct)} if i == len(rewards) - 1 else {})}
+            for i, r in enumerate(rewards)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "evals.json").write_text(json.dumps({"base": {k: 0.0 for k in correct}, str(len(rewards) - 1): correct}))
+
+
+def test_official_arms_pair_with_their_own_grpo_and_show_their_gate(tmp_path):
+    module = load_script("styles_report")
+    problems = [f"p{i}" for i in range(10)]
+    _run(tmp_path, "grpo_s0", "grpo", 0, [0.1, 0.2, 0.3], {p: float(i < 4) for i, p in enumerate(problems)})
+    _official_run(tmp_path, "grpo", 0, [0.2, 0.2, 0.2], {p: float(i < 6) for i, p in enumerate(problems)})
+    gate = [{"gate/open": 0, "gate/lambda": 0.0, "gate/lambda_max": 0.0, "gate/lambda_active_frac": 0.0,
+             "gate/statistic": 1.8, "gate/target": None, "gate/sigma_ref": None},
+            {"gate/open": 1, "gate/lambda": 0.05, "gate/lambda_max": 0.2, "gate/lambda_active_frac": 0.5,
+             "gate/statistic": 1.6, "gate/target": 1.67, "gate/sigma_ref": 0.9},
+            {"gate/open": 0, "gate/lambda": 0.0, "gate/lambda_max": 0.0, "gate/lambda_active_frac": 0.0,
+             "gate/statistic": 1.7, "gate/target": 1.67, "gate/sigma_ref": 0.9}]
+    _official_run(tmp_path, "antisd", 0, [0.3, 0.3, 0.3], {p: float(i < 7) for i, p in enumerate(problems)}, gate)
+    text = "\n".join(module.training_tables(tmp_path))
+    # antisd@official − grpo@official: per-step 0.1, 0.1, 0.1 (2 SE 0); held-out 7 vs 6 of the same 10 problems
+    row = next(line for line in text.splitlines() if line.startswith("| antisd@official | 0 |"))
+    assert "+0.100 ± 0.000 (3)" in row and "+0.100 [" in row
+    base = next(line for line in text.splitlines() if line.startswith("| grpo@official | 0 |"))
+    # per-step 0.1, 0, −0.1: sd 0.1, 2·0.1/√3 = 0.115; held-out 6 vs 4 of the same 10
+    assert "+0.000 ± 0.115 (3)" in base and "+0.200 [" in base  # the official base against the paper's grpo
+    side = next(line for line in text.splitlines() if line.startswith("| antisd | official | 1 |"))
+    assert "0.700 [0.700, 0.700]" in side and "+0.100 [" in side
+    gate_row = [line for line in text.splitlines() if line.startswith("| antisd@official s0 |")][-1]  # gate table
+    assert "| 010 | 0.000 0.050 0.000 | 0.000 0.200 0.000 | 0.00 0.50 0.00 | 1.800 1.600 1.700 | 1.670 | 0.900 |" \
+        in gate_row

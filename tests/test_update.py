@@ -37,6 +37,10 @@ METRIC_KEYS = [
     "privileged/reference", "privileged/other_peer", "privileged/other_reference", "privileged/none",
     "throughput/update_tok_s", "timing_s/update", "rollout/logprob_mismatch_mean",
     "rollout/logprob_mismatch_max", "reward/overlong_penalty_mean", "response/overlong_filtered",
+    # METHOD §9 (None or 0/1 under the paper variant): λ_i, the perplexity gate, the u-clip, the dual clip
+    "privileged/assessment", "teacher/ppl_mean", "gate/lambda_max", "gate/lambda_active_frac", "gate/statistic",
+    "gate/target", "gate/reactivate", "gate/ppl_m", "gate/sigma_ref", "gate/ppl_spike_frac", "pmi/clipped_frac",
+    "actor/clip_frac_dual",
 ]
 
 
@@ -120,6 +124,7 @@ def weights_hash(folder: Path) -> str:
 def config(scored, model, out, **kw) -> UpdateConfig:
     kw.setdefault("lr", 1e-3)
     kw.setdefault("threads", 1)
+    kw.setdefault("variant", "paper")  # these tests pin the paper's text (METHOD §2–§5); §9's are test_variants.py
     return UpdateConfig(scored=str(scored), model=str(model), out=str(out), **kw)
 
 

@@ -17,10 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 from test_update import make_scored, weights
 
+from stages.common import io
 from stages.training import checkpoint, distributed
 
 TIMEOUT_S = 300
@@ -116,7 +118,7 @@ def assert_first_adam_step_agrees(before: dict, one: dict, two: dict, grads: dic
 def test_two_rank_zero2_step_equals_one_process(tmp_path, tiny_model_dir, uneven_scored):
     lr = 1e-4
     common = ["--scored", str(uneven_scored), "--lr", str(lr), "--micro-batch-tokens", "64", "--zero-stage", "2",
-              "--warmup-steps", "1"]
+              "--warmup-steps", "1", "--variant", "paper"]  # token-mean: the normalizer of every token of all ranks
     one = launch([*common, "--model", str(tiny_model_dir), "--out", str(tmp_path / "one")], 1, tmp_path,
                  tmp_path / "probe_one")
     two = launch([*common, "--model", str(tiny_model_dir), "--out", str(tmp_path / "two")], 2, tmp_path,
@@ -149,3 +151,20 @@ def test_two_rank_zero2_step_equals_one_process(tmp_path, tiny_model_dir, uneven
     assert_tensors_close(two2["grads"][0], one2["grads"][0], "step-2 reduced gradient")
     assert_tensors_close(two2["exp_avg"][0], one2["exp_avg"][0], "step-2 exp_avg")
     assert_tensors_close(two2["exp_avg_sq"][0], one2["exp_avg_sq"][0], "step-2 exp_avg_sq")
+
+
+def test_two_ranks_calibrate_the_official_gate_as_one_process(tmp_path, tiny_model_dir, uneven_scored):
+    """METHOD §9's warm-up (σ_ref, M, target, reactivate) from a 2-rank step equals the 1-process one exactly: every
+    rank reads the whole file, and the trainer checks that the ranks' gate states agree before it trains."""
+    table, metadata = io.read_artifact(uneven_scored, "scored")
+    ppl = [1.2, 1.5, 2.0, 2.5, 3.5, 1.1, 1.3, 1.4, 2.2, 1.9, 1.6, 4.0]  # the random model's own are all spikes
+    io.write_artifact(table.append_column("teacher_ppl", pa.array(ppl, pa.float64())), uneven_scored, "scored",
+                      metadata)
+    common = ["--scored", str(uneven_scored), "--lr", "1e-4", "--micro-batch-tokens", "64", "--variant", "official",
+              "--warmup-steps", "1", "--model", str(tiny_model_dir)]
+    launch([*common, "--out", str(tmp_path / "one")], 1, tmp_path, tmp_path / "probe_one")
+    launch([*common, "--out", str(tmp_path / "two")], 2, tmp_path, tmp_path / "probe_two")
+    one = json.loads((tmp_path / "one" / checkpoint.STATE_FILE).read_text())["gate"]
+    two = json.loads((tmp_path / "two" / checkpoint.STATE_FILE).read_text())["gate"]
+    assert one["ppl_m"] == sorted(p for p in ppl if p < 3)[5] and one["sigma_ref"] > 0  # calibrated
+    assert two == one

@@ -1,8 +1,8 @@
 """Prompt formatting: the one place that turns a problem into chat messages and token ids.
 
 Student view: optional few-shot turns, then a user turn "<problem> Put the final answer in \\boxed{}.".
-Teacher view (METHOD §4): the same few-shot turns, then a user turn holding the student's user text, the verified
-solution and the assessment of the rollout being scored. Both are rendered with the model's own chat template with
+Teacher view (METHOD §4, or §9's layout): the same few-shot turns, then a user turn holding the student's user text,
+the verified solution and the assessment of the rollout being scored. Both are rendered with the model's own chat template with
 the assistant generation header appended; the response token ids are appended verbatim by the caller (never
 re-tokenized). Every piece of text around the problem is a field of `ChatOptions` (the defaults below), settable
 one by one or from a prompt template file (`read_prompt_template`). This module does not decide which solution is
@@ -25,6 +25,8 @@ INCORRECT_NOTE = "Your answer is incorrect."
 TEACHER_INSTRUCTION = "Now solve this problem step by step."  # METHOD §4's last line; "" leaves it out (a control)
 ATTEMPT_HEADER = "Your previous attempt:"  # METHOD §4: before the verified solution
 ASSESSMENT_HEADER = "Previous assessment:"  # METHOD §4: before the note on this rollout
+
+TEACHER_LAYOUTS = ("paper", "official")  # the teacher turn of METHOD §4 or of §9 (see teacher_user_text)
 
 _THINK_RE = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
 THINKING = ("default", "on", "off")  # the chat template's enable_thinking (Qwen3): its default, True, False
@@ -167,22 +169,39 @@ def student_messages(problem: str, few_shot=None, answer_instruction: str = INST
     return _few_shot_messages(few_shot) + [{"role": "user", "content": user_text(problem, answer_instruction)}]
 
 
-def teacher_user_text(problem: str, privileged_text: str, correct: bool, instruction: str | None = None,
-                      chat: ChatOptions = ChatOptions()) -> str:
-    """METHOD §4 step 3: problem prompt, the verified solution, the assessment of *this* rollout, the instruction
-    (None: `chat.teacher_instruction`; "" = none), in `chat`'s framing text."""
+def teacher_user_text(problem: str, privileged_text: str | None, correct: bool, instruction: str | None = None,
+                      chat: ChatOptions = ChatOptions(), layout: str = "paper", peer_assessment: bool = True) -> str:
+    """The teacher's user turn: the student's user text, the verified solution (None: none, the `assessment`
+    source), the assessment of *this* rollout, the instruction (None: `chat.teacher_instruction`; "" = none), in
+    `chat`'s framing text.
+
+    layout paper (METHOD §4 step 3):
+        {prompt}\n\n{attempt header}\n{solution}\n\n{assessment header} {note}\n{instruction}
+    layout official (§9, the authors' code):
+        {prompt}\n{attempt header}\n\n{solution}\n\n{assessment header} {note}\n\n{instruction}
+    Without `peer_assessment` (§9) a turn that shows a solution has no assessment line; a turn without one always
+    has it. Blocks that are absent (no solution, no assessment, an empty instruction) are left out with their breaks.
+    """
+    if layout not in TEACHER_LAYOUTS:
+        raise ValueError(f"teacher layout must be one of {', '.join(TEACHER_LAYOUTS)}, got {layout!r}")
     note = chat.correct_note if correct else chat.incorrect_note
     instruction = chat.teacher_instruction if instruction is None else instruction
-    text = (f"{user_text(problem, chat.answer_instruction)}\n\n{chat.teacher_attempt_header}\n{privileged_text}\n\n"
-            f"{chat.teacher_assessment_header} {note}")
+    assessment = f"{chat.teacher_assessment_header} {note}" if privileged_text is None or peer_assessment else None
+    prompt = user_text(problem, chat.answer_instruction)
+    if layout == "official":
+        blocks = ([f"{chat.teacher_attempt_header}\n\n{privileged_text}"] if privileged_text is not None else []) \
+            + [block for block in (assessment, instruction) if block]
+        return prompt + "\n" + "\n\n".join(blocks)
+    text = prompt if privileged_text is None else f"{prompt}\n\n{chat.teacher_attempt_header}\n{privileged_text}"
+    text = text if assessment is None else f"{text}\n\n{assessment}"
     return f"{text}\n{instruction}" if instruction else text
 
 
-def teacher_messages(problem: str, few_shot, privileged_text: str, correct: bool, instruction: str | None = None,
-                     chat: ChatOptions = ChatOptions()) -> list[dict]:
-    return _few_shot_messages(few_shot) + [
-        {"role": "user", "content": teacher_user_text(problem, privileged_text, correct, instruction, chat)}
-    ]
+def teacher_messages(problem: str, few_shot, privileged_text: str | None, correct: bool,
+                     instruction: str | None = None, chat: ChatOptions = ChatOptions(), layout: str = "paper",
+                     peer_assessment: bool = True) -> list[dict]:
+    text = teacher_user_text(problem, privileged_text, correct, instruction, chat, layout, peer_assessment)
+    return _few_shot_messages(few_shot) + [{"role": "user", "content": text}]
 
 
 def encode(tokenizer, messages: list[dict], chat: ChatOptions = ChatOptions()) -> list[int]:

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from stages.common import validation
 from stages.common.errors import InputError
 from stages.lm.models import ATTN_IMPLEMENTATIONS, DTYPES
+from stages.lm.prompts import TEACHER_LAYOUTS
 
 SCORE_COLUMNS = ("student_logprobs", "teacher_logprobs", "teacher_entropy", "student_entropy", "pmi",
                  "teacher_prompt_length")
+TEACHER_PPL_COLUMN = "teacher_ppl"  # schemas.OPTIONAL["scored"]: written by every score run since METHOD §9
 REFERENCE_COLUMN = "ref_logprobs"  # schemas.OPTIONAL["scored"]: only with --reference
 TEACHER_PROMPT_COLUMN = "teacher_prompt_token_ids"  # schemas.OPTIONAL["scored"]: written by every score run
 _ROW_COLUMNS = ["prompt_id", "sample_idx", "problem", "few_shot", "prompt_token_ids", "response_token_ids",
@@ -46,6 +48,12 @@ class ScoreConfig:
     # the teacher prompt's last line (METHOD §4); None: the rollouts' (their prompt template's, else
     # prompts.TEACHER_INSTRUCTION); "" = left out
     teacher_instruction: str | None = None
+    # the teacher turn's layout: paper (METHOD §4) | official (§9: other line breaks); see prompts.teacher_user_text
+    teacher_layout: str = "paper"
+    peer_assessment: bool = True  # the assessment line also when a solution is shown (§4); False: only without (§9)
+    # the full-vocabulary entropies (teacher_entropy, student_entropy); false stores 0 there and records entropy:
+    # false (what §9 needs: λ and the gate read the teacher perplexity), sparing the softmax over the vocabulary
+    entropy: bool = True
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on GPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attn_implementation: str = "auto"  # auto (transformers' default: sdpa) | sdpa | eager | flash_attention_2
@@ -60,6 +68,7 @@ class ScoreConfig:
         check.at_least(0, "threads")
         check.choice("dtype", DTYPES)
         check.choice("attn_implementation", ATTN_IMPLEMENTATIONS)
+        check.choice("teacher_layout", TEACHER_LAYOUTS)
         check.done()
 
 
@@ -126,10 +135,10 @@ def metadata_chat(metadata: dict):
 
 
 def build_views(rows: list[dict], tokenizer, teacher: bool = True, instruction: str | None = None,
-                chat=None) -> list[View]:
-    """Student view of every row, teacher view (METHOD §4 prompt ending with `instruction`, None: the chat options',
-    + the same response ids) of rows with a source (none at all without `teacher`), rendered with the rollouts' `chat`
-    options."""
+                chat=None, layout: str = "paper", peer_assessment: bool = True) -> list[View]:
+    """Student view of every row, teacher view (METHOD §4 prompt, or §9's with `layout` official, ending with
+    `instruction`, None: the chat options', + the same response ids) of rows with a source (none at all without
+    `teacher`), rendered with the rollouts' `chat` options."""
     from stages.lm.prompts import ChatOptions, encode, teacher_messages
 
     chat = chat or ChatOptions()
@@ -138,7 +147,7 @@ def build_views(rows: list[dict], tokenizer, teacher: bool = True, instruction: 
         views.append(View(index, False, row["prompt_token_ids"], row["response_token_ids"]))
         if teacher and row["privileged_source"] != "none":
             messages = teacher_messages(row["problem"], row["few_shot"], row["privileged_text"], bool(row["correct"]),
-                                        instruction, chat)
+                                        instruction, chat, layout, peer_assessment)
             views.append(View(index, True, encode(tokenizer, messages, chat), row["response_token_ids"]))
     return views
 
@@ -191,10 +200,10 @@ def plan_batches(views: list[View], rows: list[dict], budget: int, share_prefix:
 
 def score_views(model, batches: list[ViewBatch], *, numerics, rows: list[dict], progress=None, label: str = ""
                 ) -> dict[tuple[int, bool], tuple[list[float], list[float] | None]]:
-    """(row, teacher) → (log-probs, entropies or None) of the response tokens; RuntimeError naming a row on NaN/inf.
+    """(row, teacher) → (log-probs, entropies) of the response tokens; RuntimeError naming a row on NaN/inf.
 
     `numerics` (stages.lm.forward.Numerics) with_entropy=False skips the full-vocabulary entropy (the reference
-    pass); `label` names the network in errors.
+    pass, score --no-entropy): the entropies are then 0; `label` names the network in errors.
     """
     import torch
 
@@ -209,8 +218,7 @@ def score_views(model, batches: list[ViewBatch], *, numerics, rows: list[dict], 
                     raise RuntimeError(f"non-finite log-probs or entropy in the {label}"
                                        f"{'teacher' if view.teacher else 'student'} view of {row_label(rows, view.row)}"
                                        "; nothing written")
-                results[(view.row, view.teacher)] = (lp.float().cpu().tolist(),
-                                                     ent.float().cpu().tolist() if numerics.with_entropy else None)
+                results[(view.row, view.teacher)] = (lp.float().cpu().tolist(), ent.float().cpu().tolist())
             if progress is not None:
                 progress(sum(v.length for v in batch.views))
     return results

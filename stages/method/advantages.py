@@ -2,15 +2,18 @@
 
 Pure functions of tensors and explicit scalars; no config, I/O, globals or state. Shapes: N rollouts; B sequences and
 T padded response positions, with `mask` [B, T] true on response tokens (padding may hold anything, even NaN, and
-never reaches a result). The per-token terms come from the registry in `stages.method.terms`.
+never reaches a result). The per-token terms come from the registry in `stages.method.terms`, the §9 shaping of the
+term (clip, z-score, length mask) from `stages.method.shaping`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from stages.method.shaping import clip_u, length_mask, response_zscore
 from stages.method.terms import get_term
 
 
@@ -52,24 +55,60 @@ def group_advantages(rewards: torch.Tensor, group_ids, eps: float = 1e-6, scale:
     return torch.where(degenerate[index], torch.zeros_like(adv), adv).to(out_dtype)
 
 
+@dataclass(frozen=True)
+class TokenAdvantageParts:
+    """The per-token pieces of A_{i,t}, each [B, T] float32 and 0 outside the mask (what `--advantages-out` stores)."""
+
+    u: torch.Tensor  # u after the clip (§9 step 3; u itself when the clip is off)
+    term: torch.Tensor  # r_t = f(u_t), the method's term before normalisation
+    normalized: torch.Tensor  # p_t: the term after the per-response z-score and the length mask (= term when off)
+    advantages: torch.Tensor  # A_{i,t} = A_seq_i + λ_i·p_t
+
+
+def shaped_token_advantages(method: str, seq_adv: torch.Tensor, pmi: torch.Tensor | None, mask: torch.Tensor,
+                            lam, *, variant: str = "paper", sigma_ref: float | None = None, u_clip_k: float = 0.0,
+                            u_clamp: float = 0.0, term_norm: str = "none", norm_clamp: float = 5.0,
+                            length_mask_tokens: int = 0) -> TokenAdvantageParts:
+    """A_{i,t} = A_seq_i + λ_i·p_t with p = norm(f_variant(clip(u)))  (METHOD §2; §9 steps 3–6 and its λ_i).
+
+    With every shaping off (u_clip_k 0 or sigma_ref None, u_clamp 0, term_norm none, length_mask_tokens 0) and a
+    scalar λ this is METHOD §2 exactly: p = f(u), f: grpo 0 · sd +u · antisd −φ(u) · rkl-ascent −u. `variant`
+    official takes the term's §9 shape (sd: +φ(u)). lam: a float (one λ for the step, §5) or a [B] tensor (λ_i per
+    response, §9). clip: `stages.method.shaping.clip_u`; term_norm "response": `response_zscore` (clamp
+    `norm_clamp`); a response of `length_mask_tokens` tokens or more gets p = 0 (0 = off). seq_adv: [B]; pmi: [B, T]
+    (u = t − s; None only for grpo); mask: [B, T]. Everything is a constant weight: sg[·] on seq_adv, u and λ.
+    """
+    if term_norm not in ("none", "response"):
+        raise ValueError(f"term_norm must be 'none' or 'response', got {term_norm!r}")
+    entry = get_term(method)
+    mask = mask.bool()
+    seq = seq_adv.detach().to(torch.float32).reshape(-1, 1)  # [B, 1]
+    if pmi is None:
+        if entry.uses_teacher:
+            raise ValueError(f"method {method!r} needs the pmi tensor")
+        pmi = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    u = clip_u(pmi, mask, sigma_ref, u_clip_k, u_clamp)  # [B, T]; padding may hold NaN, u holds 0 there
+    term = entry.term_of(variant)(u)  # [B, T]
+    normalized = response_zscore(term, mask, norm_clamp) if term_norm == "response" else term
+    if length_mask_tokens > 0:
+        normalized = torch.where(length_mask(mask, length_mask_tokens)[:, None], normalized, 0.0)
+    scale = float(lam) if not isinstance(lam, torch.Tensor) else lam.detach().to(torch.float32).reshape(-1, 1)
+    adv = seq + scale * normalized  # [B, T]
+    zero = torch.zeros_like(adv)
+    return TokenAdvantageParts(u=u, term=torch.where(mask, term, zero), normalized=torch.where(mask, normalized, zero),
+                               advantages=torch.where(mask, adv, zero))
+
+
 def token_advantages(method: str, seq_adv: torch.Tensor, pmi: torch.Tensor | None, mask: torch.Tensor,
                      lam: float) -> torch.Tensor:
     """Per-token advantage A_{i,t} = A_seq_i + λ·f_method(u_{i,t}), 0 outside `mask`  (METHOD §2).
 
     f: grpo 0 · sd +u · antisd −φ(u) · rkl-ascent −u. seq_adv: [B]; pmi: [B, T] (u = t − s; may be None for
     grpo); mask: [B, T]. The whole result is a constant weight: sg[·] on seq_adv and u (no gradient; no
-    normalization, whitening or clipping of the term). Returns [B, T] float32.
+    normalization, whitening or clipping of the term). Returns [B, T] float32. (`shaped_token_advantages` with every
+    §9 shaping off.)
     """
-    term_fn = get_term(method).term
-    mask = mask.bool()
-    seq = seq_adv.detach().to(torch.float32).reshape(-1, 1)  # [B, 1]
-    if pmi is None:
-        if get_term(method).uses_teacher:
-            raise ValueError(f"method {method!r} needs the pmi tensor")
-        pmi = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    u = torch.where(mask, pmi.detach().to(torch.float32), 0.0)  # [B, T]; padding may hold NaN
-    adv = seq + float(lam) * term_fn(u)  # [B, T]
-    return torch.where(mask, adv, torch.zeros_like(adv))
+    return shaped_token_advantages(method, seq_adv, pmi, mask, lam).advantages
 
 
 def overlong_penalty(lengths, max_tokens: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:

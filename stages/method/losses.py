@@ -98,12 +98,17 @@ class PolicyLossStats:
     ratio_min: float
     ratio_max: float
     tokens: int
+    clip_frac_dual: float = 0.0  # A < 0 and ρ > c: the dual clip bounds the loss at −c·A
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip_low: float = 0.2, clip_high: float = 0.2, agg: str = "token-mean",
-                normalizer: float | None = None) -> tuple[torch.Tensor, PolicyLossStats]:
+                normalizer: float | None = None, dual_clip: float = 0.0) -> tuple[torch.Tensor, PolicyLossStats]:
     """PPO-clip loss_t = −min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A), ρ = exp(log π_θ(y_t) − s_t)  (METHOD §3).
+
+    dual_clip c > 1 (METHOD §9: c = 3; 0 = off) bounds the loss of a token with A < 0 at −c·A:
+    loss_t = min(−c·A, loss_t) where A < 0 (dual-clip PPO, as verl's clip_ratio_c), so a far off-policy token with a
+    negative advantage cannot dominate the step. On-policy (ρ = 1) it never binds.
 
     logprobs [B, T] carries the gradient; old_logprobs (s_t) and advantages are constants (detached here).
     The token losses are reduced by `aggregate(agg, normalizer)`; see there for the micro-batch contract.
@@ -118,6 +123,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     unclipped = -adv * ratio  # [B, T]
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # [B, T]
     token_loss = torch.maximum(unclipped, clipped)  # [B, T] = −min(ρA, clip(ρ)A)
+    if dual_clip > 0:
+        token_loss = torch.where(adv < 0, torch.minimum(token_loss, -adv * dual_clip), token_loss)  # [B, T]
     loss = aggregate(token_loss, mask, agg, normalizer)
     with torch.no_grad():
         n = max(int(mask.sum()), 1)
@@ -125,11 +132,12 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         lr = log_ratio[mask]
         low = float(((adv < 0) & (ratio < 1.0 - clip_low) & mask).sum()) / n
         high = float(((adv > 0) & (ratio > 1.0 + clip_high) & mask).sum()) / n
+        dual = float(((adv < 0) & (ratio > dual_clip) & mask).sum()) / n if dual_clip > 0 else 0.0
         stats = PolicyLossStats(
             pg_loss=float(loss.detach()), clip_frac=low + high, clip_frac_low=low, clip_frac_high=high,
             kl_k1=float(-lr.sum()) / n, approx_kl=float((r - 1.0 - lr).sum()) / n, ratio_mean=float(r.sum()) / n,
             ratio_min=float(r.min()) if r.numel() else math.nan, ratio_max=float(r.max()) if r.numel() else math.nan,
-            tokens=int(mask.sum()))
+            tokens=int(mask.sum()), clip_frac_dual=dual)
     return loss, stats
 
 

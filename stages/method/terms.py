@@ -1,8 +1,9 @@
 """The per-token terms of METHOD §2 as one registry: A_{i,t} = A_seq_i + λ·f(u_{i,t}), one entry per method.
 
 An entry carries everything the rest of the program needs to know about a method: its name (METHOD's registry key),
-the term f(u), whether the entropy gate is on for it by default (METHOD §5 Decision) and its formula for help texts
-and docs. The CLI's `--method` choices, `UpdateConfig`'s check, the gate default and the README's method table all
+the term f(u), the term's shape in the authors' code (METHOD §9: `sd` is +φ(u) there, the bounded shape with the other
+sign, where the paper's text has +u), whether the gate is on for it by default (METHOD §5 Decision) and its formula
+for help texts and docs. The CLI's `--method` choices, `UpdateConfig`'s check, the gate default and the README's method table all
 read this registry, so adding a method is one `register_term` call plus its test.
 
 The term functions receive a tensor and use torch through it; torch itself is imported inside them, because
@@ -28,19 +29,25 @@ class TokenTerm:
     gated_by_default: bool  # `update --gate auto` turns the entropy gate on for this method
     formula: str  # A_{i,t} in METHOD's notation, for help texts and the README table
     uses_teacher: bool = True  # the term reads u (so λ acts); False: the token term is 0 and λ is reported as 0
+    official_term: Callable | None = None  # r(u) of METHOD §9 step 4 (None: the same as `term`)
+
+    def term_of(self, variant: str) -> Callable:
+        """f(u) of `variant`: the paper's text (§2) or the authors' code (§9, `official`)."""
+        return self.official_term if variant == "official" and self.official_term is not None else self.term
 
 
 _TERMS: dict[str, TokenTerm] = {}
 
 
-def register_term(name: str, *, gated_by_default: bool, formula: str, uses_teacher: bool = True
-                  ) -> Callable[[Callable], Callable]:
-    """Register f(u) under `name` (a decorator); registering a name twice raises ValueError."""
+def register_term(name: str, *, gated_by_default: bool, formula: str, uses_teacher: bool = True,
+                  official_term: Callable | None = None) -> Callable[[Callable], Callable]:
+    """Register f(u) under `name` (a decorator); registering a name twice raises ValueError. `official_term`: the
+    term's shape in the authors' code (METHOD §9), where it differs from f."""
 
     def decorator(fn: Callable) -> Callable:
         if name in _TERMS:
             raise ValueError(f"token-advantage method {name!r} is already registered")
-        _TERMS[name] = TokenTerm(name, fn, gated_by_default, formula, uses_teacher)
+        _TERMS[name] = TokenTerm(name, fn, gated_by_default, formula, uses_teacher, official_term)
         return fn
 
     return decorator
@@ -80,7 +87,13 @@ def _grpo_term(u):
     return u.new_zeros(u.shape)
 
 
-@register_term("sd", gated_by_default=False, formula="A_seq_i + λ·u_{i,t} (reverse-KL descent)")
+def sd_official_term(u):
+    """sd in the authors' code (METHOD §9 step 4): r = +φ(u) = +½(softplus(u) − ln 2), antisd's shape, other sign."""
+    return phi(u)
+
+
+@register_term("sd", gated_by_default=False, formula="A_seq_i + λ·u_{i,t} (reverse-KL descent)",
+               official_term=sd_official_term)
 def _sd_term(u):
     """sd: +u, reverse-KL descent (rewards tokens the solution implies)."""
     return u

@@ -139,7 +139,7 @@ STAGE_SECTIONS = {
     "verify": ("stages.verifier.rows", "VerifyConfig", {"rollouts", "out", "seed", "overwrite"}),
     "score": ("stages.lm.scoring", "ScoreConfig", {"model", "verified", "out", "shard", "overwrite"}),
     "update": ("stages.training.config", "UpdateConfig", {"model", "scored", "out", "state", "seed", "overwrite",
-                                                          "force", "optimizer_state"}),
+                                                          "force", "optimizer_state", "advantages_out", "train"}),
 }
 
 

@@ -31,6 +31,7 @@ from stages.common.io import (
 from stages.lm import datasets
 from stages.runs import config as run_config
 from stages.runs.config import LoopConfig
+from stages.method.variants import PRE_VARIANT
 from stages.runs.run_dir import Run, config_changes
 
 
@@ -137,11 +138,14 @@ def init_run(config: LoopConfig) -> tuple[Run, dict]:
     root = Path(config.out)
     run = Run(root.absolute())  # the manifest, commands.sh and stage configs name absolute paths: rerun from anywhere
     manifest = run.read_manifest()
+    config = replace(config, run=with_variant(config.run, manifest))
     digest = config.run.digest()
     if manifest is None:
         manifest = {"config": config.run.to_dict(), "config_digest": digest}
     elif manifest["config_digest"] != digest:
-        changed = config_changes(manifest["config"], config.run.to_dict(), defaults=run_config.resolve({}).to_dict())
+        defaults = run_config.resolve({}).to_dict()
+        defaults["update"]["variant"] = PRE_VARIANT  # a run made before variants existed ran the paper's text
+        changed = config_changes(manifest["config"], config.run.to_dict(), defaults=defaults)
         blocking = [key for key in changed if key not in run_config.RESUMABLE_CHANGES]
         if blocking and not config.force:  # more steps or other speed settings are a resume, not a different run
             raise InputError(f"--out {root}: run was made with a different config ({', '.join(blocking)}); "
@@ -149,11 +153,64 @@ def init_run(config: LoopConfig) -> tuple[Run, dict]:
         manifest["config"], manifest["config_digest"] = config.run.to_dict(), digest
     else:
         manifest["config"] = config.run.to_dict()
+    manifest["update_settings"] = update_settings(config.run)
     manifest["finished"] = run.finished_steps()
     manifest["latest_checkpoint"] = str(run.checkpoint(manifest["finished"][-1])) if manifest["finished"] else None
     atomic_write_text(root / "config.yaml", run_config.dump_yaml(config.run))
     run.write_manifest(manifest)
     return run, manifest
+
+
+def run_variant(config: run_config.RunConfig, manifest: dict | None) -> str:
+    """The variant a run computes with: update.variant when the run config sets it; else, resuming, the run
+    directory's own (its manifest's; paper for a run made before variants existed, whose manifest lacks the key);
+    else the starting checkpoint's (its run state's, as `antisd update` would continue it); else the default
+    (official)."""
+    from stages.method.variants import DEFAULT_VARIANT
+    from stages.training.checkpoint import STATE_FILE
+    from stages.training.config import state_variant
+
+    given = config.stages["update"].get("variant")
+    if given is not None:
+        return given
+    if manifest is not None:
+        return (manifest.get("config", {}).get("update") or {}).get("variant") or PRE_VARIANT
+    state_file = Path(config.loop.model) / STATE_FILE
+    start = state_variant(read_json_object(state_file, str(state_file))) if state_file.is_file() else None
+    return start or DEFAULT_VARIANT
+
+
+def with_variant(config: run_config.RunConfig, manifest: dict | None) -> run_config.RunConfig:
+    """`config` with update.variant spelled out (`run_variant`), so config.yaml, run.json and every step's commands
+    say which variant produced the run."""
+    update = {**config.stages["update"], "variant": run_variant(config, manifest)}
+    return run_config.RunConfig(loop=config.loop, stages={**config.stages, "update": update})
+
+
+def with_run_variant(config: LoopConfig) -> LoopConfig:
+    """`config` with its run's variant spelled out, reading the run directory's manifest (if any) to find it."""
+    return replace(config, run=with_variant(config.run, Run(Path(config.out)).read_manifest()))
+
+
+def update_settings(config: run_config.RunConfig) -> dict:
+    """The resolved update options of the run (every variant knob at its value; stages.training.config)."""
+    from stages.training.config import UpdateConfig, method_settings
+
+    placeholders = {"scored": run_config.LOOP_PLACEHOLDER, "out": run_config.LOOP_PLACEHOLDER}
+    return to_jsonable(method_settings(UpdateConfig(**config.stages["update"], **placeholders)))
+
+
+def prompt_settings(config: run_config.RunConfig, section: str) -> dict:
+    """The verify or score options the run's variant sets (METHOD §9's teacher prompt; the entropies only where the
+    entropy gate reads them), minus those the run config sets itself."""
+    from stages.method.variants import PROMPT_PRESETS
+
+    preset = dict(PROMPT_PRESETS[run_variant(config, None)][section])
+    if section == "score":
+        preset["entropy"] = update_settings(config)["gate_statistic"] == "entropy"
+    elif preset.get("privileged_max_tokens") or preset.get("privileged_context_tokens"):
+        preset["model"] = config.loop.model  # the token budget counts the policy's tokens
+    return {key: value for key, value in preset.items() if key not in config.stages[section]}
 
 
 def write_step_prompts(config: LoopConfig, run: Run, step: int, train_table: pa.Table) -> Path:
@@ -206,16 +263,20 @@ def uses_teacher(config: run_config.RunConfig) -> bool:
 
 def step_configs(config: LoopConfig, run: Run, step: int) -> dict:
     """The four stage Configs of `step` (paths, model, seeds); the local loop and the Slurm launcher share them."""
+    config = replace(config, run=with_variant(config.run, run.read_manifest()))  # the run's variant, spelled out
     settings, paths = config.run.loop, {k: str(v) for k, v in run.step_paths(step).items()}
     model = run.model_for_step(step, settings.model)
     return {
         "rollout": stage_config(config, "rollout", model=model, prompts=paths["prompts"], out=paths["rollouts"],
                                 seed=stage_seed(settings.seed, step, "rollout")),
-        "verify": stage_config(config, "verify", rollouts=paths["rollouts"],
-                               out=str(draw_dir(run, step, 0) / "verified.parquet") if settings.dynamic_sampling
-                               else paths["verified"], seed=stage_seed(settings.seed, step, "verify")),
+        "verify": replace(stage_config(config, "verify", rollouts=paths["rollouts"],
+                                       out=str(draw_dir(run, step, 0) / "verified.parquet")
+                                       if settings.dynamic_sampling else paths["verified"],
+                                       seed=stage_seed(settings.seed, step, "verify")),
+                          **prompt_settings(config.run, "verify")),
         "score": replace(stage_config(config, "score", model=model, verified=paths["verified"], out=paths["scored"]),
-                         reference=score_reference(config.run), teacher=uses_teacher(config.run)),
+                         reference=score_reference(config.run), teacher=uses_teacher(config.run),
+                         **prompt_settings(config.run, "score")),
         "update": stage_config(config, "update", model=model, scored=paths["scored"], out=str(run.checkpoint(step)),
                                seed=stage_seed(settings.seed, step, "update"),
                                optimizer_state=full_checkpoint_at(settings, step)),
@@ -289,8 +350,15 @@ def check_start_state(config: run_config.RunConfig) -> None:
         return
     knobs = config.stages["update"]
     method = knobs.get("method", UpdateConfig.method)
-    written_by = read_json_object(state_file, str(state_file)).get("method")
-    if written_by not in (None, method) and not knobs.get("switch_method", UpdateConfig.switch_method):
+    state = read_json_object(state_file, str(state_file))
+    written_by = state.get("method")
+    switch = knobs.get("switch_method", UpdateConfig.switch_method)
+    if written_by not in (None, method) and not switch:
         raise InputError(f"loop.model {config.loop.model}: its run state was written by method {written_by}, not "
                          f"{method}; set update.switch_method=true to continue it as {method} (the gate then "
                          "re-calibrates H_warm)")
+    variant, written_in = run_variant(config, None), state.get("variant", PRE_VARIANT if "gate" in state else None)
+    if written_in not in (None, variant) and not switch:
+        raise InputError(f"loop.model {config.loop.model}: its run state was written by the {written_in} variant, "
+                         f"not {variant}; set update.variant={written_in} to continue it, or "
+                         f"update.switch_method=true to continue it as {variant} (the gate then calibrates afresh)")

@@ -317,10 +317,10 @@ def render_run(config, slurm: SlurmConfig, workdir: Path | None = None) -> list[
     """Create/reopen the run directory, draw the prompts of the next window of unfinished steps and write their
     scripts; returns the jobs to submit (empty when every step is finished)."""
     from stages.common.io import atomic_write_text
-    from stages.runs.plan import eval_due, opened_run, write_commands, write_step_prompts
+    from stages.runs.plan import eval_due, opened_run, with_run_variant, write_commands, write_step_prompts
 
     workdir = (workdir or Path.cwd()).resolve()
-    config = replace(config, out=str(Path(config.out).resolve()))
+    config = with_run_variant(replace(config, out=str(Path(config.out).resolve())))
     check_paths(Path(config.out), workdir)
     settings = config.run.loop
     with opened_run(config) as (run, _, train_table, eval_path):

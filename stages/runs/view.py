@@ -15,6 +15,7 @@ COLUMNS = [
     ("reward", keys.REWARD_MEAN, "{:.3f}"),
     ("eval acc", keys.EVAL_ACCURACY, "{:.3f}"),
     ("H teacher", keys.TEACHER_ENTROPY_MEDIAN, "{:.3f}"),
+    ("tppl", keys.TEACHER_PPL_MEAN, "{:.3f}"),
     ("gate", keys.GATE_OPEN, "{:.0f}"),
     ("λ", keys.GATE_LAMBDA, "{:.2f}"),
     ("−φ(u)", keys.PMI_ANTISD_TERM_MEAN, "{:+.4f}"),

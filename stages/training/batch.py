@@ -51,7 +51,9 @@ class Batch:
     teacher_scored: bool = True  # false for a file scored with `score --no-teacher` (teacher columns = student's)
     ref_logprobs: list[list[float]] | None = None  # log π_ref(y_t) of a frozen reference (score --reference), if any
     max_new_tokens: int | None = None  # the rollouts' token budget (their metadata), for the overlong penalty
-    is_correction: str = "off"  # update.is_correction resolved for this file (`resolved_is_correction`)
+    teacher_ppl: list[float | None] | None = None  # tppl_i = exp(−mean t) (METHOD §9); None for an empty response
+    entropy_scored: bool = True  # false for a file scored with `score --no-entropy` (entropy columns hold 0)
+    is_correction: str | None = None  # update.is_correction resolved for this file (`resolved_is_correction`)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -72,12 +74,29 @@ def read_deepspeed_file(path: str | None) -> dict:
     return read_json_object(path, f"--deepspeed-config {path}")
 
 
+def check_state_method(config: UpdateConfig, state: dict | None) -> None:
+    """A run state continues with its own method and variant (a variant given that differs from the state's is
+    refused), unless --switch-method (the gate then calibrates afresh). A state written before variants existed is
+    the paper variant's (`stages.training.config.state_variant`)."""
+    from stages.training.config import state_variant
+
+    if state is None or config.switch_method:
+        return
+    if state.get("method") not in (None, config.method):
+        raise InputError(f"run state: written by method {state['method']}, not {config.method} (pass "
+                         f"--switch-method to continue it as {config.method}; the gate then re-calibrates)")
+    variant = state_variant(state)
+    if variant not in (None, config.variant) and config.variant is not None:
+        before = " (before variants existed: such states are paper's)" if "variant" not in state else ""
+        raise InputError(f"run state: written by variant {variant}{before}, not {config.variant}; pass --variant "
+                         f"{variant} to continue it, or --switch-method to continue it as {config.variant} (the gate "
+                         "then calibrates afresh)")
+
+
 def check_state(config: UpdateConfig, state: dict | None, model_dir: Path, world_size: int, stage: int) -> None:
     if state is None:
         return
-    if state.get("method") not in (None, config.method) and not config.switch_method:
-        raise InputError(f"run state: written by method {state['method']}, not {config.method} (pass "
-                         f"--switch-method to continue it as {config.method}; the gate then re-calibrates H_warm)")
+    check_state_method(config, state)
     if checkpoint.engine_state_dir(model_dir) is None:
         return
     saved = (state.get("world_size"), state.get("zero_stage"))
@@ -158,11 +177,17 @@ def resolved_is_correction(value: str, metadata: dict) -> str:
 
 
 def batch_from_table(table: pa.Table, source: str, vocab_size: int, temperature: float = 1.0,
-                     teacher_scored: bool = True, max_new_tokens: int | None = None) -> Batch:
+                     teacher_scored: bool = True, max_new_tokens: int | None = None,
+                     entropy_scored: bool = True) -> Batch:
     """Columns → lists, checking that prompts are not empty and token ids fit the model's vocabulary (InputError).
 
-    The per-token columns' lengths and values were checked when the file was read (`schemas.check_values`).
+    The per-token columns' lengths and values were checked when the file was read (`schemas.check_values`). The
+    teacher perplexity is the file's `teacher_ppl` column, or for a file scored before it existed computed from
+    teacher_logprobs by the same function (`stages.method.perplexity.teacher_perplexity`).
     """
+    from stages.lm.scoring import TEACHER_PPL_COLUMN
+    from stages.method.perplexity import teacher_perplexity
+
     col = {name: table.column(name).to_pylist() for name in (
         "prompt_id", "sample_idx", "prompt_token_ids", "response_token_ids", "student_logprobs", "sampling_logprobs",
         "pmi", "teacher_entropy", "student_entropy", "reward", "correct", "privileged_source", "finish_reason")}
@@ -177,10 +202,15 @@ def batch_from_table(table: pa.Table, source: str, vocab_size: int, temperature:
         if min(ids) < 0 or max(ids) >= vocab_size:
             raise InputError(f"{where}: token id {max(ids) if max(ids) >= 0 else min(ids)} outside the model's "
                              f"vocabulary of {vocab_size} (scored with another tokenizer?)")
+    if TEACHER_PPL_COLUMN in table.column_names:
+        teacher_ppl = table.column(TEACHER_PPL_COLUMN).to_pylist()
+    else:
+        teacher_ppl = [teacher_perplexity(lp) for lp in table.column("teacher_logprobs").to_pylist()]
     return Batch(names, col["prompt_id"], col["prompt_token_ids"], col["response_token_ids"], col["student_logprobs"],
                  col["sampling_logprobs"], col["pmi"], col["teacher_entropy"], col["student_entropy"],
                  [float(r) for r in col["reward"]], [bool(c) for c in col["correct"]], col["privileged_source"],
-                 col["finish_reason"], temperature, teacher_scored, col.get(REFERENCE_COLUMN), max_new_tokens)
+                 col["finish_reason"], temperature, teacher_scored, col.get(REFERENCE_COLUMN), max_new_tokens,
+                 teacher_ppl, entropy_scored)
 
 
 def is_finite(value) -> bool:
@@ -191,6 +221,11 @@ def is_finite(value) -> bool:
 
 def mean_or_none(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def teacher_rows(batch: Batch) -> list[bool]:
+    """Which rows had a teacher view (u measured): scored with the teacher pass and a privileged source."""
+    return [batch.teacher_scored and source != "none" for source in batch.privileged_source]
 
 
 def batch_metrics(batch: Batch) -> dict:
@@ -204,7 +239,8 @@ def batch_metrics(batch: Batch) -> dict:
     for gid, reward in zip(batch.group_ids, batch.rewards):
         groups.setdefault(gid, []).append(reward)
     lengths = [len(r) for r in batch.response_ids]
-    has_teacher = [batch.teacher_scored and src != "none" for src in batch.privileged_source]
+    has_teacher = teacher_rows(batch)
+    ppl = [p for p, teacher in zip(batch.teacher_ppl or [], has_teacher) if teacher and p is not None]
     flat_u = torch.tensor([x for u, teacher in zip(batch.pmi, has_teacher) if teacher for x in u], dtype=torch.float64)
     pmi = token_stats(flat_u, torch.ones_like(flat_u, dtype=torch.bool)) if flat_u.numel() else None
     mismatch = [abs(a - b) for s, q in zip(batch.student_logprobs, batch.sampling_logprobs)
@@ -217,8 +253,11 @@ def batch_metrics(batch: Batch) -> dict:
         keys.LENGTH_MEAN: mean_or_none([float(x) for x in lengths]),
         keys.LENGTH_MAX: max(lengths),
         keys.TRUNCATED_FRAC: mean_or_none([float(f == "length") for f in batch.finish_reason]),
-        keys.TEACHER_ENTROPY_MEDIAN: median_teacher_entropy(batch.teacher_entropy, has_teacher)[0],
-        keys.STUDENT_ENTROPY_MEAN: mean_or_none([h for ents in batch.student_entropy for h in ents]),
+        keys.TEACHER_ENTROPY_MEDIAN: median_teacher_entropy(batch.teacher_entropy, has_teacher)[0]
+        if batch.entropy_scored else None,
+        keys.STUDENT_ENTROPY_MEAN: mean_or_none([h for ents in batch.student_entropy for h in ents])
+        if batch.entropy_scored else None,
+        keys.TEACHER_PPL_MEAN: mean_or_none(ppl),
         keys.PMI_U_MEAN: pmi.u_mean if pmi else None,
         keys.PMI_ANTISD_TERM_MEAN: pmi.antisd_term_mean if pmi else None,
         keys.PMI_NEG_FRAC: pmi.neg_frac if pmi else None,

@@ -1,22 +1,29 @@
 """`UpdateConfig`: the options of `antisd update` (and the `update:` section of a run config), checked on creation.
 
 The method names and their gate defaults come from the registry in `stages.method.terms`; the aggregation names from
-`stages.method.losses`. This module holds no training code (`stages.training.trainer`).
+`stages.method.losses`; the variants' presets from `stages.method.variants`. A knob left None takes the value of the
+config's `variant` (`resolve_variant` fills them in; every stage function receives a resolved config). This module
+holds no training code (`stages.training.trainer`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 from stages.common import validation
 from stages.lm.models import ATTN_IMPLEMENTATIONS
 from stages.method.terms import get_term, method_names
+from stages.method.variants import DEFAULT_VARIANT, PRE_VARIANT, UPDATE_KNOBS, VARIANTS, update_preset
 from stages.training.schedule import LR_SCHEDULES
 
 GATE_CHOICES = ("auto", "on", "off")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ADV_SCALES = ("group", "none")
 IS_CORRECTIONS = ("auto", "off", "token")
+U_CLIPS = ("off", "adaptive")
+TERM_NORMS = ("none", "response")
+LAM_MODES = ("batch", "perplexity")
+GATE_STATISTICS = ("entropy", "perplexity")
 
 
 @dataclass(frozen=True)
@@ -27,9 +34,27 @@ class UpdateConfig:
     out: str  # output checkpoint folder (HF + deepspeed/ + antisd_state.json + metrics.json)
     model: str = "smollm2-135m"  # current policy: HF folder (a previous update's --out) or embedded model name
     method: str = "antisd"  # a registered method (stages.method.terms): grpo | sd | antisd | rkl-ascent (METHOD §2)
-    lam_max: float = 0.5  # λ_max; λ = g·λ_max
-    warmup_steps: int = 5  # W: gated steps with λ = 0 that calibrate H_warm
-    gate_down: float = 0.93  # τ_down = gate_down · H_warm
+    # paper (METHOD §1–§5 as written) | official (§9, the authors' code): the default of every knob left None below;
+    # None: the run state's (a state written before variants existed: paper), official for a fresh run
+    variant: str | None = None
+    lam_max: float = 0.5  # λ_max: λ = g·λ_max (batch), the upper clamp of λ_i (perplexity)
+    warmup_steps: int = 5  # W: steps with λ = 0 that calibrate the gate (H_warm; σ_ref and M)
+    gate_down: float = 0.93  # entropy gate: τ_down = gate_down · H_warm
+    gate_statistic: str | None = None  # entropy (METHOD §5: median teacher entropy) | perplexity (§9: mean tppl)
+    lam_mode: str | None = None  # batch (λ = g·λ_max for the step) | perplexity (λ_i per response, §9)
+    lam_scale: float = 0.2  # perplexity λ_i = clamp(lam_scale · ln(clamp(tppl_i/target, 0.5, ppl_ratio_max)), 0, λ_max)
+    ppl_ratio_max: float = 3.0  # the upper clamp of tppl_i / target
+    ppl_spike: float = 3.0  # tppl_i above it: λ_i = 0, and left out of M and the gate statistic
+    ppl_target_ratio: float | None = None  # target = max(ppl_target_ratio · M − ppl_target_offset, ppl_target_floor)
+    ppl_target_offset: float | None = None
+    ppl_target_floor: float = 1.01
+    ppl_reactivate_ratio: float = 1.07  # the perplexity gate reopens above ppl_reactivate_ratio · M
+    u_clip: str | None = None  # off | adaptive: u ← 0 where |u| > u_clip_k · σ_ref (σ_ref from the warm-up, §9)
+    u_clip_k: float = 2.0
+    u_clamp: float | None = None  # then u ← clamp(u, −u_clamp, u_clamp) (0 = off)
+    term_norm: str | None = None  # none | response: z-score the term within each response (population std, §9)
+    term_norm_clamp: float = 5.0  # the z-scored term's clamp (0 = off)
+    length_mask: int | None = None  # responses of at least this many tokens get no term (0 = off)
     gate: str = "auto"  # auto (the method's registered default: antisd, rkl-ascent gated; sd, grpo not) | on | off
     # measure H_warm again over the next W steps; one-shot: a step whose run state was written by a step that had it
     # set does not restart the warm-up (so a loop with it set re-calibrates once, at its first step)
@@ -39,14 +64,15 @@ class UpdateConfig:
     lr_warmup_steps: int = 0  # update steps of linear warm-up from lr/W to lr (0 = none)
     lr_decay_steps: int = 0  # update steps after the warm-up over which linear/cosine reach lr · lr_min_ratio
     lr_min_ratio: float = 0.0  # the decay's floor as a share of lr
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    weight_decay: float | None = None  # AdamW decoupled weight decay
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
     clip_low: float = 0.2  # PPO ε_low
-    clip_high: float = 0.2  # PPO ε_high (clip-higher when > clip_low)
-    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    clip_high: float | None = None  # PPO ε_high (clip-higher when > clip_low)
+    dual_clip: float | None = None  # dual-clip c (> 1): the loss of a token with A < 0 is at most −c·A (0 = off)
+    loss_agg: str | None = None  # token-mean | seq-mean-token-mean | seq-mean-token-sum
     max_response_tokens: int = 0  # seq-mean-token-sum's constant T (0 = longest response of the step)
     adv_eps: float = 1e-6  # ε in A = (R − mean)/(std + ε)
-    adv_scale: str = "group"  # group (divide by the group std) | none (Dr.GRPO)
+    adv_scale: str | None = None  # group (divide by the group std) | none (Dr.GRPO)
     # DAPO's overlong shaping: a reward penalty falling linearly to −overlong_penalty over the last overlong_buffer
     # tokens before overlong_max_tokens (0 = the rollouts' max_new_tokens, read from the scored file); 0 = off
     overlong_buffer: int = 0
@@ -59,9 +85,9 @@ class UpdateConfig:
     micro_batch_tokens: int = 2048  # padded tokens per forward/backward on one rank
     logprob_chunk: int | None = None  # response positions per LM-head chunk (None: 64 on CPU, a 4 GiB budget on CUDA)
     kl_coef: float = 0.0  # β of β·k3 KL to a frozen reference (0 = none; > 0 needs ref_logprobs: score --reference)
-    # truncated IS weight min(exp(s − sampling_logprob), is_cap) per token: auto (token for vLLM or 16-bit rollouts,
-    # as TRL defaults it on; off for the HF engine in fp32, whose sampler is the trainer's forward) | off | token
-    is_correction: str = "auto"
+    # off | token: truncated IS weight min(exp(s − sampling_logprob), is_cap) per token | auto: token for vLLM or 16-bit
+    # rollouts (TRL defaults it on for vLLM), off for the HF engine in fp32, whose sampler is the trainer's forward
+    is_correction: str | None = None
     is_cap: float = 2.0  # cap of the truncated IS weight
     deepspeed_config: str | None = None  # DeepSpeed JSON overlaid on the built-in ZeRO-2 default
     zero_stage: int | None = None  # ZeRO stage 0-3 (None: the config file's, else 2)
@@ -96,16 +122,22 @@ class UpdateConfig:
     trust_checkpoint: bool = False
     force: bool = False  # accept a scored file whose old log-probs came from another model revision
     overwrite: bool = False  # replace an existing --out folder
+    advantages_out: str | None = None  # write every response's u, term, λ_i and A_{i,t} to this Parquet file
+    train: bool = True  # false: compute and write --advantages-out only (no optimizer step, no checkpoint)
 
     def __post_init__(self):
         from stages.method.losses import AGGREGATIONS  # torch: only when a config is made, not for --help
 
         check = validation.Checks(self)
         check.choice("method", method_names())
+        if self.variant is not None:
+            check.choice("variant", VARIANTS)
         check.choice("gate", GATE_CHOICES)
-        check.choice("loss_agg", AGGREGATIONS)
-        check.choice("adv_scale", ADV_SCALES)
-        check.choice("is_correction", IS_CORRECTIONS)
+        for name, valid in (("loss_agg", AGGREGATIONS), ("adv_scale", ADV_SCALES), ("is_correction", IS_CORRECTIONS),
+                            ("u_clip", U_CLIPS), ("term_norm", TERM_NORMS), ("lam_mode", LAM_MODES),
+                            ("gate_statistic", GATE_STATISTICS)):
+            if getattr(self, name) is not None:
+                check.choice(name, valid)
         check.choice("dtype", DTYPE_CHOICES)
         check.choice("lr_schedule", LR_SCHEDULES)
         check.choice("attn_implementation", ATTN_IMPLEMENTATIONS)
@@ -113,10 +145,15 @@ class UpdateConfig:
         check.require(self.lr_schedule == "constant" or self.lr_decay_steps >= 1, "lr_decay_steps",
                       f"must be >= 1 with lr_schedule {self.lr_schedule} (the steps the decay takes)")
         check.between("lr_min_ratio", 0, 1)
-        check.at_least(1, "ppo_epochs", "micro_batch_tokens", "warmup_steps", "is_cap", "logprob_chunk")
-        check.at_least(0, "lr", "weight_decay", "grad_clip", "clip_low", "clip_high", "lam_max", "mini_batch_size",
+        check.at_least(1, "ppo_epochs", "micro_batch_tokens", "warmup_steps", "logprob_chunk", "is_cap")
+        check.at_least(0, "lr", "grad_clip", "clip_low", "lam_max", "mini_batch_size",
                        "max_response_tokens", "adv_eps", "kl_coef", "threads", "lr_warmup_steps", "lr_decay_steps",
-                       "overlong_buffer", "overlong_penalty", "overlong_max_tokens", "lora_rank")
+                       "overlong_buffer", "overlong_penalty", "overlong_max_tokens", "lora_rank", "u_clip_k",
+                       "term_norm_clamp", "lam_scale", "ppl_target_floor", "weight_decay", "clip_high", "dual_clip",
+                       "u_clamp", "length_mask", "ppl_target_ratio", "ppl_target_offset")
+        check.above(0, "ppl_spike")
+        check.at_least(1, "ppl_ratio_max", "ppl_reactivate_ratio")
+        self._check_combination(check)
         check.above(0, "lora_alpha")
         check.require(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
         check.require(bool(self.lora_target_modules.strip(" ,")), "lora_target_modules", "empty")
@@ -128,6 +165,53 @@ class UpdateConfig:
         if self.zero_stage is not None:
             check.choice("zero_stage", (0, 1, 2, 3))
         check.done()
+
+
+    def _check_combination(self, check: validation.Checks) -> None:
+        """Knob combinations the step cannot run, judged on the values the variant resolves them to."""
+        if self.variant not in (None, *VARIANTS) or self.method not in method_names():
+            return  # reported by the choice checks
+        knob = resolved_knobs(self)  # a variant left to the run state is judged as official here, and again resolved
+        if knob["dual_clip"]:
+            check.require(knob["dual_clip"] > 1, "dual_clip", f"must be > 1 (or 0 = off), got {knob['dual_clip']}")
+        needs = [f"{name} {knob[name]}" for name, value in (("lam_mode", "perplexity"), ("u_clip", "adaptive"))
+                 if knob[name] == value]
+        check.require(not needs or knob["gate_statistic"] == "perplexity", "gate_statistic",
+                      f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} the warm-up calibration of gate_statistic perplexity (σ_ref, M), "
+                      f"not {knob['gate_statistic']}")
+        check.require(self.train or self.advantages_out is not None, "train",
+                      "--no-train computes nothing without --advantages-out")
+
+
+def state_variant(state: dict | None) -> str | None:
+    """The variant a run state was written by: its `variant`; paper for one written before variants existed (it has
+    a gate but no variant); None for no state."""
+    if not state:
+        return None
+    return state.get("variant", PRE_VARIANT if "gate" in state else None)
+
+
+def resolved_knobs(config: UpdateConfig, variant: str | None = None) -> dict:
+    """The value of every variant knob: the config's where set, else its variant's (for its method)."""
+    preset = update_preset(variant or config.variant or DEFAULT_VARIANT, config.method)
+    return {name: preset[name] if getattr(config, name) is None else getattr(config, name) for name in UPDATE_KNOBS}
+
+
+def resolve_variant(config: UpdateConfig, state: dict | None = None) -> UpdateConfig:
+    """`config` with its variant (given; else the run state's, `state_variant`; else official) and every knob left
+    None at that variant's value: what the trainer runs and the run state records."""
+    variant = config.variant or state_variant(state) or DEFAULT_VARIANT
+    return replace(config, variant=variant, **resolved_knobs(config, variant))
+
+
+def method_settings(config: UpdateConfig) -> dict:
+    """The resolved options that decide the step's numbers (no paths, no speed or output settings), for the run state
+    and the run manifest."""
+    skip = {"scored", "out", "model", "state", "deepspeed_config", "threads", "progress", "force", "overwrite",
+            "advantages_out", "train", "micro_batch_tokens", "logprob_chunk", "share_prefix", "gradient_checkpointing",
+            "optimizer_state"}
+    resolved = resolve_variant(config)
+    return {f.name: getattr(resolved, f.name) for f in fields(resolved) if f.name not in skip}
 
 
 def resolved_gradient_checkpointing(value: bool | None, device: str) -> bool:

@@ -279,6 +279,11 @@ def all_reduce_max(value: int, device: str) -> int:
     return int(tensor.item())
 
 
+def same_on_every_rank(value: int, device: str) -> bool:
+    """Whether every rank holds the same integer (max and min over the ranks agree; True in a world of 1)."""
+    return all_reduce_max(value, device) == -all_reduce_max(-value, device)
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

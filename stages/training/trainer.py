@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -23,11 +24,12 @@ from pathlib import Path
 from stages.common import metrics as keys
 from stages.common.errors import InputError
 from stages.lm.models import quiet_transformers
-from stages.method.terms import get_term
+from stages.method.variants import PRE_VARIANT
 from stages.training import checkpoint, distributed, lora
-from stages.training.batch import Batch, batch_metrics, is_finite, mean_or_none, pad_rows
-from stages.training.config import UpdateConfig, gated, resolved_gradient_checkpointing
 from stages.lm.forward import FullSequences, Numerics
+from stages.training.batch import Batch, is_finite, mean_or_none, pad_rows
+from stages.training.config import UpdateConfig, method_settings, resolve_variant, resolved_gradient_checkpointing
+from stages.training.signals import StepLambda, advantage_parts, load_gate, make_gate, step_signals
 from stages.training.micro import MicroBatch, rank_micro_batches
 from stages.training.schedule import lr_at
 
@@ -85,8 +87,8 @@ class Trainer:
     def __init__(self, config: UpdateConfig, model_dir: Path, state: dict | None, env: distributed.DistEnv,
                  device: str, deepspeed_user: dict | None = None):
         from stages.lm.models import load_tokenizer, model_revision
-        from stages.method.gate import EntropyGate
 
+        config = resolve_variant(config, state)
         self.config, self.env, self.device, self.model_dir = config, env, device, model_dir
         self.precision = _precision(config.dtype, device)
         dropped = {"data_cursor"} | (set() if config.lora_rank else {lora.BASE_KEY, lora.SHAPE_KEY})  # old / stale
@@ -95,10 +97,12 @@ class Trainer:
         self.replayed_steps = 0  # steps stages.update.replay re-ran since this trainer opened
         self.step = int(self.carried.get("step", 0))
         self.model_revision = model_revision(model_dir)
-        self.gate = EntropyGate(config.warmup_steps, config.gate_down, config.lam_max, gated(config))
+        self.gate = make_gate(config)  # the entropy gate (METHOD §5) or the perplexity gate (§9)
         if "gate" in self.carried:
-            self._load_gate(self.carried["gate"])
-        self.switched_method = self.carried.get("method") not in (None, config.method)  # check_state allowed it
+            load_gate(self.gate, self.carried["gate"])
+        # check_state allowed a switch of method or variant; states written before variants existed are paper's
+        self.switched_method = self.carried.get("method") not in (None, config.method) or \
+            ("gate" in self.carried and self.carried.get("variant", PRE_VARIANT) != config.variant)
         if "rng" in self.carried:
             checkpoint.restore_rng(self.carried["rng"])
         else:
@@ -137,11 +141,13 @@ class Trainer:
     def configure(self, config: UpdateConfig) -> None:
         """Take the options of the step about to run (a resident trainer serves several: out, seed and the
         re-calibration request change; the model, method and numerics do not)."""
+        config = resolve_variant(config, self.carried)
         self.config = config  # lr and weight decay go into the optimizer at the start of each step (_train_step)
         switched, self.switched_method = self.switched_method, False  # a method switch re-calibrates once
         if self.gate.request_recalibration(config.recalibrate_gate, force=switched):
-            log.info("gate: re-calibrating H_warm over the next %d steps (%s)", config.warmup_steps,
-                     f"method {self.carried['method']} → {config.method}" if switched else "--recalibrate-gate")
+            log.info("gate: re-calibrating over the next %d steps (%s)", config.warmup_steps,
+                     f"method {self.carried.get('method')} ({self.carried.get('variant', PRE_VARIANT)}) → "
+                     f"{config.method} ({config.variant})" if switched else "--recalibrate-gate")
 
     def scheduled_lr(self) -> float:
         """The learning rate of the update step about to run (`stages.training.schedule`, by the run's step)."""
@@ -154,13 +160,6 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:  # the options win over the saved hyper-parameters
             group["lr"], group["weight_decay"] = lr, self.config.weight_decay
         return lr
-
-    def _load_gate(self, gate_state: dict) -> None:
-        saved = {k: gate_state.get(k) for k in ("warmup_steps", "down", "lam_max", "gated")}
-        mine = {k: getattr(self.gate, k) for k in saved}
-        if saved != mine:
-            log.warning("gate settings differ from the run state's %s; using %s", saved, mine)
-        self.gate.load_state_dict(gate_state, strict=False)
 
     def _load_module(self):
         """The policy in the dtype DeepSpeed trains it in (fp32 on CPU): the model's weights, or with LoRA its base plus
@@ -205,33 +204,29 @@ class Trainer:
 
     # one step ---------------------------------------------------------------------------------------------------
 
-    def train_step(self, batch: Batch) -> dict:
-        """Gate → advantages → ppo_epochs × mini-batches of optimizer steps. Returns the step's metrics row."""
+    def train_step(self, batch: Batch, signals=None) -> dict:
+        """Gate → advantages → ppo_epochs × mini-batches of optimizer steps. Returns the step's metrics row.
+        `signals`: what `step_signals(batch)` returned, when the caller needed them first (the gate then has
+        advanced already)."""
         with distributed.launcher_env(self.env):  # ZeRO-3 reads LOCAL_RANK from the environment in forward
-            return self._train_step(batch)
+            return self._train_step(batch, signals)
 
-    def _train_step(self, batch: Batch) -> dict:
+    def step_signals(self, batch: Batch) -> tuple[dict, StepLambda, object, object, list[int]]:
+        """Advance the gate by this step: (data metrics, λ, sequence advantages [N], overlong shaping or None, the
+        rows that carry a loss). The trainer's step calls it; so does `update --advantages-out` before training."""
+        return step_signals(self.gate, self.config, batch)
+
+    def _train_step(self, batch: Batch, signals=None) -> dict:
         import torch
-
-        from stages.method.advantages import group_advantages, overlong_penalty
 
         config = self.config
         self.policy.train()  # the loop lends the policy to rollout and score in eval mode between steps
         started = time.perf_counter()
         step = self.step
         lr = self._set_hyperparameters()
-        data_metrics = batch_metrics(batch)
-        lam = self.gate.update(data_metrics[keys.TEACHER_ENTROPY_MEDIAN])
-        lam = lam if get_term(config.method).uses_teacher else 0.0  # report the λ that acted
-        rewards, shaping = torch.tensor(batch.rewards, dtype=torch.float64), None
-        if config.overlong_buffer > 0:
-            shaping = overlong_penalty([len(r) for r in batch.response_ids], batch.max_new_tokens,
-                                       config.overlong_buffer, config.overlong_penalty)  # [N]
-            rewards = rewards + shaping
-        seq_adv = group_advantages(rewards, batch.group_ids, eps=config.adv_eps,
-                                   scale=config.adv_scale).float()  # [N]
-        trained = [i for i in range(len(batch)) if not (config.overlong_filter and batch.finish_reason[i] == "length")]
-        sums = dict.fromkeys(("loss", "clip", "kl", "kl_ref", "tokens", "seq_tokens"), 0.0)
+        data_metrics, lam, seq_adv, shaping, trained = signals or self.step_signals(batch)
+        self._check_gate_agrees()
+        sums = dict.fromkeys(("loss", "clip", "clip_dual", "u_clipped", "kl", "kl_ref", "tokens", "seq_tokens"), 0.0)
         grad_norms: list[float] = []
         generator = torch.Generator().manual_seed(_seed_for(config.seed, step))
         size = config.mini_batch_size or max(len(trained), 1)
@@ -240,21 +235,21 @@ class Trainer:
                 if size < len(trained) else trained
             for begin in range(0, len(trained), size):
                 grad_norms.append(self._optimizer_step(batch, order[begin : begin + size], seq_adv, lam, sums))
-        loss, clip, kl, kl_ref, tokens, seq_tokens = distributed.all_reduce_sum(
-            [sums["loss"], sums["clip"], sums["kl"], sums["kl_ref"], sums["tokens"], sums["seq_tokens"]], self.device)
+        loss, clip, clip_dual, u_clipped, kl, kl_ref, tokens, seq_tokens = distributed.all_reduce_sum(
+            [sums[k] for k in ("loss", "clip", "clip_dual", "u_clipped", "kl", "kl_ref", "tokens", "seq_tokens")],
+            self.device)
         elapsed = time.perf_counter() - started
         self.step += 1
-        gate_h_warm = self.gate.h_warm
         return {
             keys.STEP: step,
             **data_metrics,
             keys.OVERLONG_PENALTY_MEAN: float(shaping.mean()) if shaping is not None and len(shaping) else None,
             keys.OVERLONG_FILTERED: len(batch) - len(trained) if config.overlong_filter else None,
-            keys.GATE_OPEN: int(self.gate.open),
-            keys.GATE_LAMBDA: lam,
-            keys.GATE_H_WARM: gate_h_warm,
+            **lam.metrics,
+            keys.PMI_CLIPPED_FRAC: u_clipped / tokens if tokens and lam.sigma_ref is not None else None,
             keys.PG_LOSS: loss / max(len(grad_norms), 1),
             keys.CLIP_FRAC: clip / tokens if tokens else None,
+            keys.CLIP_FRAC_DUAL: clip_dual / tokens if tokens and config.dual_clip > 0 else None,
             keys.APPROX_KL: kl / tokens if tokens else None,
             keys.KL_REF: kl_ref / tokens if tokens and batch.ref_logprobs is not None else None,
             keys.GRAD_NORM: mean_or_none([g for g in grad_norms if g is not None]),
@@ -262,7 +257,15 @@ class Trainer:
             keys.UPDATE_TOK_S: seq_tokens / elapsed if elapsed > 0 else None,
         }
 
-    def _optimizer_step(self, batch: Batch, rows: list[int], seq_adv, lam: float, sums: dict) -> float | None:
+    def _check_gate_agrees(self) -> None:
+        """Every rank computed the gate from the whole scored file, so its state (the calibration of METHOD §5/§9
+        included) must be the same on all of them; a difference would train the ranks on different advantages."""
+        digest = hashlib.sha256(json.dumps(self.gate.state_dict(), sort_keys=True).encode()).digest()
+        if not distributed.same_on_every_rank(int.from_bytes(digest[:7], "little"), self.device):
+            raise RuntimeError(f"update step {self.step}: the ranks hold different gate states (calibration); "
+                               "no checkpoint written")
+
+    def _optimizer_step(self, batch: Batch, rows: list[int], seq_adv, lam: StepLambda, sums: dict) -> float | None:
         """One optimizer step on `rows` (all ranks' share): normalizer over all of them, this rank's micro-batches."""
         from stages.method.losses import step_normalizer
 
@@ -293,13 +296,12 @@ class Trainer:
             raise RuntimeError(f"non-finite gradient norm ({norm}) at update step {self.step}; no checkpoint written")
         return norm
 
-    def _micro_loss(self, batch: Batch, micro: MicroBatch, seq_adv, lam: float, normalizer: float, sums: dict):
+    def _micro_loss(self, batch: Batch, micro: MicroBatch, seq_adv, lam: StepLambda, normalizer: float, sums: dict):
         """PPO-clip (+ β·k3 to the reference) loss of one micro-batch, divided by the step's global normalizer, and a
         problem or None."""
         import torch
         from torch.nn.utils.rnn import pad_sequence
 
-        from stages.method.advantages import token_advantages
         from stages.method.losses import aggregate, kl_penalty, policy_loss, truncated_is_weights
 
         config, rows = self.config, micro.rows
@@ -316,12 +318,15 @@ class Trainer:
         mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).to(self.device)  # [B, T]
         old = pad_rows([batch.student_logprobs[i] for i in rows], width).to(self.device)  # [B, T]
         pmi = pad_rows([batch.pmi[i] for i in rows], width).to(self.device)  # [B, T]
-        advantages = token_advantages(config.method, seq_adv[rows].to(self.device), pmi, mask, lam)  # [B, T]
-        if batch.is_correction == "token":
+        advantages = advantage_parts(config, seq_adv[rows].to(self.device), pmi, mask, lam.rows(rows),
+                                     lam.sigma_ref).advantages  # [B, T]
+        if lam.sigma_ref is not None:  # tokens the adaptive clip drops (METHOD §9 step 3)
+            sums["u_clipped"] += float(((pmi.abs() > config.u_clip_k * lam.sigma_ref) & mask).sum())
+        if (batch.is_correction or config.is_correction) == "token":  # auto: resolved by the file's sampler
             sampling = pad_rows([batch.sampling_logprobs[i] for i in rows], width).to(self.device)
             advantages = advantages * truncated_is_weights(old, sampling, config.is_cap)
         loss, stats = policy_loss(logprobs, old, advantages, mask, config.clip_low, config.clip_high,
-                                  config.loss_agg, normalizer)
+                                  config.loss_agg, normalizer, dual_clip=config.dual_clip)
         if batch.ref_logprobs is not None:
             ref = pad_rows([batch.ref_logprobs[i] for i in rows], width).to(self.device)  # [B, T]
             kl_ref = kl_penalty(logprobs, ref, mask)  # [B, T], 0 outside the mask
@@ -332,6 +337,7 @@ class Trainer:
             return None, f"rows {', '.join(batch.names[i] for i in rows)}: non-finite loss ({float(loss)})"
         sums["loss"] += stats.pg_loss
         sums["clip"] += stats.clip_frac * stats.tokens
+        sums["clip_dual"] += stats.clip_frac_dual * stats.tokens
         sums["kl"] += stats.approx_kl * stats.tokens
         sums["tokens"] += stats.tokens
         return loss, None
@@ -348,6 +354,7 @@ class Trainer:
     def state(self) -> dict:
         """The run state to store next to the weights (keys a caller added to the state it read are carried)."""
         return {**self.carried, "version": STATE_VERSION, "step": self.step, "method": self.config.method,
+                "variant": self.config.variant, "update_settings": method_settings(self.config),
                 "gate": self.gate.state_dict(), "rng": checkpoint.rng_state(), "seed": self.config.seed,
                 "world_size": self.env.world_size, "zero_stage": self.zero_stage,
                 "parent_revision": self.model_revision,

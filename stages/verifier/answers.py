@@ -111,6 +111,18 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+def boxed_spans(text: str) -> list[tuple[str, int]]:
+    """Every ``\\boxed{…}``/``\\fbox{…}`` whose brace closes, in order: (its stripped content, the index just after
+    its closing brace)."""
+    closing = _closing_braces(text)
+    spans = []
+    for match in _BOXED_RE.finditer(text):
+        brace = match.end() - 1
+        if brace in closing:
+            spans.append((text[brace + 1 : closing[brace]].strip(), closing[brace] + 1))
+    return spans
+
+
 def _trim(answer: str) -> str | None:
     answer = answer.strip().strip("$").rstrip(" .,;:!").strip()
     return answer or None

@@ -9,13 +9,19 @@ its prompt (rows sharing `prompt_id` in this file), and the privileged context o
    empty after stripping are skipped;
 2. else `reference`: the prompt's reference `solution` (when not null or blank);
 3. else `none` (privileged_text null: the score stage gives this rollout no teacher term).
+With `privileged_fallback` "assessment" (METHOD §9, the authors' code) step 2 and 3 are replaced: a rollout without a
+correct peer gets `assessment` (privileged_text null; the teacher sees only the note on this rollout).
 With `privileged_from` "other" (a control the paper does not run) the context comes from a different problem of the
 same file instead: each prompt gets a donor prompt by a seeded cycle over the file's distinct prompts (never itself),
 and a rollout's context is a correct rollout of the donor (`other_peer`, peer_sample_idx null), else the donor's
 reference solution (`other_reference`), else `none`; the teacher's note still assesses this rollout.
-The text is cut to its first `privileged_max_chars` characters, then (if `privileged_max_tokens` > 0) to its first
-`privileged_max_tokens` tokens of `model`'s tokenizer, cut at a token boundary of the original text (the head is
-kept: the text reads as a solution from its start). This module reads and writes no file (`stages.verify`) and builds no teacher prompt (`stages.lm.prompts`).
+A peer's text is first cut right after its last `\boxed{}` holding the gold answer (else holding its own verified
+answer; unchanged if none) when `privileged_cut_boxed` (§9). Every text is then cut to its first
+`privileged_max_chars` characters, then to a token budget of `model`'s tokenizer: `privileged_max_tokens` (0 = none),
+and with `privileged_context_tokens` C > 0 at most C − |prompt| − 300 (at least 128; |prompt| the row's prompt
+tokens), cut at token boundaries of the original text. Of a text over budget the first `privileged_keep_head` share
+of the budget is kept and, when that is below 1, the last tokens for the rest, joined by "\n...\n" (§9: 25 % / 75 %;
+1 = the head only: the text reads as a solution from its start). This module reads and writes no file (`stages.verify`) and builds no teacher prompt (`stages.lm.prompts`).
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ log = logging.getLogger(__name__)
 
 
 PRIVILEGED_FROM = ("same", "other")
+PRIVILEGED_FALLBACKS = ("reference", "assessment")
+CONTEXT_RESERVE_TOKENS = 300  # §9: the budget leaves this much of the context for the rest of the teacher prompt
+MIN_PRIVILEGED_TOKENS = 128  # §9: the context-bound budget never falls below this
+ELISION = "\n...\n"  # §9: joins the kept head and tail of a text over budget
 
 
 @dataclass(frozen=True)
@@ -58,8 +68,15 @@ class VerifyConfig:
     worker_memory_mb: int = 2048  # address-space limit of each worker (0 = none); over it the check errors
     privileged_max_chars: int = 4000  # character budget of privileged_text (0 = no limit)
     privileged_max_tokens: int = 0  # token budget of privileged_text with `model`'s tokenizer (0 = not applied)
-    model: str = "smollm2-135m"  # tokenizer for privileged_max_tokens (HF folder or embedded name); unused if 0
+    # with C > 0 the token budget is also at most C − |prompt| − 300, and at least 128 (METHOD §9: 4096)
+    privileged_context_tokens: int = 0
+    privileged_keep_head: float = 1.0  # share of the token budget kept from the start; the rest from the end (§9: 0.25)
+    privileged_cut_boxed: bool = False  # cut a peer's text after its last \boxed{} holding the answer (§9)
+    model: str = "smollm2-135m"  # tokenizer of the token budget (HF folder or embedded name); unused without one
     privileged_from: str = "same"  # same (METHOD §4) | other: another problem's solution, a context-only control
+    # without a correct peer: reference (the reference solution, else no teacher: §4) | assessment (the teacher sees
+    # only the note on this rollout: §9)
+    privileged_fallback: str = "reference"
     reward: str | None = None  # module:function or file.py:function deciding correctness (stages.verifier.reward);
     #   None = math-verify on the extracted answer
     overwrite: bool = False  # replace an existing output
@@ -68,8 +85,11 @@ class VerifyConfig:
         check = validation.Checks(self)
         check.at_least(1, "workers", "max_answer_chars")
         check.above(0, "timeout")
-        check.at_least(0, "worker_memory_mb", "privileged_max_chars", "privileged_max_tokens")
+        check.at_least(0, "worker_memory_mb", "privileged_max_chars", "privileged_max_tokens",
+                       "privileged_context_tokens")
+        check.between("privileged_keep_head", 0, 1)
         check.choice("privileged_from", PRIVILEGED_FROM)
+        check.choice("privileged_fallback", PRIVILEGED_FALLBACKS)
         if self.reward is not None:
             from stages.verifier.reward import spec_problem
 
@@ -124,26 +144,64 @@ def char_budget(max_chars: int) -> Callable[[str], str]:
     return (lambda text: text[:max_chars]) if max_chars > 0 else (lambda text: text)
 
 
-def token_budget(tokenizer, max_tokens: int) -> Callable[[str], str]:
-    """Keep the first `max_tokens` tokens of a text, cut at the end offset of the last kept token."""
+def tokens_allowed(max_tokens: int, context_tokens: int, prompt_tokens: int) -> int:
+    """The token budget of one row's privileged text: `max_tokens` (0 = none), and with `context_tokens` C > 0 at most
+    C − prompt_tokens − 300 but at least 128 (METHOD §9: min(3072, 4096 − |prompt| − 300), at least 128)."""
+    if context_tokens <= 0:
+        return max_tokens
+    bound = context_tokens - prompt_tokens - CONTEXT_RESERVE_TOKENS
+    return max(min(max_tokens, bound) if max_tokens > 0 else bound, MIN_PRIVILEGED_TOKENS)
 
-    def cut(text: str) -> str:
+
+def token_budget(tokenizer, max_tokens: int, context_tokens: int = 0, keep_head: float = 1.0
+                 ) -> Callable[..., str]:
+    """cut(text, prompt_tokens=0): a text over its budget (`tokens_allowed`) as its first ⌊budget·keep_head⌋ tokens
+    plus, when keep_head < 1, its last budget − ⌊budget·keep_head⌋, joined by "\n...\n"; cut at token offsets of
+    the original text (so no re-tokenized spacing)."""
+
+    def cut(text: str, prompt_tokens: int = 0) -> str:
+        budget = tokens_allowed(max_tokens, context_tokens, prompt_tokens)
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         offsets = encoding["offset_mapping"]
-        return text if len(offsets) <= max_tokens else text[: offsets[max_tokens - 1][1]]
+        if budget <= 0 or len(offsets) <= budget:
+            return text
+        head = int(budget * keep_head)
+        tail = budget - head
+        head_text = text[: offsets[head - 1][1]] if head else ""
+        return head_text if tail == 0 else head_text + ELISION + text[offsets[len(offsets) - tail][0]:]
 
     return cut
 
 
+def cut_after_boxed(text: str, gold: str | None, verified: str | None) -> str:
+    """The text up to the end of its last `\boxed{}` whose content is the gold answer, else of the last one whose
+    content is `verified` (the answer the checker found equal to the gold); the text unchanged when neither occurs
+    (METHOD §9)."""
+    spans = answers.boxed_spans(text)
+    for wanted in (gold, verified):
+        ends = [end for content, end in spans if wanted is not None and content == wanted.strip()]
+        if ends:
+            return text[: ends[-1]]
+    return text
+
+
 def privileged_contexts(prompt_ids: Sequence[str], sample_idxs: Sequence[int], correct: Sequence[bool],
                         responses: Sequence[str], solutions: Sequence[str | None], *, seed: int,
-                        budget: Callable[[str], str], other: bool = False) -> list[tuple[str | None, str, int | None]]:
+                        budget: Callable[..., str], other: bool = False, fallback: str = "reference",
+                        prompt_lengths: Sequence[int] | None = None,
+                        boxed_answers: Sequence[tuple[str | None, str | None]] | None = None
+                        ) -> list[tuple[str | None, str, int | None]]:
     """(privileged_text, privileged_source, peer_sample_idx) of each row, METHOD §4, or from another problem with
-    `other` (see the module docstring)."""
+    `other`, or with `fallback` assessment as §9 (see the module docstring). With `prompt_lengths` the budget is
+    called as budget(text, prompt tokens of the row); with `boxed_answers` ((gold, verified answer) per row) a
+    peer's text is cut after its answer's `\boxed{}` first (`cut_after_boxed`)."""
     peers: dict[str, dict[int, str]] = defaultdict(dict)
     references: dict[str, str] = {}
-    for prompt_id, sample_idx, ok, text, solution in zip(prompt_ids, sample_idxs, correct, responses, solutions):
+    for row, (prompt_id, sample_idx, ok, text, solution) in enumerate(
+            zip(prompt_ids, sample_idxs, correct, responses, solutions)):
         stripped = strip_think(text) if ok else ""
+        if stripped and boxed_answers is not None:
+            stripped = cut_after_boxed(stripped, *boxed_answers[row])
         if stripped:
             peers[prompt_id].setdefault(int(sample_idx), stripped)
         if solution is not None and strip_think(solution):
@@ -151,14 +209,18 @@ def privileged_contexts(prompt_ids: Sequence[str], sample_idxs: Sequence[int], c
     donors = donor_prompts(prompt_ids, seed) if other else {}
     prefix = "other_" if other else ""
     contexts = []
-    for prompt_id, sample_idx in zip(prompt_ids, sample_idxs):
+    for row, (prompt_id, sample_idx) in enumerate(zip(prompt_ids, sample_idxs)):
+        cut = (lambda text: budget(text)) if prompt_lengths is None else \
+            (lambda text, row=row: budget(text, prompt_lengths[row]))
         source_id = donors.get(prompt_id) if other else prompt_id
         group = peers.get(source_id, {})
         peer = pick_peer(seed, prompt_id, int(sample_idx), list(group), exclude_self=not other)
         if peer is not None:
-            contexts.append((budget(group[peer]), prefix + "peer", None if other else peer))
+            contexts.append((cut(group[peer]), prefix + "peer", None if other else peer))
+        elif fallback == "assessment":
+            contexts.append((None, "assessment", None))
         elif source_id in references:
-            contexts.append((budget(references[source_id]), prefix + "reference", None))
+            contexts.append((cut(references[source_id]), prefix + "reference", None))
         else:
             contexts.append((None, "none", None))
     return contexts
@@ -166,18 +228,20 @@ def privileged_contexts(prompt_ids: Sequence[str], sample_idxs: Sequence[int], c
 
 # --- rows ------------------------------------------------------------------------------------------------------
 
-def _budget(config: VerifyConfig, loaded) -> Callable[[str], str]:
+def _budget(config: VerifyConfig, loaded) -> Callable[..., str]:
+    """budget(text, prompt_tokens): the character budget, then the token budget (when either token option is set)."""
     by_chars = char_budget(config.privileged_max_chars)
-    if config.privileged_max_tokens <= 0:
-        return by_chars
+    if config.privileged_max_tokens <= 0 and config.privileged_context_tokens <= 0:
+        return lambda text, prompt_tokens=0: by_chars(text)
     if loaded is not None:
         tokenizer = loaded.tokenizer
     else:
         from stages.lm.models import load_tokenizer, resolve_model
 
         tokenizer = load_tokenizer(resolve_model(config.model))
-    by_tokens = token_budget(tokenizer, config.privileged_max_tokens)
-    return lambda text: by_tokens(by_chars(text))
+    by_tokens = token_budget(tokenizer, config.privileged_max_tokens, config.privileged_context_tokens,
+                             config.privileged_keep_head)
+    return lambda text, prompt_tokens=0: by_tokens(by_chars(text), prompt_tokens)
 
 
 def check_reward(spec: str) -> str:
@@ -232,10 +296,14 @@ def verify_table(table: pa.Table, config: VerifyConfig, loaded=None,
     # --- groups and privileged context
     prompt_ids = table.column("prompt_id").to_pylist()
     sizes, means = group_stats(prompt_ids, rewards)
+    boxed = list(zip(table.column("answer").to_pylist(), [c.extracted_answer for c in checks])) \
+        if config.privileged_cut_boxed else None
     contexts = privileged_contexts(prompt_ids, table.column("sample_idx").to_pylist(),
                                    [check.correct for check in checks], responses,
                                    table.column("solution").to_pylist(), seed=config.seed, budget=budget,
-                                   other=config.privileged_from == "other")
+                                   other=config.privileged_from == "other", fallback=config.privileged_fallback,
+                                   prompt_lengths=[len(ids) for ids in table.column("prompt_token_ids").to_pylist()],
+                                   boxed_answers=boxed)
 
     # --- columns
     columns = {
