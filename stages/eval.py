@@ -328,7 +328,7 @@ def _suite_for_loop(name: str, *, model: str, prompts: str, out_prefix: str, see
     from stages.lm.sampling import PROMPT_COLUMNS, RolloutConfig
     from stages.verifier.rows import VerifyConfig
 
-    folder = Path(f"{out_prefix}-{name}")
+    folder = suites.suite_folder(out_prefix, name)
     if (folder / suites.SUMMARY_NAME).exists():
         return suites.loop_metrics(json.loads((folder / suites.SUMMARY_NAME).read_text()))
     suite = suites.get_suite(name)
