@@ -23,6 +23,8 @@ done
 "$ANTISD" -q plot "${runs[@]}" "${labels[@]}" --out "$DOCS/curves.png" --overwrite
 "$ANTISD" -q plot "${runs[@]}" "${labels[@]}" --format csv --out "$DOCS/curves.csv" --overwrite
 "$PYTHON" scripts/reproduction_paired.py "$DOCS/curves.csv" > "$DOCS/paired.md"
+# the paper's read-out (best-average checkpoint, Speedup over grpo, seed spread, pass@k) of the held-out evaluations
+"$ANTISD" -q report "${runs[@]%/}" "${labels[@]}" --baseline grpo --out "$DOCS/report" --overwrite > /dev/null
 # PMI of the base model (step 0 of gated antisd: the base weights sample and score with the teacher; grpo may run
 # without the teacher pass) and of the trained PMI_METHOD policy (last step).
 last=$(printf "step_%04d" $((STEPS - 1)))

@@ -109,3 +109,7 @@ train)
 *) echo "unknown phase $phase (calibrate, polarity, train)"; exit 2 ;;
 esac; done
 "$PYTHON" scripts/styles_report.py report "$DOCS" --out "$DOCS/table.md"
+# the paper's read-out (best-average checkpoint, Speedup over grpo, seed spread, pass@k) of the held-out evaluations
+runs=(); labels=()
+for dir in "$DOCS"/runs/*_s*/; do name=$(basename "$dir"); runs+=("${dir%/}"); labels+=(--label "${name%_s*}"); done
+"$ANTISD" -q report "${runs[@]}" "${labels[@]}" --baseline grpo --out "$DOCS/report" --overwrite > /dev/null

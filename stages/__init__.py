@@ -75,6 +75,8 @@ runs/ — a training run
     tracking    TensorBoard events and Weights & Biases logging of the metrics
     slurm       rendering a run as Slurm jobs, a window of steps at a time
     suites      evaluation suites (paper, aime25-check): protocols, the suite folder, resume and shards, summary
+    evaluations a run folder's evaluations (the loop's held-out one, suites'), live or collected, read in one shape
+    report_table  table.md of `antisd report` from its computed report
     scheduler   sbatch submissions (ids in jobs.json) and the squeue check before a resubmission
 
 common/ — shared by all

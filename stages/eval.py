@@ -250,7 +250,7 @@ def run(config: EvalConfig, loaded=None) -> Path:
 def stored_summary(out_prefix: str, suite: str | None = None) -> dict | None:
     """A finished loop evaluation's metrics (its rows and summary; with `suite`, its folder's summary), else None."""
     if suite is not None:
-        summary = Path(f"{out_prefix}-{suite}") / suites.SUMMARY_NAME
+        summary = suites.suite_folder(out_prefix, suite) / suites.SUMMARY_NAME
         return suites.loop_metrics(json.loads(summary.read_text())) if summary.exists() else None
     out = Path(f"{out_prefix}.parquet")
     done = out.exists() and summary_path(out).exists()
@@ -337,7 +337,7 @@ def _suite_for_loop(name: str, *, model: str, prompts: str, out_prefix: str, see
     from stages.lm.sampling import PROMPT_COLUMNS, RolloutConfig
     from stages.verifier.rows import VerifyConfig
 
-    folder = Path(f"{out_prefix}-{name}")
+    folder = suites.suite_folder(out_prefix, name)
     suite = suites.get_suite(name)
     rows = read_artifact(prompts, "prompts")[0].select(PROMPT_COLUMNS).to_pylist()
 

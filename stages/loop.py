@@ -48,7 +48,7 @@ from stages.runs.plan import (
     write_step_prompts,
 )
 from stages.runs.resources import Resources, loop_plan, world_size_refusal
-from stages.runs.run_dir import Run
+from stages.runs.run_dir import BASE_EVAL_NAME, EVAL_NAME, Run
 from stages.runs.tracking import Trackers, check_wandb
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class StepRunner:
             self._timed("update", timings, lambda: self.update(step, configs["update"]))
         row = self._metrics(step, paths, timings)
         if eval_due(self.settings, step) and eval_prompts is not None:
-            row.update(self.evaluate(self.run.checkpoint(step), eval_prompts, stage_dir / "eval", timings))
+            row.update(self.evaluate(self.run.checkpoint(step), eval_prompts, stage_dir / EVAL_NAME, timings))
             row.update({k: v for k, v in timings.items() if k in (keys.timing("eval"), keys.memory_peak("eval"))})
         row[keys.timing("step")] = round(time.perf_counter() - started, 3)
         row[keys.timing("model_load")] = round(self.resources.load_seconds - loads_before, 3)
@@ -305,10 +305,11 @@ def _run_steps(config: LoopConfig, run_dir: Run, manifest: dict, runner: StepRun
                train_table: pa.Table, eval_path: Path | None) -> None:
     settings = config.run.loop
     with view:
-        if eval_path is not None and not (run_dir.root / "eval_base.json").exists():
-            base = runner.evaluate(settings.model, eval_path, run_dir.root / "eval_base", {})
-            atomic_write_json(run_dir.root / "eval_base.json", base)
-        view.baseline(json.loads((run_dir.root / "eval_base.json").read_text()) if eval_path else {})
+        base_record = run_dir.root / f"{BASE_EVAL_NAME}.json"
+        if eval_path is not None and not base_record.exists():
+            base = runner.evaluate(settings.model, eval_path, run_dir.root / BASE_EVAL_NAME, {})
+            atomic_write_json(base_record, base)
+        view.baseline(json.loads(base_record.read_text()) if eval_path else {})
         for step in range(settings.steps):
             metrics_path = run_dir.step_dir(step) / "metrics.json"
             if metrics_path.exists():

@@ -211,19 +211,25 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 def split_by_settings(runs: list[RunMetrics]) -> list[RunMetrics]:
     """Runs of one method whose configs differ in more than the seed (or speed-only settings) get group names that
-    say how: `antisd (update.lr=2e-05)`; runs that differ only by seed stay one group."""
+    say how: `antisd (update.lr=2e-05)`; runs that differ only by seed stay one group. A key a config lacks reads as
+    its default (a setting added after the run was made, at its default, is what the run did)."""
     from dataclasses import replace
 
-    from stages.runs.config import RESUMABLE_CHANGES
+    from stages.runs import config as run_config
 
-    ignored = RESUMABLE_CHANGES | {"loop.seed"}
+    ignored = run_config.RESUMABLE_CHANGES | {"loop.seed"}
+    defaults = flatten(run_config.resolve({}).to_dict())
+
+    def setting(run: RunMetrics, key: str):
+        return run.settings.get(key, defaults.get(key))
+
     out = []
     for run in runs:
         peers = [r for r in runs if r.method == run.method]
         keys_ = sorted({k for r in peers for k in r.settings} - ignored)
-        differing = [k for k in keys_ if len({json.dumps(r.settings.get(k), sort_keys=True) for r in peers}) > 1]
+        differing = [k for k in keys_ if len({json.dumps(setting(r, k), sort_keys=True) for r in peers}) > 1]
         if differing:
-            detail = ", ".join(f"{k}={run.settings.get(k)}" for k in differing)
+            detail = ", ".join(f"{k}={setting(run, k)}" for k in differing)
             run = replace(run, method=f"{run.method} ({detail})")
         out.append(run)
     return out

@@ -1,30 +1,30 @@
-"""`antisd report`: the paper's Table 1, its Speedup and its pass@k figure, from the suite evaluations of several runs
-(methods × seeds).
+"""`antisd report`: the paper's Table 1, its Speedup and its pass@k figure, from the evaluations of several runs
+(methods × seeds): suite evaluations (the paper's five benchmarks) or the loop's held-out evaluation.
 
 Reads, per run folder, its manifest (config.yaml or run.json: method from `update.method`, seed from `loop.seed`, as
-`antisd plot` reads them; runs of one method whose configs differ in more than the seed become separate groups) and
-its evaluations of suite SUITE: `RUN/eval_base-SUITE/summary.json` (the base model, 0 updates) and
-`RUN/step_XXXX/eval-SUITE/summary.json` (after XXXX + 1 updates), as the loop writes them (`loop.eval_suite`) and
-`antisd eval --suite SUITE --model RUN/step_XXXX/checkpoint --out RUN/step_XXXX/eval-SUITE` does for a kept
-checkpoint; for the pass@k figure also the benchmark's `<benchmark>.summary.json` beside the best checkpoint's
-summary. Every evaluation must cover the same benchmarks with the same n and problem count.
+`antisd plot` reads them; without `--label`, runs of one method whose configs differ in more than the seed become
+separate groups) and its evaluations of one kind, live or as scripts/collect_run_files.sh copies them
+(`stages.runs.evaluations` says where each lives): `held-out`, the loop's evaluation of `loop.eval` (one benchmark),
+or suite S (`loop.eval_suite`, `antisd eval --suite`). `--evaluation auto` takes the one kind every run holds and
+asks for a choice when they hold several. Every evaluation must cover the same benchmarks with the same n and
+problem count.
 
 Writes to the folder OUT, every number recomputable from the files listed under "Sources" in table.md (and
-`sources` in report.json): table.md (Table 1: per method the best-average checkpoint's per-benchmark accuracies and
-average, mean over seeds with the 95% t interval over seeds, and the Speedup over the baseline; then per run, the
-Speedups, the pass@k values); runs.csv, methods.csv, speedup.csv, pass_at_k.csv; pass_at_k.png; report.json.
+`sources` in report.json): table.md (Table 1: per method the best-average checkpoint's accuracies, mean over seeds
+with the 95% t interval over seeds, and the Speedup over the baseline; then the runs, the seed-mean curves, the
+Speedups, pass@k); runs.csv, methods.csv, speedup.csv, curves.csv, pass_at_k.csv; pass_at_k.png, curves.png;
+report.json.
 
-Best checkpoint, Speedup, seed spread and pass@k are `stages.method.comparison`'s. The Speedup is paired by seed
-where the baseline ran the method's seed, and computed over seed-mean curves (each group's mean over its seeds at the
-updates all of them evaluated) always; the table shows the paired one when every seed has a partner.
-This module reads summaries only: no rows, no model, no sampling.
+Best checkpoint, Speedup, seed spread and pass@k are `stages.method.comparison`'s. The Speedup is computed per seed
+the baseline also ran, and over the seed-mean curves of those paired seeds (each group's mean over them at the
+updates all of them evaluated), the table's headline; when no seed pairs, over all seeds of both, marked unpaired.
+pass@k at the best checkpoints: every k = 1…n from the per-problem counts, or the k a summary stores when it has none
+(older summaries; the table says which). This module reads summaries only: no rows, no model, no sampling.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,14 +32,17 @@ import numpy as np
 
 from stages.common import validation
 from stages.common.errors import InputError
-from stages.common.figures import draw_pass_at_k, to_csv
-from stages.common.io import atomic_write_json, atomic_write_text, check_output, output_lock, read_json_object
+from stages.common.figures import draw_curves, draw_pass_at_k, to_csv
+from stages.common.io import atomic_write_json, atomic_write_text, check_output, output_lock
 from stages.method import comparison
-from stages.runs import suites
+from stages.runs import evaluations, suites
+from stages.runs.report_table import PAIRED_MEANS, SEED, UNPAIRED_MEANS, markdown
+from stages.verifier import scores
 
 log = logging.getLogger(__name__)
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
+AUTO = "auto"
+PAPER_PASS_AT_K = "hmmt_feb25"  # the benchmark of the paper's pass@k figure; the default where it was evaluated
 
 
 @dataclass(frozen=True)
@@ -49,17 +52,17 @@ class ReportConfig:
     runs: tuple[str, ...]  # run folders
     out: str  # output folder
     baseline: str = "grpo"  # the method (group) the Speedup is measured against
-    suite: str = "paper"  # whose evaluations are read (RUN/step_XXXX/eval-SUITE)
-    pass_at_k: str = "hmmt_feb25"  # the benchmark of the pass@k figure
+    evaluation: str = AUTO  # whose evaluations are read: auto | held-out | a suite (stages.runs.evaluations)
+    pass_at_k: str | None = None  # the pass@k figure's benchmark; None: hmmt_feb25 where evaluated, else the first
     labels: tuple[str, ...] = ()  # one group name per run, overriding the method of its manifest
     overwrite: bool = False
 
     def __post_init__(self):
         check = validation.Checks(self)
         check.require(bool(self.runs), "runs", "give at least one run folder")
-        check.choice("suite", suites.SUITES)
-        if self.suite in suites.SUITES:
-            check.choice("pass_at_k", suites.SUITES[self.suite].names)
+        check.choice("evaluation", (AUTO, *evaluations.KINDS))
+        if self.evaluation in suites.SUITES and self.pass_at_k is not None:
+            check.choice("pass_at_k", suites.SUITES[self.evaluation].names)
         check.require(not self.labels or len(self.labels) == len(self.runs), "labels",
                       f"given {len(self.labels)} times for {len(self.runs)} runs (give one per run)")
         check.done()
@@ -67,46 +70,52 @@ class ReportConfig:
 
 @dataclass
 class RunEvals:
-    """One run folder: its group, seed and suite summaries by updates."""
+    """One run folder: its group, seed and evaluations (each read as a suite summary) by updates."""
 
     name: str
     method: str
     seed: int | None
     settings: dict
-    summaries: dict[int, dict]  # updates → suite summary
+    summaries: dict[int, dict]  # updates → evaluation summary
     files: dict[int, Path]  # updates → that summary's path
+
+    @property
+    def curve(self) -> dict[int, float]:
+        return {updates: summary["average"] for updates, summary in self.summaries.items()}
+
+    @property
+    def best(self) -> tuple[int, float]:
+        return comparison.best_checkpoint(self.curve)
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
 
-def read_run(path: str, label: str | None, suite: str) -> RunEvals:
+def choose_evaluation(folders: list[Path], requested: str) -> str:
+    """`requested`, or with AUTO the one kind of evaluation every folder holds (InputError when none or several)."""
+    if requested != AUTO:
+        return requested
+    held = {folder: evaluations.kinds(folder) for folder in folders}
+    common = [kind for kind in evaluations.KINDS if all(kind in kinds for kinds in held.values())]
+    if len(common) == 1:
+        return common[0]
+    if common:
+        raise InputError(f"--evaluation: every run holds several evaluations ({', '.join(common)}); pick one")
+    found = "; ".join(f"{folder}: {', '.join(kinds) or 'none'}" for folder, kinds in held.items())
+    raise InputError(f"--evaluation: no kind of evaluation is held by every run ({found})")
+
+
+def read_run(folder: Path, label: str | None, kind: str) -> RunEvals:
     from stages.plot import read_manifest, run_identity
 
-    folder = Path(path)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: no such run folder")
     method, seed, settings = run_identity(folder, label)
-    files = {0: folder / f"eval_base-{suite}" / suites.SUMMARY_NAME} if (folder / f"eval_base-{suite}").is_dir() else {}
-    for step_dir in folder.iterdir():
-        match = STEP_DIR.match(step_dir.name)
-        if match and (step_dir / f"eval-{suite}" / suites.SUMMARY_NAME).is_file():
-            files[int(match[1]) + 1] = step_dir / f"eval-{suite}" / suites.SUMMARY_NAME
-    files = {u: files[u] for u in sorted(files) if files[u].is_file()}
+    files = evaluations.files(folder, kind)
     if not files:
-        raise InputError(f"{folder}: no evaluation of suite {suite} (step_XXXX/eval-{suite}/summary.json); make "
-                         f"one with antisd eval --suite {suite} --model {folder}/step_XXXX/checkpoint --out "
-                         f"{folder}/step_XXXX/eval-{suite}")
-    summaries = {u: _checked_summary(file, suite) for u, file in files.items()}
+        raise InputError(evaluations.missing_message(folder, kind))
+    benchmark = evaluations.held_out_name(settings)
+    summaries = {updates: evaluations.read(file, kind, benchmark) for updates, file in files.items()}
     if not read_manifest(folder):
         log.warning("%s: no config.yaml or run.json; method %s and seed %s come from its name", folder, method, seed)
     return RunEvals(folder.name, method, seed, settings, summaries, files)
-
-
-def _checked_summary(file: Path, suite: str) -> dict:
-    summary = read_json_object(file)
-    if summary.get("suite") != suite or not isinstance(summary.get("per_benchmark"), dict):
-        raise InputError(f"{file}: not a summary of suite {suite} (suite {summary.get('suite')!r})")
-    return summary
 
 
 def check_protocols(runs: list[RunEvals]) -> None:
@@ -122,28 +131,53 @@ def check_protocols(runs: list[RunEvals]) -> None:
                                  f"{reference}; compare runs evaluated alike")
 
 
-def group_runs(runs: list[RunEvals]) -> list[RunEvals]:
-    """Group names as `antisd plot` makes them: the method, plus the settings that differ beyond the seed."""
+def group_runs(runs: list[RunEvals], baseline: str, labelled: bool) -> dict[str, list[RunEvals]]:
+    """{group: its runs}, the baseline first, then by name and seed. Unlabelled runs are named as `antisd plot`
+    names them (the method, plus the settings that differ beyond the seed). A seed may appear once per group."""
     from stages.plot import RunMetrics, split_by_settings
 
-    named = split_by_settings([RunMetrics(r.name, r.method, r.seed, [], r.settings) for r in runs])
-    for run, grouped in zip(runs, named):
-        run.method = grouped.method
-    return runs
+    if not labelled:
+        named = split_by_settings([RunMetrics(r.name, r.method, r.seed, [], r.settings) for r in runs])
+        for run, grouped in zip(runs, named):
+            run.method = grouped.method
+    groups: dict[str, list[RunEvals]] = {}
+    for run in sorted(runs, key=lambda r: (r.method != baseline, r.method, r.seed is None, r.seed or 0)):
+        twin = next((other for other in groups.get(run.method, [])
+                     if (run.seed is not None and other.seed == run.seed) or other.name == run.name), None)
+        if twin is not None:
+            raise InputError(f"{run.name}: a second run of {run.method} with seed {run.seed} (or folder name) besides "
+                             f"{twin.name}; give the runs --label to tell them apart")
+        groups.setdefault(run.method, []).append(run)
+    if baseline not in groups:
+        raise InputError(f"--baseline {baseline}: no such method among the runs (found: {', '.join(groups)})")
+    return groups
+
+
+def pass_at_k_benchmark(requested: str | None, benchmarks: list[str], kind: str) -> str:
+    if requested is None:
+        return PAPER_PASS_AT_K if PAPER_PASS_AT_K in benchmarks else benchmarks[0]
+    if requested not in benchmarks:
+        raise InputError(f"--pass-at-k {requested}: not a benchmark of the {kind} evaluation "
+                         f"(its benchmarks: {', '.join(benchmarks)})")
+    return requested
 
 
 # --- computing ---------------------------------------------------------------------------------------------------
 
-def curve(run: RunEvals) -> dict[int, float]:
-    return {updates: summary["average"] for updates, summary in run.summaries.items()}
+def _seed(run: RunEvals) -> int | str:
+    return "" if run.seed is None else run.seed
 
 
 def best_row(run: RunEvals) -> dict:
-    updates, average = comparison.best_checkpoint(curve(run))
-    per_benchmark = run.summaries[updates]["per_benchmark"]
-    return {"run": run.name, "method": run.method, "seed": "" if run.seed is None else run.seed,
-            "best_updates": updates, **{name: entry["accuracy"] for name, entry in per_benchmark.items()},
-            "average": average, "summary": str(run.files[updates])}
+    """The run at its best-average checkpoint: each benchmark's accuracy and interval, the average and its interval."""
+    updates, average = run.best
+    summary = run.summaries[updates]
+    row = {"run": run.name, "method": run.method, "seed": _seed(run), "best_updates": updates}
+    for name, entry in summary["per_benchmark"].items():
+        row |= {name: entry["accuracy"], f"{name}_ci_low": entry["accuracy_ci_low"],
+                f"{name}_ci_high": entry["accuracy_ci_high"]}
+    return row | {"average": average, "average_ci_low": summary["average_ci_low"],
+                  "average_ci_high": summary["average_ci_high"], "summary": str(run.files[updates])}
 
 
 def method_rows(groups: dict[str, list[RunEvals]], benchmarks: list[str]) -> list[dict]:
@@ -158,140 +192,143 @@ def method_rows(groups: dict[str, list[RunEvals]], benchmarks: list[str]) -> lis
     return rows
 
 
+def curve_rows(groups: dict[str, list[RunEvals]]) -> list[dict]:
+    """Every evaluation of every run: its average (the Speedup's curve) and interval, and its file."""
+    return [{"run": run.name, "method": method, "seed": _seed(run), "updates": updates, "average": summary["average"],
+             "average_ci_low": summary["average_ci_low"], "average_ci_high": summary["average_ci_high"],
+             "summary": str(run.files[updates])}
+            for method, members in groups.items() for run in members for updates, summary in run.summaries.items()]
+
+
+def _speedup_row(method: str, pairing: str, baseline_runs: list[RunEvals], method_runs: list[RunEvals]) -> dict:
+    result = comparison.speedup(comparison.mean_curve([run.curve for run in baseline_runs]),
+                                comparison.mean_curve([run.curve for run in method_runs]))
+    return {"method": method, "pairing": pairing, "seeds": " ".join(str(_seed(run)) for run in method_runs),
+            "baseline_seeds": " ".join(str(_seed(run)) for run in baseline_runs), **asdict(result)}
+
+
 def speedup_rows(groups: dict[str, list[RunEvals]], baseline: str) -> list[dict]:
-    """Per method but the baseline: one row per seed the baseline also ran (paired), and one over seed means."""
-    rows = []
+    """Per method but the baseline: a row per seed the baseline also ran, then one over the seed-mean curves of those
+    paired seeds; over all seeds of both (unpaired) when none pairs."""
     partners = {run.seed: run for run in groups[baseline] if run.seed is not None}
+    rows = []
     for method, members in groups.items():
         if method == baseline:
             continue
-        pairs = [(f"seed {run.seed}", curve(partners[run.seed]), curve(run)) for run in members
-                 if run.seed in partners]
-        pairs.append(("seed means", comparison.mean_curve([curve(r) for r in groups[baseline]]),
-                      comparison.mean_curve([curve(r) for r in members])))
-        for pairing, base_curve, method_curve in pairs:
-            rows.append({"method": method, "pairing": pairing, **asdict(comparison.speedup(base_curve, method_curve))})
+        paired = [run for run in members if run.seed in partners]
+        rows += [_speedup_row(method, SEED, [partners[run.seed]], [run]) for run in paired]
+        if paired:
+            rows.append(_speedup_row(method, PAIRED_MEANS, [partners[run.seed] for run in paired], paired))
+        else:
+            rows.append(_speedup_row(method, UNPAIRED_MEANS, groups[baseline], members))
     return rows
 
 
-def headline_speedup(rows: list[dict], method: str, seeds: list) -> str:
-    """The table's Speedup cell: paired when every seed has a baseline partner (the mean of the values when all are
-    defined, with each seed's), else the seed-mean curves' (marked so)."""
-    paired = [row for row in rows if row["method"] == method and row["pairing"] != "seed means"]
-    if paired and len(paired) == len(seeds):
-        detail = ", ".join(f"{row['pairing'].removeprefix('seed ')}: {row['display']}" for row in paired)
-        values = [row["value"] for row in paired]
-        if all(value is not None for value in values):
-            return f"{sum(values) / len(values):.2f}× (seeds {detail})"
-        return f"seeds {detail}"
-    mean_row = next(row for row in rows if row["method"] == method and row["pairing"] == "seed means")
-    return f"{mean_row['display']} (seed means)"
+@dataclass
+class PassAtK:
+    """pass@k of one benchmark at each run's best checkpoint, at the k every run's summary gives."""
+
+    benchmark: str
+    ks: list[int]
+    rows: list[dict]  # pass_at_k.csv
+    curves: dict[str, list[np.ndarray]]  # group → its runs' pass@k at ks
+    files: list[Path]  # the benchmark summaries read
+    without_counts: list[Path]  # those of them holding no per-problem counts (their stored k only)
 
 
-def pass_at_k_rows(groups: dict[str, list[RunEvals]], benchmark: str) -> tuple[list[dict], dict, list[Path]]:
-    """pass@k (k = 1…n) of `benchmark` at each run's best checkpoint: CSV rows, {group: [curve per run]}, files."""
-    rows, curves, files = [], {}, []
-    for method, members in groups.items():
+def pass_at_k(groups: dict[str, list[RunEvals]], benchmark: str) -> PassAtK:
+    values, files, without_counts = {}, [], []
+    for members in groups.values():
         for run in members:
-            updates = best_row(run)["best_updates"]
+            updates = run.best[0]
             file = run.files[updates].parent / run.summaries[updates]["per_benchmark"][benchmark]["file"]
-            summary = read_json_object(file)
-            values = comparison.pass_at_k_curve(list(summary["correct_per_problem"].values()), summary["n"])
-            curves.setdefault(method, []).append(np.array(values))
+            summary = evaluations.benchmark_summary(file)
+            values[run.name] = scores.pass_at_k_values(summary)
             files.append(file)
-            rows += [{"method": method, "run": run.name, "seed": "" if run.seed is None else run.seed,
-                      "updates": updates, "k": k, "pass_at_k": value} for k, value in enumerate(values, 1)]
+            if not summary.get("correct_per_problem"):
+                without_counts.append(file)
+    ks = sorted(set.intersection(*(set(by_k) for by_k in values.values())))
+    rows, curves = [], {}
+    for method, members in groups.items():
+        curves[method] = [np.array([values[run.name][k] for k in ks]) for run in members]
+        rows += [{"method": method, "run": run.name, "seed": _seed(run), "updates": run.best[0], "k": k,
+                  "pass_at_k": values[run.name][k]} for run in members for k in ks]
         mean = np.mean(curves[method], axis=0)
         rows += [{"method": method, "run": "mean", "seed": "", "updates": "", "k": k, "pass_at_k": float(value)}
-                 for k, value in enumerate(mean, 1)]
-    return rows, curves, files
+                 for k, value in zip(ks, mean)]
+    return PassAtK(benchmark, ks, rows, curves, files, without_counts)
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
 
-def _cell(row: dict) -> str:
-    if row["ci_low"] is None:
-        return f"{row['mean']:.3f}"
-    return f"{row['mean']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+def _title(kind: str) -> str:
+    return "Held-out evaluation" if kind == evaluations.HELD_OUT else f"Suite {kind}"
 
 
-def markdown(report: dict) -> str:
-    """table.md: Table 1, the runs, the Speedups and pass@k at a few k, then the sources."""
-    benchmarks, baseline = report["benchmarks"], report["baseline"]
-    spreads = {(row["method"], row["score"]): row for row in report["methods"]}
-    lines = [f"# Suite {report['suite']}: best-average checkpoint per run", "",
-             "Accuracy (avg@n) at each run's best-average checkpoint; per method the mean over seeds with its 95% t "
-             f"interval over seeds. Speedup over `{baseline}`: its best-average updates ÷ the first updates at which "
-             "the method reaches that average (stages/method/comparison.py).", "",
-             "| method | seeds | " + " | ".join(benchmarks) + f" | average | best updates | Speedup vs {baseline} |",
-             "| --- | --- |" + " --- |" * (len(benchmarks) + 3)]
-    for method, members in report["groups"].items():
-        cells = [_cell(spreads[(method, name)]) for name in [*benchmarks, "average"]]
-        best = ", ".join(str(row["best_updates"]) for row in report["runs"] if row["method"] == method)
-        speed = "–" if method == baseline else headline_speedup(report["speedup"], method, members)
-        lines.append(f"| `{method}` | {len(members)} | " + " | ".join(cells) + f" | {best} | {speed} |")
-    lines += ["", "## Runs", "", "| run | method | seed | best updates | " + " | ".join(benchmarks) + " | average |",
-              "| --- | --- | --- | --- |" + " --- |" * (len(benchmarks) + 1)]
-    for row in report["runs"]:
-        scores = " | ".join(f"{row[name]:.4f}" for name in [*benchmarks, "average"])
-        lines.append(f"| {row['run']} | `{row['method']}` | {row['seed']} | {row['best_updates']} | {scores} |")
-    lines += ["", f"## Speedup over `{baseline}`", "",
-              "| method | pairing | baseline best updates (g) | baseline best average | first updates reaching it (u) "
-              "| last evaluated updates | Speedup g/u |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for row in report["speedup"]:
-        reached = "never" if row["reached_updates"] is None else row["reached_updates"]
-        lines.append(f"| `{row['method']}` | {row['pairing']} | {row['baseline_updates']} | "
-                     f"{row['baseline_score']:.4f} | {reached} | {row['last_updates']} | {row['display']} |")
-    ks = sorted({row["k"] for row in report["pass_at_k"]})
-    shown = [k for k in ks if k & (k - 1) == 0 or k == ks[-1]]
-    lines += ["", f"## pass@k on {report['pass_at_k_benchmark']} (mean over seeds, best checkpoints; all k in "
-              "pass_at_k.csv)", "", "| method | " + " | ".join(f"pass@{k}" for k in shown) + " |",
-              "| --- |" + " --- |" * len(shown)]
-    for method in report["groups"]:
-        means = {row["k"]: row["pass_at_k"] for row in report["pass_at_k"] if row["method"] == method
-                 and row["run"] == "mean"}
-        lines.append(f"| `{method}` | " + " | ".join(f"{means[k]:.4f}" for k in shown) + " |")
-    lines += ["", "## Sources", ""] + [f"- `{source}`" for source in report["sources"]]
-    return "\n".join(lines) + "\n"
+def build_report(kind: str, protocol: dict, baseline: str, groups: dict[str, list[RunEvals]], figure: PassAtK) -> dict:
+    benchmarks = list(protocol)
+    return {
+        "evaluation": kind, "title": _title(kind), "baseline": baseline, "benchmarks": benchmarks,
+        "protocol": protocol,
+        "groups": {method: [run.seed for run in members] for method, members in groups.items()},
+        "runs": [best_row(run) for members in groups.values() for run in members],
+        "methods": method_rows(groups, benchmarks),
+        "speedup": speedup_rows(groups, baseline),
+        "pass_at_k": {"benchmark": figure.benchmark, "ks": figure.ks, "rows": figure.rows,
+                      "files": [str(file) for file in figure.files],
+                      "without_counts": [str(file) for file in figure.without_counts]},
+        "curves": {run.name: run.curve for members in groups.values() for run in members},
+        "mean_curves": {method: comparison.mean_curve([run.curve for run in members])
+                        for method, members in groups.items()},
+        "sources": sorted({str(file) for members in groups.values() for run in members
+                           for file in run.files.values()} | {str(file) for file in figure.files}),
+    }
+
+
+def write_report(out: Path, report: dict, groups: dict[str, list[RunEvals]], figure: PassAtK) -> None:
+    runs_columns = ["run", "method", "seed", "best_updates"]
+    for name in report["benchmarks"]:
+        runs_columns += [name, f"{name}_ci_low", f"{name}_ci_high"]
+    tables = {
+        "runs.csv": (report["runs"], [*runs_columns, "average", "average_ci_low", "average_ci_high", "summary"]),
+        "methods.csv": (report["methods"], ["method", "score", "seeds", "mean", "std", "ci_low", "ci_high", "values"]),
+        "speedup.csv": (report["speedup"], ["method", "pairing", "seeds", "baseline_seeds", "baseline_updates",
+                                            "baseline_score", "reached_updates", "last_updates", "value", "display"]),
+        "curves.csv": (curve_rows(groups), ["run", "method", "seed", "updates", "average", "average_ci_low",
+                                            "average_ci_high", "summary"]),
+        "pass_at_k.csv": (figure.rows, ["method", "run", "seed", "updates", "k", "pass_at_k"]),
+    }
+    for name, (rows, columns) in tables.items():
+        atomic_write_text(out / name, to_csv(rows, columns))
+    panel = f"{report['title']}: average" if len(report["benchmarks"]) > 1 else \
+        f"{report['title']}: {report['benchmarks'][0]} accuracy"
+    draw_curves({panel: {method: [(np.array(list(run.curve)), np.array(list(run.curve.values()))) for run in members]
+                         for method, members in groups.items()}}, "minmax", out / "curves.png", base_step=0,
+                xlabel="updates")
+    draw_pass_at_k(figure.ks, figure.curves, f"pass@k on {figure.benchmark} (best-average checkpoints)",
+                   out / "pass_at_k.png")
+    atomic_write_text(out / "table.md", markdown(report))
+    atomic_write_json(out / "report.json", report)
 
 
 def run(config: ReportConfig) -> Path:
     """Read the runs, compute the report, write it to the folder `config.out`; return the folder."""
     out = check_output(config.out, config.overwrite, kind="folder")
-    labels = config.labels or (None,) * len(config.runs)
-    runs = group_runs([read_run(path, label, config.suite) for path, label in zip(config.runs, labels)])
+    folders = [Path(path) for path in config.runs]
+    missing = next((folder for folder in folders if not folder.is_dir()), None)
+    if missing is not None:
+        raise InputError(f"{missing}: no such run folder")
+    kind = choose_evaluation(folders, config.evaluation)
+    labels = config.labels or (None,) * len(folders)
+    runs = [read_run(folder, label, kind) for folder, label in zip(folders, labels)]
     check_protocols(runs)
-    groups: dict[str, list[RunEvals]] = {}
-    for item in sorted(runs, key=lambda r: (r.method != config.baseline, r.method, r.seed is None, r.seed or 0)):
-        groups.setdefault(item.method, []).append(item)
-    if config.baseline not in groups:
-        raise InputError(f"--baseline {config.baseline}: no such method among the runs (found: {', '.join(groups)})")
-    benchmarks = list(suites.SUITES[config.suite].names)
-    pass_rows, curves, pass_files = pass_at_k_rows(groups, config.pass_at_k)
-    report = {
-        "suite": config.suite, "baseline": config.baseline, "benchmarks": benchmarks,
-        "groups": {method: [run.seed for run in members] for method, members in groups.items()},
-        "runs": [best_row(run) for members in groups.values() for run in members],
-        "methods": method_rows(groups, benchmarks),
-        "speedup": speedup_rows(groups, config.baseline),
-        "pass_at_k_benchmark": config.pass_at_k, "pass_at_k": pass_rows,
-        "curves": {run.name: curve(run) for members in groups.values() for run in members},
-        "sources": sorted({str(file) for members in groups.values() for run in members
-                           for file in run.files.values()} | {str(file) for file in pass_files}),
-    }
+    groups = group_runs(runs, config.baseline, labelled=bool(config.labels))
+    protocol = {name: {"n": entry["n"], "problems": entry["problems"]}  # every evaluation's (check_protocols)
+                for name, entry in next(iter(runs[0].summaries.values()))["per_benchmark"].items()}
+    figure = pass_at_k(groups, pass_at_k_benchmark(config.pass_at_k, list(protocol), kind))
+    report = build_report(kind, protocol, config.baseline, groups, figure)
     out.mkdir(exist_ok=True)
     with output_lock(out):
-        tables = {"runs.csv": (report["runs"], ["run", "method", "seed", "best_updates", *benchmarks, "average",
-                                                "summary"]),
-                  "methods.csv": (report["methods"], ["method", "score", "seeds", "mean", "std", "ci_low", "ci_high",
-                                                      "values"]),
-                  "speedup.csv": (report["speedup"], ["method", "pairing", "baseline_updates", "baseline_score",
-                                                      "reached_updates", "last_updates", "value", "display"]),
-                  "pass_at_k.csv": (pass_rows, ["method", "run", "seed", "updates", "k", "pass_at_k"])}
-        for name, (rows, columns) in tables.items():
-            atomic_write_text(out / name, to_csv(rows, columns))
-        draw_pass_at_k(curves, f"pass@k on {config.pass_at_k} (best-average checkpoints)", out / "pass_at_k.png")
-        atomic_write_text(out / "table.md", markdown(report))
-        atomic_write_json(out / "report.json", report)
-    log.info("report of %d runs in %d groups → %s", len(runs), len(groups), out)
+        write_report(out, report, groups, figure)
+    log.info("report of %d runs in %d groups (%s evaluation) → %s", len(runs), len(groups), kind, out)
     return out

@@ -66,9 +66,10 @@ def study(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def report(study, tmp_path_factory):
+    """The report with the defaults: the one evaluation the runs hold (aime25-check), pass@k on its one benchmark."""
     out = tmp_path_factory.mktemp("report") / "report"
-    result = CliRunner().invoke(cli, ["-q", "report", *(str(study / run) for run in STUDY), "--suite", "aime25-check",
-                                      "--pass-at-k", "aime25", "--baseline", "grpo", "--out", str(out)])
+    result = CliRunner().invoke(cli, ["-q", "report", *(str(study / run) for run in STUDY), "--baseline", "grpo",
+                                      "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out, result.stdout
 
@@ -81,11 +82,12 @@ def rows(path) -> list[dict]:
 def test_report_prints_the_table_then_the_folder(report):
     out, stdout = report
     assert stdout.strip().splitlines()[-1] == str(out)
-    assert "| method | seeds | aime25 | average | best updates | Speedup vs grpo |" in stdout
-    for name in ("table.md", "runs.csv", "methods.csv", "speedup.csv", "pass_at_k.csv", "pass_at_k.png",
-                 "report.json"):
+    assert "| method | seeds | aime25 | best updates | Speedup vs grpo |" in stdout  # one benchmark: no average
+    for name in ("table.md", "runs.csv", "methods.csv", "speedup.csv", "curves.csv", "pass_at_k.csv",
+                 "pass_at_k.png", "curves.png", "report.json"):
         assert (out / name).exists(), name
-    assert (out / "pass_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in ("pass_at_k.png", "curves.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_each_run_is_taken_at_its_best_average_checkpoint(report):
@@ -95,18 +97,18 @@ def test_each_run_is_taken_at_its_best_average_checkpoint(report):
 
 
 def test_speedup_is_paired_by_seed_and_over_seed_means(report):
-    speedups = {(row["method"], row["pairing"]): row for row in rows(report[0] / "speedup.csv")}
-    assert set(speedups) == {("antisd", "seed 0"), ("antisd", "seed 1"), ("antisd", "seed means")}
+    speedups = {(row["method"], row["pairing"], row["seeds"]): row for row in rows(report[0] / "speedup.csv")}
+    assert set(speedups) == {("antisd", "seed", "0"), ("antisd", "seed", "1"), ("antisd", "paired seed means", "0 1")}
     # seed 0: grpo's best 6/16 at 4 updates, antisd reaches 6/16 at 2 → 4/2
-    assert float(speedups[("antisd", "seed 0")]["value"]) == 2.0
-    assert speedups[("antisd", "seed 0")]["display"] == "2.00×"
+    assert float(speedups[("antisd", "seed", "0")]["value"]) == 2.0
+    assert speedups[("antisd", "seed", "0")]["display"] == "2.00×"
     # seed 1: grpo's best 6/16 at 2 updates, antisd's best is 5/16 → never within 4 updates: below 2/4
-    assert speedups[("antisd", "seed 1")]["value"] == "" and speedups[("antisd", "seed 1")]["display"] == \
+    assert speedups[("antisd", "seed", "1")]["value"] == "" and speedups[("antisd", "seed", "1")]["display"] == \
         "<0.50× (never)"
     # seed means: grpo {0: 2/16, 2: 5/16, 4: 5.5/16} best at 4; antisd {.., 2: 5/16, 4: 6.5/16} reaches at 4 → 1
-    assert float(speedups[("antisd", "seed means")]["value"]) == 1.0
+    assert float(speedups[("antisd", "paired seed means", "0 1")]["value"]) == 1.0
     table = (report[0] / "table.md").read_text()
-    assert "seeds 0: 2.00×, 1: <0.50× (never)" in table
+    assert "| 1.00×; seeds 0: 2.00×, 1: <0.50× |" in table
 
 
 def test_seed_spread_is_the_t_interval_over_seeds(report):
@@ -146,13 +148,15 @@ def test_every_number_names_its_source_files(report, study):
 
 @pytest.mark.parametrize("args, message", [
     (["--baseline", "ppo"], "--baseline ppo: no such method among the runs (found: "),
-    (["--pass-at-k", "aime24"], "--pass-at-k"),
-    (["--suite", "paper"], "no evaluation of suite paper"),
+    (["--evaluation", "aime25-check", "--pass-at-k", "aime24"], "--pass-at-k: must be one of aime25, got 'aime24'"),
+    (["--pass-at-k", "aime24"], "--pass-at-k aime24: not a benchmark of the aime25-check evaluation (its benchmarks: "
+                                "aime25)"),
+    (["--evaluation", "paper"], "no evaluation of suite paper"),
+    (["--evaluation", "held-out"], "no held-out evaluation (step_XXXX/eval.summary.json"),
 ])
 def test_report_bad_input_exits_2(study, tmp_path, args, message):
     runs = [str(study / run) for run in STUDY]
-    defaults = ["--suite", "aime25-check", "--pass-at-k", "aime25"]
-    result = CliRunner().invoke(cli, ["report", *runs, *defaults, *args, "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(cli, ["report", *runs, *args, "--out", str(tmp_path / "r")])
     assert result.exit_code == 2, result.output
     assert message in result.stderr
     assert not (tmp_path / "r").exists()
@@ -167,8 +171,7 @@ def test_report_refuses_runs_evaluated_differently(study, tmp_path):
     summary = json.loads(summary_file.read_text())
     summary["per_benchmark"]["aime25"]["problems"] = 30
     summary_file.write_text(json.dumps(summary))
-    result = CliRunner().invoke(cli, ["report", str(study / "grpo_s0"), str(odd), "--suite", "aime25-check",
-                                      "--pass-at-k", "aime25", "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(cli, ["report", str(study / "grpo_s0"), str(odd), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2
     assert str(summary_file) in result.stderr
 

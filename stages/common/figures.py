@@ -31,11 +31,12 @@ def group_band(series: list[tuple[np.ndarray, np.ndarray]], band: str) -> tuple[
 
 
 def draw_curves(panels: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]], band: str, path: Path,
-                base_step: int | None = None) -> None:
+                base_step: int | None = None, xlabel: str = "step") -> None:
     """One panel per metric; thin lines per run, a thick mean and shaded band per group with several runs.
 
     `panels`: metric → group name (legend label) → that group's runs' (steps, values) series (empty: not logged).
     `base_step`: the step at which a base-model record is drawn, named in the x label when a panel has it.
+    `xlabel`: what the x values count (steps; `antisd report`: updates).
     """
     metrics = list(panels)
     columns = min(3, len(metrics))
@@ -66,7 +67,7 @@ def draw_curves(panels: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]
         ax.set_title(metric, fontsize=10)
         has_base = base_step is not None and any(base_step in steps for series in panels[metric].values()
                                                  for steps, _ in series)
-        ax.set_xlabel(f"step ({base_step}: base model)" if has_base else "step")
+        ax.set_xlabel(f"{xlabel} ({base_step}: base model)" if has_base else xlabel)
         ax.grid(alpha=0.3)
         if not drawn:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="0.5")
@@ -74,33 +75,45 @@ def draw_curves(panels: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]
         ax.set_visible(False)
     handles = [axes[0].plot([], [], color=colours[g], lw=2.2, **styles[g])[0] for g in groups]
     spread = "min–max" if band == "minmax" else "±1 std"
-    figure.legend(handles, groups, loc="outside upper center", ncols=min(len(groups), 5),
+    figure.legend(handles, groups, loc="outside upper center", ncols=min(len(groups), 5 if columns > 1 else 3),
                   title=f"mean over seeds, band {spread}", fontsize=9)
     save_png(figure, path)
 
 
-def draw_pass_at_k(curves: dict[str, list[np.ndarray]], title: str, path: Path) -> None:
-    """pass@k against k = 1…n (log₂ axis): per group (legend label) a thin line per run, and with several runs their
-    mean (thick) and min–max band. `curves`: group → its runs' [pass@1, …, pass@n] arrays (one n for all)."""
+def draw_pass_at_k(ks: list[int], curves: dict[str, list[np.ndarray]], title: str, path: Path) -> None:
+    """pass@k against k (log₂ axis): per group (legend label) a thin line per run, and with several runs their mean
+    (thick) and min–max band. `curves`: group → its runs' arrays of pass@k at `ks`. With one k (n = 1) the groups
+    stand side by side instead: a dot per run, the mean as a bar across, the min–max as a vertical line."""
     figure = _figure(6.4, 4.4)
     ax = figure.subplots()
     for index, (group, runs) in enumerate(curves.items()):
         colour = f"C{index % 10}"
-        stacked = np.array(runs)  # [runs, n]
-        ks = np.arange(1, stacked.shape[1] + 1)
+        stacked = np.array(runs)  # [runs, len(ks)]
+        label = f"{group} ({len(runs)} run{'s' if len(runs) > 1 else ''})"
+        if len(ks) == 1:
+            ax.plot([index] * len(runs), stacked[:, 0], "o", color=colour, alpha=0.6, label=label)
+            ax.plot([index - 0.25, index + 0.25], [stacked.mean()] * 2, color=colour, lw=2.2)
+            ax.vlines(index, stacked.min(), stacked.max(), color=colour, lw=1.0)
+            continue
         for values in stacked:
-            ax.plot(ks, values, color=colour, lw=0.8 if len(runs) > 1 else 2.0, alpha=0.45 if len(runs) > 1 else 1)
+            ax.plot(ks, values, color=colour, lw=0.8 if len(runs) > 1 else 2.0, alpha=0.45 if len(runs) > 1 else 1,
+                    marker="." if len(ks) < 12 else None)
         if len(runs) > 1:
             ax.plot(ks, stacked.mean(axis=0), color=colour, lw=2.2)
             ax.fill_between(ks, stacked.min(axis=0), stacked.max(axis=0), color=colour, alpha=0.15, lw=0)
-        ax.plot([], [], color=colour, lw=2.2, label=f"{group} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
-    n = max(len(runs[0]) for runs in curves.values())
-    ax.set_xscale("log", base=2)
-    ticks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= n] + ([n] if n & (n - 1) else [])
-    ax.set_xticks(ticks, [str(k) for k in ticks])
-    ax.set(xlabel="k (samples)", ylabel="pass@k", title=title, ylim=(-0.02, 1.02))
+        ax.plot([], [], color=colour, lw=2.2, label=label)
+    if len(ks) == 1:
+        ax.set_xticks(range(len(curves)), list(curves), fontsize=8)
+        ax.set(xlim=(-0.6, len(curves) - 0.4), xlabel=f"k = {ks[0]}")
+    else:
+        ax.set_xscale("log", base=2)
+        ticks = [k for k in ks if k & (k - 1) == 0] + ([ks[-1]] if ks[-1] & (ks[-1] - 1) else [])
+        ax.set_xticks(ticks, [str(k) for k in ticks])
+        ax.set(xlabel="k (samples)")
+    ax.set(ylabel="pass@k", title=title, ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
-    ax.legend(title="mean over seeds, band min–max", fontsize=9)
+    ax.legend(title="mean over seeds: bar; min–max: line" if len(ks) == 1 else "mean over seeds, band min–max",
+              fontsize=9)
     save_png(figure, path)
 
 

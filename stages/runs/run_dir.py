@@ -5,7 +5,10 @@ Layout (every file is one stage's ordinary output):
     runs/NAME/run.json            manifest: resolved config, its digest, finished stages, latest checkpoint
     runs/NAME/config.yaml         the resolved config (rerun with --config runs/NAME/config.yaml)
     runs/NAME/train_prompts.parquet, eval_prompts.parquet
-    runs/NAME/step_0000/{prompts,rollouts,verified,scored}.parquet, checkpoint/, eval.parquet, metrics.json
+    runs/NAME/eval_base.parquet, eval_base.summary.json   the base model's held-out evaluation (loop.eval_suite S:
+                                  the folder eval_base-S/); eval_base.json: the numbers the loop logged of it
+    runs/NAME/step_0000/{prompts,rollouts,verified,scored}.parquet, checkpoint/, metrics.json
+    runs/NAME/step_0000/eval.parquet, eval.summary.json   the held-out evaluation after this step (eval-S/: suite S)
     runs/NAME/metrics.jsonl       one row per finished step (rebuilt from the per-step metrics.json files)
 """
 
@@ -18,6 +21,8 @@ from pathlib import Path
 from stages.common.io import atomic_write_json, atomic_write_text
 
 STEP_ARTIFACTS = ("prompts", "rollouts", "verified", "scored")
+EVAL_NAME = "eval"  # a step's held-out evaluation: step_XXXX/eval.parquet + eval.summary.json (suite S: eval-S/)
+BASE_EVAL_NAME = "eval_base"  # the base model's, in the run folder (eval_base.json: the numbers the loop logged)
 
 
 class Run:

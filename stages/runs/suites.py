@@ -118,6 +118,11 @@ def summary_path(out: str | Path) -> Path:
     return out.with_name(out.stem + ".summary.json")
 
 
+def suite_folder(prefix: str | Path, suite: str) -> Path:
+    """The folder of suite `suite` evaluated under `prefix` (e.g. RUN/step_XXXX/eval): `RUN/step_XXXX/eval-paper`."""
+    return Path(f"{prefix}-{suite}")
+
+
 def prompts_table(name: str) -> pa.Table:
     """The test problems of every benchmark of suite `name`, one prompts table (`dataset` = the benchmark)."""
     from stages.lm.datasets import PrepareConfig, prompts_table as prepared
@@ -135,12 +140,8 @@ def suite_summary(suite: Suite, summaries: dict[str, dict], *, seed: int, resamp
     per_benchmark, accuracies = {}, []
     for name in suite.names:
         summary = summaries[name]
-        n = summary["n"]
-        accuracies.append([c / n for c in summary["correct_per_problem"].values()])
-        per_benchmark[name] = {"n": n, "problems": summary["problems"], f"avg@{n}": summary["accuracy"],
-                               "accuracy": summary["accuracy"], "accuracy_ci_low": summary["accuracy_ci_low"],
-                               "accuracy_ci_high": summary["accuracy_ci_high"],
-                               "truncated_frac": summary["truncated_frac"], "file": f"{name}.summary.json"}
+        accuracies.append([c / summary["n"] for c in summary["correct_per_problem"].values()])
+        per_benchmark[name] = benchmark_entry(summary, summary_path(rows_path("", name)).name)
     low, high = estimators.stratified_bootstrap_interval(accuracies, seed=seed, resamples=resamples)
     first = summaries[suite.names[0]]
     return {
@@ -154,6 +155,14 @@ def suite_summary(suite: Suite, summaries: dict[str, dict], *, seed: int, resamp
         "sampling": {name: summaries[name]["sampling"] for name in suite.names},
         "verifier": first.get("verifier"),
     }
+
+
+def benchmark_entry(summary: dict, file: str) -> dict:
+    """A benchmark's entry in a suite summary, from its eval summary (found at `file`, a name beside the suite's)."""
+    n = summary["n"]
+    return {"n": n, "problems": summary["problems"], f"avg@{n}": summary["accuracy"], "accuracy": summary["accuracy"],
+            "accuracy_ci_low": summary["accuracy_ci_low"], "accuracy_ci_high": summary["accuracy_ci_high"],
+            "truncated_frac": summary.get("truncated_frac"), "file": file}
 
 
 def loop_metrics(summary: dict) -> dict:

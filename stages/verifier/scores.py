@@ -13,7 +13,7 @@ import re
 
 import pyarrow as pa
 
-from stages.method import estimators
+from stages.method import comparison, estimators
 
 _LATEX_SPACING_RE = re.compile(r"\\left|\\right|\\[,;:! ]|\s+")
 RUN_FACTS = ("benchmark", "model", "model_revision", "engine", "dtype", "threads", "sampling", "verifier")
@@ -73,6 +73,15 @@ def summarize(table: pa.Table, *, seed: int = 0, resamples: int = 1000) -> dict:
     metrics["no_answer_frac"] = sum(status == "no_answer" for status in column["verify_status"]) / samples
     metrics["correct_per_problem"] = {column["prompt_id"][rows[0]]: sum(c) for rows, c in zip(groups, correct)}
     return metrics
+
+
+def pass_at_k_values(summary: dict) -> dict[int, float]:
+    """{k: pass@k} of an eval summary: every k = 1…n from its `correct_per_problem` counts when it has them
+    (`comparison.pass_at_k_curve`, unbiased), else the values it stores, k = 1, 2, 4, …, n (older summaries)."""
+    n, counts = summary["n"], summary.get("correct_per_problem")
+    if counts:
+        return dict(enumerate(comparison.pass_at_k_curve(list(counts.values()), n), start=1))
+    return {k: summary[f"pass@{k}"] for k in estimators.k_values(n) if f"pass@{k}" in summary}
 
 
 def numeric(summary: dict) -> dict:
