@@ -7,7 +7,11 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 export OMP_NUM_THREADS ?= $(shell nproc)
 export TOKENIZERS_PARALLELISM = false
+# DeepSpeed's accelerator: cpu where no GPU answers; on a GPU host it is left unset (DeepSpeed detects CUDA, and the
+# trainer pins the accelerator to its device either way: stages.training.distributed.prepare_deepspeed).
+ifeq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),)
 export DS_ACCELERATOR ?= cpu
+endif
 
 .PHONY: install demo test bench reproduce clean
 

@@ -118,7 +118,7 @@ def config_option(cls, name: str, help: str, *aliases: str, **kwargs):
     """
     hint = typing.get_type_hints(cls)[name]
     flag = "--" + name.replace("_", "-")
-    if hint is bool:
+    if hint is bool or hint == (bool | None):  # bool | None: unset = the Config's own rule (e.g. by device)
         decls = (f"{flag}/--no-{flag[2:]}", *aliases)
     else:
         decls = (flag, *aliases)
@@ -141,3 +141,11 @@ def prompt_template_option(cls):
                          "correct_note, incorrect_note (examples/prompts/default.yaml: the defaults). A flag set to "
                          "other than its default overrides the file's value; the resolved text goes to the metadata, "
                          "where score reads it back.", metavar="FILE.yaml")
+
+
+def attn_option(cls):
+    from stages.lm.models import ATTN_IMPLEMENTATIONS
+
+    return config_option(cls, "attn_implementation", "Attention kernel: auto (transformers' default, sdpa), sdpa, "
+                                                     "eager, or flash_attention_2 (needs the flash-attn package).",
+                         type=click.Choice(ATTN_IMPLEMENTATIONS))

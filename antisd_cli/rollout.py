@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from antisd_cli.options import (
+    attn_option,
     config_option,
     dtype_option,
     input_path,
@@ -42,6 +43,10 @@ C = RolloutConfig
 @threads_option(C)
 @config_option(C, "batch_size", "Samples (prompts × n) per engine call; 0 = engine default (hf 64, vllm 1024).")
 @config_option(C, "device", "HF engine device: auto (cuda if available), cpu, cuda or cuda:N.")
+@attn_option(C)
+@config_option(C, "gpu_memory_utilization", "vLLM on GPU: the share of the card it takes for weights and KV "
+                                           "cache (default: vLLM's 0.9 when alone; in `loop`, what the memory plan "
+                                           "leaves beside the resident trainer).", type=float)
 @config_option(C, "share_prefix", "HF engine: prefill each group's prompt once per batch and repeat its cache over the "
                                   "samples (the same tokens, about half the time at n = 8).")
 @config_option(C, "system_prompt", "A system turn before the few-shot turns and the problem; score's teacher view "

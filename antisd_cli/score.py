@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from antisd_cli.options import (
+    attn_option,
     config_option,
     dtype_option,
     input_path,
@@ -30,7 +31,9 @@ C = ScoreConfig
 @out_option
 @config_option(C, "temperature", "Softmax temperature of the log-probs. Default: the rollout's sampling temperature "
                                  "from the input metadata, else 1.0.")
-@config_option(C, "chunk_size", "Response positions per LM-head/log-softmax chunk (bounds the [chunk × vocab] logits).")
+@config_option(C, "chunk_size", "Response positions per LM-head/log-softmax chunk (bounds the [chunk × vocab] logits; "
+                                 "default: 64 on CPU, on "
+                                 "CUDA as many as fit 4 GiB of fp32 logits).")
 @config_option(C, "micro_batch_tokens", "Padded tokens (sequences × longest) per forward pass; sequences are sorted "
                                         "by length.")
 @config_option(C, "share_prefix", "Run each prompt's common prompt prefix once for its views (the same numbers, "
@@ -52,6 +55,7 @@ C = ScoreConfig
                              "the teacher perplexity (column teacher_ppl).")
 @dtype_option(C)
 @config_option(C, "device", "auto, cpu, cuda or cuda:N.")
+@attn_option(C)
 @threads_option(C)
 @shard_option(C)
 @overwrite_option(C)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from antisd_cli.options import (
+    attn_option,
     config_option,
     dtype_option,
     input_path,
@@ -18,7 +19,7 @@ from antisd_cli.options import (
 )
 from stages.method.terms import method_names
 from stages.method.variants import VARIANTS
-from stages.training.config import GATE_STATISTICS, LAM_MODES, TERM_NORMS, U_CLIPS, UpdateConfig
+from stages.training.config import GATE_STATISTICS, IS_CORRECTIONS, LAM_MODES, TERM_NORMS, U_CLIPS, UpdateConfig
 
 C = UpdateConfig
 
@@ -101,11 +102,14 @@ C = UpdateConfig
                                      "on-policy).")
 @config_option(C, "micro_batch_tokens", "Padded tokens per forward/backward on one rank.")
 @config_option(C, "progress", "Show tokens/s and ETA on stderr (a bar on a terminal, a line every 30 s in a file).")
-@config_option(C, "logprob_chunk", "Response positions per LM-head chunk when computing log-probs.")
+@config_option(C, "logprob_chunk", "Response positions per LM-head chunk when computing log-probs (default: 64 on "
+                                    "CPU, on CUDA as many as fit 4 GiB of fp32 logits, as score).")
 @config_option(C, "kl_coef", "β: adds β · k3 KL(π_θ‖π_ref) to the loss (same aggregation). > 0 needs ref_logprobs "
                              "in the scored file (antisd score --reference MODEL); 0 = no KL term.")
 @variant_option(C, "is_correction", "token: truncated importance weight min(exp(student − sampling log-prob), "
-                                    "--is-cap).", type=click.Choice(["off", "token"]))
+                                    "--is-cap); auto: token when the rollouts came from vLLM or a 16-bit sampler, off "
+                                    "for the HF engine in fp32 (the trainer's own forward).",
+                type=click.Choice(IS_CORRECTIONS))
 @config_option(C, "is_cap", "Cap of the truncated IS weight (>= 1).")
 @config_option(C, "deepspeed_config", "DeepSpeed JSON overlaid on the built-in ZeRO-2 default (no optimizer/scheduler "
                                       "sections).", type=click.Path(exists=True, dir_okay=False))
@@ -117,8 +121,12 @@ C = UpdateConfig
 @config_option(C, "optimizer_state", "Write deepspeed/ (the optimizer state) into --out, what continuing exactly from "
                                      "it needs; --no-optimizer-state writes the weights and run state only.")
 @dtype_option(C)
+@attn_option(C)
+@config_option(C, "comm_timeout_minutes", "Bound of every collective between ranks (NCCL's own default is 10 "
+                                          "minutes; rank 0 writes and fsyncs the checkpoint while the others wait).")
 @config_option(C, "gradient_checkpointing", "Recompute activations in backward: less memory, ~30% more compute, and "
-                                            "no shared prefixes (the cache of a checkpointed layer is dropped).")
+                                            "no shared prefixes (the cache of a checkpointed layer is dropped). "
+                                            "Default: on for CUDA, off on CPU.")
 @config_option(C, "share_prefix", "Run each group's prompt once per micro-batch, its cache repeated over the samples "
                                   "(the same gradients, fewer positions).")
 @config_option(C, "lora_rank", "Train rank-r LoRA adapters (PEFT) on the frozen model (0 = full training); --out "

@@ -37,7 +37,8 @@ lm/ — the language model: what it reads and computes
     bundled     the datasets shipped in the package, and each source's quirks (OlympiadBench's answer lists…)
     records     a user's dataset file (JSONL, Parquet, HF datasets) as records, fields by dotted path
     pieces      token pieces → text and words (for the PMI analysis)
-    logprobs    chunked per-token log-probs and entropies, the one micro-batch packer
+    logprobs    chunked per-token log-probs and entropies (fp32 LM head), the one micro-batch packer
+    forward     the one forward score and the trainer run: pieces, numerics, chunk size by device
     shared_prefix  sequences that share a prefix computed with the prefix run once (its KV cache repeated)
     engine      the engine interface, SamplingSettings, Completion, per-sample seeds
     engine_hf   sampling by a KV-cached decode loop on a transformers model
@@ -67,6 +68,8 @@ runs/ — a training run
     config      the run config (YAML + --set), its validation and digest, LoopConfig
     plan        what a step is: prompts cursor, stage configs, commands.sh, opening a run directory
     dynamic     DAPO dynamic sampling: further draws until a step has enough mixed-reward groups
+    resources   what a loop keeps resident (policy, reference, vLLM, trainer) and the device between phases
+    memory      the memory model from config.json: per-GPU bytes, the vLLM share, the loop's refusal
     run_dir     the run directory: layout, manifest, metrics.jsonl, checkpoint pruning
     view        the live view on stderr
     tracking    TensorBoard events and Weights & Biases logging of the metrics
@@ -85,6 +88,8 @@ common/ — shared by all
     metrics     the names of the logged metrics
     figures     PNG/HTML/CSV outputs (the only matplotlib importer)
     process     CPU threads, seeds, device choice
+    card        the device's memory between phases: free bytes, peaks, giving cached blocks back
+    stack       the versions of torch/transformers/DeepSpeed/vLLM needed and the APIs that decide them
     progress    token progress of long stages (a bar on a terminal, one-line records in files)
 """
 

@@ -45,7 +45,8 @@ from stages.common.io import atomic_write_json, build_metadata, check_output, ou
 from stages.common.parts import Shard
 from stages.lm import bundled
 from stages.lm.datasets import SPLITS
-from stages.lm.models import DEFAULT_MODEL
+from stages.lm.engine import SamplingSettings, is_engine, resolve_engine, sampled_path
+from stages.lm.models import DEFAULT_MODEL, resolve_model
 from stages.lm.prompts import INSTRUCTION
 from stages.method import estimators
 from stages.runs import suites
@@ -154,14 +155,13 @@ def _evaluate(rows: list[dict], rollout_config, verify_config, *, out: Path, ben
               resamples: int, loaded=None) -> dict:
     """Sample, verify, summarize and write rows + summary; return the summary. Shared by `run` and the loop."""
     from stages.common.process import set_threads
-    from stages.lm.engine import SamplingSettings, resolve_engine
-    from stages.lm.models import resolve_model
     from stages.lm.prompts import ChatOptions
     from stages.lm.sampling import open_engine, sample
     from stages.verifier.rows import verify_table
 
-    engine_name = resolve_engine(rollout_config.engine)
-    model_path = loaded.path if loaded is not None else resolve_model(rollout_config.model)
+    engine_given = loaded is not None and is_engine(loaded)  # the loop's open engine: used as is, left open
+    engine_name = loaded.name if engine_given else resolve_engine(rollout_config.engine)
+    model_path = sampled_path(loaded) or resolve_model(rollout_config.model)
     threads = set_threads(rollout_config.threads)
     log.info("eval %s: %d problems × %d samples, temperature %g, top-p %g, max %d tokens, engine %s, model %s",
              benchmark, len(rows), rollout_config.n, rollout_config.temperature, rollout_config.top_p,
@@ -170,16 +170,16 @@ def _evaluate(rows: list[dict], rollout_config, verify_config, *, out: Path, ben
     # --- sample
     started = time.perf_counter()
     chat = ChatOptions.from_knobs(rollout_config)
-    engine = open_engine(engine_name, rollout_config, Path(model_path), rows, loaded)
+    engine = loaded if engine_given else open_engine(engine_name, rollout_config, Path(model_path), rows, loaded)
     try:
         rollouts, sample_stats = sample(engine, rows, SamplingSettings.from_config(rollout_config),
-                                                batch_size=rollout_config.batch_size,
-                                                progress=rollout_config.progress, chat=chat)
+                                        batch_size=rollout_config.batch_size, progress=rollout_config.progress, chat=chat)
     finally:
-        engine.close()
+        if not engine_given:
+            engine.close()
 
     # --- verify and summarize
-    table, verify_stats = verify_table(rollouts, verify_config, loaded)
+    table, verify_stats = verify_table(rollouts, verify_config, engine)  # lends its tokenizer
     metrics = summarize(table, seed=seed, resamples=resamples)
     wall_s = time.perf_counter() - started
     summary = {
@@ -247,11 +247,20 @@ def run(config: EvalConfig, loaded=None) -> Path:
         return out
 
 
+def stored_summary(out_prefix: str, suite: str | None = None) -> dict | None:
+    """A finished loop evaluation's metrics (its rows and summary; with `suite`, its folder's summary), else None."""
+    if suite is not None:
+        summary = suites.suite_folder(out_prefix, suite) / suites.SUMMARY_NAME
+        return suites.loop_metrics(json.loads(summary.read_text())) if summary.exists() else None
+    out = Path(f"{out_prefix}.parquet")
+    done = out.exists() and summary_path(out).exists()
+    return numeric(json.loads(summary_path(out).read_text())) if done else None
+
+
 def run_suite(config: EvalConfig, loaded=None) -> Path:
     """Evaluate (or resume, or add a shard to) the suite folder `config.out`; return the folder."""
     from stages.common.process import pick_device
-    from stages.lm.engine import resolve_engine
-    from stages.lm.models import load_model, resolve_model
+    from stages.lm.models import load_model
 
     # --- validate everything before any work
     folder = Path(config.out)
@@ -294,19 +303,20 @@ def evaluate_for_loop(*, model: str, prompts: str, out_prefix: str, n: int, temp
 
     `rollout_knobs`/`verify_knobs` are the run config's rollout/verify sections (RolloutConfig/VerifyConfig keyword
     arguments without paths); n, temperature, max_new_tokens and seed override them, and top-p is 1 when greedy.
-    When both outputs exist (a resumed run) the stored summary is returned without sampling. With `suite` (the
-    loop's `eval_suite`; `prompts` then holds its benchmarks' problems) see `_suite_for_loop`.
+    `loaded` samples: a LoadedModel (HF) or the loop's open engine (vLLM, left open: no HF copy). A finished
+    evaluation (`stored_summary`) is returned without sampling. With `suite` (`prompts`: its problems) see
+    `_suite_for_loop`.
     """
     from stages.lm.sampling import RolloutConfig
     from stages.verifier.rows import VerifyConfig
 
+    stored = stored_summary(out_prefix, suite)
+    if stored is not None:
+        return stored
     if suite is not None:
         return _suite_for_loop(suite, model=model, prompts=prompts, out_prefix=out_prefix, seed=seed,
                                rollout_knobs=rollout_knobs, verify_knobs=verify_knobs, loaded=loaded)
     out = Path(f"{out_prefix}.parquet")
-    stored = summary_path(out)
-    if out.exists() and stored.exists():
-        return numeric(json.loads(stored.read_text()))
     overrides = {"n": n, "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
     if temperature == 0:
         overrides["top_p"] = 1.0
@@ -324,13 +334,10 @@ def _suite_for_loop(name: str, *, model: str, prompts: str, out_prefix: str, see
                     verify_knobs: dict, loaded=None) -> dict:
     """Suite `name` on `model` into the folder `<out_prefix>-<name>` (resumed per benchmark), with the suite's
     protocol over the run's rollout/verify knobs; returns `stages.runs.suites.loop_metrics` of its summary."""
-    from stages.lm.models import resolve_model
     from stages.lm.sampling import PROMPT_COLUMNS, RolloutConfig
     from stages.verifier.rows import VerifyConfig
 
     folder = suites.suite_folder(out_prefix, name)
-    if (folder / suites.SUMMARY_NAME).exists():
-        return suites.loop_metrics(json.loads((folder / suites.SUMMARY_NAME).read_text()))
     suite = suites.get_suite(name)
     rows = read_artifact(prompts, "prompts")[0].select(PROMPT_COLUMNS).to_pylist()
 
@@ -346,7 +353,7 @@ def _suite_for_loop(name: str, *, model: str, prompts: str, out_prefix: str, see
                                 partial(configs, benchmark)) for benchmark in suite.names]
     folder.mkdir(exist_ok=True)
     summary = suites.evaluate_suite(suite, jobs, folder, evaluate=partial(_evaluate, loaded=loaded), seed=seed,
-                                    model_path=str(loaded.path if loaded is not None else resolve_model(model)),
+                                    model_path=str(sampled_path(loaded) or resolve_model(model)),
                                     resamples=EvalConfig.bootstrap_resamples)
     return suites.loop_metrics(summary)
 

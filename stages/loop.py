@@ -9,12 +9,12 @@ does no math and no sampling itself: it calls the stages' `run` functions, reusi
 and score of a step. With `record_only` (`--record-only`, each Slurm record job) it runs no stage: it records the
 steps whose update is done (metrics, trackers, due evaluations, checkpoint pruning) and stops at the first that is not.
 
-Engines: with the HF engine the rollout samples with that loaded model. When `rollout.engine` resolves to vllm the
-process keeps one vLLM engine (`stages.lm.engine_vllm.LoopEngine`) that each step's rollout uses after moving it to the
-step's weights (`loop.weight_sync`: `reload` opens a fresh engine on the checkpoint, `inplace` loads the checkpoint
-into the open one; on GPU with `loop.vllm_sleep` it sleeps while score and update train); the seconds spent are
-`timing_s/weight_sync`. Score always uses the HF model (the trainer's numerics). Evaluation opens its own engine, so
-the loop closes its vLLM engine first (two engines do not fit one card).
+Engines and memory: what stays resident between stages (the policy, the reference, the vLLM engine, the trainer) and
+the device's hand-over between phases belong to `stages.runs.resources.Resources`; this module says which stage runs
+when. With vLLM one engine samples the rollouts and the held-out evaluations, moved to each step's weights as
+`loop.weight_sync` says; the seconds spent are `timing_s/weight_sync`, each phase's peak memory/peak_gib/<phase>.
+Score always uses the HF model (the trainer's numerics). On a GPU the run is first checked against the memory model
+(`stages.runs.memory`) and refused when it cannot fit.
 
 Reference KL: with update.kl_coef > 0 every step's score also runs a frozen reference (score.reference, else the base
 model loop.model) for ref_logprobs; the process loads it once and keeps it across steps.
@@ -32,6 +32,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from stages.common import metrics as keys
+from stages.common.card import Card
+from stages.common.errors import InputError
 from stages.common.io import atomic_write_json
 from stages.runs import config as run_config
 from stages.runs.config import LoopConfig
@@ -45,6 +47,7 @@ from stages.runs.plan import (
     write_commands,
     write_step_prompts,
 )
+from stages.runs.resources import Resources, loop_plan, world_size_refusal
 from stages.runs.run_dir import BASE_EVAL_NAME, EVAL_NAME, Run
 from stages.runs.tracking import Trackers, check_wandb
 
@@ -52,107 +55,37 @@ log = logging.getLogger(__name__)
 
 
 class StepRunner:
-    """Runs the stages of one step in order, skipping finished ones; keeps the trainer, and the model the next
-    stages sample and score with, from step to step."""
+    """Runs the stages of one step in order, skipping finished ones; what stays resident between them (the trainer,
+    the policy, the reference, the vLLM engine) and the device's hand-over belong to `resources`."""
 
-    def __init__(self, config: LoopConfig, run: Run, view, engine: str = "hf"):
+    def __init__(self, config: LoopConfig, run: Run, view, engine: str = "hf", resources: Resources | None = None,
+                 prompt_rows: list[dict] = ()):
         self.config, self.run, self.view = config, run, view
         self.settings = config.run.loop
-        self._loaded = None  # (model path, LoadedModel) reused by rollout, score and eval of the same weights
-        self._reference = None  # (model path, LoadedModel): score's frozen reference, loaded once, kept across steps
-        self.load_seconds = 0.0  # model loads from disk and vLLM weight syncs, the loop's own I/O overhead
-        self.vllm = None  # engine_vllm.LoopEngine, opened by the first vLLM rollout
-        self.use_vllm = engine == "vllm"
-        self.trainer = None  # training.trainer.Trainer kept across steps (opened by the first update to run)
-
-    def loaded(self, model: str):
-        from stages.lm.models import resolve_model
-
-        key = str(resolve_model(model))
-        if self._loaded is None or self._loaded[0] != key:
-            self._loaded = None  # free the old weights before loading the new ones
-            self._loaded = (key, self._load(key))
-        return self._loaded[1]
-
-    def reference(self, model: str):
-        """The frozen reference `model`, loaded like the policy (same dtype and device) on first use only."""
-        from stages.lm.models import resolve_model
-
-        key = str(resolve_model(model))
-        if self._reference is None or self._reference[0] != key:
-            self._reference = None
-            self._reference = (key, self._load(key))
-        return self._reference[1]
-
-    def _load(self, key: str):
-        from stages.common.process import pick_device
-        from stages.lm.models import load_model
-
-        start = time.perf_counter()
-        rollout = self.config.run.stages["rollout"]
-        device = pick_device(rollout.get("device", "auto")) if "device" in rollout else pick_device()
-        loaded = load_model(key, dtype=rollout.get("dtype", "auto"), device=device)
-        self.load_seconds += time.perf_counter() - start
-        return loaded
+        self.resources = resources or Resources(config, run, engine, prompt_rows=prompt_rows)
 
     def score(self, config, model: str):
-        """Run score with the step's loaded policy, and the kept reference when the config asks for one."""
+        """Run score with the step's policy (score's dtype and device), and the kept reference when asked for."""
         from stages import score
+
+        loaded = self.resources.policy(model, "score")
         if config.reference is None:
-            return score.run(config, loaded=self.loaded(model))
-        return score.run(config, loaded=self.loaded(model), reference_loaded=self.reference(config.reference))
-
-    def rollout_source(self, model: str, train_table: pa.Table, timings: dict):
-        """What the step's rollout samples with: `model`'s HF model, or the loop's vLLM engine holding its weights."""
-        from stages.lm.models import resolve_model
-
-        if not self.use_vllm:
-            return self.loaded(model)
-        if self.vllm is None:
-            self.vllm = loop_engine(self.config.run, resolve_model(model), train_table)
-        engine, seconds = self.vllm.use(resolve_model(model))
-        self._count_sync(timings, seconds)
-        return engine
-
-    def _count_sync(self, timings: dict, seconds: float) -> None:
-        timings[keys.timing("weight_sync")] = round(timings.get(keys.timing("weight_sync"), 0.0) + seconds, 3)
-        self.load_seconds += seconds
-
-    def close_engine(self) -> None:
-        if self.vllm is not None:
-            self.vllm.close()
+            return score.run(config, loaded=loaded)
+        return score.run(config, loaded=loaded, reference_loaded=self.resources.reference(config.reference))
 
     def close(self) -> None:
-        self.close_engine()
-        self.close_trainer()
-
-    def close_trainer(self) -> None:
-        if self.trainer is not None:
-            self.trainer.close()
-            self.trainer = None
-
-    # --- the resident trainer ----------------------------------------------------------------------------------
+        self.resources.close()
 
     def update(self, step: int, config) -> None:
-        """Train step `step` with the trainer kept from the step before (opened here on the first update), then lend
-        its weights to the next step's rollout and score (HF engine, ZeRO ≤ 2: no reload, no copy)."""
+        """Train step `step` with the resident trainer (opened on the first update: `_open_trainer`)."""
         from stages import update
 
-        if self.trainer is None:
-            self._loaded = None  # the trainer loads its own copy; do not keep two on a small machine
-            self.trainer = self._open_trainer(step, config)
-        update.step(self.trainer, config)
-        if not self.settings.resident_trainer:
-            self.close_trainer()
-            self._loaded = None  # the next step loads the checkpoint just written
-        elif self.trainer.serves_inference():
-            self._loaded = (str(self.run.checkpoint(step)), self._policy_view(step))
-        else:
-            self._loaded = None
+        self.resources.train(step, config, self._open_trainer, update.step)
 
     def _open_trainer(self, step: int, config):
         """The trainer at the start of `step`: the newest full checkpoint before it (else the run's start), then the
-        updates of the weights-only checkpoints after it replayed from their scored files (same bits: tested)."""
+        updates of the weights-only checkpoints after it replayed from their scored files (same bits on CPU; within
+        the stated tolerance on CUDA: stages.update.replay)."""
         from stages import update
         from stages.lm.models import resolve_model
         from stages.training import distributed
@@ -170,15 +103,6 @@ class StepRunner:
             update.replay(trainer, step_configs(self.config, self.run, replayed)["update"])
         return trainer
 
-    def _policy_view(self, step: int):
-        """The trainer's policy as a LoadedModel of checkpoint `step` (eval mode; the trainer sets train mode)."""
-        from stages.lm.models import LoadedModel
-
-        trainer = self.trainer
-        trainer.policy.eval()
-        return LoadedModel(self.run.checkpoint(step), trainer.model_revision, trainer.tokenizer, trainer.policy,
-                           str(trainer.device), next(trainer.policy.parameters()).dtype)
-
     @staticmethod
     def _add_time(name: str, timings: dict, func, *args, **kwargs) -> None:
         """Run `func(*args, **kwargs)`, adding its seconds to timing_s/`name` (dynamic sampling's draws sum into
@@ -188,9 +112,11 @@ class StepRunner:
         timings[keys.timing(name)] = round(timings.get(keys.timing(name), 0.0) + time.perf_counter() - start, 3)
 
     def _timed(self, name: str, timings: dict, func):
+        """Run `func()` as phase `name`: the device handed to it (resources), its seconds and peak memory recorded."""
         self.view.stage(name)
         start = time.perf_counter()
-        result = func()
+        with self.resources.phase(name, timings):
+            result = func()
         timings[keys.timing(name)] = round(time.perf_counter() - start, 3)
         return result
 
@@ -202,16 +128,14 @@ class StepRunner:
         model = self.run.model_for_step(step, settings.model)
         paths = self.run.step_paths(step)
         timings: dict = {}
-        loads_before = self.load_seconds
+        loads_before = self.resources.load_seconds
         write_step_prompts(self.config, self.run, step, train_table)
         configs = step_configs(self.config, self.run, step)
         if not (self.run.checkpoint(step) / "config.json").exists():  # a finished step keeps the commands it ran
             write_commands(self.run, step, configs)
         if not paths["rollouts"].exists():
-            source = self.rollout_source(model, train_table, timings)
-            self._timed("rollout", timings, lambda: rollout.run(configs["rollout"], loaded=source))
-            if self.vllm is not None:
-                self._count_sync(timings, self.vllm.put_aside())  # free the memory score and update train in
+            self._timed("rollout", timings, lambda: rollout.run(
+                configs["rollout"], loaded=self.resources.sampler(model, timings)))
         if not paths["verified"].exists() and settings.dynamic_sampling:
             self.view.stage("verify")
             self.draw_groups(step, configs, model, train_table, timings)
@@ -224,9 +148,9 @@ class StepRunner:
         row = self._metrics(step, paths, timings)
         if eval_due(self.settings, step) and eval_prompts is not None:
             row.update(self.evaluate(self.run.checkpoint(step), eval_prompts, stage_dir / EVAL_NAME, timings))
-            row.update({k: v for k, v in timings.items() if k == keys.timing("eval")})
+            row.update({k: v for k, v in timings.items() if k in (keys.timing("eval"), keys.memory_peak("eval"))})
         row[keys.timing("step")] = round(time.perf_counter() - started, 3)
-        row[keys.timing("model_load")] = round(self.load_seconds - loads_before, 3)
+        row[keys.timing("model_load")] = round(self.resources.load_seconds - loads_before, 3)
         row[keys.LOAD_FRACTION] = round(row[keys.timing("model_load")] / max(row[keys.timing("step")], 1e-9), 4)
         return row
 
@@ -255,11 +179,10 @@ class StepRunner:
                                build_metadata("prompts", {"step": step, "draw": draw, "rows": rows}))
             used |= set(read_metadata(prompts)["config"]["rows"])
             if not rollouts.exists():
-                source = self.rollout_source(model, train_table, timings)
-                self._add_time("rollout", timings, rollout.run, replace(
-                    configs["rollout"], prompts=str(prompts), out=str(rollouts), seed=seeds["rollout"]), loaded=source)
-                if self.vllm is not None:
-                    self._count_sync(timings, self.vllm.put_aside())
+                with self.resources.phase("rollout", timings):
+                    self._add_time("rollout", timings, rollout.run, replace(
+                        configs["rollout"], prompts=str(prompts), out=str(rollouts), seed=seeds["rollout"]),
+                        loaded=self.resources.sampler(model, timings))
             if not verified.exists():
                 self._add_time("verify", timings, verify.run, replace(
                     configs["verify"], rollouts=str(rollouts), out=str(verified),
@@ -275,14 +198,22 @@ class StepRunner:
                  record["groups_mixed"], record["groups_drawn"], record["groups_kept"])
 
     def evaluate(self, model, prompts: Path, out_prefix: Path, timings: dict) -> dict:
+        """The held-out evaluation of `model`, sampled by the loop's own engine (vLLM: the same engine as the rollouts,
+        no second engine and no HF copy; HF: the step's policy) unless its files exist already."""
         from stages import eval as eval_stage
-        self.close_engine()  # evaluation opens its own engine
-        result = self._timed("eval", timings, lambda: eval_stage.evaluate_for_loop(
-            model=str(model), prompts=str(prompts), out_prefix=str(out_prefix), n=self.settings.eval_n,
-            temperature=self.settings.eval_temperature, max_new_tokens=self.settings.eval_max_new_tokens,
-            seed=stage_seed(self.settings.seed, 0, "eval"), rollout_knobs=self.config.run.stages["rollout"],
-            verify_knobs=self.config.run.stages["verify"], loaded=self.loaded(str(model)),
-            suite=self.settings.eval_suite))
+
+        def evaluate():
+            stored = eval_stage.stored_summary(str(out_prefix), self.settings.eval_suite)
+            if stored is not None:  # a resumed run: no engine to wake for it
+                return stored
+            return eval_stage.evaluate_for_loop(
+                model=str(model), prompts=str(prompts), out_prefix=str(out_prefix), n=self.settings.eval_n,
+                temperature=self.settings.eval_temperature, max_new_tokens=self.settings.eval_max_new_tokens,
+                seed=stage_seed(self.settings.seed, 0, "eval"), rollout_knobs=self.config.run.stages["rollout"],
+                verify_knobs=self.config.run.stages["verify"], loaded=self.resources.sampler(str(model), timings),
+                suite=self.settings.eval_suite)
+
+        result = self._timed("eval", timings, evaluate)
         return {keys.evaluation(k): v for k, v in result.items()}
 
     def _metrics(self, step: int, paths: dict, timings: dict) -> dict:
@@ -304,43 +235,61 @@ class StepRunner:
 
 def validate_settings(config: run_config.RunConfig) -> str:
     """The rollout engine the loop uses (vllm or hf, `auto` resolved); InputError when vllm is asked but missing, or
-    wandb for `loop.wandb`."""
+    wandb for `loop.wandb`, or when the loop was launched as one rank of several."""
     from stages.lm.engine import resolve_engine
 
+    refused = world_size_refusal()
+    if refused:
+        raise InputError(refused)
     check_wandb(config.loop.wandb)
     return resolve_engine(config.stages["rollout"].get("engine", "auto"))
 
 
-def loop_engine(config: run_config.RunConfig, model_path: Path, train_table: pa.Table):
-    """The run's LoopEngine: rollout dtype, run seed, GPU sleep mode (inplace with loop.vllm_sleep), and a context
-    length that fits the longest training prompt + rollout.max_new_tokens (so one engine serves every step)."""
+def check_memory(config: LoopConfig, engine: str, card: Card, prompt_rows: list[dict]) -> None:
+    """Refuse, before any work, a run whose update or sampling cannot fit the card (stages.runs.memory), with the
+    figure and the ways out; nothing to check on CPU (no card size)."""
+    from stages.runs.memory import refusal
+
+    if card.total() is None or config.record_only:
+        return
+    plan = loop_plan(config, card, engine == "vllm", prompt_rows)
+    refused = refusal(plan, f"loop.model {config.run.loop.model} on {card.device}")
+    if refused:
+        raise InputError(refused)
+    log.info("memory plan of %s (%.1f GiB): update %.1f GiB (%s); sampling %.1f GiB (vLLM share %.2f)", card.device,
+             plan.total_bytes / 2**30, plan.train.total / 2**30, plan.train.describe(), plan.sample_bytes / 2**30,
+             plan.vllm_utilization)
+
+
+def prompt_rows(config: LoopConfig) -> list[dict]:
+    """The run's training prompts and, when it evaluates, its held-out ones (stored, else built in memory): what the
+    memory plan and vLLM's context length are computed from."""
+    from stages.lm.sampling import PROMPT_COLUMNS
+    from stages.runs.plan import eval_prompts, run_prompts
+
+    settings, root = config.run.loop, Path(config.out)
+    tables = [run_prompts(settings.train, root / "train_prompts.parquet")]
+    if settings.eval_every > 0:
+        tables.append(eval_prompts(settings, root / "eval_prompts.parquet"))
+    return [row for table in tables for row in table.select(PROMPT_COLUMNS).to_pylist()]
+
+
+def run(config: LoopConfig, view=None, card: Card | None = None, vllm_opener=None) -> Path:
+    """Run (or resume) the loop described by `config`; returns the run directory. `card` and `vllm_opener` replace
+    the device's memory and the vLLM factory (the CPU tests' fakes)."""
     from stages.common.process import pick_device
-    from stages.lm.engine_vllm import LoopEngine, VLLMEngine
-    from stages.lm.models import torch_dtype
-    from stages.lm.prompts import ChatOptions
-    from stages.lm.sampling import PROMPT_COLUMNS, RolloutConfig, _max_model_len
-
-    knobs = config.stages["rollout"]
-    dtype = str(torch_dtype(knobs.get("dtype", "auto"), pick_device())).replace("torch.", "")
-    max_model_len = _max_model_len(model_path, train_table.select(PROMPT_COLUMNS).to_pylist(),
-                                   knobs.get("max_new_tokens", RolloutConfig.max_new_tokens),
-                                   ChatOptions.from_knobs(knobs))
-    sleep_mode = config.loop.vllm_sleep and config.loop.weight_sync == "inplace"  # reload closes it instead
-    inplace = config.loop.weight_sync == "inplace"
-    return LoopEngine(lambda folder: VLLMEngine(folder, dtype=dtype, seed=config.loop.seed, max_model_len=max_model_len,
-                                                sleep_mode=sleep_mode, inplace_sync=inplace), config.loop.weight_sync)
-
-
-def run(config: LoopConfig, view=None) -> Path:
-    """Run (or resume) the loop described by `config`; returns the run directory."""
     from stages.runs.view import LoopView
 
     config = with_run_variant(config)  # update.variant spelled out: a run made before variants existed stays paper
     engine = validate_settings(config.run)
     settings = config.run.loop
+    card = card or Card.for_device(pick_device(config.run.stages["score"].get("device", "auto")))
+    rows = prompt_rows(config) if engine == "vllm" or card.total() is not None else []
+    check_memory(config, engine, card, rows)
     with opened_run(config) as (run_dir, manifest, train_table, eval_path):
         view = view or LoopView(settings.steps)
-        runner = StepRunner(config, run_dir, view, engine)
+        resources = Resources(config, run_dir, engine, card=card, vllm_opener=vllm_opener, prompt_rows=rows)
+        runner = StepRunner(config, run_dir, view, engine, resources)
         trackers = Trackers(run_dir.root, config.run.to_dict(), config.run.digest(), tensorboard=settings.tensorboard,
                             wandb_project=settings.wandb, wandb_mode=settings.wandb_mode)
         try:

@@ -45,6 +45,7 @@ import pyarrow as pa
 from stages.common.errors import InputError
 from stages.common.io import build_metadata, check_output, output_lock, read_artifact, write_artifact
 from stages.common.parts import Shard, output_path
+from stages.lm.forward import Numerics, chunk_positions
 from stages.lm.scoring import (
     _ROW_COLUMNS,
     REFERENCE_COLUMN,
@@ -93,7 +94,8 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
         # --- load
         threads = set_threads(config.threads)
         if loaded is None:
-            loaded = load_model(config.model, dtype=config.dtype, device=pick_device(config.device))
+            loaded = load_model(config.model, dtype=config.dtype, device=pick_device(config.device),
+                                attn_implementation=config.attn_implementation)
         reference = load_reference(config, loaded, reference_loaded)
         tokenizer, model = loaded.tokenizer, loaded.model
         networks = [model] + ([reference.model] if reference is not None else [])
@@ -114,14 +116,15 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
         log.info("scoring %d rows (%d teacher views, %d reference views, %d sequence tokens in %d forward positions) "
                  "with %s at temperature %g, %d thread(s)", len(rows), sum(v.teacher for v in views),
                  len(reference_views), sequence_tokens, forward_tokens, loaded.path, temperature, threads)
-        numerics = dict(pad_id=tokenizer.pad_token_id or 0, temperature=temperature, chunk_size=config.chunk_size,
-                        rows=rows)
+        numerics = Numerics(tokenizer.pad_token_id or 0, temperature, chunk_positions(
+            config.chunk_size, str(loaded.device), model.config.get_text_config().vocab_size))
         start = time.perf_counter()
         with _Progress(sequence_tokens) as progress:
-            results = score_views(model, batches, progress=progress, with_entropy=config.entropy, **numerics)
+            results = score_views(model, batches, numerics=replace(numerics, with_entropy=config.entropy), rows=rows,
+                                  progress=progress)
             if reference is not None:  # log π_ref(y_t | x, y<t): the student views, same numerics, no entropy
-                reference_results = score_views(reference.model, reference_batches, progress=progress,
-                                                with_entropy=False, label="reference's ", **numerics)
+                reference_results = score_views(reference.model, reference_batches, progress=progress, rows=rows,
+                                                numerics=replace(numerics, with_entropy=False), label="reference's ")
         seconds = time.perf_counter() - start
         columns = assemble(rows, views, results)
         teacher_rows = [config.teacher and row["privileged_source"] != "none" for row in rows]

@@ -34,8 +34,10 @@ from stages.training.batch import (
     check_state,
     check_state_method,
     check_teacher,
+    check_zero3_ranks,
     overlong_limit,
     read_deepspeed_file,
+    resolved_is_correction,
 )
 from stages.training.config import UpdateConfig, method_settings, resolve_variant
 from stages.training.trainer import Trainer
@@ -86,6 +88,7 @@ def read_start(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path) 
     state = checkpoint.read_state(config.state or checkpoint.default_state_path(model_dir))
     deepspeed_user = read_deepspeed_file(config.deepspeed_config)
     stage = distributed.resolved_zero_stage(config.zero_stage, deepspeed_user)
+    check_zero3_ranks(stage, env.world_size)
     check_state(config, state, model_dir, env.world_size, stage)
     lora.check_state(config, state, model_dir, stage)
     return state, deepspeed_user
@@ -109,8 +112,10 @@ def read_batch(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path, 
         raise InputError(f"{config.scored}: scored without entropies (score --no-entropy), but the entropy gate "
                          f"(--gate-statistic entropy, variant {config.variant}) reads the teacher entropy; score it "
                          "again with --entropy, or use --gate-statistic perplexity")
-    return batch_from_table(table, str(config.scored), vocab_size, temperature, metadata.get("teacher") is not False,
-                            overlong_limit(config, metadata), entropy)
+    batch = batch_from_table(table, str(config.scored), vocab_size, temperature, metadata.get("teacher") is not False,
+                             overlong_limit(config, metadata), entropy)
+    batch.is_correction = resolved_is_correction(config.is_correction, metadata)
+    return batch
 
 
 def open_trainer(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path, state: dict | None,
@@ -120,7 +125,7 @@ def open_trainer(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path
 
     threads = set_threads(config.threads)
     device = distributed.training_device(env)
-    distributed.init_process_group(env, device)
+    distributed.init_process_group(env, device, config.comm_timeout_minutes)
     if env.is_main:
         log.info("update: method %s, %d rank(s), %d thread(s), starting from %s (state %s)", config.method,
                  env.world_size, threads, model_dir, "fresh" if state is None else f"step {state.get('step')}")
@@ -192,7 +197,8 @@ def dry_run(config: UpdateConfig, model_dir: Path) -> Path:
 def replay(trainer: Trainer, config: UpdateConfig) -> None:
     """Re-run a finished step from its scored file (a resume after the newest full checkpoint) and check that it
     gives the weights its weights-only checkpoint holds; nothing is written. InputError when that checkpoint is
-    missing, RuntimeError when the weights differ."""
+    missing, RuntimeError when the weights differ: bit for bit on CPU, beyond `checkpoint.replay_tolerance` on CUDA
+    (whose kernels are not deterministic)."""
     from stages.lm.models import model_revision, resolve_model
 
     folder = Path(config.out)
@@ -203,24 +209,30 @@ def replay(trainer: Trainer, config: UpdateConfig) -> None:
     config = resolve_variant(config, trainer.carried)
     batch = read_batch(config, trainer.env, resolve_model(config.model), folder)
     trainer.configure(config)
+    lr = trainer.scheduled_lr()
     trainer.train_step(batch)
+    trainer.replayed_steps += 1
     stored, current = _stored_weights(trainer, folder)
-    differ = [name for name, tensor in stored.items() if not bool((current[name].cpu() == tensor).all())]
+    tolerance = checkpoint.replay_tolerance(str(trainer.device), lr, trainer.replayed_steps)
+    differ, largest = checkpoint.replay_differences(stored, current, tolerance)
     if differ:
         raise RuntimeError(f"{config.out}: replaying the step gives other weights than its checkpoint ({differ[0]}, "
-                           f"and {len(differ) - 1} more); the run cannot be resumed exactly")
+                           f"and {len(differ) - 1} more; max |Δ| {largest:.3g}, tolerance {tolerance}); the run "
+                           "cannot be resumed exactly")
     trainer.model_dir, trainer.model_revision = folder, model_revision(folder)
     if trainer.env.is_main:
-        log.info("replayed update step %d from %s: same weights as its checkpoint", trainer.step - 1, config.scored)
+        log.info("replayed update step %d from %s: same weights as its checkpoint (max |Δ| %.3g)", trainer.step - 1,
+                 config.scored, largest)
 
 
 def _stored_weights(trainer: Trainer, folder: Path) -> tuple[dict, dict]:
-    """(the tensors a checkpoint folder stores, the trainer's tensors of the same names): the HF weights, or a LoRA
-    checkpoint's adapter when it was written without merged weights."""
+    """(the tensors a checkpoint folder stores, the trainer's tensors of the same names): the HF weights (one file or
+    the shards of a sharded save), or a LoRA checkpoint's adapter when it was written without merged weights."""
     from safetensors.torch import load_file
 
-    if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors")), trainer.hf_state_dict()
+    weights = checkpoint.stored_weights(folder)
+    if weights is not None:
+        return weights, trainer.hf_state_dict()
     adapter = folder / lora.ADAPTER_DIR / "adapter_model.safetensors"
     if trainer.peft_model is not None and adapter.is_file():
         return load_file(str(adapter)), lora.adapter_state_dict(trainer.peft_model)

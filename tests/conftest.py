@@ -18,7 +18,8 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if not shutil.which("nvidia-smi"):  # a GPU host keeps DeepSpeed's CUDA accelerator (the Makefile's rule too)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a Hub id is only ever looked up in a cache the test builds
 _SESSION_CACHE = os.environ.get("ANTISD_TEST_CACHE") or tempfile.mkdtemp(prefix="antisd-test-cache-")
 os.environ["ANTISD_CACHE"] = _SESSION_CACHE  # set before any stage runs, so subprocesses inherit it

@@ -63,8 +63,8 @@ class FakeLLM:
     def sleep(self, level=1):
         self.calls.append(("sleep", level))
 
-    def wake_up(self):
-        self.calls.append(("wake_up",))
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up",) if tags is None else ("wake_up", tuple(tags)))
 
 
 @pytest.fixture
@@ -158,8 +158,10 @@ def test_inplace_sleeps_during_training_on_gpu(fake_vllm, tmp_path, tiny_model_d
     holder.put_aside()
     holder.put_aside()  # already asleep: no second sleep
     assert holder.use(other)[0] is engine and engine.model_path == other
-    assert engine.llm.calls == [("sleep", 1), ("wake_up",), ("collective_rpc", "reload_weights",
-                                {"weights_path": str(other)}), ("reset_prefix_cache",)]  # no CPU re-pack on GPU
+    # level 2 (the weights are replaced next), the weights woken before the load and the KV cache after it (verl's
+    # order); no CPU re-pack on GPU; not in-process, so the folder is read
+    assert engine.llm.calls == [("sleep", 2), ("wake_up", ("weights",)), ("collective_rpc", "reload_weights",
+                                {"weights_path": str(other)}), ("reset_prefix_cache",), ("wake_up", ("kv_cache",))]
 
 
 def test_sleep_is_a_no_op_on_cpu(fake_vllm, tiny_model_dir):

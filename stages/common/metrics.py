@@ -60,6 +60,7 @@ UPDATE_TOK_S = "throughput/update_tok_s"
 ROLLOUT_TOK_S = "throughput/rollout_tok_s"
 SCORE_TOK_S = "throughput/score_tok_s"
 LOAD_FRACTION = "overhead/load_fraction"
+MEMORY_PEAK = "memory/peak_gib"  # + /<phase>: CUDA bytes allocated, on CPU the process's peak RSS (stages.common.card)
 EVAL_PREFIX = "eval/"
 EVAL_ACCURACY = EVAL_PREFIX + "accuracy"
 
@@ -67,6 +68,11 @@ EVAL_ACCURACY = EVAL_PREFIX + "accuracy"
 def timing(stage: str) -> str:
     """Seconds spent in `stage` (rollout, verify, score, update, eval, weight_sync, model_load, step)."""
     return f"timing_s/{stage}"
+
+
+def memory_peak(phase: str) -> str:
+    """The peak memory of `phase` (rollout, verify, score, update, eval) in GiB, reset at the phase's start."""
+    return f"{MEMORY_PEAK}/{phase}"
 
 
 def sampling(name: str) -> str:
@@ -80,4 +86,4 @@ def evaluation(summary_key: str) -> str:
 
 
 NAMESPACES = ("reward", "response", "teacher", "student", "pmi", "privileged", "rollout", "gate", "actor",
-              "throughput", "timing_s", "overhead", "eval", "sampling")
+              "throughput", "timing_s", "overhead", "eval", "sampling", "memory")

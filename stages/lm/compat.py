@@ -5,11 +5,17 @@ transformers 4.x reads `rope_theta` at the top level (without it, silently its d
 checkpoint with base 100000 then computes other positions) and does not know that class (the tokenizer fails to
 load). `make_portable` adds the 4.x spellings next to the 5.x ones; both versions then read the same model
 (the oldest version checked: OLDEST_CHECKED, by scripts/check_checkpoint_compat.py).
+
+Also the KV-cache keyword of a forward: transformers ≥ 5.24 names it `cache` (and its outputs `.cache`), deprecating
+`past_key_values` (removal announced for 5.40); older 5.x releases (5.17 on the GPU image, what vLLM wheels pin) know
+only `past_key_values`. `cache_kwargs` and `output_cache` pick the spelling the installed version has.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+from functools import lru_cache
 from pathlib import Path
 
 OLDEST_CHECKED = "4.57.1"
@@ -46,3 +52,21 @@ def make_portable(folder: Path) -> None:
             converted = convert(data)
             if converted != data:
                 path.write_text(json.dumps(converted, indent=2, sort_keys=True) + "\n")
+
+
+@lru_cache(maxsize=None)
+def _cache_keyword(forward_type: type) -> str:
+    parameters = inspect.signature(forward_type.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_kwargs(module, cache) -> dict:
+    """{keyword: cache} for `module`'s forward: `cache` where the installed transformers has it, else
+    `past_key_values` (transformers < 5.24)."""
+    return {_cache_keyword(type(module)): cache}
+
+
+def output_cache(output):
+    """The KV cache a forward returned (`output.cache`, or `output.past_key_values` before transformers 5.24)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)

@@ -94,6 +94,13 @@ class Engine:
         """Release what the engine owns (an HFEngine owns nothing: its model belongs to the caller)."""
 
 
+def sampled_path(loaded) -> Path | None:
+    """The model folder of what samples: an open engine's model_path, a LoadedModel's path, or None."""
+    if loaded is None:
+        return None
+    return loaded.model_path if is_engine(loaded) else loaded.path
+
+
 def is_engine(obj) -> bool:
     """True for an engine (an `Engine`, or anything with its interface), False for a LoadedModel."""
     return isinstance(obj, Engine) or (hasattr(obj, "generate") and hasattr(obj, "model_path")

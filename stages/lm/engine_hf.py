@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from stages.lm.compat import cache_kwargs, output_cache
 from stages.lm.engine import Completion, Engine, SamplingSettings, sample_seed
 
 
@@ -139,8 +140,8 @@ class HFEngine(Engine):
         input_ids, attention_mask = self._left_pad(unique)  # [U, L]: the longest prompt is among them
         positions = padded_positions(attention_mask)
         body = getattr(self.loaded.model, self.loaded.model.base_model_prefix)
-        cache = body(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                     position_ids=positions[:, :-1], use_cache=True).cache
+        cache = output_cache(body(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                                  position_ids=positions[:, :-1], use_cache=True))
         cache.batch_select_indices(torch.tensor(rows, device=input_ids.device))
         return cache
 
@@ -160,8 +161,8 @@ class HFEngine(Engine):
             active = list(range(len(sequences)))  # batch row → index into `sequences`
             for step in range(settings.max_new_tokens):
                 output = self.loaded.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                           cache=cache, use_cache=True, logits_to_keep=1)
-                cache = output.cache
+                                           **cache_kwargs(self.loaded.model, cache), use_cache=True, logits_to_keep=1)
+                cache = output_cache(output)
                 scores = processed_scores(output.logits[:, -1], settings.temperature, settings.top_p)  # [B, V]
                 row_generators = None if generators is None else [generators[row] for row in active]
                 tokens, token_logprobs = sample_tokens(scores, row_generators)

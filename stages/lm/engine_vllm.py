@@ -13,10 +13,22 @@ vLLM installed) is chosen, so `--help` and CPU tests never import it. What it do
   re-pack of a tied `lm_head`, then `reset_prefix_cache()`; docs/vllm-cpu.md shows that it then samples the same
   tokens as a fresh engine and that skipping either of the last two silently gives other samples). A fresh engine on
   the new folder is the robust alternative (`close()` + new one).
-- `sleep()`/`wake_up()`: on GPU with `sleep_mode=True` (`LLM(enable_sleep_mode=True)`), `llm.sleep(level=1)` frees
-  the card for training and `llm.wake_up()` restores it; elsewhere both do nothing (vLLM-CPU has no sleep mode).
+- `load_named_weights(named, folder)`: the in-memory update on GPU: the trainer's (name, tensor) pairs go straight
+  into the model inside the engine (`apply_model` → `model.load_weights`, as TRL's colocate mode does), no disk; it
+  needs the engine core in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set by `in_process=True` before the
+  engine starts). vLLM-CPU keeps the folder path above (its pre-packed tied head needs the re-pack docs/vllm-cpu.md
+  verified; the in-memory path there is not verified).
+- `gpu_memory_utilization`: the share of the card vLLM takes at start-up (weights + KV cache); it refuses to start
+  when less than that is free. None leaves vLLM's default (0.9: a card of its own); the loop passes the share its
+  memory plan leaves beside the resident trainer (stages.runs.memory). Only passed on GPU.
+- `sleep(level)`/`wake_up(tags)`: on GPU with `sleep_mode=True` (`LLM(enable_sleep_mode=True)`), level 1 offloads the
+  weights to CPU memory and drops the KV cache, level 2 drops both (for weights about to be replaced: the loop's
+  case, as in TRL and verl); `wake_up(["weights"])` before a weight load and `wake_up(["kv_cache"])` after it keep the
+  KV pool off the card while the weights move (verl's order; vLLMs without tags wake both at once). Elsewhere both do
+  nothing (vLLM-CPU has no sleep mode).
 - `LoopEngine`: the one engine a loop's process keeps, moved to each step's weights by `reload` (close, open a fresh
-  engine on the checkpoint) or `inplace` (`load_weights`), and put aside after each rollout (closed, or asleep).
+  engine on the checkpoint) or `inplace` (in memory from the trainer, else `load_weights` from the folder), and put
+  aside before score and update (closed, or asleep).
 On CPU, vLLM needs `VLLM_CPU_KVCACHE_SPACE` (GiB): `cpu_environment()` sets a default before the engine starts
 (its worker processes read it), leaving any value the user exported. The tied-head re-pack through `apply_model`
 needs `VLLM_ALLOW_INSECURE_SERIALIZATION=1`: set (and logged) only while an engine opened for in-place syncs
@@ -41,6 +53,7 @@ log = logging.getLogger(__name__)
 
 CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}
 FUNCTION_RPC_ENV = "VLLM_ALLOW_INSECURE_SERIALIZATION"  # lets apply_model ship a function (pickled) to the workers
+IN_PROCESS_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the engine core in this process: tensors pass by reference
 
 
 def cpu_environment() -> dict[str, str]:
@@ -69,6 +82,27 @@ def function_rpc_allowed(enabled: bool):
             os.environ.pop(FUNCTION_RPC_ENV, None)
         else:
             os.environ[FUNCTION_RPC_ENV] = previous
+
+
+def in_process_environment() -> None:
+    """Run vLLM's engine core in this process (before the engine starts), so `load_named_weights` can hand it the
+    trainer's tensors; a value the user exported wins."""
+    for key, value in IN_PROCESS_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def _load_named(named: list, model) -> None:
+    """Inside the engine: load (name, tensor) pairs in the checkpoint's naming into vLLM's model."""
+    model.load_weights(weights=iter(named))
+
+
+def _takes_tags(method) -> bool:
+    import inspect
+
+    try:
+        return "tags" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def supports_processed_logprobs(vllm) -> bool:
@@ -118,7 +152,8 @@ class VLLMEngine(Engine):
 
     def __init__(self, model_path: str | Path, *, dtype: str = "auto", seed: int = 0,
                  max_model_len: int | None = None, device: str | None = None, sleep_mode: bool = False,
-                 inplace_sync: bool = False, **llm_kwargs):
+                 gpu_memory_utilization: float | None = None, in_process: bool = False, inplace_sync: bool = False,
+                 **llm_kwargs):
         import torch
         import vllm
 
@@ -133,9 +168,14 @@ class VLLMEngine(Engine):
             cpu_environment()
         kwargs = {"model": str(self.model_path), "dtype": dtype, "seed": seed, "max_model_len": max_model_len,
                   "trust_remote_code": False, **llm_kwargs}
-        self.sleep_mode, self.asleep = sleep_mode and self.device == "cuda", False
+        self.sleep_mode, self.asleep = sleep_mode and self.device == "cuda", 0  # asleep: the sleep level, 0 = awake
         if self.sleep_mode:
             kwargs["enable_sleep_mode"] = True
+        if self.device == "cuda" and gpu_memory_utilization:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        self.in_process = in_process and self.device == "cuda"
+        if self.in_process:
+            in_process_environment()
         self.processed_logprobs = supports_processed_logprobs(vllm)
         if self.processed_logprobs:
             kwargs["logprobs_mode"] = "processed_logprobs"
@@ -200,17 +240,40 @@ class VLLMEngine(Engine):
         self.llm.reset_prefix_cache()
         self.model_path, self.revision = folder, model_revision(folder)
 
-    def sleep(self) -> None:
-        """GPU sleep mode: offload the weights to CPU memory and drop the KV cache (level 1); else nothing."""
-        if self.sleep_mode and not self.asleep:
-            self.llm.sleep(level=1)
-            self.asleep = True
+    def load_named_weights(self, named, folder: str | Path) -> None:
+        """Replace the weights in place with `named` ((name, tensor) pairs, HF naming: the trainer's state dict),
+        which are those of checkpoint `folder` (recorded as the engine's model); GPU, in-process engines only."""
+        from functools import partial
 
-    def wake_up(self) -> None:
-        """Undo `sleep()` (weights back on the card, KV cache re-allocated); nothing when awake or not in sleep mode."""
-        if self.asleep:
+        from stages.lm.models import model_revision
+
+        if not self.in_process:
+            raise RuntimeError("load_named_weights needs an in-process vLLM engine (in_process=True, on GPU)")
+        self.llm.apply_model(partial(_load_named, list(named)))
+        self.llm.reset_prefix_cache()
+        self.model_path, self.revision = Path(folder), model_revision(folder)
+
+    def sleep(self, level: int = 1) -> None:
+        """GPU sleep mode: level 1 offloads the weights to CPU memory and drops the KV cache, level 2 drops both (the
+        weights must be loaded again: `model_path` is cleared); else nothing."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=level)
+            self.asleep = level
+            if level >= 2:
+                self.model_path = None  # no weights on the card: the next use loads them
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Undo `sleep()`, all of it or the `tags` ("weights", "kv_cache") where this vLLM takes them; nothing when
+        awake or not in sleep mode."""
+        if not self.asleep:
+            return
+        if tags is not None and _takes_tags(self.llm.wake_up):
+            self.llm.wake_up(tags=tags)
+            if "kv_cache" in tags:
+                self.asleep = 0
+        else:
             self.llm.wake_up()
-            self.asleep = False
+            self.asleep = 0
 
     def close(self) -> None:
         """Drop the LLM (and stop its engine-core process) so its memory is released before another engine starts."""
@@ -230,9 +293,12 @@ WEIGHT_SYNCS = ("reload", "inplace")
 class LoopEngine:
     """The one VLLMEngine a loop's process keeps, moved to each step's weights (see the module docstring).
 
-    `open_engine(folder)` builds a VLLMEngine on `folder`. `use(folder)` returns an engine holding those weights;
-    `put_aside()` runs after each rollout: `reload` closes the engine (a fresh one opens next step, and the trainer
-    gets its memory), `inplace` puts it to sleep (GPU sleep mode; a no-op on CPU). Both return the seconds they took.
+    `open_engine(folder)` builds a VLLMEngine on `folder`. `use(folder, named)` returns an engine holding those
+    weights: `reload` opens a fresh engine on a new folder; `inplace` wakes the weights, loads `named()` (the
+    trainer's tensors, in memory) when given and the engine is in-process, else the folder, then wakes the KV cache.
+    `put_aside()` runs before score and update: `reload` closes the engine (the trainer gets its memory), `inplace`
+    puts it to sleep at level 2 (its weights are replaced next; a no-op on CPU). Both return the seconds they took;
+    `synced_in_memory` counts the in-memory loads.
     """
 
     def __init__(self, open_engine: Callable[[Path], VLLMEngine], weight_sync: str = "reload"):
@@ -240,8 +306,9 @@ class LoopEngine:
             raise ValueError(f"weight_sync must be one of {', '.join(WEIGHT_SYNCS)}, got '{weight_sync}'")
         self.open_engine, self.weight_sync = open_engine, weight_sync
         self.engine: VLLMEngine | None = None
+        self.synced_in_memory = 0
 
-    def use(self, folder: str | Path) -> tuple[VLLMEngine, float]:
+    def use(self, folder: str | Path, named: Callable | None = None) -> tuple[VLLMEngine, float]:
         import time
 
         folder, start = Path(folder), time.perf_counter()
@@ -250,10 +317,16 @@ class LoopEngine:
             self.close()
         if self.engine is None:
             self.engine = self.open_engine(folder)
+        elif self.engine.model_path != folder:
+            self.engine.wake_up(["weights"])
+            if named is not None and self.engine.in_process:
+                self.engine.load_named_weights(named(), folder)
+                self.synced_in_memory += 1
+            else:
+                self.engine.load_weights(folder)
+            self.engine.wake_up(["kv_cache"])
         else:
             self.engine.wake_up()
-            if self.engine.model_path != folder:
-                self.engine.load_weights(folder)
         return self.engine, time.perf_counter() - start
 
     def put_aside(self) -> float:
@@ -264,7 +337,7 @@ class LoopEngine:
             if self.weight_sync == "reload":
                 self.close()
             else:
-                self.engine.sleep()
+                self.engine.sleep(level=2)
         return time.perf_counter() - start
 
     def close(self) -> None:

@@ -27,10 +27,28 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's output logits for hidden states [N, H] → [N, V] float32: the LM head, then the family's own
-    post-processing as its `forward` applies it (scale, then soft-cap)."""
-    logits = model.get_output_embeddings()(hidden)
+def fp32_head(model, enabled: bool = True):
+    """(weight, bias) of the LM head as float32 copies, made once per forward so that every chunk multiplies in fp32
+    and autograd sums the chunks' gradients of the (tied) head in fp32, cast back to the weight's dtype once; None
+    when not `enabled`, when the head is already fp32 (CPU: the module itself runs, bit for bit as before), or when
+    its weight is partitioned (ZeRO-3: only the module call gathers it)."""
+    head = model.get_output_embeddings()
+    weight = head.weight
+    if not enabled or weight.dtype == torch.float32 or weight.numel() == 0 or hasattr(weight, "ds_id"):
+        return None
+    bias = getattr(head, "bias", None)
+    return weight.float(), (bias.float() if bias is not None else None)
+
+
+def output_logits(model, hidden: torch.Tensor, head=None) -> torch.Tensor:
+    """The model's output logits for hidden states [N, H] → [N, V] float32: the LM head (in fp32 from `head`, a
+    `fp32_head` pair, when given), then the family's own post-processing as its `forward` applies it (scale, then
+    soft-cap)."""
+    if head is not None:
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            logits = F.linear(hidden.float(), head[0], head[1])  # [N, V] fp32 matmul
+    else:
+        logits = model.get_output_embeddings()(hidden)
     config = model.config
     if getattr(model, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
         logits = logits * model.logit_scale
@@ -42,9 +60,11 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
-def _chunk_stats(hidden: torch.Tensor, targets: torch.Tensor, model, temperature: float, with_entropy: bool):
+def _chunk_stats(hidden: torch.Tensor, targets: torch.Tensor, model, temperature: float, with_entropy: bool,
+                 head_weight=None, head_bias=None):
     """Log-prob of `targets` and entropy for one chunk of hidden states [N, H] → ([N], [N])."""
-    logits = output_logits(model, hidden)  # [N, V]
+    head = None if head_weight is None else (head_weight, head_bias)
+    logits = output_logits(model, hidden, head)  # [N, V]
     if temperature != 1.0:
         logits = logits / temperature
     log_norm = torch.logsumexp(logits, dim=-1)  # [N]
@@ -91,6 +111,7 @@ def response_token_stats(
     temperature: float = 1.0,
     chunk_size: int = 64,
     with_entropy: bool = True,
+    lm_head_fp32: bool = True,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Log π(y_k | prefix) and H_k for every response token of every sequence.
 
@@ -114,23 +135,26 @@ def response_token_stats(
     rows_t, cols_t = torch.cat(rows).to(device), torch.cat(cols).to(device)  # [N]
     targets = input_ids[rows_t, cols_t + 1]  # [N]
     return stats_of_positions(model, hidden[rows_t, cols_t], targets, lengths, temperature=temperature,
-                              chunk_size=chunk_size, with_entropy=with_entropy)
+                              chunk_size=chunk_size, with_entropy=with_entropy, lm_head_fp32=lm_head_fp32)
 
 
 def stats_of_positions(model, flat_hidden: torch.Tensor, targets: torch.Tensor, lengths: list[int], *,
-                       temperature: float, chunk_size: int, with_entropy: bool
+                       temperature: float, chunk_size: int, with_entropy: bool, lm_head_fp32: bool = True
                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Log-probs of `targets` [N] and entropies from their predicting hidden states [N, H], in chunks of positions,
-    split into the sequences' `lengths` (Σ = N). With grad enabled each chunk is checkpointed (hidden states kept)."""
+    split into the sequences' `lengths` (Σ = N). With grad enabled each chunk is checkpointed (hidden states kept).
+    A 16-bit LM head multiplies in fp32 (`fp32_head`, with `lm_head_fp32`): logits, and u = t − s taken from them,
+    then carry no bf16 rounding (2^-8 relative: ~0.05 nats at |logit| 10), and the head's gradient sums in fp32."""
     logprob_chunks, entropy_chunks = [], []
     use_checkpoint = torch.is_grad_enabled()
+    head = fp32_head(model, lm_head_fp32) or (None, None)
     for begin in range(0, flat_hidden.shape[0], chunk_size):
         piece, piece_targets = flat_hidden[begin : begin + chunk_size], targets[begin : begin + chunk_size]
         if use_checkpoint:
-            lp, ent = checkpoint(_chunk_stats, piece, piece_targets, model, temperature, with_entropy,
+            lp, ent = checkpoint(_chunk_stats, piece, piece_targets, model, temperature, with_entropy, *head,
                                  use_reentrant=False)
         else:
-            lp, ent = _chunk_stats(piece, piece_targets, model, temperature, with_entropy)
+            lp, ent = _chunk_stats(piece, piece_targets, model, temperature, with_entropy, *head)
         logprob_chunks.append(lp)
         entropy_chunks.append(ent.detach())
     flat_logprobs = torch.cat(logprob_chunks) if logprob_chunks else flat_hidden.new_zeros(0)

@@ -216,6 +216,20 @@ def torch_dtype(name: str, device: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def attention_kwargs(name: str) -> dict:
+    """from_pretrained keywords for an attention implementation: none for auto (transformers' default, sdpa where
+    torch has it), else attn_implementation; flash_attention_2 needs the flash-attn package (InputError without)."""
+    if name == "auto":
+        return {}
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise InputError("attn_implementation flash_attention_2: the flash-attn package is not installed "
+                         "(pip install flash-attn --no-build-isolation), or use sdpa")
+    return {"attn_implementation": name}
+
+
 @dataclass
 class LoadedModel:
     """A tokenizer + causal LM pair loaded from `path`, reusable across stages in one process."""
@@ -250,22 +264,24 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
+def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu", attn_implementation: str = "auto"
+               ) -> LoadedModel:
     """Resolve and load `model` for inference (eval mode) on `device` in `dtype`."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(model)
     quiet_transformers()
     torch_type = torch_dtype(dtype, device)
+    attention = attention_kwargs(attn_implementation)
     try:
         if adapter_only(path):  # base + adapter, merged here (in `dtype`: fp32 gives the bits a merged save has)
             from peft import PeftModel
 
-            base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=torch_type,
-                                                        trust_remote_code=False)
+            base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=torch_type, trust_remote_code=False,
+                                                        **attention)
             network = PeftModel.from_pretrained(base, str(path / ADAPTER_DIR)).merge_and_unload()
         else:
-            network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_type, trust_remote_code=False)
+            network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_type, trust_remote_code=False, **attention)
     except (OSError, ValueError) as exc:
         raise InputError(f"--model {model}: could not load ({first_line(exc)})") from None
     network.to(device).eval()

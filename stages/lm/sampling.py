@@ -22,7 +22,7 @@ from stages.common import validation
 from stages.common.errors import InputError
 from stages.common.parts import Shard
 from stages.lm.engine import ENGINES, Completion, SamplingSettings, is_engine
-from stages.lm.models import DEFAULT_MODEL, DTYPES
+from stages.lm.models import ATTN_IMPLEMENTATIONS, DEFAULT_MODEL, DTYPES
 from stages.lm.prompts import INSTRUCTION, PLAIN, THINKING, ChatOptions, read_prompt_template
 
 PROMPT_COLUMNS = [field.name for field in schemas.PROMPTS]
@@ -47,6 +47,10 @@ class RolloutConfig:
     threads: int = 0  # torch CPU threads (0 = OMP_NUM_THREADS if set, else the cores this process may use)
     batch_size: int = 0  # rows (prompts × samples) per engine call; 0 = engine default (hf 64, vllm 1024)
     device: str = "auto"  # HF engine device: auto (cuda if available) | cpu | cuda
+    attn_implementation: str = "auto"  # HF: auto (transformers' default, sdpa) | sdpa | eager | flash_attention_2
+    # vLLM on GPU: the share of the card it takes (weights + KV cache); None: vLLM's 0.9 when alone, in `loop` what the
+    # memory plan leaves beside the resident trainer (stages.runs.memory)
+    gpu_memory_utilization: float | None = None
     # HF engine: a group's prompt is prefilled once per batch and its cache repeated (vLLM caches prefixes itself)
     share_prefix: bool = True
     system_prompt: str | None = None  # a system turn before the few-shot turns (both views; score reads it back)
@@ -66,6 +70,8 @@ class RolloutConfig:
         check.between("top_p", 0, 1, low_open=True)
         check.choice("engine", ENGINES)
         check.choice("dtype", DTYPES)
+        check.choice("attn_implementation", ATTN_IMPLEMENTATIONS)
+        check.between("gpu_memory_utilization", 0, 1, low_open=True)
         check.choice("thinking", THINKING)
         check.require(self.chat_template in (None, PLAIN) or Path(self.chat_template).is_file(), "chat_template",
                       f"{self.chat_template}: no such file (give a Jinja file, or 'plain')")
@@ -195,12 +201,14 @@ def open_engine(engine: str, config: RolloutConfig, model_path: Path, rows: list
 
         dtype = str(torch_dtype(config.dtype, device)).replace("torch.", "")
         return VLLMEngine(model_path, dtype=dtype, seed=config.seed,
+                          gpu_memory_utilization=config.gpu_memory_utilization,
                           max_model_len=_max_model_len(model_path, rows, config.max_new_tokens,
                                                        ChatOptions.from_knobs(config)))
     from stages.lm.engine_hf import HFEngine
     from stages.lm.models import load_model
 
-    return HFEngine(loaded if loaded is not None else load_model(model_path, config.dtype, device),
+    return HFEngine(loaded if loaded is not None else load_model(model_path, config.dtype, device,
+                                                                 config.attn_implementation),
                     share_prefill=config.share_prefix)
 
 

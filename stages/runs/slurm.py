@@ -196,8 +196,11 @@ def render_update(slurm: SlurmConfig, job_name: str, log_path: Path, title: str,
         'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk \'NR == 1\')"',
         'MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"',
         "export MASTER_ADDR MASTER_PORT",
-        "# One process per GPU; each sees every GPU of its node and trains on cuda:$LOCAL_RANK.",
-        f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(RANK_ENV)} antisd-rank \\\n    " + multiline(command),
+        "# One process per GPU; each sees every GPU of its node and trains on cuda:$LOCAL_RANK. srun does not inherit",
+        "# sbatch's --cpus-per-task since Slurm 22.05 (each rank would get one core): it is passed on explicitly.",
+        f"export SRUN_CPUS_PER_TASK={slurm.cpus_per_task}",
+        f"srun --kill-on-bad-exit=1 --cpus-per-task={slurm.cpus_per_task} bash -c {shlex.quote(RANK_ENV)} antisd-rank "
+        "\\\n    " + multiline(command),
         "",
     ]
     return "\n".join(_header(slurm, job_name, log_path, title, directives) + _preamble(slurm, workdir) + body)
@@ -353,6 +356,18 @@ def dry_run_text(jobs: list[Job], submit_path: Path) -> str:
     return "\n".join(blocks)
 
 
+def check_update_ranks(config, world_size: int) -> None:
+    """What each update job would refuse at its start: ZeRO-3 on several ranks (stages.training.batch)."""
+    from stages.common.io import read_json_object
+    from stages.training.batch import check_zero3_ranks
+    from stages.training.distributed import resolved_zero_stage
+
+    update = config.run.stages["update"]
+    path = update.get("deepspeed_config")
+    user = read_json_object(path, f"update.deepspeed_config {path}") if path else {}
+    check_zero3_ranks(resolved_zero_stage(update.get("zero_stage"), user), world_size)
+
+
 def run(config, slurm: SlurmConfig, workdir: Path | None = None, echo=print) -> Path:
     """Render the run's next window of jobs and submit them (or, with `slurm.dry_run`, print them); returns the run
     directory. Refused (before anything is written) while jobs of an earlier submission are still queued."""
@@ -362,6 +377,7 @@ def run(config, slurm: SlurmConfig, workdir: Path | None = None, echo=print) -> 
     if config.run.loop.dynamic_sampling:
         raise InputError("loop.dynamic_sampling: not available with --launcher slurm (a step's draws depend on its "
                          "verified rewards, one job chain cannot plan them); run it with the local launcher")
+    check_update_ranks(config, slurm.nodes * slurm.gpus_per_node)
     if not slurm.dry_run:
         queued = queued_jobs(root / "slurm" / "jobs.json")
         if queued:

@@ -53,6 +53,7 @@ class Batch:
     max_new_tokens: int | None = None  # the rollouts' token budget (their metadata), for the overlong penalty
     teacher_ppl: list[float | None] | None = None  # tppl_i = exp(−mean t) (METHOD §9); None for an empty response
     entropy_scored: bool = True  # false for a file scored with `score --no-entropy` (entropy columns hold 0)
+    is_correction: str | None = None  # update.is_correction resolved for this file (`resolved_is_correction`)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -105,6 +106,15 @@ def check_state(config: UpdateConfig, state: dict | None, model_dir: Path, world
                          "away to start a fresh optimizer")
 
 
+def check_zero3_ranks(stage: int, world_size: int) -> None:
+    """ZeRO-3 on several ranks is refused: every module call is an all-gather, and ranks make different numbers of
+    them (their micro-batches hold different pieces, chunks and length passes), so they would hang (issue 25)."""
+    if stage == 3 and world_size > 1:
+        raise InputError(f"ZeRO-3 on {world_size} ranks: the ranks' forwards make different numbers of module calls "
+                         "(each an all-gather under ZeRO-3), which would hang; use --zero-stage 2 (and LoRA or more "
+                         "GPUs for memory) until issue 25 equalises them")
+
+
 def check_teacher(config: UpdateConfig, metadata: dict) -> None:
     """A method that reads u needs a file scored with the teacher pass (not `score --no-teacher`)."""
     from stages.method.terms import get_term
@@ -143,6 +153,27 @@ def overlong_limit(config: UpdateConfig, metadata: dict) -> int | None:
     if config.overlong_buffer >= limit:
         raise InputError(f"--overlong-buffer {config.overlong_buffer}: must be below the response limit {limit}")
     return limit
+
+
+def sampler_of(metadata: dict) -> tuple[str, str] | None:
+    """(engine, dtype) the rollouts behind a file were sampled with: the first metadata node holding both, breadth-
+    first (the rollouts' own record; their config's "auto" values sit one level deeper), or None."""
+    from stages.lm.scoring import metadata_nodes
+
+    node = next((n for n in metadata_nodes(metadata) if isinstance(n.get("engine"), str)
+                 and isinstance(n.get("dtype"), str)), None)
+    return None if node is None else (node["engine"], node["dtype"])
+
+
+def resolved_is_correction(value: str, metadata: dict) -> str:
+    """update.is_correction for a scored file: `auto` is token when its rollouts came from another forward than the
+    trainer's (vLLM, as TRL defaults it on; or a 16-bit sampler, whose kernels round differently), off for the HF
+    engine in fp32, where the sampler is the trainer's own forward (|Δ log-prob| ~1e-6, docs/vllm-cpu.md) and for a
+    file whose sampler is not recorded."""
+    if value != "auto":
+        return value
+    sampler = sampler_of(metadata)
+    return "token" if sampler is not None and (sampler[0] == "vllm" or sampler[1] != "float32") else "off"
 
 
 def batch_from_table(table: pa.Table, source: str, vocab_size: int, temperature: float = 1.0,

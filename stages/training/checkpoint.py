@@ -278,3 +278,64 @@ def save(out: Path, engine, policy, tokenizer, state: dict, metrics: dict, env: 
         _publish(tmp, out)
     distributed.barrier()
     return out
+
+
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded save: which shard holds each tensor
+
+
+def stored_weights(folder: Path) -> dict | None:
+    """The HF weights of checkpoint `folder` by name: model.safetensors, or every shard that
+    model.safetensors.index.json names (save_pretrained shards a large model); None when it has neither."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if (folder / WEIGHTS_FILE).is_file():
+        return load_file(str(folder / WEIGHTS_FILE))
+    if not (folder / WEIGHTS_INDEX).is_file():
+        return None
+    index = read_json_object(folder / WEIGHTS_INDEX, str(folder / WEIGHTS_INDEX))
+    weights: dict = {}
+    for shard in sorted(set(index.get("weight_map", {}).values())):
+        weights.update(load_file(str(folder / shard)))
+    return weights
+
+
+# Replayed weights vs the checkpoint's. CPU kernels are deterministic: a replay gives the same bits. CUDA's are not
+# (atomic adds in backward, split-K matmuls), so a replayed step's gradient differs by float noise, and Adam turns any
+# gradient into a step of at most ~lr·(1−β1)/√(1−β2) ≈ 3.2·lr per weight (its first step; ≈ lr later): two replays
+# whose noise flips a sign differ by ≤ 2 × 3.2·lr < 8·lr per step, and the stored dtype rounds both (one ulp,
+# eps·|w|). So on CUDA each weight may differ by eps(dtype)·|w| + 8·lr·k after the k-th replayed step. That catches a
+# wrong start, a wrong or missing file, non-finite weights and a learning rate off by a large factor; it cannot tell a
+# replay on another scored file at a small lr (its step is as small as the noise) — exactness is CPU-only.
+REPLAY_STEP_BOUND = 8.0
+
+
+def replay_tolerance(device: str, lr: float, steps: int) -> tuple[float, float]:
+    """(relative in ulps of the stored dtype, absolute) tolerance of a replay's weights on `device`: (0, 0) on CPU."""
+    if not str(device).startswith("cuda"):
+        return 0.0, 0.0
+    return 1.0, REPLAY_STEP_BOUND * lr * steps
+
+
+def replay_differences(stored: dict, current: dict, tolerance: tuple[float, float]) -> tuple[list[str], float]:
+    """Names of the tensors of `stored` that `current` does not reproduce within `tolerance` (`replay_tolerance`),
+    and the largest |Δ| seen."""
+    import torch
+
+    ulps, absolute = tolerance
+    differ, largest = [], 0.0
+    for name, tensor in stored.items():
+        mine = current[name].detach().cpu()
+        if ulps == 0 and absolute == 0:
+            same = bool((mine == tensor).all())
+            gap = 0.0 if same else float((mine.float() - tensor.float()).abs().max())
+        else:
+            delta = (mine.float() - tensor.float()).abs()
+            bound = ulps * torch.finfo(tensor.dtype).eps * tensor.float().abs() + absolute
+            gap = float(delta.max()) if delta.numel() else 0.0
+            same = bool(torch.isfinite(mine.float()).all()) and bool((delta <= bound).all())
+        largest = max(largest, gap)
+        if not same:
+            differ.append(name)
+    return differ, largest

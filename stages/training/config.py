@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from stages.common import validation
+from stages.lm.models import ATTN_IMPLEMENTATIONS
 from stages.method.terms import get_term, method_names
 from stages.method.variants import DEFAULT_VARIANT, PRE_VARIANT, UPDATE_KNOBS, VARIANTS, update_preset
 from stages.training.schedule import LR_SCHEDULES
@@ -18,7 +19,7 @@ from stages.training.schedule import LR_SCHEDULES
 GATE_CHOICES = ("auto", "on", "off")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ADV_SCALES = ("group", "none")
-IS_CORRECTIONS = ("off", "token")
+IS_CORRECTIONS = ("auto", "off", "token")
 U_CLIPS = ("off", "adaptive")
 TERM_NORMS = ("none", "response")
 LAM_MODES = ("batch", "perplexity")
@@ -82,18 +83,23 @@ class UpdateConfig:
     ppo_epochs: int = 1  # passes over the batch
     mini_batch_size: int = 0  # sequences per optimizer step (0 = whole batch: one step)
     micro_batch_tokens: int = 2048  # padded tokens per forward/backward on one rank
-    logprob_chunk: int = 64  # response positions per LM-head chunk (memory bound of the log-softmax)
+    logprob_chunk: int | None = None  # response positions per LM-head chunk (None: 64 on CPU, a 4 GiB budget on CUDA)
     kl_coef: float = 0.0  # β of β·k3 KL to a frozen reference (0 = none; > 0 needs ref_logprobs: score --reference)
-    is_correction: str | None = None  # off | token: truncated IS weight min(exp(s − sampling_logprob), is_cap)
+    # off | token: truncated IS weight min(exp(s − sampling_logprob), is_cap) per token | auto: token for vLLM or 16-bit
+    # rollouts (TRL defaults it on for vLLM), off for the HF engine in fp32, whose sampler is the trainer's forward
+    is_correction: str | None = None
     is_cap: float = 2.0  # cap of the truncated IS weight
     deepspeed_config: str | None = None  # DeepSpeed JSON overlaid on the built-in ZeRO-2 default
     zero_stage: int | None = None  # ZeRO stage 0-3 (None: the config file's, else 2)
     state: str | None = None  # run-state JSON (default: <model>/antisd_state.json if present, else fresh)
     dtype: str = "auto"  # auto: fp32 weights on CPU, DeepSpeed bf16 on GPU | float32 | bfloat16 | float16 (GPU)
-    # recompute layer activations in backward: less memory, ~30 % more compute, and no prefix sharing (transformers
-    # drops a checkpointed layer's KV cache); worth it only when the micro-batches do not fit otherwise
-    gradient_checkpointing: bool = False
+    # recompute layer activations in backward: less memory, ~30 % more compute, and no prefix sharing in the update
+    # (transformers drops a checkpointed layer's KV cache); None: on for CUDA (one 8k-token response of a 4B model
+    # keeps ~38 GB of activations without it, docs/memory.md), off on CPU (short arith responses fit; prefixes shared)
+    gradient_checkpointing: bool | None = None
     share_prefix: bool = True  # run each group's prompt once per micro-batch, its cache repeated over the samples
+    attn_implementation: str = "auto"  # auto (transformers' default: sdpa) | sdpa | eager | flash_attention_2
+    comm_timeout_minutes: float = 60.0  # bound of every collective (NCCL's default 10 min; rank 0 fsyncs checkpoints)
     # LoRA (PEFT): train rank-r adapters on a frozen base (0 = full training); checkpoints hold the merged weights
     # (what rollout and score load) and the adapter (CKPT/adapter), stages.training.lora
     lora_rank: int = 0
@@ -134,6 +140,8 @@ class UpdateConfig:
                 check.choice(name, valid)
         check.choice("dtype", DTYPE_CHOICES)
         check.choice("lr_schedule", LR_SCHEDULES)
+        check.choice("attn_implementation", ATTN_IMPLEMENTATIONS)
+        check.above(0, "comm_timeout_minutes")
         check.require(self.lr_schedule == "constant" or self.lr_decay_steps >= 1, "lr_decay_steps",
                       f"must be >= 1 with lr_schedule {self.lr_schedule} (the steps the decay takes)")
         check.between("lr_min_ratio", 0, 1)
@@ -204,6 +212,11 @@ def method_settings(config: UpdateConfig) -> dict:
             "optimizer_state"}
     resolved = resolve_variant(config)
     return {f.name: getattr(resolved, f.name) for f in fields(resolved) if f.name not in skip}
+
+
+def resolved_gradient_checkpointing(value: bool | None, device: str) -> bool:
+    """update.gradient_checkpointing as it applies on `device`: the value set, else on for CUDA, off elsewhere."""
+    return value if value is not None else str(device).startswith("cuda")
 
 
 def gated(config: UpdateConfig) -> bool:

@@ -76,8 +76,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_process_group(env: DistEnv, device: str) -> None:
-    """Join (or create) the default process group; reuse it when this process already has one of the same shape."""
+def init_process_group(env: DistEnv, device: str, timeout_minutes: float = 60.0) -> None:
+    """Join (or create) the default process group; reuse it when this process already has one of the same shape.
+
+    `timeout_minutes` bounds every collective (torch's default is 10 minutes for NCCL): the other ranks wait at the
+    checkpoint's barrier while rank 0 writes and fsyncs the HF weights (a 4B model's full state is ~64 GB)."""
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -91,7 +96,8 @@ def init_process_group(env: DistEnv, device: str) -> None:
     else:
         init_method = f"tcp://{env.master_addr or '127.0.0.1'}:{env.master_port or free_port()}"
     log.debug("init_process_group %s rank %d/%d via %s", backend, env.rank, env.world_size, init_method)
-    dist.init_process_group(backend, init_method=init_method, rank=env.rank, world_size=env.world_size)
+    dist.init_process_group(backend, init_method=init_method, rank=env.rank, world_size=env.world_size,
+                            timeout=timedelta(minutes=timeout_minutes))
 
 
 def training_device(env: DistEnv) -> str:
@@ -105,10 +111,16 @@ def training_device(env: DistEnv) -> str:
 
 
 def prepare_deepspeed(device: str):
-    """Import deepspeed, pinned to the CPU accelerator on CPU and with the shm JIT build disabled there."""
+    """Import deepspeed with the accelerator of `device`, whatever DS_ACCELERATOR says (a GPU host whose environment
+    says cpu, e.g. from a Makefile, would otherwise train on cuda:0 through DeepSpeed's CPU accelerator); on CPU the
+    shm JIT build is disabled."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator, set_accelerator
 
+    if device.startswith("cuda") and get_accelerator().device_name() != "cuda":
+        from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+        set_accelerator(CUDA_Accelerator())
     if device == "cpu":
         if get_accelerator().device_name() != "cpu":
             from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
@@ -153,19 +165,21 @@ def resolved_zero_stage(zero_stage: int | None, deepspeed_user: dict) -> int:
     return zero_stage if zero_stage is not None else deepspeed_user.get("zero_optimization", {}).get("stage", 2)
 
 
-def deepspeed_config(user: dict, zero_stage: int | None, grad_clip: float, world_size: int, precision: str) -> dict:
+def deepspeed_config(user: dict, zero_stage: int | None, grad_clip: float, world_size: int, precision: str,
+                     overlap_comm: bool = False) -> dict:
     """The DeepSpeed config of an update: built-in ZeRO-2 default < the user's JSON < `zero_stage` < owned keys.
 
     precision: fp32 (module weights stay fp32: at lr 1e-6 bf16 weights swallow the update, docs/stack-notes.md), bf16 or
-    fp16 (DeepSpeed mixed precision with fp32 masters, for GPUs). A user file may set any other DeepSpeed knob
-    (offload, buckets, overlap_comm on GPU); `optimizer` and `scheduler` are refused (the trainer owns them).
+    fp16 (DeepSpeed mixed precision with fp32 masters, for GPUs). `overlap_comm` (the trainer's default on CUDA: the
+    gradient reduction runs beside backward on its own stream; off on CPU, where gloo gains nothing). A user file may
+    set any other DeepSpeed knob (offload, buckets); `optimizer` and `scheduler` are refused (the trainer owns them).
     """
     bad = [key for key in FORBIDDEN_KEYS if key in user]
     if bad:
         raise InputError(f"--deepspeed-config: remove {', '.join(bad)}: update uses a client torch AdamW with a "
                          "constant --lr and --weight-decay")
     config = _merge({
-        "zero_optimization": {"stage": 2, "contiguous_gradients": True, "overlap_comm": False,
+        "zero_optimization": {"stage": 2, "contiguous_gradients": True, "overlap_comm": overlap_comm,
                               "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -187,6 +201,35 @@ def deepspeed_config(user: dict, zero_stage: int | None, grad_clip: float, world
         log.warning("--deepspeed-config: %s replaced by update's own values", ", ".join(overridden))
     config.update(owned)
     return config
+
+
+def offloads_optimizer(config: dict) -> bool:
+    """Whether a DeepSpeed config puts the optimizer state in CPU memory (zero_optimization.offload_optimizer)."""
+    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return str(offload.get("device", "none")).lower() not in ("none", "")
+
+
+def optimizer_class(config: dict, device: str) -> str:
+    """The optimizer the trainer builds: torch's AdamW, or with optimizer offload (GPU) DeepSpeed's CPU Adam in AdamW
+    mode, the only one DeepSpeed accepts there (a client torch optimizer is refused by zero_force_ds_cpu_optimizer;
+    its C++ op builds on first use, which GPU hosts can do). InputError for offload on a CPU run."""
+    if not offloads_optimizer(config):
+        return "torch.optim.AdamW"
+    if not device.startswith("cuda"):
+        raise InputError("--deepspeed-config: zero_optimization.offload_optimizer moves the optimizer from the GPU to "
+                         "CPU memory; this run trains on the CPU already, so remove it")
+    return "deepspeed.ops.adam.DeepSpeedCPUAdam"
+
+
+def client_optimizer(parameters: list, lr: float, weight_decay: float, config: dict, device: str):
+    """The optimizer of `optimizer_class`, decoupled weight decay (AdamW) either way."""
+    if optimizer_class(config, device) == "deepspeed.ops.adam.DeepSpeedCPUAdam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(parameters, lr=lr, weight_decay=weight_decay, adamw_mode=True)
+    import torch
+
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
 
 
 def create_engine(module, optimizer, config: dict, env: DistEnv, device: str):

@@ -4,7 +4,8 @@ each), each made of forward pieces.
 With `share_prefix` the rows of one prompt form a unit whose prompt runs once (`stages.lm.shared_prefix`): units are
 dealt to ranks by the positions they compute and packed into micro-batches of at most `budget` positions, a unit
 larger than the budget cut into pieces. Without it, rows are dealt and packed one by one as full sequences. Either
-way the rows of a micro-batch are listed in the order its pieces return their log-probs. Pure: no torch, no model.
+way the rows of a micro-batch are listed in the order its pieces return their log-probs (`stages.lm.forward`, the
+forward score runs too). No model here.
 """
 
 from __future__ import annotations
@@ -12,21 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from stages.lm.forward import FullSequences
 from stages.lm.logprobs import pack_by_tokens
 from stages.lm.shared_prefix import SharedPrefix, share, split
 from stages.training.distributed import split_by_tokens
-
-
-@dataclass(frozen=True)
-class FullSequences:
-    """A forward piece of whole sequences (prompt + response), right-padded: the unshared path."""
-
-    sequences: list[list[int]]
-    response_starts: list[int]
-
-    @property
-    def tokens(self) -> int:
-        return len(self.sequences) * max(len(s) for s in self.sequences)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ each mini-batch, padded with zero-loss micro-batches to the same count so ZeRO's
 DeepSpeed averages gradients over ranks, so each rank's loss is multiplied by the world size: the gradient is then
 the 1-process one. Rank 0 alone writes the HF folder, state and metrics; every rank writes its ZeRO shard.
 
-The new policy's log-probs come from `stages.lm.logprobs.response_token_stats`, the numerics `score` used. Not here:
+The new policy's log-probs come from `stages.lm.forward`, the forward and numerics `score` used. Not here:
 reading or checking files (stages.update, stages.training.batch), the math (stages.method), the checkpoint format
 (stages.training.checkpoint), process groups (stages.training.distributed).
 """
@@ -26,10 +26,11 @@ from stages.common.errors import InputError
 from stages.lm.models import quiet_transformers
 from stages.method.variants import PRE_VARIANT
 from stages.training import checkpoint, distributed, lora
+from stages.lm.forward import FullSequences, Numerics
 from stages.training.batch import Batch, is_finite, mean_or_none, pad_rows
-from stages.training.config import UpdateConfig, method_settings, resolve_variant
+from stages.training.config import UpdateConfig, method_settings, resolve_variant, resolved_gradient_checkpointing
 from stages.training.signals import StepLambda, advantage_parts, load_gate, make_gate, step_signals
-from stages.training.micro import FullSequences, MicroBatch, rank_micro_batches
+from stages.training.micro import MicroBatch, rank_micro_batches
 from stages.training.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -58,25 +59,16 @@ def _logprob_module(policy):
     """
     import torch
 
-    from stages.lm.logprobs import response_token_stats
-    from stages.lm.shared_prefix import SharedPrefix, shared_prefix_token_stats
+    from stages.lm.forward import pieces_logprobs
 
     class PolicyLogprobs(torch.nn.Module):
         def __init__(self, model):
             super().__init__()
             self.model = model
 
-        def forward(self, pieces: list, pad_id: int, temperature: float, chunk_size: int):
-            """Response-token log-probs of every piece (SharedPrefix or FullSequences), concatenated in order."""
-            numerics = dict(pad_id=pad_id, temperature=temperature, chunk_size=chunk_size, with_entropy=False)
-            logprobs = []
-            for piece in pieces:
-                if isinstance(piece, SharedPrefix):
-                    logprobs += shared_prefix_token_stats(self.model, piece, **numerics)[0]
-                else:
-                    logprobs += response_token_stats(self.model, piece.sequences, piece.response_starts,
-                                                     **numerics)[0]
-            return torch.cat(logprobs)  # [Σ T_i]
+        def forward(self, pieces: list, numerics):
+            """Response-token log-probs of every piece (SharedPrefix or FullSequences), concatenated: [Σ T_i]."""
+            return pieces_logprobs(self.model, pieces, numerics)
 
     return PolicyLogprobs(policy)
 
@@ -94,8 +86,6 @@ class Trainer:
 
     def __init__(self, config: UpdateConfig, model_dir: Path, state: dict | None, env: distributed.DistEnv,
                  device: str, deepspeed_user: dict | None = None):
-        import torch
-
         from stages.lm.models import load_tokenizer, model_revision
 
         config = resolve_variant(config, state)
@@ -104,6 +94,7 @@ class Trainer:
         dropped = {"data_cursor"} | (set() if config.lora_rank else {lora.BASE_KEY, lora.SHAPE_KEY})  # old / stale
         self.carried = {k: v for k, v in (state or {}).items() if k not in dropped}
         self.on_tokens = None  # called with the tokens of each micro-batch this rank trains (update's progress)
+        self.replayed_steps = 0  # steps stages.update.replay re-ran since this trainer opened
         self.step = int(self.carried.get("step", 0))
         self.model_revision = model_revision(model_dir)
         self.gate = make_gate(config)  # the entropy gate (METHOD §5) or the perplexity gate (§9)
@@ -123,18 +114,19 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.policy = self._load_module()  # the HF causal LM; the engine wraps it in PolicyLogprobs
         self.policy.config.use_cache = False
-        self.share_prefix = config.share_prefix and not config.gradient_checkpointing
-        if config.share_prefix and config.gradient_checkpointing:
+        self.gradient_checkpointing = resolved_gradient_checkpointing(config.gradient_checkpointing, device)
+        self.share_prefix = config.share_prefix and not self.gradient_checkpointing
+        if config.share_prefix and self.gradient_checkpointing:
             log.info("gradient checkpointing is on: the update runs full sequences (no shared prefixes)")
-        if config.gradient_checkpointing:
+        if self.gradient_checkpointing:
             _enable_activation_checkpointing(self.policy)
         self.policy.to(device).train()
         module = _logprob_module(self.policy)
         trainable = [p for p in module.parameters() if p.requires_grad]  # all of them without LoRA
-        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         ds_precision = "fp32" if self.precision == "autocast-bf16" else self.precision
         ds_config = distributed.deepspeed_config(deepspeed_user or {}, config.zero_stage, config.grad_clip,
-                                                 env.world_size, ds_precision)
+                                                 env.world_size, ds_precision, overlap_comm=device.startswith("cuda"))
+        optimizer = distributed.client_optimizer(trainable, config.lr, config.weight_decay, ds_config, device)
         self.zero_stage = ds_config["zero_optimization"]["stage"]
         started = time.perf_counter()
         with distributed.launcher_env(env):
@@ -170,18 +162,23 @@ class Trainer:
         return lr
 
     def _load_module(self):
-        """The policy in fp32: the model's weights, or with LoRA its base plus the adapter (fresh or continued)."""
+        """The policy in the dtype DeepSpeed trains it in (fp32 on CPU): the model's weights, or with LoRA its base plus
+        the adapter (fresh or continued)."""
         import torch
         from transformers import AutoModelForCausalLM
 
-        from stages.lm.models import checked_logits_path
+        from stages.lm.models import attention_kwargs, checked_logits_path
 
         quiet_transformers()
         weights_dir, adapter = self.model_dir, None
         if self.config.lora_rank:
             weights_dir, adapter = lora.base_and_adapter(self.model_dir, self.carried)
             self.lora_base = weights_dir.resolve()
-        network = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32, trust_remote_code=False)
+        # DeepSpeed's bf16/fp16 modes cast the module to 16 bits and build the fp32 master from those weights: loading
+        # in that dtype gives the same master without a full fp32 copy first (4 bytes/parameter on the host)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        network = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=dtype, trust_remote_code=False,
+                                                       **attention_kwargs(self.config.attn_implementation))
         network = checked_logits_path(network, f"--model {self.config.model}")
         if self.config.lora_rank:
             network, self.peft_model = lora.attach(network, self.config, adapter)
@@ -189,6 +186,14 @@ class Trainer:
                      sum(p.numel() for p in network.parameters() if p.requires_grad),
                      sum(p.numel() for p in network.parameters()))
         return network
+
+    def numerics(self, temperature: float) -> Numerics:
+        """The forward's numerics at `temperature`: score's (stages.lm.forward), without the entropy."""
+        from stages.lm.forward import chunk_positions
+
+        vocab = self.policy.config.get_text_config().vocab_size
+        return Numerics(self.pad_id, temperature, chunk_positions(self.config.logprob_chunk, self.device, vocab),
+                        with_entropy=False)
 
     def _autocast(self):
         import torch
@@ -302,7 +307,7 @@ class Trainer:
         config, rows = self.config, micro.rows
         lengths = [len(batch.response_ids[i]) for i in rows]
         with self._autocast():
-            flat = self.engine(micro.pieces, self.pad_id, batch.temperature, config.logprob_chunk)  # [Σ T_i]
+            flat = self.engine(micro.pieces, self.numerics(batch.temperature))  # [Σ T_i]
         new_logprobs = torch.split(flat, lengths)
         for i, values in zip(rows, new_logprobs):
             if not bool(torch.isfinite(values).all()):
@@ -317,7 +322,7 @@ class Trainer:
                                      lam.sigma_ref).advantages  # [B, T]
         if lam.sigma_ref is not None:  # tokens the adaptive clip drops (METHOD §9 step 3)
             sums["u_clipped"] += float(((pmi.abs() > config.u_clip_k * lam.sigma_ref) & mask).sum())
-        if config.is_correction == "token":
+        if (batch.is_correction or config.is_correction) == "token":  # auto: resolved by the file's sampler
             sampling = pad_rows([batch.sampling_logprobs[i] for i in rows], width).to(self.device)
             advantages = advantages * truncated_is_weights(old, sampling, config.is_cap)
         loss, stats = policy_loss(logprobs, old, advantages, mask, config.clip_low, config.clip_high,
@@ -340,7 +345,8 @@ class Trainer:
     def _idle_loss(self):
         """A zero loss through every parameter, for a rank with no micro-batch left (keeps ZeRO's collectives even)."""
         with self._autocast():
-            logprobs = self.engine([FullSequences([[self.pad_id, self.pad_id]], [1])], self.pad_id, 1.0, 1)  # [1]
+            logprobs = self.engine([FullSequences([[self.pad_id, self.pad_id]], [1])],
+                                   Numerics(self.pad_id, 1.0, 1, with_entropy=False))  # [1]
         return logprobs.sum() * 0.0
 
     # persistence ------------------------------------------------------------------------------------------------
@@ -371,13 +377,11 @@ class Trainer:
         return out
 
     def serves_inference(self) -> bool:
-        """Whether the policy module can sample and score as it is: full fp32 weights in this process (ZeRO ≤ 2), and
-        no LoRA (its unmerged x·W + x·ΔW differs from the checkpoint's merged weights in the last bits, and a resumed
-        run reads the checkpoint: lending it would make a resume differ)."""
-        import torch
-
-        return self.zero_stage < 3 and self.peft_model is None and \
-            next(self.policy.parameters()).dtype == torch.float32
+        """Whether the policy module can sample and score as it is: full weights in this process (ZeRO ≤ 2), and no
+        LoRA (its unmerged x·W + x·ΔW differs from the checkpoint's merged weights in the last bits, and a resumed run
+        reads the checkpoint: lending it would make a resume differ). Its dtype (fp32 on CPU, DeepSpeed's bf16 on GPU)
+        is the borrower's to check (stages.runs.resources)."""
+        return self.zero_stage < 3 and self.peft_model is None
 
     def close(self) -> None:
         """Release the engine: its hooks live in autograd (C++), so without destroy() Python never frees it."""
