@@ -40,7 +40,29 @@ def gate_step(open_: bool, median_entropy: float, h_warm: float, down: float) ->
     return open_
 
 
-class EntropyGate:
+class Recalibrating:
+    """What both gates share: a re-calibration request applied once (they implement `recalibrate`)."""
+
+    recalibration_requested: bool
+
+    def recalibrate(self) -> None:
+        raise NotImplementedError
+
+    def request_recalibration(self, requested: bool, force: bool = False) -> bool:
+        """Apply a re-calibration request once: re-calibrate when it is new (the previous step ran without it) or
+        when `force`d; remember the request for the next step. Returns whether it re-calibrated.
+
+        A run that keeps the request on (a loop config with it set, or commands.sh rerun by hand) thus re-calibrates
+        at its first step only, not at every step (which would keep the gate in warm-up for ever).
+        """
+        start = force or (requested and not self.recalibration_requested)
+        if start:
+            self.recalibrate()
+        self.recalibration_requested = requested
+        return start
+
+
+class EntropyGate(Recalibrating):
     """λ_k = g_k · λ_max with g from a Schmitt trigger on the step's median teacher entropy H_k (METHOD §5).
 
     Gated (default, `antisd`): the first `warmup_steps` calls of `update` return λ = 0 and record H; at the end of
@@ -105,19 +127,6 @@ class EntropyGate:
         self.h_warm = None
         self.warmup_end = self.step + self.warmup_steps
         self.open = not self.gated
-
-    def request_recalibration(self, requested: bool, force: bool = False) -> bool:
-        """Apply a re-calibration request once: re-calibrate when it is new (the previous step ran without it) or
-        when `force`d; remember the request for the next step. Returns whether it re-calibrated.
-
-        A run that keeps the request on (a loop config with it set, or commands.sh rerun by hand) thus re-calibrates
-        at its first step only, not at every step (which would keep the gate in warm-up for ever).
-        """
-        start = force or (requested and not self.recalibration_requested)
-        if start:
-            self.recalibrate()
-        self.recalibration_requested = requested
-        return start
 
     def state_dict(self) -> dict:
         """Everything needed to continue identically, as JSON-able values (no NaN: missing values are None)."""

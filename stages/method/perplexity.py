@@ -16,6 +16,8 @@ from typing import Sequence
 
 import torch
 
+from stages.method.gate import Recalibrating
+
 STATE_VERSION = 1
 KIND = "perplexity"  # the run state's gate.kind (the entropy gate of METHOD §5 has none)
 
@@ -69,7 +71,7 @@ def ppl_gate_step(open_: bool, statistic: float, target: float, reactivate: floa
     return open_
 
 
-class PerplexityGate:
+class PerplexityGate(Recalibrating):
     """The warm-up calibration and the perplexity gate of METHOD §9, step by step.
 
     The first `warmup_steps` calls of `update` are the warm-up (λ = 0 for every method): they pool every response's
@@ -142,14 +144,6 @@ class PerplexityGate:
         self.sigma_ref = self.ppl_m = self.target = self.reactivate = None
         self.warmup_end = self.step + self.warmup_steps
         self.open = True
-
-    def request_recalibration(self, requested: bool, force: bool = False) -> bool:
-        """Re-calibrate when the request is new (the previous step ran without it) or `force`d; see EntropyGate."""
-        start = force or (requested and not self.recalibration_requested)
-        if start:
-            self.recalibrate()
-        self.recalibration_requested = requested
-        return start
 
     def state_dict(self) -> dict:
         """Everything needed to continue identically, as JSON-able values (missing values are None)."""
