@@ -103,14 +103,13 @@ class StepRunner:
         from stages import score
 
         loaded = self.resources.policy(model, "score")
-        reference = self.resources.reference(config.reference) if config.reference is not None else None
+        kept = {} if config.reference is None else {"reference_loaded": self.resources.reference(config.reference)}
         if self.ranks.count == 1:
-            score.run(config, loaded=loaded, reference_loaded=reference)
+            score.run(config, loaded=loaded, **kept)
             return
 
         def work(shard, parts: Path, write: bool) -> None:
-            score.run(replace(config, out=str(parts), shard=f"{shard.index}/{shard.count}"), loaded=loaded,
-                      reference_loaded=reference)
+            score.run(replace(config, out=str(parts), shard=f"{shard.index}/{shard.count}"), loaded=loaded, **kept)
 
         self.ranks.sharded(Path(config.out), work, _merger(lambda: row_order(config.verified)),
                            count=lambda: min(self.ranks.count, prompt_count(config.verified)))
