@@ -94,22 +94,7 @@ def loop_command(ctx, config_path, out, overrides, force, print_config, record_o
     from stages.loop import run
     from stages.runs import config as run_config
 
-    if launcher == "local":
-        given = [name for name in SLURM_OPTIONS if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
-        given += ["time"] if ctx.get_parameter_source("time_limit") == ParameterSource.COMMANDLINE else []
-        given += ["resident"] if resident else []
-        if given:
-            flags = ", ".join("--" + name.replace("_", "-").replace("sbatch-args", "sbatch-arg") for name in given)
-            raise BadInput(f"{flags}: only with --launcher slurm")
-    elif record_only:
-        raise BadInput("--record-only: only with --launcher local (the Slurm record jobs run it)")
-    elif nproc > 1:
-        raise BadInput("--nproc: only with --launcher local (Slurm: --nodes and --gpus-per-node)")
-    elif resident:
-        chain_only = [name for name in ("shards", "window", "cpu_partition")
-                      if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
-        if chain_only:
-            raise BadInput(f"--{chain_only[0].replace('_', '-')}: only without --resident (the per-stage chain)")
+    _check_launch_options(ctx, launcher, record_only, nproc, resident)
     resolved = run_config.load(config_path, list(overrides))
     loop_config = LoopConfig(out=out, run=resolved, force=force, record_only=record_only)
     if print_config:
@@ -139,6 +124,27 @@ def loop_command(ctx, config_path, out, overrides, force, print_config, record_o
         root = slurm.run(loop_config, settings, echo=click.echo)
     if not dry_run:
         click.echo(str(root))
+
+
+def _check_launch_options(ctx, launcher: str, record_only: bool, nproc: int, resident: bool) -> None:
+    """Options that belong to another launcher, refused in one line (exit 2) before anything runs."""
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+    if launcher == "local":
+        flags = [name for name in SLURM_OPTIONS if given(name)] + (["time"] if given("time_limit") else []) + \
+            (["resident"] if resident else [])
+        if flags:
+            flags = ", ".join("--" + name.replace("_", "-").replace("sbatch-args", "sbatch-arg") for name in flags)
+            raise BadInput(f"{flags}: only with --launcher slurm")
+    elif record_only:
+        raise BadInput("--record-only: only with --launcher local (the Slurm record jobs run it)")
+    elif nproc > 1:
+        raise BadInput("--nproc: only with --launcher local (Slurm: --nodes and --gpus-per-node)")
+    elif resident:
+        chain_only = [name for name in ("shards", "window", "cpu_partition") if given(name)]
+        if chain_only:
+            raise BadInput(f"--{chain_only[0].replace('_', '-')}: only without --resident (the per-stage chain)")
 
 
 def _start_ranks(ctx, nproc: int, config_path, out, overrides, force, record_only) -> None:

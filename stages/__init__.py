@@ -73,6 +73,7 @@ runs/ — a training run
     shared_sampling  which prompts each rank's engine samples (the 1-rank batches), the shared evaluation engine
     launch      `loop --nproc N` (torchrun for you) and `--launcher slurm --resident` (one job, torchrun per node)
     memory      the memory model from config.json: per-GPU bytes, the vLLM share, the loop's refusal
+    costs       a step's seconds, loads, bytes and jobs at scale: resident ranks beside the Slurm chain (computed)
     run_dir     the run directory: layout, manifest, metrics.jsonl, checkpoint pruning
     view        the live view on stderr
     tracking    TensorBoard events and Weights & Biases logging of the metrics

@@ -77,7 +77,7 @@ class StepRunner:
 
     def rollout(self, config, model: str, timings: dict) -> None:
         """Sample `config` with the step's sampler: here, or with N ranks one part per engine group (its share of the
-        unsharded run's batches: `stages.runs.ranks`), merged by rank 0 in prompt order."""
+        unsharded run's batches: `stages.runs.shared_sampling`), merged by rank 0 in prompt order."""
         from stages import rollout
         from stages.lm.engine import is_engine
 
@@ -85,8 +85,8 @@ class StepRunner:
         if self.ranks.count == 1:
             rollout.run(config, loaded=loaded)
             return
-        share = rollout_share(config, loaded.tokenizer, loaded.name if is_engine(loaded) else "hf",
-                              self.ranks.samplers, self.ranks.sampler)
+        engine = loaded.name if is_engine(loaded) else "hf"
+        share = rollout_share(config, loaded.tokenizer, engine, self.ranks.samplers, self.ranks.sampler)
 
         def work(shard, parts: Path, write: bool) -> None:
             out = parts if write else parts / f".rank-{self.ranks.rank}"  # a tensor-parallel rank's same calls
@@ -95,7 +95,9 @@ class StepRunner:
             if not write:
                 shutil.rmtree(out)
 
-        self.ranks.sharded(Path(config.out), work, _merger(lambda: prompt_order(config)), by_sampler=True)
+        self.ranks.sharded(Path(config.out), work, _merger(lambda: prompt_order(config)), by_sampler=True,
+                           expected=lambda shard: rollout_share(config, loaded.tokenizer, engine, shard.count,
+                                                                shard.index))
 
     def score(self, config, model: str) -> None:
         """Run score with the step's policy (score's dtype and device), and the kept reference when asked for; with N

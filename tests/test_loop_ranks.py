@@ -215,16 +215,23 @@ def test_merge_in_order_puts_the_rows_in_the_unsharded_order(tmp_path):
         merge.run(merge.MergeConfig(parts=str(parts), out=str(tmp_path / "bad.parquet")), order=order[:-1])
 
 
-def test_parts_of_another_rank_count_are_cleared_and_the_missing_ones_named(tmp_path):
+def test_parts_of_another_dealing_are_cleared_and_the_missing_ones_named(tmp_path):
+    """A resumed launch keeps a killed launch's finished parts only when they hold what their shard holds now:
+    another rank count, or a resumable setting (rollout.batch_size) that deals the prompts otherwise, removes them."""
+    from test_merge import write_parts
+
+    from stages.common.parts import Shard
     from stages.runs.ranks import parts_dir, pending_parts
 
-    parts = parts_dir(tmp_path / "scored.parquet")
-    assert parts == tmp_path / "scored.parts"
-    parts.mkdir()
-    for name in ("part-00000-of-00004.parquet", "part-00001-of-00002.parquet", "notes.txt"):
-        (parts / name).write_text("x")
-    assert pending_parts(parts, 2) == [0]
-    assert sorted(p.name for p in parts.iterdir()) == ["notes.txt", "part-00001-of-00002.parquet"]
+    parts = parts_dir(tmp_path / "rollouts.parquet")
+    assert parts == tmp_path / "rollouts.parts"
+    write_parts(parts, "rollouts", ["p0", "p1", "p2", "p3"], count=2)  # round-robin: p0, p2 | p1, p3
+    for stale in write_parts(parts, "rollouts", ["p0", "p1", "p2", "p3"], count=4)[1:]:
+        stale.unlink()  # part 0 of 4 stays: a launch of another rank count
+    (parts / "notes.txt").write_text("x")
+    now = {0: {"p0", "p2"}, 1: {"p1"}}  # shard 1's prompts are dealt otherwise now
+    assert pending_parts(parts, 2, lambda shard: now[shard.index]) == [1]
+    assert sorted(p.name for p in parts.iterdir()) == ["notes.txt", Shard(0, 2).part_name()]
 
 
 def test_a_resume_with_another_rank_count_than_the_optimizer_state_is_refused(tmp_path):
@@ -242,3 +249,26 @@ def test_a_resume_with_another_rank_count_than_the_optimizer_state_is_refused(tm
     with pytest.raises(InputError, match="optimizer state of 2 rank\\(s\\), this launch has 1; resume it with 2"):
         check_resumed_ranks(tmp_path / "run", 3, 1)
     check_resumed_ranks(tmp_path / "run", 1, 1)  # finished: nothing to resume
+
+
+def test_the_docs_hold_the_computed_step_costs():
+    """docs/benchmarks.md holds `bench/step.py --costs` (stages.runs.costs) verbatim, README its two step totals; the
+    resident step reads nothing and writes the weights plus a fifth of the state, the chain reads every process's
+    model and the state and writes both every step."""
+    from stages.runs import costs
+    from stages.runs.memory import PUBLISHED_SHAPES
+
+    shape = PUBLISHED_SHAPES["Qwen3-4B"]
+    resident, chain = costs.resident_step(shape, costs.Batch(), 8), costs.slurm_chain_step(shape, costs.Batch(), 8)
+    assert resident.read_bytes == 0 and resident.written_bytes == shape.params * (2 + 14 / 5)
+    assert chain.read_bytes == shape.params * (3 * 8 * 2 + 14) and chain.written_bytes == 16 * shape.params
+    assert chain.total_s > resident.total_s > resident.generation_s + resident.score_s + resident.update_s
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import step as bench_step
+    finally:
+        sys.path.pop(0)
+    doc = (REPO / "docs" / "benchmarks.md").read_text()
+    assert bench_step.costs_text() in doc
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"~{resident.total_s:.0f} s | ~{chain.total_s:.0f} s" in readme

@@ -98,6 +98,15 @@ class ModelShape:
         return 2 * self.layers * self.kv_dim * 2  # keys and values, bf16
 
 
+# config.json values of the published models (Qwen/Qwen3-4B-Instruct-2507, Qwen/Qwen3-8B): the docs' tables
+PUBLISHED_SHAPES = {
+    "Qwen3-4B": ModelShape(vocab=151_936, hidden=2560, layers=36, intermediate=9728, heads=32, kv_heads=8,
+                           head_dim=128, tied=True, qk_norm=True),
+    "Qwen3-8B": ModelShape(vocab=151_936, hidden=4096, layers=36, intermediate=12_288, heads=32, kv_heads=8,
+                           head_dim=128, tied=False, qk_norm=True),
+}
+
+
 @dataclass(frozen=True)
 class TrainSetup:
     """How the update trains (the loop's update section, resolved)."""

@@ -187,18 +187,20 @@ class Ranks:
     # --- shared stages -----------------------------------------------------------------------------------------
 
     def sharded(self, out: Path, work: Callable[[Shard, Path, bool], None], merge: Callable[[Path, Path], None],
-                by_sampler: bool = False, count: Callable[[], int] | None = None) -> None:
+                by_sampler: bool = False, count: Callable[[], int] | None = None,
+                expected: Callable[[Shard], set[str]] | None = None) -> None:
         """Stage output `out` written as parts by the ranks (`by_sampler`: one part per engine group, its first rank
         writing; `count()`, rank 0's: only the first that many ranks), then merged into `out` by rank 0.
         `work(shard, parts folder, write)` computes this rank's part (`write` False: a tensor-parallel rank that
         samples beside its group's writer); `merge(parts, out)` joins them. Parts found complete (a killed launch's)
-        are kept; parts of another count are removed."""
+        are kept unless they are of another count or, with `expected(shard)` (rank 0's), hold other prompts than
+        the shard has now (a resumable setting such as rollout.batch_size changed how prompts are dealt)."""
         index, write = (self.sampler, self.writes_samples) if by_sampler else (self.rank, True)
         parts = parts_dir(out)
 
         def pending() -> tuple[int, list[int]]:
             shares = count() if count is not None else (self.samplers if by_sampler else self.count)
-            return shares, pending_parts(parts, shares)
+            return shares, pending_parts(parts, shares, expected)
 
         shares, missing = self.from_main(pending)
         self.together(lambda: work(Shard(index, shares), parts, write) if index in missing else None)
@@ -215,13 +217,20 @@ def parts_dir(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".parquet") + ".parts")
 
 
-def pending_parts(parts: Path, count: int) -> list[int]:
+def pending_parts(parts: Path, count: int, expected: Callable[[Shard], set[str]] | None = None) -> list[int]:
     """The shards of `count` whose part is not in `parts` yet (creating it), after removing the parts of another
-    count (a launch with another number of ranks: their rows are dealt otherwise)."""
+    count (a launch with another number of ranks: their rows are dealt otherwise) and, with `expected`, the parts
+    whose prompt ids are not their shard's."""
+    import pyarrow.parquet as pq
+
     parts.mkdir(exist_ok=True)
     for path in parts.iterdir():
         match = PART_RE.match(path.name)
-        if match and int(match.group(2)) != count:
+        if not match:
+            continue
+        shard = Shard(int(match.group(1)), int(match.group(2)))
+        if shard.count != count or (expected is not None and set(
+                pq.read_table(path, columns=["prompt_id"]).column("prompt_id").to_pylist()) != expected(shard)):
             path.unlink()
     return missing_shards(parts, count)
 
