@@ -104,8 +104,8 @@ def antisd_steps(method: str, args, folder: Path, env: dict, nproc: int = 1) -> 
     rollout = {"batch_size": 64 // args.nproc} if args.nproc > 1 else {}  # the same engine batches for 1 and N
     config = folder / f"{name}.yaml"
     config.write_text(json.dumps({
-        "loop": {"steps": args.steps, "prompts_per_step": 8, "seed": 0, "eval_every": 0, "tensorboard": False,
-                 "train": {"name": "arith", "split": "train", "num": 8 * args.steps}},
+        "loop": {"model": args.model, "steps": args.steps, "prompts_per_step": 8, "seed": 0, "eval_every": 0,
+                 "tensorboard": False, "train": {"name": "arith", "split": "train", "num": 8 * args.steps}},
         "rollout": {"n": 8, "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "progress": False,
                     "threads": threads, **rollout},
         "score": {"threads": threads},
@@ -205,6 +205,7 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=1,
                         help="Also run each method as this many resident ranks (torchrun, gloo) on the same batch.")
     parser.add_argument("--costs", action="store_true", help="Only print the computed step of Qwen3-4B on 8 GPUs.")
+    parser.add_argument("--model", default="smollm2-135m", help="antisd's policy (TRL always runs SmolLM2-135M).")
     args = parser.parse_args()
     if args.report:
         report(json.loads(Path(args.report).read_text()))
@@ -216,6 +217,7 @@ def main() -> None:
            "DS_ACCELERATOR": "cpu"}
     folder = Path(tempfile.mkdtemp(prefix="bench_step."))
     figures = {"batch": {"prompts": 8, "samples": 8, "max_new_tokens": args.max_new_tokens, "threads": args.threads,
+                         "model": args.model,
                          "rollout_batch_size": 64 // args.nproc if args.nproc > 1 else 0}}
     figures["trl"] = trl_steps(args, folder, env) if args.nproc == 1 else None
     for method in args.methods.split(","):
