@@ -47,6 +47,8 @@ C = RolloutConfig
 @config_option(C, "gpu_memory_utilization", "vLLM on GPU: the share of the card it takes for weights and KV "
                                            "cache (default: vLLM's 0.9 when alone; in `loop`, what the memory plan "
                                            "leaves beside the resident trainer).", type=float)
+@config_option(C, "tensor_parallel_size", "vLLM: GPUs one engine spans (tensor parallel); in `loop` as N ranks, "
+                                         "groups of this many ranks share one engine.")
 @config_option(C, "share_prefix", "HF engine: prefill each group's prompt once per batch and repeat its cache over the "
                                   "samples (the same tokens, about half the time at n = 8).")
 @config_option(C, "system_prompt", "A system turn before the few-shot turns and the problem; score's teacher view "

@@ -67,10 +67,9 @@ def bare_hf(engine, prompt_ids: list[list[int]], settings: SamplingSettings, bat
     import torch
     from transformers import GenerationConfig
 
-    from stages.lm.engine_hf import cut_response, row_order
+    from stages.lm.engine_hf import cut_response, row_batches
 
     batch_size = batch_size or engine.default_batch_size
-    rows = row_order(prompt_ids, settings.n)
     sampling = settings.temperature > 0
     config = GenerationConfig(
         do_sample=sampling, temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
@@ -79,8 +78,8 @@ def bare_hf(engine, prompt_ids: list[list[int]], settings: SamplingSettings, bat
     )
     torch.manual_seed(settings.seed)
     tokens, start = 0, time.perf_counter()
-    for begin in range(0, len(rows), batch_size):
-        input_ids, attention_mask = engine._left_pad([prompt_ids[p] for p, _ in rows[begin: begin + batch_size]])
+    for rows in row_batches(prompt_ids, settings.n, batch_size):
+        input_ids, attention_mask = engine._left_pad([prompt_ids[p] for p, _ in rows])
         with torch.inference_mode():
             output = engine.loaded.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                                   generation_config=config)

@@ -17,7 +17,13 @@ torch threads (default: the cores this process may use).
 Printed: per-stage seconds, peak RSS, and each antisd method's step as a ratio of TRL's. Other load on the machine
 changes every figure: run it alone (`--json` writes the figures to a file).
 
+`--nproc N`: each method also as N resident ranks (`antisd loop --nproc N`: torchrun, gloo on CPU) on the same batch
+and the same cores (--threads split over the ranks), both runs with rollout.batch_size 64/N so that the N ranks share
+the 1-rank run's engine batches (stages.runs.shared_sampling); then the computed cost of a step of Qwen3-4B on 8 GPUs
+as resident ranks and as the Slurm chain (stages.runs.costs). `--costs` prints only that.
+
 Usage: python bench/step.py [--trl-python .venv-trl/bin/python] [--steps 2] [--max-new-tokens 48] [--json out.json]
+       python bench/step.py --nproc 2 [--methods antisd] [--steps 3]      python bench/step.py --costs
 """
 
 from __future__ import annotations
@@ -92,21 +98,25 @@ def child(command: list[str], env: dict, log_path: Path) -> tuple[float, float, 
     return time.perf_counter() - started, usage.ru_maxrss / 2**20, os.waitstatus_to_exitcode(status)
 
 
-def antisd_steps(method: str, args, folder: Path, env: dict) -> dict:
-    config = folder / f"{method}.yaml"
+def antisd_steps(method: str, args, folder: Path, env: dict, nproc: int = 1) -> dict:
+    """`antisd loop` of `method` for args.steps steps as `nproc` ranks, the cores (args.threads) split over them."""
+    name, threads = f"{method}-{nproc}", max(1, args.threads // nproc)
+    rollout = {"batch_size": 64 // args.nproc} if args.nproc > 1 else {}  # the same engine batches for 1 and N
+    config = folder / f"{name}.yaml"
     config.write_text(json.dumps({
-        "loop": {"steps": args.steps, "prompts_per_step": 8, "seed": 0, "eval_every": 0, "tensorboard": False,
-                 "train": {"name": "arith", "split": "train", "num": 8 * args.steps}},
+        "loop": {"model": args.model, "steps": args.steps, "prompts_per_step": 8, "seed": 0, "eval_every": 0,
+                 "tensorboard": False, "train": {"name": "arith", "split": "train", "num": 8 * args.steps}},
         "rollout": {"n": 8, "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "progress": False,
-                    "threads": args.threads},
-        "score": {"threads": args.threads},
-        "update": {"method": method, "lr": 1.0e-5, "threads": args.threads},
+                    "threads": threads, **rollout},
+        "score": {"threads": threads},
+        "update": {"method": method, "lr": 1.0e-5, "threads": threads},
     }))
-    out = folder / f"run-{method}"
-    command = [sys.executable, "-m", "antisd_cli", "-q", "loop", "-c", str(config), "-o", str(out)]
-    wall, rss, code = child(command, env, folder / f"{method}.log")
+    out = folder / f"run-{name}"
+    command = [sys.executable, "-m", "antisd_cli", "-q", "loop", "-c", str(config), "-o", str(out),
+               *(["--nproc", str(nproc)] if nproc > 1 else [])]
+    wall, rss, code = child(command, {**env, "OMP_NUM_THREADS": str(threads)}, folder / f"{name}.log")
     if code != 0:
-        raise SystemExit(f"antisd {method} failed ({code}); see {folder / f'{method}.log'}")
+        raise SystemExit(f"antisd {name} failed ({code}); see {folder / f'{name}.log'}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     stages = {stage: statistics.median(r[f"timing_s/{stage}"] for r in rows) for stage in STAGES}
     return {"step_s": statistics.median(r["timing_s/step"] for r in rows), "stages_s": stages, "rss_gib": rss,
@@ -147,6 +157,14 @@ def amortized(steps: list[float]) -> float:
     return (first + fulls * full + (RUN_STEPS - fulls - 1) * typical) / RUN_STEPS
 
 
+def costs_text() -> str:
+    """The computed step of Qwen3-4B on 8 GPUs, resident ranks beside the Slurm chain (stages.runs.costs)."""
+    from stages.runs import costs
+    from stages.runs.memory import PUBLISHED_SHAPES
+
+    return costs.table(PUBLISHED_SHAPES["Qwen3-4B"], "Qwen3-4B (computed, stages/runs/costs.py)")
+
+
 def report(figures: dict) -> None:
     batch, trl = figures["batch"], figures["trl"]
     print(f"one training step, {batch['prompts']} prompts × {batch['samples']} samples, ≤ {batch['max_new_tokens']} new "
@@ -157,7 +175,7 @@ def report(figures: dict) -> None:
     else:
         print("  TRL GRPOTrainer: not run (no trl: pip install -e .[bench], or --trl-python)")
     for method, result in figures.items():
-        if method in ("batch", "trl"):
+        if method in ("batch", "trl", "costs"):
             continue
         steps = result["steps"]
         split = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in result["stages_s"].items())
@@ -170,6 +188,8 @@ def report(figures: dict) -> None:
             for kind, seconds in kinds.items():
                 ratio = f" = {seconds / trl['step_s']:.2f}× TRL" if trl else ""
                 print(f"      {kind:<46} {seconds:6.1f} s{ratio}")
+    if figures.get("costs"):
+        print("\n" + figures["costs"], end="")
 
 
 def main() -> None:
@@ -182,17 +202,29 @@ def main() -> None:
     parser.add_argument("--methods", default="antisd,grpo")
     parser.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
     parser.add_argument("--report", default=None, metavar="JSON", help="Only print the figures of an earlier --json.")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="Also run each method as this many resident ranks (torchrun, gloo) on the same batch.")
+    parser.add_argument("--costs", action="store_true", help="Only print the computed step of Qwen3-4B on 8 GPUs.")
+    parser.add_argument("--model", default="smollm2-135m", help="antisd's policy (TRL always runs SmolLM2-135M).")
     args = parser.parse_args()
     if args.report:
         report(json.loads(Path(args.report).read_text()))
         return
+    if args.costs:
+        print(costs_text(), end="")
+        return
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
            "DS_ACCELERATOR": "cpu"}
     folder = Path(tempfile.mkdtemp(prefix="bench_step."))
-    figures = {"batch": {"prompts": 8, "samples": 8, "max_new_tokens": args.max_new_tokens, "threads": args.threads}}
-    figures["trl"] = trl_steps(args, folder, env)
+    figures = {"batch": {"prompts": 8, "samples": 8, "max_new_tokens": args.max_new_tokens, "threads": args.threads,
+                         "model": args.model,
+                         "rollout_batch_size": 64 // args.nproc if args.nproc > 1 else 0}}
+    figures["trl"] = trl_steps(args, folder, env) if args.nproc == 1 else None
     for method in args.methods.split(","):
         figures[method] = antisd_steps(method, args, folder, env)
+        if args.nproc > 1:
+            figures[f"{method}, {args.nproc} ranks"] = antisd_steps(method, args, folder, env, args.nproc)
+    figures["costs"] = costs_text() if args.nproc > 1 else None
     report(figures)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")

@@ -6,6 +6,8 @@ every step, one killed during its second update and resumed, and a report of tok
            about to be published, then resumed: the trainer reopens from the run's start and replays step 0 from its
            scored file (bit for bit on CPU, within the stated tolerance on CUDA), then trains step 1
     run B  loop.resident_trainer: false (the trainer is freed after each update and reopened from the full checkpoint)
+    run C  the resident loop as 1 rank under `torchrun --standalone --nproc-per-node 1` (one step): the launch path of
+           N ranks on the one GPU we can get; N > 1 ranks are tested on CPU only (tests/test_loop_ranks.py, gloo)
 
 Exit status: 0 when both runs finish with every step's files and metrics, the kill happened where it should, and the
 resume replayed; 1 otherwise, naming what failed. Subcommands: `run` (the flow), `prepare-tokenizer` (scripts/
@@ -130,10 +132,15 @@ def killed_loop(step: int, argv: list[str]) -> None:
     cli(argv)
 
 
-def loop(args: list[str], limit: int, killed_at: int | None = None, log: Path | None = None) -> tuple[int, float]:
-    """Run the loop in a subprocess (killed at `killed_at`'s publish when given); return (exit code, seconds)."""
+def loop(args: list[str], limit: int, killed_at: int | None = None, log: Path | None = None,
+         nproc: int | None = None) -> tuple[int, float]:
+    """Run the loop in a subprocess (killed at `killed_at`'s publish when given; as `nproc` ranks under torchrun when
+    given); return (exit code, seconds)."""
     head = [sys.executable, str(Path(__file__).resolve()), "killed-loop", str(killed_at)] if killed_at is not None \
         else [sys.executable, "-m", "antisd_cli"]
+    if nproc is not None:
+        head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m",
+                "antisd_cli"]
     started = time.perf_counter()
     with open(log, "a") if log else open(os.devnull, "w") as sink:
         try:
@@ -143,11 +150,11 @@ def loop(args: list[str], limit: int, killed_at: int | None = None, log: Path | 
     return code, time.perf_counter() - started
 
 
-def report(run: Path, label: str) -> list[str]:
+def report(run: Path, label: str, steps: int = 2) -> list[str]:
     """Per step and stage: seconds, tokens/s, peak GiB; returns the problems found."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
         if (run / "metrics.jsonl").exists() else []
-    problems = [] if len(rows) == 2 else [f"{label}: {len(rows)} metrics rows, expected 2"]
+    problems = [] if len(rows) == steps else [f"{label}: {len(rows)} metrics rows, expected {steps}"]
     print(f"== {label}: per stage (seconds, tokens/s, peak GiB: CUDA allocated, on CPU the peak RSS)")
     print(f"{'step':<5}{'stage':<9}{'seconds':>9}{'tok/s':>10}{'peak GiB':>10}")
     rates = {"rollout": "throughput/rollout_tok_s", "score": "throughput/score_tok_s",
@@ -205,6 +212,17 @@ def run_flow(mode: str, out: Path, tokenizer: Path | None) -> int:
     if code != 0:
         problems.append(f"run B failed (exit {code}; see {logs})")
     problems += report(run_b, "run B (resident_trainer false)")
+    for step in (0, 1):  # the disk again
+        shutil.rmtree(run_b / f"step_{step:04d}" / "checkpoint", ignore_errors=True)
+    # --- run C: the resident loop as rank 0 of 1 under torchrun (several ranks: CPU only, tests/test_loop_ranks.py)
+    run_c = out / "run_torchrun"
+    shutil.rmtree(run_c, ignore_errors=True)
+    args_c = ["--config", str(out / "resident.yaml"), "--out", str(run_c), "--set", "loop.steps=1"]
+    code, seconds = loop(args_c, settings["limit"], log=logs, nproc=1)
+    print(f"run C (torchrun --nproc-per-node 1): exit {code} after {seconds:.0f} s")
+    if code != 0:
+        problems.append(f"run C failed under torchrun (exit {code}; see {logs})")
+    problems += report(run_c, "run C (1 rank under torchrun)", steps=1)
     for problem in problems:
         print(f"FAILED: {problem}")
     if problems:

@@ -4,6 +4,8 @@
 # DeepSpeed ZeRO-2 in bf16 and evaluation at every step, ≥ 1,024 new tokens per response:
 #   run A  resident trainer, SIGKILLed as step 1's checkpoint is published, then resumed (step 0 replayed)
 #   run B  loop.resident_trainer: false
+#   run C  the resident loop as 1 rank under `torchrun --nproc-per-node 1` (one step): the launch of N ranks on the one
+#          GPU we can get (N > 1 ranks are tested on CPU only, over gloo: tests/test_loop_ranks.py)
 # It prints tokens/s and peak memory per stage (memory/peak_gib/<stage>) and exits non-zero on any failure.
 #
 # The GPU machine (device tool; /work/.library/device/KINDS.md) has torch 2.11 + CUDA, transformers 5.17, peft,
@@ -26,7 +28,7 @@ while [[ $# -gt 0 ]]; do
     --cpu-smoke) MODE=cpu; shift ;;
     --out) OUT="$2"; shift 2 ;;
     --python) PY="$2"; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -16,13 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stages.runs import memory  # noqa: E402
 
-# config.json values of the published models (Qwen/Qwen3-4B-Instruct-2507, Qwen/Qwen3-8B)
-SHAPES = {
-    "Qwen3-4B": memory.ModelShape(vocab=151_936, hidden=2560, layers=36, intermediate=9728, heads=32, kv_heads=8,
-                                  head_dim=128, tied=True, qk_norm=True),
-    "Qwen3-8B": memory.ModelShape(vocab=151_936, hidden=4096, layers=36, intermediate=12_288, heads=32, kv_heads=8,
-                                  head_dim=128, tied=False, qk_norm=True),
-}
+SHAPES = memory.PUBLISHED_SHAPES
 LORA_RANK = 64
 
 
@@ -33,9 +27,7 @@ def rows(gib: float, longest: int) -> list[str]:
         for lora in (0, LORA_RANK):
             for gpus in (1, 8):
                 setup = memory.TrainSetup(world_size=gpus, lora_rank=lora, longest_sequence=longest)
-                for vllm in (False, True):
-                    if gpus > 1 and vllm:
-                        continue  # on 8 GPUs the update is its own job (Slurm): vLLM samples in other jobs
+                for vllm in (False, True):  # on 8 GPUs: 8 resident ranks, each with its vLLM engine colocated
                     plan = memory.plan(shape, setup, total, vllm=vllm, resident_trainer=True)
                     sample = f"{plan.sample_bytes / memory.GIB:.1f} (vLLM {plan.vllm_utilization:.2f})" if vllm \
                         else "–"

@@ -9,7 +9,7 @@ Commands (each reads validate → read → compute → write):
     verify    rollouts → verified rows (rewards, groups, privileged context)
     score     verified → scored rows (student/teacher log-probs, entropies, PMI)
     update    scored rows + checkpoint → the next checkpoint (one DeepSpeed step)
-    loop      rollout → verify → score → update (→ eval) for N steps, resumable
+    loop      rollout → verify → score → update (→ eval) for N steps, resumable, as one process or N ranks
     eval      a benchmark → per-sample rows + avg@K, pass@k, maj@K; a suite of benchmarks (the paper's) → a folder
     analyze   `antisd analyze pmi`: which words the privileged context inflates and deflates
     plot      training curves of run folders
@@ -69,7 +69,11 @@ runs/ — a training run
     plan        what a step is: prompts cursor, stage configs, commands.sh, opening a run directory
     dynamic     DAPO dynamic sampling: further draws until a step has enough mixed-reward groups
     resources   what a loop keeps resident (policy, reference, vLLM, trainer) and the device between phases
+    ranks       a loop as N ranks: rank 0's decisions, the collectives, the ranks' part files merged by rank 0
+    shared_sampling  which prompts each rank's engine samples (the 1-rank batches), the shared evaluation engine
+    launch      `loop --nproc N` (torchrun for you) and `--launcher slurm --resident` (one job, torchrun per node)
     memory      the memory model from config.json: per-GPU bytes, the vLLM share, the loop's refusal
+    costs       a step's seconds, loads, bytes and jobs at scale: resident ranks beside the Slurm chain (computed)
     run_dir     the run directory: layout, manifest, metrics.jsonl, checkpoint pruning
     view        the live view on stderr
     tracking    TensorBoard events and Weights & Biases logging of the metrics

@@ -18,6 +18,12 @@ Score always uses the HF model (the trainer's numerics). On a GPU the run is fir
 
 Reference KL: with update.kl_coef > 0 every step's score also runs a frozen reference (score.reference, else the base
 model loop.model) for ref_logprobs; the process loads it once and keeps it across steps.
+
+Ranks: launched as N processes (`torchrun --nproc-per-node N -m antisd_cli loop …`, or `srun` + one `torchrun` per
+node), every rank keeps its part resident (its ZeRO shard of the trainer, its policy or vLLM engine) and the step's
+files stay the same files: rank 0 holds the run directory and decides what is done, rollout and score are written as
+one part per rank and merged by rank 0, verify runs on rank 0, the update trains on all ranks, the evaluation samples
+on all of them (`stages.runs.ranks`). With one process nothing of that runs.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,18 +45,21 @@ from stages.common.io import atomic_write_json
 from stages.runs import config as run_config
 from stages.runs.config import LoopConfig
 from stages.runs.plan import (
-    draw_dir,
     eval_due,
     opened_run,
     stage_seed,
     step_configs,
+    step_state,
     with_run_variant,
     write_commands,
     write_step_prompts,
 )
-from stages.runs.resources import Resources, loop_plan, world_size_refusal
+from stages.runs.ranks import Ranks, prompt_count, prompt_order, row_order, throughput
+from stages.runs.resources import Resources, check_memory, prompt_rows
 from stages.runs.run_dir import BASE_EVAL_NAME, EVAL_NAME, Run
+from stages.runs.shared_sampling import rollout_share, sample_shared
 from stages.runs.tracking import Trackers, check_wandb
+from stages.training import distributed
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +69,52 @@ class StepRunner:
     the policy, the reference, the vLLM engine) and the device's hand-over belong to `resources`."""
 
     def __init__(self, config: LoopConfig, run: Run, view, engine: str = "hf", resources: Resources | None = None,
-                 prompt_rows: list[dict] = ()):
+                 prompt_rows: list[dict] = (), ranks: Ranks | None = None):
         self.config, self.run, self.view = config, run, view
         self.settings = config.run.loop
-        self.resources = resources or Resources(config, run, engine, prompt_rows=prompt_rows)
+        self.ranks = ranks or Ranks()
+        self.resources = resources or Resources(config, run, engine, prompt_rows=prompt_rows, ranks=self.ranks)
 
-    def score(self, config, model: str):
-        """Run score with the step's policy (score's dtype and device), and the kept reference when asked for."""
+    def rollout(self, config, model: str, timings: dict) -> None:
+        """Sample `config` with the step's sampler: here, or with N ranks one part per engine group (its share of the
+        unsharded run's batches: `stages.runs.shared_sampling`), merged by rank 0 in prompt order."""
+        from stages import rollout
+        from stages.lm.engine import is_engine
+
+        loaded = self.resources.sampler(model, timings)
+        if self.ranks.count == 1:
+            rollout.run(config, loaded=loaded)
+            return
+        engine = loaded.name if is_engine(loaded) else "hf"
+        share = rollout_share(config, loaded.tokenizer, engine, self.ranks.samplers, self.ranks.sampler)
+
+        def work(shard, parts: Path, write: bool) -> None:
+            out = parts if write else parts / f".rank-{self.ranks.rank}"  # a tensor-parallel rank's same calls
+            rollout.run(replace(config, out=str(out), shard=f"{shard.index}/{shard.count}"), loaded=loaded,
+                        share=share)
+            if not write:
+                shutil.rmtree(out)
+
+        self.ranks.sharded(Path(config.out), work, _merger(lambda: prompt_order(config)), by_sampler=True,
+                           expected=lambda shard: rollout_share(config, loaded.tokenizer, engine, shard.count,
+                                                                shard.index))
+
+    def score(self, config, model: str) -> None:
+        """Run score with the step's policy (score's dtype and device), and the kept reference when asked for; with N
+        ranks each scores its prompts (`score --shard r/N`) and rank 0 merges them in the verified file's order."""
         from stages import score
 
         loaded = self.resources.policy(model, "score")
-        if config.reference is None:
-            return score.run(config, loaded=loaded)
-        return score.run(config, loaded=loaded, reference_loaded=self.resources.reference(config.reference))
+        kept = {} if config.reference is None else {"reference_loaded": self.resources.reference(config.reference)}
+        if self.ranks.count == 1:
+            score.run(config, loaded=loaded, **kept)
+            return
+
+        def work(shard, parts: Path, write: bool) -> None:
+            score.run(replace(config, out=str(parts), shard=f"{shard.index}/{shard.count}"), loaded=loaded, **kept)
+
+        self.ranks.sharded(Path(config.out), work, _merger(lambda: row_order(config.verified)),
+                           count=lambda: min(self.ranks.count, prompt_count(config.verified)))
 
     def close(self) -> None:
         self.resources.close()
@@ -121,97 +164,92 @@ class StepRunner:
         return result
 
     def step(self, step: int, train_table: pa.Table, eval_prompts: Path | None) -> dict:
-        from stages import rollout, verify
+        from stages import verify
         started = time.perf_counter()
-        settings, stage_dir = self.settings, self.run.step_dir(step)
-        stage_dir.mkdir(exist_ok=True)
+        settings = self.settings
         model = self.run.model_for_step(step, settings.model)
         paths = self.run.step_paths(step)
         timings: dict = {}
         loads_before = self.resources.load_seconds
-        write_step_prompts(self.config, self.run, step, train_table)
         configs = step_configs(self.config, self.run, step)
-        if not (self.run.checkpoint(step) / "config.json").exists():  # a finished step keeps the commands it ran
-            write_commands(self.run, step, configs)
-        if not paths["rollouts"].exists():
-            self._timed("rollout", timings, lambda: rollout.run(
-                configs["rollout"], loaded=self.resources.sampler(model, timings)))
-        if not paths["verified"].exists() and settings.dynamic_sampling:
+        done = self.ranks.from_main(lambda: self._prepare(step, train_table, configs))
+        if not done["rollouts"]:
+            self._timed("rollout", timings, lambda: self.rollout(configs["rollout"], model, timings))
+        if not done["verified"] and settings.dynamic_sampling:
             self.view.stage("verify")
             self.draw_groups(step, configs, model, train_table, timings)
-        elif not paths["verified"].exists():
-            self._timed("verify", timings, lambda: verify.run(configs["verify"]))
-        if not paths["scored"].exists():
+        elif not done["verified"]:
+            self._timed("verify", timings, lambda: self.ranks.together(
+                lambda: verify.run(configs["verify"]) if self.ranks.is_main else None))
+        if not done["scored"]:
             self._timed("score", timings, lambda: self.score(configs["score"], model))
-        if not (self.run.checkpoint(step) / "config.json").exists():
+        if not done["checkpoint"]:
             self._timed("update", timings, lambda: self.update(step, configs["update"]))
-        row = self._metrics(step, paths, timings)
+        row = self._metrics(step, paths, timings) if self.ranks.is_main else {}
         if eval_due(self.settings, step) and eval_prompts is not None:
-            row.update(self.evaluate(self.run.checkpoint(step), eval_prompts, stage_dir / EVAL_NAME, timings))
+            row.update(self.evaluate(self.run.checkpoint(step), eval_prompts, self.run.step_dir(step) / EVAL_NAME,
+                                     timings))
             row.update({k: v for k, v in timings.items() if k in (keys.timing("eval"), keys.memory_peak("eval"))})
         row[keys.timing("step")] = round(time.perf_counter() - started, 3)
         row[keys.timing("model_load")] = round(self.resources.load_seconds - loads_before, 3)
         row[keys.LOAD_FRACTION] = round(row[keys.timing("model_load")] / max(row[keys.timing("step")], 1e-9), 4)
         return row
 
+    def _prepare(self, step: int, train_table: pa.Table, configs: dict) -> dict:
+        """Rank 0: the step's folder, prompts and commands.sh; which of its outputs exist (a stage is done iff its
+        output exists)."""
+        self.run.step_dir(step).mkdir(exist_ok=True)
+        write_step_prompts(self.config, self.run, step, train_table)
+        checkpoint_done = (self.run.checkpoint(step) / "config.json").exists()
+        if not checkpoint_done:  # a finished step keeps the commands it ran
+            write_commands(self.run, step, configs)
+        return {**{name: path.exists() for name, path in self.run.step_paths(step).items()},
+                "checkpoint": checkpoint_done}
+
     def draw_groups(self, step: int, configs: dict, model: str, train_table: pa.Table, timings: dict) -> None:
         """Dynamic sampling (stages.runs.dynamic): verify draw 0 (the step's rollouts), draw further prompts while
         too few groups are mixed, then write the step's verified.parquet from the kept groups. Resumable: every
-        draw's files are kept, and a draw whose file exists is not run again."""
-        from stages import rollout, verify
-        from stages.common.io import build_metadata, read_artifact, read_metadata, write_artifact
-        from stages.runs import dynamic
+        draw's files are kept, and a draw whose file exists is not run again. Rank 0 keeps the books (the draws'
+        prompts, verify, whether to draw again); every rank samples its share of each draw."""
+        from stages import verify
+        from stages.runs.dynamic import Draws
 
-        settings, per_step = self.settings, self.settings.prompts_per_step
-        tables, used, draw = [], set(), 0
-        while True:
-            folder = draw_dir(self.run, step, draw)
-            folder.mkdir(parents=True, exist_ok=True)
-            prompts, rollouts, verified = (folder / f"{name}.parquet" for name in ("prompts", "rollouts", "verified"))
-            seeds = {name: stage_seed(settings.seed, step, f"{name}/draw{draw}") for name in ("rollout", "verify")}
-            if draw == 0:
-                prompts, rollouts, seeds = self.run.step_paths(step)["prompts"], Path(configs["rollout"].out), {}
-            elif not prompts.exists():
-                rows = dynamic.refill_indices(train_table.num_rows, per_step, used, seeds["rollout"])
-                if not rows:
-                    break  # every training prompt has been drawn in this step
-                write_artifact(train_table.take(rows), prompts, "prompts",
-                               build_metadata("prompts", {"step": step, "draw": draw, "rows": rows}))
-            used |= set(read_metadata(prompts)["config"]["rows"])
-            if not rollouts.exists():
+        draws = Draws(self.run, step, self.settings, train_table, Path(configs["rollout"].out))  # rank 0's books
+
+        def verify_draw(rollouts: str, out: str, seed: int | None) -> None:
+            self._add_time("verify", timings, verify.run, replace(configs["verify"], rollouts=rollouts, out=out,
+                                                                  **({} if seed is None else {"seed": seed})))
+
+        draw = 0
+        while (files := self.ranks.from_main(lambda: draws.plan(draw))) is not None:
+            if not files["sampled"]:
                 with self.resources.phase("rollout", timings):
-                    self._add_time("rollout", timings, rollout.run, replace(
-                        configs["rollout"], prompts=str(prompts), out=str(rollouts), seed=seeds["rollout"]),
-                        loaded=self.resources.sampler(model, timings))
-            if not verified.exists():
-                self._add_time("verify", timings, verify.run, replace(
-                    configs["verify"], rollouts=str(rollouts), out=str(verified),
-                    **({"seed": seeds["verify"]} if seeds else {})))
-            tables.append(read_artifact(verified, "verified")[0])
-            if not dynamic.needs_more(tables, per_step, settings.max_draws):
+                    self._add_time("rollout", timings, self.rollout, replace(
+                        configs["rollout"], prompts=files["prompts"], out=files["rollouts"],
+                        seed=draws.seed(draw, "rollout")), model, timings)
+            if not self.ranks.from_main(lambda: draws.verified(draw, verify_draw)):
                 break
             draw += 1
-        table, record = dynamic.select(tables, per_step)
-        metadata = read_artifact(draw_dir(self.run, step, 0) / "verified.parquet", "verified")[1]
-        write_artifact(table, self.run.step_paths(step)["verified"], "verified", {**metadata, "dynamic_sampling": record})
-        log.info("step %d dynamic sampling: %d draw(s), %d of %d groups mixed, %d kept", step, record["draws"],
-                 record["groups_mixed"], record["groups_drawn"], record["groups_kept"])
+        self.ranks.from_main(draws.write)
 
     def evaluate(self, model, prompts: Path, out_prefix: Path, timings: dict) -> dict:
         """The held-out evaluation of `model`, sampled by the loop's own engine (vLLM: the same engine as the rollouts,
-        no second engine and no HF copy; HF: the step's policy) unless its files exist already."""
+        no second engine and no HF copy; HF: the step's policy) unless its files exist already. With N ranks every
+        rank samples its share (`stages.runs.ranks.SharedEngine`); rank 0 verifies, writes and returns the numbers,
+        the others return {}."""
         from stages import eval as eval_stage
 
         def evaluate():
-            stored = eval_stage.stored_summary(str(out_prefix), self.settings.eval_suite)
+            stored = self.ranks.from_main(lambda: eval_stage.stored_summary(str(out_prefix), self.settings.eval_suite))
             if stored is not None:  # a resumed run: no engine to wake for it
                 return stored
-            return eval_stage.evaluate_for_loop(
-                model=str(model), prompts=str(prompts), out_prefix=str(out_prefix), n=self.settings.eval_n,
-                temperature=self.settings.eval_temperature, max_new_tokens=self.settings.eval_max_new_tokens,
-                seed=stage_seed(self.settings.seed, 0, "eval"), rollout_knobs=self.config.run.stages["rollout"],
-                verify_knobs=self.config.run.stages["verify"], loaded=self.resources.sampler(str(model), timings),
-                suite=self.settings.eval_suite)
+            return sample_shared(self.ranks, self.resources.sampler(str(model), timings), lambda loaded: (
+                eval_stage.evaluate_for_loop(
+                    model=str(model), prompts=str(prompts), out_prefix=str(out_prefix), n=self.settings.eval_n,
+                    temperature=self.settings.eval_temperature, max_new_tokens=self.settings.eval_max_new_tokens,
+                    seed=stage_seed(self.settings.seed, 0, "eval"), rollout_knobs=self.config.run.stages["rollout"],
+                    verify_knobs=self.config.run.stages["verify"], loaded=loaded, suite=self.settings.eval_suite)),
+                share_prefix=self.config.run.stages["rollout"].get("share_prefix", True))
 
         result = self._timed("eval", timings, evaluate)
         return {keys.evaluation(k): v for k, v in result.items()}
@@ -226,104 +264,110 @@ class StepRunner:
 
             row.update(step_metrics(drawn))
         for name, key in (("rollouts", keys.ROLLOUT_TOK_S), ("scored", keys.SCORE_TOK_S)):
-            tokens_per_s = read_metadata(paths[name]).get("tokens_per_s")
+            tokens_per_s = throughput(read_metadata(paths[name]))
             if tokens_per_s is not None:
                 row[key] = tokens_per_s
         row.update(timings)
         return row
 
 
-def validate_settings(config: run_config.RunConfig) -> str:
+def _merger(order):
+    """merge(parts, out) for `Ranks.sharded`: `antisd merge` of the parts, rows in `order()` (the unsharded stage's)."""
+    from stages import merge
+
+    return lambda parts, out: merge.run(merge.MergeConfig(parts=str(parts), out=str(out)), order=order())
+
+
+def validate_settings(config: run_config.RunConfig, env: distributed.DistEnv = distributed.DistEnv(),
+                      record_only: bool = False, out: str | None = None) -> str:
     """The rollout engine the loop uses (vllm or hf, `auto` resolved); InputError when vllm is asked but missing, or
-    wandb for `loop.wandb`, or when the loop was launched as one rank of several."""
+    wandb for `loop.wandb`, or what a launch of several ranks cannot run (stages.runs.ranks.check_launch)."""
     from stages.lm.engine import resolve_engine
+    from stages.runs.ranks import check_launch
 
-    refused = world_size_refusal()
-    if refused:
-        raise InputError(refused)
     check_wandb(config.loop.wandb)
-    return resolve_engine(config.stages["rollout"].get("engine", "auto"))
-
-
-def check_memory(config: LoopConfig, engine: str, card: Card, prompt_rows: list[dict]) -> None:
-    """Refuse, before any work, a run whose update or sampling cannot fit the card (stages.runs.memory), with the
-    figure and the ways out; nothing to check on CPU (no card size)."""
-    from stages.runs.memory import refusal
-
-    if card.total() is None or config.record_only:
-        return
-    plan = loop_plan(config, card, engine == "vllm", prompt_rows)
-    refused = refusal(plan, f"loop.model {config.run.loop.model} on {card.device}")
-    if refused:
-        raise InputError(refused)
-    log.info("memory plan of %s (%.1f GiB): update %.1f GiB (%s); sampling %.1f GiB (vLLM share %.2f)", card.device,
-             plan.total_bytes / 2**30, plan.train.total / 2**30, plan.train.describe(), plan.sample_bytes / 2**30,
-             plan.vllm_utilization)
-
-
-def prompt_rows(config: LoopConfig) -> list[dict]:
-    """The run's training prompts and, when it evaluates, its held-out ones (stored, else built in memory): what the
-    memory plan and vLLM's context length are computed from."""
-    from stages.lm.sampling import PROMPT_COLUMNS
-    from stages.runs.plan import eval_prompts, run_prompts
-
-    settings, root = config.run.loop, Path(config.out)
-    tables = [run_prompts(settings.train, root / "train_prompts.parquet")]
-    if settings.eval_every > 0:
-        tables.append(eval_prompts(settings, root / "eval_prompts.parquet"))
-    return [row for table in tables for row in table.select(PROMPT_COLUMNS).to_pylist()]
+    engine = resolve_engine(config.stages["rollout"].get("engine", "auto"))
+    check_launch(config, env, engine, record_only, out)
+    return engine
 
 
 def run(config: LoopConfig, view=None, card: Card | None = None, vllm_opener=None) -> Path:
-    """Run (or resume) the loop described by `config`; returns the run directory. `card` and `vllm_opener` replace
-    the device's memory and the vLLM factory (the CPU tests' fakes)."""
-    from stages.common.process import pick_device
-    from stages.runs.view import LoopView
+    """Run (or resume) the loop described by `config`, as this process alone or as one of the ranks its launcher
+    started; returns the run directory. `card` and `vllm_opener` replace the device's memory and the vLLM factory
+    (the CPU tests' fakes)."""
+    from stages.runs.ranks import open_ranks
 
     config = with_run_variant(config)  # update.variant spelled out: a run made before variants existed stays paper
-    engine = validate_settings(config.run)
+    env = distributed.env_from(os.environ)
+    engine = validate_settings(config.run, env, config.record_only, config.out)
+    ranks = open_ranks(config.run, env, engine)
+    try:
+        return _run_ranks(config, ranks, engine, view, card, vllm_opener)
+    finally:
+        ranks.close()
+
+
+def _run_ranks(config: LoopConfig, ranks: Ranks, engine: str, view, card: Card | None, vllm_opener) -> Path:
+    """The run as this process's rank: rank 0 opens the run directory under its lock, every rank runs the steps."""
+    from stages.common.process import pick_device
+    from stages.runs.ranks import reopened_run
+    from stages.runs.view import LoopView
+
     settings = config.run.loop
     card = card or Card.for_device(pick_device(config.run.stages["score"].get("device", "auto")))
     rows = prompt_rows(config) if engine == "vllm" or card.total() is not None else []
-    check_memory(config, engine, card, rows)
-    with opened_run(config) as (run_dir, manifest, train_table, eval_path):
+    check_memory(config, engine, card, rows, ranks)
+    with ranks.main_holds(lambda: opened_run(config)) as opened:
+        run_dir, manifest, train_table, eval_path = opened or reopened_run(config)
+        if not ranks.is_main:
+            view = LoopView(settings.steps, stream=open(os.devnull, "w"))  # rank 0 shows the run
         view = view or LoopView(settings.steps)
-        resources = Resources(config, run_dir, engine, card=card, vllm_opener=vllm_opener, prompt_rows=rows)
-        runner = StepRunner(config, run_dir, view, engine, resources)
+        resources = Resources(config, run_dir, engine, card=card, vllm_opener=vllm_opener, prompt_rows=rows,
+                              ranks=ranks)
+        runner = StepRunner(config, run_dir, view, engine, resources, ranks=ranks)
         trackers = Trackers(run_dir.root, config.run.to_dict(), config.run.digest(), tensorboard=settings.tensorboard,
-                            wandb_project=settings.wandb, wandb_mode=settings.wandb_mode)
+                            wandb_project=settings.wandb, wandb_mode=settings.wandb_mode) if ranks.is_main else None
         try:
             _run_steps(config, run_dir, manifest, runner, view, trackers, train_table, eval_path)
         finally:
             runner.close()
-            trackers.close()
-        run_dir.rebuild_metrics(settings.steps)
+            if trackers is not None:
+                trackers.close()
+        if ranks.is_main:
+            run_dir.rebuild_metrics(settings.steps)
     return run_dir.root
 
 
-def _run_steps(config: LoopConfig, run_dir: Run, manifest: dict, runner: StepRunner, view, trackers,
+def _run_steps(config: LoopConfig, run_dir: Run, manifest: dict | None, runner: StepRunner, view, trackers,
                train_table: pa.Table, eval_path: Path | None) -> None:
-    settings = config.run.loop
+    """The steps still to run, each decided by rank 0 (finished, stop: record-only, or run) and run by every rank;
+    rank 0 records each finished step (metrics, manifest, trackers, pruning)."""
+    settings, ranks = config.run.loop, runner.ranks
     with view:
         base_record = run_dir.root / f"{BASE_EVAL_NAME}.json"
-        if eval_path is not None and not base_record.exists():
+        if eval_path is not None and not ranks.from_main(base_record.exists):
             base = runner.evaluate(settings.model, eval_path, run_dir.root / BASE_EVAL_NAME, {})
-            atomic_write_json(base_record, base)
-        view.baseline(json.loads(base_record.read_text()) if eval_path else {})
+            if ranks.is_main:
+                atomic_write_json(base_record, base)
+        if ranks.is_main:
+            view.baseline(json.loads(base_record.read_text()) if eval_path else {})
         for step in range(settings.steps):
             metrics_path = run_dir.step_dir(step) / "metrics.json"
-            if metrics_path.exists():
-                view.row(json.loads(metrics_path.read_text()))
+            state = ranks.from_main(lambda: step_state(run_dir, step, config.record_only))
+            if state == "finished":
+                if ranks.is_main:
+                    view.row(json.loads(metrics_path.read_text()))
                 continue
-            if config.record_only and not (run_dir.checkpoint(step) / "config.json").exists():
+            if state == "stop":
                 break  # `--record-only` (the Slurm record job): this step's stages are not done yet
             view.begin(step)
             row = runner.step(step, train_table, eval_path)
-            atomic_write_json(metrics_path, row)
-            manifest["finished"] = sorted(set(manifest["finished"]) | {step})
-            manifest["latest_checkpoint"] = str(run_dir.checkpoint(step))
-            run_dir.write_manifest(manifest)
-            run_dir.rebuild_metrics(settings.steps)
-            trackers.log(row)
-            run_dir.prune_checkpoints(step, settings.keep_checkpoints)
-            view.row(row)
+            if ranks.is_main:
+                atomic_write_json(metrics_path, row)
+                manifest["finished"] = sorted(set(manifest["finished"]) | {step})
+                manifest["latest_checkpoint"] = str(run_dir.checkpoint(step))
+                run_dir.write_manifest(manifest)
+                run_dir.rebuild_metrics(settings.steps)
+                trackers.log(row)
+                run_dir.prune_checkpoints(step, settings.keep_checkpoints)
+                view.row(row)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import schemas
 from stages.common.errors import InputError
@@ -59,8 +60,11 @@ def merged_metadata(directory: Path, parts_metadata: list[dict], table=None) -> 
     return shared
 
 
-def run(config: MergeConfig) -> Path:
-    """Check the parts of `config.parts` and write them as one file to `config.out`; returns the output path."""
+def run(config: MergeConfig, order: Sequence[tuple[str, int]] | None = None) -> Path:
+    """Check the parts of `config.parts` and write them as one file to `config.out`; returns the output path.
+
+    `order` ((prompt_id, sample_idx) keys, the loop's): the rows in that order, as the unsharded stage writes them,
+    instead of part order; it must name every row of the parts and no other (ValueError otherwise)."""
     directory = Path(config.parts)
     out = check_output(config.out, config.overwrite)
     with output_lock(out):
@@ -73,6 +77,18 @@ def run(config: MergeConfig) -> Path:
             raise schemas.SchemaError(f"{parts[0]}: unknown artifact {artifact!r} in its metadata "
                                       f"(expected one of {', '.join(schemas.SCHEMAS)})")
         table, _ = read_artifact(directory, artifact)
+        if order is not None:
+            table = table.take(rows_in_order(table, order))
         write_artifact(table, out, artifact, merged_metadata(directory, parts_metadata, table))
         log.info("merged %d parts of %s (%d rows) into %s", len(parts), artifact, table.num_rows, out)
         return out
+
+
+def rows_in_order(table, order: Sequence[tuple[str, int]]) -> list[int]:
+    """Positions of `table`'s rows so that their (prompt_id, sample_idx) follow `order`, which must hold each row's
+    key once and no other key."""
+    keys = list(zip(table.column("prompt_id").to_pylist(), table.column("sample_idx").to_pylist()))
+    position = {key: index for index, key in enumerate(keys)}
+    if len(position) != len(keys) or set(order) != set(position) or len(order) != len(keys):
+        raise ValueError(f"merge: the parts hold {len(keys)} rows, the order names {len(order)}, not the same keys")
+    return [position[key] for key in order]

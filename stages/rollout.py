@@ -23,6 +23,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Collection
 
 from stages.common.io import build_metadata, check_output, output_lock, read_artifact, write_artifact
 from stages.common.parts import Shard, output_path
@@ -33,11 +34,13 @@ from stages.lm.sampling import RolloutConfig, open_engine, sample, select_prompt
 log = logging.getLogger(__name__)
 
 
-def run(config: RolloutConfig, loaded=None) -> Path:
+def run(config: RolloutConfig, loaded=None, share: Collection[str] | None = None) -> Path:
     """Validate, read prompts, sample, write the rollouts Parquet; return its path (a part file with --shard).
 
     `loaded` (optional) is a LoadedModel for the HF engine, or an open engine (e.g. the loop's VLLMEngine), which
-    is then used as is (config.model, engine, dtype and device are ignored) and left open.
+    is then used as is (config.model, engine, dtype and device are ignored) and left open. `share` (a loop rank's,
+    stages.runs.ranks): the prompt ids this process samples, in place of the shard's round-robin choice (the shard
+    still names the part file).
     """
     from stages.common.process import set_threads
     from stages.lm.models import resolve_model
@@ -47,7 +50,9 @@ def run(config: RolloutConfig, loaded=None) -> Path:
     if shard.is_whole:
         check_output(config.out, config.overwrite)
     table, _ = read_artifact(config.prompts, "prompts")
-    rows = select_prompts(table, config.prompts, config.max_prompts, shard)
+    rows = select_prompts(table, config.prompts, config.max_prompts, shard if share is None else Shard())
+    if share is not None:
+        rows = [row for row in rows if row["prompt_id"] in share]
     engine_given = loaded is not None and is_engine(loaded)
     if engine_given:
         engine_name, model_path = loaded.name, loaded.model_path

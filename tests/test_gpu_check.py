@@ -1,6 +1,6 @@
 """scripts/gpu_check.sh --cpu-smoke: the GPU check's flow at toy size on CPU (a Qwen3-shaped random model, a resident
-run killed at step 1's checkpoint and resumed, a run without the resident trainer, evaluation every step), and the
-tokenizer it carries to the GPU machine."""
+run killed at step 1's checkpoint and resumed, a run without the resident trainer, a run as 1 rank under torchrun,
+evaluation every step), and the tokenizer it carries to the GPU machine."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ def test_cpu_smoke_runs_the_gpu_checks_flow(tmp_path):
                              "--python", sys.executable], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "gpu_check.sh: passed" in result.stdout and "killed at step 1's checkpoint: exit -9" in result.stdout
-    for run in ("run_resident", "run_not_resident"):
+    for run, steps in (("run_resident", 2), ("run_not_resident", 2), ("run_torchrun", 1)):
         rows = (tmp_path / "out" / run / "metrics.jsonl").read_text().splitlines()
-        assert len(rows) == 2 and all('"memory/peak_gib/update"' in row and '"eval/accuracy"' in row for row in rows)
+        assert len(rows) == steps and all('"memory/peak_gib/update"' in row and '"eval/accuracy"' in row
+                                          for row in rows)
+    assert "run C (torchrun --nproc-per-node 1): exit 0" in result.stdout
 
 
 def test_the_carried_tokenizer_decodes_every_id_of_qwen3s_vocabulary(tmp_path, embedded_model_dir):

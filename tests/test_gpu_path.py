@@ -42,13 +42,20 @@ def test_zero3_slurm_updates_on_several_gpus_are_refused_at_render_time(tmp_path
     assert not (tmp_path / "run").exists()
 
 
-def test_loop_under_a_launcher_of_several_ranks_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29500")
-    result = CliRunner().invoke(cli, ["loop", "-o", str(tmp_path / "run")])
-    assert result.exit_code == 2 and "launched as rank 1 of 2" in result.stderr and "--launcher slurm" in result.stderr
+@pytest.mark.parametrize("setting, refusal", [
+    (["--set", "update.zero_stage=3"], "ZeRO-3 on 2 ranks: the ranks' forwards make different numbers of module calls"),
+    (["--record-only"], "--record-only: one process"),
+    (["--set", "rollout.engine=hf", "--set", "rollout.tensor_parallel_size=2"],
+     "rollout.tensor_parallel_size 2: vLLM's, but the rollouts use the hf engine"),
+])
+def test_what_several_ranks_cannot_run_is_refused_before_any_work(tmp_path, monkeypatch, setting, refusal):
+    """Issue 25 lifts the one-process refusal; what stays refused is said in one line before the process group or
+    the run directory exists (ZeRO-3: every rank would have to make the same module calls, issue 22's item 4)."""
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)  # port 1: a rendezvous attempted by mistake fails at once
+    result = CliRunner().invoke(cli, ["loop", "-o", str(tmp_path / "run"), *setting])
+    assert result.exit_code == 2, result.output
+    assert refusal in result.stderr and "\n" not in result.stderr.strip()
     assert not (tmp_path / "run").exists()
 
 

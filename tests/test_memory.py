@@ -113,5 +113,5 @@ def test_loop_refuses_full_4b_training_on_one_gpu_before_any_work(tmp_path, tiny
     assert result.exit_code == 2, result.output
     message = result.stderr.strip()
     assert "the update needs 84." in message and "GiB per GPU" in message and "of one 80.0 GiB GPU" in message
-    assert "update.lora_rank=64 → 19." in message and "8 GPUs with --launcher slurm" in message
+    assert "update.lora_rank=64 → 19." in message and "8 GPUs: torchrun --nproc-per-node 8" in message
     assert "\n" not in message and not (tmp_path / "run").exists()

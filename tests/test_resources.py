@@ -301,3 +301,39 @@ def test_a_run_that_cannot_fit_is_refused_before_any_work(tmp_path, tiny_model_d
     with pytest.raises(InputError, match=r"the update needs .* GiB per GPU .*ways out: update.lora_rank=64"):
         loop.run(config, card=FakeCard(64 * 2**20))
     assert not (tmp_path / "run").exists()
+
+
+def test_each_rank_opens_its_engine_through_vllms_external_launcher_in_tensor_parallel_groups(memory_vllm, tmp_path,
+                                                                                               tiny_model_dir):
+    """A loop of N ranks: every rank opens its engine in process with `distributed_executor_backend=external_launcher`
+    (the engines join the ranks' process group, as TRL colocates them), rollout.tensor_parallel_size GPUs each, the
+    same seed on every rank (a tensor-parallel group must sample alike; the samples' seeds are per prompt); ranks
+    2k and 2k+1 share engine k, whose first rank writes its part. One process: vLLM's own executor."""
+    from stages.runs import config as run_config
+    from stages.runs import memory
+    from stages.runs.config import LoopConfig
+    from stages.runs.ranks import Ranks
+    from stages.runs.resources import _default_opener, loop_plan
+    from stages.training.distributed import DistEnv
+
+    MemoryLLM.card = card_for(tiny_model_dir)
+    raw = {"loop": {"model": str(tiny_model_dir), "seed": 5, "eval_every": 0},
+           "rollout": {"engine": "vllm", "tensor_parallel_size": 2, "max_new_tokens": 4}}
+    config = LoopConfig(out=str(tmp_path / "run"), run=run_config.resolve(raw))
+    ranks = [Ranks(DistEnv(rank, 4, rank), tensor_parallel=2) for rank in range(4)]
+    assert [(r.sampler, r.samplers, r.writes_samples) for r in ranks] == [(0, 2, True), (0, 2, False), (1, 2, True),
+                                                                          (1, 2, False)]
+    _default_opener(config, [], ranks[3])(tiny_model_dir, 0.4, False)
+    MemoryLLM.card = card_for(tiny_model_dir)  # a card of its own for the one-process engine
+    _default_opener(config, [], Ranks())(tiny_model_dir, 0.4, False)
+    launched, alone = (llm.kwargs for llm in MemoryLLM.instances)
+    assert launched["distributed_executor_backend"] == "external_launcher" and launched["tensor_parallel_size"] == 2
+    assert launched["seed"] == alone["seed"] == 5 and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "distributed_executor_backend" not in alone
+    # the memory plan of one rank: the trainer's ZeRO-2 shard of 4 ranks, vLLM's weights and KV cache over 2 GPUs
+    card = FakeCard(80 * GIB)
+    plans = {count: loop_plan(config, card, True, [], Ranks(DistEnv(0, count, 0), tensor_parallel=parallel))
+             for count, parallel in ((1, 1), (4, 2))}
+    assert plans[4].train.parts["Adam m, v"] * 4 == plans[1].train.parts["Adam m, v"]
+    shape = memory.ModelShape.from_folder(tiny_model_dir)
+    assert plans[4].vllm_min == memory.vllm_min_bytes(shape, 4, 0, tensor_parallel=2) < plans[1].vllm_min

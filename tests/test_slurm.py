@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from antisd_cli.main import cli
@@ -64,19 +65,25 @@ elif tool == "squeue":  # the job ids FAKE_SQUEUE lists, one per line
     print("\n".join(filter(None, os.environ.get("FAKE_SQUEUE", "").split(","))))
 elif tool == "scontrol":
     print("node7\nnode8")
-elif tool == "srun":  # one task with --ntasks=1, else 2 nodes x 2 tasks, with the variables srun sets
+elif tool == "srun":  # one task with --ntasks=1, else SLURM_NTASKS (default 2 nodes x 2 tasks), as srun sets them
     opts, command = options(args)
-    tasks = 1 if "--ntasks=1" in opts else 4
+    tasks = 1 if "--ntasks=1" in opts else int(os.environ.get("SLURM_NTASKS", "4"))
     for p in range(tasks):
         env = {**os.environ, "SLURM_PROCID": str(p), "SLURM_NTASKS": str(tasks), "SLURM_LOCALID": str(p % 2)}
         if subprocess.run(command, env=env).returncode:
             sys.exit(1)
-elif tool == "torchrun":  # torchrun [opts] -m antisd_cli ARGS: the variables torchrun sets, per rank
-    module = args.index("-m")
-    procs = int(next(a.split("=")[1] for a in args[:module] if a.startswith("--nproc-per-node=")))
-    for rank in range(procs):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(procs), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+elif tool == "torchrun":  # torchrun [opts] -m antisd_cli ARGS: the variables torchrun sets, per rank of this node
+    module, flags, i = args.index("-m"), {}, 0
+    while i < module:  # --x=y, --x y, or a bare --x
+        key, value = (args[i].split("=", 1) + [None])[:2]
+        if value is None and i + 1 < module and not args[i + 1].startswith("--"):
+            value, i = args[i + 1], i + 1
+        flags[key], i = value, i + 1
+    procs, nodes = int(flags["--nproc-per-node"]), int(flags.get("--nnodes") or 1)
+    node = int(os.environ.get("SLURM_PROCID", "0")) if nodes > 1 else 0
+    for local in range(procs):
+        env = {**os.environ, "RANK": str(node * procs + local), "WORLD_SIZE": str(nodes * procs),
+               "LOCAL_RANK": str(local), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
         if subprocess.run(["antisd"] + args[module + 2:], env=env).returncode:
             sys.exit(1)
 elif tool == "antisd" and "--out" in args and args[0] != "loop":  # leave the output the stage would write
@@ -350,46 +357,82 @@ def test_gpu_check_script_passes_bash_n():
 
 # --- examples/slurm ------------------------------------------------------------------------------------------------
 
-EXAMPLES = ["single_node_8gpu.sbatch", "multi_node.sbatch"]
+EXAMPLES = {"single_node_8gpu.sbatch": (1, 2), "multi_node.sbatch": (2, 2)}  # (nodes, GPUs per node) of the test
+
+
+def _loop_ranks(log: Path) -> list[tuple[str, str, list[str]]]:
+    """(RANK, WORLD_SIZE, antisd argv) of every `antisd` a launch started."""
+    return [(e["env"]["RANK"], e["env"]["WORLD_SIZE"], e["argv"][1:]) for e in read_log(log) if e["tool"] == "antisd"]
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
-def test_example_runs_every_stage_as_valid_commands_and_resumes(tmp_path, fake_slurm, monkeypatch, name):
+def test_example_starts_one_resident_rank_per_gpu_of_the_same_loop(tmp_path, fake_slurm, monkeypatch, name):
+    """The examples hold one allocation for the whole run: torchrun on the node (srun + one torchrun per node with a
+    c10d rendezvous on the first node across nodes) starts every rank of one `antisd loop` command."""
     bin_dir, log = fake_slurm
+    nodes, gpus = EXAMPLES[name]
     script = REPO / "examples" / "slurm" / name
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MODEL": str(tmp_path / "model"),
-           "DATASET": "arith", "RUN": str(tmp_path / "run"), "STEPS": "2", "GPUS": "2", "SHARDS": "2",
-           "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node[7-8]", "SLURM_CPUS_PER_TASK": "4"}
-    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CONFIG": str(_config_file(tmp_path)),
+           "RUN": str(tmp_path / "run"), "GPUS": str(gpus), "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node[7-8]",
+           "SLURM_CPUS_PER_TASK": "4", "SLURM_NNODES": str(nodes), "SLURM_NTASKS": str(nodes)}
+    result = subprocess.run(["bash", str(script), "--set", "loop.steps=3"], env=env, capture_output=True, text=True,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    calls = [entry for entry in read_log(log) if entry["tool"] == "antisd"]
-    stages = [(e["argv"][1], e["argv"][e["argv"].index("--shard") + 1] if "--shard" in e["argv"] else None)
-              for e in calls]
-    per_step = [("data", None), ("rollout", "0/2"), ("rollout", "1/2"), ("verify", None), ("score", "0/2"),
-                ("score", "1/2")] + [("update", None)] * (4 if name == "multi_node.sbatch" else 2)
-    assert sorted(stages) == sorted(per_step * 2)  # shards run in parallel: any order within a stage
-    order = [name for i, (name, _) in enumerate(stages) if i == 0 or stages[i - 1][0] != name]
-    assert order == ["data", "rollout", "verify", "score", "update"] * 2
-    updates = [e["env"] for e in calls if e["argv"][1] == "update"][: len(per_step) - 6]
-    assert [u["RANK"] for u in updates] == [str(r) for r in range(len(updates))]
-    assert {u["WORLD_SIZE"] for u in updates} == {str(len(updates))}
-    if name == "single_node_8gpu.sbatch":  # one GPU per shard
-        assert {(e["env"]["CUDA_VISIBLE_DEVICES"], e["argv"][e["argv"].index("--shard") + 1])
-                for e in calls if e["argv"][1] == "rollout"} == {("0", "0/2"), ("1", "1/2")}
+    ranks = _loop_ranks(log)
+    command = ["loop", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run"), "--set", "loop.steps=3"]
+    assert sorted(int(rank) for rank, _, _ in ranks) == list(range(nodes * gpus))
+    assert all(world == str(nodes * gpus) and argv == command for _, world, argv in ranks)
+    _parse_with_cli(command, monkeypatch)
+    launches = [e["argv"] for e in read_log(log) if e["tool"] == "torchrun"]
+    assert len(launches) == nodes  # one torchrun per node
+    if nodes > 1:
+        assert {" ".join(argv) for argv in launches} == {
+            f"torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint node7:20077 --rdzv-id 77 -m "
+            f"antisd_cli {' '.join(command)}"}
     else:
-        assert {(u["MASTER_ADDR"], u["MASTER_PORT"]) for u in updates} == {("node7", "20077")}
-    step1_rollout = next(e["argv"] for e in calls if e["argv"][1] == "rollout" and "step_0001" in e["argv"][3])
-    assert step1_rollout[step1_rollout.index("--model") + 1] == str(tmp_path / "run" / "step_0000" / "checkpoint")
-    for entry in calls:
-        argv = entry["argv"][1:]
-        if argv[0] == "data":
-            continue  # `data prepare` is a group; checked below through its own module
-        _parse_with_cli(argv, monkeypatch)
-    log.unlink()
-    again = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert [e for e in read_log(log) if e["tool"] == "antisd"] == []  # everything done: nothing reruns
+        assert launches[0][:4] == ["torchrun", "--standalone", "--nproc-per-node", "2"]
+
+
+def test_the_rendered_resident_job_is_the_example_for_the_run(tmp_path, fake_slurm, monkeypatch):
+    """`--launcher slurm --resident --dry-run` writes RUN/slurm/resident.sbatch: a path with spaces and shell syntax
+    stays one quoted word, and the job starts every rank of `antisd loop` on the run's own config.yaml."""
+    bin_dir, log = fake_slurm
+    hostile = tmp_path / "my runs $(touch PWN1); `touch PWN2`"
+    result = CliRunner().invoke(cli, ["loop", "-c", str(_config_file(tmp_path)), "-o", str(hostile), "--launcher",
+                                      "slurm", "--resident", "--nodes", "2", "--gpus-per-node", "2", "--dry-run",
+                                      "--cpus-per-task", "3", "--partition", "gpu"])
+    assert result.exit_code == 0, result.output
+    script = hostile / "slurm" / "resident.sbatch"
+    text = script.read_text()
+    assert text in result.output and subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    for directive in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=2", "--cpus-per-task=6", "--partition=gpu"):
+        assert f"#SBATCH {directive}\n" in text
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_NTASKS": "2",
+           "SLURM_JOB_NODELIST": "node[7-8]"}
+    assert subprocess.run(["bash", str(script)], env=env, cwd=tmp_path).returncode == 0
+    command = ["loop", "--config", str(hostile / "config.yaml"), "--out", str(hostile)]
+    assert sorted(_loop_ranks(log)) == [(str(rank), "4", command) for rank in range(4)]
+    assert not list(tmp_path.rglob("PWN*")) and not list(Path.cwd().glob("PWN*"))
+    assert not (hostile / "slurm" / "jobs.json").exists()  # a dry run submits nothing
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "update.zero_stage=3"], "ZeRO-3 on 16 ranks"),
+    (["--shards", "4"], "--shards: only without --resident"),
+    (["--partition", "gpu\ntouch PWN"], "--partition"),
+])
+def test_a_resident_job_the_ranks_would_refuse_is_refused_before_anything_is_written(tmp_path, args, message):
+    result = CliRunner().invoke(cli, ["loop", "-c", str(_config_file(tmp_path)), "-o", str(tmp_path / "run"),
+                                      "--launcher", "slurm", "--resident", "--nodes", "2", "--dry-run", *args])
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not (tmp_path / "run").exists()
+
+
+def _config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(loop_config(tmp_path / "unused").run.to_dict()))
+    return path
 
 
 @pytest.mark.parametrize("settings, message", [({"shards": 0}, "--shards: must be >= 1"),

@@ -12,7 +12,7 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from stages.common.errors import InputError
 
@@ -57,6 +57,16 @@ def sample_seed(seed: int, prompt_id: str, sample_idx: int) -> int:
 def prompt_seed(seed: int, prompt_id: str) -> int:
     """The request seed of one prompt's n samples (vLLM derives its n children from it)."""
     return _digest_seed("prompt", seed, prompt_id) & 0x7FFFFFFF
+
+
+def prompt_batches(lengths: Sequence[int], n: int, batch_rows: int) -> list[list[int]]:
+    """Prompt positions, longest prompt first (ties by position), cut into batches of whole groups: max(1,
+    batch_rows // n) prompts of n samples each. The HF engine samples batch by batch, and the ranks of a loop deal
+    these batches (stages.runs.ranks), so a rank computes exactly the batches of the unsharded run: the prompts of
+    any set of whole batches, sorted and cut again, give those batches back (all but the last batch are full)."""
+    order = sorted(range(len(lengths)), key=lambda p: (-lengths[p], p))
+    per_batch = max(1, batch_rows // n)
+    return [order[begin:begin + per_batch] for begin in range(0, len(order), per_batch)]
 
 
 def vllm_available() -> bool:

@@ -2,11 +2,12 @@
 leave the batch when they stop.
 
 How it samples: prompts × n samples are laid out as rows, sorted by prompt length (longest first) and cut into
-batches of `batch_size` rows, left-padded, prefilled (each distinct prompt once, its cache repeated over its rows),
-then decoded one token per step under `torch.inference_mode` by our own loop over the model's forward (not
-`model.generate`). At each step the logits go through temperature and top-p (`processed_scores`), each row draws its
-token with its own seeded generator (`sample_tokens`) and records its log-probability under the processed
-distribution. This is why:
+batches of whole groups (`batch_size` // n prompts: `stages.lm.engine.prompt_batches`, which the ranks of a loop
+deal out, so N ranks compute the batches of one), left-padded, prefilled (each distinct prompt once, its cache
+repeated over its rows), then decoded one token per step under `torch.inference_mode` by our own loop over the
+model's forward (not `model.generate`). At each step the logits go through temperature and top-p
+(`processed_scores`), each row draws its token with its own seeded generator (`sample_tokens`) and records its
+log-probability under the processed distribution. This is why:
 - a row that emits EOS leaves the batch and the KV cache at once, so a batch costs the tokens it samples, not
   rows × the longest response (with `generate`, one long sample kept all 64 rows decoding to max_new_tokens);
 - owning the processing avoids `generation_config` defaults such as top_k=50 and transformers' own warpers;
@@ -27,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from stages.lm.compat import cache_kwargs, output_cache
-from stages.lm.engine import Completion, Engine, SamplingSettings, sample_seed
+from stages.lm.engine import Completion, Engine, SamplingSettings, prompt_batches, sample_seed
 
 
 def processed_scores(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -92,10 +93,11 @@ def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill_(attention_mask == 0, 1)
 
 
-def row_order(prompt_ids: list[list[int]], n: int) -> list[tuple[int, int]]:
-    """(prompt index, sample index) rows, longest prompt first; a prompt's samples stay adjacent."""
-    order = sorted(range(len(prompt_ids)), key=lambda p: -len(prompt_ids[p]))
-    return [(p, j) for p in order for j in range(n)]
+def row_batches(prompt_ids: list[list[int]], n: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    """(prompt index, sample index) rows in batches of whole groups (`stages.lm.engine.prompt_batches`: longest prompt
+    first, max(1, batch_size // n) prompts each); a prompt's samples stay adjacent and in one batch."""
+    return [[(p, j) for p in batch for j in range(n)]
+            for batch in prompt_batches([len(ids) for ids in prompt_ids], n, batch_size)]
 
 
 class HFEngine(Engine):
@@ -197,11 +199,8 @@ class HFEngine(Engine):
         on_progress: Callable[[list[int], int], None] | None = None,
     ) -> list[list[Completion]]:
         """n completions per prompt, in sample order; `on_progress(prompt indices of finished rows, tokens)`."""
-        batch_size = batch_size or self.default_batch_size
-        rows = row_order(prompt_ids, settings.n)
         results: list[list[Completion | None]] = [[None] * settings.n for _ in prompt_ids]
-        for begin in range(0, len(rows), batch_size):
-            batch = rows[begin: begin + batch_size]
+        for batch in row_batches(prompt_ids, settings.n, batch_size or self.default_batch_size):
             seeds = None
             if settings.temperature > 0:
                 seeds = [sample_seed(settings.seed, prompt_keys[p], j) for p, j in batch]

@@ -45,12 +45,15 @@ class RolloutConfig:
     shard: str | None = None  # "I/N": this process's share of the prompts
     dtype: str = "auto"  # auto = float32 on CPU (faster there and matches the trainer), bfloat16 on GPU
     threads: int = 0  # torch CPU threads (0 = OMP_NUM_THREADS if set, else the cores this process may use)
-    batch_size: int = 0  # rows (prompts × samples) per engine call; 0 = engine default (hf 64, vllm 1024)
+    batch_size: int = 0  # rows (prompts × samples, whole groups) per engine call; 0 = default (hf 64, vllm 1024)
     device: str = "auto"  # HF engine device: auto (cuda if available) | cpu | cuda
     attn_implementation: str = "auto"  # HF: auto (transformers' default, sdpa) | sdpa | eager | flash_attention_2
     # vLLM on GPU: the share of the card it takes (weights + KV cache); None: vLLM's 0.9 when alone, in `loop` what the
     # memory plan leaves beside the resident trainer (stages.runs.memory)
     gpu_memory_utilization: float | None = None
+    # vLLM: GPUs one engine spans (tensor parallel); in a loop of N ranks, each group of this many consecutive ranks
+    # shares one engine (N a multiple of it)
+    tensor_parallel_size: int = 1
     # HF engine: a group's prompt is prefilled once per batch and its cache repeated (vLLM caches prefixes itself)
     share_prefix: bool = True
     system_prompt: str | None = None  # a system turn before the few-shot turns (both views; score reads it back)
@@ -65,7 +68,7 @@ class RolloutConfig:
 
     def __post_init__(self):
         check = validation.Checks(self)
-        check.at_least(1, "n", "max_new_tokens")
+        check.at_least(1, "n", "max_new_tokens", "tensor_parallel_size")
         check.at_least(0, "temperature", "max_prompts", "threads", "batch_size")
         check.between("top_p", 0, 1, low_open=True)
         check.choice("engine", ENGINES)
@@ -151,12 +154,9 @@ def sample(loaded_or_engine, prompt_rows: list[dict], settings: SamplingSettings
     Rows come out in prompt order, then sample_idx. Stats: samples, response_tokens, generate_s, tokens_per_s
     (response tokens per second of engine time), finish_stop, finish_length.
     """
-    from stages.lm.prompts import encode, student_messages
-
     engine = as_engine(loaded_or_engine)
     tokenizer = engine.tokenizer
-    prompt_ids = [encode(tokenizer, student_messages(row["problem"], row["few_shot"], chat.answer_instruction), chat)
-                  for row in prompt_rows]
+    prompt_ids = student_prompt_ids(tokenizer, prompt_rows, chat)
     keys = [row["prompt_id"] for row in prompt_rows]
     start = time.perf_counter()
     completions: list[list[Completion]] = []
@@ -190,6 +190,14 @@ def sample(loaded_or_engine, prompt_rows: list[dict], settings: SamplingSettings
     return pa.Table.from_pylist(out_rows, schema=schemas.ROLLOUTS), stats
 
 
+def student_prompt_ids(tokenizer, prompt_rows: list[dict], chat: ChatOptions = ChatOptions()) -> list[list[int]]:
+    """The token ids the engines sample after: each row's student view (problem, few-shot turns, chat options)."""
+    from stages.lm.prompts import encode, student_messages
+
+    return [encode(tokenizer, student_messages(row["problem"], row["few_shot"], chat.answer_instruction), chat)
+            for row in prompt_rows]
+
+
 def open_engine(engine: str, config: RolloutConfig, model_path: Path, rows: list[dict], loaded=None):
     """Build the chosen engine for sampling `rows`; the HF engine reuses `loaded` when given."""
     from stages.common.process import pick_device
@@ -200,8 +208,9 @@ def open_engine(engine: str, config: RolloutConfig, model_path: Path, rows: list
         from stages.lm.models import torch_dtype
 
         dtype = str(torch_dtype(config.dtype, device)).replace("torch.", "")
+        parallel = {"tensor_parallel_size": config.tensor_parallel_size} if config.tensor_parallel_size > 1 else {}
         return VLLMEngine(model_path, dtype=dtype, seed=config.seed,
-                          gpu_memory_utilization=config.gpu_memory_utilization,
+                          gpu_memory_utilization=config.gpu_memory_utilization, **parallel,
                           max_model_len=_max_model_len(model_path, rows, config.max_new_tokens,
                                                        ChatOptions.from_knobs(config)))
     from stages.lm.engine_hf import HFEngine
@@ -215,10 +224,6 @@ def open_engine(engine: str, config: RolloutConfig, model_path: Path, rows: list
 def _max_model_len(model_path: Path, rows: list[dict], max_new_tokens: int, chat: ChatOptions = ChatOptions()) -> int:
     """vLLM's context length for this run: the longest encoded prompt + max_new_tokens."""
     from stages.lm.models import load_tokenizer
-    from stages.lm.prompts import encode, student_messages
 
-    tokenizer = load_tokenizer(model_path)
-    longest = max((len(encode(tokenizer, student_messages(r["problem"], r["few_shot"], chat.answer_instruction), chat))
-                   for r in rows),
-                  default=1)
-    return longest + max_new_tokens
+    return max((len(ids) for ids in student_prompt_ids(load_tokenizer(model_path), rows, chat)), default=1) + \
+        max_new_tokens

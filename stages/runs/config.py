@@ -129,7 +129,7 @@ RESUMABLE_CHANGES = frozenset({
     "score.threads", "score.micro_batch_tokens", "score.chunk_size", "score.share_prefix", "update.threads",
     "update.micro_batch_tokens", "update.logprob_chunk", "update.gradient_checkpointing", "update.share_prefix",
     "rollout.gpu_memory_utilization", "rollout.attn_implementation", "score.attn_implementation",
-    "update.attn_implementation", "update.comm_timeout_minutes",
+    "update.attn_implementation", "update.comm_timeout_minutes", "rollout.tensor_parallel_size",
 })
 
 # Stage sections: name -> (module path, Config class name, fields the loop sets itself)

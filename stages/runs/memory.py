@@ -98,6 +98,15 @@ class ModelShape:
         return 2 * self.layers * self.kv_dim * 2  # keys and values, bf16
 
 
+# config.json values of the published models (Qwen/Qwen3-4B-Instruct-2507, Qwen/Qwen3-8B): the docs' tables
+PUBLISHED_SHAPES = {
+    "Qwen3-4B": ModelShape(vocab=151_936, hidden=2560, layers=36, intermediate=9728, heads=32, kv_heads=8,
+                           head_dim=128, tied=True, qk_norm=True),
+    "Qwen3-8B": ModelShape(vocab=151_936, hidden=4096, layers=36, intermediate=12_288, heads=32, kv_heads=8,
+                           head_dim=128, tied=False, qk_norm=True),
+}
+
+
 @dataclass(frozen=True)
 class TrainSetup:
     """How the update trains (the loop's update section, resolved)."""
@@ -152,9 +161,12 @@ def trainer_bytes(shape: ModelShape, setup: TrainSetup, training: bool) -> Break
     return Breakdown({name: int(value) for name, value in parts.items()})
 
 
-def vllm_min_bytes(shape: ModelShape, longest_sequence: int, overhead: int = VLLM_OVERHEAD_BYTES) -> int:
-    """The least a vLLM engine can start with: bf16 weights, the KV cache of one longest sequence, its overhead."""
-    return 2 * shape.params + shape.kv_bytes_per_token() * max(longest_sequence, 1) + overhead
+def vllm_min_bytes(shape: ModelShape, longest_sequence: int, overhead: int = VLLM_OVERHEAD_BYTES,
+                   tensor_parallel: int = 1) -> int:
+    """The least a vLLM engine can start with on each of its `tensor_parallel` GPUs: its share of the bf16 weights
+    and of the KV cache of one longest sequence, and its overhead."""
+    shared = 2 * shape.params + shape.kv_bytes_per_token() * max(longest_sequence, 1)
+    return shared // tensor_parallel + overhead
 
 
 @dataclass(frozen=True)
@@ -203,14 +215,16 @@ def utilization_beside(total_bytes: int, resident_bytes: int, reserved: int = RE
 
 def plan(shape: ModelShape, setup: TrainSetup, total_bytes: int, *, vllm: bool, resident_trainer: bool,
          utilization: float = 0.0, reserved: int = RESERVED_BYTES, vllm_sleeps: bool = True,
-         vllm_overhead: int = VLLM_OVERHEAD_BYTES) -> Plan:
-    """The plan of a loop on one GPU of `total_bytes`; `utilization` 0 = auto (`utilization_beside`)."""
+         vllm_overhead: int = VLLM_OVERHEAD_BYTES, tensor_parallel: int = 1) -> Plan:
+    """The plan of a loop on one GPU of `total_bytes` (one of setup.world_size ranks; vLLM over `tensor_parallel`
+    GPUs); `utilization` 0 = auto (`utilization_beside`)."""
     train = trainer_bytes(shape, setup, training=True)
     resident = trainer_bytes(shape, setup, training=False) if resident_trainer else Breakdown()
     if vllm and not utilization:
         utilization = utilization_beside(total_bytes, resident.total, reserved)
     return Plan(shape, setup, total_bytes, train, resident, utilization if vllm else 0.0,
-                vllm_min_bytes(shape, setup.longest_sequence, vllm_overhead) if vllm else 0, reserved, vllm_sleeps)
+                vllm_min_bytes(shape, setup.longest_sequence, vllm_overhead, tensor_parallel) if vllm else 0, reserved,
+                vllm_sleeps)
 
 
 def refusal(plan_: Plan, label: str) -> str | None:
@@ -242,8 +256,9 @@ def ways_out(plan_: Plan) -> list[str]:
     if not setup.offload_optimizer:
         shape_free.append(("optimizer offload (update.deepspeed_config with zero_optimization.offload_optimizer "
                            "{device: cpu})", replace(setup, offload_optimizer=True)))
-    shape_free.append(("8 GPUs with --launcher slurm (update ZeRO-2 on 8 ranks, rollouts in their own jobs)",
-                       replace(setup, world_size=8)))
+    if setup.world_size < 8:
+        shape_free.append(("8 GPUs: torchrun --nproc-per-node 8 -m antisd_cli loop … (ZeRO-2 over 8 ranks)",
+                           replace(setup, world_size=8)))
     return [f"{text} → {trainer_bytes(plan_.shape, changed, True).total / GIB:.1f} GiB"
             for text, changed in shape_free] + (["loop.resident_trainer=false (the card is the trainer's or vLLM's, "
                                                   "in turn)"] if plan_.resident.total else [])

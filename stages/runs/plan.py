@@ -245,6 +245,15 @@ def eval_due(settings: run_config.LoopSettings, step: int) -> bool:
     return every > 0 and ((step + 1) % every == 0 or step == settings.steps - 1)
 
 
+def step_state(run_dir: Run, step: int, record_only: bool) -> str:
+    """finished (its metrics.json exists), stop (`--record-only` and its update is not done) or run."""
+    if (run_dir.step_dir(step) / "metrics.json").exists():
+        return "finished"
+    if record_only and not (run_dir.checkpoint(step) / "config.json").exists():
+        return "stop"
+    return "run"
+
+
 def full_checkpoint_at(settings: run_config.LoopSettings, step: int) -> bool:
     """Whether step `step` writes the optimizer state: every loop.checkpoint_every steps and the last step, or every
     step when the trainer is not kept in memory (the next step starts from the files)."""

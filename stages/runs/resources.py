@@ -14,14 +14,17 @@ Hand-offs, on purpose (`enter(phase)`):
   unless `loop.resident_trainer` is false; afterwards it lends its policy to the next step's score and HF sampling
   when its dtype and device are the ones they ask for (bf16 on GPU, fp32 on CPU: no reload per step).
 Each phase's peak (`memory/peak_gib/<phase>`: CUDA bytes allocated, on CPU the process's peak RSS) goes to the
-step's metrics. The lifetimes are here; which stage runs when is `stages.loop`'s. Designed to be one rank's: with N
-ranks (issue 25) each rank's Resources holds its part and the card is its own GPU.
+step's metrics. The lifetimes are here; which stage runs when is `stages.loop`'s. Each rank of a loop launched as N
+processes (stages.runs.ranks) has its own Resources: its card is its own GPU, its trainer one rank of the DeepSpeed
+engine (ZeRO ≤ 2: the full weights, lent and synced as above), its vLLM engine opened with vLLM's external launcher
+(`distributed_executor_backend="external_launcher"`, as TRL's colocate mode: the engines join the ranks' process
+group, rollout.tensor_parallel_size consecutive ranks sharing one), and its memory plan counts the trainer's shard of
+N ranks. Also here: the memory check of a loop before any work (`check_memory`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,8 +41,9 @@ class Resources:
     """What is resident in one loop process, and the device's hand-over between phases (module docstring)."""
 
     def __init__(self, config, run, engine: str = "hf", card: Card | None = None, vllm_opener=None,
-                 prompt_rows: list[dict] = ()):
+                 prompt_rows: list[dict] = (), ranks=None):
         from stages.common.process import pick_device
+        from stages.runs.ranks import Ranks
 
         self.config, self.run, self.settings = config, run, config.run.loop
         knobs = config.run.stages
@@ -56,6 +60,7 @@ class Resources:
         self._reference = None  # (key, LoadedModel): score's frozen reference, loaded once
         self.load_seconds = 0.0  # model loads from disk and weight syncs: the loop's own I/O
         self.prompt_rows = list(prompt_rows)  # training and held-out prompts: vLLM's context length, the plan
+        self.ranks = ranks or Ranks()  # this process among the loop's ranks (stages.runs.ranks)
         self._plan = None
 
     # --- phases ------------------------------------------------------------------------------------------------
@@ -161,14 +166,14 @@ class Resources:
         utilization = plan.vllm_utilization if plan is not None else 0.0
         in_process = self.card.kind == "cuda" and self.settings.weight_sync == "inplace" and \
             self.settings.resident_trainer
-        opener = self.vllm_opener or _default_opener(self.config, self.prompt_rows)
+        opener = self.vllm_opener or _default_opener(self.config, self.prompt_rows, self.ranks)
         return LoopEngine(lambda path: opener(path, utilization, in_process), self.settings.weight_sync)
 
     def memory_plan(self):
         """The run's plan of this card (stages.runs.memory; None where the card has no size: CPU), computed once:
         the vLLM share is rollout.gpu_memory_utilization, else what the resident trainer leaves."""
         if self._plan is None and self.card.total() is not None:
-            self._plan = loop_plan(self.config, self.card, self.use_vllm, self.prompt_rows)
+            self._plan = loop_plan(self.config, self.card, self.use_vllm, self.prompt_rows, self.ranks)
         return self._plan
 
     def put_aside_sampler(self, timings: dict | None = None) -> None:
@@ -244,28 +249,33 @@ def same_device(trainer_device: str, wanted: str) -> str:
     return trainer_device
 
 
-def loop_plan(config, card: Card, vllm: bool, prompt_rows: list[dict]):
-    """The memory plan (stages.runs.memory) of the loop `config` on `card` (one process: world size 1)."""
+def loop_plan(config, card: Card, vllm: bool, prompt_rows: list[dict], ranks=None):
+    """The memory plan (stages.runs.memory) of the loop `config` on `card`, one of `ranks.count` ranks (the trainer's
+    ZeRO shard of that many; vLLM's weights and KV cache over rollout.tensor_parallel_size GPUs)."""
     from stages.lm.models import resolve_model
     from stages.runs import memory
     from stages.training.batch import read_deepspeed_file
 
     knobs, loop = config.run.stages, config.run.loop
+    world_size, tensor_parallel = (ranks.count, ranks.tensor_parallel) if ranks is not None else (1, 1)
     folder = resolve_model(loop.model)
     longest = context_length(config, folder, prompt_rows) if prompt_rows else \
         knobs["rollout"].get("max_new_tokens", 256)
-    setup = memory.train_setup(knobs["update"], device=card.device, world_size=1, longest_sequence=longest,
+    setup = memory.train_setup(knobs["update"], device=card.device, world_size=world_size, longest_sequence=longest,
                                deepspeed_user=read_deepspeed_file(knobs["update"].get("deepspeed_config")))
     return memory.plan(memory.ModelShape.from_folder(folder), setup, card.total(), vllm=vllm,
                        resident_trainer=loop.resident_trainer,
                        utilization=knobs["rollout"].get("gpu_memory_utilization") or 0.0, reserved=card.reserved,
                        vllm_sleeps=loop.weight_sync == "reload" or loop.vllm_sleep,
-                       vllm_overhead=memory.VLLM_OVERHEAD_BYTES if card.vllm_overhead is None else card.vllm_overhead)
+                       vllm_overhead=memory.VLLM_OVERHEAD_BYTES if card.vllm_overhead is None else card.vllm_overhead,
+                       tensor_parallel=tensor_parallel)
 
 
-def _default_opener(config, prompt_rows: list[dict]):
-    """The loop's VLLMEngine factory: rollout dtype, run seed, sleep mode (inplace with loop.vllm_sleep), and a context
-    length that fits the longest training or held-out prompt with its token budget (one engine serves both)."""
+def _default_opener(config, prompt_rows: list[dict], ranks=None):
+    """The loop's VLLMEngine factory: rollout dtype, run seed, sleep mode (inplace with loop.vllm_sleep), a context
+    length that fits the longest training or held-out prompt with its token budget (one engine serves both), and
+    with several ranks vLLM's external launcher over rollout.tensor_parallel_size GPUs per engine (in process: the
+    engine joins the ranks' process group, as TRL colocates it)."""
     from stages.common.process import pick_device
     from stages.lm.engine_vllm import VLLMEngine
     from stages.lm.models import torch_dtype
@@ -273,12 +283,16 @@ def _default_opener(config, prompt_rows: list[dict]):
     knobs, loop = config.run.stages["rollout"], config.run.loop
     dtype = str(torch_dtype(knobs.get("dtype", "auto"), pick_device())).replace("torch.", "")
     sleep_mode = loop.vllm_sleep and loop.weight_sync == "inplace"  # reload closes it instead
+    parallel = {"tensor_parallel_size": knobs.get("tensor_parallel_size", 1)}
+    launched = ranks is not None and ranks.count > 1
+    if launched:
+        parallel["distributed_executor_backend"] = "external_launcher"
 
     def open_engine(folder: Path, utilization: float, in_process: bool):
         return VLLMEngine(folder, dtype=dtype, seed=loop.seed, max_model_len=context_length(config, folder,
                                                                                             prompt_rows),
-                          sleep_mode=sleep_mode, gpu_memory_utilization=utilization or None, in_process=in_process,
-                          inplace_sync=loop.weight_sync == "inplace")
+                          sleep_mode=sleep_mode, gpu_memory_utilization=utilization or None,
+                          in_process=in_process or launched, inplace_sync=loop.weight_sync == "inplace", **parallel)
 
     return open_engine
 
@@ -302,15 +316,34 @@ def context_length(config, folder: Path, prompt_rows: list[dict]) -> int:
     return _max_model_len(folder, prompt_rows, budget, ChatOptions.from_knobs(knobs))
 
 
-def world_size_refusal(environ=os.environ) -> str | None:
-    """`antisd loop` is one process (until issue 25): a launch of several ranks would collide on the run's lock."""
-    from stages.training.distributed import env_from
+def check_memory(config, engine: str, card: Card, prompt_rows: list[dict], ranks=None) -> None:
+    """Refuse, before any work, a run whose update or sampling cannot fit the card (stages.runs.memory), with the
+    figure and the ways out; nothing to check on CPU (no card size)."""
+    from stages.common.errors import InputError
+    from stages.runs.memory import refusal
+    from stages.runs.ranks import Ranks
 
-    env = env_from(environ)
-    if env.world_size > 1:
-        return (f"antisd loop: launched as rank {env.rank} of {env.world_size} ({env.launcher} launcher); the local "
-                "loop runs in one process (it trains on one device): run it without torchrun/deepspeed/srun, or use "
-                "--launcher slurm, whose update jobs run on all GPUs")
-    return None
+    ranks = ranks or Ranks()
+    if card.total() is None or config.record_only:
+        return
+    plan = loop_plan(config, card, engine == "vllm", prompt_rows, ranks)
+    refused = refusal(plan, f"loop.model {config.run.loop.model} on {card.device}"
+                            + (f" (one of {ranks.count} ranks)" if ranks.count > 1 else ""))
+    if refused:
+        raise InputError(refused)
+    log.info("memory plan of %s (%.1f GiB): update %.1f GiB (%s); sampling %.1f GiB (vLLM share %.2f)", card.device,
+             plan.total_bytes / 2**30, plan.train.total / 2**30, plan.train.describe(), plan.sample_bytes / 2**30,
+             plan.vllm_utilization)
 
 
+def prompt_rows(config) -> list[dict]:
+    """The run's training prompts and, when it evaluates, its held-out ones (stored, else built in memory): what the
+    memory plan and vLLM's context length are computed from."""
+    from stages.lm.sampling import PROMPT_COLUMNS
+    from stages.runs.plan import eval_prompts, run_prompts
+
+    settings, root = config.run.loop, Path(config.out)
+    tables = [run_prompts(settings.train, root / "train_prompts.parquet")]
+    if settings.eval_every > 0:
+        tables.append(eval_prompts(settings, root / "eval_prompts.parquet"))
+    return [row for table in tables for row in table.select(PROMPT_COLUMNS).to_pylist()]

@@ -142,10 +142,12 @@ def multiline(command: str, tail: str = "") -> str:
     return " \\\n    ".join(" ".join(line) for line in lines)
 
 
-def _header(slurm: SlurmConfig, job_name: str, log_path: Path, title: str, directives: list[str],
-            partition: str | None = None) -> list[str]:
-    lines = ["#!/usr/bin/env bash", f"# {title}", "# Rendered by `antisd loop --launcher slurm`; submitted with "
-             "dependencies by RUN/slurm/submit.sh.", f"#SBATCH --job-name={directive_value(job_name)}",
+def sbatch_header(slurm: SlurmConfig, job_name: str, log_path: Path, title: str, directives: list[str],
+                  partition: str | None = None,
+                  origin: str = "`antisd loop --launcher slurm`; submitted with dependencies by RUN/slurm/submit.sh"
+                  ) -> list[str]:
+    lines = ["#!/usr/bin/env bash", f"# {title}", f"# Rendered by {origin}.",
+             f"#SBATCH --job-name={directive_value(job_name)}",
              f"#SBATCH --output={directive_value(log_path)}"]
     lines += [f"#SBATCH {d}" for d in directives]
     lines += [f"#SBATCH --time={slurm.time}"]
@@ -156,7 +158,7 @@ def _header(slurm: SlurmConfig, job_name: str, log_path: Path, title: str, direc
     return lines
 
 
-def _preamble(slurm: SlurmConfig, workdir: Path) -> list[str]:
+def job_preamble(slurm: SlurmConfig, workdir: Path) -> list[str]:
     return ["", "set -euo pipefail", f"cd {shlex.quote(str(workdir))}", *slurm.setup]
 
 
@@ -166,8 +168,8 @@ def render_single(slurm: SlurmConfig, job_name: str, log_path: Path, title: str,
     directives = ["--nodes=1", "--ntasks=1", f"--cpus-per-task={slurm.cpus_per_task}"]
     directives += [f"--gpus-per-node={gpus}"] if gpus else []
     partition = None if gpus else slurm.cpu_partition
-    return "\n".join(_header(slurm, job_name, log_path, title, directives, partition) + _preamble(slurm, workdir)
-                     + ["", multiline(command), ""])
+    return "\n".join(sbatch_header(slurm, job_name, log_path, title, directives, partition)
+                     + job_preamble(slurm, workdir) + ["", multiline(command), ""])
 
 
 def render_array(slurm: SlurmConfig, job_name: str, log_path: Path, title: str, command: str, workdir: Path,
@@ -176,7 +178,7 @@ def render_array(slurm: SlurmConfig, job_name: str, log_path: Path, title: str, 
     directives = ["--nodes=1", "--ntasks=1", f"--cpus-per-task={slurm.cpus_per_task}", "--gpus-per-node=1"]
     directives += [f"--array={array}"] if array else []
     shard = f'--shard "${{SLURM_ARRAY_TASK_ID}}/{slurm.shards}"' if slurm.shards > 1 else ""
-    return "\n".join(_header(slurm, job_name, log_path, title, directives) + _preamble(slurm, workdir)
+    return "\n".join(sbatch_header(slurm, job_name, log_path, title, directives) + job_preamble(slurm, workdir)
                      + ["", multiline(command, shard), ""])
 
 
@@ -203,7 +205,8 @@ def render_update(slurm: SlurmConfig, job_name: str, log_path: Path, title: str,
         "\\\n    " + multiline(command),
         "",
     ]
-    return "\n".join(_header(slurm, job_name, log_path, title, directives) + _preamble(slurm, workdir) + body)
+    return "\n".join(sbatch_header(slurm, job_name, log_path, title, directives) + job_preamble(slurm, workdir)
+                     + body)
 
 
 def submit_script(jobs: list[Job]) -> str:

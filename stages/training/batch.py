@@ -108,11 +108,13 @@ def check_state(config: UpdateConfig, state: dict | None, model_dir: Path, world
 
 def check_zero3_ranks(stage: int, world_size: int) -> None:
     """ZeRO-3 on several ranks is refused: every module call is an all-gather, and ranks make different numbers of
-    them (their micro-batches hold different pieces, chunks and length passes), so they would hang (issue 25)."""
+    them (their micro-batches hold different pieces, chunks and length passes; in a loop, also score's and
+    sampling's forwards), so they would hang. ZeRO-2 holds the paper's setting (a 4B model's full training on 8
+    GPUs: docs/memory.md)."""
     if stage == 3 and world_size > 1:
         raise InputError(f"ZeRO-3 on {world_size} ranks: the ranks' forwards make different numbers of module calls "
-                         "(each an all-gather under ZeRO-3), which would hang; use --zero-stage 2 (and LoRA or more "
-                         "GPUs for memory) until issue 25 equalises them")
+                         "(each an all-gather under ZeRO-3), which would hang; use --zero-stage 2 (it holds a 4B "
+                         "model's full training on 8 GPUs: docs/memory.md; LoRA or more GPUs for larger ones)")
 
 
 def check_teacher(config: UpdateConfig, metadata: dict) -> None:
