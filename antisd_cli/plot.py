@@ -12,10 +12,10 @@ C = PlotConfig
 
 @click.command("plot")
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output file (.png or .csv).")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output file (.png, .svg or .csv).")
 @click.option("--format", "format_", default=field_default(C, "format"), type=click.Choice(FORMATS),
-              help="auto: from --out's suffix (.csv → csv, else png); png: one panel per metric; csv: tidy rows "
-                   "(run, method, seed, step, metric, value).")
+              help="auto: from --out's suffix (.png, .svg, .csv; another suffix is refused); png, svg: one panel per "
+                   "metric; csv: tidy rows (run, method, seed, step, metric, value).")
 @click.option("--metrics", default=",".join(DEFAULT_METRICS),
               help="Comma-separated metric keys to draw or tabulate; 'all' = every numeric metric logged.")
 @click.option("--label", "labels", multiple=True,
@@ -28,13 +28,15 @@ def plot_command(runs, out, format_, metrics, labels, band, overwrite):
     run.
 
     Runs of the same method (from run.json / config.yaml, else the folder name without a -sN seed suffix) are
-    grouped: thick line = mean over seeds, band = min–max or ±1 std. Metrics logged only on some steps (eval) are
-    drawn through the points present.
+    grouped: thick line = mean over seeds, band = min–max or ±1 std; runs of one method whose settings differ are
+    named by the settings that differ. Metrics logged only on some steps (eval) are drawn through the points
+    present, 0/1 metrics (the gate) as steps; the base model's evaluation sits at step −1.
 
     \b
     Example:
       antisd plot runs/grpo-s0 runs/grpo-s1 runs/antisd-s0 runs/antisd-s1 --out curves.png
       antisd plot runs/* --metrics all --out curves.csv
+      antisd plot runs/antisd-s0 runs/grpo-s0 --out curves.svg
       antisd plot curves.csv --out curves.png                  # redraw from the table
     """
     from stages.plot import run

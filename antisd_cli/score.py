@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from antisd_cli.options import (
+    MODEL_HELP,
     attn_option,
     config_option,
     dtype_option,
@@ -24,7 +25,10 @@ C = ScoreConfig
 
 @click.command("score")
 @input_path("--verified", "Verified rollouts (Parquet file or directory of part files) from `antisd verify`.")
-@model_option(C)
+@model_option(C, MODEL_HELP + " The policy that sampled the rollouts: by default the one their metadata records; "
+                              "a run whose log-probs sit further than one model's numerics from the sampler's "
+                              "(mean |s − q| > ln 2 − ln top-p nats) gets a warning.",
+              show_default="the rollouts' model (their metadata)")
 @config_option(C, "reference", "A frozen reference policy (HF folder or embedded name) whose log-probs of the response "
                                "tokens under the student prompt are stored as ref_logprobs, for update --kl-coef. "
                                "Default: none.", metavar="MODEL")

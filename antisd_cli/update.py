@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from antisd_cli.options import (
+    MODEL_HELP,
     attn_option,
     config_option,
     dtype_option,
@@ -26,7 +27,9 @@ C = UpdateConfig
 
 @click.command("update")
 @input_path("--scored", "Scored rollouts (Parquet file or directory of parts) from `antisd score`.")
-@model_option(C)
+@model_option(C, MODEL_HELP + " The policy to train: by default the one the scored file records (its scorer, "
+                              "whose log-probs are the step's old policy).",
+              show_default="the scored file's model (its metadata)")
 @click.option("--out", "-o", type=click.Path(dir_okay=True), default=None,
               help="Output checkpoint folder (required unless --no-train).")
 @config_option(C, "method", "Per-token advantage (METHOD §2): grpo, sd (+u), antisd (−φ(u)), rkl-ascent (−u).",

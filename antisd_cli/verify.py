@@ -49,8 +49,12 @@ C = VerifyConfig
                                      "another problem's (a context-only control; sources other_peer, "
                                      "other_reference).", type=click.Choice(PRIVILEGED_FROM))
 @config_option(C, "reward", "Your reward function instead of math-verify: module:function or file.py:function, "
-                            "called as f(problem=, answer=, response=, row=) → True/False in the same killable "
-                            "workers and --timeout [default: math-verify].", metavar="MODULE:FUNCTION")
+                            "called as f(problem=, answer=, response=, row=) in the same killable workers and "
+                            "--timeout. It returns the reward: True/False, or any finite float (partial credit, "
+                            "bonuses); a row is correct (a peer the teacher may see, an eval hit) when it is ≥ 1. A "
+                            "row whose call raises or returns anything else gets reward 0 and status error; the "
+                            "first traceback is logged, and verify fails when every row failed [default: "
+                            "math-verify].", metavar="MODULE:FUNCTION")
 @model_option(C)
 @overwrite_option(C)
 @stage_errors

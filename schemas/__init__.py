@@ -50,8 +50,8 @@ VERIFIED = pa.schema(
     list(ROLLOUTS)
     + [
         pa.field("extracted_answer", pa.string()),  # answer string pulled from the response; null if none
-        pa.field("reward", pa.float32(), nullable=False),  # verified reward R in {0, 1}
-        pa.field("correct", pa.bool_(), nullable=False),  # reward == 1
+        pa.field("reward", pa.float32(), nullable=False),  # R: 0 or 1 (math-verify), any finite number (--reward)
+        pa.field("correct", pa.bool_(), nullable=False),  # reward ≥ CORRECT_REWARD
         pa.field("verify_status", pa.string(), nullable=False),  # ok | no_answer | timeout | error
         pa.field("group_size", pa.int32(), nullable=False),  # rollouts of this prompt in the file
         pa.field("group_mean_reward", pa.float32(), nullable=False),  # mean reward of the group
@@ -170,6 +170,9 @@ def conform(table: pa.Table, expected: pa.Schema) -> pa.Table:
 # A log-prob is ≤ 0 by construction (log_softmax, or an engine's log-prob); the slack admits another engine's rounding
 # and catches what matters: probabilities or negated log-probs written in its place.
 LOGPROB_SLACK = 1e-3
+# A verified row is `correct` iff its reward is at least this: math-verify's rewards are 0 and 1, and a `--reward`
+# function's float reward marks a response correct (a peer solution the teacher may see, an eval hit) at full credit
+CORRECT_REWARD = 1.0
 FINISH_REASONS = ("stop", "length")
 VERIFY_STATUSES = ("ok", "no_answer", "timeout", "error")
 # peer / reference: this problem's (METHOD §4); other_*: another problem's (verify --privileged-from other, a control)
@@ -207,7 +210,7 @@ def check_values(table: pa.Table, artifact: str, source: str) -> None:
 
     Checked where the column is present: no nulls in non-nullable columns (nor inside their lists); for rollouts and
     later files, sample_idx ≥ 0, one row per (prompt_id, sample_idx), finish_reason, response_length; for verified
-    files, reward ∈ {0, 1} agreeing with `correct`, verify_status, privileged_source and its peer index; for scored
+    files, a finite reward agreeing with `correct` (reward ≥ CORRECT_REWARD), verify_status, privileged_source and its peer index; for scored
     files, per-token lists as long as the response, finite, log-probs ≤ 0 and entropies ≥ 0 (within LOGPROB_SLACK).
     """
     import pyarrow.compute as pc
@@ -271,13 +274,14 @@ def _check_verified_values(table: pa.Table, has: set, fail) -> None:
 
     if "reward" in has:
         reward = table.column("reward")
-        bad = _first(pc.invert(pc.is_in(reward, pa.array([0.0, 1.0], reward.type))))
+        bad = _first(pc.invert(pc.is_finite(reward)))
         if bad is not None:
-            fail("reward", bad, f"{reward[bad].as_py()!r}; a verified reward is 0 or 1")
+            fail("reward", bad, f"{reward[bad].as_py()!r}; a verified reward is a finite number")
         if "correct" in has:
-            bad = _first(pc.not_equal(pc.equal(reward, 1.0), table.column("correct")))
+            bad = _first(pc.not_equal(pc.greater_equal(reward, CORRECT_REWARD), table.column("correct")))
             if bad is not None:
-                fail("correct", bad, f"{table.column('correct')[bad].as_py()} with reward {reward[bad].as_py()}")
+                fail("correct", bad, f"{table.column('correct')[bad].as_py()} with reward {reward[bad].as_py()} "
+                                     f"(correct is reward ≥ {CORRECT_REWARD:g})")
     for name, valid in (("verify_status", VERIFY_STATUSES), ("privileged_source", PRIVILEGED_SOURCES)):
         if name in has:
             bad = _first(pc.invert(pc.is_in(table.column(name), pa.array(valid))))

@@ -15,7 +15,7 @@ Commands (each reads validate → read → compute → write):
     plot      training curves of run folders
     report    the paper's table over runs: best-average checkpoint, Speedup, seed spread, pass@k curves
     merge     part files of a sharded output → one checked file
-    inspect   describe any stage's Parquet file
+    inspect   describe any stage's Parquet file, or a run folder
 
 method/ — the METHOD.md formulas, pure functions of tensors
     terms       the registry of methods: per-token terms (and their §9 shapes), gate defaults, formulas
@@ -75,7 +75,7 @@ runs/ — a training run
     memory      the memory model from config.json: per-GPU bytes, the vLLM share, the loop's refusal
     costs       a step's seconds, loads, bytes and jobs at scale: resident ranks beside the Slurm chain (computed)
     run_dir     the run directory: layout, manifest, metrics.jsonl, checkpoint pruning
-    view        the live view on stderr
+    view        the live view on stderr; a run's steps table with its notes and next commands (demo, inspect RUN)
     tracking    TensorBoard events and Weights & Biases logging of the metrics
     slurm       rendering a run as Slurm jobs, a window of steps at a time
     suites      evaluation suites (paper, aime25-check): protocols, the suite folder, resume and shards, summary
@@ -93,8 +93,9 @@ common/ — shared by all
     figures     PNG/HTML/CSV outputs (the only matplotlib importer)
     process     CPU threads, seeds, device choice
     card        the device's memory between phases: free bytes, peaks, giving cached blocks back
-    stack       the versions of torch/transformers/DeepSpeed/vLLM needed and the APIs that decide them
-    progress    token progress of long stages (a bar on a terminal, one-line records in files)
+    stack       the versions of torch/transformers/DeepSpeed/vLLM needed and the APIs that decide them; DeepSpeed's
+                import with its logger on stderr
+    progress    progress of long stages in samples or tokens (a bar on a terminal, one-line records in files)
 """
 
 __version__ = "0.1.0"

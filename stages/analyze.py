@@ -155,14 +155,14 @@ def scored_inputs(config: PmiConfig, loaded=None) -> list[Path]:
     if config.scored:
         raise InputError("analyze pmi: give scored files or --prompts, not both")
     from stages import rollout, score, verify
-    from stages.lm.models import load_model
+    from stages.lm.models import DEFAULT_MODEL, load_model
     from stages.lm.sampling import RolloutConfig
     from stages.lm.scoring import ScoreConfig
     from stages.verifier.rows import VerifyConfig
 
     out = Path(config.out)
     out.mkdir(exist_ok=True)
-    model = config.model or "smollm2-135m"
+    model = config.model or DEFAULT_MODEL
     files = {name: out / f"{name}.parquet" for name in ("rollouts", "verified", "scored")}
     if not files["scored"].exists():
         loaded = loaded or load_model(model)

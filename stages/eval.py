@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache, partial
 from pathlib import Path
 
@@ -47,11 +47,11 @@ from stages.lm import bundled
 from stages.lm.datasets import SPLITS
 from stages.lm.engine import SamplingSettings, is_engine, resolve_engine, sampled_path
 from stages.lm.models import DEFAULT_MODEL, resolve_model
-from stages.lm.prompts import INSTRUCTION
+from stages.lm.sampling import RolloutConfig
 from stages.method import estimators
 from stages.runs import suites
 from stages.runs.suites import summary_path
-from stages.verifier.answers import DEFAULT_FALLBACKS
+from stages.verifier.rows import VerifyConfig
 from stages.verifier.scores import numeric, summarize, vote_key  # noqa: F401 - vote_key: part of eval's API
 
 log = logging.getLogger(__name__)
@@ -77,19 +77,21 @@ class EvalConfig:
     num: int = 0  # evaluate the first N problems (of each benchmark of a suite; 0 = all)
     split: str = "test"  # arith and gsm8k: train | test (the other benchmarks have only test; a suite uses test)
     seed: int = 0  # sampling seed and bootstrap seed
-    engine: str = "auto"  # auto (vllm when importable, else hf) | vllm | hf
-    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU
-    threads: int = 0  # torch CPU threads (0 = OMP_NUM_THREADS if set, else the cores this process may use)
-    batch_size: int = 0  # rows per engine call (0 = engine default)
-    device: str = "auto"  # HF engine device: auto | cpu | cuda
-    system_prompt: str | None = None  # as rollout's: a system turn before the problem
-    thinking: str = "default"  # as rollout's: the chat template's enable_thinking (default | on | off)
-    chat_template: str | None = None  # as rollout's: None (the tokenizer's) | plain | a Jinja file
-    answer_instruction: str = INSTRUCTION  # as rollout's: appended to every problem ("" = none)
-    prompt_template: str | None = None  # as rollout's: a YAML file of the four above (each set here overrides it)
-    workers: int = 2  # answer-check worker processes
-    timeout: float = 5.0  # seconds per answer check
-    fallbacks: str = DEFAULT_FALLBACKS  # answer extraction fallbacks after \boxed{} (see `antisd verify`)
+    # the sampling and checking knobs below mean what they mean for rollout (RolloutConfig) and verify
+    # (VerifyConfig), whose defaults they take
+    engine: str = RolloutConfig.engine
+    dtype: str = RolloutConfig.dtype
+    threads: int = RolloutConfig.threads
+    batch_size: int = RolloutConfig.batch_size
+    device: str = RolloutConfig.device
+    system_prompt: str | None = RolloutConfig.system_prompt
+    thinking: str = RolloutConfig.thinking
+    chat_template: str | None = RolloutConfig.chat_template
+    answer_instruction: str = RolloutConfig.answer_instruction
+    prompt_template: str | None = RolloutConfig.prompt_template  # a YAML file of the four above (each set wins)
+    workers: int = VerifyConfig.workers
+    timeout: float = VerifyConfig.timeout
+    fallbacks: str = VerifyConfig.fallbacks
     bootstrap_resamples: int = 1000  # resamples of the avg@K interval
     progress: bool = True  # progress bar on stderr (only on a terminal)
     overwrite: bool = False  # replace existing outputs
@@ -134,13 +136,13 @@ class EvalConfig:
 
 def prompt_rows(benchmark: str, split: str, num: int) -> tuple[list[dict], str]:
     """The problems of `benchmark` (a built-in name or a prompts Parquet), first `num` kept; and a label for them."""
-    from stages.lm.datasets import PrepareConfig, build_rows
+    from stages.lm.datasets import DataSource, build_rows
     from stages.lm.sampling import PROMPT_COLUMNS
 
     if num < 0:
         raise InputError(f"--num must be >= 0, got {num}")
     if benchmark in BENCHMARKS:
-        rows = build_rows(PrepareConfig(name=benchmark, out="", split=split, num=num))
+        rows = build_rows(DataSource(name=benchmark, split=split, num=num))
         return rows, f"{benchmark}/{split}"
     path = Path(benchmark)
     if not path.exists():
@@ -172,7 +174,7 @@ def _evaluate(rows: list[dict], rollout_config, verify_config, *, out: Path, ben
     chat = ChatOptions.from_knobs(rollout_config)
     engine = loaded if engine_given else open_engine(engine_name, rollout_config, Path(model_path), rows, loaded)
     try:
-        rollouts, sample_stats = sample(engine, rows, SamplingSettings.from_config(rollout_config),
+        rollouts, sample_stats = sample(engine, rows, SamplingSettings.from_config(rollout_config), label="eval",
                                         batch_size=rollout_config.batch_size, progress=rollout_config.progress, chat=chat)
     finally:
         if not engine_given:
@@ -210,8 +212,6 @@ def _evaluate(rows: list[dict], rollout_config, verify_config, *, out: Path, ben
 
 def _rollout_config(config: EvalConfig, protocol: suites.Protocol, prompts: str | None = None,
                     out: str | None = None):
-    from stages.lm.sampling import RolloutConfig
-
     greedy = protocol.temperature == 0
     return RolloutConfig(
         prompts=prompts or str(config.benchmark), out=out or config.out, model=config.model, n=protocol.n,
@@ -224,8 +224,6 @@ def _rollout_config(config: EvalConfig, protocol: suites.Protocol, prompts: str 
 
 
 def _verify_config(config: EvalConfig, rollouts: str | None = None, out: str | None = None):
-    from stages.verifier.rows import VerifyConfig
-
     return VerifyConfig(rollouts=rollouts or str(config.benchmark), out=out or config.out, seed=config.seed,
                         workers=config.workers, timeout=config.timeout, fallbacks=config.fallbacks, overwrite=True)
 
@@ -297,45 +295,38 @@ def run_suite(config: EvalConfig, loaded=None) -> Path:
 
 
 def evaluate_for_loop(*, model: str, prompts: str, out_prefix: str, n: int, temperature: float,
-                      max_new_tokens: int, seed: int, rollout_knobs: dict, verify_knobs: dict, loaded=None,
-                      suite: str | None = None) -> dict:
+                      max_new_tokens: int, seed: int, rollout, verify, loaded=None, suite: str | None = None) -> dict:
     """The loop's held-out evaluation: write `<out_prefix>.parquet` + `.summary.json`, return the numeric metrics.
 
-    `rollout_knobs`/`verify_knobs` are the run config's rollout/verify sections (RolloutConfig/VerifyConfig keyword
-    arguments without paths); n, temperature, max_new_tokens and seed override them, and top-p is 1 when greedy.
+    `rollout`/`verify` are the run's RolloutConfig/VerifyConfig (`RunConfig.rollout`/`.verify`); n, temperature,
+    max_new_tokens and seed override them, and top-p is 1 when greedy.
     `loaded` samples: a LoadedModel (HF) or the loop's open engine (vLLM, left open: no HF copy). A finished
     evaluation (`stored_summary`) is returned without sampling. With `suite` (`prompts`: its problems) see
     `_suite_for_loop`.
     """
-    from stages.lm.sampling import RolloutConfig
-    from stages.verifier.rows import VerifyConfig
-
     stored = stored_summary(out_prefix, suite)
     if stored is not None:
         return stored
     if suite is not None:
         return _suite_for_loop(suite, model=model, prompts=prompts, out_prefix=out_prefix, seed=seed,
-                               rollout_knobs=rollout_knobs, verify_knobs=verify_knobs, loaded=loaded)
+                               rollout=rollout, verify=verify, loaded=loaded)
     out = Path(f"{out_prefix}.parquet")
     overrides = {"n": n, "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
     if temperature == 0:
         overrides["top_p"] = 1.0
-    rollout_config = RolloutConfig(**{**rollout_knobs, **overrides, "model": model, "prompts": str(prompts),
-                                      "out": str(out), "overwrite": True})
-    verify_config = VerifyConfig(**{**verify_knobs, "rollouts": str(prompts), "out": str(out), "seed": seed,
-                                    "overwrite": True})
+    rollout_config = replace(rollout, **overrides, model=model, prompts=str(prompts), out=str(out), overwrite=True)
+    verify_config = replace(verify, rollouts=str(prompts), out=str(out), seed=seed, overwrite=True)
     rows, benchmark = prompt_rows(str(prompts), "test", 0)
     summary = _evaluate(rows, rollout_config, verify_config, out=out, benchmark=benchmark, seed=seed,
                         resamples=EvalConfig.bootstrap_resamples, loaded=loaded)
     return numeric(summary)
 
 
-def _suite_for_loop(name: str, *, model: str, prompts: str, out_prefix: str, seed: int, rollout_knobs: dict,
-                    verify_knobs: dict, loaded=None) -> dict:
+def _suite_for_loop(name: str, *, model: str, prompts: str, out_prefix: str, seed: int, rollout, verify,
+                    loaded=None) -> dict:
     """Suite `name` on `model` into the folder `<out_prefix>-<name>` (resumed per benchmark), with the suite's
-    protocol over the run's rollout/verify knobs; returns `stages.runs.suites.loop_metrics` of its summary."""
-    from stages.lm.sampling import PROMPT_COLUMNS, RolloutConfig
-    from stages.verifier.rows import VerifyConfig
+    protocol over the run's rollout/verify configs; returns `stages.runs.suites.loop_metrics` of its summary."""
+    from stages.lm.sampling import PROMPT_COLUMNS
 
     folder = suites.suite_folder(out_prefix, name)
     suite = suites.get_suite(name)
@@ -345,9 +336,8 @@ def _suite_for_loop(name: str, *, model: str, prompts: str, out_prefix: str, see
         protocol = suite.protocol(benchmark)
         sampling = {"n": protocol.n, "temperature": protocol.temperature, "top_p": protocol.top_p,
                     "max_new_tokens": protocol.max_new_tokens, "seed": seed}
-        return (RolloutConfig(**{**rollout_knobs, **sampling, "model": model, "prompts": str(prompts), "out": out,
-                                 "overwrite": True}),
-                VerifyConfig(**{**verify_knobs, "rollouts": str(prompts), "out": out, "seed": seed, "overwrite": True}))
+        return (replace(rollout, **sampling, model=model, prompts=str(prompts), out=out, overwrite=True),
+                replace(verify, rollouts=str(prompts), out=out, seed=seed, overwrite=True))
 
     jobs = [suites.BenchmarkJob(benchmark, [row for row in rows if row["dataset"] == benchmark], f"{benchmark}/test",
                                 partial(configs, benchmark)) for benchmark in suite.names]

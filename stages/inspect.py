@@ -1,9 +1,10 @@
-"""`antisd inspect`: describe any stage's Parquet file (rows, schema, metadata, column stats, sample rows).
+"""`antisd inspect`: describe any stage's Parquet file (rows, schema, metadata, column stats, sample rows), or a run.
 
 Works on every artifact (prompts, rollouts, verified, scored, eval, `update --advantages-out`) and on directories of
 part files; a scored row with --row shows the decoded views, an advantages row its tokens beside u, the term before
-and after normalisation and the final advantage. It renders with
-rich and computes only summaries; it never modifies the file.
+and after normalisation and the final advantage. On a run folder of `antisd loop` (it holds run.json) it shows the
+steps table with its notes (`stages.runs.view`) and each step's files. It renders with rich and computes only
+summaries; it never modifies the file.
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ def _percentiles(values: pa.Array) -> dict:
             "p99": float(p99), "max": float(data.max())}
 
 
+def _rounded(stats):
+    """Column summaries with 4 significant digits (json.dumps would print 17)."""
+    if isinstance(stats, dict):
+        return {k: _rounded(v) for k, v in stats.items()}
+    return float(f"{stats:.4g}") if isinstance(stats, float) else stats
+
+
 def column_stats(table: pa.Table) -> dict:
     """Per-column summaries: numeric percentiles, list lengths, value counts of low-cardinality strings."""
     stats: dict[str, dict] = {}
@@ -90,12 +98,42 @@ def summarize(config: InspectConfig) -> dict:
             "schema": {f.name: str(f.type) for f in table.schema}, "stats": column_stats(table), "table": table}
 
 
+def _value(value) -> str:
+    """A value as shown: floats with 4 significant digits (inside lists too), the rest as str."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    return str(value)
+
+
 def _cell(value) -> str:
     if isinstance(value, list):
-        head = ", ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in value[:LIST_PREVIEW])
+        head = ", ".join(_value(v) for v in value[:LIST_PREVIEW])
         return f"[{head}{', …' if len(value) > LIST_PREVIEW else ''}] ({len(value)})"
-    text = str(value)
+    text = _value(value)
     return text if len(text) <= 300 else text[:300] + " …"
+
+
+METADATA_DEPTH = 2  # nested records shown this deep; deeper ones as {… N keys} (--json prints everything)
+METADATA_TEXT = 200  # characters of one value shown
+
+
+def metadata_lines(metadata: dict, depth: int = 0) -> list[str]:
+    """The metadata as `key: value` lines, nested records indented: every key whole, a long value cut at its own end
+    (never mid-key), records deeper than METADATA_DEPTH folded."""
+    lines = []
+    for key, value in metadata.items():
+        indent = "  " * depth
+        if isinstance(value, dict) and value and depth < METADATA_DEPTH:
+            lines += [f"{indent}{key}:"] + metadata_lines(value, depth + 1)
+        elif isinstance(value, dict) and value:
+            lines.append(f"{indent}{key}: {{… {len(value)} keys}}")
+        else:
+            text = _cell(value) if isinstance(value, list) else _value(value)
+            cut = text if len(text) <= METADATA_TEXT else f"{text[:METADATA_TEXT]}… ({len(text)} characters)"
+            lines.append(f"{indent}{key}: {cut}")
+    return lines
 
 
 def render(summary: dict, config: InspectConfig, console) -> None:
@@ -104,27 +142,71 @@ def render(summary: dict, config: InspectConfig, console) -> None:
     from rich.table import Table
 
     table: pa.Table = summary["table"]
-    console.print(f"[bold]{summary['path']}[/bold]: {summary['artifact']} file, {summary['rows']} rows")
+    if config.row is not None and not 0 <= config.row < table.num_rows:  # before anything is printed
+        raise InputError(f"--row {config.row}: {summary['path']} has rows 0..{table.num_rows - 1}")
+    console.print(f"[bold]{escape(summary['path'])}[/bold]: {summary['artifact']} file, {summary['rows']} rows")
     meta = {k: v for k, v in summary["metadata"].items() if k != "config"}
-    console.print(Panel(escape(json.dumps(meta, indent=1, default=str)[:2000]), title="metadata"))
+    console.print(Panel(escape("\n".join(metadata_lines(meta))), title="metadata (--json: all of it)"))
     overview = Table("column", "type", "summary", title="columns")
     for name, kind in summary["schema"].items():
-        overview.add_row(name, escape(kind), escape(json.dumps(summary["stats"].get(name, {}), default=str)[:160]))
+        overview.add_row(name, escape(kind), escape(json.dumps(_rounded(summary["stats"].get(name, {})))[:160]))
     console.print(overview)
     rows = [config.row] if config.row is not None else list(range(min(config.samples, table.num_rows)))
     for index in rows:
-        if not 0 <= index < table.num_rows:
-            raise InputError(f"--row {index}: file has rows 0..{table.num_rows - 1}")
         record = table.slice(index, 1).to_pylist()[0]
         full = config.row is not None
         body = "\n".join(
-            f"[cyan]{k}[/cyan]: {escape(str(v) if full else _cell(v))}" for k, v in record.items()
+            f"[cyan]{k}[/cyan]: {escape(_value(v) if full else _cell(v))}" for k, v in record.items()
         )
         console.print(Panel(body, title=f"row {index}", expand=True))
         if full and {"prompt_token_ids", "response_token_ids"} <= set(record):
             render_views(record, _tokenizer(config, summary), console)
         elif full and summary["artifact"] == "advantages":
             render_advantages(record, _tokenizer(config, summary), console)
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A run folder of `antisd loop` (its manifest run.json), not a directory of part files."""
+    return Path(path).is_dir() and (Path(path) / "run.json").is_file()
+
+
+def run_summary(path: str | Path) -> dict:
+    """A run folder as JSON: its manifest, every finished step's metrics row, the base model's evaluation."""
+    from stages.runs.run_dir import Run
+
+    run = Run(Path(path))
+    return {"path": str(path), "manifest": run.read_manifest(), "steps": run.metrics_rows(),
+            "base_evaluation": run.base_evaluation()}
+
+
+def render_run(path: str | Path, console) -> None:
+    """The run's state, its steps table with the notes (`stages.runs.view.print_run`), and each step's files."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from stages.runs.run_dir import STEP_ARTIFACTS, Run
+    from stages.runs.view import print_run
+
+    run = Run(Path(path))
+    manifest = run.read_manifest() or {}
+    loop = manifest.get("config", {}).get("loop", {})
+    update = manifest.get("config", {}).get("update", {})
+    finished = manifest.get("finished", [])
+    console.print(f"[bold]{escape(str(path))}[/bold]: antisd loop run of {escape(str(loop.get('model')))}, method "
+                  f"{update.get('method', 'antisd')} ({update.get('variant', '?')}), {len(finished)} of "
+                  f"{loop.get('steps', '?')} steps done; config {manifest.get('config_digest')} (config.yaml)",
+                  soft_wrap=True)
+    print_run(console, Path(path), "steps (metrics.jsonl)")
+    files = Table("step", "files", "checkpoint", title="step folders")
+    for folder in sorted(Path(path).glob("step_[0-9][0-9][0-9][0-9]")):
+        step = int(folder.name.removeprefix("step_"))
+        present = [name for name in STEP_ARTIFACTS if (folder / f"{name}.parquet").exists()]
+        present += [p.name for p in sorted(folder.glob("eval*")) if not p.name.endswith(".json")]
+        checkpoint = run.checkpoint(step)
+        state = ("–" if not checkpoint.is_dir() and step not in finished else "pruned" if not checkpoint.is_dir()
+                 else "full (optimizer state)" if (checkpoint / "deepspeed").is_dir() else "weights and run state")
+        files.add_row(folder.name, " ".join(present), state)
+    console.print(files)
 
 
 def _tokenizer(config: InspectConfig, summary: dict):

@@ -40,7 +40,6 @@ import pyarrow as pa
 
 from stages.common import metrics as keys
 from stages.common.card import Card
-from stages.common.errors import InputError
 from stages.common.io import atomic_write_json
 from stages.runs import config as run_config
 from stages.runs.config import LoopConfig
@@ -173,17 +172,17 @@ class StepRunner:
         loads_before = self.resources.load_seconds
         configs = step_configs(self.config, self.run, step)
         done = self.ranks.from_main(lambda: self._prepare(step, train_table, configs))
-        if not done["rollouts"]:
+        if not done["rollout"]:
             self._timed("rollout", timings, lambda: self.rollout(configs["rollout"], model, timings))
-        if not done["verified"] and settings.dynamic_sampling:
+        if not done["verify"] and settings.dynamic_sampling:
             self.view.stage("verify")
             self.draw_groups(step, configs, model, train_table, timings)
-        elif not done["verified"]:
+        elif not done["verify"]:
             self._timed("verify", timings, lambda: self.ranks.together(
                 lambda: verify.run(configs["verify"]) if self.ranks.is_main else None))
-        if not done["scored"]:
+        if not done["score"]:
             self._timed("score", timings, lambda: self.score(configs["score"], model))
-        if not done["checkpoint"]:
+        if not done["update"]:
             self._timed("update", timings, lambda: self.update(step, configs["update"]))
         row = self._metrics(step, paths, timings) if self.ranks.is_main else {}
         if eval_due(self.settings, step) and eval_prompts is not None:
@@ -200,11 +199,10 @@ class StepRunner:
         output exists)."""
         self.run.step_dir(step).mkdir(exist_ok=True)
         write_step_prompts(self.config, self.run, step, train_table)
-        checkpoint_done = (self.run.checkpoint(step) / "config.json").exists()
-        if not checkpoint_done:  # a finished step keeps the commands it ran
+        done = {stage: self.run.done(step, stage) for stage in ("rollout", "verify", "score", "update")}
+        if not done["update"]:  # a finished step keeps the commands it ran
             write_commands(self.run, step, configs)
-        return {**{name: path.exists() for name, path in self.run.step_paths(step).items()},
-                "checkpoint": checkpoint_done}
+        return done
 
     def draw_groups(self, step: int, configs: dict, model: str, train_table: pa.Table, timings: dict) -> None:
         """Dynamic sampling (stages.runs.dynamic): verify draw 0 (the step's rollouts), draw further prompts while
@@ -247,9 +245,9 @@ class StepRunner:
                 eval_stage.evaluate_for_loop(
                     model=str(model), prompts=str(prompts), out_prefix=str(out_prefix), n=self.settings.eval_n,
                     temperature=self.settings.eval_temperature, max_new_tokens=self.settings.eval_max_new_tokens,
-                    seed=stage_seed(self.settings.seed, 0, "eval"), rollout_knobs=self.config.run.stages["rollout"],
-                    verify_knobs=self.config.run.stages["verify"], loaded=loaded, suite=self.settings.eval_suite)),
-                share_prefix=self.config.run.stages["rollout"].get("share_prefix", True))
+                    seed=stage_seed(self.settings.seed, 0, "eval"), rollout=self.config.run.rollout,
+                    verify=self.config.run.verify, loaded=loaded, suite=self.settings.eval_suite)),
+                share_prefix=self.config.run.rollout.share_prefix)
 
         result = self._timed("eval", timings, evaluate)
         return {keys.evaluation(k): v for k, v in result.items()}
@@ -286,7 +284,7 @@ def validate_settings(config: run_config.RunConfig, env: distributed.DistEnv = d
     from stages.runs.ranks import check_launch
 
     check_wandb(config.loop.wandb)
-    engine = resolve_engine(config.stages["rollout"].get("engine", "auto"))
+    engine = resolve_engine(config.rollout.engine)
     check_launch(config, env, engine, record_only, out)
     return engine
 
@@ -314,7 +312,7 @@ def _run_ranks(config: LoopConfig, ranks: Ranks, engine: str, view, card: Card |
     from stages.runs.view import LoopView
 
     settings = config.run.loop
-    card = card or Card.for_device(pick_device(config.run.stages["score"].get("device", "auto")))
+    card = card or Card.for_device(pick_device(config.run.score.device))
     rows = prompt_rows(config) if engine == "vllm" or card.total() is not None else []
     check_memory(config, engine, card, rows, ranks)
     with ranks.main_holds(lambda: opened_run(config)) as opened:
@@ -348,6 +346,7 @@ def _run_steps(config: LoopConfig, run_dir: Run, manifest: dict | None, runner: 
         if eval_path is not None and not ranks.from_main(base_record.exists):
             base = runner.evaluate(settings.model, eval_path, run_dir.root / BASE_EVAL_NAME, {})
             if ranks.is_main:
+                trackers.log_base(base)  # before the record: a resume that finds the record has logged it
                 atomic_write_json(base_record, base)
         if ranks.is_main:
             view.baseline(json.loads(base_record.read_text()) if eval_path else {})

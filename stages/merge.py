@@ -9,7 +9,7 @@ disjoint across parts (the groups of a prompt must live in one part, or group st
 The merged file has the parts' artifact schema, the rows in part order, and metadata: the fields every part agrees
 on, counts summed over the parts (rows, tokens), for a scored file the batch median teacher entropy recomputed over
 all rows (what `update`'s gate reads), plus ``merged_from`` (the directory, the count) and ``parts_metadata`` (each
-part's own metadata). Other per-part figures (tokens/s, seconds) are kept only in ``parts_metadata``. This module
+part's own metadata). Other per-part figures (tokens/s, wall_s) are kept only in ``parts_metadata``. This module
 changes no row.
 """
 

@@ -1,4 +1,4 @@
-"""`antisd plot`: training curves of run folders (PNG, drawn by `stages.common.figures`) or a tidy CSV.
+"""`antisd plot`: training curves of run folders (PNG or SVG, drawn by `stages.common.figures`) or a tidy CSV.
 
 `antisd plot runs/A runs/B …` reads each run folder's `metrics.jsonl` (one JSON object per step) and its manifest
 (`run.json` or `config.yaml`) and draws one panel per metric, one thin line per run; runs of the same method are
@@ -8,7 +8,9 @@ data as a tidy table (run, method, seed, step, metric, value) instead; such a CS
 folders, so a committed figure can be redrawn from its committed table (its groups are its `method` column).
 
 A run folder's `eval_base.json` (the loop's evaluation of the base model) becomes a record at step −1 holding its
-`eval/*` values, so held-out curves start at the model the run started from.
+`eval/*` values, so held-out curves start at the model the run started from. A metric whose values are all 0 or 1
+(gate/open, gate/warmup) is drawn as steps, not slopes. Runs of one method that differ in a setting are told apart
+by the settings that differ, each key a run config leaves out read at its default.
 
 A run's method: `--label` if given, else the manifest's `config.update.method` (or `update.method`, `method`; a loop
 manifest without it means the update stage's default), else the folder name without a trailing seed suffix
@@ -36,10 +38,13 @@ from stages.common.io import atomic_write_text, read_json_object, read_text_file
 
 log = logging.getLogger(__name__)
 
+# the gate's statistic is the teacher's median entropy under the paper's text, its mean perplexity under the authors'
+# code (METHOD §9): the default panels leave out what no run logged, so each run shows the one it has
 DEFAULT_METRICS = (keys.REWARD_MEAN, keys.EVAL_ACCURACY, keys.LENGTH_MEAN, keys.TEACHER_ENTROPY_MEDIAN,
-                   keys.GATE_LAMBDA, keys.GATE_OPEN, keys.PMI_ANTISD_TERM_MEAN)
+                   keys.TEACHER_PPL_MEAN, keys.GATE_LAMBDA, keys.GATE_OPEN, keys.PMI_ANTISD_TERM_MEAN)
 MANIFESTS = ("run.json", "config.yaml")
-FORMATS = ("auto", "png", "csv")  # auto: from the --out suffix (.csv → csv, anything else → png)
+IMAGE_FORMATS = ("png", "svg")
+FORMATS = ("auto", *IMAGE_FORMATS, "csv")  # auto: from the --out suffix (.png, .svg or .csv)
 BANDS = ("minmax", "std")
 SEED_SUFFIX = re.compile(r"^(.+?)[-_.](?:seed|s)?(\d+)$")
 
@@ -50,7 +55,8 @@ class PlotConfig:
 
     runs: tuple[str, ...] = ()  # run folders, each holding metrics.jsonl, or tidy CSVs this command wrote
     out: str = "curves.png"  # output file
-    format: str = "auto"  # auto (from out's suffix) | png (figure) | csv (tidy: run, method, seed, step, metric, value)
+    format: str = "auto"  # auto (from out's suffix) | png, svg (figure) | csv (tidy: run, method, seed, step, metric,
+    #   value)
     metrics: tuple[str, ...] = DEFAULT_METRICS  # panels / CSV metrics; ("all",) = every numeric metric logged
     labels: tuple[str, ...] = ()  # one group name per run, in order, overriding the method; () = from manifests
     band: str = "minmax"  # band around a group's mean: minmax | std
@@ -61,8 +67,11 @@ class PlotConfig:
         check.require(bool(self.runs), "runs", "give at least one run folder")
         check.choice("format", FORMATS)
         suffix = Path(self.out).suffix.lower()
-        check.require(self.format == "auto" or suffix not in (".png", ".csv") or suffix == f".{self.format}", "format",
+        known = [f".{name}" for name in FORMATS[1:]]
+        check.require(self.format == "auto" or suffix not in known or suffix == f".{self.format}", "format",
                       f"{self.format}, but --out {self.out} ends in {suffix}")
+        check.require(self.format != "auto" or suffix in known, "out",
+                      f"{self.out}: give a .png, .svg or .csv file (or --format)")
         check.choice("band", BANDS)
         check.require(not self.labels or len(self.labels) == len(self.runs), "labels",
                       f"given {len(self.labels)} times for {len(self.runs)} runs (give one per run)")
@@ -71,10 +80,8 @@ class PlotConfig:
 
     @property
     def output_format(self) -> str:
-        """png or csv: `format`, or for auto the suffix of `out`."""
-        if self.format != "auto":
-            return self.format
-        return "csv" if Path(self.out).suffix.lower() == ".csv" else "png"
+        """png, svg or csv: `format`, or for auto the suffix of `out`."""
+        return self.format if self.format != "auto" else Path(self.out).suffix.lower().lstrip(".")
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,11 @@ def run_identity(folder: Path, label: str | None) -> tuple[str, int | None, dict
     if seed is None and suffix:
         seed = suffix.group(2)
     config = manifest.get("config", manifest) if isinstance(manifest.get("config"), dict) else manifest
-    return method, None if seed is None else int(seed), flatten(config)
+    settings = flatten(config)
+    resolved = manifest.get("update_settings")  # every update knob at its value, the variant's included
+    if isinstance(resolved, dict):
+        settings.update({f"update.{key}": value for key, value in resolved.items()})
+    return method, None if seed is None else int(seed), settings
 
 
 def load_run(path: str | Path, label: str | None) -> RunMetrics:
@@ -209,6 +220,21 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+def config_defaults() -> dict:
+    """Every run-config key at its default, dotted: the loop's and each stage Config's (a run config lists only the
+    stage keys it sets; one it leaves out ran at the default, so two runs that both left it out do not differ)."""
+    import dataclasses
+
+    from stages.runs import config as run_config
+
+    defaults = flatten(run_config.resolve({}).to_dict())
+    for section, (_, _, owned) in run_config.STAGE_SECTIONS.items():
+        for spec in dataclasses.fields(run_config.stage_class(section)):
+            if spec.name not in owned and spec.default is not dataclasses.MISSING:
+                defaults[f"{section}.{spec.name}"] = spec.default
+    return defaults
+
+
 def split_by_settings(runs: list[RunMetrics]) -> list[RunMetrics]:
     """Runs of one method whose configs differ in more than the seed (or speed-only settings) get group names that
     say how: `antisd (update.lr=2e-05)`; runs that differ only by seed stay one group. A key a config lacks reads as
@@ -218,7 +244,7 @@ def split_by_settings(runs: list[RunMetrics]) -> list[RunMetrics]:
     from stages.runs import config as run_config
 
     ignored = run_config.RESUMABLE_CHANGES | {"loop.seed"}
-    defaults = flatten(run_config.resolve({}).to_dict())
+    defaults = config_defaults()
 
     def setting(run: RunMetrics, key: str):
         return run.settings.get(key, defaults.get(key))
@@ -235,7 +261,7 @@ def split_by_settings(runs: list[RunMetrics]) -> list[RunMetrics]:
     return out
 
 
-BASE_STEP = -1  # where the base model's evaluation (eval_base.json) is drawn
+BASE_STEP = keys.BASE_STEP  # where the base model's evaluation (eval_base.json) is drawn
 
 
 def base_record(folder: Path) -> list[dict]:
@@ -315,13 +341,17 @@ def run(config: PlotConfig) -> Path:
     if len({run.name for run in runs}) < len(runs) and not tables:  # same folder name under different parents
         runs = [RunMetrics(str(path), r.method, r.seed, r.records) for path, r in zip(config.runs, runs)]
     metrics = all_metrics(runs) if config.metrics == ("all",) else tuple(config.metrics)
+    logged = {metric for metric in metrics if any(metric_series(run.records, metric)[0].size for run in runs)}
+    if config.metrics == DEFAULT_METRICS:
+        metrics = tuple(metric for metric in metrics if metric in logged) or metrics
     for metric in metrics:
-        if not any(metric_series(run.records, metric)[0].size for run in runs):
+        if metric not in logged:
             log.warning("no run logged %s", metric)
     if config.output_format == "csv":
         atomic_write_text(out, to_csv(tidy_rows(runs, metrics), list(TIDY_COLUMNS)))
     else:
-        draw_curves(curve_panels(runs, metrics), config.band, out, base_step=BASE_STEP)
+        draw_curves(curve_panels(runs, metrics), config.band, out, base_step=BASE_STEP,
+                    image_format=config.output_format)
     groups = {m: sum(r.method == m for r in runs) for m in dict.fromkeys(r.method for r in runs)}
     log.info("%d runs in %d groups (%s) → %s", len(runs), len(groups),
              ", ".join(f"{m}×{n}" for m, n in groups.items()), out)

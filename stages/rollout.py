@@ -25,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Collection
 
-from stages.common.io import build_metadata, check_output, output_lock, read_artifact, write_artifact
+from stages.common.io import build_metadata, carried_step, check_output, output_lock, read_artifact, write_artifact
 from stages.common.parts import Shard, output_path
 from stages.lm.engine import SamplingSettings, is_engine, resolve_engine
 from stages.lm.prompts import ChatOptions
@@ -49,7 +49,7 @@ def run(config: RolloutConfig, loaded=None, share: Collection[str] | None = None
     shard = Shard.parse(config.shard)
     if shard.is_whole:
         check_output(config.out, config.overwrite)
-    table, _ = read_artifact(config.prompts, "prompts")
+    table, prompts_metadata = read_artifact(config.prompts, "prompts")
     rows = select_prompts(table, config.prompts, config.max_prompts, shard if share is None else Shard())
     if share is not None:
         rows = [row for row in rows if row["prompt_id"] in share]
@@ -80,7 +80,9 @@ def run(config: RolloutConfig, loaded=None, share: Collection[str] | None = None
 
         # --- write
         metadata = build_metadata(
-            "rollouts", config, model_path=str(engine.model_path), model_revision=engine.revision,
+            "rollouts", config, **carried_step(prompts_metadata), inputs={"prompts": str(config.prompts)},
+            model=str(engine.model_path),
+            model_revision=engine.revision,
             sampling=asdict(SamplingSettings.from_config(config)), chat=chat.record(), seed=config.seed,
             engine=engine.name, dtype=engine.dtype_name, threads=threads, prompts=len(rows), shard=asdict(shard),
             batch_size=config.batch_size or engine.default_batch_size, wall_s=round(wall_s, 3), **stats,

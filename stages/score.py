@@ -43,7 +43,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from stages.common.errors import InputError
-from stages.common.io import build_metadata, check_output, output_lock, read_artifact, write_artifact
+from stages.common.io import build_metadata, carried_step, check_output, output_lock, read_artifact, write_artifact
 from stages.common.parts import Shard, output_path
 from stages.lm.forward import Numerics, chunk_positions
 from stages.lm.scoring import (
@@ -53,7 +53,6 @@ from stages.lm.scoring import (
     TEACHER_PPL_COLUMN,
     TEACHER_PROMPT_COLUMN,
     ScoreConfig,
-    _Progress,
     assemble,
     build_views,
     check_rows,
@@ -63,9 +62,22 @@ from stages.lm.scoring import (
     plan_batches,
     score_views,
     teacher_prompts,
+    warn_logprob_mismatch,
 )
 
 log = logging.getLogger(__name__)
+
+
+def sampling_model(verified: str, metadata: dict) -> str:
+    """score without --model: the model the input's rollouts record; InputError when they record none."""
+    from stages.common.io import recorded_model
+
+    model = recorded_model(metadata, "rollouts")
+    if model is None:
+        raise InputError(f"{verified}: its metadata records no model its rollouts were sampled with; name it with "
+                         "--model")
+    log.info("score: --model not given: the rollouts' own, %s", model)
+    return model
 
 
 def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
@@ -74,8 +86,10 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
     With config.reference, also score the student views with that frozen network (`reference_loaded` reuses one).
     """
     from stages.common.process import pick_device, set_threads
+    from stages.common.progress import token_progress
     from stages.lm.models import load_model
     from stages.method.gate import median_teacher_entropy
+    from stages.method.losses import logprob_mismatch
     from stages.method.perplexity import teacher_perplexity
 
     # --- validate inputs (the options were checked when `config` was made)
@@ -91,6 +105,9 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
             if table.num_rows == 0:
                 raise InputError(f"{config.verified}: shard {shard.index}/{shard.count} holds no prompts")
         temperature = config.temperature or metadata_temperature(in_meta) or 1.0
+        if config.model is None:  # the model that sampled the rollouts (the one lent, or the one they record)
+            config = replace(config, model=str(loaded.path) if loaded is not None else
+                             sampling_model(config.verified, in_meta))
         # --- load
         threads = set_threads(config.threads)
         if loaded is None:
@@ -119,7 +136,7 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
         numerics = Numerics(tokenizer.pad_token_id or 0, temperature, chunk_positions(
             config.chunk_size, str(loaded.device), model.config.get_text_config().vocab_size))
         start = time.perf_counter()
-        with _Progress(sequence_tokens) as progress:
+        with token_progress("score", sequence_tokens) as progress:
             results = score_views(model, batches, numerics=replace(numerics, with_entropy=config.entropy), rows=rows,
                                   progress=progress)
             if reference is not None:  # log π_ref(y_t | x, y<t): the student views, same numerics, no entropy
@@ -127,6 +144,8 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
                                                 numerics=replace(numerics, with_entropy=False), label="reference's ")
         seconds = time.perf_counter() - start
         columns = assemble(rows, views, results)
+        mismatch, _ = logprob_mismatch(columns["student_logprobs"], table.column("sampling_logprobs").to_pylist())
+        warn_logprob_mismatch(mismatch, in_meta, f"score {config.verified}", str(loaded.path))
         teacher_rows = [config.teacher and row["privileged_source"] != "none" for row in rows]
         median, median_tokens = median_teacher_entropy(columns["teacher_entropy"], teacher_rows) \
             if config.entropy else (None, 0)
@@ -141,7 +160,8 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
         table = table.append_column(TEACHER_PPL_COLUMN, pa.array(teacher_ppl, pa.float64()))
         response_tokens = sum(len(r["response_token_ids"]) for r in rows)
         metadata = build_metadata(
-            "scored", replace(config, temperature=temperature), input=str(config.verified),
+            "scored", replace(config, temperature=temperature), **carried_step(in_meta),
+            inputs={"verified": str(config.verified)},
             model=str(loaded.path), model_revision=loaded.revision, temperature=temperature, teacher=config.teacher,
             entropy=config.entropy,
             chat=chat.record(),
@@ -152,10 +172,9 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
             privileged_sources=dict(Counter(r["privileged_source"] for r in rows)),
             median_teacher_entropy=median, teacher_entropy_tokens=median_tokens,
             response_tokens=response_tokens, sequence_tokens=sequence_tokens, forward_tokens=forward_tokens,
-            micro_batches=len(batches) + len(reference_batches),
-            seconds=round(seconds, 3), tokens_per_s=round(sequence_tokens / max(seconds, 1e-9), 1))
+            micro_batches=len(batches) + len(reference_batches), logprob_mismatch_mean=mismatch,
+            wall_s=round(seconds, 3), tokens_per_s=round(sequence_tokens / max(seconds, 1e-9), 1))
         write_artifact(table, out, "scored", metadata)
         log.info("wrote %d scored rows to %s (median teacher entropy %s, %.0f tok/s)", len(rows), out,
-                 f"{metadata['median_teacher_entropy']} nats" if config.entropy else "not computed",
-                 metadata["tokens_per_s"])
+                 "not computed" if median is None else f"{median:.4g} nats", metadata["tokens_per_s"])
         return out

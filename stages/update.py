@@ -21,11 +21,15 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from stages.common import metrics as keys
 from stages.common.errors import InputError
 from stages.common.io import build_metadata, check_output, output_lock, read_artifact, write_artifact
+from stages.lm.scoring import warn_logprob_mismatch
+from stages.method.losses import logprob_mismatch
+from stages.method.terms import get_term
 from stages.training import checkpoint, distributed, lora
 from stages.training.batch import (
     batch_from_table,
@@ -41,7 +45,6 @@ from stages.training.batch import (
 )
 from stages.training.config import UpdateConfig, method_settings, resolve_variant
 from stages.training.trainer import Trainer
-from stages.method.terms import get_term
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ def run(config: UpdateConfig) -> Path:
 
     started = time.perf_counter()
     env = distributed.env_from(os.environ)
+    config = with_scored_model(config)
     model_dir = resolve_model(config.model)
     if not config.train:
         return dry_run(config, model_dir)
@@ -67,6 +71,21 @@ def run(config: UpdateConfig) -> Path:
             return train_and_save(trainer, batch, config, out, started)
         finally:
             trainer.close()
+
+
+def with_scored_model(config: UpdateConfig) -> UpdateConfig:
+    """update without --model: the model the scored file records (its scorer, whose log-probs are the step's old
+    policy: training another model would make every PPO ratio start away from 1); InputError when it records none."""
+    from stages.common.io import read_metadata, recorded_model
+
+    if config.model is not None:
+        return config
+    model = recorded_model(read_metadata(config.scored), "scored") if Path(config.scored).exists() else None
+    if model is None:
+        raise InputError(f"{config.scored}: its metadata records no model it was scored with; name the policy to "
+                         "train with --model")
+    log.info("update: --model not given: the scored file's own, %s", model)
+    return replace(config, model=model)
 
 
 def step(trainer: Trainer, config: UpdateConfig) -> Path:
@@ -115,6 +134,9 @@ def read_batch(config: UpdateConfig, env: distributed.DistEnv, model_dir: Path, 
     batch = batch_from_table(table, str(config.scored), vocab_size, temperature, metadata.get("teacher") is not False,
                              overlong_limit(config, metadata), entropy)
     batch.is_correction = resolved_is_correction(config.is_correction, metadata)
+    if env.is_main:
+        warn_logprob_mismatch(logprob_mismatch(batch.student_logprobs, batch.sampling_logprobs)[0], metadata,
+                              f"update {config.scored}", str(metadata.get("model") or config.model))
     return batch
 
 
@@ -152,11 +174,18 @@ def train_and_save(trainer: Trainer, batch, config: UpdateConfig, out: Path, sta
         _, lam, seq_adv, _, trained = signals
         write_advantages(config, batch, seq_adv, lam, trained, step=metrics[keys.STEP], gate=gate_state)
     if trainer.env.is_main:
-        log.info("update step %d: %d rows, reward %.3f, λ %.3f, loss %.4g, grad norm %s, %.0f tok/s → %s%s",
-                 metrics[keys.STEP], len(batch), metrics[keys.REWARD_MEAN], metrics[keys.GATE_LAMBDA],
-                 metrics[keys.PG_LOSS], metrics[keys.GRAD_NORM], metrics[keys.UPDATE_TOK_S] or 0.0, out,
+        trained = "no optimizer step (no learning signal)" if metrics[keys.NO_SIGNAL] else \
+            f"loss {metrics[keys.PG_LOSS]:.4g}, grad norm {_figure(metrics[keys.GRAD_NORM])}, " \
+            f"{metrics[keys.UPDATE_TOK_S] or 0.0:,.0f} tok/s"
+        log.info("update step %d: %d rows, reward %.3f, λ %s, %s → %s%s", metrics[keys.STEP], len(batch),
+                 metrics[keys.REWARD_MEAN], _figure(metrics[keys.GATE_LAMBDA]), trained, out,
                  "" if config.optimizer_state else " (weights and run state only)")
     return out
+
+
+def _figure(value: float | None) -> str:
+    """A metric in a log line: 4 significant digits, or – when the step has none."""
+    return "–" if value is None else f"{value:.4g}"
 
 
 def write_advantages(config: UpdateConfig, batch, seq_adv, lam, trained: list[int], step: int, gate: dict) -> Path:
@@ -165,7 +194,8 @@ def write_advantages(config: UpdateConfig, batch, seq_adv, lam, trained: list[in
     from stages.training.signals import advantages_table
 
     table = advantages_table(config, batch, seq_adv, lam, trained)
-    metadata = build_metadata("advantages", method_settings(config), scored=str(config.scored), model=config.model,
+    metadata = build_metadata("advantages", method_settings(config), inputs={"scored": str(config.scored)},
+                              model=config.model,
                               step=step,
                               variant=config.variant, method=config.method, gate_metrics=lam.metrics, gate=gate,
                               trained=config.train)
@@ -179,7 +209,7 @@ def dry_run(config: UpdateConfig, model_dir: Path) -> Path:
     """--no-train: the advantages the step would train on, from the run state's gate (not saved), no model."""
     from stages.training.signals import load_gate, make_gate, step_signals
 
-    path = check_output(config.advantages_out, config.overwrite)
+    check_output(config.advantages_out, config.overwrite)
     state = checkpoint.read_state(config.state or checkpoint.default_state_path(model_dir))
     check_state_method(config, state)
     config = resolve_variant(config, state)

@@ -1,6 +1,7 @@
 """`antisd verify`: rollouts Parquet → verified Parquet (schemas.VERIFIED), every row kept.
 
-Per row: the extracted final answer, reward R ∈ {0, 1}, `correct`, `verify_status`, the group statistics of its
+Per row: the extracted final answer, reward R (0/1, or a `--reward` function's float), `correct` (R ≥ 1),
+`verify_status`, the group statistics of its
 prompt and the privileged context of METHOD §4, all computed by `stages.verifier.rows.verify_table` (answer checks in
 killable worker processes: `stages.verifier.answers`). This command reads validate → read → verify → write.
 """
@@ -11,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from stages.common.io import build_metadata, check_output, output_lock, read_artifact, write_artifact
+from stages.common.io import build_metadata, carried_step, check_output, output_lock, read_artifact, write_artifact
 from stages.verifier.rows import VerifyConfig, verify_table
 
 log = logging.getLogger(__name__)
@@ -36,16 +37,17 @@ def run(config: VerifyConfig, loaded=None) -> Path:
     out = check_output(config.out, config.overwrite)
     with output_lock(out):
         table, input_metadata = read_artifact(config.rollouts, "rollouts")
-        log.info("verify config: %s", config)
+        log.debug("verify config: %s", config)  # the whole config is in the output's metadata
 
         bar, on_progress = _progress()
         with bar:
             table, stats = verify_table(table, config, loaded, on_progress)
         wall = time.perf_counter() - started
-        stats["wall_time_s"] = round(wall, 3)
+        stats["wall_s"] = round(wall, 3)
 
         # The rollouts metadata rides along whole: its sampling temperature is what `antisd score` looks up there.
-        metadata = build_metadata("verified", config, inputs={"rollouts": str(config.rollouts)},
+        metadata = build_metadata("verified", config, **carried_step(input_metadata),
+                                  inputs={"rollouts": str(config.rollouts)},
                                   rollouts_metadata=input_metadata, **stats)
         write_artifact(table, out, "verified", metadata)
         counts = stats["status_counts"]

@@ -61,3 +61,11 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def loop_stages(rollout: dict, verify: dict) -> dict:
+    """The rollout and verify Configs a loop would hand its evaluation, from run-config sections."""
+    from stages.runs import config as run_config
+
+    resolved = run_config.resolve({"rollout": rollout, "verify": verify})
+    return {"rollout": resolved.rollout, "verify": resolved.verify}

@@ -132,7 +132,7 @@ def test_a_rollouts_file_concatenated_twice_is_refused(tmp_path, verified):
 @pytest.mark.parametrize("column, values, fragment", [
     ("student_logprobs", lambda v: [[abs(x) + 0.5 for x in row] for row in v], "above 0.001"),
     ("teacher_entropy", lambda v: [[-1.0] + row[1:] for row in v], "below -0.001"),
-    ("reward", lambda v: [5.0, -3.0] + v[2:], "5.0; a verified reward is 0 or 1"),
+    ("reward", lambda v: [float("nan")] + v[1:], "nan; a verified reward is a finite number"),
     ("privileged_source", lambda v: ["bogus"] + v[1:],
      "'bogus' is not one of peer, reference, other_peer, other_reference, none"),
     ("sample_idx", lambda v: [-1] + v[1:], "negative"),

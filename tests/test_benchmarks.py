@@ -73,9 +73,9 @@ def test_known_answers_of_each_new_benchmark_grade_right_and_wrong():
 
 
 def test_math_train_is_a_training_set_of_a_run_config():
+    from stages.lm.datasets import prompts_table
     from stages.runs import config as run_config
     from stages.runs.plan import data_config
-    from stages.lm.datasets import prompts_table
 
     resolved = run_config.resolve({"loop": {"train": {"name": "math", "num": 16, "seed": 3}}})
     table = prompts_table(data_config(resolved.loop.train, Path("unused.parquet")))

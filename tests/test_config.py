@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from stages.common.errors import InputError
+from stages.lm.datasets import DataSource
 from stages.runs import config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +47,7 @@ def test_loop_owned_paths_cannot_be_configured():
 
 def test_nested_data_spec():
     resolved = config.resolve({"loop": {"train": {"name": "gsm8k", "num": 10}}})
-    assert resolved.loop.train == config.DataSpec(name="gsm8k", num=10)
+    assert resolved.loop.train == DataSource(name="gsm8k", num=10)
 
 
 def test_digest_changes_with_config():
@@ -59,6 +60,18 @@ def test_bad_override_syntax():
         config.resolve({}, ["lr"])
 
 
+def test_a_run_config_without_a_model_is_refused_with_its_other_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("loop:\n  steps: 3\nupdate:\n  lrr: 1\n")
+    with pytest.raises(InputError) as info:
+        config.load(path)
+    assert "loop.model: not set" in str(info.value) and "update.lrr: unknown key" in str(info.value)
+    with pytest.raises(InputError, match="loop.model: not set"):
+        config.load(None)  # `antisd loop` without --config
+    assert config.load(None, ["loop.model=smollm2-135m"]).loop.model == "smollm2-135m"
+    assert config.load(REPO / "stages" / "configs" / "demo.yaml").loop.model == "smollm2-135m"  # the demo names it
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         config.load(tmp_path / "missing.yaml")
@@ -67,7 +80,7 @@ def test_missing_config_file(tmp_path):
 def test_on_off_stay_strings_in_overrides_and_files(tmp_path):
     assert config.resolve({}, ["update.gate=off"]).stages["update"]["gate"] == "off"
     path = tmp_path / "c.yaml"
-    path.write_text("update:\n  gate: on\n  gradient_checkpointing: false\n")
+    path.write_text("loop:\n  model: smollm2-135m\nupdate:\n  gate: on\n  gradient_checkpointing: false\n")
     resolved = config.load(path)
     assert resolved.stages["update"]["gate"] == "on"
     assert resolved.stages["update"]["gradient_checkpointing"] is False

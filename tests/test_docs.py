@@ -34,6 +34,9 @@ def test_readme_shows_the_two_setup_commands():
     readme = (REPO / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
     assert "make test" in (REPO / ".ci" / "run").read_text()
+    setup = readme.split("## Set-up", 1)[1].split("## A tour", 1)[0]
+    assert "source .venv/bin/activate" in setup and ".venv/bin/antisd" in setup  # the tour's bare `antisd`
+    assert "--index-url https://download.pytorch.org/whl/cpu" in setup  # a pip that reaches PyPI only
 
 
 # --- every `antisd ...` command the docs show must parse: commands exist and take the options given -------------

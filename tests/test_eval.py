@@ -7,6 +7,7 @@ import json
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
+from conftest import loop_stages
 
 from antisd_cli.main import cli
 from stages import eval as eval_stage
@@ -147,8 +148,7 @@ def test_vote_key_normalizes_spacing_only(answer, key):
 def test_evaluate_for_loop_writes_files_and_resumes(tmp_path, tiny_model_dir, arith_prompts, monkeypatch):
     kwargs = dict(model=str(tiny_model_dir), prompts=str(arith_prompts), out_prefix=str(tmp_path / "eval"), n=1,
                   temperature=0.0, max_new_tokens=4, seed=0,
-                  rollout_knobs={"engine": "hf", "threads": 1, "top_p": 0.5, "n": 8, "progress": False},
-                  verify_knobs={"workers": 1})
+                  **loop_stages({"engine": "hf", "threads": 1, "top_p": 0.5, "n": 8, "progress": False}, {"workers": 1}))
     result = eval_stage.evaluate_for_loop(**kwargs)
     for key in ("accuracy", "pass@1", "length_mean", "truncated_frac"):
         assert isinstance(result[key], float), key
@@ -167,8 +167,8 @@ def test_evaluate_for_loop_writes_files_and_resumes(tmp_path, tiny_model_dir, ar
 
 def test_evaluate_for_loop_recomputes_when_summary_is_missing(tmp_path, tiny_model_dir, arith_prompts):
     kwargs = dict(model=str(tiny_model_dir), prompts=str(arith_prompts), out_prefix=str(tmp_path / "eval"), n=1,
-                  temperature=0.0, max_new_tokens=2, seed=0, rollout_knobs={"engine": "hf", "progress": False},
-                  verify_knobs={"workers": 1})
+                  temperature=0.0, max_new_tokens=2, seed=0,
+                  **loop_stages({"engine": "hf", "progress": False}, {"workers": 1}))
     (tmp_path / "eval.parquet").write_text("a killed run left rows but no summary")
     result = eval_stage.evaluate_for_loop(**kwargs)
     assert result["samples"] == 4

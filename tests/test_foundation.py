@@ -348,6 +348,24 @@ def test_the_suite_uses_a_temporary_cache_not_the_users():
     assert os.environ.get("ANTISD_TEST_CACHE") or Path(tempfile.gettempdir()).resolve() in root.parents
 
 
+def test_the_gguf_conversion_bar_writes_no_carriage_return_into_a_log_file(capfd):
+    """transformers' GGUF reader draws its tqdm bar only on a terminal while antisd converts (a Slurm log gets none);
+    the real conversion's stderr to a file was checked to hold no carriage return (issue 26)."""
+    import io as std_io
+
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    from stages.lm.models import gguf_bar_on_terminals_only
+
+    original = gguf.tqdm
+    with gguf_bar_on_terminals_only(stream=std_io.StringIO()):
+        assert list(gguf.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...")) == [0, 1, 2]
+    assert gguf.tqdm is original
+    assert "\r" not in capfd.readouterr().err
+    list(gguf.tqdm(range(3), desc="outside", disable=False))  # the test can fail: outside, tqdm draws its bar
+    assert "\r" in capfd.readouterr().err
+
+
 def test_the_converted_embedded_model_is_readable_by_others(embedded_model_dir):
     mask = io.current_umask()
     assert embedded_model_dir.stat().st_mode & 0o777 == 0o777 & ~mask
@@ -403,7 +421,9 @@ def test_hf_datasets_folder_with_field_mapping(tmp_path):
         ("mydata-q0", "What is 0 + 0?", "0"), ("mydata-q1", "What is 1 + 1?", "2")]
     for args, message in ((["--split", "test"], "no split 'test' (has train, validation)"),
                           (["--path", "no-org/not-cached", "--split", "train"], "--path no-org/not-cached --split "
-                                                                                 "train: cannot load it")):
+                                                                                 "train: cannot load it"),
+                          (["--path", str(tmp_path / "not_there"), "--split", "train"], f"--path {tmp_path / 'not_there'}: "
+                                                                                         "no such folder")):
         base = ["-q", "data", "prepare", "hf", "--path", str(tmp_path / "mydata"), "--out", str(tmp_path / "x.parquet")]
         bad = CliRunner().invoke(cli, base + args)
         assert bad.exit_code == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -53,7 +53,7 @@ def test_what_several_ranks_cannot_run_is_refused_before_any_work(tmp_path, monk
     the run directory exists (ZeRO-3: every rank would have to make the same module calls, issue 22's item 4)."""
     for key, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
         monkeypatch.setenv(key, value)  # port 1: a rendezvous attempted by mistake fails at once
-    result = CliRunner().invoke(cli, ["loop", "-o", str(tmp_path / "run"), *setting])
+    result = CliRunner().invoke(cli, ["loop", "-o", str(tmp_path / "run"), "--set", "loop.model=smollm2-135m", *setting])
     assert result.exit_code == 2, result.output
     assert refusal in result.stderr and "\n" not in result.stderr.strip()
     assert not (tmp_path / "run").exists()

@@ -31,8 +31,8 @@ def raises(problem, answer, response, row):
 def helper(text):
     raise ValueError("broken reward")
 
-def half(problem, answer, response, row):
-    return 0.5
+def nan(problem, answer, response, row):
+    return float("nan")
 
 def text(problem, answer, response, row):
     return "yes"
@@ -126,8 +126,8 @@ CASES = [
     ("verify-missing-part", ["verify", "--rollouts", "{in}/parts", "--out", "{out}"], 2),
     ("verify-reward-raises", ["verify", "--rollouts", "{in}/rollouts.parquet", "--workers", "1", "--reward",
                               "{in}/rewards.py:raises", "--out", "{out}"], 1),
-    ("verify-reward-half", ["verify", "--rollouts", "{in}/rollouts.parquet", "--workers", "1", "--reward",
-                            "{in}/rewards.py:half", "--out", "{out}"], 1),
+    ("verify-reward-nan", ["verify", "--rollouts", "{in}/rollouts.parquet", "--workers", "1", "--reward",
+                           "{in}/rewards.py:nan", "--out", "{out}"], 1),
     ("verify-reward-text", ["verify", "--rollouts", "{in}/rollouts.parquet", "--workers", "1", "--reward",
                             "{in}/rewards.py:text", "--out", "{out}"], 1),
     ("verify-reward-exits", ["verify", "--rollouts", "{in}/rollouts.parquet", "--workers", "1", "--reward",
@@ -219,3 +219,13 @@ def test_the_free_space_estimate_counts_every_file_of_the_checkpoint(tiny_model_
     tokenizer = sum(p.stat().st_size for p in tiny_model_dir.glob("tokenizer*"))
     assert tokenizer > 0
     assert checkpoint.estimate_bytes(tiny_model_dir, optimizer_state=False) >= files
+
+
+def test_a_failed_run_is_one_error_line_without_an_exception_type_for_our_runtime_errors():
+    """Issue 26: `Error: RuntimeError: sbatch …` read as a crash; our RuntimeErrors are sentences, other types keep
+    their name (they are not ours)."""
+    from antisd_cli.options import one_line_error
+
+    assert one_line_error(RuntimeError("sbatch failed: no partition gpu")).message == "sbatch failed: no partition gpu"
+    assert one_line_error(ValueError("bad")).message == "ValueError: bad"
+    assert one_line_error(RuntimeError("first\nsecond")).message == "first (more with antisd -v)"

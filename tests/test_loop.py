@@ -26,7 +26,7 @@ def tiny_config(model_dir: Path, steps: int = 2) -> dict:
         "loop": {"model": str(model_dir), "steps": steps, "prompts_per_step": 2, "seed": 3, "eval_every": 2,
                  "eval_max_new_tokens": 4, "train": {"name": "arith", "split": "train"},
                  "eval": {"name": "arith", "split": "test", "num": 2}, "tensorboard": False},
-        "rollout": {"n": 2, "max_new_tokens": 6, "progress": False},
+        "rollout": {"n": 2, "max_new_tokens": 6},
         "verify": {"workers": 1},
         # sd is ungated, so λ > 0 from the first step and the weights move even when every reward is 0.
         "update": {"method": "sd", "lr": 1.0e-3, "variant": "paper"},  # the paper's text: METHOD §2–§5
@@ -53,6 +53,7 @@ def finished_run(tmp_path_factory, tiny_model_dir):
     config = write_config(tmp, tiny_model_dir)
     result = run_loop(config, tmp / "run")
     assert result.exit_code == 0, result.output
+    (tmp / "stderr.txt").write_text(result.stderr)  # the log as a file or a Slurm log holds it
     return tmp / "run", config
 
 
@@ -73,6 +74,48 @@ def test_loop_writes_every_stage_and_metrics(finished_run):
     manifest = json.loads((run_dir / "run.json").read_text())
     assert manifest["finished"] == [0, 1]
     assert manifest["latest_checkpoint"].endswith("step_0001/checkpoint")
+
+
+def test_step_files_say_their_step_and_name_each_fact_once(finished_run):
+    """Every step file's metadata names its loop step; one key per fact across the stages (inputs, model, wall_s)."""
+    from stages.common.io import read_metadata
+
+    run_dir, _ = finished_run
+    for step in (0, 1):
+        metadata = {name: read_metadata(run_dir / f"step_{step:04d}" / f"{name}.parquet")
+                    for name in ("prompts", "rollouts", "verified", "scored")}
+        assert {name: meta.get("step") for name, meta in metadata.items()} == dict.fromkeys(metadata, step)
+        for name in ("rollouts", "verified", "scored"):
+            meta = metadata[name]
+            assert isinstance(meta["inputs"], dict) and meta["wall_s"] >= 0, name
+            assert not {"input", "wall_time_s", "seconds", "model_path"} & set(meta), name
+        assert metadata["rollouts"]["model"] == metadata["scored"]["model"]
+
+
+def test_the_log_of_a_run_reads_in_a_file(finished_run):
+    """What a Slurm log of `antisd loop` holds: one record per line, no blank line or carriage return, no stage config
+    record per step, numbers with a few digits, and each stage's progress once at its end (rollout and score too)."""
+    import re
+
+    run_dir, _ = finished_run
+    log = (run_dir.parent / "stderr.txt").read_text()
+    lines = log.splitlines()
+    assert "\r" not in log and all(line.strip() for line in lines)
+    assert "Config(" not in log and max(map(len, lines)) < 400
+    assert not re.findall(r"\d\.\d{7,}", log), re.findall(r".{40}\d\.\d{7,}.{10}", log)
+    for stage in ("rollout", "score", "update"):
+        progress = [line for line in lines if f"stages.common.progress: {stage}: " in line]
+        assert len(progress) == 2 and all("(100 %)" in line for line in progress), (stage, progress)
+
+
+def test_files_written_before_the_keys_were_one_still_read():
+    from stages.common.io import recorded_model
+
+    old = {"artifact": "verified", "config": {"model": "tokenizer-only"},
+           "rollouts_metadata": {"artifact": "rollouts", "model_path": "/ckpt/a", "wall_s": 1.0}}
+    assert recorded_model(old, "rollouts") == "/ckpt/a"
+    assert recorded_model({"artifact": "scored", "model": "/ckpt/b", "seconds": 2.0}, "scored") == "/ckpt/b"
+    assert recorded_model(old, "scored") is None
 
 
 def test_loop_moves_the_weights(finished_run, tiny_model_dir):

@@ -97,7 +97,9 @@ def run_loop(tmp_path: Path, model_dir: Path, weight_sync: str, steps: int = 2) 
                  "weight_sync": weight_sync},
         "rollout": {"engine": "vllm", "n": 2, "max_new_tokens": 4, "progress": False},
         "verify": {"workers": 1},
-        "update": {"method": "sd", "lr": 1.0e-3},  # ungated: the weights move although every reward is 0
+        # ungated under the paper's text (λ = λ_max from step 0): the weights move although every reward is 0 (under
+        # official the warm-up's λ = 0 would leave no learning signal, and a step without one keeps the weights)
+        "update": {"method": "sd", "lr": 1.0e-3, "variant": "paper"},
     }
     config = LoopConfig(out=str(tmp_path / "run"), run=run_config.resolve(raw))
     with open(os.devnull, "w") as devnull:
@@ -117,7 +119,7 @@ def check_step_weights(run_dir: Path, base_model: Path) -> None:
     for step, folder in ((0, base_model), (1, checkpoint)):
         responses, metadata = step_rollouts(run_dir, step)
         assert responses and all(ids == weights_tokens(folder) + [EOS] for ids in responses), step
-        assert metadata["model_path"] == str(folder) and metadata["engine"] == "vllm"
+        assert metadata["model"] == str(folder) and metadata["engine"] == "vllm"
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(row["timing_s/weight_sync"] >= 0 for row in metrics) and len(metrics) == 2
 

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from antisd_cli.main import cli
-from stages.common.validation import ConfigError
 from stages.common.figures import group_band
+from stages.common.validation import ConfigError
 from stages.plot import PlotConfig, load_run, metric_series, run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -235,3 +235,103 @@ def test_a_curves_csv_redraws_the_same_data(runs, tmp_path):
         result = CliRunner().invoke(cli, ["plot", *[str(tmp_path / a) if a.endswith(".csv") else a for a in args],
                                           "--out", str(tmp_path / "x.png")])
         assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+# --- issue 26: formats, legends, gates as steps, the base point in TensorBoard ------------------------------------
+
+def _captured_figure(monkeypatch):
+    """Keep the figure draw_curves makes (and still write it)."""
+    from stages.common import figures
+
+    captured = []
+    original = figures.save_png
+
+    def keep(figure, path, image_format="png"):
+        captured.append(figure)
+        original(figure, path, image_format)
+
+    monkeypatch.setattr(figures, "save_png", keep)
+    return captured
+
+
+def test_an_svg_out_is_svg_and_an_unknown_suffix_is_refused(runs, tmp_path):
+    out = run(PlotConfig(runs=tuple(map(str, runs)), out=str(tmp_path / "x.svg")))
+    head = out.read_bytes()[:400]
+    assert not head.startswith(PNG_MAGIC) and b"<svg" in head
+    result = CliRunner().invoke(cli, ["plot", str(runs[0]), "--out", str(tmp_path / "x.jpg")])
+    assert result.exit_code == 2 and "give a .png, .svg or .csv file" in result.stderr
+    assert not (tmp_path / "x.jpg").exists()
+
+
+def test_gate_values_are_drawn_as_steps_and_curves_as_lines(runs, tmp_path, monkeypatch):
+    captured = _captured_figure(monkeypatch)
+    run(PlotConfig(runs=tuple(map(str, runs)), out=str(tmp_path / "c.png"),
+                   metrics=("gate/open", "reward/mean")))
+    gate, reward = captured[0].axes[:2]
+    assert gate.get_title() == "gate/open" and list(gate.get_yticks()) == [0, 1]
+    assert {line.get_drawstyle() for line in gate.lines if line.get_xdata().size} == {"steps-mid"}
+    assert {line.get_drawstyle() for line in reward.lines if line.get_xdata().size} == {"default"}
+
+
+def test_two_runs_legend_fits_the_image_and_names_only_what_differs(tmp_path, monkeypatch):
+    long_path = "/data/" + "a-rather-long-dataset-folder-name/" * 3 + "train.jsonl"
+    folders = []
+    for i, lr in enumerate([1e-5, 2e-5]):
+        folder = write_run(tmp_path / f"r{i}", "antisd", 0)
+        manifest = json.loads((folder / "run.json").read_text())
+        manifest["config"]["update"]["lr"] = lr
+        manifest["config"]["loop"]["train"] = {"name": "jsonl", "path": long_path.replace("train", f"train{i}")}
+        manifest["config"]["loop"]["prompts_per_step"] = 16 * (i + 1)
+        if i == 0:
+            manifest["config"]["rollout"] = {"n": 8}  # the default, written out: the same as leaving it out
+        (folder / "run.json").write_text(json.dumps(manifest))
+        folders.append(folder)
+    table = run(PlotConfig(runs=tuple(map(str, folders)), out=str(tmp_path / "c.csv")))
+    methods = {row["method"] for row in read_rows(table)}
+    assert all("update.lr=" in m and "loop.train.path=" in m and "loop.prompts_per_step=" in m for m in methods)
+    assert not any("rollout.n" in m for m in methods)
+    captured = _captured_figure(monkeypatch)
+    run(PlotConfig(runs=tuple(map(str, folders)), out=str(tmp_path / "c.png")))
+    figure = captured[0]
+    renderer = figure.canvas.get_renderer()
+    figure.canvas.draw()
+    box, frame = figure.legends[0].get_window_extent(renderer), figure.bbox
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1, (box, frame)
+
+
+def test_the_base_evaluation_is_a_tensorboard_point_at_step_minus_one(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from stages.runs.tracking import Trackers
+
+    trackers = Trackers(tmp_path, {}, "digest", tensorboard=True, wandb_project=None)
+    trackers.log_base({"eval/accuracy": 0.25, "eval/n": 1})
+    trackers.log({"step": 0, "eval/accuracy": 0.5, "reward/mean": 0.1})
+    trackers.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("eval/accuracy")] == [(-1, 0.25), (0, 0.5)]
+    assert [e.step for e in events.Scalars("reward/mean")] == [0]
+
+
+def test_the_default_panels_show_the_gate_statistic_each_run_logged(tmp_path, monkeypatch):
+    """The official variant (the default) logs the teacher's mean perplexity, the paper's text its median entropy:
+    the default panels show the one the runs have, not an empty "not logged" panel (seen in the demo's plot)."""
+    import stages.plot as plot
+
+    panels = []
+    monkeypatch.setattr(plot, "draw_curves", lambda curves, *args, **kwargs: panels.append(list(curves)))
+    official = write_run(tmp_path / "official", "antisd", 0)
+    records = [json.loads(line) for line in (official / "metrics.jsonl").read_text().splitlines()]
+    (official / "metrics.jsonl").write_text("".join(
+        json.dumps({**{k: v for k, v in r.items() if k != "teacher/entropy_median"}, "teacher/ppl_mean": 1.3}) + "\n"
+        for r in records))
+    run(PlotConfig(runs=(str(official),), out=str(tmp_path / "a.png")))
+    assert "teacher/ppl_mean" in panels[-1] and "teacher/entropy_median" not in panels[-1]
+    paper = write_run(tmp_path / "paper", "grpo", 1)
+    run(PlotConfig(runs=(str(official), str(paper)), out=str(tmp_path / "b.png")))
+    assert {"teacher/ppl_mean", "teacher/entropy_median"} <= set(panels[-1])
+    assert "gate/open" in panels[-1]  # logged by one run of the two
+    chosen = ("reward/mean", "teacher/entropy_median")  # what the user names is drawn, logged or not
+    run(PlotConfig(runs=(str(official),), out=str(tmp_path / "c.png"), metrics=chosen))
+    assert panels[-1] == list(chosen)

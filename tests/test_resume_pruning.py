@@ -75,6 +75,22 @@ def test_prunable_is_the_complement_of_what_is_kept():
     assert prunable(3, 1, []) == []  # no full checkpoint yet: the resume replays from the start model
 
 
+def test_commands_that_name_a_pruned_checkpoint_say_so(tmp_path):
+    run = Run(tmp_path)
+    for step in range(4):
+        publish(run, step, full=True)
+        (run.step_dir(step) / "commands.sh").write_text(f"antisd update --model m{step} --out c{step}\n")
+        run.prune_checkpoints(step, keep=2)
+    notes = {step: (run.step_dir(step) / "commands.sh").read_text() for step in range(4)}
+    assert not run.checkpoint(0).exists() and not run.checkpoint(1).exists()
+    assert f"# {run.checkpoint(0)} was pruned after step 2 (loop.keep_checkpoints 2)" in notes[0]  # its --out
+    assert f"# {run.checkpoint(0)} was pruned after step 2" in notes[1]  # its --model
+    assert f"# {run.checkpoint(1)} was pruned after step 3" in notes[1] and notes[2].count("pruned") == 1
+    assert "pruned" not in notes[3] and notes[0].startswith("antisd update --model m0")
+    run.prune_checkpoints(3, keep=2)  # a second pass (a resumed run) adds nothing
+    assert (run.step_dir(1) / "commands.sh").read_text() == notes[1]
+
+
 def test_pruning_drops_a_linked_checkpoint_folder_not_its_target(tmp_path):
     run = Run(tmp_path / "run")
     target = tmp_path / "elsewhere"

@@ -98,7 +98,7 @@ def test_metadata_records_model_sampling_engine_and_speed(rollout, tiny_loaded):
     _, path = rollout(seed=5, threads=1)
     meta = read_metadata(path)
     assert meta["artifact"] == "rollouts" and meta["schema_version"] == schemas.SCHEMA_VERSION
-    assert meta["model_path"] == str(tiny_loaded.path) and meta["model_revision"] == tiny_loaded.revision
+    assert meta["model"] == str(tiny_loaded.path) and meta["model_revision"] == tiny_loaded.revision
     assert meta["sampling"] == {"n": N, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": NEW_TOKENS, "seed": 5}
     assert (meta["engine"], meta["dtype"], meta["threads"]) == ("hf", "float32", 1)
     assert meta["tokens_per_s"] > 0 and meta["wall_s"] > 0 and meta["antisd_version"]
@@ -273,7 +273,7 @@ def test_rows_that_stop_leave_the_batch_and_sample_as_if_alone(tiny_loaded, arit
         row["prompt_token_ids"] = encode(tiny_loaded.tokenizer, student_messages(row["problem"], row["few_shot"]))
     engine = HFEngine(tiny_loaded, share_prefill=share_prefill)
     engine.eos_ids = set(range(0, tiny_loaded.model.config.vocab_size, 9))  # ~1 id in 9 stops: rows end apart
-    settings = SamplingSettings(n=3, temperature=1.0, max_new_tokens=12, seed=11)
+    settings = SamplingSettings(n=3, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=11)
     keys = [r["prompt_id"] for r in rows]
     completions = engine.generate([r["prompt_token_ids"] for r in rows], keys, settings, batch_size=9)
     lengths = [len(c.response_token_ids) for group in completions for c in group]
@@ -294,7 +294,7 @@ def test_rows_that_stop_leave_the_batch_and_sample_as_if_alone(tiny_loaded, arit
 
 def test_sample_accepts_a_loaded_model_and_returns_stats(tiny_loaded, arith_prompts):
     rows = pq.read_table(arith_prompts).to_pylist()[:2]
-    table, stats = sample(tiny_loaded, rows, SamplingSettings(n=2, max_new_tokens=3))
+    table, stats = sample(tiny_loaded, rows, SamplingSettings(n=2, temperature=1.0, top_p=1.0, max_new_tokens=3, seed=0))
     assert table.num_rows == 4 and stats["samples"] == 4
     assert stats["response_tokens"] == sum(table.column("response_length").to_pylist())
     assert stats["finish_stop"] + stats["finish_length"] == 4
@@ -308,13 +308,31 @@ def test_run_reuses_an_open_engine(rollout, tiny_loaded):
     assert table.num_rows == 4 * N and read_metadata(path)["engine"] == "hf"
 
 
-def test_progress_counts_a_prompt_when_all_its_samples_are_done():
-    from stages.lm.sampling import newly_finished, progress_bar
+def test_the_hf_engine_reports_tokens_as_it_samples_them(tiny_loaded):
+    """A batch of long responses decodes for minutes: its tokens reach the progress at every decode step, and its
+    samples when the batch ends (so a Slurm log moves during a batch)."""
+    from stages.lm.engine import SamplingSettings
+    from stages.lm.engine_hf import HFEngine
 
-    done: dict[int, int] = {}
-    assert [newly_finished(done, batch, 2) for batch in ([0, 1], [0, 2], [1, 2, 3])] == [0, 1, 2]
-    with progress_bar(total_prompts=2, n=2, enabled=False) as on_progress:
-        on_progress([0, 1], 5)  # off a terminal the bar is disabled but the callback still works
+    calls = []
+    settings = SamplingSettings(n=2, max_new_tokens=5, temperature=1.0, top_p=1.0, seed=0)
+    completions = HFEngine(tiny_loaded).generate([[1, 2, 3], [1, 4]], ["a", "b"], settings,
+                                                 on_progress=lambda indices, tokens: calls.append((indices, tokens)))
+    during, end = calls[:-1], calls[-1]
+    assert len(during) >= 2 and all(indices == [] and tokens > 0 for indices, tokens in during)
+    assert sorted(end[0]) == [0, 0, 1, 1] and end[1] == 0
+    assert sum(tokens for _, tokens in during) >= sum(len(c.response_token_ids) for group in completions for c in group)
+
+
+def test_a_rollout_in_a_log_file_reports_samples_and_tokens_per_second(rollout, caplog):
+    """Off a terminal (a Slurm log) the rollout writes progress records, not a bar, and no carriage return."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="stages.common.progress"):
+        rollout(progress=True)
+    records = [r.getMessage() for r in caplog.records if r.name == "stages.common.progress"]
+    assert len(records) == 1 and records[0].startswith(f"rollout: {4 * N} / {4 * N} samples (100 %), ")
+    assert "tok/s" in records[0] and "\r" not in caplog.text
 
 
 # --- CLI and bad input ----------------------------------------------------------------------------------------------

@@ -279,6 +279,73 @@ def test_cli_scores_and_prints_path(tmp_path, tiny, verified):
     assert read_artifact(out, "scored")[0].num_rows == len(ROWS)
 
 
+def test_score_in_a_log_file_writes_progress_records_and_no_blank_lines(tmp_path, tiny, verified, caplog, capfd):
+    """Off a terminal (a Slurm log): a progress record in tokens, no bar's blank line or carriage return on stderr,
+    and the median entropy with 4 significant digits."""
+    import logging
+
+    from stages.lm.scoring import ScoreConfig
+    from stages.score import run
+
+    with caplog.at_level(logging.INFO):
+        run(ScoreConfig(verified=str(verified), out=str(tmp_path / "s.parquet"), model=str(tiny.path)), loaded=tiny)
+    stderr = capfd.readouterr().err
+    assert "\n\n" not in stderr and "\r" not in stderr and not stderr.startswith("\n")
+    progress = [r.getMessage() for r in caplog.records if r.name == "stages.common.progress"]
+    assert len(progress) == 1 and progress[0].startswith("score: ") and "tokens (100 %)" in progress[0]
+    (wrote,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("wrote ")]
+    median = read_metadata(tmp_path / "s.parquet")["median_teacher_entropy"]
+    assert f"median teacher entropy {median:.4g} nats" in wrote and str(median) not in wrote
+
+
+# --- which model scores ------------------------------------------------------------------------------------------
+
+def _sampled_by(path, tiny, model: str):
+    """A verified file whose rows are as `model`'s rollouts would be: sampling log-probs = the tiny model's own
+    (temperature 1, no top-p), and the rollouts' metadata naming `model`."""
+    table = verified_table(tiny.tokenizer, ROWS[:3])
+    sampling = [_naive(tiny.model, p, r)[0] for p, r in zip(table.column("prompt_token_ids").to_pylist(),
+                                                               table.column("response_token_ids").to_pylist())]
+    table = table.set_column(table.schema.get_field_index("sampling_logprobs"), "sampling_logprobs",
+                             pa.array(sampling, pa.list_(pa.float32())))
+    rollouts = build_metadata("rollouts", {"temperature": 1.0}, model=model, sampling={"top_p": 1.0})
+    return write_artifact(table, path, "verified", build_metadata("verified", {}, rollouts_metadata=rollouts))
+
+
+def test_score_without_model_scores_with_the_model_the_rollouts_record(tmp_path, tiny):
+    from antisd_cli.main import cli
+
+    path = _sampled_by(tmp_path / "v.parquet", tiny, str(tiny.path))
+    result = CliRunner().invoke(cli, ["score", "--verified", str(path), "--out", str(tmp_path / "s.parquet"),
+                                      "--threads", "1"])
+    assert result.exit_code == 0, result.stderr
+    meta = read_metadata(tmp_path / "s.parquet")
+    assert meta["model"] == str(tiny.path) and meta["config"]["model"] == str(tiny.path)
+    assert meta["logprob_mismatch_mean"] < 1e-4 and "differ from the rollouts' sampling" not in result.stderr
+
+
+def test_scoring_with_another_model_warns_above_the_mismatch_limit(tmp_path, tiny, embedded_model_dir):
+    from antisd_cli.main import cli
+    from stages.method.losses import logprob_mismatch_limit
+
+    assert logprob_mismatch_limit() == pytest.approx(math.log(2))  # a factor 2: update.is_cap's
+    assert logprob_mismatch_limit(0.95) == pytest.approx(math.log(2) - math.log(0.95))  # + top-p's largest shift
+    path = _sampled_by(tmp_path / "v.parquet", tiny, str(tiny.path))
+    result = CliRunner().invoke(cli, ["score", "--verified", str(path), "--out", str(tmp_path / "s.parquet"),
+                                      "--model", str(embedded_model_dir), "--threads", "1"])
+    assert result.exit_code == 0, result.stderr
+    mismatch = read_metadata(tmp_path / "s.parquet")["logprob_mismatch_mean"]
+    assert mismatch > math.log(2)
+    assert "differ from the rollouts' sampling log-probs" in result.stderr and str(tiny.path) in result.stderr
+
+
+def test_score_without_model_on_rollouts_that_record_none_is_refused(tmp_path, tiny, verified):
+    from antisd_cli.main import cli
+
+    result = CliRunner().invoke(cli, ["score", "--verified", str(verified), "--out", str(tmp_path / "s.parquet")])
+    assert result.exit_code == 2 and "records no model" in result.stderr and "--model" in result.stderr
+
+
 # --- bad input ----------------------------------------------------------------------------------------------------
 
 def test_token_id_outside_vocabulary_exits_2_naming_the_row(tmp_path, tiny):

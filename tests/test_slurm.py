@@ -223,8 +223,9 @@ def test_submit_sh_chains_the_same_dependencies(tmp_path, fake_slurm):
 
 def test_sbatch_failure_exits_1_and_keeps_the_ids_already_submitted(tmp_path, fake_slurm):
     bin_dir, _ = fake_slurm
-    result = CliRunner().invoke(cli, ["-q", "loop", "-o", str(tmp_path / "run"), "--set", "loop.steps=1", "--set",
-                                      "loop.eval_every=0", "--launcher", "slurm", "--shards", "2"],
+    result = CliRunner().invoke(cli, ["-q", "loop", "-o", str(tmp_path / "run"), "--set", "loop.model=smollm2-135m",
+                                      "--set", "loop.steps=1", "--set", "loop.eval_every=0", "--launcher", "slurm",
+                                      "--shards", "2"],
                                 env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAIL_AT": "3"})
     assert result.exit_code == 1
     assert "Invalid account" in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -234,8 +235,9 @@ def test_sbatch_failure_exits_1_and_keeps_the_ids_already_submitted(tmp_path, fa
 
 def test_dry_run_prints_scripts_and_submits_nothing(tmp_path, fake_slurm):
     bin_dir, log = fake_slurm
-    result = CliRunner().invoke(cli, ["loop", "-o", str(tmp_path / "run"), "--set", "loop.steps=1", "--launcher",
-                                      "slurm", "--dry-run"], env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    result = CliRunner().invoke(cli, ["loop", "-o", str(tmp_path / "run"), "--set", "loop.steps=1", "--set",
+                                      "loop.model=smollm2-135m", "--launcher", "slurm", "--dry-run"],
+                                env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert result.exit_code == 0, result.output
     assert not log.exists() and not (tmp_path / "run" / "slurm" / "jobs.json").exists()
     assert result.stdout.count("#!/usr/bin/env bash") == 6  # 4 stages + record + submit.sh
@@ -511,8 +513,8 @@ def test_the_continue_job_submits_the_next_window(tmp_path, fake_slurm):
 
 def test_resubmitting_while_jobs_are_queued_is_refused(tmp_path, fake_slurm):
     bin_dir, log = fake_slurm
-    args = ["-q", "loop", "-o", str(tmp_path / "run"), "--set", "loop.steps=1", "--set", "loop.eval_every=0",
-            "--launcher", "slurm", "--shards", "1"]
+    args = ["-q", "loop", "-o", str(tmp_path / "run"), "--set", "loop.model=smollm2-135m", "--set", "loop.steps=1",
+            "--set", "loop.eval_every=0", "--launcher", "slurm", "--shards", "1"]
     path = f"{bin_dir}:{os.environ['PATH']}"
     assert CliRunner().invoke(cli, args, env={"PATH": path}).exit_code == 0
     submitted = len([e for e in read_log(log) if e["tool"] == "sbatch"])
@@ -529,8 +531,8 @@ def test_resubmitting_while_jobs_are_queued_is_refused(tmp_path, fake_slurm):
 def test_a_speed_only_change_resubmits_without_force_and_a_real_change_is_refused(tmp_path, fake_slurm):
     bin_dir, _ = fake_slurm
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    base = ["-q", "loop", "-o", str(tmp_path / "run"), "--set", "loop.steps=1", "--set", "loop.eval_every=0",
-            "--launcher", "slurm", "--shards", "1"]
+    base = ["-q", "loop", "-o", str(tmp_path / "run"), "--set", "loop.model=smollm2-135m", "--set", "loop.steps=1",
+            "--set", "loop.eval_every=0", "--launcher", "slurm", "--shards", "1"]
     assert CliRunner().invoke(cli, base, env=env).exit_code == 0
     faster = CliRunner().invoke(cli, base + ["--set", "rollout.threads=3", "--set", "score.micro_batch_tokens=999"],
                                 env=env)

@@ -23,7 +23,7 @@ from stages.runs.slurm import SlurmConfig
                                            ("--setup", "source x\ntouch PWN"), ("--sbatch-arg", '--qos="hi"')])
 def test_control_characters_and_quotes_in_slurm_values_are_refused(tmp_path, option, value):
     result = CliRunner().invoke(cli, ["loop", "-o", str(tmp_path / "run"), "--launcher", "slurm", "--dry-run",
-                                      option, value])
+                                      "--set", "loop.model=smollm2-135m", option, value])
     assert result.exit_code == 2, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"Error: {option}")  # --sbatch-arg's field is sbatch_args: --sbatch-args
@@ -33,7 +33,8 @@ def test_control_characters_and_quotes_in_slurm_values_are_refused(tmp_path, opt
 @pytest.mark.parametrize("name", ["runs/nl\ntouch PWN", "tab\there", "quote\"d"])
 def test_a_run_directory_a_script_cannot_hold_is_refused_before_writing(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(cli, ["loop", "-o", name, "--launcher", "slurm", "--dry-run"])
+    result = CliRunner().invoke(cli, ["loop", "-o", name, "--launcher", "slurm", "--dry-run", "--set",
+                                      "loop.model=smollm2-135m"])
     assert result.exit_code == 2, result.output
     assert "--out" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from conftest import loop_stages
 from fake_engine import GoldEngine, gold_answers, install
 
 from antisd_cli.main import cli
@@ -204,7 +205,7 @@ def test_evaluate_for_loop_runs_a_suite_and_resumes(tmp_path, tiny_model_dir, mo
                                              {p: 4 for p in list(golds)[:6]}))  # 6 of 30 always right
     kwargs = dict(model=str(tiny_model_dir), prompts=str(prompts), out_prefix=str(tmp_path / "step_0004" / "eval"),
                   n=1, temperature=0.0, max_new_tokens=64, seed=0, suite="aime25-check",
-                  rollout_knobs={"engine": "hf", "progress": False}, verify_knobs={"workers": 1})
+                  **loop_stages({"engine": "hf", "progress": False}, {"workers": 1}))
     (tmp_path / "step_0004").mkdir()
     metrics = eval_stage.evaluate_for_loop(**kwargs)
     assert metrics["accuracy"] == metrics["aime25/avg@4"] == pytest.approx(6 / 30)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import math
 import random
 import shutil
@@ -34,6 +35,7 @@ METRIC_KEYS = [
     "response/length_max", "response/truncated_frac", "teacher/entropy_median", "student/entropy_mean", "gate/open",
     "gate/lambda", "gate/h_warm", "pmi/u_mean", "pmi/antisd_term_mean", "pmi/neg_frac", "actor/pg_loss",
     "actor/clip_frac", "actor/approx_kl", "actor/kl_ref", "actor/grad_norm", "actor/lr", "privileged/peer",
+    "actor/no_signal", "gate/warmup",
     "privileged/reference", "privileged/other_peer", "privileged/other_reference", "privileged/none",
     "throughput/update_tok_s", "timing_s/update", "rollout/logprob_mismatch_mean",
     "rollout/logprob_mismatch_max", "reward/overlong_penalty_mean", "response/overlong_filtered",
@@ -143,16 +145,50 @@ def test_update_changes_weights(tmp_path, tiny_model_dir, scored):
     assert all(torch.isfinite(t).all() for t in after.values())
 
 
-def test_zero_variance_grpo_changes_nothing_but_weight_decay(tmp_path, tiny_model_dir):
+def test_a_step_without_learning_signal_takes_no_optimizer_step_and_says_so(tmp_path, tiny_model_dir, caplog):
+    """Uniform groups and λ = 0 (grpo): every advantage is 0, so the gradient is 0 and the step is skipped: the
+    weights stay bit for bit (weight decay included, which an AdamW step on zero gradients would apply), the run
+    state advances, actor/no_signal says it and a warning names it."""
     flat = make_scored(tmp_path / "flat.parquet", tiny_model_dir, rewards=[1.0] * 8)
-    plain = run(config(flat, tiny_model_dir, tmp_path / "plain", method="grpo"))
-    decayed = run(config(flat, tiny_model_dir, tmp_path / "decayed", method="grpo", weight_decay=0.1))
+    with caplog.at_level(logging.WARNING, logger="stages.training.trainer"):
+        skipped = run(config(flat, tiny_model_dir, tmp_path / "skipped", method="grpo", weight_decay=0.1))
     before = weights(tiny_model_dir)
-    for name, tensor in weights(plain).items():
+    for name, tensor in weights(skipped).items():
         assert torch.equal(tensor, before[name]), name
-    for name, tensor in weights(decayed).items():  # AdamW: p ← p·(1 − lr·wd), the Adam term is 0 for zero grads
-        torch.testing.assert_close(tensor, before[name] * (1 - 1e-3 * 0.1), rtol=0, atol=1e-7)
-    assert json.loads((plain / "metrics.json").read_text())["reward/zero_variance_frac"] == 1.0
+    metrics = json.loads((skipped / "metrics.json").read_text())
+    assert metrics["actor/no_signal"] == 1 and metrics["reward/zero_variance_frac"] == 1.0
+    assert metrics["actor/grad_norm"] is None and metrics["throughput/update_tok_s"] is None
+    assert json.loads((skipped / checkpoint.STATE_FILE).read_text())["step"] == 1
+    assert "update step 0: no learning signal" in caplog.text
+    # the same file with a reference KL term has a gradient (toward the reference): it trains
+    shifted = make_scored(tmp_path / "shifted.parquet", tiny_model_dir, rewards=[1.0] * 8, ref_shift=-0.5)
+    pulled = run(config(shifted, tiny_model_dir, tmp_path / "pulled", method="grpo", kl_coef=0.1))
+    assert json.loads((pulled / "metrics.json").read_text())["actor/no_signal"] == 0
+    assert weights_hash(pulled) != weights_hash(tiny_model_dir)
+
+
+def test_a_skipped_step_resumes_exactly(tmp_path, tiny_model_dir):
+    """A no-signal step then a step with signal: through checkpoints (the skipped step's optimizer state stored
+    untouched) the same weights, optimizer moments and gate as one trainer running both."""
+    from stages.training import distributed
+    from stages.training.batch import batch_from_table
+    from stages.training.trainer import Trainer
+
+    flat = make_scored(tmp_path / "flat.parquet", tiny_model_dir, rewards=[0.0] * 8, seed=1)
+    mixed = make_scored(tmp_path / "mixed.parquet", tiny_model_dir, seed=2, revision=None)
+    first = run(config(mixed, tiny_model_dir, tmp_path / "c0", method="grpo", force=True))
+    skipped = run(config(flat, first, tmp_path / "c1", method="grpo", force=True))
+    last = run(config(mixed, skipped, tmp_path / "c2", method="grpo", force=True))
+    assert json.loads((skipped / "metrics.json").read_text())["actor/no_signal"] == 1
+
+    trainer = Trainer(config(mixed, tiny_model_dir, tmp_path / "direct", method="grpo"), Path(tiny_model_dir), None,
+                      distributed.DistEnv(), "cpu")
+    for path in (mixed, flat, mixed):
+        trainer.train_step(batch_from_table(io.read_artifact(path, "scored")[0], str(path), 49152))
+    trainer.save(tmp_path / "direct", {})
+    trainer.close()
+    assert weights_hash(tmp_path / "direct") == weights_hash(last)
+    assert weights_hash(skipped) == weights_hash(first)
 
 
 def _response_logprob(model_dir: Path, scored_path: Path) -> float:
@@ -423,6 +459,41 @@ def test_cli_prints_checkpoint_path(tmp_path, tiny_model_dir, scored):
     assert result.stdout.strip() == str(tmp_path / "c")
 
 
+def test_update_without_model_trains_the_model_the_scored_file_records(tmp_path, tiny_model_dir, scored):
+    result = _invoke("--scored", scored, "--out", tmp_path / "c", "--threads", 1)
+    assert result.exit_code == 0, result.stderr
+    state = json.loads((tmp_path / "c" / checkpoint.STATE_FILE).read_text())
+    assert state["parent_revision"] == model_revision(tiny_model_dir)
+    assert "differ from the rollouts' sampling" not in result.stderr  # s − q is 0.01 nats in make_scored
+
+
+def test_update_warns_when_the_old_logprobs_are_not_the_samplers(tmp_path, tiny_model_dir, scored, caplog):
+    table, metadata = io.read_artifact(scored, "scored")
+    shifted = [[s - 3.0 for s in row] for row in table.column("student_logprobs").to_pylist()]  # q 20× less likely
+    table = table.set_column(table.schema.get_field_index("sampling_logprobs"), "sampling_logprobs",
+                             pa.array(shifted, pa.list_(pa.float32())))
+    io.write_artifact(table, tmp_path / "far.parquet", "scored", metadata)
+    with caplog.at_level(logging.WARNING, logger="stages.lm.scoring"):
+        run(config(tmp_path / "far.parquet", tiny_model_dir, tmp_path / "c"))
+    assert "differ from the rollouts' sampling log-probs by 3 nats" in caplog.text
+
+
+def test_stdout_holds_only_the_path_without_ds_accelerator(tmp_path, tiny_model_dir, scored):
+    """`ckpt=$(antisd update …)` in a fresh process without DS_ACCELERATOR: DeepSpeed's accelerator warning (printed
+    by its logger at import, to the stdout it found) must go to stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    out = tmp_path / "c"
+    done = subprocess.run([sys.executable, "-m", "antisd_cli", "update", "--scored", str(scored), "--model",
+                           str(tiny_model_dir), "--out", str(out), "--threads", "1"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{out}\n", done.stdout
+
+
 def test_model_mismatch_needs_force(tmp_path, tiny_model_dir):
     path = make_scored(tmp_path / "s.parquet", tiny_model_dir, revision="0123456789abcdef")
     result = _invoke("--scored", path, "--model", tiny_model_dir, "--out", tmp_path / "c")
@@ -654,6 +725,12 @@ def test_progress_off_a_terminal_logs_lines_with_tokens_per_second_and_the_total
     assert lines == ["update: 200 / 400 tokens (50 %), 5 tok/s, ETA 0m40s",
                      "update: 300 / 400 tokens (75 %), 4 tok/s, ETA 0m26s"]  # the last record: at t = 80
     assert progress_line("update", 0, 10, 0.0).endswith("ETA ?")
+    caplog.clear()
+    ticks = iter([0.0, 40.0, 41.0])
+    with caplog.at_level(logging.INFO, logger="stages.common.progress"):
+        with token_progress("update", 100, every_s=30.0, clock=lambda: next(ticks), stream=std_io.StringIO()) as advance:
+            advance(100)  # t = 40: the last advance is also due for a record: the end adds no second one
+    assert [r.getMessage() for r in caplog.records] == ["update: 100 / 100 tokens (100 %), 2 tok/s, ETA 0m00s"]
 
 
 def test_an_update_reports_its_progress_in_tokens(tmp_path, tiny_model_dir, scored, caplog):

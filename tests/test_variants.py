@@ -22,7 +22,7 @@ from stages.method.perplexity import (
     upper_median,
 )
 from stages.method.shaping import clip_u, length_mask, response_u_std, response_zscore
-from stages.method.terms import antisd_term, get_term, phi
+from stages.method.terms import get_term, phi
 
 
 def t(values, dtype=torch.float64):
@@ -339,7 +339,7 @@ def test_official_teacher_turn_strings_are_the_authors():
 
 def test_official_budget_and_head_tail_cut(tiny_model_dir):
     from stages.lm.models import load_tokenizer
-    from stages.verifier.rows import tokens_allowed, token_budget
+    from stages.verifier.rows import token_budget, tokens_allowed
 
     assert tokens_allowed(3072, 4096, 100) == 3072  # min(3072, 4096 − 100 − 300 = 3696)
     assert tokens_allowed(3072, 4096, 1000) == 2796

@@ -378,11 +378,41 @@ def test_a_reward_function_decides_correctness_in_the_killable_workers(tmp_path,
     monkeypatch.chdir(tmp_path)
     spec = "my_reward.py:ends_with_answer" if form == "file" else "my_reward:ends_with_answer"
     rows, metadata = run_verify(tmp_path, groups=REWARD_GROUPS, solutions={}, reward=spec)
-    assert [r["reward"] for r in rows] == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
-    assert [r["verify_status"] for r in rows] == ["ok", "ok", "timeout", "error", "error", "ok", "ok"]
+    assert [r["reward"] for r in rows] == [1.0, 0.0, 0.0, 0.0, 0.5, 0.0, 1.0]  # "half": a float reward, kept
+    assert [r["verify_status"] for r in rows] == ["ok", "ok", "timeout", "error", "ok", "ok", "ok"]
+    assert [r["correct"] for r in rows] == [True, False, False, False, False, False, True]
     assert rows[1]["extracted_answer"] == "4"  # math-verify would have said correct: the function decided
     assert [r["privileged_source"] for r in rows[1:5]] == ["peer"] * 4 and rows[1]["peer_sample_idx"] == 0
     assert metadata["reward_function"] == spec and metadata["config"]["reward"] == spec
+
+
+FLOAT_REWARDS = '''
+import math
+
+import numpy as np
+
+
+def graded(problem, answer, response, row):
+    return {"a": 0.25, "b": 1.5, "c": -1, "d": np.float32(1.0), "e": True, "f": math.nan}[response]
+'''
+
+
+def test_a_reward_function_may_return_floats_and_correct_is_full_credit(tmp_path, monkeypatch):
+    """TRL/verl-style float rewards are kept as they are; `correct` (a peer the teacher may see) is reward ≥ 1; a
+    NaN is an error of its row (reward 0); the file passes every reader's checks."""
+    (tmp_path / "graded.py").write_text(FLOAT_REWARDS)
+    monkeypatch.chdir(tmp_path)
+    groups = {"g": ("4", ["a", "b", "c", "d"]), "h": ("1", ["e", "f", "a"])}
+    rows, metadata = run_verify(tmp_path, groups=groups, solutions={}, reward="graded.py:graded")
+    assert [r["reward"] for r in rows] == [0.25, 1.5, -1.0, 1.0, 1.0, 0.0, 0.25]
+    assert [r["correct"] for r in rows] == [False, True, False, True, True, False, False]
+    assert [r["verify_status"] for r in rows] == ["ok"] * 5 + ["error", "ok"]
+    assert rows[0]["group_mean_reward"] == pytest.approx((0.25 + 1.5 - 1 + 1) / 4)
+    assert {r["peer_sample_idx"] for r in rows[:4] if r["privileged_source"] == "peer"} <= {1, 3}
+    assert rows[5]["privileged_source"] == "peer" and rows[5]["peer_sample_idx"] == 0
+    assert metadata["reward_mean"] == pytest.approx(sum(r["reward"] for r in rows) / 7)
+    table, _ = io.read_artifact(tmp_path / "verified.parquet", "verified")  # the checked read every stage runs
+    assert table.column("reward").to_pylist() == [r["reward"] for r in rows]
 
 
 @pytest.mark.parametrize("spec, message", [

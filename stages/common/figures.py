@@ -1,4 +1,4 @@
-"""Figures and tables written to files: training curves (PNG), pass@k curves (PNG), the PMI heatmap (PNG), the
+"""Figures and tables written to files: training curves (PNG or SVG), pass@k curves (PNG), the PMI heatmap (PNG), the
 token-coloured rollout page (HTML) and CSV text. The only module that imports matplotlib, inside the drawing
 functions, through its object API with the Agg canvas (no pyplot state). Functions take plain data (arrays, rows) and compute nothing beyond a
 group's per-step mean and band; what to draw is the commands' business (`stages.plot`, `stages.analyze`).
@@ -30,13 +30,35 @@ def group_band(series: list[tuple[np.ndarray, np.ndarray]], band: str) -> tuple[
     return common, mean, stacked.min(axis=0), stacked.max(axis=0)
 
 
+LEGEND_CHARACTERS_PER_INCH = 11  # at fontsize 9, with room for the handle
+
+
+def legend_layout(labels: list[str], width_inches: float) -> tuple[list[str], int]:
+    """(labels wrapped to fit, columns) for a legend across a figure `width_inches` wide: as many columns as the
+    longest label allows (up to 5), and a label longer than one column's width broken at its commas and spaces."""
+    import textwrap
+
+    room = max(20, int(width_inches * LEGEND_CHARACTERS_PER_INCH) - 4)
+    longest = max((len(label) for label in labels), default=0)
+    columns = max(1, min(len(labels), 5, room // (longest + 4) if longest else 5))
+    width = room // columns - 4
+    return ["\n".join(textwrap.wrap(label, width, break_on_hyphens=False)) or label for label in labels], columns
+
+
+def is_binary(series: list[tuple[np.ndarray, np.ndarray]]) -> bool:
+    """Whether every value of a panel's series is 0 or 1 (gate/open, gate/warmup): drawn as steps, not slopes."""
+    values = [v for _, vs in series for v in vs.tolist()]
+    return bool(values) and all(v in (0.0, 1.0) for v in values)
+
+
 def draw_curves(panels: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]], band: str, path: Path,
-                base_step: int | None = None, xlabel: str = "step") -> None:
-    """One panel per metric; thin lines per run, a thick mean and shaded band per group with several runs.
+                base_step: int | None = None, xlabel: str = "step", image_format: str = "png") -> None:
+    """One panel per metric; thin lines per run, a thick mean and shaded band per group with several runs; a panel
+    of 0/1 values (a gate) as steps held from one step to the next, with ticks at 0 and 1.
 
     `panels`: metric → group name (legend label) → that group's runs' (steps, values) series (empty: not logged).
     `base_step`: the step at which a base-model record is drawn, named in the x label when a panel has it.
-    `xlabel`: what the x values count (steps; `antisd report`: updates).
+    `xlabel`: what the x values count (steps; `antisd report`: updates). `image_format`: png or svg.
     """
     metrics = list(panels)
     columns = min(3, len(metrics))
@@ -53,16 +75,23 @@ def draw_curves(panels: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]
     widths = {g: 1.0 - 0.15 * min(i, 3) for i, g in enumerate(groups)}
     for ax, metric in zip(axes, metrics):
         drawn = False
+        binary = is_binary([s for series in panels[metric].values() for s in series])
+        shape = dict(drawstyle="steps-mid") if binary else {}  # step k's state centred on its tick
         for group, series in panels[metric].items():
             several = len(series) > 1
             for steps, values in series:
                 ax.plot(steps, values, color=colours[group], lw=(0.8 if several else 1.9) * widths[group],
-                        alpha=0.4 if several else 1, marker="." if steps.size < 40 else None, ms=3, **styles[group])
+                        alpha=0.4 if several else 1, marker="." if steps.size < 40 else None, ms=3, **styles[group],
+                        **shape)
                 drawn = True
             if several:
                 steps, mean, low, high = group_band(series, band)
-                ax.plot(steps, mean, color=colours[group], lw=2.4 * widths[group], **styles[group])
-                ax.fill_between(steps, low, high, color=colours[group], alpha=0.18, lw=0)
+                ax.plot(steps, mean, color=colours[group], lw=2.4 * widths[group], **styles[group], **shape)
+                ax.fill_between(steps, low, high, color=colours[group], alpha=0.18, lw=0,
+                                step="mid" if binary else None)
+        if binary:
+            ax.set_yticks([0, 1])
+            ax.set_ylim(-0.1, 1.1)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(metric, fontsize=10)
         has_base = base_step is not None and any(base_step in steps for series in panels[metric].values()
@@ -75,9 +104,10 @@ def draw_curves(panels: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]
         ax.set_visible(False)
     handles = [axes[0].plot([], [], color=colours[g], lw=2.2, **styles[g])[0] for g in groups]
     spread = "min–max" if band == "minmax" else "±1 std"
-    figure.legend(handles, groups, loc="outside upper center", ncols=min(len(groups), 5 if columns > 1 else 3),
+    labels, legend_columns = legend_layout(groups, 4.6 * columns)
+    figure.legend(handles, labels, loc="outside upper center", ncols=legend_columns,
                   title=f"mean over seeds, band {spread}", fontsize=9)
-    save_png(figure, path)
+    save_png(figure, path, image_format)
 
 
 def draw_pass_at_k(ks: list[int], curves: dict[str, list[np.ndarray]], title: str, path: Path) -> None:
@@ -128,9 +158,10 @@ def _figure(width: float, height: float):
     return figure
 
 
-def save_png(figure, path: Path) -> None:
+def save_png(figure, path: Path, image_format: str = "png") -> None:
+    """Write `figure` to `path` atomically as PNG (120 dpi) or, with image_format svg, as SVG."""
     with atomic_output(path) as handle:
-        figure.savefig(handle, format="png", dpi=120)
+        figure.savefig(handle, format=image_format, dpi=120)
 
 
 def draw_pmi_heatmap(path: Path, p_student: np.ndarray, p_teacher: np.ndarray, u: np.ndarray,

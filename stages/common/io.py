@@ -51,6 +51,33 @@ def read_metadata(path: str | Path) -> dict:
     return file_metadata(part_files(path)[0] if path.is_dir() else path)
 
 
+def metadata_nodes(metadata: dict):
+    """The dicts of a file's metadata, breadth-first (its own keys before the inputs' metadata it carries)."""
+    queue = [metadata]
+    while queue:
+        node = queue.pop(0)
+        yield node
+        queue += [v for v in node.values() if isinstance(v, dict)]
+
+
+def carried_step(metadata: dict) -> dict:
+    """{"step": k} when an input file's metadata names the loop step it belongs to (the loop writes it into each
+    step's prompts, and every stage carries it to its output), else {}."""
+    step = metadata.get("step")
+    return {"step": step} if isinstance(step, int) and not isinstance(step, bool) else {}
+
+
+def recorded_model(metadata: dict, artifact: str) -> str | None:
+    """The model a file's metadata chain says produced its `artifact` step (the rollouts' sampler, the scored file's
+    scorer): that node's `model`, or `model_path` as rollouts wrote it before the keys were one; None if unrecorded."""
+    for node in metadata_nodes(metadata):
+        if node.get("artifact") == artifact:
+            model = node.get("model") or node.get("model_path")
+            if isinstance(model, str) and model:
+                return model
+    return None
+
+
 def read_artifact(path: str | Path, artifact: str, columns: list[str] | None = None) -> tuple[pa.Table, dict]:
     """Read `path` (file or directory of parts) as `artifact`, check its schema; return (table, metadata).
 

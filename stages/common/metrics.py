@@ -37,6 +37,9 @@ LOGPROB_MISMATCH_MAX = "rollout/logprob_mismatch_max"
 GATE_OPEN = "gate/open"
 GATE_LAMBDA = "gate/lambda"
 GATE_H_WARM = "gate/h_warm"
+# 1 in the gate's warm-up steps, which calibrate it with λ = 0 by construction (METHOD §5, §9), whatever gate/open
+# says; 0 after; None for a method that reads no u (grpo)
+GATE_WARMUP = "gate/warmup"
 # λ per response and the perplexity gate (METHOD §9); with one λ per step (§5) max = λ and active_frac is 0 or 1
 GATE_LAMBDA_MAX = "gate/lambda_max"
 GATE_LAMBDA_ACTIVE_FRAC = "gate/lambda_active_frac"  # rows with a teacher view whose λ_i > 0
@@ -53,6 +56,9 @@ CLIP_FRAC = "actor/clip_frac"
 APPROX_KL = "actor/approx_kl"
 KL_REF = "actor/kl_ref"
 GRAD_NORM = "actor/grad_norm"
+# 1: every trained token's advantage was 0 and no KL term acted (uniform groups, λ = 0): no gradient, so the step took
+# no optimizer step (the checkpoint keeps the weights, the run state advances); 0 otherwise
+NO_SIGNAL = "actor/no_signal"
 LR = "actor/lr"
 UPDATE_TOK_S = "throughput/update_tok_s"
 
@@ -63,6 +69,11 @@ LOAD_FRACTION = "overhead/load_fraction"
 MEMORY_PEAK = "memory/peak_gib"  # + /<phase>: CUDA bytes allocated, on CPU the process's peak RSS (stages.common.card)
 EVAL_PREFIX = "eval/"
 EVAL_ACCURACY = EVAL_PREFIX + "accuracy"
+
+
+# the step at which the base model's held-out evaluation (the run's eval_base) is drawn by `antisd plot` and logged to
+# TensorBoard: before step 0, whose evaluation is of the weights after step 0's update
+BASE_STEP = -1
 
 
 def timing(stage: str) -> str:

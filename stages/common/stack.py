@@ -17,10 +17,12 @@ Floors and why:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
 import inspect
+import sys
 
 FLOORS = {"transformers": "5.17", "deepspeed": "0.19.4", "vllm": "0.20", "torch": "2.4", "peft": "0.13"}
 
@@ -64,6 +66,19 @@ APIS = {
         ("vllm", "EngineArgs.logprobs_mode", "", "stages.lm.engine_vllm"),
     ],
 }
+
+
+def import_deepspeed():
+    """`import deepspeed` with stdout pointed at stderr meanwhile, or None when it is not installed. DeepSpeed's logger
+    binds a StreamHandler to the sys.stdout of its import and warns there at once ("Setting accelerator to CPU"
+    without DS_ACCELERATOR), and a command's stdout is for its result (`ckpt=$(antisd update …)`). Every path that
+    imports deepspeed (the trainer; transformers' save_pretrained, which checks for ZeRO-3) calls this first."""
+    if "deepspeed" not in sys.modules:
+        if importlib.util.find_spec("deepspeed") is None:
+            return None
+        with contextlib.redirect_stdout(sys.stderr):
+            importlib.import_module("deepspeed")
+    return sys.modules["deepspeed"]
 
 
 def _resolve(module_name: str, path: str):

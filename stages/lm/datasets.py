@@ -1,5 +1,5 @@
-"""The prompt sets: built-in datasets and users' JSONL/Parquet files → PROMPTS rows, and `PrepareConfig` (the options
-of `antisd data prepare` and of a run config's `loop.train` / `loop.eval`).
+"""The prompt sets: built-in datasets and users' JSONL/Parquet files → PROMPTS rows. `DataSource` says which prompts (a
+run config's `loop.train` / `loop.eval`); `PrepareConfig` is a DataSource and where `antisd data prepare` writes it.
 
 Built-in sets ship inside the package (`stages.lm.bundled`: gsm8k and math train, the test-only benchmarks math500,
 aime24, aime25, aime26, amc23, hmmt_feb25, minervamath, olympiadbench), plus `arith`, a seeded generator of
@@ -20,7 +20,7 @@ import logging
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import pyarrow as pa
@@ -51,11 +51,11 @@ ARITH_OPERAND_MAX = 999
 
 
 @dataclass(frozen=True)
-class PrepareConfig:
-    """Options of `antisd data prepare`."""
+class DataSource:
+    """Which prompts: a dataset and how its rows are read (`antisd data prepare` without its output; a run config's
+    loop.train and loop.eval)."""
 
-    name: str  # one of DATASETS
-    out: str  # output Parquet path
+    name: str = "arith"  # one of DATASETS
     split: str = "train"  # train | test (arith, gsm8k); math has only train, the benchmarks only test; hf: any split
     num: int = 0  # keep the first N rows after shuffling (0 = all)
     seed: int = 0  # shuffles the rows (0 keeps file order for built-in sets) and draws arith problems
@@ -71,7 +71,6 @@ class PrepareConfig:
     few_shot_field: str | None = "few_shot"  # jsonl/parquet: per-row few-shot turns [{user, assistant}] (optional)
     dedupe: bool = False  # jsonl/parquet/hf: keep the first row of each problem text (DAPO-Math-17k repeats each)
     answer_boxed: bool = False  # jsonl/parquet/hf: the answer is the last \boxed{} of the answer field's text (MATH)
-    overwrite: bool = False
 
     def __post_init__(self):
         check = validation.Checks(self)
@@ -92,6 +91,18 @@ class PrepareConfig:
         check.at_least(0, "num")
         check.require(self.name not in USER_FORMATS or bool(self.path), "path", f"required for {self.name}")
         check.done()
+
+
+@dataclass(frozen=True)
+class PrepareConfig(DataSource):
+    """Options of `antisd data prepare`: a DataSource and the Parquet file it is written to."""
+
+    out: str = field(kw_only=True)  # output Parquet path
+    overwrite: bool = field(default=False, kw_only=True)
+
+    @classmethod
+    def of(cls, source: DataSource, out: str | Path) -> "PrepareConfig":
+        return cls(**{f.name: getattr(source, f.name) for f in fields(DataSource)}, out=str(out))
 
 
 def operand_range(text: str) -> tuple[int, int] | None:
@@ -156,7 +167,7 @@ def styles_few_shot(shots: str) -> list[tuple[str, str]]:
     return [examples[name.strip()] for name in shots.split(",") if name.strip()]
 
 
-def user_rows(config: PrepareConfig) -> list[dict]:
+def user_rows(config: DataSource) -> list[dict]:
     path = Path(config.path)
     if config.name == "hf":
         records = hf_records(config.path, config.split)
@@ -169,16 +180,16 @@ def user_rows(config: PrepareConfig) -> list[dict]:
         if not isinstance(record, dict):
             raise InputError(f"{path}: row {i} is not an object of fields (got {type(record).__name__})")
         problem, answer = field_value(record, config.problem_field), field_value(record, config.answer_field)
-        for field, value in ((config.problem_field, problem), (config.answer_field, answer)):
-            if value is None and field_present(record, field):
-                raise InputError(f"{path}: row {i} field '{field}' is null (every row needs a problem and an answer; "
+        for name, value in ((config.problem_field, problem), (config.answer_field, answer)):
+            if value is None and field_present(record, name):
+                raise InputError(f"{path}: row {i} field '{name}' is null (every row needs a problem and an answer; "
                                  "drop or fill that row)")
             if value is None:
-                raise InputError(f"{path}: row {i} has no field '{field}' (row has: {', '.join(map(str, record))}; "
+                raise InputError(f"{path}: row {i} has no field '{name}' (row has: {', '.join(map(str, record))}; "
                                  "see --problem-field/--answer-field)")
             if isinstance(value, (dict, list)):
-                raise InputError(f"{path}: row {i} field '{field}' holds a {type(value).__name__}, not text (name a "
-                                 f"path into it, e.g. '{field}.0.content' or '{field}.KEY')")
+                raise InputError(f"{path}: row {i} field '{name}' holds a {type(value).__name__}, not text (name a "
+                                 f"path into it, e.g. '{name}.0.content' or '{name}.KEY')")
         if config.answer_boxed:
             answer = _boxed_answer(str(answer), f"{path}: row {i} field '{config.answer_field}'")
         solution = field_value(record, config.solution_field)
@@ -207,7 +218,7 @@ def _boxed_answer(text: str, where: str) -> str:
     return answer
 
 
-def build_rows(config: PrepareConfig) -> list[dict]:
+def build_rows(config: DataSource) -> list[dict]:
     """The prompt rows of `config`, shuffled/truncated, few-shot attached; pure apart from reading files."""
     if config.name == "arith":
         rows = arith_rows(config.split, config.seed, operands=config.operands)
@@ -250,12 +261,12 @@ def first_of_each_problem(rows: list[dict], source) -> list[dict]:
     return kept
 
 
-def prompts_table(config: PrepareConfig) -> pa.Table:
+def prompts_table(config: DataSource) -> pa.Table:
     """The PROMPTS table of `config`, in memory (`antisd loop` validates it before its run directory is written)."""
     import schemas
 
     return pa.Table.from_pylist(build_rows(config), schema=schemas.PROMPTS)
 
 
-def write_prompts(table: pa.Table, config: PrepareConfig, out: str | Path) -> Path:
+def write_prompts(table: pa.Table, config: DataSource, out: str | Path) -> Path:
     return write_artifact(table, out, "prompts", build_metadata("prompts", config, rows=table.num_rows))

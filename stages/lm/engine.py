@@ -21,13 +21,14 @@ ENGINES = ("auto", "vllm", "hf")
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """What an engine needs to sample: the subset of RolloutConfig that defines the distribution."""
+    """What an engine needs to sample: the subset of RolloutConfig that defines the distribution (its defaults live
+    there: build it with `from_config`)."""
 
-    n: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    seed: int = 0
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
 
     @classmethod
     def from_config(cls, config) -> "SamplingSettings":

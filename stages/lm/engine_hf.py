@@ -147,8 +147,10 @@ class HFEngine(Engine):
         cache.batch_select_indices(torch.tensor(rows, device=input_ids.device))
         return cache
 
-    def generate_batch(self, sequences: list[list[int]], seeds: list[int] | None, settings: SamplingSettings):
-        """Prefill `sequences` and decode until every row stops; returns [(response ids, log-probs, reason)] per row."""
+    def generate_batch(self, sequences: list[list[int]], seeds: list[int] | None, settings: SamplingSettings,
+                       on_tokens: Callable[[int], None] | None = None):
+        """Prefill `sequences` and decode until every row stops; returns [(response ids, log-probs, reason)] per row.
+        `on_tokens(k)` after each decode step that sampled k tokens (the progress of a long batch)."""
         generators = None
         if seeds is not None:
             generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
@@ -174,6 +176,8 @@ class HFEngine(Engine):
                     logprobs[row].append(logprob)
                     if token not in self.eos_ids:
                         keep.append(i)
+                if on_tokens is not None:
+                    on_tokens(len(active))
                 if not keep or step == settings.max_new_tokens - 1:
                     break
                 if len(keep) < len(active):  # rows that stopped leave the batch and the cache
@@ -198,17 +202,19 @@ class HFEngine(Engine):
         batch_size: int = 0,
         on_progress: Callable[[list[int], int], None] | None = None,
     ) -> list[list[Completion]]:
-        """n completions per prompt, in sample order; `on_progress(prompt indices of finished rows, tokens)`."""
+        """n completions per prompt, in sample order; `on_progress(prompt indices of finished rows, tokens)`, the
+        tokens as each decode step samples them (a batch of long responses runs for minutes: its log must move)."""
+        on_tokens = None if on_progress is None else (lambda tokens: on_progress([], tokens))
         results: list[list[Completion | None]] = [[None] * settings.n for _ in prompt_ids]
         for batch in row_batches(prompt_ids, settings.n, batch_size or self.default_batch_size):
             seeds = None
             if settings.temperature > 0:
                 seeds = [sample_seed(settings.seed, prompt_keys[p], j) for p, j in batch]
-            completions = self.generate_batch([prompt_ids[p] for p, _ in batch], seeds, settings)
+            completions = self.generate_batch([prompt_ids[p] for p, _ in batch], seeds, settings, on_tokens)
             for (p, j), completion in zip(batch, completions):
                 results[p][j] = completion
             if on_progress is not None:
-                on_progress([p for p, _ in batch], sum(len(c.response_token_ids) for c in completions))
+                on_progress([p for p, _ in batch], 0)  # its tokens were counted as they were sampled
         return results  # type: ignore[return-value]
 
     def close(self) -> None:

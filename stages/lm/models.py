@@ -8,6 +8,8 @@ No network and no hub access, ever. This module does no sampling or training.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -15,12 +17,15 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from stages.common.errors import InputError
 from stages.common.io import share_like_new_files
+from stages.common.stack import import_deepspeed
 from stages.lm.compat import make_portable
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,20 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+@contextlib.contextmanager
+def gguf_bar_on_terminals_only(stream=None) -> Iterator[None]:
+    """transformers' GGUF reader draws a tqdm bar ("Converting and de-quantizing GGUF tensors") whose carriage returns
+    fill a log file (a Slurm log, `2> log`): while converting, it shows only when stderr is a terminal."""
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    original = gguf.tqdm
+    gguf.tqdm = functools.partial(original, disable=not (stream or sys.stderr).isatty())
+    try:
+        yield
+    finally:
+        gguf.tqdm = original
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF file into a dense fp32 HF folder at `out_dir`, atomically (temp dir + rename)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,11 +82,14 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", suffix=".tmp", dir=out_dir.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                     trust_remote_code=False)
+        with gguf_bar_on_terminals_only():
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                      trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                         trust_remote_code=False)
         # The weights are already dense after loading; transformers only refuses to save because of the marker.
         model.hf_quantizer = None
+        import_deepspeed()  # save_pretrained imports it (a ZeRO-3 check): its logger must bind stderr, not stdout
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)

@@ -97,43 +97,14 @@ def select_prompts(table: pa.Table, source: str, max_prompts: int, shard: Shard)
     return [rows[i] for i in shard.select([row["prompt_id"] for row in rows])]
 
 
-def newly_finished(done_per_prompt: dict[int, int], prompt_indices: list[int], n: int) -> int:
-    """Count finished samples per prompt in `done_per_prompt` (updated); return how many prompts just reached n."""
-    finished = 0
-    for index in prompt_indices:
-        done_per_prompt[index] = done_per_prompt.get(index, 0) + 1
-        finished += done_per_prompt[index] == n
-    return finished
-
-
 @contextmanager
-def progress_bar(total_prompts: int, n: int, enabled: bool):
-    """Yield `on_progress(prompt indices of finished samples, tokens)` that drives a rich bar on stderr."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def progress_bar(total_samples: int, enabled: bool, label: str = "rollout"):
+    """Yield `on_progress(prompt indices of finished samples, tokens)`: the samples done of `total_samples`, with
+    tokens/s and ETA (`stages.common.progress`: a bar on a terminal, a record every 30 s in a log file)."""
+    from stages.common.progress import counted_progress
 
-    console = Console(stderr=True)
-    columns = [TextColumn("rollout prompts"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    done_per_prompt: dict[int, int] = {}
-    state = {"tokens": 0, "start": time.perf_counter()}
-    with Progress(*columns, console=console, disable=not (enabled and console.is_terminal)) as progress:
-        task = progress.add_task("rollout", total=total_prompts, rate="")
-
-        def on_progress(prompt_indices: list[int], tokens: int) -> None:
-            finished = newly_finished(done_per_prompt, prompt_indices, n)
-            state["tokens"] += tokens
-            rate = state["tokens"] / max(time.perf_counter() - state["start"], 1e-9)
-            progress.update(task, advance=finished, rate=f"{rate:,.0f} tok/s")
-
-        yield on_progress
+    with counted_progress(label, total_samples, unit="samples", enabled=enabled) as advance:
+        yield lambda prompt_indices, tokens: advance(len(prompt_indices), tokens)
 
 
 def as_engine(loaded_or_engine):
@@ -148,8 +119,9 @@ def as_engine(loaded_or_engine):
 
 
 def sample(loaded_or_engine, prompt_rows: list[dict], settings: SamplingSettings, *, batch_size: int = 0,
-           progress: bool = False, chat: ChatOptions = ChatOptions()) -> tuple[pa.Table, dict]:
-    """Sample `settings.n` responses for each prompt row; return (ROLLOUTS table, stats).
+           progress: bool = False, chat: ChatOptions = ChatOptions(), label: str = "rollout"
+           ) -> tuple[pa.Table, dict]:
+    """Sample `settings.n` responses for each prompt row; return (ROLLOUTS table, stats); `label` names the progress.
 
     Rows come out in prompt order, then sample_idx. Stats: samples, response_tokens, generate_s, tokens_per_s
     (response tokens per second of engine time), finish_stop, finish_length.
@@ -161,7 +133,7 @@ def sample(loaded_or_engine, prompt_rows: list[dict], settings: SamplingSettings
     start = time.perf_counter()
     completions: list[list[Completion]] = []
     if prompt_rows:
-        with progress_bar(len(prompt_rows), settings.n, progress) as on_progress:
+        with progress_bar(len(prompt_rows) * settings.n, progress, label) as on_progress:
             completions = engine.generate(prompt_ids, keys, settings, batch_size, on_progress)
     generate_s = time.perf_counter() - start
     out_rows = []

@@ -10,13 +10,16 @@ most `micro_batch_tokens` padded tokens (`stages.lm.logprobs.pack_by_tokens`). T
 
 from __future__ import annotations
 
-import time
+import logging
 from dataclasses import dataclass
 
 from stages.common import validation
 from stages.common.errors import InputError
+from stages.common.io import metadata_nodes
 from stages.lm.models import ATTN_IMPLEMENTATIONS, DTYPES
 from stages.lm.prompts import TEACHER_LAYOUTS
+
+log = logging.getLogger(__name__)
 
 SCORE_COLUMNS = ("student_logprobs", "teacher_logprobs", "teacher_entropy", "student_entropy", "pmi",
                  "teacher_prompt_length")
@@ -33,7 +36,9 @@ class ScoreConfig:
 
     verified: str  # input: a verified Parquet file (or a directory of parts)
     out: str  # output: scored Parquet path (a directory of parts with --shard)
-    model: str = "smollm2-135m"  # the policy that sampled the rollouts: HF folder or embedded model name
+    # the policy that sampled the rollouts: HF folder, embedded model name or Hub id; None: the one the input's
+    # rollouts record (their metadata), so rescoring another checkpoint's rollouts needs no flag to be right
+    model: str | None = None
     # a frozen reference policy (HF folder or embedded name) whose log-probs of the response tokens under the student
     # prompt are stored as ref_logprobs, for update --kl-coef; None = no reference pass and no ref_logprobs column
     reference: str | None = None
@@ -86,15 +91,6 @@ class View:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
-def metadata_nodes(metadata: dict):
-    """The dicts of a file's metadata, breadth-first (its own keys before the inputs' metadata it carries)."""
-    queue = [metadata]
-    while queue:
-        node = queue.pop(0)
-        yield node
-        queue += [v for v in node.values() if isinstance(v, dict)]
-
-
 def metadata_temperature(metadata: dict) -> float | None:
     """The first positive `temperature` value found breadth-first in a file's metadata, or None."""
     for node in metadata_nodes(metadata):
@@ -102,6 +98,29 @@ def metadata_temperature(metadata: dict) -> float | None:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             return float(value)
     return None
+
+
+def metadata_top_p(metadata: dict) -> float:
+    """The rollouts' top-p: the first `top_p` found breadth-first in a file's metadata, else 1."""
+    for node in metadata_nodes(metadata):
+        value = node.get("top_p")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
+            return float(value)
+    return 1.0
+
+
+def warn_logprob_mismatch(mean: float | None, metadata: dict, source: str, model: str) -> None:
+    """A warning when the old log-probs s_t (of `model`) sit further from the sampler's than one model's numerics
+    explain (`stages.method.losses.logprob_mismatch_limit`), naming the model the rollouts record."""
+    from stages.common.io import recorded_model
+    from stages.method.losses import logprob_mismatch_limit
+
+    limit = logprob_mismatch_limit(metadata_top_p(metadata))
+    if mean is not None and mean > limit:
+        log.warning("%s: the log-probs of %s differ from the rollouts' sampling log-probs by %.3g nats per token on "
+                    "average (above %.3g = ln 2 − ln top-p, more than one model's numerics): the rollouts record the "
+                    "model %s; score and update with that one (--model)", source, model, mean, limit,
+                    recorded_model(metadata, "rollouts") or "(none recorded)")
 
 
 def row_label(rows: list[dict], index: int) -> str:
@@ -250,33 +269,6 @@ def teacher_prompts(rows: list[dict], views: list[View]) -> list[list[int] | Non
     """Each row's teacher prompt ids, None for a row without a teacher view."""
     by_row = {v.row: v.prompt_ids for v in views if v.teacher}
     return [by_row.get(index) for index in range(len(rows))]
-
-
-class _Progress:
-    """A rich bar on stderr counting forward tokens, with tokens/s and ETA (context manager; a callable tick)."""
-
-    def __init__(self, total: int):
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("score"), BarColumn(), TextColumn("{task.completed}/{task.total} tok"),
-                            TextColumn("{task.fields[rate]} tok/s"), TimeRemainingColumn(),
-                            console=Console(stderr=True), transient=True)
-        self.task = self.bar.add_task("score", total=total, rate="-")
-        self.start = time.perf_counter()
-        self.done = 0
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
-
-    def __call__(self, tokens: int) -> None:
-        self.done += tokens
-        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-        self.bar.update(self.task, advance=tokens, rate=f"{rate:,.0f}")
 
 
 def load_reference(config: ScoreConfig, loaded, reference_loaded=None):

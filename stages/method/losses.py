@@ -181,3 +181,28 @@ def truncated_is_weights(student_logprobs: torch.Tensor, sampling_logprobs: torc
     −min(ρ·wA, clip(ρ)·wA) = w·(−min(ρA, clip(ρ)A)).
     """
     return torch.exp((student_logprobs - sampling_logprobs).clamp(max=20.0)).clamp(max=cap)
+
+
+# A sampler's and a scorer's probability of the typical token more than this factor apart: not one model's numbers
+MISMATCH_FACTOR = 2.0
+
+
+def logprob_mismatch(student_logprobs: Sequence[Sequence[float]], sampling_logprobs: Sequence[Sequence[float]]
+                     ) -> tuple[float | None, float | None]:
+    """(mean, max) of |s_t − log q_t| over every response token whose sampling log-prob is finite: how far the old
+    log-probs (score) sit from the sampler's (rollout); (None, None) without a token."""
+    gaps = [abs(s - q) for row_s, row_q in zip(student_logprobs, sampling_logprobs)
+            for s, q in zip(row_s, row_q) if math.isfinite(q)]
+    return (math.fsum(gaps) / len(gaps), max(gaps)) if gaps else (None, None)
+
+
+def logprob_mismatch_limit(top_p: float = 1.0) -> float:
+    """The mean |s_t − log q_t| (nats) above which s and q are not one model's: ln 2 − ln top_p.
+
+    Why: the sampler's q_t = s_t − ln(kept nucleus mass), the kept mass ≥ top_p, so top-p alone moves a token by
+    at most −ln top_p; one model's numerics move it by ~1e-6 (fp32 both, docs/vllm-cpu.md) to ~1e-2 (a 16-bit
+    sampler). Past that, a mean gap of ln 2 means the typical token's probability differs by a factor of 2, the cap
+    of the truncated IS weight (update.is_cap), beyond which no correction applies: the rollouts came from another
+    model (another checkpoint's rollouts measured 5.41 nats) or another temperature.
+    """
+    return math.log(MISMATCH_FACTOR) - math.log(top_p)

@@ -24,41 +24,8 @@ from stages.common.errors import InputError
 from stages.common.io import read_text_file, to_jsonable
 from stages.common.yaml12 import problem as yaml_problem
 from stages.common.yaml12 import safe_load
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """Which prompts a run trains or evaluates on (arguments of `antisd data prepare`)."""
-
-    name: str = "arith"  # arith | arith_styles | gsm8k | math (train) | a benchmark (test) | jsonl | parquet | hf
-    split: str = "train"  # train | test
-    num: int = 0  # first N prompts (0 = all)
-    seed: int = 0  # shuffle seed of the prepared file
-    few_shot: bool = True  # arith, arith_styles
-    shots: str = "direct,deliberate"  # arith_styles: its worked examples in order (small, direct, deliberate)
-    operands: str = "10-99"  # arith, arith_styles: LO-HI, the range of both operands
-    path: str | None = None  # jsonl/parquet input file; hf: a datasets folder or Hub dataset name
-    problem_field: str = "problem"  # jsonl/parquet/hf: the columns read (as `antisd data prepare --*-field`)
-    answer_field: str = "answer"
-    solution_field: str | None = "solution"
-    id_field: str | None = None
-    few_shot_field: str | None = "few_shot"
-    dedupe: bool = False
-    answer_boxed: bool = False
-
-    def prepare_options(self) -> dict:
-        """The `antisd data prepare` options this spec stands for (every field has the same name there)."""
-        import dataclasses
-
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    def __post_init__(self):
-        from stages.lm.datasets import PrepareConfig
-
-        check = validation.Checks(self)  # the rules of `antisd data prepare`, under the same names
-        check.absorb(lambda: PrepareConfig(out="", **self.prepare_options()))
-        check.done()
-
+from stages.lm.datasets import DataSource
+from stages.lm.models import DEFAULT_MODEL
 
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -67,7 +34,7 @@ WANDB_MODES = ("online", "offline", "disabled")
 class LoopSettings:
     """Knobs of the loop itself."""
 
-    model: str = "smollm2-135m"  # starting policy: HF folder or embedded model name
+    model: str = DEFAULT_MODEL  # starting policy: HF folder or embedded model name
     steps: int = 20  # RL steps to run (a finished run can be extended by raising this; 0: evaluate the base only)
     prompts_per_step: int = 32  # problems per step (paper: 32); rollout.n samples each
     seed: int = 0  # master seed: every stage's seed derives from (seed, step)
@@ -75,8 +42,8 @@ class LoopSettings:
     eval_n: int = 1  # samples per held-out problem (1 with temperature 0 = greedy accuracy; >1 = avg@k)
     eval_temperature: float = 0.0  # 0 = greedy
     eval_max_new_tokens: int = 64
-    train: DataSpec = field(default_factory=DataSpec)
-    eval: DataSpec = field(default_factory=lambda: DataSpec(split="test", num=200))
+    train: DataSource = field(default_factory=DataSource)  # which prompts it trains on (as `antisd data prepare`)
+    eval: DataSource = field(default_factory=lambda: DataSource(split="test", num=200))  # held out
     # a suite (stages.runs.suites; aime25-check: the authors' AIME25 mean@4) evaluated instead of `eval`, with its own
     # n, temperature, top-p and max tokens (so eval, eval_n, eval_temperature, eval_max_new_tokens stay unset), into
     # step_XXXX/eval-SUITE/ and eval_base-SUITE/; eval/accuracy is then the suite average
@@ -247,10 +214,17 @@ def merge_overrides(raw: dict, overrides: list[str]) -> dict:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """The resolved configuration of a run: loop settings plus each stage's knobs (as keyword dicts)."""
+    """The resolved configuration of a run: the loop's settings, and each stage's Config built once from its section.
+
+    `stages` keeps what the run config sets (section -> {key: value}): config.yaml and the digest are made of it, so a
+    default added later does not change a run's identity, and the variant presets fill only what it leaves unset.
+    Code reads a stage's knobs through `stage(section)` (or `.rollout`, `.verify`, `.score`, `.update`): that
+    section's validated Config, every default resolved in the one place it is declared, `model` the loop's, and the
+    paths the loop owns as placeholders it replaces step by step (`stages.runs.plan.stage_config`).
+    """
 
     loop: LoopSettings
-    stages: dict  # section -> {key: value} of non-path fields, validated against the stage's Config
+    stages: dict  # section -> {key: value} the run config sets, validated against the stage's Config
 
     def to_dict(self) -> dict:
         return {"loop": to_jsonable(self.loop), **{k: dict(v) for k, v in self.stages.items()}}
@@ -258,11 +232,47 @@ class RunConfig:
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
+    def stage(self, section: str):
+        """Section `section`'s Config, validated once per RunConfig: its set keys over the Config's defaults, the
+        loop's model, loop placeholders."""
+        built = self.__dict__.setdefault("_stage_configs", {})  # frozen: the cache bypasses __setattr__
+        if section not in built:
+            cls = stage_class(section)
+            owned = STAGE_SECTIONS[section][2]
+            filled = {f.name: (self.loop.model if f.name == "model" else LOOP_PLACEHOLDER)
+                      for f in dataclasses.fields(cls)
+                      if f.name in owned and (f.name == "model" or (f.default is dataclasses.MISSING
+                                                                    and f.default_factory is dataclasses.MISSING))}
+            built[section] = cls(**self.stages.get(section, {}), **filled)
+        return built[section]
 
-def resolve(raw: dict | None, overrides: list[str] = ()) -> RunConfig:
-    """Validate a raw mapping (from YAML) plus overrides into a RunConfig; all errors reported at once."""
+    rollout = property(lambda self: self.stage("rollout"))
+    verify = property(lambda self: self.stage("verify"))
+    score = property(lambda self: self.stage("score"))
+    update = property(lambda self: self.stage("update"))
+
+    def sets(self, section: str, key: str) -> bool:
+        """Whether the run config sets `section.key` itself (rather than leaving it to its default or a preset)."""
+        return key in self.stages.get(section, {})
+
+    def with_values(self, section: str, **values) -> "RunConfig":
+        """This config with `values` set in `section` (as if the run config had set them)."""
+        return RunConfig(loop=self.loop, stages={**self.stages, section: {**self.stages.get(section, {}), **values}})
+
+
+MODEL_REQUIRED = ("loop.model: not set; name the policy to train (an HF folder, an embedded model such as "
+                  "smollm2-135m, or a Hub id ORG/NAME) in the config or with --set loop.model=…")
+
+
+def resolve(raw: dict | None, overrides: list[str] = (), require_model: bool = False) -> RunConfig:
+    """Validate a raw mapping (from YAML) plus overrides into a RunConfig; all errors reported at once. With
+    `require_model` (a run config given to `antisd loop`) loop.model must be set: the dataclass default is the
+    embedded demo model, which a run config that forgot its model would silently train."""
     merged = merge_overrides(raw or {}, list(overrides))
     errors: list[str] = []
+    loop_values = merged.get("loop")
+    if require_model and not (isinstance(loop_values, dict) and loop_values.get("model")):
+        errors.append(MODEL_REQUIRED)
     unknown = set(merged) - {"loop", *STAGE_SECTIONS}
     for name in sorted(unknown):
         errors.append(f"{name}: unknown section (valid: loop, {', '.join(STAGE_SECTIONS)})")
@@ -278,6 +288,7 @@ def resolve(raw: dict | None, overrides: list[str] = ()) -> RunConfig:
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """The run config of `antisd loop --config PATH --set …` (and `antisd demo`): loop.model must be set."""
     raw = {}
     if path is not None:
         path = Path(path)
@@ -289,7 +300,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
             raise InputError(f"--config {path}: not valid YAML ({yaml_problem(exc)})") from None
         if not isinstance(raw, dict):
             raise InputError(f"--config {path}: expected a mapping of sections")
-    return resolve(raw, overrides)
+    return resolve(raw, overrides, require_model=True)
 
 
 def dump_yaml(config: RunConfig) -> str:

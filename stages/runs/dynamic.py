@@ -111,7 +111,8 @@ class Draws:
             if not rows:
                 return None
             write_artifact(self.train_table.take(rows), prompts, "prompts",
-                           build_metadata("prompts", {"step": self.step, "draw": draw, "rows": rows}))
+                           build_metadata("prompts", {"step": self.step, "draw": draw, "rows": rows},
+                                          step=self.step))
         self.used.update(read_metadata(prompts)["config"]["rows"])
         return {"prompts": str(prompts), "rollouts": str(rollouts), "sampled": rollouts.exists()}
 

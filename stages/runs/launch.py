@@ -89,7 +89,7 @@ def run_resident(config, slurm, workdir: Path | None = None, echo=print) -> Path
     root = Path(config.out)
     check_paths(root, workdir)
     ranks = slurm.nodes * slurm.gpus_per_node
-    check_launch(config.run, DistEnv(world_size=ranks), config.run.stages["rollout"].get("engine", "auto"),
+    check_launch(config.run, DistEnv(world_size=ranks), config.run.rollout.engine,
                  out=config.out, node_ranks=slurm.gpus_per_node)
     if not slurm.dry_run:
         queued = queued_jobs(root / "slurm" / "jobs.json")

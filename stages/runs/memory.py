@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from stages.common.card import GIB, RESERVED_BYTES
+
 LOGITS_BYTES = 4 * GIB  # stages.lm.forward.LOGITS_BUDGET_BYTES (chunked fp32 logits and temporaries)
 VLLM_OVERHEAD_BYTES = 2 * GIB  # vLLM's activations, sampler and CUDA graphs beside its weights and KV cache
 MAX_UTILIZATION = 0.9  # vLLM's own default: the most of a card the engine is given
@@ -264,18 +265,15 @@ def ways_out(plan_: Plan) -> list[str]:
                                                   "in turn)"] if plan_.resident.total else [])
 
 
-def train_setup(update_knobs: dict, *, device: str, world_size: int, longest_sequence: int,
-                deepspeed_user: dict | None = None) -> TrainSetup:
-    """The TrainSetup of a run config's `update` section (its keyword values; defaults from UpdateConfig's rules:
-    ZeRO-2, bf16 on GPU, gradient checkpointing on GPU) on `device`."""
+def train_setup(update, *, device: str, world_size: int, longest_sequence: int) -> TrainSetup:
+    """The TrainSetup of an UpdateConfig (a run's `RunConfig.update`) on `device`: its ZeRO stage (else its DeepSpeed
+    JSON's, else 2), bf16 on GPU unless float32, its LoRA rank, gradient checkpointing (by default on GPU), micro
+    batch and optimizer offload."""
+    from stages.training.batch import read_deepspeed_file, zero_stage
     from stages.training.config import resolved_gradient_checkpointing
 
-    user = deepspeed_user or {}
-    stage = update_knobs.get("zero_stage")
-    stage = stage if stage is not None else user.get("zero_optimization", {}).get("stage", 2)
+    user = read_deepspeed_file(update.deepspeed_config)
     offload = user.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
-    dtype = update_knobs.get("dtype", "auto")
-    return TrainSetup(world_size, stage, dtype != "float32" and str(device).startswith("cuda"),
-                      update_knobs.get("lora_rank", 0),
-                      resolved_gradient_checkpointing(update_knobs.get("gradient_checkpointing"), device),
-                      update_knobs.get("micro_batch_tokens", 2048), longest_sequence, offload)
+    return TrainSetup(world_size, zero_stage(update), update.dtype != "float32" and str(device).startswith("cuda"),
+                      update.lora_rank, resolved_gradient_checkpointing(update.gradient_checkpointing, device),
+                      update.micro_batch_tokens, longest_sequence, offload)

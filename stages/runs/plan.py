@@ -29,9 +29,9 @@ from stages.common.io import (
     write_artifact,
 )
 from stages.lm import datasets
+from stages.method.variants import PRE_VARIANT
 from stages.runs import config as run_config
 from stages.runs.config import LoopConfig
-from stages.method.variants import PRE_VARIANT
 from stages.runs.run_dir import Run, config_changes
 
 
@@ -60,11 +60,11 @@ def check_batch_fits(total: int, per_step: int) -> None:
                          "distinct prompts; lower prompts_per_step or use more loop.train prompts)")
 
 
-def data_config(spec: run_config.DataSpec, path: Path) -> datasets.PrepareConfig:
-    return datasets.PrepareConfig(out=str(path), **spec.prepare_options())
+def data_config(spec: datasets.DataSource, path: Path) -> datasets.PrepareConfig:
+    return datasets.PrepareConfig.of(spec, path)
 
 
-def run_prompts(spec: run_config.DataSpec, path: Path) -> pa.Table:
+def run_prompts(spec: datasets.DataSource, path: Path) -> pa.Table:
     """The run's stored prompts at `path` when it exists (a resumed run keeps its data), else `spec`'s, in memory."""
     if path.exists():
         return read_artifact(path, "prompts")[0]
@@ -170,9 +170,8 @@ def run_variant(config: run_config.RunConfig, manifest: dict | None) -> str:
     from stages.training.checkpoint import STATE_FILE
     from stages.training.config import state_variant
 
-    given = config.stages["update"].get("variant")
-    if given is not None:
-        return given
+    if config.update.variant is not None:
+        return config.update.variant
     if manifest is not None:
         return (manifest.get("config", {}).get("update") or {}).get("variant") or PRE_VARIANT
     state_file = Path(config.loop.model) / STATE_FILE
@@ -183,8 +182,7 @@ def run_variant(config: run_config.RunConfig, manifest: dict | None) -> str:
 def with_variant(config: run_config.RunConfig, manifest: dict | None) -> run_config.RunConfig:
     """`config` with update.variant spelled out (`run_variant`), so config.yaml, run.json and every step's commands
     say which variant produced the run."""
-    update = {**config.stages["update"], "variant": run_variant(config, manifest)}
-    return run_config.RunConfig(loop=config.loop, stages={**config.stages, "update": update})
+    return config.with_values("update", variant=run_variant(config, manifest))
 
 
 def with_run_variant(config: LoopConfig) -> LoopConfig:
@@ -194,10 +192,9 @@ def with_run_variant(config: LoopConfig) -> LoopConfig:
 
 def update_settings(config: run_config.RunConfig) -> dict:
     """The resolved update options of the run (every variant knob at its value; stages.training.config)."""
-    from stages.training.config import UpdateConfig, method_settings
+    from stages.training.config import method_settings
 
-    placeholders = {"scored": run_config.LOOP_PLACEHOLDER, "out": run_config.LOOP_PLACEHOLDER}
-    return to_jsonable(method_settings(UpdateConfig(**config.stages["update"], **placeholders)))
+    return to_jsonable(method_settings(config.update))
 
 
 def prompt_settings(config: run_config.RunConfig, section: str) -> dict:
@@ -210,7 +207,20 @@ def prompt_settings(config: run_config.RunConfig, section: str) -> dict:
         preset["entropy"] = update_settings(config)["gate_statistic"] == "entropy"
     elif preset.get("privileged_max_tokens") or preset.get("privileged_context_tokens"):
         preset["model"] = config.loop.model  # the token budget counts the policy's tokens
-    return {key: value for key, value in preset.items() if key not in config.stages[section]}
+    return {key: value for key, value in preset.items() if not config.sets(section, key)}
+
+
+def resolved_settings(config: run_config.RunConfig) -> dict:
+    """Every setting of the run at the value a step uses (`--print-config`): the loop's, and each stage's but the
+    paths and seeds the loop fills, with the variant's presets applied (METHOD §9) and update's knobs resolved."""
+    from stages.training.config import resolve_variant
+
+    stages = {"rollout": config.rollout, "verify": replace(config.verify, **prompt_settings(config, "verify")),
+              "score": replace(config.score, **prompt_settings(config, "score")),
+              "update": resolve_variant(config.update)}
+    return {"loop": to_jsonable(config.loop),
+            **{section: {key: value for key, value in to_jsonable(stage).items()
+                         if key not in run_config.STAGE_SECTIONS[section][2]} for section, stage in stages.items()}}
 
 
 def write_step_prompts(config: LoopConfig, run: Run, step: int, train_table: pa.Table) -> Path:
@@ -219,13 +229,14 @@ def write_step_prompts(config: LoopConfig, run: Run, step: int, train_table: pa.
     if not path.exists():
         settings = config.run.loop
         rows = step_prompt_indices(train_table.num_rows, settings.prompts_per_step, step, settings.seed)
-        write_artifact(train_table.take(rows), path, "prompts", build_metadata("prompts", {"step": step, "rows": rows}))
+        write_artifact(train_table.take(rows), path, "prompts",
+                       build_metadata("prompts", {"step": step, "rows": rows}, step=step))
     return path
 
 
 def stage_config(config: LoopConfig, section: str, **paths):
     """The stage `section`'s Config: the run's knobs for it plus the paths and seed the loop owns."""
-    return run_config.stage_class(section)(**config.run.stages[section], **paths)
+    return replace(config.run.stage(section), **paths)
 
 
 def score_reference(config: run_config.RunConfig) -> str | None:
@@ -233,10 +244,9 @@ def score_reference(config: run_config.RunConfig) -> str | None:
 
     Filled in here (not in the RunConfig), so a run config without a KL term keeps its digest.
     """
-    given = config.stages["score"].get("reference")
-    if given is not None:
-        return given
-    return config.loop.model if config.stages["update"].get("kl_coef", 0.0) > 0 else None
+    if config.score.reference is not None:
+        return config.score.reference
+    return config.loop.model if config.update.kl_coef > 0 else None
 
 
 def eval_due(settings: run_config.LoopSettings, step: int) -> bool:
@@ -247,9 +257,9 @@ def eval_due(settings: run_config.LoopSettings, step: int) -> bool:
 
 def step_state(run_dir: Run, step: int, record_only: bool) -> str:
     """finished (its metrics.json exists), stop (`--record-only` and its update is not done) or run."""
-    if (run_dir.step_dir(step) / "metrics.json").exists():
+    if run_dir.done(step, "step"):
         return "finished"
-    if record_only and not (run_dir.checkpoint(step) / "config.json").exists():
+    if record_only and not run_dir.done(step, "update"):
         return "stop"
     return "run"
 
@@ -264,10 +274,8 @@ def uses_teacher(config: run_config.RunConfig) -> bool:
     """Whether score runs the teacher pass: for a method that reads u (grpo does not), or when the run config sets
     `score.teacher: true` (a grpo run that logs the teacher's entropy and u, e.g. to replay the gate on it)."""
     from stages.method.terms import get_term
-    from stages.training.config import UpdateConfig
 
-    method = config.stages["update"].get("method", UpdateConfig.method)
-    return get_term(method).uses_teacher or config.stages["score"].get("teacher") is True
+    return get_term(config.update.method).uses_teacher or (config.sets("score", "teacher") and config.score.teacher)
 
 
 def step_configs(config: LoopConfig, run: Run, step: int) -> dict:
@@ -311,30 +319,27 @@ def check_update_settings(config: run_config.RunConfig) -> None:
     """What the first update would refuse only after step 0's rollout, verify and score: an overlong buffer that
     does not fit the rollouts' token budget, LoRA with ZeRO-3 (also from the DeepSpeed JSON), LoRA target modules
     the model does not have."""
-    from stages.lm.sampling import RolloutConfig
-
-    update, rollout = config.stages["update"], config.stages["rollout"]
-    buffer = update.get("overlong_buffer", 0)
-    limit = update.get("overlong_max_tokens", 0) or rollout.get("max_new_tokens", RolloutConfig.max_new_tokens)
+    update, rollout = config.update, config.rollout
+    buffer = update.overlong_buffer
+    limit = update.overlong_max_tokens or rollout.max_new_tokens
     if buffer and buffer >= limit:
         raise InputError(f"update.overlong_buffer {buffer}: must be below the response limit {limit} (rollout."
                          "max_new_tokens, or update.overlong_max_tokens)")
-    if not update.get("lora_rank"):
+    if not update.lora_rank:
         return
     from stages.lm.engine import resolve_engine
     from stages.lm.models import resolve_model
 
-    if update.get("lora_merge") is False and resolve_engine(rollout.get("engine", "auto")) == "vllm":
+    if not update.lora_merge and resolve_engine(rollout.engine) == "vllm":
         raise InputError("update.lora_merge false: vLLM rollouts need the merged weights; set rollout.engine hf or "
                          "update.lora_merge true")
-    from stages.training import distributed, lora
+    from stages.training import lora
+    from stages.training.batch import zero_stage
 
-    path = update.get("deepspeed_config")
-    user = read_json_object(path, f"update.deepspeed_config {path}") if path else {}
-    if distributed.resolved_zero_stage(update.get("zero_stage"), user) == 3:
+    if zero_stage(update) == 3:
         raise InputError("update.lora_rank: LoRA is not available with ZeRO-3 (update.deepspeed_config's stage); use "
                          "ZeRO-2, the adapter's optimizer state is small")
-    lora.check_targets(resolve_model(config.loop.model), update.get("lora_target_modules", "all-linear"))
+    lora.check_targets(resolve_model(config.loop.model), update.lora_target_modules)
 
 
 def check_model(config: run_config.RunConfig) -> None:
@@ -352,16 +357,13 @@ def check_start_state(config: run_config.RunConfig) -> None:
     """A starting checkpoint's run state must be of update.method, unless update.switch_method: step 0's update
     would refuse it, after its rollout, verify and score (on Slurm: after the GPU jobs)."""
     from stages.training.checkpoint import STATE_FILE
-    from stages.training.config import UpdateConfig
 
     state_file = Path(config.loop.model) / STATE_FILE
     if not state_file.is_file():
         return
-    knobs = config.stages["update"]
-    method = knobs.get("method", UpdateConfig.method)
+    method, switch = config.update.method, config.update.switch_method
     state = read_json_object(state_file, str(state_file))
     written_by = state.get("method")
-    switch = knobs.get("switch_method", UpdateConfig.switch_method)
     if written_by not in (None, method) and not switch:
         raise InputError(f"loop.model {config.loop.model}: its run state was written by method {written_by}, not "
                          f"{method}; set update.switch_method=true to continue it as {method} (the gate then "

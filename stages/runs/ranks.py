@@ -33,7 +33,7 @@ import os
 import shutil
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from stages.common.errors import InputError
 from stages.common.parts import PART_RE, Shard, missing_shards
@@ -280,14 +280,10 @@ def check_launch(config, env: distributed.DistEnv, engine: str, record_only: boo
     job), a tensor-parallel size that is not vLLM's or does not divide the ranks (of a node), and resuming run
     directory `out` from optimizer state saved by another number of ranks. `node_ranks`: the ranks of one node
     (default LOCAL_WORLD_SIZE, which torchrun sets)."""
-    from stages.common.io import read_json_object
-    from stages.training.batch import check_zero3_ranks
+    from stages.training.batch import check_zero3_ranks, zero_stage
 
-    update, rollout = config.stages["update"], config.stages["rollout"]
-    ranks, parallel = env.world_size, rollout.get("tensor_parallel_size", 1)
-    path = update.get("deepspeed_config")
-    user = read_json_object(path, f"update.deepspeed_config {path}") if path else {}
-    check_zero3_ranks(distributed.resolved_zero_stage(update.get("zero_stage"), user), ranks)
+    ranks, parallel = env.world_size, config.rollout.tensor_parallel_size
+    check_zero3_ranks(zero_stage(config.update), ranks)
     if ranks > 1 and record_only:
         raise InputError(f"--record-only: one process (what each Slurm record job runs), not {ranks} ranks")
     if parallel > 1 and engine == "hf":
@@ -308,7 +304,7 @@ def check_resumed_ranks(root: Path, steps: int, ranks: int) -> None:
 
     run = Run(root.absolute())
     newest = run.full_checkpoint_before(steps) if root.is_dir() and steps > 0 else None
-    if newest is None or (run.checkpoint(steps - 1) / "config.json").exists():
+    if newest is None or run.done(steps - 1, "update"):
         return
     state_file = run.checkpoint(newest) / STATE_FILE
     saved = json.loads(state_file.read_text()).get("world_size") if state_file.is_file() else None
@@ -321,12 +317,10 @@ def check_resumed_ranks(root: Path, steps: int, ranks: int) -> None:
 def open_ranks(config, env: distributed.DistEnv, engine: str) -> Ranks:
     """This process's Ranks: the process group joined on the device the trainer will use, with the update's
     timeout, and the vLLM engine groups of rollout.tensor_parallel_size ranks."""
-    from stages.training.config import UpdateConfig
-
-    parallel = config.stages["rollout"].get("tensor_parallel_size", 1) if engine == "vllm" else 1
+    parallel = config.rollout.tensor_parallel_size if engine == "vllm" else 1
     if env.world_size == 1:
         return Ranks(env, None, parallel)
-    timeout = config.stages["update"].get("comm_timeout_minutes", UpdateConfig.comm_timeout_minutes)
+    timeout = config.update.comm_timeout_minutes
     ranks = Ranks.open(env, distributed.training_device(env), timeout, parallel)
     if not ranks.is_main:
         logging.getLogger("stages").setLevel(max(logging.WARNING, logging.getLogger("stages").getEffectiveLevel()))

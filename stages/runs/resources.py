@@ -46,10 +46,9 @@ class Resources:
         from stages.runs.ranks import Ranks
 
         self.config, self.run, self.settings = config, run, config.run.loop
-        knobs = config.run.stages
-        self.devices = {"rollout": pick_device(knobs["rollout"].get("device", "auto")),
-                        "score": pick_device(knobs["score"].get("device", "auto"))}
-        self.dtypes = {"rollout": knobs["rollout"].get("dtype", "auto"), "score": knobs["score"].get("dtype", "auto")}
+        rollout, score = config.run.rollout, config.run.score
+        self.devices = {"rollout": pick_device(rollout.device), "score": pick_device(score.device)}
+        self.dtypes = {"rollout": rollout.dtype, "score": score.dtype}
         self.card = card or Card.for_device(self.devices["score"])
         self.use_vllm = engine == "vllm"
         self.vllm_opener = vllm_opener  # (folder, utilization, in_process) → VLLMEngine; None: stages.loop's
@@ -128,7 +127,7 @@ class Resources:
 
         start = time.perf_counter()
         loaded = load_model(key[0], dtype=key[1].replace("torch.", ""), device=key[2],  # one copy serves both
-                            attn_implementation=self.config.run.stages["score"].get("attn_implementation", "auto"))
+                            attn_implementation=self.config.run.score.attn_implementation)
         self.load_seconds += time.perf_counter() - start
         self.card.hold(f"policy {key[1]}", sum(p.numel() * p.element_size() for p in loaded.model.parameters()))
         return loaded
@@ -254,18 +253,14 @@ def loop_plan(config, card: Card, vllm: bool, prompt_rows: list[dict], ranks=Non
     ZeRO shard of that many; vLLM's weights and KV cache over rollout.tensor_parallel_size GPUs)."""
     from stages.lm.models import resolve_model
     from stages.runs import memory
-    from stages.training.batch import read_deepspeed_file
-
-    knobs, loop = config.run.stages, config.run.loop
+    loop, rollout = config.run.loop, config.run.rollout
     world_size, tensor_parallel = (ranks.count, ranks.tensor_parallel) if ranks is not None else (1, 1)
     folder = resolve_model(loop.model)
-    longest = context_length(config, folder, prompt_rows) if prompt_rows else \
-        knobs["rollout"].get("max_new_tokens", 256)
-    setup = memory.train_setup(knobs["update"], device=card.device, world_size=world_size, longest_sequence=longest,
-                               deepspeed_user=read_deepspeed_file(knobs["update"].get("deepspeed_config")))
+    longest = context_length(config, folder, prompt_rows) if prompt_rows else rollout.max_new_tokens
+    setup = memory.train_setup(config.run.update, device=card.device, world_size=world_size, longest_sequence=longest)
     return memory.plan(memory.ModelShape.from_folder(folder), setup, card.total(), vllm=vllm,
                        resident_trainer=loop.resident_trainer,
-                       utilization=knobs["rollout"].get("gpu_memory_utilization") or 0.0, reserved=card.reserved,
+                       utilization=rollout.gpu_memory_utilization or 0.0, reserved=card.reserved,
                        vllm_sleeps=loop.weight_sync == "reload" or loop.vllm_sleep,
                        vllm_overhead=memory.VLLM_OVERHEAD_BYTES if card.vllm_overhead is None else card.vllm_overhead,
                        tensor_parallel=tensor_parallel)
@@ -280,10 +275,10 @@ def _default_opener(config, prompt_rows: list[dict], ranks=None):
     from stages.lm.engine_vllm import VLLMEngine
     from stages.lm.models import torch_dtype
 
-    knobs, loop = config.run.stages["rollout"], config.run.loop
-    dtype = str(torch_dtype(knobs.get("dtype", "auto"), pick_device())).replace("torch.", "")
+    rollout, loop = config.run.rollout, config.run.loop
+    dtype = str(torch_dtype(rollout.dtype, pick_device())).replace("torch.", "")
     sleep_mode = loop.vllm_sleep and loop.weight_sync == "inplace"  # reload closes it instead
-    parallel = {"tensor_parallel_size": knobs.get("tensor_parallel_size", 1)}
+    parallel = {"tensor_parallel_size": rollout.tensor_parallel_size}
     launched = ranks is not None and ranks.count > 1
     if launched:
         parallel["distributed_executor_backend"] = "external_launcher"
@@ -301,9 +296,9 @@ def context_length(config, folder: Path, prompt_rows: list[dict]) -> int:
     """The longest encoded prompt of `prompt_rows` (training and held-out) + the largest token budget of the rollouts
     and the evaluation (loop.eval_max_new_tokens, or the eval suite's protocol)."""
     from stages.lm.prompts import ChatOptions
-    from stages.lm.sampling import RolloutConfig, _max_model_len
+    from stages.lm.sampling import _max_model_len
 
-    knobs, loop = config.run.stages["rollout"], config.run.loop
+    rollout, loop = config.run.rollout, config.run.loop
     evaluation = 0
     if loop.eval_every > 0 and loop.eval_suite is not None:
         from stages.runs.suites import get_suite
@@ -312,8 +307,8 @@ def context_length(config, folder: Path, prompt_rows: list[dict]) -> int:
         evaluation = max(suite.protocol(name).max_new_tokens for name in suite.names)
     elif loop.eval_every > 0:
         evaluation = loop.eval_max_new_tokens
-    budget = max(knobs.get("max_new_tokens", RolloutConfig.max_new_tokens), evaluation)
-    return _max_model_len(folder, prompt_rows, budget, ChatOptions.from_knobs(knobs))
+    budget = max(rollout.max_new_tokens, evaluation)
+    return _max_model_len(folder, prompt_rows, budget, ChatOptions.from_knobs(rollout))
 
 
 def check_memory(config, engine: str, card: Card, prompt_rows: list[dict], ranks=None) -> None:

@@ -7,7 +7,8 @@ Layout (every file is one stage's ordinary output):
     runs/NAME/train_prompts.parquet, eval_prompts.parquet
     runs/NAME/eval_base.parquet, eval_base.summary.json   the base model's held-out evaluation (loop.eval_suite S:
                                   the folder eval_base-S/); eval_base.json: the numbers the loop logged of it
-    runs/NAME/step_0000/{prompts,rollouts,verified,scored}.parquet, checkpoint/, metrics.json
+    runs/NAME/step_0000/{prompts,rollouts,verified,scored}.parquet, checkpoint/, metrics.json, commands.sh (a
+                                  line is added when a checkpoint it names is pruned)
     runs/NAME/step_0000/eval.parquet, eval.summary.json   the held-out evaluation after this step (eval-S/: suite S)
     runs/NAME/metrics.jsonl       one row per finished step (rebuilt from the per-step metrics.json files)
 """
@@ -21,6 +22,10 @@ from pathlib import Path
 from stages.common.io import atomic_write_json, atomic_write_text
 
 STEP_ARTIFACTS = ("prompts", "rollouts", "verified", "scored")
+# What marks each part of a step done: its output exists (every write is atomic, so it exists only when complete).
+# The loop, its resume and the Slurm launcher all ask `Run.done`.
+DONE_MARKERS = {"rollout": "rollouts.parquet", "verify": "verified.parquet", "score": "scored.parquet",
+                "update": "checkpoint/config.json", "step": "metrics.json"}
 EVAL_NAME = "eval"  # a step's held-out evaluation: step_XXXX/eval.parquet + eval.summary.json (suite S: eval-S/)
 BASE_EVAL_NAME = "eval_base"  # the base model's, in the run folder (eval_base.json: the numbers the loop logged)
 
@@ -44,19 +49,35 @@ class Run:
     def model_for_step(self, step: int, base_model: str) -> str:
         return base_model if step == 0 else str(self.checkpoint(step - 1))
 
+    def output(self, step: int, stage: str) -> Path:
+        """The file whose existence marks `stage` (rollout, verify, score, update, or the whole step) of `step` done."""
+        return self.step_dir(step) / DONE_MARKERS[stage]
+
+    def done(self, step: int, stage: str) -> bool:
+        """Whether `stage` of `step` is done: its output exists (`DONE_MARKERS`; the step: its metrics.json, the last
+        file a step writes)."""
+        return self.output(step, stage).exists()
+
     def finished_steps(self) -> list[int]:
         """Steps whose metrics.json exists (the last file a step writes), ascending."""
-        steps = []
-        for folder in self.root.glob("step_[0-9][0-9][0-9][0-9]"):
-            if (folder / "metrics.json").is_file():
-                steps.append(int(folder.name.removeprefix("step_")))
-        return sorted(steps)
+        steps = (int(folder.name.removeprefix("step_")) for folder in self.root.glob("step_[0-9][0-9][0-9][0-9]"))
+        return sorted(step for step in steps if self.done(step, "step"))
 
     def read_manifest(self) -> dict | None:
         return json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write_json(self.manifest_path, manifest)
+
+    def metrics_rows(self) -> list[dict]:
+        """The finished steps' metrics rows (metrics.jsonl), in step order."""
+        path = self.root / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+    def base_evaluation(self) -> dict:
+        """The numbers the loop logged of the base model's held-out evaluation (eval_base.json), or {}."""
+        path = self.root / f"{BASE_EVAL_NAME}.json"
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def rebuild_metrics(self, steps: int) -> list[dict]:
         """Rewrite metrics.jsonl from the per-step metrics.json files of the first `steps` steps."""
@@ -86,6 +107,18 @@ class Run:
                 folder.unlink()  # a link the user made: drop the link, never the folder it points to
             elif folder.exists():
                 shutil.rmtree(folder)
+            self._note_pruned(old, step, keep)
+
+    def _note_pruned(self, old: int, step: int, keep: int) -> None:
+        """Say in the commands.sh of step `old` (its update's --out) and of the next step (its --model) that they name
+        a checkpoint pruning deleted, so a rerun by hand knows what to recreate first."""
+        note = (f"# {self.checkpoint(old)} was pruned after step {step} (loop.keep_checkpoints {keep}): the commands "
+                f"here that name it need it back; rerun the update of {self.step_dir(old).name}/commands.sh (its "
+                "--model must exist), or run with loop.keep_checkpoints 0 to keep every checkpoint\n")
+        for named_in in (old, old + 1):
+            commands = self.step_dir(named_in) / "commands.sh"
+            if commands.is_file() and note not in commands.read_text():
+                atomic_write_text(commands, commands.read_text() + note)
 
     def _is_full(self, step: int) -> bool:
         from stages.training.checkpoint import engine_state_dir

@@ -66,7 +66,6 @@ def check_paths(root: Path, workdir: Path) -> None:
                              "into a Slurm script; rename it")
     if '"' in str(root):
         raise InputError(f"--out {str(root)!r}: a double quote in the run directory cannot go into an #SBATCH line")
-STAGE_OUTPUTS = {"rollout": "rollouts.parquet", "verify": "verified.parquet", "score": "scored.parquet"}
 
 
 @dataclass(frozen=True)
@@ -251,17 +250,14 @@ def render_step(config, run, step: int, slurm: SlurmConfig, workdir: Path, after
     from stages.runs.plan import cli_command
 
     configs = job_configs(config, run, step)
-    stage_dir = run.step_dir(step)
     script_dir = run.root / "slurm" / f"step_{step:04d}"
     jobs = []
     for stage, stage_config in configs.items():
-        if stage == "update":
-            done, array = (run.checkpoint(step) / "config.json").exists(), None
-        elif stage in ARRAY_STAGES:
-            pending = pending_shards(stage_dir / STAGE_OUTPUTS[stage], slurm.shards)
+        if stage in ARRAY_STAGES:  # a folder of parts: done when no shard is missing
+            pending = pending_shards(run.output(step, stage), slurm.shards)
             done, array = not pending, array_spec(pending) if slurm.shards > 1 else None
         else:
-            done, array = (stage_dir / STAGE_OUTPUTS[stage]).exists(), None
+            done, array = run.done(step, stage), None
         if done:
             continue
         name, command = f"{step:04d}-{stage}", cli_command(stage, stage_config)
@@ -327,7 +323,7 @@ def render_run(config, slurm: SlurmConfig, workdir: Path | None = None) -> list[
     check_paths(Path(config.out), workdir)
     settings = config.run.loop
     with opened_run(config) as (run, _, train_table, eval_path):
-        unfinished = [step for step in range(settings.steps) if not (run.step_dir(step) / "metrics.json").exists()]
+        unfinished = [step for step in range(settings.steps) if not run.done(step, "step")]
         window = unfinished[:slurm.window]
         jobs: list[Job] = []
         chain, record = None, None  # the last stage job (the next step waits for it), the last record job
@@ -361,14 +357,9 @@ def dry_run_text(jobs: list[Job], submit_path: Path) -> str:
 
 def check_update_ranks(config, world_size: int) -> None:
     """What each update job would refuse at its start: ZeRO-3 on several ranks (stages.training.batch)."""
-    from stages.common.io import read_json_object
-    from stages.training.batch import check_zero3_ranks
-    from stages.training.distributed import resolved_zero_stage
+    from stages.training.batch import check_zero3_ranks, zero_stage
 
-    update = config.run.stages["update"]
-    path = update.get("deepspeed_config")
-    user = read_json_object(path, f"update.deepspeed_config {path}") if path else {}
-    check_zero3_ranks(resolved_zero_stage(update.get("zero_stage"), user), world_size)
+    check_zero3_ranks(zero_stage(config.run.update), world_size)
 
 
 def run(config, slurm: SlurmConfig, workdir: Path | None = None, echo=print) -> Path:

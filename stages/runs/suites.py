@@ -26,8 +26,14 @@ from typing import Callable
 import pyarrow as pa
 
 from stages.common.errors import InputError
-from stages.common.io import atomic_write_json, build_metadata, read_artifact, read_json_object, read_metadata
-from stages.common.io import write_artifact
+from stages.common.io import (
+    atomic_write_json,
+    build_metadata,
+    read_artifact,
+    read_json_object,
+    read_metadata,
+    write_artifact,
+)
 from stages.common.parts import PART_RE, Shard, missing_shards, part_files
 from stages.method import estimators
 from stages.verifier import scores
@@ -125,9 +131,10 @@ def suite_folder(prefix: str | Path, suite: str) -> Path:
 
 def prompts_table(name: str) -> pa.Table:
     """The test problems of every benchmark of suite `name`, one prompts table (`dataset` = the benchmark)."""
-    from stages.lm.datasets import PrepareConfig, prompts_table as prepared
+    from stages.lm.datasets import DataSource
+    from stages.lm.datasets import prompts_table as prepared
 
-    return pa.concat_tables([prepared(PrepareConfig(name=benchmark, out="", split="test"))
+    return pa.concat_tables([prepared(DataSource(name=benchmark, split="test"))
                              for benchmark in get_suite(name).names])
 
 

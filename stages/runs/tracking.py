@@ -1,7 +1,7 @@
 """Live tracking of a loop run: TensorBoard events (on by default) and Weights & Biases (when `loop.wandb` names a
 project), each step's metrics under the names of `stages.common.metrics`, the same keys as metrics.jsonl.
 
-TensorBoard writes `RUN/tensorboard/`. W&B runs in the run directory (`RUN/wandb/`) with a run id derived from the
+TensorBoard writes `RUN/tensorboard/`, the base model's evaluation at step −1 (`log_base`). W&B runs in the run directory (`RUN/wandb/`) with a run id derived from the
 run directory and config digest, so a resumed loop continues the same W&B run; `WANDB_MODE=offline` (or
 `loop.wandb_mode: offline`) keeps it on disk for `wandb sync`. Both are imported only when used.
 """
@@ -12,6 +12,7 @@ import hashlib
 import logging
 from pathlib import Path
 
+from stages.common import metrics as keys
 from stages.common.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,19 @@ class Trackers:
             self.tensorboard.flush()
         if self.wandb is not None:
             self.wandb.log(values, step=step)
+
+    def log_base(self, base: dict) -> None:
+        """The base model's held-out evaluation (eval/* values): in TensorBoard at step BASE_STEP (−1), so the eval
+        curves start at the model the run started from, as `antisd plot` draws them; W&B's steps start at 0, so
+        there it goes to the run summary as eval_base/<name>."""
+        values = scalars(base)
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                self.tensorboard.add_scalar(key, value, keys.BASE_STEP)
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.summary.update({key.replace(keys.EVAL_PREFIX, "eval_base/", 1): value
+                                       for key, value in values.items()})
 
     def close(self) -> None:
         if self.tensorboard is not None:

@@ -74,6 +74,13 @@ def read_deepspeed_file(path: str | None) -> dict:
     return read_json_object(path, f"--deepspeed-config {path}")
 
 
+def zero_stage(config: UpdateConfig) -> int:
+    """The ZeRO stage an update of `config` runs: its zero_stage, else its DeepSpeed JSON's, else 2."""
+    from stages.training.distributed import resolved_zero_stage
+
+    return resolved_zero_stage(config.zero_stage, read_deepspeed_file(config.deepspeed_config))
+
+
 def check_state_method(config: UpdateConfig, state: dict | None) -> None:
     """A run state continues with its own method and variant (a variant given that differs from the state's is
     refused), unless --switch-method (the gate then calibrates afresh). A state written before variants existed is
@@ -143,7 +150,7 @@ def check_revision(config: UpdateConfig, metadata: dict, model_dir: Path) -> Non
 def overlong_limit(config: UpdateConfig, metadata: dict) -> int | None:
     """L_max of the overlong penalty: --overlong-max-tokens, else the rollouts' max_new_tokens found in the scored
     file's metadata; None when the penalty is off. InputError when neither gives one, or the buffer does not fit."""
-    from stages.lm.scoring import metadata_nodes
+    from stages.common.io import metadata_nodes
 
     if config.overlong_buffer == 0:
         return None
@@ -160,7 +167,7 @@ def overlong_limit(config: UpdateConfig, metadata: dict) -> int | None:
 def sampler_of(metadata: dict) -> tuple[str, str] | None:
     """(engine, dtype) the rollouts behind a file were sampled with: the first metadata node holding both, breadth-
     first (the rollouts' own record; their config's "auto" values sit one level deeper), or None."""
-    from stages.lm.scoring import metadata_nodes
+    from stages.common.io import metadata_nodes
 
     node = next((n for n in metadata_nodes(metadata) if isinstance(n.get("engine"), str)
                  and isinstance(n.get("dtype"), str)), None)
@@ -235,7 +242,7 @@ def batch_metrics(batch: Batch) -> dict:
     import torch
 
     from stages.method.gate import median_teacher_entropy
-    from stages.method.losses import token_stats
+    from stages.method.losses import logprob_mismatch, token_stats
 
     groups: dict[str, list[float]] = {}
     for gid, reward in zip(batch.group_ids, batch.rewards):
@@ -245,8 +252,7 @@ def batch_metrics(batch: Batch) -> dict:
     ppl = [p for p, teacher in zip(batch.teacher_ppl or [], has_teacher) if teacher and p is not None]
     flat_u = torch.tensor([x for u, teacher in zip(batch.pmi, has_teacher) if teacher for x in u], dtype=torch.float64)
     pmi = token_stats(flat_u, torch.ones_like(flat_u, dtype=torch.bool)) if flat_u.numel() else None
-    mismatch = [abs(a - b) for s, q in zip(batch.student_logprobs, batch.sampling_logprobs)
-                for a, b in zip(s, q) if is_finite(b)]
+    mismatch_mean, mismatch_max = logprob_mismatch(batch.student_logprobs, batch.sampling_logprobs)
     sources = batch.privileged_source
     return {
         keys.REWARD_MEAN: mean_or_none(batch.rewards),
@@ -264,8 +270,8 @@ def batch_metrics(batch: Batch) -> dict:
         keys.PMI_ANTISD_TERM_MEAN: pmi.antisd_term_mean if pmi else None,
         keys.PMI_NEG_FRAC: pmi.neg_frac if pmi else None,
         **{key: sources.count(source) for source, key in keys.PRIVILEGED.items()},
-        keys.LOGPROB_MISMATCH_MEAN: mean_or_none(mismatch),
-        keys.LOGPROB_MISMATCH_MAX: max(mismatch) if mismatch else None,
+        keys.LOGPROB_MISMATCH_MEAN: mismatch_mean,
+        keys.LOGPROB_MISMATCH_MAX: mismatch_max,
     }
 
 

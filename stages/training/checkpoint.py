@@ -28,6 +28,7 @@ from typing import Any
 
 from stages.common.errors import InputError
 from stages.common.io import check_output, read_json_object, remove_entry, share_like_new_files, to_jsonable
+from stages.common.stack import import_deepspeed
 from stages.lm.compat import make_portable
 from stages.training import distributed
 
@@ -117,6 +118,7 @@ def load_engine_state(engine, model_dir: Path, strict: bool = True, trust: bool 
 def deepspeed_state_classes() -> list:
     """The classes DeepSpeed pickles into its checkpoint files besides tensors and containers (ZeRO 0-3, fp32 and
     bf16, seen in every checkpoint the tests write); each is plain data, harmless to construct."""
+    import_deepspeed()
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

@@ -32,7 +32,9 @@ class UpdateConfig:
 
     scored: str  # scored Parquet file or directory of parts (schemas.SCORED)
     out: str  # output checkpoint folder (HF + deepspeed/ + antisd_state.json + metrics.json)
-    model: str = "smollm2-135m"  # current policy: HF folder (a previous update's --out) or embedded model name
+    # current policy: HF folder (a previous update's --out), embedded model name or Hub id; None: the model the scored
+    # file records (its scorer: the policy whose old log-probs the step uses)
+    model: str | None = None
     method: str = "antisd"  # a registered method (stages.method.terms): grpo | sd | antisd | rkl-ascent (METHOD §2)
     # paper (METHOD §1–§5 as written) | official (§9, the authors' code): the default of every knob left None below;
     # None: the run state's (a state written before variants existed: paper), official for a fresh run
@@ -166,7 +168,6 @@ class UpdateConfig:
             check.choice("zero_stage", (0, 1, 2, 3))
         check.done()
 
-
     def _check_combination(self, check: validation.Checks) -> None:
         """Knob combinations the step cannot run, judged on the values the variant resolves them to."""
         if self.variant not in (None, *VARIANTS) or self.method not in method_names():
@@ -176,8 +177,9 @@ class UpdateConfig:
             check.require(knob["dual_clip"] > 1, "dual_clip", f"must be > 1 (or 0 = off), got {knob['dual_clip']}")
         needs = [f"{name} {knob[name]}" for name, value in (("lam_mode", "perplexity"), ("u_clip", "adaptive"))
                  if knob[name] == value]
+        verb = "needs" if len(needs) == 1 else "need"
         check.require(not needs or knob["gate_statistic"] == "perplexity", "gate_statistic",
-                      f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} the warm-up calibration of gate_statistic perplexity (σ_ref, M), "
+                      f"{' and '.join(needs)} {verb} the warm-up calibration of gate_statistic perplexity (σ_ref, M), "
                       f"not {knob['gate_statistic']}")
         check.require(self.train or self.advantages_out is not None, "train",
                       "--no-train computes nothing without --advantages-out")

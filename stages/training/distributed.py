@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
 from stages.common.errors import InputError
+from stages.common.stack import import_deepspeed
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def prepare_deepspeed(device: str):
     """Import deepspeed with the accelerator of `device`, whatever DS_ACCELERATOR says (a GPU host whose environment
     says cpu, e.g. from a Makefile, would otherwise train on cuda:0 through DeepSpeed's CPU accelerator); on CPU the
     shm JIT build is disabled."""
-    import deepspeed
+    deepspeed = import_deepspeed()  # its logger on stderr
     from deepspeed.accelerator import get_accelerator, set_accelerator
 
     if device.startswith("cuda") and get_accelerator().device_name() != "cuda":
@@ -224,6 +225,7 @@ def optimizer_class(config: dict, device: str) -> str:
 def client_optimizer(parameters: list, lr: float, weight_decay: float, config: dict, device: str):
     """The optimizer of `optimizer_class`, decoupled weight decay (AdamW) either way."""
     if optimizer_class(config, device) == "deepspeed.ops.adam.DeepSpeedCPUAdam":
+        import_deepspeed()
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(parameters, lr=lr, weight_decay=weight_decay, adamw_mode=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import torch
@@ -100,11 +99,14 @@ def step_lambda(gate: EntropyGate | PerplexityGate, config: UpdateConfig, batch:
     """Advance `gate` by this step and return its λ (0 for a method that reads no u; see StepLambda)."""
     uses_teacher = get_term(config.method).uses_teacher
     teacher = teacher_rows(batch)
+    # a warm-up step: the gate calibrates and λ = 0 (the ungated entropy gate of sd calibrates with λ = λ_max)
+    warmup = int(gate.calibrating and (gate.gated or not isinstance(gate, EntropyGate))) if uses_teacher else None
     if isinstance(gate, EntropyGate):
         lam = gate.update(median_entropy)
         lam = lam if uses_teacher else 0.0  # report the λ that acted
         return StepLambda(lam, None, {
-            keys.GATE_OPEN: int(gate.open), keys.GATE_LAMBDA: lam, keys.GATE_H_WARM: gate.h_warm,
+            keys.GATE_OPEN: int(gate.open), keys.GATE_WARMUP: warmup, keys.GATE_LAMBDA: lam,
+            keys.GATE_H_WARM: gate.h_warm,
             keys.GATE_LAMBDA_MAX: lam, keys.GATE_LAMBDA_ACTIVE_FRAC: float(lam > 0) if any(teacher) else None,
             **dict.fromkeys((keys.GATE_STATISTIC, keys.GATE_TARGET, keys.GATE_REACTIVATE, keys.GATE_PPL_M,
                              keys.GATE_SIGMA_REF, keys.GATE_PPL_SPIKE_FRAC))})
@@ -130,7 +132,7 @@ def step_lambda(gate: EntropyGate | PerplexityGate, config: UpdateConfig, batch:
         on_teacher = torch.zeros(1, dtype=torch.float64)  # grpo: report the λ that acted, 0
     measured = [p for p in ppl if p is not None]
     return StepLambda(lam, gate.sigma_ref if config.u_clip == "adaptive" else None, {
-        keys.GATE_OPEN: int(acting), keys.GATE_H_WARM: None,
+        keys.GATE_OPEN: int(acting), keys.GATE_WARMUP: warmup, keys.GATE_H_WARM: None,
         keys.GATE_LAMBDA: float(on_teacher.mean()) if on_teacher is not None else None,
         keys.GATE_LAMBDA_MAX: float(on_teacher.max()) if on_teacher is not None else None,
         keys.GATE_LAMBDA_ACTIVE_FRAC: float((on_teacher > 0).double().mean()) if on_teacher is not None else None,
@@ -159,6 +161,23 @@ def advantage_parts(config: UpdateConfig, seq_adv: torch.Tensor, pmi: torch.Tens
         config.method, seq_adv, pmi, mask, lam, variant=config.variant, sigma_ref=sigma_ref,
         u_clip_k=config.u_clip_k, u_clamp=config.u_clamp, term_norm=config.term_norm,
         norm_clamp=config.term_norm_clamp, length_mask_tokens=config.length_mask)
+
+
+def has_learning_signal(config: UpdateConfig, batch: Batch, seq_adv: torch.Tensor, lam: StepLambda,
+                        trained: list[int]) -> bool:
+    """Whether the step has a gradient to follow: some trained token's A_{i,t} ≠ 0 (METHOD §2), or a KL term to the
+    reference (β > 0 with ref_logprobs). Without either, the PPO-clip loss −min(ρ·A, clip(ρ)·A) is 0 for every token
+    and so is its gradient, exactly: every group's rewards equal (A_seq = 0) and λ = 0 (warm-up, closed gate, grpo)."""
+    if config.kl_coef > 0 and batch.ref_logprobs is not None:
+        return True
+    lengths = [len(batch.response_ids[i]) for i in trained]
+    if not trained or not any(lengths):
+        return False
+    width = max(lengths)
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]  # [R, T]
+    pmi = pad_rows([batch.pmi[i] for i in trained], width)  # [R, T]
+    parts = advantage_parts(config, seq_adv[trained], pmi, mask, lam.rows(trained), lam.sigma_ref)
+    return bool((parts.advantages[mask] != 0).any())
 
 
 # --- the --advantages-out table -----------------------------------------------------------------------------------

@@ -23,13 +23,13 @@ from pathlib import Path
 
 from stages.common import metrics as keys
 from stages.common.errors import InputError
+from stages.lm.forward import FullSequences, Numerics
 from stages.lm.models import quiet_transformers
 from stages.method.variants import PRE_VARIANT
 from stages.training import checkpoint, distributed, lora
-from stages.lm.forward import FullSequences, Numerics
 from stages.training.batch import Batch, is_finite, mean_or_none, pad_rows
 from stages.training.config import UpdateConfig, method_settings, resolve_variant, resolved_gradient_checkpointing
-from stages.training.signals import StepLambda, advantage_parts, load_gate, make_gate, step_signals
+from stages.training.signals import StepLambda, advantage_parts, has_learning_signal, load_gate, make_gate, step_signals
 from stages.training.micro import MicroBatch, rank_micro_batches
 from stages.training.schedule import lr_at
 
@@ -230,7 +230,12 @@ class Trainer:
         grad_norms: list[float] = []
         generator = torch.Generator().manual_seed(_seed_for(config.seed, step))
         size = config.mini_batch_size or max(len(trained), 1)
-        for _ in range(config.ppo_epochs):
+        signal = has_learning_signal(config, batch, seq_adv, lam, trained)
+        if not signal and self.env.is_main:
+            log.warning("update step %d: no learning signal (every advantage is 0: each group's rewards are equal "
+                        "and λ = 0), so no optimizer step: the checkpoint keeps the weights and the run state "
+                        "advances (metric %s)", step, keys.NO_SIGNAL)
+        for _ in range(config.ppo_epochs if signal else 0):
             order = [trained[i] for i in torch.randperm(len(trained), generator=generator).tolist()] \
                 if size < len(trained) else trained
             for begin in range(0, len(trained), size):
@@ -253,8 +258,9 @@ class Trainer:
             keys.APPROX_KL: kl / tokens if tokens else None,
             keys.KL_REF: kl_ref / tokens if tokens and batch.ref_logprobs is not None else None,
             keys.GRAD_NORM: mean_or_none([g for g in grad_norms if g is not None]),
+            keys.NO_SIGNAL: int(not signal),
             keys.LR: lr,
-            keys.UPDATE_TOK_S: seq_tokens / elapsed if elapsed > 0 else None,
+            keys.UPDATE_TOK_S: seq_tokens / elapsed if elapsed > 0 and seq_tokens else None,
         }
 
     def _check_gate_agrees(self) -> None:

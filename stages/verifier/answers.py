@@ -49,6 +49,12 @@ class AnswerCheck:
     status: str  # ok | no_answer | timeout | error
     detail: str = ""  # why a check is not ok (exception type, limit hit); empty when ok
     seconds: float = 0.0  # wall time of the equivalence check (0 when none ran)
+    reward_value: float | None = None  # a --reward function's reward; None: `reward` is 1 when correct, else 0
+
+    @property
+    def reward(self) -> float:
+        """R of the row: the reward function's number, else 1.0 for a correct answer and 0.0 otherwise."""
+        return float(self.correct) if self.reward_value is None else self.reward_value
 
 
 def parse_fallbacks(fallbacks: str | Sequence[str]) -> tuple[str, ...]:
@@ -282,8 +288,9 @@ def check_with_reward(rows: Sequence[dict], spec: str, search: str, *,
                       fallbacks: str | Sequence[str] = DEFAULT_FALLBACKS, timeout: float = 5.0, workers: int = 2,
                       memory_mb: int = 2048, on_progress: Callable[[int, int], None] | None = None
                       ) -> list[AnswerCheck]:
-    """One AnswerCheck per rollout row, its verdict from the user's reward function `spec`
-    (`stages.verifier.reward`) in the worker processes; the extracted answer is still recorded, for reading."""
+    """One AnswerCheck per rollout row, its reward from the user's reward function `spec` (`stages.verifier.reward`)
+    in the worker processes (0 when the call failed), correct when it is ≥ `schemas.CORRECT_REWARD`; the extracted
+    answer is still recorded, for reading."""
     from stages.verifier import reward
 
     names = parse_fallbacks(fallbacks)
@@ -291,8 +298,14 @@ def check_with_reward(rows: Sequence[dict], spec: str, search: str, *,
     pairs = [(row["answer"], payload) for row, payload in zip(rows, reward.row_payloads(rows))]
     outcomes = sandbox.run_checks(pairs, reward.worker_check(spec, search), timeout=timeout, workers=workers,
                                   memory_mb=memory_mb, preload=("stages.verifier.reward",), on_progress=on_progress)
-    return [AnswerCheck(answer, bool(correct) and status == "ok", status, detail, float(seconds))
-            for answer, (status, correct, detail, seconds) in zip(extracted, outcomes)]
+    from schemas import CORRECT_REWARD
+
+    checks = []
+    for answer, (status, verdict, detail, seconds) in zip(extracted, outcomes):
+        reward_value = float(verdict) if status == "ok" else 0.0
+        checks.append(AnswerCheck(answer, reward_value >= CORRECT_REWARD, status, detail, float(seconds),
+                                  reward_value))
+    return checks
 
 
 def summarize(checks: Sequence[AnswerCheck]) -> dict:

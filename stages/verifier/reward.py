@@ -1,10 +1,15 @@
 """`verify --reward module:function`: a user's reward function (trusted code) in place of math-verify's answer check.
 
 The function is called as `function(problem=…, answer=…, response=…, row=…)` with the problem text, the reference
-answer, the model's response text and the whole rollout row (a dict of its columns), and returns True/False (or 1/0):
-whether the response is correct. It runs in the same killable worker processes as the built-in check, with the same
-per-call timeout and memory limit, so a slow or crashing function costs one row (status timeout/error), not the stage;
-the model output it reads is still untrusted text (the workers' sympy eval guard stays on).
+answer, the model's response text and the whole rollout row (a dict of its columns), and returns the response's reward:
+True/False (1/0), or any finite float, as TRL's and verl's reward functions may (partial credit, format bonuses, −1/+1).
+The row's `correct` is reward ≥ 1 (`schemas.CORRECT_REWARD`): what makes a rollout a peer solution the teacher view
+may show (METHOD §4), its note "correct" and an evaluation's hit; the reward itself is what the group advantages
+normalize. A row whose call raises, times out or returns anything else gets reward 0 and status error or timeout
+(`stages.verifier.rows` logs the first traceback and fails when every row failed). It runs in the same killable
+worker processes as the built-in check, with the same per-call timeout and memory limit, so a slow or crashing
+function costs one row (status timeout/error), not the stage; the model output it reads is still untrusted text (the
+workers' sympy eval guard stays on).
 
 A spec is `package.module:function` (importable from the working directory or the environment) or
 `path/to/file.py:function`. `stages.verifier.rows` imports it once in the parent first, so a typo is a one-line error
@@ -17,6 +22,8 @@ import functools
 import importlib
 import importlib.util
 import json
+import math
+import numbers
 import sys
 import traceback
 from pathlib import Path
@@ -59,16 +66,19 @@ def load_function(spec: str, search: str) -> Callable:
     return _LOADED[key]
 
 
-def as_correct(value) -> bool:
-    """The function's verdict: a bool, or a number equal to 0 or 1; anything else is an error of that row."""
+def as_reward(value) -> float:
+    """The function's reward: True/False as 1/0, or any finite real number (ints, floats, numpy scalars), as a
+    float; anything else (a string, None, NaN, ±inf) is an error of that row."""
     if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    raise TypeError(f"reward function returned {value!r}; expected True/False or 1/0")
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        reward = float(value)
+        if math.isfinite(reward):
+            return reward
+    raise TypeError(f"reward function returned {value!r}; expected a finite number (a float reward) or True/False")
 
 
-def reward_check(spec: str, search: str, answer: str, payload: str) -> bool:
+def reward_check(spec: str, search: str, answer: str, payload: str) -> float:
     """The worker-side check: the user's function on one row (`payload`: the row as JSON). An exception it raises
     carries its traceback (`antisd_traceback`), which the sandbox keeps as the row's detail: verify shows the first."""
     row = json.loads(payload)
@@ -79,10 +89,10 @@ def reward_check(spec: str, search: str, answer: str, payload: str) -> bool:
         user_frames = exc.__traceback__.tb_next  # from the user's function down
         exc.antisd_traceback = "".join(traceback.format_exception(type(exc), exc, user_frames)[-8:])
         raise
-    return as_correct(value)
+    return as_reward(value)
 
 
-def worker_check(spec: str, search: str) -> Callable[[str, str], bool]:
+def worker_check(spec: str, search: str) -> Callable[[str, str], float]:
     """A picklable check(gold, payload) for `stages.verifier.sandbox.run_checks`."""
     return functools.partial(reward_check, spec, search)
 

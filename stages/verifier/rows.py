@@ -1,9 +1,10 @@
 """Verified rows (schemas.VERIFIED) from rollouts, every row kept: `VerifyConfig` (the options of `antisd verify`) and
 `verify_table`, which `antisd verify` and `antisd eval` share.
 
-Per row: the extracted final answer, reward R ∈ {0, 1}, `correct`, `verify_status` (ok | no_answer | timeout | error,
-from `stages.verifier.answers.check_answers`, which runs every check in killable worker processes), the group statistics of
-its prompt (rows sharing `prompt_id` in this file), and the privileged context of METHOD §4:
+Per row: the extracted final answer, reward R (0 or 1 from math-verify; a `--reward` function's number, which may be
+any finite float), `correct` (R ≥ 1, `schemas.CORRECT_REWARD`), `verify_status` (ok | no_answer | timeout | error,
+from `stages.verifier.answers.check_answers`, which runs every check in killable worker processes), the group
+statistics of its prompt (rows sharing `prompt_id` in this file), and the privileged context of METHOD §4:
 1. `peer`: a correct rollout of the same group other than this one, picked by a stable hash of
    (seed, prompt_id, sample_idx) (never Python's `hash()`), its `<think>…</think>` stripped; peers whose text is
    empty after stripping are skipped;
@@ -39,6 +40,7 @@ import pyarrow as pa
 import schemas
 from stages.common import validation
 from stages.common.errors import InputError
+from stages.lm.models import DEFAULT_MODEL
 from stages.lm.prompts import strip_think
 from stages.verifier import answers
 from stages.verifier import reward as reward_functions
@@ -72,7 +74,7 @@ class VerifyConfig:
     privileged_context_tokens: int = 0
     privileged_keep_head: float = 1.0  # share of the token budget kept from the start; the rest from the end (§9: 0.25)
     privileged_cut_boxed: bool = False  # cut a peer's text after its last \boxed{} holding the answer (§9)
-    model: str = "smollm2-135m"  # tokenizer of the token budget (HF folder or embedded name); unused without one
+    model: str = DEFAULT_MODEL  # tokenizer of the token budget (HF folder or embedded name); unused without one
     privileged_from: str = "same"  # same (METHOD §4) | other: another problem's solution, a context-only control
     # without a correct peer: reference (the reference solution, else no teacher: §4) | assessment (the teacher sees
     # only the note on this rollout: §9)
@@ -264,7 +266,8 @@ def report_reward_failures(spec: str, checks: Sequence) -> None:
     log.warning("--reward %s failed on %d of %d rows; row %d: %s", spec, len(failed), len(checks), row, first.detail)
     if len(failed) == len(checks):
         raise RuntimeError(f"--reward {spec}: failed on every row ({first.detail.splitlines()[0]}); it must return "
-                           "True/False or 1/0 for each row (the first failure is logged above)")
+                           "a finite number (the reward) or True/False for each row (the first failure is logged "
+                           "above)")
 
 
 def verify_table(table: pa.Table, config: VerifyConfig, loaded=None,
@@ -291,7 +294,7 @@ def verify_table(table: pa.Table, config: VerifyConfig, loaded=None,
         checks = answers.check_with_reward(table.to_pylist(), config.reward, search, **limits)
     if config.reward is not None:
         report_reward_failures(config.reward, checks)
-    rewards = [1.0 if check.correct else 0.0 for check in checks]
+    rewards = [check.reward for check in checks]
 
     # --- groups and privileged context
     prompt_ids = table.column("prompt_id").to_pylist()

@@ -1,4 +1,5 @@
-"""Killable worker processes that run an untrusted-input check ``check(gold, answer) -> bool`` with hard limits.
+"""Killable worker processes that run an untrusted-input check ``check(gold, answer) -> bool`` (or a float, kept as
+it is: a `--reward` function's reward) with hard limits.
 
 What it does, for each (gold, answer) pair given to `run_checks`:
 - Runs the check in a worker process (forkserver, else spawn), never in the caller's process: a hang, crash or
@@ -90,7 +91,8 @@ def _timed_check(check: Check, gold: str, answer: str, timeout: float) -> tuple:
     signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
         try:
-            status, correct, detail = "ok", bool(check(gold, answer)), ""
+            verdict = check(gold, answer)
+            status, correct, detail = "ok", verdict if type(verdict) is float else bool(verdict), ""
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
     except _SoftTimeout:
