@@ -6,12 +6,12 @@ import click
 
 from antisd_cli.options import (
     MODEL_HELP,
+    BadInput,
     attn_option,
     config_option,
     dtype_option,
     input_path,
     model_option,
-    BadInput,
     overwrite_option,
     seed_option,
     stage_errors,

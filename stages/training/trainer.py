@@ -29,9 +29,9 @@ from stages.method.variants import PRE_VARIANT
 from stages.training import checkpoint, distributed, lora
 from stages.training.batch import Batch, is_finite, mean_or_none, pad_rows
 from stages.training.config import UpdateConfig, method_settings, resolve_variant, resolved_gradient_checkpointing
-from stages.training.signals import StepLambda, advantage_parts, has_learning_signal, load_gate, make_gate, step_signals
 from stages.training.micro import MicroBatch, rank_micro_batches
 from stages.training.schedule import lr_at
+from stages.training.signals import StepLambda, advantage_parts, has_learning_signal, load_gate, make_gate, step_signals
 
 log = logging.getLogger(__name__)
 
