@@ -7,7 +7,8 @@
 #   PHASES="calibrate polarity train" OUT=runs/styles DOCS=docs/reproduction/styles scripts/styles_study.sh
 #   RUNS="grpo:0 antisd-nogate:0" PHASES=train scripts/styles_study.sh     # a subset of the training arms
 #   RUNS=official PHASES=train scripts/styles_study.sh     # the 9 authors'-code arms (METHOD §9): OFFICIAL_RUNS
-# A run spec is METHOD[@VARIANT]:SEED; METHOD-nogate runs METHOD with its gate off (λ = λ_max every step). The
+# A run spec is METHOD[@VARIANT]:SEED; METHOD-nogate runs METHOD with its gate off (λ = λ_max every step);
+# METHOD-nogate-batch also sets update.lam_mode batch (one λ = λ_max for every response, not §9's λ_i). The
 # config pins update.variant paper (the paper's text, as the committed arms ran); @official runs the same arm with
 # --set update.variant=official into $OUT/official/METHOD_sSEED (antisd gated and sd ungated, as the code runs them),
 # on the same prompts, held-out set and evaluation steps; its files go to $DOCS/runs/official/METHOD_sSEED.
@@ -84,11 +85,13 @@ train)
     if [[ $name == *@* ]]; then echo "$OUT/${name#*@}/${method}_s${seed}"; else echo "$OUT/${name}_s${seed}"; fi
   }
   train_one() {
-    local name=${1%%:*} seed=${1##*:} dir; local arm=${name%@*} variant=(); local method=${arm%-nogate} gate=()
+    local name=${1%%:*} seed=${1##*:} dir; local arm=${name%@*} variant=() lam=(); local gate=()
     dir=$(run_dir "$1")
+    [[ $arm == *-batch ]] && { lam=(--set update.lam_mode=batch); arm=${arm%-batch}; }
+    local method=${arm%-nogate}
     [ "$method" != "$arm" ] && gate=(--set update.gate=off)
     [[ $name == *@* ]] && variant=(--set update.variant="${name#*@}")
-    "$ANTISD" -q loop -c "$CONFIG" -o "$dir" "${gate[@]}" "${variant[@]}" --set update.method="$method" \
+    "$ANTISD" -q loop -c "$CONFIG" -o "$dir" "${gate[@]}" "${variant[@]}" "${lam[@]}" --set update.method="$method" \
       --set loop.seed="$seed" > "$dir.log" 2>&1 && echo "done $dir" || { echo "FAILED $dir (see $dir.log)"; return 1; }
   }
   export -f train_one run_dir; export ANTISD CONFIG OUT
