@@ -182,8 +182,10 @@ def load_run(folder: Path) -> dict:
     config = yaml.safe_load((folder / "config.yaml").read_text())
     update = config.get("update", {})
     variant = update.get("variant") or PRE_VARIANT
+    # -batch: one λ for every response (update.lam_mode batch) where the variant would weigh each by its own λ_i
+    lam_batch = update.get("lam_mode") == "batch" and variant != "paper"
     arm = update.get("method", "antisd") + ("-nogate" if update.get("gate") == "off" else "") + \
-        ("" if variant == "paper" else f"@{variant}")
+        ("-batch" if lam_batch else "") + ("" if variant == "paper" else f"@{variant}")
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     styles = []
     if (folder / "styles.jsonl").exists():

@@ -93,3 +93,19 @@ def test_official_arms_pair_with_their_own_grpo_and_show_their_gate(tmp_path):
     gate_row = [line for line in text.splitlines() if line.startswith("| antisd@official s0 |")][-1]  # gate table
     assert "| 010 | 0.000 0.050 0.000 | 0.000 0.200 0.000 | 0.00 0.50 0.00 | 1.800 1.600 1.700 | 1.670 | 0.900 |" \
         in gate_row
+
+
+def test_an_official_arm_with_one_lambda_per_step_is_its_own_arm(tmp_path):
+    """`update.lam_mode: batch` under official (the ablation that separates the z-score from the λ_i weights) is
+    named apart from the §9 arm with the same gate, and pairs with grpo@official."""
+    module = load_script("styles_report")
+    folder = tmp_path / "official" / "antisd-nogate-batch_s0"
+    folder.mkdir(parents=True)
+    update = {"method": "antisd", "variant": "official", "gate": "off", "lam_mode": "batch"}
+    (folder / "config.yaml").write_text(yaml.safe_dump({"loop": {"seed": 0}, "update": update}))
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 0, "reward/mean": 0.1}) + "\n")
+    run = module.load_run(folder)
+    assert run["arm"] == "antisd-nogate-batch@official" and module.baseline(run["arm"]) == "grpo@official"
+    (folder / "config.yaml").write_text(yaml.safe_dump({"loop": {"seed": 0}, "update": {**update,
+                                                                                      "variant": "paper"}}))
+    assert module.load_run(folder)["arm"] == "antisd-nogate"  # batch is the paper's own λ: no suffix
