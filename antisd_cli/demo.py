@@ -48,7 +48,7 @@ def _print_summary(run_dir: Path, out: Path) -> None:
     console = Console()
     if not console.is_terminal:
         console = Console(width=140)  # logs and CI: do not squeeze the columns into 80
-    update = (Run(run_dir).read_manifest() or {}).get("config", {}).get("update", {})
+    update = Run(run_dir).configured("update")
     method = update.get("method", "antisd")
     arm = out.with_name(out.name + "_grpo")
     paired = [] if method == "grpo" else [

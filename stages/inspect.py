@@ -189,8 +189,7 @@ def render_run(path: str | Path, console) -> None:
 
     run = Run(Path(path))
     manifest = run.read_manifest() or {}
-    loop = manifest.get("config", {}).get("loop", {})
-    update = manifest.get("config", {}).get("update", {})
+    loop, update = run.configured("loop"), run.configured("update")
     finished = manifest.get("finished", [])
     console.print(f"[bold]{escape(str(path))}[/bold]: antisd loop run of {escape(str(loop.get('model')))}, method "
                   f"{update.get('method', 'antisd')} ({update.get('variant', '?')}), {len(finished)} of "
@@ -204,7 +203,7 @@ def render_run(path: str | Path, console) -> None:
         present += [p.name for p in sorted(folder.glob("eval*")) if not p.name.endswith(".json")]
         checkpoint = run.checkpoint(step)
         state = ("–" if not checkpoint.is_dir() and step not in finished else "pruned" if not checkpoint.is_dir()
-                 else "full (optimizer state)" if (checkpoint / "deepspeed").is_dir() else "weights and run state")
+                 else "full (optimizer state)" if run.is_full(step) else "weights and run state")
         files.add_row(folder.name, " ".join(present), state)
     console.print(files)
 

@@ -342,7 +342,7 @@ def _run_steps(config: LoopConfig, run_dir: Run, manifest: dict | None, runner: 
     rank 0 records each finished step (metrics, manifest, trackers, pruning)."""
     settings, ranks = config.run.loop, runner.ranks
     with view:
-        base_record = run_dir.root / f"{BASE_EVAL_NAME}.json"
+        base_record = run_dir.base_record
         if eval_path is not None and not ranks.from_main(base_record.exists):
             base = runner.evaluate(settings.model, eval_path, run_dir.root / BASE_EVAL_NAME, {})
             if ranks.is_main:

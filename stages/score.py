@@ -43,7 +43,15 @@ from pathlib import Path
 import pyarrow as pa
 
 from stages.common.errors import InputError
-from stages.common.io import build_metadata, carried_step, check_output, output_lock, read_artifact, write_artifact
+from stages.common.io import (
+    build_metadata,
+    carried_step,
+    check_output,
+    model_of,
+    output_lock,
+    read_artifact,
+    write_artifact,
+)
 from stages.common.parts import Shard, output_path
 from stages.lm.forward import Numerics, chunk_positions
 from stages.lm.scoring import (
@@ -66,18 +74,6 @@ from stages.lm.scoring import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def sampling_model(verified: str, metadata: dict) -> str:
-    """score without --model: the model the input's rollouts record; InputError when they record none."""
-    from stages.common.io import recorded_model
-
-    model = recorded_model(metadata, "rollouts")
-    if model is None:
-        raise InputError(f"{verified}: its metadata records no model its rollouts were sampled with; name it with "
-                         "--model")
-    log.info("score: --model not given: the rollouts' own, %s", model)
-    return model
 
 
 def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
@@ -107,7 +103,7 @@ def run(config: ScoreConfig, loaded=None, reference_loaded=None) -> Path:
         temperature = config.temperature or metadata_temperature(in_meta) or 1.0
         if config.model is None:  # the model that sampled the rollouts (the one lent, or the one they record)
             config = replace(config, model=str(loaded.path) if loaded is not None else
-                             sampling_model(config.verified, in_meta))
+                             model_of(in_meta, "rollouts", config.verified, "its rollouts were sampled with"))
         # --- load
         threads = set_threads(config.threads)
         if loaded is None:

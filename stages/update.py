@@ -76,16 +76,12 @@ def run(config: UpdateConfig) -> Path:
 def with_scored_model(config: UpdateConfig) -> UpdateConfig:
     """update without --model: the model the scored file records (its scorer, whose log-probs are the step's old
     policy: training another model would make every PPO ratio start away from 1); InputError when it records none."""
-    from stages.common.io import read_metadata, recorded_model
+    from stages.common.io import model_of, read_metadata
 
     if config.model is not None:
         return config
-    model = recorded_model(read_metadata(config.scored), "scored") if Path(config.scored).exists() else None
-    if model is None:
-        raise InputError(f"{config.scored}: its metadata records no model it was scored with; name the policy to "
-                         "train with --model")
-    log.info("update: --model not given: the scored file's own, %s", model)
-    return replace(config, model=model)
+    metadata = read_metadata(config.scored) if Path(config.scored).exists() else {}
+    return replace(config, model=model_of(metadata, "scored", config.scored, "it was scored with"))
 
 
 def step(trainer: Trainer, config: UpdateConfig) -> Path:

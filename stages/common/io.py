@@ -78,6 +78,18 @@ def recorded_model(metadata: dict, artifact: str) -> str | None:
     return None
 
 
+def model_of(metadata: dict, artifact: str, source: str, made: str) -> str:
+    """A stage run without --model: the model `source`'s metadata records for its `artifact` step (`recorded_model`),
+    logged; InputError when it records none (`made`: how that model made the file, for the message)."""
+    import logging
+
+    model = recorded_model(metadata, artifact)
+    if model is None:
+        raise InputError(f"{source}: its metadata records no model {made}; name it with --model")
+    logging.getLogger("stages").info("%s: --model not given: the model its metadata records, %s", source, model)
+    return model
+
+
 def read_artifact(path: str | Path, artifact: str, columns: list[str] | None = None) -> tuple[pa.Table, dict]:
     """Read `path` (file or directory of parts) as `artifact`, check its schema; return (table, metadata).
 

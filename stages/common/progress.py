@@ -78,4 +78,4 @@ def token_progress(label: str, total: int, *, enabled: bool = True, every_s: flo
                    clock: Callable[[], float] = time.perf_counter, stream=None) -> Iterator[Callable[[int], None]]:
     """Yield `advance(tokens)`: `counted_progress` in tokens."""
     with counted_progress(label, total, enabled=enabled, every_s=every_s, clock=clock, stream=stream) as advance:
-        yield lambda tokens: advance(tokens)
+        yield advance

@@ -32,7 +32,7 @@ from stages.lm import datasets
 from stages.method.variants import PRE_VARIANT
 from stages.runs import config as run_config
 from stages.runs.config import LoopConfig
-from stages.runs.run_dir import Run, config_changes
+from stages.runs.run_dir import Run, config_changes, manifest_section
 
 
 def stage_seed(seed: int, step: int, stage: str) -> int:
@@ -173,7 +173,7 @@ def run_variant(config: run_config.RunConfig, manifest: dict | None) -> str:
     if config.update.variant is not None:
         return config.update.variant
     if manifest is not None:
-        return (manifest.get("config", {}).get("update") or {}).get("variant") or PRE_VARIANT
+        return manifest_section(manifest, "update").get("variant") or PRE_VARIANT
     state_file = Path(config.loop.model) / STATE_FILE
     start = state_variant(read_json_object(state_file, str(state_file))) if state_file.is_file() else None
     return start or DEFAULT_VARIANT

@@ -63,8 +63,17 @@ class Run:
         steps = (int(folder.name.removeprefix("step_")) for folder in self.root.glob("step_[0-9][0-9][0-9][0-9]"))
         return sorted(step for step in steps if self.done(step, "step"))
 
+    @property
+    def base_record(self) -> Path:
+        """eval_base.json: the numbers the loop logged of the base model's held-out evaluation (its resume marker)."""
+        return self.root / f"{BASE_EVAL_NAME}.json"
+
     def read_manifest(self) -> dict | None:
         return json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None
+
+    def configured(self, section: str) -> dict:
+        """The run config's `section` (loop, rollout, update, …) as the manifest records it; {} without one."""
+        return manifest_section(self.read_manifest(), section)
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write_json(self.manifest_path, manifest)
@@ -76,8 +85,7 @@ class Run:
 
     def base_evaluation(self) -> dict:
         """The numbers the loop logged of the base model's held-out evaluation (eval_base.json), or {}."""
-        path = self.root / f"{BASE_EVAL_NAME}.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        return json.loads(self.base_record.read_text()) if self.base_record.exists() else {}
 
     def rebuild_metrics(self, steps: int) -> list[dict]:
         """Rewrite metrics.jsonl from the per-step metrics.json files of the first `steps` steps."""
@@ -91,7 +99,7 @@ class Run:
 
     def full_checkpoint_before(self, step: int) -> int | None:
         """The newest step before `step` whose checkpoint holds the optimizer state (a resume starts there)."""
-        return next((old for old in range(step - 1, -1, -1) if self.checkpoint(old).is_dir() and self._is_full(old)),
+        return next((old for old in range(step - 1, -1, -1) if self.checkpoint(old).is_dir() and self.is_full(old)),
                     None)
 
     def prune_checkpoints(self, step: int, keep: int) -> None:
@@ -100,7 +108,7 @@ class Run:
         if keep <= 0:
             return
         existing = [old for old in range(step + 1) if self.checkpoint(old).is_dir()]
-        full = [old for old in existing if self._is_full(old)]
+        full = [old for old in existing if self.is_full(old)]
         for old in prunable(step, keep, full):
             folder = self.checkpoint(old)
             if folder.is_symlink():
@@ -120,10 +128,16 @@ class Run:
             if commands.is_file() and note not in commands.read_text():
                 atomic_write_text(commands, commands.read_text() + note)
 
-    def _is_full(self, step: int) -> bool:
+    def is_full(self, step: int) -> bool:
+        """Whether checkpoint `step` holds the optimizer state (a resume can open the trainer there)."""
         from stages.training.checkpoint import engine_state_dir
 
         return engine_state_dir(self.checkpoint(step)) is not None
+
+
+def manifest_section(manifest: dict | None, section: str) -> dict:
+    """Section `section` of the run config a manifest (run.json) records; {} when it has none."""
+    return ((manifest or {}).get("config") or {}).get(section) or {}
 
 
 def resume_needs(step: int, full_steps: list[int]) -> range:

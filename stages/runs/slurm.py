@@ -327,7 +327,7 @@ def render_run(config, slurm: SlurmConfig, workdir: Path | None = None) -> list[
         window = unfinished[:slurm.window]
         jobs: list[Job] = []
         chain, record = None, None  # the last stage job (the next step waits for it), the last record job
-        base_pending = eval_path is not None and not (run.root / "eval_base.json").exists()
+        base_pending = eval_path is not None and not run.base_record.exists()
         for step in window:
             run.step_dir(step).mkdir(exist_ok=True)
             write_step_prompts(config, run, step, train_table)

@@ -148,7 +148,7 @@ def print_run(console, run_dir: Path, title: str, more_commands: list[str] = ())
 
     run = Run(run_dir)
     rows, base = run.metrics_rows(), run.base_evaluation()
-    method = ((run.read_manifest() or {}).get("config", {}).get("update") or {}).get("method", "antisd")
+    method = run.configured("update").get("method", "antisd")
     console.print(steps_table(rows, title))
     for note in run_notes(rows, base, method):  # one line each (soft_wrap: never broken, so a command copies whole)
         console.print(escape(f"- {note}"), soft_wrap=True)
